@@ -1,0 +1,1 @@
+"""The gateway: KServe v2 over gRPC in front of the Redis request queues."""

@@ -1,0 +1,266 @@
+"""The gateway's plain core: resolve, validate, enqueue, await the reply.
+
+One reply reader per gateway process drains the gateway's reply list and
+completes the waiting call's future; each waiter removes its own entry. Every
+wait is bounded by the request's deadline. The routing table (which models
+exist, their metadata, whether they are ready) streams in from the router and the
+last one received is kept when the router is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import trace
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from meshserve.codec import check_requested_outputs, pack_inputs
+from meshserve.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable, from_code
+from meshserve.queue import NUM_TIERS, ModelKeys, QueueProtocol, reply_key
+from meshserve.repository import ModelInfo
+from meshserve.routing import info_from_spec
+from meshserve.settings import GatewaySettings
+from meshserve.telemetry import inject
+from protos import grpc_service_pb2 as pb
+from protos import meshserve_pb2 as mpb
+from protos import meshserve_pb2_grpc as mpb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIER = 1
+"""Tier of a request that names no priority ("standard")."""
+
+REPLY_BATCH = 512
+"""Replies drained per blocking read."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingView:
+    """The gateway's copy of one routing-table generation."""
+
+    generation: int
+    models: dict[tuple[str, int], ModelInfo]
+    ready: frozenset[tuple[str, int]]
+    latest: dict[str, int]
+
+    @classmethod
+    def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
+        models = {(s.name, s.version): info_from_spec(s) for s in table.models}
+        latest: dict[str, int] = {}
+        for name, version in models:
+            latest[name] = max(version, latest.get(name, 0))
+        ready = frozenset((s.name, s.version) for s in table.models if s.ready)
+        return cls(table.generation, models, ready, latest)
+
+
+EMPTY_VIEW = RoutingView(-1, {}, frozenset(), {})
+
+
+def tier_of(request: pb.ModelInferRequest) -> int:
+    """Map the request's ``priority`` parameter to a tier, Triton-style.
+
+    0 or absent is the default tier; 1 is the highest; values past the last tier
+    land in the last one.
+    """
+    param = request.parameters.get("priority")
+    if param is None:
+        return DEFAULT_TIER
+    value = param.uint64_param or param.int64_param
+    if value <= 0:
+        return DEFAULT_TIER
+    return min(int(value) - 1, NUM_TIERS - 1)
+
+
+def timeout_ms_of(request: pb.ModelInferRequest) -> float | None:
+    """The ``timeout`` parameter (int64 microseconds, as tritonclient sends it), in ms."""
+    param = request.parameters.get("timeout")
+    if param is None:
+        return None
+    value = param.int64_param or param.uint64_param
+    return value / 1000 if value > 0 else None
+
+
+class Gateway:
+    """Owns the reply reader and the routing watcher; ``infer`` is the hot path."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        redis: Redis,
+        blocking_redis: Redis,
+        router: mpb_grpc.RouterStub,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.gateway_id = settings.gateway_id
+        self.redis = redis
+        self.blocking = blocking_redis
+        self.queue = QueueProtocol(redis)
+        self.router = router
+        self.tracer = tracer or trace.NoOpTracer()
+        self.reply_to = reply_key(self.gateway_id)
+        self.view = EMPTY_VIEW
+        self.pending: dict[str, asyncio.Future[mpb.InferReply]] = {}
+        self.late_replies = 0
+        self.table_received = asyncio.Event()
+        self.on_view_change: Callable[[], None] = lambda: None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._read_replies(), name="reply-reader"),
+            asyncio.create_task(self._watch_routing(), name="routing-watch"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------ readiness
+
+    def server_ready(self) -> bool:
+        view = self.view
+        return bool(view.models) and view.ready == frozenset(view.models)
+
+    def resolve(self, name: str, version: str) -> ModelInfo:
+        """The model a request names; raises NotFound for an unknown model or version."""
+        view = self.view
+        if not version:
+            latest = view.latest.get(name)
+            if latest is None:
+                raise NotFound(f"unknown model '{name}'")
+            return view.models[(name, latest)]
+        try:
+            model = view.models.get((name, int(version)))
+        except ValueError:
+            raise NotFound(f"unknown version '{version}' of model '{name}'") from None
+        if model is None:
+            if name not in view.latest:
+                raise NotFound(f"unknown model '{name}'")
+            raise NotFound(f"unknown version '{version}' of model '{name}'")
+        return model
+
+    def model_ready(self, model: ModelInfo) -> bool:
+        return (model.name, model.version) in self.view.ready
+
+    # ------------------------------------------------------------ hot path
+
+    async def infer(self, request: pb.ModelInferRequest, *, deadline_ms: float, tenant: str) -> mpb.InferReply:
+        """Validate, enqueue and await one request; raises a MeshError on failure.
+
+        ``deadline_ms`` is absolute (epoch ms), already the earlier of the gRPC
+        deadline and the gateway's default; the request's ``timeout`` parameter
+        may shorten it further.
+        """
+        model = self.resolve(request.model_name, request.model_version)
+        if not self.model_ready(model):
+            raise Unavailable(f"model '{model.name}' version {model.version} is not ready")
+        packed = pack_inputs(request, model)
+        outputs = check_requested_outputs(request, model)
+        now_ms = time.time() * 1000
+        timeout_ms = timeout_ms_of(request)
+        if timeout_ms is not None:
+            deadline_ms = min(deadline_ms, now_ms + timeout_ms)
+        if deadline_ms <= now_ms:
+            raise DeadlineExceeded("deadline exceeded before the request was queued")
+
+        job_id = uuid.uuid4().hex
+        envelope = mpb.QueuedRequest(
+            id=job_id,
+            model=model.name,
+            version=model.version,
+            tenant=tenant,
+            deadline_ms=int(deadline_ms),
+            reply_to=self.reply_to,
+            client_request_id=request.id,
+            inputs=packed.tensors,
+            outputs=outputs,
+            enqueued_ms=int(now_ms),
+            priority=tier_of(request),
+        )
+        future: asyncio.Future[mpb.InferReply] = asyncio.get_running_loop().create_future()
+        self.pending[job_id] = future
+        try:
+            async with asyncio.timeout((deadline_ms - now_ms) / 1000):
+                await self._enqueue(model, envelope, packed.signature)
+                reply = await future
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline exceeded waiting for model '{model.name}'") from None
+        finally:
+            self.pending.pop(job_id, None)
+        if reply.code != grpc.StatusCode.OK.value[0]:
+            raise from_code(reply.code, reply.message)
+        return reply
+
+    async def _enqueue(self, model: ModelInfo, envelope: mpb.QueuedRequest, signature: str) -> None:
+        with self.tracer.start_as_current_span("enqueue") as span:
+            span.set_attribute("meshserve.model", model.name)
+            inject(envelope.trace_context)
+            try:
+                result = await self.queue.enqueue(
+                    ModelKeys.for_model(model.name, model.version),
+                    envelope.id,
+                    tier=envelope.priority,
+                    payload=envelope.SerializeToString(),
+                    deadline_ms=envelope.deadline_ms,
+                    tenant=envelope.tenant,
+                    reply_to=envelope.reply_to,
+                    signature=signature,
+                    max_queue_size=model.max_queue_size,
+                )
+            except RedisError as exc:
+                raise Unavailable(f"request queue unavailable: {exc}") from exc
+        if result < 0:
+            raise ResourceExhausted(
+                f"queue of model '{model.name}' is full ({model.max_queue_size} requests waiting)"
+            )
+
+    # ------------------------------------------------------------ background tasks
+
+    async def _read_replies(self) -> None:
+        """The one reply reader: drain the reply list, complete waiting futures."""
+        backoff_s = 0.1
+        while True:
+            try:
+                popped = await self.blocking.blmpop(0, 1, self.reply_to, direction="LEFT", count=REPLY_BATCH)
+                backoff_s = 0.1
+            except RedisError as exc:
+                log.warning("reply reader: redis unavailable (%s); retrying in %.1fs", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            if not popped:
+                continue
+            for blob in popped[1]:
+                reply = mpb.InferReply.FromString(blob)
+                future = self.pending.get(reply.id)
+                if future is None or future.done():
+                    self.late_replies += 1  # the caller gave up, or a duplicate
+                    continue
+                future.set_result(reply)
+
+    async def _watch_routing(self) -> None:
+        """Follow the router's table; keep the last one while the router is away."""
+        backoff_s = 0.2
+        while True:
+            try:
+                stream = self.router.WatchRoutingTable(mpb.WatchRequest(gateway_id=self.gateway_id))
+                async for table in stream:
+                    self.view = RoutingView.from_table(table)
+                    self.table_received.set()
+                    self.on_view_change()
+                    backoff_s = 0.2
+            except grpc.aio.AioRpcError as exc:
+                log.warning("router watch failed (%s); keeping routing table generation %d", exc.code().name,
+                            self.view.generation)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
+

@@ -1,0 +1,85 @@
+"""The gateway process: gRPC server, health, reflection, and the core's tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+
+from gateway.core import Gateway
+from gateway.servicer import InferenceServicer
+from meshserve.redis_client import blocking_client, command_client
+from meshserve.settings import GatewaySettings, instance_id
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+from protos import meshserve_pb2_grpc as mpb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class GatewayServer:
+    """Owns the gateway's gRPC server, Redis clients and router channel."""
+
+    def __init__(self, settings: GatewaySettings, tracer: trace.Tracer | None = None) -> None:
+        if not settings.gateway_id:
+            settings = replace(settings, gateway_id=instance_id("gateway"))
+        self.settings = settings
+        self.redis = command_client(settings.redis_url)
+        self.blocking = blocking_client(settings.redis_url)
+        self.router_channel = grpc.aio.insecure_channel(settings.router_address)
+        self.gateway = Gateway(
+            settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer
+        )
+        self.health = health.aio.HealthServicer()
+        self.gateway.on_view_change = self._update_health
+        limit = settings.max_message_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.gateway, tracer), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "[::]") else self.settings.host
+        return f"{host}:{self.port}"
+
+    def _update_health(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        status = serving if self.gateway.server_ready() else not_serving
+        for name in ("", SERVICE_NAME):
+            # set() is a coroutine on the aio servicer; it only updates a dict
+            asyncio.get_running_loop().create_task(self.health.set(name, status))
+
+    async def start(self) -> None:
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.gateway.start()
+        await self.server.start()
+        log.info("gateway %s listening on %s", self.settings.gateway_id, self.address)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new calls, answer the in-flight ones within the grace period, close."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.drain_grace_s if grace_s is None else grace_s)
+        await self.gateway.stop()
+        await self.router_channel.close()
+        await self.redis.aclose()
+        await self.blocking.aclose()

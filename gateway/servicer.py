@@ -1,0 +1,193 @@
+"""The gateway's gRPC adapter: KServe v2 / Open Inference Protocol over :class:`Gateway`.
+
+Thin on purpose: it reads deadlines, metadata and trace context off the call,
+hands plain values to the core, and maps the one error tree onto gRPC statuses
+(here, and nowhere else).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+from opentelemetry import trace
+
+from meshserve import __version__
+from meshserve.codec import to_infer_response
+from meshserve.dtypes import TRITON_CONFIG_TYPE
+from meshserve.errors import MeshError
+from meshserve.repository import ModelInfo
+from meshserve.telemetry import extract
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+from protos import model_config_pb2 as mc
+
+from gateway.core import Gateway
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+DEV_TENANT = "dev"
+"""The tenant of every call until tenants are configured (TODO(#3))."""
+
+EXTENSIONS = ["model_configuration", "parameters"]
+
+
+async def _abort(context: Context, error: MeshError) -> NoReturn:
+    await context.abort(error.code, error.message)
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, gateway: Gateway, tracer: trace.Tracer | None = None) -> None:
+        self.gateway = gateway
+        self.tracer = tracer or trace.NoOpTracer()
+
+    # ----------------------------------------------------------------- health
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:  # noqa: N802
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.gateway.server_ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:  # noqa: N802
+        model = await self._resolve(request.name, request.version, context)
+        return pb.ModelReadyResponse(ready=self.gateway.model_ready(model))
+
+    # --------------------------------------------------------------- metadata
+
+    async def ServerMetadata(  # noqa: N802
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="meshserve", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(  # noqa: N802
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        model = await self._resolve(request.name, request.version, context)
+        versions = sorted(v for (name, v) in self.gateway.view.models if name == model.name)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in versions],
+            platform=model.platform,
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs],
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:  # noqa: N802
+        model = await self._resolve(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=_model_config(model))
+
+    # -------------------------------------------------------------- inference
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # noqa: N802
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        remaining_s = context.time_remaining()
+        default_s = self.gateway.settings.default_timeout_ms / 1000
+        budget_s = default_s if remaining_s is None else min(remaining_s, default_s)
+        deadline_ms = time.time() * 1000 + budget_s * 1000
+        with self.tracer.start_as_current_span(
+            "ModelInfer", context=extract(metadata), kind=trace.SpanKind.SERVER
+        ) as span:
+            span.set_attribute("meshserve.model", request.model_name)
+            try:
+                reply = await self.gateway.infer(request, deadline_ms=deadline_ms, tenant=DEV_TENANT)
+            except MeshError as error:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+                await _abort(context, error)
+            except Exception:
+                log.exception("unexpected error in ModelInfer for model %r", request.model_name)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway")
+                raise
+            return to_infer_response(reply, request.model_name, request.id)
+
+    # ------------------------------------------------------- not implemented yet
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        await _unimplemented(context, "ModelStreamInfer")
+        yield pb.ModelStreamInferResponse()  # pragma: no cover (makes this an async generator)
+
+    async def ModelStatistics(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unimplemented(context, "ModelStatistics")
+
+    async def RepositoryIndex(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unimplemented(context, "RepositoryIndex")
+
+    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unimplemented(context, "RepositoryModelLoad")
+
+    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unimplemented(context, "RepositoryModelUnload")
+
+    async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unsupported(context, "system shared memory")
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unsupported(context, "system shared memory")
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unsupported(context, "system shared memory")
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unsupported(context, "CUDA shared memory")
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unsupported(context, "CUDA shared memory")
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unsupported(context, "CUDA shared memory")
+
+    async def TraceSetting(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unimplemented(context, "TraceSetting (configure tracing with OTEL_* variables)")
+
+    async def LogSettings(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await _unimplemented(context, "LogSettings (use --log-level / MESHSERVE_LOG_LEVEL)")
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _resolve(self, name: str, version: str, context: Context) -> ModelInfo:
+        try:
+            return self.gateway.resolve(name, version)
+        except MeshError as error:
+            await _abort(context, error)
+
+
+async def _unimplemented(context: Context, what: str) -> NoReturn:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"meshserve does not implement {what} yet")
+    raise AssertionError("unreachable")
+
+
+async def _unsupported(context: Context, what: str) -> NoReturn:
+    await context.abort(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"meshserve does not support {what}: gateway and workers run in separate processes; send tensors in the request",
+    )
+    raise AssertionError("unreachable")
+
+
+def _model_config(model: ModelInfo) -> mc.ModelConfig:
+    """Triton-shaped config: dims exclude the batch dim when the model batches."""
+    skip = 1 if model.max_batch_size else 0
+    config = mc.ModelConfig(
+        name=model.name,
+        platform=model.platform,
+        backend="onnxruntime",
+        max_batch_size=model.max_batch_size,
+        default_model_filename="model.onnx",
+        input=[mc.ModelInput(name=t.name, data_type=TRITON_CONFIG_TYPE.get(t.datatype, 0), dims=t.shape[skip:])
+               for t in model.inputs],
+        output=[mc.ModelOutput(name=t.name, data_type=TRITON_CONFIG_TYPE.get(t.datatype, 0), dims=t.shape[skip:])
+                for t in model.outputs],
+    )
+    if model.max_batch_size:
+        config.dynamic_batching.max_queue_delay_microseconds = model.max_queue_delay_us
+        config.dynamic_batching.preferred_batch_size.extend(model.preferred_batch_sizes)
+    return config

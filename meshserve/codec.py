@@ -1,0 +1,237 @@
+"""The tensor codec: KServe v2 request tensors <-> queue envelopes <-> numpy.
+
+Gateway side, :func:`pack_inputs` validates a ``ModelInferRequest`` against the
+model's metadata and packs its tensors into envelope ``Tensor`` messages without
+going through per-element Python objects (raw bytes are passed through; typed
+``contents`` are converted once with numpy).
+
+Worker side, :func:`to_array` views envelope bytes as numpy arrays (no copy) and
+:func:`from_array` turns outputs back into envelope tensors.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import numpy as np
+
+from meshserve.dtypes import NUMPY_BY_KSERVE, itemsize
+from meshserve.errors import InvalidArgument
+from meshserve.repository import ModelInfo, TensorInfo
+from protos import grpc_service_pb2 as pb
+from protos import meshserve_pb2 as mpb
+
+# Typed InferTensorContents field per datatype (FP16 and BF16 must come raw).
+_CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PackedInputs:
+    """Validated inputs of one request, ready for the queue."""
+
+    tensors: list[mpb.Tensor]
+    batch_size: int  # 1 for a model that does not batch
+    signature: str  # non-batch dims of every input: only equal signatures share a batch
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def pack_inputs(request: pb.ModelInferRequest, model: ModelInfo) -> PackedInputs:
+    """Validate a request's inputs against ``model`` and pack them for the queue.
+
+    Raises InvalidArgument naming the input at fault for: unknown, duplicate or
+    missing inputs, wrong datatype, rank or fixed dim, byte length that does not
+    match the shape, mixed raw/typed contents, or a batch over the model's max.
+    """
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "there must be one per input, in the same order"
+        )
+    expected = {spec.name: spec for spec in model.inputs}
+    seen: dict[str, mpb.Tensor] = {}
+    for index, tensor in enumerate(request.inputs):
+        spec = expected.get(tensor.name)
+        if spec is None:
+            names = ", ".join(sorted(expected))
+            raise InvalidArgument(f"input '{tensor.name}' is not an input of model '{model.name}' (inputs: {names})")
+        if tensor.name in seen:
+            raise InvalidArgument(f"input '{tensor.name}' is given more than once")
+        shape = _check_shape(tensor, spec, model)
+        data = _tensor_bytes(tensor, raw[index] if raw else None, shape)
+        seen[tensor.name] = mpb.Tensor(name=tensor.name, datatype=tensor.datatype, shape=shape, data=data)
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        raise InvalidArgument(f"input '{missing[0]}' of model '{model.name}' is missing")
+    tensors = [seen[spec.name] for spec in model.inputs]
+    return PackedInputs(tensors, _batch_size(tensors, model), _signature(tensors, model))
+
+
+def check_requested_outputs(request: pb.ModelInferRequest, model: ModelInfo) -> list[str]:
+    """Names of the requested outputs (empty: all), each checked to exist."""
+    known = {spec.name for spec in model.outputs}
+    names = [out.name for out in request.outputs]
+    for name in names:
+        if name not in known:
+            raise InvalidArgument(f"requested output '{name}' is not an output of model '{model.name}'")
+    return names
+
+
+def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorInfo, model: ModelInfo) -> list[int]:
+    if tensor.datatype != spec.datatype:
+        raise InvalidArgument(f"input '{tensor.name}': expected {spec.datatype}, got {tensor.datatype or 'no datatype'}")
+    shape = list(tensor.shape)
+    if len(shape) != len(spec.shape):
+        raise InvalidArgument(
+            f"input '{tensor.name}': expected rank {len(spec.shape)} shape {shape_str(spec.shape)}, "
+            f"got {shape_str(shape)}"
+        )
+    for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
+        if got < 0:
+            raise InvalidArgument(f"input '{tensor.name}': dim {axis} is negative ({got})")
+        if want >= 0 and got != want:
+            raise InvalidArgument(
+                f"input '{tensor.name}': dim {axis} must be {want}, got {got} (shape {shape_str(spec.shape)})"
+            )
+    if model.max_batch_size > 0:
+        if shape[0] < 1:
+            raise InvalidArgument(f"input '{tensor.name}': batch size must be at least 1")
+        if shape[0] > model.max_batch_size:
+            raise InvalidArgument(
+                f"input '{tensor.name}': batch size {shape[0]} exceeds max_batch_size "
+                f"{model.max_batch_size} of model '{model.name}'"
+            )
+    return shape
+
+
+def _tensor_bytes(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: list[int]
+) -> bytes:
+    count = prod(shape)
+    has_contents = tensor.HasField("contents")
+    if raw is not None:
+        if has_contents and _contents_len(tensor) > 0:
+            raise InvalidArgument(f"input '{tensor.name}': set either contents or raw_input_contents, not both")
+        _check_raw_length(tensor.name, tensor.datatype, raw, count, shape)
+        return raw
+    if tensor.datatype in ("FP16", "BF16"):
+        raise InvalidArgument(f"input '{tensor.name}': {tensor.datatype} must be sent in raw_input_contents")
+    field = _CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidArgument(f"input '{tensor.name}': unsupported datatype {tensor.datatype}")
+    values: Any = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input '{tensor.name}': shape {shape_str(shape)} has {count} elements, contents has {len(values)}"
+        )
+    if tensor.datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(v)) + bytes(v) for v in values)
+    return np.asarray(values, dtype=NUMPY_BY_KSERVE[tensor.datatype]).tobytes()
+
+
+def _contents_len(tensor: pb.ModelInferRequest.InferInputTensor) -> int:
+    return sum(len(getattr(tensor.contents, field)) for field in set(_CONTENTS_FIELD.values()))
+
+
+def _check_raw_length(name: str, datatype: str, raw: bytes, count: int, shape: list[int]) -> None:
+    if datatype == "BYTES":
+        found = _count_bytes_elements(name, raw)
+        if found != count:
+            raise InvalidArgument(f"input '{name}': shape {shape_str(shape)} has {count} elements, raw BYTES has {found}")
+        return
+    size = itemsize(datatype)
+    if len(raw) != count * size:
+        raise InvalidArgument(
+            f"input '{name}': shape {shape_str(shape)} {datatype} needs {count * size} bytes, got {len(raw)}"
+        )
+
+
+def _count_bytes_elements(name: str, raw: bytes) -> int:
+    """Walk the 4-byte little-endian length prefixes of a raw BYTES tensor."""
+    offset, count, end = 0, 0, len(raw)
+    while offset < end:
+        if offset + 4 > end:
+            raise InvalidArgument(f"input '{name}': raw BYTES is truncated inside a length prefix")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4 + length
+        if offset > end:
+            raise InvalidArgument(f"input '{name}': raw BYTES element {count} runs past the end")
+        count += 1
+    return count
+
+
+def _batch_size(tensors: list[mpb.Tensor], model: ModelInfo) -> int:
+    if model.max_batch_size == 0:
+        return 1
+    sizes = {t.shape[0] for t in tensors}
+    if len(sizes) > 1:
+        detail = ", ".join(f"'{t.name}' has {t.shape[0]}" for t in tensors)
+        raise InvalidArgument(f"inputs disagree on the batch size (dim 0): {detail}")
+    return sizes.pop()
+
+
+def _signature(tensors: list[mpb.Tensor], model: ModelInfo) -> str:
+    if model.max_batch_size == 0:
+        return ""
+    return ";".join(",".join(str(d) for d in t.shape[1:]) for t in tensors)
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def to_array(tensor: mpb.Tensor) -> np.ndarray[Any, Any]:
+    """A read-only numpy view of an envelope tensor (BYTES: an object array)."""
+    shape = tuple(tensor.shape)
+    if tensor.datatype == "BYTES":
+        return np.array(_split_bytes(tensor.data), dtype=np.object_).reshape(shape)
+    return np.frombuffer(tensor.data, dtype=NUMPY_BY_KSERVE[tensor.datatype]).reshape(shape)
+
+
+def _split_bytes(raw: bytes) -> list[bytes]:
+    items, offset = [], 0
+    view = memoryview(raw)
+    while offset < len(raw):
+        (length,) = struct.unpack_from("<I", raw, offset)
+        items.append(bytes(view[offset + 4 : offset + 4 + length]))
+        offset += 4 + length
+    return items
+
+
+def from_array(name: str, datatype: str, array: np.ndarray[Any, Any]) -> mpb.Tensor:
+    """Pack a numpy output into an envelope tensor (one copy, into the message)."""
+    if datatype == "BYTES":
+        data = b"".join(struct.pack("<I", len(v)) + (v if isinstance(v, bytes) else str(v).encode()) for v in array.flat)
+    else:
+        data = np.ascontiguousarray(array, dtype=NUMPY_BY_KSERVE[datatype]).tobytes()
+    return mpb.Tensor(name=name, datatype=datatype, shape=array.shape, data=data)
+
+
+def to_infer_response(
+    reply: mpb.InferReply, model_name: str, request_id: str
+) -> pb.ModelInferResponse:
+    """The KServe response for a successful reply; outputs go in raw_output_contents."""
+    response = pb.ModelInferResponse(model_name=model_name, model_version=str(reply.version), id=request_id)
+    for tensor in reply.outputs:
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        response.raw_output_contents.append(tensor.data)
+    return response

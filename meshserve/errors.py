@@ -1,0 +1,65 @@
+"""The one error tree of meshserve.
+
+Every error the mesh raises on purpose is a :class:`MeshError` that carries the
+gRPC status it maps to; adapters turn it into a status in one place
+(``gateway.servicer``). Messages name the field or the model at fault, e.g.
+``input 'x': expected FP32, got FP64``. Anything that is not a MeshError is a
+bug: it is logged once with its traceback and answered INTERNAL.
+
+    MeshError
+    ├── InvalidArgument     (INVALID_ARGUMENT)  malformed or mismatched tensors
+    ├── NotFound            (NOT_FOUND)         unknown model or version
+    ├── ResourceExhausted   (RESOURCE_EXHAUSTED) too large, queue full, over a limit
+    ├── DeadlineExceeded    (DEADLINE_EXCEEDED) the request's deadline passed
+    ├── Unavailable         (UNAVAILABLE)       model not ready, dependency down, draining
+    └── Internal            (INTERNAL)          a model failed while computing
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MeshError(Exception):
+    """Base of every deliberate error; ``code`` is the gRPC status it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(MeshError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(MeshError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(MeshError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(MeshError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(MeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Internal(MeshError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[int, type[MeshError]] = {
+    cls.code.value[0]: cls
+    for cls in (InvalidArgument, NotFound, ResourceExhausted, DeadlineExceeded, Unavailable, Internal)
+}
+
+
+def from_code(code: int, message: str) -> MeshError:
+    """Rebuild the error a worker reported as a numeric gRPC status code."""
+    return _BY_CODE.get(code, Internal)(message)

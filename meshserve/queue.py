@@ -1,0 +1,247 @@
+"""The queue protocol: Redis key layout and Lua scripts, shared by gateway and workers.
+
+Everything that touches the queue's keys lives here, so the protocol can be read
+(and changed) in one place.
+
+Keys of one model version share the Cluster hash tag ``{m:<model>:<version>}``
+(written ``{m:<model>}`` below):
+
+    ms:{m:<model>}:ready      ZSET  job id -> tier * 2^40 + sequence (lowest first)
+    ms:{m:<model>}:inflight   ZSET  job id -> lease expiry, Redis clock ms
+    ms:{m:<model>}:job:<id>   HASH  p=payload d=deadline_ms t=tenant r=reply_to
+                                    s=shape signature a=attempts k=fencing token w=worker
+    ms:{m:<model>}:wake       LIST  at most one token: "there may be work" (workers block on it)
+    ms:{m:<model>}:seq        STR   enqueue sequence (FIFO inside a tier)
+    ms:{m:<model>}:fence      STR   fencing-token counter for leases
+
+Replies go to the owning gateway's list ``ms:{g:<gateway>}:replies``.
+
+Job hashes are addressed inside the scripts from a prefix passed in ARGV. That is
+safe on Redis Cluster because the prefix carries the model's hash tag, so every key
+a script touches lives in one slot.
+
+Time inside scripts comes from Redis ``TIME``; deadlines are absolute epoch
+milliseconds set by the gateway (hosts are assumed NTP-synchronised).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+TIER_SPAN = 2**40
+"""Score distance between priority tiers: tiers stay strict, FIFO inside one."""
+
+NUM_TIERS = 3
+"""Tier 0 is served first. Clients' ``priority`` parameter maps onto these."""
+
+JOB_TTL_GRACE_MS = 60_000
+"""A job hash outlives its deadline by this much, so a lost one is reclaimed."""
+
+REPLY_TTL_S = 120
+"""A gateway's reply list expires this long after the last write (dead gateway)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKeys:
+    """All keys of one model, with its hash tag."""
+
+    ready: str
+    inflight: str
+    wake: str
+    seq: str
+    fence: str
+    job_prefix: str
+
+    @classmethod
+    def for_model(cls, model: str, version: int) -> ModelKeys:
+        base = f"ms:{{m:{model}:{version}}}:"
+        return cls(
+            ready=base + "ready",
+            inflight=base + "inflight",
+            wake=base + "wake",
+            seq=base + "seq",
+            fence=base + "fence",
+            job_prefix=base + "job:",
+        )
+
+    def job(self, job_id: str) -> str:
+        return self.job_prefix + job_id
+
+
+def reply_key(gateway_id: str) -> str:
+    return f"ms:{{g:{gateway_id}}}:replies"
+
+
+# ENQUEUE: one atomic call per accepted request.
+#   KEYS[1] ready  KEYS[2] job hash  KEYS[3] wake  KEYS[4] seq
+#   ARGV[1] job id  ARGV[2] tier (0 = highest)  ARGV[3] payload (bytes)
+#   ARGV[4] deadline_ms  ARGV[5] tenant  ARGV[6] reply_to  ARGV[7] shape signature
+#   ARGV[8] max_queue_size (0 = unbounded)  ARGV[9] job TTL grace, ms
+# Returns 1 enqueued, 0 duplicate id (idempotent retry), -1 queue full.
+ENQUEUE_LUA = """
+local max_queue = tonumber(ARGV[8])
+if max_queue > 0 and redis.call('ZCARD', KEYS[1]) >= max_queue then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], 'p', ARGV[3], 'd', ARGV[4], 't', ARGV[5], 'r', ARGV[6], 's', ARGV[7], 'a', 0)
+redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[9]))
+local seq = redis.call('INCR', KEYS[4])
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) * 1099511627776 + seq, ARGV[1])
+if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
+return 1
+"""
+
+# CLAIM: take a batch, atomically.
+#   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake  KEYS[4] fence
+#   ARGV[1] job key prefix  ARGV[2] max items  ARGV[3] lease_ms  ARGV[4] worker id
+#   ARGV[5] scan limit (how far past the head to look for same-shaped jobs)
+#   ARGV[6] required shape signature ('' = the head's)
+# Walks the ready set in score order (highest tier, then oldest). Jobs past their
+# deadline are removed and returned as expired (never computed). Jobs whose shape
+# signature differs from the batch's stay queued. Taken jobs move to inflight with
+# a lease, get a fencing token, and count an attempt.
+# Returns {token, now_ms, {id, payload, ...}, {expired id, reply_to, ...}}.
+CLAIM_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prefix, max_items = ARGV[1], tonumber(ARGV[2])
+local sig = ARGV[6]
+if sig == '' then sig = nil end
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[5]) - 1)
+local taken, expired = {}, {}
+for _, id in ipairs(ids) do
+  local jk = prefix .. id
+  local meta = redis.call('HMGET', jk, 'd', 's', 'r')
+  if not meta[1] then
+    redis.call('ZREM', KEYS[1], id)
+  elseif tonumber(meta[1]) <= now then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('DEL', jk)
+    expired[#expired + 1] = id
+    expired[#expired + 1] = meta[3]
+  else
+    if sig == nil then sig = meta[2] end
+    if meta[2] == sig then
+      taken[#taken + 1] = id
+      if #taken >= max_items then break end
+    end
+  end
+end
+local out = {}
+local token = 0
+if #taken > 0 then
+  token = redis.call('INCR', KEYS[4])
+  local expiry = now + tonumber(ARGV[3])
+  for _, id in ipairs(taken) do
+    local jk = prefix .. id
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[2], expiry, id)
+    redis.call('HSET', jk, 'k', token, 'w', ARGV[4])
+    redis.call('HINCRBY', jk, 'a', 1)
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGET', jk, 'p')
+  end
+end
+if redis.call('ZCARD', KEYS[1]) > 0 and redis.call('LLEN', KEYS[3]) == 0 then
+  redis.call('RPUSH', KEYS[3], 1)
+end
+return {token, now, out, expired}
+"""
+
+# ACK: finish jobs of a lease, only with its current fencing token.
+#   KEYS[1] inflight  ARGV[1] job key prefix  ARGV[2] token  ARGV[3..] job ids
+# Returns how many jobs were acked (a stale token acks none).
+ACK_LUA = """
+local n = 0
+for i = 3, #ARGV do
+  local jk = ARGV[1] .. ARGV[i]
+  if redis.call('HGET', jk, 'k') == ARGV[2] then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('DEL', jk)
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedBatch:
+    """What one CLAIM returned: the lease token, Redis time, jobs and expired jobs."""
+
+    token: int
+    now_ms: int
+    jobs: list[tuple[str, bytes]]
+    expired: list[tuple[str, str]]
+
+
+class QueueProtocol:
+    """The scripts, registered once per Redis client; every call is one round trip.
+
+    redis-py's Script objects run EVALSHA and fall back to loading the script on
+    NOSCRIPT, so a restarted Redis is handled transparently.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._enqueue: AsyncScript = redis.register_script(ENQUEUE_LUA)
+        self._claim: AsyncScript = redis.register_script(CLAIM_LUA)
+        self._ack: AsyncScript = redis.register_script(ACK_LUA)
+
+    async def enqueue(
+        self,
+        keys: ModelKeys,
+        job_id: str,
+        *,
+        tier: int,
+        payload: bytes,
+        deadline_ms: int,
+        tenant: str,
+        reply_to: str,
+        signature: str,
+        max_queue_size: int,
+    ) -> int:
+        """Put one job on a model's ready set; 1 new, 0 duplicate id, -1 queue full."""
+        result = await self._enqueue(
+            keys=[keys.ready, keys.job(job_id), keys.wake, keys.seq],
+            args=[job_id, tier, payload, deadline_ms, tenant, reply_to, signature, max_queue_size, JOB_TTL_GRACE_MS],
+        )
+        return int(result)
+
+    async def claim(
+        self,
+        keys: ModelKeys,
+        *,
+        max_items: int,
+        lease_ms: int,
+        worker_id: str,
+        signature: str = "",
+        scan_limit: int | None = None,
+    ) -> ClaimedBatch:
+        """Lease up to ``max_items`` same-shaped jobs from the head of the queue."""
+        raw: list[Any] = await self._claim(
+            keys=[keys.ready, keys.inflight, keys.wake, keys.fence],
+            args=[keys.job_prefix, max_items, lease_ms, worker_id, scan_limit or max(4 * max_items, 16), signature],
+        )
+        token, now_ms, flat_jobs, flat_expired = raw
+        jobs = [(_text(flat_jobs[i]), bytes(flat_jobs[i + 1])) for i in range(0, len(flat_jobs), 2)]
+        expired = [(_text(flat_expired[i]), _text(flat_expired[i + 1])) for i in range(0, len(flat_expired), 2)]
+        return ClaimedBatch(int(token), int(now_ms), jobs, expired)
+
+    async def ack(self, keys: ModelKeys, token: int, job_ids: list[str], client: Any = None) -> int:
+        """Remove finished jobs of the lease ``token``; returns how many were still held.
+
+        With ``client`` a pipeline, the call is queued on it and returns 0; the
+        pipeline's result holds the count.
+        """
+        if not job_ids:
+            return 0
+        result = await self._ack(keys=[keys.inflight], args=[keys.job_prefix, token, *job_ids], client=client)
+        return int(result) if client is None else 0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

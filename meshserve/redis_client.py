@@ -1,0 +1,25 @@
+"""Redis clients as the services use them: one pooled client for commands, one
+single-connection client for blocking reads (BLPOP/BLMPOP hold their connection)."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+CONNECT_TIMEOUT_S = 2.0
+COMMAND_TIMEOUT_S = 5.0
+
+
+def command_client(url: str, max_connections: int = 64) -> Redis:
+    """Pooled client for scripts and pipelines; calls fail fast when Redis is down."""
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=COMMAND_TIMEOUT_S,
+        max_connections=max_connections,
+        health_check_interval=30,
+    )
+
+
+def blocking_client(url: str) -> Redis:
+    """Client for one task's blocking reads: no read timeout (the command's own applies)."""
+    return Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=None, max_connections=4)

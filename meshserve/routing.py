@@ -1,0 +1,46 @@
+"""Routing-table messages <-> ModelInfo: what the router sends, gateways and workers read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meshserve.repository import ModelInfo, TensorInfo
+from protos import meshserve_pb2 as mpb
+
+
+def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path) -> mpb.ModelSpec:
+    try:
+        relative = str(model.path.relative_to(repository))
+    except ValueError:
+        relative = str(model.path)
+    return mpb.ModelSpec(
+        name=model.name,
+        version=model.version,
+        platform=model.platform,
+        inputs=[mpb.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.inputs],
+        outputs=[mpb.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs],
+        max_batch_size=model.max_batch_size,
+        max_queue_delay_us=model.max_queue_delay_us,
+        preferred_batch_sizes=model.preferred_batch_sizes,
+        max_queue_size=model.max_queue_size,
+        ready=ready,
+        path=relative,
+    )
+
+
+def info_from_spec(spec: mpb.ModelSpec, repository: Path | None = None) -> ModelInfo:
+    path = Path(spec.path)
+    if repository is not None and not path.is_absolute():
+        path = repository / path
+    return ModelInfo(
+        name=spec.name,
+        version=spec.version,
+        path=path,
+        inputs=tuple(TensorInfo(t.name, t.datatype, tuple(t.shape)) for t in spec.inputs),
+        outputs=tuple(TensorInfo(t.name, t.datatype, tuple(t.shape)) for t in spec.outputs),
+        max_batch_size=spec.max_batch_size,
+        max_queue_delay_us=spec.max_queue_delay_us,
+        preferred_batch_sizes=tuple(spec.preferred_batch_sizes),
+        max_queue_size=spec.max_queue_size,
+        platform=spec.platform,
+    )

@@ -1,0 +1,80 @@
+"""One frozen settings object per service, built once in ``main()``.
+
+Every setting has a command-line flag and a ``MESHSERVE_<NAME>`` environment
+variable; the flag wins. Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def env_default(name: str, default: Any) -> Any:
+    """The value of ``MESHSERVE_<NAME>`` converted to ``default``'s type, or ``default``."""
+    raw = os.environ.get(f"MESHSERVE_{name}")
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    if default is None:
+        return raw
+    return type(default)(raw)
+
+
+def instance_id(role: str) -> str:
+    """A unique, readable id for one process of a role: ``gateway-host-1a2b3c4d``."""
+    return f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    model_repository: Path
+    host: str = "127.0.0.1"
+    port: int = 8003
+    metrics_port: int = 0
+    report_interval_ms: int = 1000
+    worker_ttl_ms: int = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    redis_url: str
+    router_address: str
+    host: str = "0.0.0.0"
+    port: int = 8001
+    metrics_port: int = 0
+    gateway_id: str = ""
+    max_message_bytes: int = 64 * 1024 * 1024
+    default_timeout_ms: int = 30_000
+    drain_grace_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    redis_url: str
+    router_address: str
+    model_repository: Path
+    device: str = "cpu"
+    worker_id: str = ""
+    metrics_port: int = 0
+    lease_ms: int = 30_000
+    intra_op_threads: int = 0
+    drain_grace_s: float = 30.0
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"))
+
+
+def add_redis(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=env_default("REDIS_URL", None),
+        help="redis:// or rediss://user:pass@host:port/db (MESHSERVE_REDIS_URL)",
+    )

@@ -1,0 +1,386 @@
+"""The worker's core: block for work, claim a batch, run it, reply, ack.
+
+One worker process serves one device. It holds every model the router assigns it,
+blocks on the models' wake lists (never polls), claims a batch with one atomic
+script, runs it on ONNX Runtime in a thread (the event loop stays free to write
+the previous batch's replies), then writes replies and acks the lease in one
+pipelined round trip.
+
+Batching policy: a lone request on an idle worker runs at once. When a claim
+finds several requests but fewer than the max batch, the worker waits up to the
+model's max queue delay, counted from the oldest request's arrival, for more
+same-shaped requests. Under load requests are already older than the delay, so
+batches form from what queued during the previous compute, with no added wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from opentelemetry import trace
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from meshserve.codec import from_array, to_array
+from meshserve.queue import REPLY_TTL_S, ClaimedBatch, ModelKeys, QueueProtocol
+from meshserve.repository import load_model
+from meshserve.routing import info_from_spec
+from meshserve.settings import WorkerSettings
+from meshserve.telemetry import extract
+from model_workers.session import LoadedModel
+from protos import meshserve_pb2 as mpb
+from protos import meshserve_pb2_grpc as mpb_grpc
+
+log = logging.getLogger(__name__)
+
+WAKE_SAFETY_TIMEOUT_S = 5.0
+"""Blocking waits re-check every queue after this long, in case a wake token was lost."""
+
+
+@dataclass(slots=True)
+class ModelStats:
+    """Counters of one model version on this worker (also exported as metrics)."""
+
+    batches: int = 0
+    items: int = 0
+    requests: int = 0
+    expired: int = 0
+    failed: int = 0
+    largest_batch: int = 0
+
+
+@dataclass(slots=True)
+class _Served:
+    model: LoadedModel
+    keys: ModelKeys
+    stats: ModelStats = field(default_factory=ModelStats)
+
+
+@dataclass(slots=True)
+class _Job:
+    job_id: str
+    token: int
+    request: mpb.QueuedRequest
+    batch_size: int
+
+
+class Worker:
+    """A worker's plain core. ``run`` owns the serve loop; ``stop`` drains it."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        redis: Redis,
+        blocking_redis: Redis,
+        router: mpb_grpc.RouterStub,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id
+        self.redis = redis
+        self.blocking = blocking_redis
+        self.queue = QueueProtocol(redis)
+        self.router = router
+        self.tracer = tracer or trace.NoOpTracer()
+        self.served: dict[tuple[str, int], _Served] = {}
+        self._by_wake: dict[str, _Served] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._reply_tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._blocked: asyncio.Task[Any] | None = None
+        self.draining = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def load_assigned(self) -> None:
+        """Ask the router what to hold, then load and warm up each model in a thread."""
+        assignment = await self.router.ReportWorker(self._report(), timeout=10)
+        for spec in assignment.models:
+            key = (spec.name, spec.version)
+            if key in self.served:
+                continue
+            info = load_model(self.settings.model_repository / spec.name, spec.version)
+            try:
+                model = await asyncio.get_running_loop().run_in_executor(self._executor, self._load, info)
+            except Exception:
+                log.exception("model %s version %d failed to load; not serving it", spec.name, spec.version)
+                continue
+            served = _Served(model, ModelKeys.for_model(spec.name, spec.version))
+            self.served[key] = served
+            self._by_wake[served.keys.wake] = served
+        await self.report()
+
+    def _load(self, info: Any) -> LoadedModel:
+        model = LoadedModel(info, intra_op_threads=self.settings.intra_op_threads)
+        took_s = model.warm_up()
+        log.info("loaded %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)
+        return model
+
+    def _report(self) -> mpb.WorkerReport:
+        return mpb.WorkerReport(
+            worker_id=self.worker_id,
+            device=self.settings.device,
+            draining=self.draining,
+            models=[
+                mpb.ModelState(name=name, version=version, ready=s.model.ready)
+                for (name, version), s in self.served.items()
+            ],
+        )
+
+    async def report(self) -> None:
+        await self.router.ReportWorker(self._report(), timeout=5)
+
+    async def report_forever(self, interval_s: float) -> None:
+        """Heartbeat to the router; a router outage is logged, never fatal."""
+        while not self._stopping.is_set():
+            try:
+                await self.report()
+            except grpc.aio.AioRpcError as exc:
+                log.warning("router unreachable (%s); serving on", exc.code().name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+
+    async def stop(self) -> None:
+        """Stop taking work, finish the batch in hand, flush replies and acks."""
+        self.draining = True
+        self._stopping.set()
+        if self._blocked is not None:
+            self._blocked.cancel()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.report()
+
+    async def close(self) -> None:
+        if self._reply_tasks:
+            await asyncio.gather(*self._reply_tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------ serve loop
+
+    async def serve(self) -> None:
+        """Block for work on every held model's wake list, take it, run it."""
+        wake_keys = list(self._by_wake)
+        if not wake_keys:
+            log.warning("worker %s holds no model; idle", self.worker_id)
+            await self._stopping.wait()
+            return
+        while not self._stopping.is_set():
+            self._blocked = asyncio.ensure_future(self.blocking.blpop(wake_keys, timeout=WAKE_SAFETY_TIMEOUT_S))
+            try:
+                popped = await self._blocked
+            except asyncio.CancelledError:
+                if self._stopping.is_set():
+                    break
+                raise
+            except RedisError as exc:
+                log.warning("redis unavailable while waiting for work: %s", exc)
+                await asyncio.sleep(0.5)  # TODO(#4): reconnect with backoff
+                continue
+            finally:
+                self._blocked = None
+            targets = [self._by_wake[popped[0].decode()]] if popped else list(self._by_wake.values())
+            for served in targets:
+                await self._take_and_run(served)
+
+    async def _take_and_run(self, served: _Served) -> None:
+        info = served.model.info
+        max_items = info.max_batch_size or 1
+        claim = await self.queue.claim(
+            served.keys, max_items=max_items, lease_ms=self.settings.lease_ms, worker_id=self.worker_id
+        )
+        self._answer_expired(served, claim)
+        jobs = self._decode(claim)
+        if not jobs:
+            return
+        if 1 < len(jobs) < max_items and info.max_queue_delay_us > 0:
+            await self._fill(served, jobs, max_items)
+        await self._run(served, jobs)
+
+    async def _fill(self, served: _Served, jobs: list[_Job], max_items: int) -> None:
+        """Top a partial batch up with same-shaped jobs until the oldest has waited the max queue delay."""
+        oldest_ms = min(job.request.enqueued_ms for job in jobs)
+        fill_until_s = (oldest_ms + served.model.info.max_queue_delay_us / 1000) / 1000
+        signature = _signature(jobs[0].request)
+        while (room := max_items - sum(j.batch_size for j in jobs)) > 0:
+            remaining_s = fill_until_s - time.time()
+            if remaining_s <= 0:
+                return
+            await self.blocking.blpop([served.keys.wake], timeout=max(remaining_s, 0.001))
+            claim = await self.queue.claim(
+                served.keys, max_items=room, lease_ms=self.settings.lease_ms,
+                worker_id=self.worker_id, signature=signature,
+            )
+            self._answer_expired(served, claim)
+            jobs.extend(self._decode(claim))
+
+    def _decode(self, claim: ClaimedBatch) -> list[_Job]:
+        jobs = []
+        for job_id, payload in claim.jobs:
+            request = mpb.QueuedRequest.FromString(payload)
+            batch = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
+            jobs.append(_Job(job_id, claim.token, request, batch))
+        return jobs
+
+    async def _run(self, served: _Served, jobs: list[_Job]) -> None:
+        info = served.model.info
+        claimed_ns = time.time_ns()
+        now_ms = claimed_ns // 1_000_000
+        live = [job for job in jobs if job.request.deadline_ms > now_ms]
+        replies: list[tuple[_Job, mpb.InferReply]] = [
+            (job, _error_reply(job, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued"))
+            for job in jobs
+            if job.request.deadline_ms <= now_ms
+        ]
+        served.stats.expired += len(jobs) - len(live)
+        if live:
+            replies.extend(await self._compute(served, live, claimed_ns))
+        self._spawn_reply(served, replies)
+
+    async def _compute(
+        self, served: _Served, jobs: list[_Job], claimed_ns: int
+    ) -> list[tuple[_Job, mpb.InferReply]]:
+        info = served.model.info
+        links = []
+        for job in jobs:
+            ctx = extract(job.request.trace_context)
+            parent = trace.get_current_span(ctx).get_span_context()
+            if parent.is_valid:
+                links.append(trace.Link(parent))
+            with self.tracer.start_as_current_span(
+                "queue_wait", context=ctx, start_time=job.request.enqueued_ms * 1_000_000
+            ) as span:
+                span.set_attribute("meshserve.model", info.name)
+            # the span ends here, at claim time (roughly): its length is the queue wait
+        total = sum(job.batch_size for job in jobs)
+        attributes = {
+            "meshserve.model": info.name,
+            "meshserve.version": info.version,
+            "meshserve.batch_size": total,
+            "meshserve.requests": len(jobs),
+            "meshserve.device": self.settings.device,
+            "meshserve.worker": self.worker_id,
+        }
+        with self.tracer.start_as_current_span("batch", links=links, attributes=attributes, context=None):
+            feed = _stack(jobs)
+            started_ns = time.time_ns()
+            try:
+                with self.tracer.start_as_current_span("compute"):
+                    outputs = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, served.model.run, feed
+                    )
+            except Exception as exc:  # a model failure answers its requests, never kills the worker
+                log.exception("model %s failed on a batch of %d", info.name, total)
+                served.stats.failed += len(jobs)
+                message = f"model '{info.name}' failed: {exc}"
+                return [(job, _error_reply(job, grpc.StatusCode.INTERNAL, message)) for job in jobs]
+            compute_us = (time.time_ns() - started_ns) // 1000
+        stats = served.stats
+        stats.batches += 1
+        stats.items += total
+        stats.requests += len(jobs)
+        stats.largest_batch = max(stats.largest_batch, total)
+        return _split(served, jobs, outputs, compute_us, claimed_ns, self.worker_id)
+
+    def _answer_expired(self, served: _Served, claim: ClaimedBatch) -> None:
+        """Jobs the claim script found past their deadline: answer them, never compute them."""
+        if not claim.expired:
+            return
+        served.stats.expired += len(claim.expired)
+        blobs: dict[str, list[bytes]] = defaultdict(list)
+        for job_id, reply_to in claim.expired:
+            reply = mpb.InferReply(
+                id=job_id, code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="deadline exceeded while queued"
+            )
+            blobs[reply_to].append(reply.SerializeToString())
+        task = asyncio.create_task(self._write_replies(served, blobs, {}))
+        self._track(task)
+
+    def _spawn_reply(self, served: _Served, replies: list[tuple[_Job, mpb.InferReply]]) -> None:
+        blobs: dict[str, list[bytes]] = defaultdict(list)
+        acks: dict[int, list[str]] = defaultdict(list)
+        for job, reply in replies:
+            blobs[job.request.reply_to].append(reply.SerializeToString())
+            acks[job.token].append(job.job_id)
+        self._track(asyncio.create_task(self._write_replies(served, blobs, acks)))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._reply_tasks.add(task)
+        task.add_done_callback(self._reply_tasks.discard)
+
+    async def _write_replies(
+        self, served: _Served, blobs: dict[str, list[bytes]], acks: dict[int, list[str]]
+    ) -> None:
+        """Write replies, then ack, in one pipelined round trip (replies first: an
+        ack never precedes its reply). Shielded from cancellation by ``close``."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for reply_to, items in blobs.items():
+                    pipe.rpush(reply_to, *items)
+                    pipe.expire(reply_to, REPLY_TTL_S)
+                for token, ids in acks.items():
+                    await self.queue.ack(served.keys, token, ids, client=pipe)
+                await pipe.execute()
+        except RedisError:
+            # The lease stays in Redis; the reaper redelivers (TODO(#4)).
+            log.exception("could not write %d replies for %s", sum(map(len, blobs.values())), served.keys.ready)
+
+
+def _signature(request: mpb.QueuedRequest) -> str:
+    return ";".join(",".join(str(d) for d in t.shape[1:]) for t in request.inputs)
+
+
+def _stack(jobs: list[_Job]) -> dict[str, np.ndarray[Any, Any]]:
+    """One feed for the batch: inputs concatenated along dim 0 (a view for one job)."""
+    if len(jobs) == 1:
+        return {t.name: to_array(t) for t in jobs[0].request.inputs}
+    names = [t.name for t in jobs[0].request.inputs]
+    return {
+        name: np.concatenate([to_array(job.request.inputs[i]) for job in jobs])
+        for i, name in enumerate(names)
+    }
+
+
+def _split(
+    served: _Served,
+    jobs: list[_Job],
+    outputs: list[np.ndarray[Any, Any]],
+    compute_us: int,
+    claimed_ns: int,
+    worker_id: str,
+) -> list[tuple[_Job, mpb.InferReply]]:
+    """Cut batch outputs back into one reply per request (views, one copy into bytes)."""
+    info = served.model.info
+    specs = info.outputs
+    replies = []
+    start = 0
+    for job in jobs:
+        end = start + job.batch_size
+        wanted = set(job.request.outputs)
+        reply = mpb.InferReply(
+            id=job.job_id,
+            model=info.name,
+            version=info.version,
+            compute_us=compute_us,
+            queue_wait_us=max(0, claimed_ns // 1000 - job.request.enqueued_ms * 1000),
+            worker_id=worker_id,
+        )
+        for spec, out in zip(specs, outputs, strict=True):
+            if wanted and spec.name not in wanted:
+                continue
+            part = out[start:end] if info.max_batch_size else out
+            reply.outputs.append(from_array(spec.name, spec.datatype, part))
+        replies.append((job, reply))
+        start = end
+    return replies
+
+
+def _error_reply(job: _Job, code: grpc.StatusCode, message: str) -> mpb.InferReply:
+    return mpb.InferReply(id=job.job_id, code=code.value[0], message=message)

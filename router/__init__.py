@@ -1,0 +1,1 @@
+"""The control plane: model repository, worker reports, and the routing table."""

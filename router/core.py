@@ -1,0 +1,101 @@
+"""The router's plain core: which models exist, which workers hold them, what is ready.
+
+Workers report what they hold (``report``); gateways watch the routing table
+(``watch``), which is rebuilt whenever readiness changes. A worker that stops
+reporting for ``worker_ttl_ms`` is forgotten, and its models go not-ready unless
+another worker holds them. Off the hot path: nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from meshserve.repository import ModelInfo
+
+log = logging.getLogger(__name__)
+
+ModelKey = tuple[str, int]
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    worker_id: str
+    device: str
+    ready: set[ModelKey] = field(default_factory=set)
+    draining: bool = False
+    last_seen_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TableSnapshot:
+    """One generation of the routing table: every model and whether it is ready."""
+
+    generation: int
+    models: tuple[ModelInfo, ...]
+    ready: frozenset[ModelKey]
+
+
+class RouterCore:
+    def __init__(self, models: list[ModelInfo], *, worker_ttl_ms: int = 5000) -> None:
+        self.models = {(m.name, m.version): m for m in models}
+        self.worker_ttl_s = worker_ttl_ms / 1000
+        self.workers: dict[str, WorkerRecord] = {}
+        self._generation = 0
+        self._ready: frozenset[ModelKey] = frozenset()
+        self._changed = asyncio.Condition()
+
+    def snapshot(self) -> TableSnapshot:
+        return TableSnapshot(self._generation, tuple(self.models.values()), self._ready)
+
+    async def report(
+        self, worker_id: str, device: str, ready: set[ModelKey], *, draining: bool
+    ) -> list[ModelInfo]:
+        """Record a worker's state; returns the models it should hold (all, for now).
+
+        TODO(#6): placement by device memory instead of every model everywhere.
+        """
+        record = self.workers.get(worker_id)
+        if record is None:
+            record = self.workers[worker_id] = WorkerRecord(worker_id, device)
+            log.info("worker %s (%s) joined", worker_id, device)
+        record.ready = ready & set(self.models)
+        record.draining = draining
+        record.last_seen_s = time.monotonic()
+        await self._recompute()
+        return list(self.models.values())
+
+    async def forget_silent_workers(self) -> None:
+        """Drop workers that have not reported within the TTL."""
+        cutoff = time.monotonic() - self.worker_ttl_s
+        for worker_id in [w for w, rec in self.workers.items() if rec.last_seen_s < cutoff]:
+            log.warning("worker %s stopped reporting; its models are no longer served by it", worker_id)
+            del self.workers[worker_id]
+        await self._recompute()
+
+    async def _recompute(self) -> None:
+        ready = frozenset(key for rec in self.workers.values() if not rec.draining for key in rec.ready)
+        if ready != self._ready:
+            async with self._changed:
+                self._ready = ready
+                self._generation += 1
+                self._changed.notify_all()
+
+    async def watch(self) -> AsyncIterator[TableSnapshot]:
+        """The current table, then every new generation, until cancelled."""
+        seen = -1
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._generation != seen)
+                snap = self.snapshot()
+            seen = snap.generation
+            yield snap
+
+    async def run_expiry(self, interval_s: float) -> None:
+        """Owned by the router's server: forget silent workers every interval."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.forget_silent_workers()
