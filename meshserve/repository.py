@@ -1,0 +1,428 @@
+"""The model repository: which models exist, and what each one needs to be served.
+
+Layout: ``<root>/<model>/<version>/model.onnx``, where ``<version>`` is a positive
+integer directory name, plus an optional ``<root>/<model>/config.yaml``. Without a
+config, everything is inferred from the ONNX graph: tensor names, KServe datatypes,
+shapes, and whether dim 0 is a batch dimension. The config may change batching,
+restrict the served versions and name the platform::
+
+    max_batch_size: 16            # 0 disables batching
+    dynamic_batching:
+      max_queue_delay_ms: 0.5
+      preferred_batch_sizes: [4, 8, 16]
+      max_queue_size: 1000        # 0 = unbounded
+    versions: [1, 3]              # default: every version directory
+    platform: onnxruntime_onnx
+
+A batchable graph (every input's and output's dim 0 symbolic) defaults to
+max_batch_size 32 and a 2 ms queue delay; any other graph gets max_batch_size 0,
+a zero delay, and refuses ``max_batch_size > 0`` or preferred sizes. Unknown keys
+are errors, so a typo never silently falls back to a default.
+
+Model files are untrusted. Only ``model.onnx`` is ever read, it is parsed without
+its external data, and every external-data ``location`` must resolve inside the
+version directory before the model is reported servable. Callers must then load
+the model from :attr:`ModelInfo.path` itself, so that the runtime resolves external
+data against the same directory that was checked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import yaml
+from onnx import (
+    AttributeProto,
+    GraphProto,
+    ModelProto,
+    TensorProto,
+    TypeProto,
+    ValueInfoProto,
+)
+
+from meshserve.dtypes import KSERVE_BY_ONNX
+
+MODEL_FILENAME = "model.onnx"
+CONFIG_FILENAME = "config.yaml"
+DEFAULT_PLATFORM = "onnxruntime_onnx"
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_QUEUE_DELAY_US = 2000
+ANY_DIM = -1
+_MAX_PROTOBUF_BYTES = 2**31 - 1
+
+_VERSION_DIR = re.compile(r"[1-9][0-9]*")
+_TOP_LEVEL_KEYS = frozenset({"max_batch_size", "dynamic_batching", "versions", "platform"})
+_BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
+
+
+class RepositoryError(Exception):
+    """A model directory, config file or model file cannot be served.
+
+    The message starts with the path at fault (and the line, for YAML errors).
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One graph input or output as clients see it.
+
+    ``datatype`` is the KServe v2 name (e.g. "FP32"); ``shape`` is the full graph
+    shape with -1 for every symbolic or unknown dim, dim 0 included.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Everything the mesh needs to serve one version of one model."""
+
+    name: str
+    version: int
+    path: Path  # absolute path of model.onnx; load from here, not from its realpath
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    max_batch_size: int  # 0 = not batchable (dim 0 is not a batch dim)
+    max_queue_delay_us: int
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_size: int  # 0 = unbounded
+    platform: str = DEFAULT_PLATFORM
+
+
+@dataclass(frozen=True, slots=True)
+class _Config:
+    """A parsed config.yaml; None means "not set, infer or default"."""
+
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 0
+    versions: frozenset[int] | None = None
+    platform: str = DEFAULT_PLATFORM
+
+
+def load_model(model_dir: Path, version: int) -> ModelInfo:
+    """Read ``<model_dir>/<version>/model.onnx`` and the model's config.yaml.
+
+    Raises RepositoryError when the config is invalid, the version is not one the
+    config serves, or the model file is missing, unreadable or unsafe.
+    """
+    config = _read_config(model_dir)
+    if config.versions is not None and version not in config.versions:
+        raise RepositoryError(f"{model_dir / CONFIG_FILENAME}: version {version} is not listed in 'versions'")
+    return _load_version(model_dir, version, config)
+
+
+def scan_repository(root: Path) -> tuple[list[ModelInfo], list[str]]:
+    """Find every servable (model, version) under ``root``, sorted by (name, version).
+
+    A bad model or version is skipped and described in the second list; only an
+    unreadable ``root`` raises RepositoryError. Hidden directories are ignored.
+    """
+    if not root.is_dir():
+        raise RepositoryError(f"{root}: model repository is not a directory")
+    models: list[ModelInfo] = []
+    problems: list[str] = []
+    for model_dir in sorted(root.iterdir()):
+        if model_dir.name.startswith(".") or not model_dir.is_dir():
+            continue
+        try:
+            config = _read_config(model_dir)
+        except RepositoryError as exc:
+            problems.append(str(exc))
+            continue
+        versions = _version_dirs(model_dir)
+        if config.versions is not None:
+            missing = sorted(config.versions - set(versions))
+            if missing:
+                problems.append(
+                    f"{model_dir / CONFIG_FILENAME}: 'versions' lists {missing} but there is no such version directory"
+                )
+            versions = [v for v in versions if v in config.versions]
+        elif not versions:
+            problems.append(f"{model_dir}: no version directories (positive integers)")
+        for version in versions:
+            try:
+                models.append(_load_version(model_dir, version, config))
+            except RepositoryError as exc:
+                problems.append(str(exc))
+    return models, problems
+
+
+def _version_dirs(model_dir: Path) -> list[int]:
+    """Positive-integer subdirectory names of ``model_dir``, ascending."""
+    return sorted(
+        int(child.name) for child in model_dir.iterdir() if _VERSION_DIR.fullmatch(child.name) and child.is_dir()
+    )
+
+
+# --- config.yaml ---------------------------------------------------------------
+
+
+def _read_config(model_dir: Path) -> _Config:
+    """Parse and validate ``<model_dir>/config.yaml``; no file means an empty config."""
+    path = model_dir / CONFIG_FILENAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return _Config()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RepositoryError(f"{path}: cannot read: {exc}") from exc
+    try:
+        raw: object = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RepositoryError(f"{path}: invalid YAML{_yaml_position(exc)}") from exc
+    if raw is None:
+        return _Config()
+    if not isinstance(raw, dict):
+        raise RepositoryError(f"{path}: expected a mapping at the top level")
+    _reject_unknown_keys(raw, _TOP_LEVEL_KEYS, path, "")
+    batching = raw.get("dynamic_batching")
+    if batching is None:
+        batching = {}
+    if not isinstance(batching, dict):
+        raise RepositoryError(f"{path}: 'dynamic_batching' must be a mapping")
+    _reject_unknown_keys(batching, _BATCHING_KEYS, path, "dynamic_batching.")
+    platform = raw.get("platform", DEFAULT_PLATFORM)
+    if not isinstance(platform, str) or not platform:
+        raise RepositoryError(f"{path}: 'platform' must be a non-empty string")
+    versions = raw.get("versions")
+    if versions is not None:
+        versions = frozenset(_positive_ints(versions, path, "versions"))
+    return _Config(
+        max_batch_size=_optional_int(raw, "max_batch_size", path, ""),
+        max_queue_delay_us=_queue_delay_us(batching, path),
+        preferred_batch_sizes=_positive_ints(
+            batching.get("preferred_batch_sizes"),
+            path,
+            "dynamic_batching.preferred_batch_sizes",
+        ),
+        max_queue_size=_optional_int(batching, "max_queue_size", path, "dynamic_batching.") or 0,
+        versions=versions,
+        platform=platform,
+    )
+
+
+def _queue_delay_us(batching: dict[Any, Any], path: Path) -> int | None:
+    """``dynamic_batching.max_queue_delay_ms`` converted to whole microseconds."""
+    delay_ms = batching.get("max_queue_delay_ms")
+    if delay_ms is None:
+        return None
+    if (
+        isinstance(delay_ms, bool)
+        or not isinstance(delay_ms, int | float)
+        or not math.isfinite(delay_ms)
+        or delay_ms < 0
+    ):
+        raise RepositoryError(f"{path}: 'dynamic_batching.max_queue_delay_ms' must be a number >= 0, got {delay_ms!r}")
+    return round(delay_ms * 1000)
+
+
+def _yaml_position(exc: yaml.YAMLError) -> str:
+    """Where and what a PyYAML error is: ' at line L, column C: problem' (1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return f": {problem}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def _reject_unknown_keys(mapping: dict[Any, Any], allowed: frozenset[str], path: Path, prefix: str) -> None:
+    """Raise naming the first key (sorted) of ``mapping`` that is not in ``allowed``."""
+    unknown = sorted(str(key) for key in mapping if key not in allowed)
+    if unknown:
+        raise RepositoryError(f"{path}: unknown key '{prefix}{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+
+
+def _optional_int(mapping: dict[Any, Any], key: str, path: Path, prefix: str) -> int | None:
+    """``mapping[key]`` as a non-negative int, None when absent."""
+    value = mapping.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RepositoryError(f"{path}: '{prefix}{key}' must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _positive_ints(value: object, path: Path, key: str) -> tuple[int, ...]:
+    """A YAML list of positive ints as a sorted, de-duplicated tuple; () when absent."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(item, int) and not isinstance(item, bool) and item > 0 for item in value
+    ):
+        raise RepositoryError(f"{path}: '{key}' must be a list of positive integers, got {value!r}")
+    return tuple(sorted(set(value)))
+
+
+# --- model.onnx ------------------------------------------------------------------
+
+
+def _load_version(model_dir: Path, version: int, config: _Config) -> ModelInfo:
+    """Build the ModelInfo of one version once the model's config is known."""
+    path, model = _open_model(model_dir, version)
+    signature = _signature(model, path)
+    return _apply_config(model_dir.name, version, path, signature, config)
+
+
+def _open_model(model_dir: Path, version: int) -> tuple[Path, ModelProto]:
+    """Parse ``<model_dir>/<version>/model.onnx`` without external data, once safe."""
+    version_dir = model_dir.absolute() / str(version)
+    path = version_dir / MODEL_FILENAME
+    if not path.is_file():
+        raise RepositoryError(f"{path}: no {MODEL_FILENAME} in version directory")
+    if not _is_inside(path, model_dir):
+        raise RepositoryError(f"{path}: symlink points outside the model directory {model_dir}")
+    size_bytes = path.stat().st_size
+    if size_bytes > _MAX_PROTOBUF_BYTES:
+        raise RepositoryError(
+            f"{path}: {size_bytes} bytes is over the 2 GiB protobuf limit; store the weights as external data"
+        )
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    # The file is untrusted: whatever the parser raises is the file's fault.
+    except Exception as exc:
+        raise RepositoryError(f"{path}: not a readable ONNX model: {exc}") from exc
+    _check_external_data(model, version_dir, path)
+    return path, model
+
+
+@dataclass(frozen=True, slots=True)
+class _Signature:
+    """What the graph alone says: its tensors and whether dim 0 is a batch dim."""
+
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    batchable: bool
+
+
+def _signature(model: ModelProto, path: Path) -> _Signature:
+    """Inputs (initializers excluded), outputs and batchability of ``model``."""
+    initializers = {init.name for init in model.graph.initializer}
+    try:
+        inputs = tuple(_tensor_info(v, "input") for v in model.graph.input if v.name not in initializers)
+        outputs = tuple(_tensor_info(v, "output") for v in model.graph.output)
+    except RepositoryError as exc:
+        raise RepositoryError(f"{path}: {exc}") from exc
+    batchable = bool(inputs) and all(len(t.shape) > 0 and t.shape[0] == ANY_DIM for t in inputs + outputs)
+    return _Signature(inputs, outputs, batchable)
+
+
+def _apply_config(name: str, version: int, path: Path, signature: _Signature, config: _Config) -> ModelInfo:
+    """Combine what the graph allows with what the config asks for."""
+    config_path = path.parent.parent / CONFIG_FILENAME
+    max_batch_size = config.max_batch_size
+    if max_batch_size is None:
+        max_batch_size = DEFAULT_MAX_BATCH_SIZE if signature.batchable else 0
+    elif max_batch_size > 0 and not signature.batchable:
+        raise RepositoryError(
+            f"{config_path}: max_batch_size {max_batch_size}, but dim 0 of {path} "
+            "is not a batch dimension (every input and output needs a symbolic dim 0)"
+        )
+    too_big = [size for size in config.preferred_batch_sizes if size > max_batch_size]
+    if too_big:
+        raise RepositoryError(f"{config_path}: preferred_batch_sizes {too_big} exceed max_batch_size {max_batch_size}")
+    delay_us = 0
+    if max_batch_size > 0:
+        delay_us = DEFAULT_MAX_QUEUE_DELAY_US if config.max_queue_delay_us is None else config.max_queue_delay_us
+    return ModelInfo(
+        name=name,
+        version=version,
+        path=path,
+        inputs=signature.inputs,
+        outputs=signature.outputs,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=delay_us,
+        preferred_batch_sizes=config.preferred_batch_sizes,
+        max_queue_size=config.max_queue_size,
+        platform=config.platform,
+    )
+
+
+def _tensor_info(value: ValueInfoProto, role: str) -> TensorInfo:
+    """Name, KServe datatype and shape (-1 for symbolic dims) of one tensor."""
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        raise RepositoryError(f"{role} '{value.name}': unsupported type {kind!r}, expected a tensor")
+    tensor_type: TypeProto.Tensor = value.type.tensor_type
+    datatype = KSERVE_BY_ONNX.get(tensor_type.elem_type)
+    if datatype is None:
+        elem = TensorProto.DataType.Name(tensor_type.elem_type)
+        raise RepositoryError(f"{role} '{value.name}': unsupported element type {elem}")
+    if not tensor_type.HasField("shape"):
+        raise RepositoryError(f"{role} '{value.name}': the graph gives no shape (unknown rank)")
+    shape = tuple(
+        dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0 else ANY_DIM for dim in tensor_type.shape.dim
+    )
+    return TensorInfo(name=value.name, datatype=datatype, shape=shape)
+
+
+def _is_inside(path: Path, directory: Path) -> bool:
+    """Whether ``path``, with every symlink followed, lies within ``directory``."""
+    real_dir = os.path.realpath(directory)
+    real_path = os.path.realpath(path)
+    return os.path.commonpath([real_dir, real_path]) == real_dir
+
+
+def _check_external_data(model: ModelProto, version_dir: Path, path: Path) -> None:
+    """Refuse any tensor whose external data would be read from outside the dir."""
+    for tensor in _all_tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
+        if not location:
+            raise RepositoryError(f"{path}: tensor '{tensor.name}' has external data but no location")
+        if os.path.isabs(location) or "\x00" in location or not _is_inside(version_dir / location, version_dir):
+            raise RepositoryError(
+                f"{path}: tensor '{tensor.name}' external data '{location}' points outside the model directory"
+            )
+
+
+def _all_tensors(model: ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto a runtime might read: initializers, constants, subgraphs."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for attribute in node.attribute:
+                yield from _attribute_tensors(attribute)
+    for training in model.training_info:
+        yield from _graph_tensors(training.initialization)
+        yield from _graph_tensors(training.algorithm)
+
+
+def _graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
+    """Tensors of one graph and, recursively, of the subgraphs in its attributes."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from _attribute_tensors(attribute)
+
+
+def _attribute_tensors(attribute: AttributeProto) -> Iterator[TensorProto]:
+    """Tensors held by one node attribute, including those of nested graphs."""
+    if attribute.HasField("t"):
+        yield attribute.t
+    yield from attribute.tensors
+    if attribute.HasField("sparse_tensor"):
+        yield attribute.sparse_tensor.values
+        yield attribute.sparse_tensor.indices
+    for sparse in attribute.sparse_tensors:
+        yield sparse.values
+        yield sparse.indices
+    if attribute.HasField("g"):
+        yield from _graph_tensors(attribute.g)
+    for graph in attribute.graphs:
+        yield from _graph_tensors(graph)
