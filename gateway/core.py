@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -219,9 +220,7 @@ class Gateway:
             except RedisError as exc:
                 raise Unavailable(f"request queue unavailable: {exc}") from exc
         if result < 0:
-            raise ResourceExhausted(
-                f"queue of model '{model.name}' is full ({model.max_queue_size} requests waiting)"
-            )
+            raise ResourceExhausted(f"queue of model '{model.name}' is full ({model.max_queue_size} requests waiting)")
 
     # ------------------------------------------------------------ background tasks
 
@@ -230,7 +229,7 @@ class Gateway:
         backoff_s = 0.1
         while True:
             try:
-                popped = await self.blocking.blmpop(0, 1, self.reply_to, direction="LEFT", count=REPLY_BATCH)
+                popped: Any = await self.blocking.blmpop(0, 1, self.reply_to, direction="LEFT", count=REPLY_BATCH)
                 backoff_s = 0.1
             except RedisError as exc:
                 log.warning("reply reader: redis unavailable (%s); retrying in %.1fs", exc, backoff_s)
@@ -239,7 +238,8 @@ class Gateway:
                 continue
             if not popped:
                 continue
-            for blob in popped[1]:
+            blobs: list[bytes] = popped[1]
+            for blob in blobs:
                 reply = mpb.InferReply.FromString(blob)
                 future = self.pending.get(reply.id)
                 if future is None or future.done():
@@ -259,8 +259,10 @@ class Gateway:
                     self.on_view_change()
                     backoff_s = 0.2
             except grpc.aio.AioRpcError as exc:
-                log.warning("router watch failed (%s); keeping routing table generation %d", exc.code().name,
-                            self.view.generation)
+                log.warning(
+                    "router watch failed (%s); keeping routing table generation %d",
+                    exc.code().name,
+                    self.view.generation,
+                )
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
-

@@ -34,9 +34,7 @@ class GatewayServer:
         self.redis = command_client(settings.redis_url)
         self.blocking = blocking_client(settings.redis_url)
         self.router_channel = grpc.aio.insecure_channel(settings.router_address)
-        self.gateway = Gateway(
-            settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer
-        )
+        self.gateway = Gateway(settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer)
         self.health = health.aio.HealthServicer()
         self.gateway.on_view_change = self._update_health
         limit = settings.max_message_bytes

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
 from opentelemetry import trace
 
+from gateway.core import Gateway
 from meshserve import __version__
 from meshserve.codec import to_infer_response
-from meshserve.dtypes import TRITON_CONFIG_TYPE
 from meshserve.errors import MeshError
 from meshserve.repository import ModelInfo
 from meshserve.telemetry import extract
@@ -25,11 +25,9 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 
-from gateway.core import Gateway
-
 log = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
 DEV_TENANT = "dev"
 """The tenant of every call until tenants are configured (TODO(#3))."""
@@ -168,7 +166,7 @@ async def _unimplemented(context: Context, what: str) -> NoReturn:
 async def _unsupported(context: Context, what: str) -> NoReturn:
     await context.abort(
         grpc.StatusCode.UNIMPLEMENTED,
-        f"meshserve does not support {what}: gateway and workers run in separate processes; send tensors in the request",
+        f"meshserve does not support {what}: gateway and workers are separate processes; send tensors in the request",
     )
     raise AssertionError("unreachable")
 
@@ -182,12 +180,19 @@ def _model_config(model: ModelInfo) -> mc.ModelConfig:
         backend="onnxruntime",
         max_batch_size=model.max_batch_size,
         default_model_filename="model.onnx",
-        input=[mc.ModelInput(name=t.name, data_type=TRITON_CONFIG_TYPE.get(t.datatype, 0), dims=t.shape[skip:])
-               for t in model.inputs],
-        output=[mc.ModelOutput(name=t.name, data_type=TRITON_CONFIG_TYPE.get(t.datatype, 0), dims=t.shape[skip:])
-                for t in model.outputs],
+        input=[
+            mc.ModelInput(name=t.name, data_type=_config_type(t.datatype), dims=t.shape[skip:]) for t in model.inputs
+        ],
+        output=[
+            mc.ModelOutput(name=t.name, data_type=_config_type(t.datatype), dims=t.shape[skip:]) for t in model.outputs
+        ],
     )
     if model.max_batch_size:
         config.dynamic_batching.max_queue_delay_microseconds = model.max_queue_delay_us
         config.dynamic_batching.preferred_batch_size.extend(model.preferred_batch_sizes)
     return config
+
+
+def _config_type(datatype: str) -> mc.DataType:
+    """Triton's config enum for a KServe datatype (BYTES is TYPE_STRING there)."""
+    return cast(mc.DataType, mc.DataType.Value(f"TYPE_{'STRING' if datatype == 'BYTES' else datatype}"))

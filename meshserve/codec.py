@@ -99,7 +99,9 @@ def check_requested_outputs(request: pb.ModelInferRequest, model: ModelInfo) -> 
 
 def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorInfo, model: ModelInfo) -> list[int]:
     if tensor.datatype != spec.datatype:
-        raise InvalidArgument(f"input '{tensor.name}': expected {spec.datatype}, got {tensor.datatype or 'no datatype'}")
+        raise InvalidArgument(
+            f"input '{tensor.name}': expected {spec.datatype}, got {tensor.datatype or 'no datatype'}"
+        )
     shape = list(tensor.shape)
     if len(shape) != len(spec.shape):
         raise InvalidArgument(
@@ -124,9 +126,7 @@ def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorInfo
     return shape
 
 
-def _tensor_bytes(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: list[int]
-) -> bytes:
+def _tensor_bytes(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: list[int]) -> bytes:
     count = prod(shape)
     has_contents = tensor.HasField("contents")
     if raw is not None:
@@ -157,7 +157,9 @@ def _check_raw_length(name: str, datatype: str, raw: bytes, count: int, shape: l
     if datatype == "BYTES":
         found = _count_bytes_elements(name, raw)
         if found != count:
-            raise InvalidArgument(f"input '{name}': shape {shape_str(shape)} has {count} elements, raw BYTES has {found}")
+            raise InvalidArgument(
+                f"input '{name}': shape {shape_str(shape)} has {count} elements, raw BYTES has {found}"
+            )
         return
     size = itemsize(datatype)
     if len(raw) != count * size:
@@ -220,15 +222,15 @@ def _split_bytes(raw: bytes) -> list[bytes]:
 def from_array(name: str, datatype: str, array: np.ndarray[Any, Any]) -> mpb.Tensor:
     """Pack a numpy output into an envelope tensor (one copy, into the message)."""
     if datatype == "BYTES":
-        data = b"".join(struct.pack("<I", len(v)) + (v if isinstance(v, bytes) else str(v).encode()) for v in array.flat)
+        data = b"".join(
+            struct.pack("<I", len(v)) + (v if isinstance(v, bytes) else str(v).encode()) for v in array.flat
+        )
     else:
         data = np.ascontiguousarray(array, dtype=NUMPY_BY_KSERVE[datatype]).tobytes()
     return mpb.Tensor(name=name, datatype=datatype, shape=array.shape, data=data)
 
 
-def to_infer_response(
-    reply: mpb.InferReply, model_name: str, request_id: str
-) -> pb.ModelInferResponse:
+def to_infer_response(reply: mpb.InferReply, model_name: str, request_id: str) -> pb.ModelInferResponse:
     """The KServe response for a successful reply; outputs go in raw_output_contents."""
     response = pb.ModelInferResponse(model_name=model_name, model_version=str(reply.version), id=request_id)
     for tensor in reply.outputs:

@@ -27,9 +27,7 @@ NUMPY_BY_KSERVE: dict[str, np.dtype[np.generic]] = {
     "BYTES": np.dtype(np.object_),
 }
 
-KSERVE_BY_NUMPY: dict[np.dtype[np.generic], str] = {
-    dt: name for name, dt in NUMPY_BY_KSERVE.items() if name != "BYTES"
-}
+KSERVE_BY_NUMPY: dict[np.dtype[np.generic], str] = {dt: name for name, dt in NUMPY_BY_KSERVE.items() if name != "BYTES"}
 
 KSERVE_BY_ONNX: dict[int, str] = {
     TensorProto.BOOL: "BOOL",
@@ -46,24 +44,6 @@ KSERVE_BY_ONNX: dict[int, str] = {
     TensorProto.DOUBLE: "FP64",
     TensorProto.STRING: "BYTES",
     TensorProto.BFLOAT16: "BF16",
-}
-
-# Triton's model_config DataType enum values, for ModelConfigResponse.
-TRITON_CONFIG_TYPE: dict[str, int] = {
-    "BOOL": 1,
-    "UINT8": 2,
-    "UINT16": 3,
-    "UINT32": 4,
-    "UINT64": 5,
-    "INT8": 6,
-    "INT16": 7,
-    "INT32": 8,
-    "INT64": 9,
-    "FP16": 10,
-    "FP32": 11,
-    "FP64": 12,
-    "BYTES": 13,
-    "BF16": 14,
 }
 
 

@@ -79,14 +79,22 @@ class RedisServer:
         self._dir = tempfile.TemporaryDirectory(prefix="meshserve-redis-")
         args = [
             str(self.binary),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", self._dir.name,
-            "--save", "",
-            "--appendonly", "no",
-            "--protected-mode", "yes",
-            "--loglevel", "warning",
-            "--logfile", str(Path(self._dir.name) / "server.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self._dir.name,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(Path(self._dir.name) / "server.log"),
         ]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         self._wait_until_accepting()

@@ -44,4 +44,4 @@ def inject(carrier: MutableMapping[str, str], ctx: otel_context.Context | None =
 
 def extract(carrier: Mapping[str, str]) -> otel_context.Context:
     """The context a carrier (gRPC metadata, a queued envelope) brought along."""
-    return _PROPAGATOR.extract(carrier, getter=default_getter)  # type: ignore[arg-type]
+    return _PROPAGATOR.extract(carrier, getter=default_getter)

@@ -28,9 +28,7 @@ class WorkerServer:
         self.redis = command_client(settings.redis_url)
         self.blocking = blocking_client(settings.redis_url)
         self.router_channel = grpc.aio.insecure_channel(settings.router_address)
-        self.worker = Worker(
-            settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer
-        )
+        self.worker = Worker(settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:

@@ -33,7 +33,6 @@ from redis.exceptions import RedisError
 from meshserve.codec import from_array, to_array
 from meshserve.queue import REPLY_TTL_S, ClaimedBatch, ModelKeys, QueueProtocol
 from meshserve.repository import load_model
-from meshserve.routing import info_from_spec
 from meshserve.settings import WorkerSettings
 from meshserve.telemetry import extract
 from model_workers.session import LoadedModel
@@ -215,8 +214,11 @@ class Worker:
                 return
             await self.blocking.blpop([served.keys.wake], timeout=max(remaining_s, 0.001))
             claim = await self.queue.claim(
-                served.keys, max_items=room, lease_ms=self.settings.lease_ms,
-                worker_id=self.worker_id, signature=signature,
+                served.keys,
+                max_items=room,
+                lease_ms=self.settings.lease_ms,
+                worker_id=self.worker_id,
+                signature=signature,
             )
             self._answer_expired(served, claim)
             jobs.extend(self._decode(claim))
@@ -230,7 +232,6 @@ class Worker:
         return jobs
 
     async def _run(self, served: _Served, jobs: list[_Job]) -> None:
-        info = served.model.info
         claimed_ns = time.time_ns()
         now_ms = claimed_ns // 1_000_000
         live = [job for job in jobs if job.request.deadline_ms > now_ms]
@@ -244,9 +245,7 @@ class Worker:
             replies.extend(await self._compute(served, live, claimed_ns))
         self._spawn_reply(served, replies)
 
-    async def _compute(
-        self, served: _Served, jobs: list[_Job], claimed_ns: int
-    ) -> list[tuple[_Job, mpb.InferReply]]:
+    async def _compute(self, served: _Served, jobs: list[_Job], claimed_ns: int) -> list[tuple[_Job, mpb.InferReply]]:
         info = served.model.info
         links = []
         for job in jobs:
@@ -260,7 +259,7 @@ class Worker:
                 span.set_attribute("meshserve.model", info.name)
             # the span ends here, at claim time (roughly): its length is the queue wait
         total = sum(job.batch_size for job in jobs)
-        attributes = {
+        attributes: dict[str, str | int] = {
             "meshserve.model": info.name,
             "meshserve.version": info.version,
             "meshserve.batch_size": total,
@@ -273,9 +272,7 @@ class Worker:
             started_ns = time.time_ns()
             try:
                 with self.tracer.start_as_current_span("compute"):
-                    outputs = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, served.model.run, feed
-                    )
+                    outputs = await asyncio.get_running_loop().run_in_executor(self._executor, served.model.run, feed)
             except Exception as exc:  # a model failure answers its requests, never kills the worker
                 log.exception("model %s failed on a batch of %d", info.name, total)
                 served.stats.failed += len(jobs)
@@ -315,9 +312,7 @@ class Worker:
         self._reply_tasks.add(task)
         task.add_done_callback(self._reply_tasks.discard)
 
-    async def _write_replies(
-        self, served: _Served, blobs: dict[str, list[bytes]], acks: dict[int, list[str]]
-    ) -> None:
+    async def _write_replies(self, served: _Served, blobs: dict[str, list[bytes]], acks: dict[int, list[str]]) -> None:
         """Write replies, then ack, in one pipelined round trip (replies first: an
         ack never precedes its reply). Shielded from cancellation by ``close``."""
         try:
@@ -342,10 +337,7 @@ def _stack(jobs: list[_Job]) -> dict[str, np.ndarray[Any, Any]]:
     if len(jobs) == 1:
         return {t.name: to_array(t) for t in jobs[0].request.inputs}
     names = [t.name for t in jobs[0].request.inputs]
-    return {
-        name: np.concatenate([to_array(job.request.inputs[i]) for job in jobs])
-        for i, name in enumerate(names)
-    }
+    return {name: np.concatenate([to_array(job.request.inputs[i]) for job in jobs]) for i, name in enumerate(names)}
 
 
 def _split(

@@ -51,9 +51,7 @@ class RouterCore:
     def snapshot(self) -> TableSnapshot:
         return TableSnapshot(self._generation, tuple(self.models.values()), self._ready)
 
-    async def report(
-        self, worker_id: str, device: str, ready: set[ModelKey], *, draining: bool
-    ) -> list[ModelInfo]:
+    async def report(self, worker_id: str, device: str, ready: set[ModelKey], *, draining: bool) -> list[ModelInfo]:
         """Record a worker's state; returns the models it should hold (all, for now).
 
         TODO(#6): placement by device memory instead of every model everywhere.
@@ -89,7 +87,8 @@ class RouterCore:
         seen = -1
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda: self._generation != seen)
+                while self._generation == seen:
+                    await self._changed.wait()
                 snap = self.snapshot()
             seen = snap.generation
             yield snap

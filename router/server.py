@@ -47,7 +47,9 @@ class RouterServicer(mpb_grpc.RouterServicer):
         models = await self.core.report(request.worker_id, request.device, ready, draining=request.draining)
         snap = self.core.snapshot()
         return mpb.WorkerAssignment(
-            models=[spec_from_info(m, ready=(m.name, m.version) in snap.ready, repository=self.repository) for m in models],
+            models=[
+                spec_from_info(m, ready=(m.name, m.version) in snap.ready, repository=self.repository) for m in models
+            ],
             report_interval_ms=self.report_interval_ms,
             generation=snap.generation,
         )

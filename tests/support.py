@@ -32,8 +32,9 @@ async def start_mesh(
     router = RouterServer(RouterSettings(model_repository=repository, port=0, report_interval_ms=200))
     await router.start()
     gateway = GatewayServer(
-        GatewaySettings(redis_url=redis_url, router_address=router.address, host="127.0.0.1", port=0,
-                        **gateway_overrides),
+        GatewaySettings(
+            redis_url=redis_url, router_address=router.address, host="127.0.0.1", port=0, **gateway_overrides
+        ),
         tracer,
     )
     await gateway.start()
@@ -64,5 +65,3 @@ async def stop_mesh(mesh: Mesh) -> None:
     for worker in mesh.workers:
         await worker.stop()
     await mesh.router.stop()
-
-

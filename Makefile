@@ -1,0 +1,59 @@
+# meshserve: every entry point. CI calls `make test`; nothing else copies these commands.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+PROTO_SRC := protos/model_config.proto protos/grpc_service.proto protos/meshserve.proto
+
+.PHONY: install run test test-unit test-compat bench protos protos-check lint format clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install meshserve with its dev tools
+
+run: $(STAMP) ## run the whole mesh on the example models (Ctrl-C to stop)
+	$(VENV)/bin/meshserve up
+
+# The compat tests load tritonclient, whose protobuf symbols (package `inference`)
+# cannot share a process with our generated code: they run in their own pytest
+# process, against `meshserve up` started as a subprocess.
+test: $(STAMP) protos-check ## run the whole suite
+	$(PY) -m pytest tests --ignore=tests/compat
+	$(PY) -m pytest tests/compat
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests --ignore=tests/compat
+
+test-compat: $(STAMP)
+	$(PY) -m pytest tests/compat
+
+bench: $(STAMP) ## benchmark the mesh beside raw ONNX Runtime (starts its own mesh)
+	$(VENV)/bin/meshserve bench
+
+protos: $(STAMP) ## regenerate Python code from protos/*.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+
+protos-check: $(STAMP) ## fail if the committed generated code is stale
+	@tmp=$$(mktemp -d) && \
+	$(PY) -m grpc_tools.protoc -I. --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO_SRC) && \
+	for f in $$tmp/protos/*.py $$tmp/protos/*.pyi; do \
+	  cmp -s "$$f" "protos/$$(basename $$f)" || { echo "stale generated code: protos/$$(basename $$f) (run make protos)"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "generated code is up to date"
+
+lint: $(STAMP) ## ruff (format and check) and mypy --strict on our packages
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,218 @@
+"""The ``meshserve`` command: ``up`` runs the whole mesh; each service also runs alone.
+
+    meshserve up        private Redis (unless --redis-url), router, gateway, N workers
+    meshserve router    the control plane
+    meshserve gateway   KServe v2 gRPC front door
+    meshserve worker    one worker process for one device
+    meshserve bench     load generator, beside raw ONNX Runtime in-process
+
+Every flag has a ``MESHSERVE_<NAME>`` environment variable; the flag wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from meshserve.settings import (
+    GatewaySettings,
+    RouterSettings,
+    WorkerSettings,
+    env_default,
+)
+
+log = logging.getLogger("meshserve")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
+    """Start a service, wait for SIGINT/SIGTERM, then stop it (draining)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await start()
+    await stopping.wait()
+    log.info("signal received; draining")
+    await stop()
+
+
+def _run(coro: Awaitable[None]) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ services
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from router.server import RouterServer
+
+    settings = RouterSettings(model_repository=Path(args.model_repository), host=args.host, port=args.port)
+
+    async def main() -> None:
+        server = RouterServer(settings)
+        await _serve_until_signal(server.start, server.stop)
+
+    _run(main())
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.server import GatewayServer
+    from meshserve.telemetry import make_tracer
+
+    settings = GatewaySettings(
+        redis_url=_require_redis(args),
+        router_address=args.router,
+        host=args.host,
+        port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_bytes,
+        default_timeout_ms=args.default_timeout_ms,
+        drain_grace_s=args.drain_grace_s,
+    )
+
+    async def main() -> None:
+        server = GatewayServer(settings, make_tracer("meshserve-gateway"))
+        await _serve_until_signal(server.start, server.stop)
+
+    _run(main())
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from meshserve.telemetry import make_tracer
+    from model_workers.server import WorkerServer
+
+    settings = WorkerSettings(
+        redis_url=_require_redis(args),
+        router_address=args.router,
+        model_repository=Path(args.model_repository),
+        device=args.device,
+        intra_op_threads=args.intra_op_threads,
+    )
+
+    async def main() -> None:
+        server = WorkerServer(settings, make_tracer("meshserve-worker"))
+        await _serve_until_signal(server.start, server.stop)
+
+    _run(main())
+    return 0
+
+
+def _require_redis(args: argparse.Namespace) -> str:
+    if not args.redis_url:
+        raise SystemExit("--redis-url (or MESHSERVE_REDIS_URL) is required")
+    return str(args.redis_url)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from meshserve.supervisor import run_up
+
+    return run_up(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from meshserve.bench import run_bench
+
+    return run_bench(args)
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshserve", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run router, gateway and workers (and a private Redis)")
+    up.add_argument(
+        "--model-repository",
+        default=env_default("MODEL_REPOSITORY", None),
+        help="model repository dir (default: generated example models)",
+    )
+    up.add_argument("--grpc-port", type=int, default=env_default("GRPC_PORT", 8001))
+    up.add_argument("--metrics-port", type=int, default=env_default("METRICS_PORT", 8002))
+    up.add_argument("--host", default=env_default("HOST", "0.0.0.0"))
+    up.add_argument(
+        "--redis-url", default=env_default("REDIS_URL", None), help="use this Redis instead of starting a private one"
+    )
+    up.add_argument("--workers", type=int, default=env_default("WORKERS", 1))
+    up.add_argument("--drain-grace-s", type=float, default=env_default("DRAIN_GRACE_S", 10.0))
+    up.set_defaults(func=cmd_up)
+
+    router = sub.add_parser("router", help="run the control plane")
+    router.add_argument(
+        "--model-repository",
+        required=env_default("MODEL_REPOSITORY", None) is None,
+        default=env_default("MODEL_REPOSITORY", None),
+    )
+    router.add_argument("--host", default=env_default("ROUTER_HOST", "127.0.0.1"))
+    router.add_argument("--port", type=int, default=env_default("ROUTER_PORT", 8003))
+    router.set_defaults(func=cmd_router)
+
+    gateway = sub.add_parser("gateway", help="run the KServe v2 gRPC gateway")
+    _add_data_plane(gateway)
+    gateway.add_argument("--host", default=env_default("HOST", "0.0.0.0"))
+    gateway.add_argument("--grpc-port", type=int, default=env_default("GRPC_PORT", 8001))
+    gateway.add_argument("--metrics-port", type=int, default=env_default("METRICS_PORT", 0))
+    gateway.add_argument("--max-message-bytes", type=int, default=env_default("MAX_MESSAGE_BYTES", 64 * 1024 * 1024))
+    gateway.add_argument("--default-timeout-ms", type=int, default=env_default("DEFAULT_TIMEOUT_MS", 30_000))
+    gateway.add_argument("--drain-grace-s", type=float, default=env_default("DRAIN_GRACE_S", 10.0))
+    gateway.set_defaults(func=cmd_gateway)
+
+    worker = sub.add_parser("worker", help="run one model worker")
+    _add_data_plane(worker)
+    worker.add_argument(
+        "--model-repository",
+        required=env_default("MODEL_REPOSITORY", None) is None,
+        default=env_default("MODEL_REPOSITORY", None),
+    )
+    worker.add_argument("--device", default=env_default("DEVICE", "cpu"))
+    worker.add_argument("--intra-op-threads", type=int, default=env_default("INTRA_OP_THREADS", 0))
+    worker.set_defaults(func=cmd_worker)
+
+    bench = sub.add_parser("bench", help="drive a mesh with concurrent gRPC clients, beside raw ONNX Runtime")
+    from meshserve.bench import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _add_data_plane(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=env_default("REDIS_URL", None),
+        help="redis:// or rediss://user:pass@host:port/db (MESHSERVE_REDIS_URL)",
+    )
+    parser.add_argument("--router", default=env_default("ROUTER", "127.0.0.1:8003"), help="router host:port")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""``meshserve up``: start the whole mesh as child processes and stop it cleanly.
+
+Order on the way up: Redis (private, unless ``--redis-url``), router, workers,
+gateway; then one line when every model is ready. On the way down (Ctrl-C or
+SIGTERM) the reverse, each child drained by SIGTERM first: the gateway answers
+its in-flight calls, workers finish their batch and ack, then Redis stops.
+
+Each child's command line names its role (``python -m meshserve worker ...``).
+TODO(#4): restart a child that dies, with backoff, as a process manager would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import grpc
+
+from meshserve.redis_server import RedisServer, binary_from_env, free_port
+
+log = logging.getLogger("meshserve.up")
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0
+
+
+class Child:
+    """One supervised service process."""
+
+    def __init__(self, role: str, args: list[str]) -> None:
+        self.role = role
+        self.args = [sys.executable, "-m", "meshserve", role, *args]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        # Own process group: a terminal's Ctrl-C reaches only `up`, which then
+        # stops the children in order (gateway first, so in-flight calls drain).
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.debug("started %s (pid %d)", self.role, self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0fs; killing it", self.role, timeout_s)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from meshserve.examples import default_repository_dir, write_example_repository
+
+    repository = Path(args.model_repository) if args.model_repository else None
+    if repository is None:
+        repository = write_example_repository(default_repository_dir())
+        log.info("no --model-repository: serving the example models in %s", repository)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    redis_server: RedisServer | None = None
+    redis_url = args.redis_url
+    if not redis_url:
+        redis_server = RedisServer(binary_from_env()).start()
+        redis_url = redis_server.url
+        log.info("started a private Redis-compatible server (%s) at %s", redis_server.binary.name, redis_url)
+
+    router_address = f"127.0.0.1:{free_port()}"
+    common = ["--redis-url", redis_url, "--router", router_address]
+    router = Child("router", ["--model-repository", str(repository), "--port", router_address.rsplit(":", 1)[1]])
+    workers = [Child("worker", [*common, "--model-repository", str(repository)]) for _ in range(max(args.workers, 0))]
+    gateway = Child(
+        "gateway",
+        [
+            *common,
+            "--host",
+            args.host,
+            "--grpc-port",
+            str(args.grpc_port),
+            "--metrics-port",
+            str(args.metrics_port),
+            "--drain-grace-s",
+            str(args.drain_grace_s),
+        ],
+    )
+    children = [router, *workers, gateway]
+    try:
+        for child in children:
+            child.start()
+        models = _wait_ready(router_address, f"127.0.0.1:{args.grpc_port}", children, stop)
+        if models is not None:
+            host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            print(
+                f"meshserve ready: {len(models)} models ({', '.join(models)}) at {host}:{args.grpc_port}"
+                f" (gRPC, KServe v2); metrics on :{args.metrics_port}; Ctrl-C to stop",
+                flush=True,
+            )
+            _wait_until_stop_or_death(children, stop)
+        return 0 if all(c.alive() for c in children) or stop.is_set() else 1
+    finally:
+        _shutdown(gateway, workers, router, args.drain_grace_s)
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def _wait_ready(
+    router_address: str, gateway_address: str, children: list[Child], stop: threading.Event
+) -> list[str] | None:
+    """Block until the router says every model is ready and the gateway serves."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos import meshserve_pb2 as mpb
+    from protos import meshserve_pb2_grpc as mpb_grpc
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not stop.is_set() and time.monotonic() < deadline:
+        if not all(c.alive() for c in children):
+            dead = [c.role for c in children if not c.alive()]
+            log.error("%s exited during start-up", ", ".join(dead))
+            return None
+        try:
+            with grpc.insecure_channel(router_address) as channel:
+                stub = mpb_grpc.RouterStub(channel)
+                for table in stub.WatchRoutingTable(mpb.WatchRequest(gateway_id="up"), timeout=2):
+                    if table.models and all(m.ready for m in table.models):
+                        models = sorted({m.name for m in table.models})
+                        break
+                else:
+                    continue
+            with grpc.insecure_channel(gateway_address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                for status in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5):
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        return models
+        except grpc.RpcError:
+            time.sleep(0.1)  # start-up only: the child is not listening yet
+    log.error("the mesh did not become ready within %.0fs", READY_TIMEOUT_S)
+    return None
+
+
+def _wait_until_stop_or_death(children: list[Child], stop: threading.Event) -> None:
+    while not stop.wait(0.5):
+        for child in children:
+            if not child.alive():
+                code = child.proc.returncode if child.proc else None
+                log.error("%s exited with code %s; stopping the mesh", child.role, code)
+                return
+
+
+def _shutdown(gateway: Child, workers: list[Child], router: Child, grace_s: float) -> None:
+    """Gateway first (drains calls), then workers (finish batches), then the router."""
+    gateway.terminate()
+    gateway.wait(grace_s + STOP_TIMEOUT_S)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.wait(STOP_TIMEOUT_S)
+    router.terminate()
+    router.wait(STOP_TIMEOUT_S)
