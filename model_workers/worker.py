@@ -187,7 +187,11 @@ class Worker:
                 self._blocked = None
             targets = [self._by_wake[popped[0].decode()]] if popped else list(self._by_wake.values())
             for served in targets:
-                await self._take_and_run(served)
+                try:
+                    await self._take_and_run(served)
+                except RedisError as exc:
+                    # Jobs it had claimed stay leased in Redis. TODO(#4): reap and redeliver.
+                    log.warning("redis error while taking work for %s: %s", served.keys.ready, exc)
 
     async def _take_and_run(self, served: _Served) -> None:
         info = served.model.info

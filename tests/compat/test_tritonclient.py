@@ -1,0 +1,185 @@
+"""The mesh as a user meets it: `meshserve up` in a subprocess, called with the
+public tritonclient package (sync and asyncio), grpc.health.v1 and reflection.
+
+This module runs in its own pytest process (see the Makefile): tritonclient's
+protobuf symbols share names with the gateway's generated code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tc_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from meshserve.redis_server import free_port
+
+READY_TIMEOUT_S = 90
+
+
+@dataclass
+class RunningMesh:
+    address: str
+    repository: Path
+    proc: subprocess.Popen[str]
+
+
+def _wait_for_ready_line(proc: subprocess.Popen[str]) -> str:
+    """Read `meshserve up`'s stdout until its one ready line (or it dies)."""
+    assert proc.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=deadline - time.monotonic()):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"meshserve up exited with {proc.wait()} before it was ready")
+        if line.startswith("meshserve ready:"):
+            return line
+    raise RuntimeError("meshserve up printed no ready line in time")
+
+
+@pytest.fixture(scope="module")
+def mesh(model_repository: Path) -> Iterator[RunningMesh]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshserve",
+            "up",
+            "--model-repository",
+            str(model_repository),
+            "--grpc-port",
+            str(port),
+            "--metrics-port",
+            str(free_port()),
+            "--host",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MESHSERVE_LOG_LEVEL": "WARNING"},
+    )
+    try:
+        line = _wait_for_ready_line(proc)
+        assert f"127.0.0.1:{port}" in line
+        assert "4 models" in line
+        yield RunningMesh(f"127.0.0.1:{port}", model_repository, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, "meshserve up did not shut down cleanly"
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def reference(repository: Path, model: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(repository / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    return list(session.run(None, feed))
+
+
+def test_health_and_metadata(mesh: RunningMesh) -> None:
+    client = tc.InferenceServerClient(mesh.address)
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    for model in ("mlp", "cnn", "adder_fixed", "scale_any"):
+        assert client.is_model_ready(model)
+    server = client.get_server_metadata(as_json=True)
+    assert server["name"] == "meshserve"
+    meta = client.get_model_metadata("cnn", as_json=True)
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": ["-1", "3", "32", "32"]}]
+    assert meta["versions"] == ["1"]
+    config = client.get_model_config("mlp", as_json=True)["config"]
+    assert config["max_batch_size"] == 32
+    assert config["input"][0]["dims"] == ["64"]
+
+
+def test_sync_infer_matches_onnxruntime(mesh: RunningMesh) -> None:
+    client = tc.InferenceServerClient(mesh.address)
+    image = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    inp = tc.InferInput("image", list(image.shape), "FP32")
+    inp.set_data_from_numpy(image)
+    result = client.infer("cnn", [inp], request_id="req-7", priority=1, timeout=5_000_000)
+    assert result.get_response().id == "req-7"
+    np.testing.assert_allclose(
+        result.as_numpy("logits"), reference(mesh.repository, "cnn", {"image": image})[0], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_fixed_batch_model_and_requested_outputs(mesh: RunningMesh) -> None:
+    client = tc.InferenceServerClient(mesh.address)
+    a = np.arange(4, dtype=np.int64).reshape(1, 4)
+    b = np.full((1, 4), 10, dtype=np.int64)
+    inputs = [tc.InferInput("a", [1, 4], "INT64"), tc.InferInput("b", [1, 4], "INT64")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    result = client.infer("adder_fixed", inputs, outputs=[tc.InferRequestedOutput("diff")])
+    np.testing.assert_array_equal(result.as_numpy("diff"), a - b)
+    assert result.as_numpy("sum") is None
+
+
+async def test_asyncio_client_concurrent(mesh: RunningMesh) -> None:
+    client = tc_aio.InferenceServerClient(mesh.address)
+    try:
+        rng = np.random.default_rng(2)
+        batches = [rng.standard_normal((1 + i % 3, 64)).astype(np.float32) for i in range(16)]
+
+        async def one(x: np.ndarray) -> np.ndarray:
+            inp = tc.InferInput("features", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return (await client.infer("mlp", [inp])).as_numpy("probabilities")
+
+        results = await asyncio.gather(*(one(x) for x in batches))
+        for x, got in zip(batches, results, strict=True):
+            want = reference(mesh.repository, "mlp", {"features": x})[1]
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        await client.close()
+
+
+def test_errors_carry_grpc_status(mesh: RunningMesh) -> None:
+    client = tc.InferenceServerClient(mesh.address)
+    x = np.zeros((1, 64), dtype=np.float64)
+    inp = tc.InferInput("features", [1, 64], "FP64")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as wrong_dtype:
+        client.infer("mlp", [inp])
+    assert wrong_dtype.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "input 'features': expected FP32, got FP64" in wrong_dtype.value.message()
+    with pytest.raises(InferenceServerException) as unknown:
+        client.infer("no_such_model", [inp])
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as streaming:
+        client.get_inference_statistics("mlp")
+    assert streaming.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_health_service_and_reflection(mesh: RunningMesh) -> None:
+    with grpc.insecure_channel(mesh.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
