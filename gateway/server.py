@@ -13,6 +13,8 @@ from opentelemetry import trace
 
 from gateway.core import Gateway
 from gateway.servicer import InferenceServicer
+from meshserve import metrics
+from meshserve.metrics import GatewayMetrics
 from meshserve.redis_client import blocking_client, command_client
 from meshserve.settings import GatewaySettings, instance_id
 from protos import grpc_service_pb2 as pb
@@ -45,7 +47,10 @@ class GatewayServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.gateway, tracer), self.server)
+        self.metrics = GatewayMetrics.create()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.gateway, tracer, self.metrics), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -71,6 +76,8 @@ class GatewayServer:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.gateway.start()
         await self.server.start()
+        if self.settings.metrics_port:
+            metrics.serve(self.metrics.registry, self.settings.metrics_port)
         log.info("gateway %s listening on %s", self.settings.gateway_id, self.address)
 
     async def stop(self, grace_s: float | None = None) -> None:

@@ -19,6 +19,7 @@ from gateway.core import Gateway
 from meshserve import __version__
 from meshserve.codec import to_infer_response
 from meshserve.errors import MeshError
+from meshserve.metrics import GatewayMetrics
 from meshserve.repository import ModelInfo
 from meshserve.telemetry import extract
 from protos import grpc_service_pb2 as pb
@@ -41,9 +42,12 @@ async def _abort(context: Context, error: MeshError) -> NoReturn:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, gateway: Gateway, tracer: trace.Tracer | None = None) -> None:
+    def __init__(
+        self, gateway: Gateway, tracer: trace.Tracer | None = None, metrics: GatewayMetrics | None = None
+    ) -> None:
         self.gateway = gateway
         self.tracer = tracer or trace.NoOpTracer()
+        self.metrics = metrics or GatewayMetrics.create()
 
     # ----------------------------------------------------------------- health
 
@@ -85,6 +89,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -------------------------------------------------------------- inference
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # noqa: N802
+        started_s = time.perf_counter()
+        metrics = self.metrics
+        metrics.inflight.inc()
+        code = grpc.StatusCode.OK
+        try:
+            return await self._infer(request, context)
+        except MeshError as error:
+            code = error.code
+            await _abort(context, error)
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unexpected error in ModelInfer for model %r", request.model_name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway")
+            raise
+        finally:
+            metrics.inflight.dec()
+            metrics.requests.labels(request.model_name, code.name).inc()
+            metrics.latency.labels(request.model_name).observe(time.perf_counter() - started_s)
+
+    async def _infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        """The call without error mapping: a MeshError propagates to ModelInfer."""
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         remaining_s = context.time_remaining()
         default_s = self.gateway.settings.default_timeout_ms / 1000
@@ -98,10 +123,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 reply = await self.gateway.infer(request, deadline_ms=deadline_ms, tenant=DEV_TENANT)
             except MeshError as error:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
-                await _abort(context, error)
-            except Exception:
-                log.exception("unexpected error in ModelInfer for model %r", request.model_name)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway")
                 raise
             return to_infer_response(reply, request.model_name, request.id)
 

@@ -107,6 +107,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         model_repository=Path(args.model_repository),
         device=args.device,
         intra_op_threads=args.intra_op_threads,
+        metrics_port=args.metrics_port,
     )
 
     async def main() -> None:
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_default("MODEL_REPOSITORY", None),
     )
     worker.add_argument("--device", default=env_default("DEVICE", "cpu"))
+    worker.add_argument("--metrics-port", type=int, default=env_default("WORKER_METRICS_PORT", 0), help="0: off")
     worker.add_argument("--intra-op-threads", type=int, default=env_default("INTRA_OP_THREADS", 0))
     worker.set_defaults(func=cmd_worker)
 

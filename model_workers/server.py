@@ -10,6 +10,7 @@ from dataclasses import replace
 import grpc
 from opentelemetry import trace
 
+from meshserve import metrics
 from meshserve.redis_client import blocking_client, command_client
 from meshserve.settings import WorkerSettings, instance_id
 from model_workers.worker import Worker
@@ -33,6 +34,8 @@ class WorkerServer:
 
     async def start(self) -> None:
         await self.worker.load_assigned()
+        if self.settings.metrics_port:
+            metrics.serve(self.worker.metrics.registry, self.settings.metrics_port)
         self._tasks = [
             asyncio.create_task(self.worker.serve(), name="serve"),
             asyncio.create_task(self.worker.report_forever(1.0), name="report"),

@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from meshserve.codec import from_array, to_array
+from meshserve.metrics import ModelCounters, WorkerMetrics
 from meshserve.queue import REPLY_TTL_S, ClaimedBatch, ModelKeys, QueueProtocol
 from meshserve.repository import load_model
 from meshserve.settings import WorkerSettings
@@ -84,6 +85,7 @@ class Worker:
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = WorkerMetrics.create(self.counters)
         self.worker_id = settings.worker_id
         self.redis = redis
         self.blocking = blocking_redis
@@ -97,6 +99,15 @@ class Worker:
         self._stopping = asyncio.Event()
         self._blocked: asyncio.Task[Any] | None = None
         self.draining = False
+
+    def counters(self) -> list[ModelCounters]:
+        """Every held model's counters, for the metrics endpoint."""
+        return [
+            ModelCounters(
+                name, version, s.stats.batches, s.stats.items, s.stats.requests, s.stats.expired, s.stats.failed
+            )
+            for (name, version), s in self.served.items()
+        ]
 
     # ------------------------------------------------------------ lifecycle
 
@@ -283,6 +294,11 @@ class Worker:
                 message = f"model '{info.name}' failed: {exc}"
                 return [(job, _error_reply(job, grpc.StatusCode.INTERNAL, message)) for job in jobs]
             compute_us = (time.time_ns() - started_ns) // 1000
+        self.metrics.batch_size.labels(info.name).observe(total)
+        self.metrics.compute.labels(info.name).observe(compute_us / 1e6)
+        queue_wait = self.metrics.queue_wait.labels(info.name)
+        for job in jobs:
+            queue_wait.observe(max(0.0, claimed_ns / 1e9 - job.request.enqueued_ms / 1000))
         stats = served.stats
         stats.batches += 1
         stats.items += total
