@@ -9,7 +9,8 @@ Keys of one model version share the Cluster hash tag ``{m:<model>:<version>}``
     ms:{m:<model>}:ready      ZSET  job id -> tier * 2^40 + sequence (lowest first)
     ms:{m:<model>}:inflight   ZSET  job id -> lease expiry, Redis clock ms
     ms:{m:<model>}:job:<id>   HASH  p=payload d=deadline_ms t=tenant r=reply_to
-                                    s=shape signature a=attempts k=fencing token w=worker
+                                    s=shape signature q=ready score a=attempts
+                                    k=fencing token of the current lease w=worker
     ms:{m:<model>}:wake       LIST  at most one token: "there may be work" (workers block on it)
     ms:{m:<model>}:seq        STR   enqueue sequence (FIFO inside a tier)
     ms:{m:<model>}:fence      STR   fencing-token counter for leases
@@ -86,10 +87,11 @@ ENQUEUE_LUA = """
 local max_queue = tonumber(ARGV[8])
 if max_queue > 0 and redis.call('ZCARD', KEYS[1]) >= max_queue then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('HSET', KEYS[2], 'p', ARGV[3], 'd', ARGV[4], 't', ARGV[5], 'r', ARGV[6], 's', ARGV[7], 'a', 0)
+local score = tonumber(ARGV[2]) * 1099511627776 + redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[2], 'p', ARGV[3], 'd', ARGV[4], 't', ARGV[5], 'r', ARGV[6], 's', ARGV[7], 'a', 0,
+           'q', score)
 redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[9]))
-local seq = redis.call('INCR', KEYS[4])
-redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) * 1099511627776 + seq, ARGV[1])
+redis.call('ZADD', KEYS[1], score, ARGV[1])
 if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
 return 1
 """
@@ -167,6 +169,86 @@ end
 return n
 """
 
+# EXTEND: renew a lease while its batch computes (heartbeat).
+#   KEYS[1] inflight  ARGV[1] job key prefix  ARGV[2] token  ARGV[3] lease_ms  ARGV[4..] job ids
+# Only jobs still held under ``token`` are extended. Returns how many.
+EXTEND_LUA = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
+local n = 0
+for i = 4, #ARGV do
+  if redis.call('HGET', ARGV[1] .. ARGV[i], 'k') == ARGV[2] then
+    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# RELEASE: give back jobs a worker took but will not run (it is stopping).
+#   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake
+#   ARGV[1] job key prefix  ARGV[2] token  ARGV[3..] job ids
+# Each goes back to its original place in the ready set; the attempt is not
+# counted (the model never saw it). Returns how many.
+RELEASE_LUA = """
+local n = 0
+for i = 3, #ARGV do
+  local jk = ARGV[1] .. ARGV[i]
+  if redis.call('HGET', jk, 'k') == ARGV[2] then
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    redis.call('HDEL', jk, 'k', 'w')
+    redis.call('HINCRBY', jk, 'a', -1)
+    redis.call('ZADD', KEYS[1], redis.call('HGET', jk, 'q'), ARGV[i])
+    n = n + 1
+  end
+end
+if n > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
+return n
+"""
+
+# REAP: return the jobs of expired leases (a dead or stuck worker) to the queue.
+#   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake
+#   ARGV[1] job key prefix  ARGV[2] max attempts  ARGV[3] max jobs per call
+# A reaped job goes back to its original place (the head of its tier, as it was
+# among the oldest), keeping its deadline, trace and payload. A job that has been
+# claimed ``max attempts`` times is not redelivered: it is removed and returned so
+# its caller can be answered (a poison input must not kill worker after worker).
+# Safe to run from any number of processes: each call is atomic and idempotent.
+# Returns {requeued count, {dead id, reply_to, attempts, ...}}.
+REAP_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]))
+local requeued, dead = 0, {}
+for _, id in ipairs(ids) do
+  local jk = ARGV[1] .. id
+  redis.call('ZREM', KEYS[2], id)
+  local meta = redis.call('HMGET', jk, 'a', 'q', 'r')
+  if meta[2] then
+    if tonumber(meta[1]) >= tonumber(ARGV[2]) then
+      redis.call('DEL', jk)
+      dead[#dead + 1] = id
+      dead[#dead + 1] = meta[3]
+      dead[#dead + 1] = meta[1]
+    else
+      redis.call('HDEL', jk, 'k', 'w')
+      redis.call('ZADD', KEYS[1], meta[2], id)
+      requeued = requeued + 1
+    end
+  end
+end
+if requeued > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
+return {requeued, dead}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Reaped:
+    """What one REAP did: jobs put back, and jobs out of attempts (id, reply_to, attempts)."""
+
+    requeued: int
+    dead: list[tuple[str, str, int]]
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimedBatch:
@@ -190,6 +272,9 @@ class QueueProtocol:
         self._enqueue: AsyncScript = redis.register_script(ENQUEUE_LUA)
         self._claim: AsyncScript = redis.register_script(CLAIM_LUA)
         self._ack: AsyncScript = redis.register_script(ACK_LUA)
+        self._extend: AsyncScript = redis.register_script(EXTEND_LUA)
+        self._release: AsyncScript = redis.register_script(RELEASE_LUA)
+        self._reap: AsyncScript = redis.register_script(REAP_LUA)
 
     async def enqueue(
         self,
@@ -241,6 +326,28 @@ class QueueProtocol:
             return 0
         result = await self._ack(keys=[keys.inflight], args=[keys.job_prefix, token, *job_ids], client=client)
         return int(result) if client is None else 0
+
+    async def extend(self, keys: ModelKeys, token: int, job_ids: list[str], lease_ms: int) -> int:
+        """Renew the lease ``token`` on these jobs; 0 if it was reclaimed meanwhile."""
+        if not job_ids:
+            return 0
+        return int(await self._extend(keys=[keys.inflight], args=[keys.job_prefix, token, lease_ms, *job_ids]))
+
+    async def release(self, keys: ModelKeys, token: int, job_ids: list[str]) -> int:
+        """Put jobs taken under ``token`` but never run back in their place."""
+        if not job_ids:
+            return 0
+        return int(
+            await self._release(keys=[keys.ready, keys.inflight, keys.wake], args=[keys.job_prefix, token, *job_ids])
+        )
+
+    async def reap(self, keys: ModelKeys, *, max_attempts: int, limit: int = 256) -> Reaped:
+        """Redeliver the jobs of expired leases; hand back those out of attempts."""
+        requeued, flat = await self._reap(
+            keys=[keys.ready, keys.inflight, keys.wake], args=[keys.job_prefix, max_attempts, limit]
+        )
+        dead = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+        return Reaped(int(requeued), dead)
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,169 @@
+"""The queue protocol on a real Redis: ordering, batching by shape, deadlines,
+leases with fencing tokens, redelivery, dead-lettering, and script reloads.
+
+Lease expiry is made deterministic with ``lease_ms=0``: the lease expires at the
+claim's own Redis time, so the next REAP sees it, with no waiting.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from redis.asyncio import Redis
+
+from meshserve.queue import ModelKeys, QueueProtocol
+
+KEYS = ModelKeys.for_model("m", 1)
+FAR_MS = 10**13  # a deadline far in the future (epoch ms)
+
+
+@pytest.fixture
+def queue(redis: Redis) -> QueueProtocol:
+    return QueueProtocol(redis)
+
+
+async def put(
+    queue: QueueProtocol,
+    job_id: str,
+    *,
+    tier: int = 1,
+    deadline_ms: int = FAR_MS,
+    signature: str = "4",
+    max_queue_size: int = 0,
+) -> int:
+    return await queue.enqueue(
+        KEYS,
+        job_id,
+        tier=tier,
+        payload=f"payload-{job_id}".encode(),
+        deadline_ms=deadline_ms,
+        tenant="t",
+        reply_to="replies",
+        signature=signature,
+        max_queue_size=max_queue_size,
+    )
+
+
+async def test_keys_share_the_model_hash_tag(queue: QueueProtocol, redis: Redis) -> None:
+    await put(queue, "a")
+    await queue.claim(KEYS, max_items=1, lease_ms=1000, worker_id="w")
+    keys = {k.decode() for k in await redis.keys("*")}
+    assert keys
+    assert all("{m:m:1}" in k for k in keys), keys
+
+
+async def test_enqueue_is_idempotent_by_id_and_bounded(queue: QueueProtocol, redis: Redis) -> None:
+    assert await put(queue, "a") == 1
+    assert await put(queue, "a") == 0  # a retried enqueue creates no duplicate
+    assert await redis.zcard(KEYS.ready) == 1
+    assert await put(queue, "b", max_queue_size=1) == -1  # full: refused before anything is written
+    assert not await redis.exists(KEYS.job("b"))
+
+
+async def test_claim_takes_highest_tier_first_then_oldest(queue: QueueProtocol) -> None:
+    for job_id, tier in [("low1", 2), ("mid1", 1), ("high1", 0), ("low2", 2), ("high2", 0)]:
+        await put(queue, job_id, tier=tier)
+    order = []
+    for _ in range(5):
+        batch = await queue.claim(KEYS, max_items=1, lease_ms=1000, worker_id="w")
+        order += [job_id for job_id, _ in batch.jobs]
+    assert order == ["high1", "high2", "mid1", "low1", "low2"]
+
+
+async def test_claim_batches_only_same_shaped_jobs(queue: QueueProtocol, redis: Redis) -> None:
+    for job_id, sig in [("a", "8,8"), ("b", "4,4"), ("c", "8,8"), ("d", "8,8")]:
+        await put(queue, job_id, signature=sig)
+    batch = await queue.claim(KEYS, max_items=8, lease_ms=1000, worker_id="w")
+    assert [job_id for job_id, _ in batch.jobs] == ["a", "c", "d"]
+    assert dict(batch.jobs)["a"] == b"payload-a"
+    assert [m.decode() for m in await redis.zrange(KEYS.ready, 0, -1)] == ["b"]
+    only = await queue.claim(KEYS, max_items=8, lease_ms=1000, worker_id="w", signature="8,8")
+    assert only.jobs == []  # a required signature never takes another shape
+
+
+async def test_expired_jobs_are_dropped_at_claim_and_never_handed_out(queue: QueueProtocol, redis: Redis) -> None:
+    past_ms = int(time.time() * 1000) - 1000
+    await put(queue, "late", deadline_ms=past_ms)
+    await put(queue, "ok")
+    batch = await queue.claim(KEYS, max_items=8, lease_ms=1000, worker_id="w")
+    assert [job_id for job_id, _ in batch.jobs] == ["ok"]
+    assert batch.expired == [("late", "replies")]
+    assert not await redis.exists(KEYS.job("late"))
+
+
+async def test_ack_needs_the_current_token(queue: QueueProtocol, redis: Redis) -> None:
+    await put(queue, "a")
+    batch = await queue.claim(KEYS, max_items=1, lease_ms=1000, worker_id="w")
+    assert await queue.ack(KEYS, batch.token + 1, ["a"]) == 0
+    assert await queue.ack(KEYS, batch.token, ["a"]) == 1
+    assert await redis.zcard(KEYS.inflight) == 0
+    assert not await redis.exists(KEYS.job("a"))
+
+
+async def test_a_reclaimed_lease_can_neither_ack_nor_extend(queue: QueueProtocol, redis: Redis) -> None:
+    await put(queue, "a")
+    first = await queue.claim(KEYS, max_items=1, lease_ms=0, worker_id="slow")
+    reaped = await queue.reap(KEYS, max_attempts=3)
+    assert reaped.requeued == 1
+    second = await queue.claim(KEYS, max_items=1, lease_ms=60_000, worker_id="fast")
+    assert [job_id for job_id, _ in second.jobs] == ["a"]
+    assert second.token != first.token
+    assert await queue.extend(KEYS, first.token, ["a"], lease_ms=60_000) == 0
+    assert await queue.ack(KEYS, first.token, ["a"]) == 0
+    assert await redis.hget(KEYS.job("a"), "w") == b"fast"
+    assert await queue.ack(KEYS, second.token, ["a"]) == 1
+
+
+async def test_reaped_jobs_return_to_the_head_with_their_deadline(queue: QueueProtocol, redis: Redis) -> None:
+    await put(queue, "old", deadline_ms=FAR_MS - 5)
+    await put(queue, "new")
+    await queue.claim(KEYS, max_items=1, lease_ms=0, worker_id="dead")
+    assert (await queue.reap(KEYS, max_attempts=3)).requeued == 1
+    batch = await queue.claim(KEYS, max_items=1, lease_ms=1000, worker_id="w")
+    assert [job_id for job_id, _ in batch.jobs] == ["old"]
+    assert await redis.hget(KEYS.job("old"), "d") == str(FAR_MS - 5).encode()
+    assert await redis.hget(KEYS.job("old"), "a") == b"2"
+
+
+async def test_a_live_lease_is_not_reaped_and_extend_keeps_it(queue: QueueProtocol, redis: Redis) -> None:
+    await put(queue, "a")
+    batch = await queue.claim(KEYS, max_items=1, lease_ms=0, worker_id="w")
+    assert await queue.extend(KEYS, batch.token, ["a"], lease_ms=60_000) == 1
+    assert (await queue.reap(KEYS, max_attempts=3)).requeued == 0
+    assert await redis.zcard(KEYS.inflight) == 1
+
+
+async def test_poison_job_is_dead_lettered_after_max_attempts(queue: QueueProtocol, redis: Redis) -> None:
+    await put(queue, "poison")
+    for attempt in (1, 2):
+        batch = await queue.claim(KEYS, max_items=1, lease_ms=0, worker_id=f"w{attempt}")
+        assert [job_id for job_id, _ in batch.jobs] == ["poison"]
+        reaped = await queue.reap(KEYS, max_attempts=3)
+        assert (reaped.requeued, reaped.dead) == (1, [])
+    await queue.claim(KEYS, max_items=1, lease_ms=0, worker_id="w3")
+    reaped = await queue.reap(KEYS, max_attempts=3)
+    assert reaped.requeued == 0
+    assert reaped.dead == [("poison", "replies", 3)]
+    assert await redis.keys("*job*") == []
+    assert await redis.zcard(KEYS.ready) == 0
+    assert await redis.zcard(KEYS.inflight) == 0
+
+
+async def test_release_puts_untouched_jobs_back_without_counting_an_attempt(queue: QueueProtocol, redis: Redis) -> None:
+    await put(queue, "a")
+    await put(queue, "b")
+    batch = await queue.claim(KEYS, max_items=2, lease_ms=60_000, worker_id="stopping")
+    assert await queue.release(KEYS, batch.token, ["a", "b"]) == 2
+    assert [m.decode() for m in await redis.zrange(KEYS.ready, 0, -1)] == ["a", "b"]
+    assert await redis.hget(KEYS.job("a"), "a") == b"0"
+    assert await redis.zcard(KEYS.inflight) == 0
+    assert await redis.llen(KEYS.wake) == 1
+
+
+async def test_scripts_survive_a_script_flush(queue: QueueProtocol, redis: Redis) -> None:
+    await put(queue, "a")
+    await redis.script_flush()  # what a restarted or failed-over Redis looks like to a client
+    assert await put(queue, "b") == 1
+    batch = await queue.claim(KEYS, max_items=2, lease_ms=1000, worker_id="w")
+    assert [job_id for job_id, _ in batch.jobs] == ["a", "b"]
