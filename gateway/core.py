@@ -191,7 +191,7 @@ class Gateway:
         self.pending[job_id] = future
         try:
             async with asyncio.timeout((deadline_ms - now_ms) / 1000):
-                await self._enqueue(model, envelope, packed.signature)
+                await self._enqueue(model, envelope, packed.signature, packed.batch_size)
                 reply = await future
         except TimeoutError:
             raise DeadlineExceeded(f"deadline exceeded waiting for model '{model.name}'") from None
@@ -201,7 +201,7 @@ class Gateway:
             raise from_code(reply.code, reply.message)
         return reply
 
-    async def _enqueue(self, model: ModelInfo, envelope: mpb.QueuedRequest, signature: str) -> None:
+    async def _enqueue(self, model: ModelInfo, envelope: mpb.QueuedRequest, signature: str, items: int) -> None:
         with self.tracer.start_as_current_span("enqueue") as span:
             span.set_attribute("meshserve.model", model.name)
             inject(envelope.trace_context)
@@ -216,6 +216,7 @@ class Gateway:
                     reply_to=envelope.reply_to,
                     signature=signature,
                     max_queue_size=model.max_queue_size,
+                    items=items,
                 )
             except RedisError as exc:
                 raise Unavailable(f"request queue unavailable: {exc}") from exc

@@ -9,7 +9,7 @@ Keys of one model version share the Cluster hash tag ``{m:<model>:<version>}``
     ms:{m:<model>}:ready      ZSET  job id -> tier * 2^40 + sequence (lowest first)
     ms:{m:<model>}:inflight   ZSET  job id -> lease expiry, Redis clock ms
     ms:{m:<model>}:job:<id>   HASH  p=payload d=deadline_ms t=tenant r=reply_to
-                                    s=shape signature q=ready score a=attempts
+                                    s=shape signature n=batch items q=ready score a=attempts
                                     k=fencing token of the current lease w=worker
     ms:{m:<model>}:wake       LIST  at most one token: "there may be work" (workers block on it)
     ms:{m:<model>}:seq        STR   enqueue sequence (FIFO inside a tier)
@@ -82,6 +82,7 @@ def reply_key(gateway_id: str) -> str:
 #   ARGV[1] job id  ARGV[2] tier (0 = highest)  ARGV[3] payload (bytes)
 #   ARGV[4] deadline_ms  ARGV[5] tenant  ARGV[6] reply_to  ARGV[7] shape signature
 #   ARGV[8] max_queue_size (0 = unbounded)  ARGV[9] job TTL grace, ms
+#   ARGV[10] batch items in the request (dim 0; 1 for a model that does not batch)
 # Returns 1 enqueued, 0 duplicate id (idempotent retry), -1 queue full.
 ENQUEUE_LUA = """
 local max_queue = tonumber(ARGV[8])
@@ -89,7 +90,7 @@ if max_queue > 0 and redis.call('ZCARD', KEYS[1]) >= max_queue then return -1 en
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local score = tonumber(ARGV[2]) * 1099511627776 + redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[2], 'p', ARGV[3], 'd', ARGV[4], 't', ARGV[5], 'r', ARGV[6], 's', ARGV[7], 'a', 0,
-           'q', score)
+           'q', score, 'n', ARGV[10])
 redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[9]))
 redis.call('ZADD', KEYS[1], score, ARGV[1])
 if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
@@ -98,25 +99,26 @@ return 1
 
 # CLAIM: take a batch, atomically.
 #   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake  KEYS[4] fence
-#   ARGV[1] job key prefix  ARGV[2] max items  ARGV[3] lease_ms  ARGV[4] worker id
+#   ARGV[1] job key prefix  ARGV[2] max batch items  ARGV[3] lease_ms  ARGV[4] worker id
 #   ARGV[5] scan limit (how far past the head to look for same-shaped jobs)
 #   ARGV[6] required shape signature ('' = the head's)
 # Walks the ready set in score order (highest tier, then oldest). Jobs past their
 # deadline are removed and returned as expired (never computed). Jobs whose shape
-# signature differs from the batch's stay queued. Taken jobs move to inflight with
+# signature differs from the batch's stay queued, and so do jobs whose items would
+# overflow the batch (the sum of dim 0 never exceeds max items). Taken jobs move to inflight with
 # a lease, get a fencing token, and count an attempt.
 # Returns {token, now_ms, {id, payload, ...}, {expired id, reply_to, ...}}.
 CLAIM_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local prefix, max_items = ARGV[1], tonumber(ARGV[2])
+local prefix, room = ARGV[1], tonumber(ARGV[2])
 local sig = ARGV[6]
 if sig == '' then sig = nil end
 local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[5]) - 1)
 local taken, expired = {}, {}
 for _, id in ipairs(ids) do
   local jk = prefix .. id
-  local meta = redis.call('HMGET', jk, 'd', 's', 'r')
+  local meta = redis.call('HMGET', jk, 'd', 's', 'r', 'n')
   if not meta[1] then
     redis.call('ZREM', KEYS[1], id)
   elseif tonumber(meta[1]) <= now then
@@ -126,9 +128,11 @@ for _, id in ipairs(ids) do
     expired[#expired + 1] = meta[3]
   else
     if sig == nil then sig = meta[2] end
-    if meta[2] == sig then
+    local items = tonumber(meta[4]) or 1
+    if meta[2] == sig and items <= room then
       taken[#taken + 1] = id
-      if #taken >= max_items then break end
+      room = room - items
+      if room <= 0 then break end
     end
   end
 end
@@ -288,11 +292,26 @@ class QueueProtocol:
         reply_to: str,
         signature: str,
         max_queue_size: int,
+        items: int = 1,
     ) -> int:
-        """Put one job on a model's ready set; 1 new, 0 duplicate id, -1 queue full."""
+        """Put one job on a model's ready set; 1 new, 0 duplicate id, -1 queue full.
+
+        ``items`` is the request's batch size: claims fill batches by items, not jobs.
+        """
         result = await self._enqueue(
             keys=[keys.ready, keys.job(job_id), keys.wake, keys.seq],
-            args=[job_id, tier, payload, deadline_ms, tenant, reply_to, signature, max_queue_size, JOB_TTL_GRACE_MS],
+            args=[
+                job_id,
+                tier,
+                payload,
+                deadline_ms,
+                tenant,
+                reply_to,
+                signature,
+                max_queue_size,
+                JOB_TTL_GRACE_MS,
+                items,
+            ],
         )
         return int(result)
 

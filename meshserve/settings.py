@@ -63,7 +63,8 @@ class WorkerSettings:
     device: str = "cpu"
     worker_id: str = ""
     metrics_port: int = 0
-    lease_ms: int = 30_000
+    lease_ms: int = 5_000  # a dead worker's batch is redelivered after this long
+    max_attempts: int = 3  # claims of one request before it is answered INTERNAL
     intra_op_threads: int = 0
     drain_grace_s: float = 30.0
 

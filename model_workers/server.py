@@ -39,6 +39,7 @@ class WorkerServer:
         self._tasks = [
             asyncio.create_task(self.worker.serve(), name="serve"),
             asyncio.create_task(self.worker.report_forever(1.0), name="report"),
+            asyncio.create_task(self.worker.reap_forever(), name="reaper"),
         ]
         log.info("worker %s serving %d model versions", self.settings.worker_id, len(self.worker.served))
 

@@ -55,6 +55,7 @@ class ModelStats:
     requests: int = 0
     expired: int = 0
     failed: int = 0
+    redelivered: int = 0
     largest_batch: int = 0
 
 
@@ -173,6 +174,45 @@ class Worker:
             await asyncio.gather(*self._reply_tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
+    async def reap_forever(self) -> None:
+        """Sweep expired leases back onto their queues, every half lease.
+
+        Every worker runs this; REAP is atomic and idempotent, so sweeps by many
+        workers at once are safe, and any one live worker is enough.
+        """
+        interval_s = self.settings.lease_ms / 2000
+        while not self._stopping.is_set():
+            for served in list(self.served.values()):
+                try:
+                    await self._reap(served)
+                except RedisError as exc:
+                    log.warning("reaper: redis error for %s: %s", served.keys.ready, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+
+    async def _reap(self, served: _Served) -> None:
+        reaped = await self.queue.reap(served.keys, max_attempts=self.settings.max_attempts)
+        if reaped.requeued:
+            served.stats.redelivered += reaped.requeued
+            log.warning("redelivering %d requests of %s from expired leases", reaped.requeued, served.keys.ready)
+        if not reaped.dead:
+            return
+        served.stats.failed += len(reaped.dead)
+        blobs: dict[str, list[bytes]] = defaultdict(list)
+        for job_id, reply_to, attempts in reaped.dead:
+            message = f"model '{served.model.info.name}' crashed on this input {attempts} times"
+            reply = mpb.InferReply(id=job_id, code=grpc.StatusCode.INTERNAL.value[0], message=message)
+            blobs[reply_to].append(reply.SerializeToString())
+        self._track(asyncio.create_task(self._write_replies(served, blobs, {})))
+
+    async def _heartbeat(self, served: _Served, jobs: list[_Job]) -> None:
+        """Extend the leases of a computing batch every third of a lease, until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ms / 3000)
+            for token, ids in _by_token(jobs).items():
+                with contextlib.suppress(RedisError):
+                    await self.queue.extend(served.keys, token, ids, self.settings.lease_ms)
+
     # ------------------------------------------------------------ serve loop
 
     async def serve(self) -> None:
@@ -201,7 +241,7 @@ class Worker:
                 try:
                     await self._take_and_run(served)
                 except RedisError as exc:
-                    # Jobs it had claimed stay leased in Redis. TODO(#4): reap and redeliver.
+                    # Jobs it had claimed stay leased; the reaper redelivers them.
                     log.warning("redis error while taking work for %s: %s", served.keys.ready, exc)
 
     async def _take_and_run(self, served: _Served) -> None:
@@ -214,9 +254,18 @@ class Worker:
         jobs = self._decode(claim)
         if not jobs:
             return
-        if 1 < len(jobs) < max_items and info.max_queue_delay_us > 0:
+        if len(jobs) > 1 and sum(j.batch_size for j in jobs) < max_items and info.max_queue_delay_us > 0:
             await self._fill(served, jobs, max_items)
+        if self._stopping.is_set():
+            await self._release(served, jobs)
+            return
         await self._run(served, jobs)
+
+    async def _release(self, served: _Served, jobs: list[_Job]) -> None:
+        """Stopping: give back jobs taken but not started, at once (not after the lease)."""
+        for token, ids in _by_token(jobs).items():
+            await self.queue.release(served.keys, token, ids)
+        log.info("released %d requests of %s on shutdown", len(jobs), served.keys.ready)
 
     async def _fill(self, served: _Served, jobs: list[_Job], max_items: int) -> None:
         """Top a partial batch up with same-shaped jobs until the oldest has waited the max queue delay."""
@@ -236,7 +285,10 @@ class Worker:
                 signature=signature,
             )
             self._answer_expired(served, claim)
-            jobs.extend(self._decode(claim))
+            more = self._decode(claim)
+            if not more:
+                return  # woken for another shape (or timed out): run what we have, never spin
+            jobs.extend(more)
 
     def _decode(self, claim: ClaimedBatch) -> list[_Job]:
         jobs = []
@@ -286,8 +338,14 @@ class Worker:
             feed = _stack(jobs)
             started_ns = time.time_ns()
             try:
-                with self.tracer.start_as_current_span("compute"):
-                    outputs = await asyncio.get_running_loop().run_in_executor(self._executor, served.model.run, feed)
+                heartbeat = asyncio.create_task(self._heartbeat(served, jobs))
+                try:
+                    with self.tracer.start_as_current_span("compute"):
+                        outputs = await asyncio.get_running_loop().run_in_executor(
+                            self._executor, served.model.run, feed
+                        )
+                finally:
+                    heartbeat.cancel()
             except Exception as exc:  # a model failure answers its requests, never kills the worker
                 log.exception("model %s failed on a batch of %d", info.name, total)
                 served.stats.failed += len(jobs)
@@ -322,10 +380,9 @@ class Worker:
 
     def _spawn_reply(self, served: _Served, replies: list[tuple[_Job, mpb.InferReply]]) -> None:
         blobs: dict[str, list[bytes]] = defaultdict(list)
-        acks: dict[int, list[str]] = defaultdict(list)
         for job, reply in replies:
             blobs[job.request.reply_to].append(reply.SerializeToString())
-            acks[job.token].append(job.job_id)
+        acks = _by_token([job for job, _ in replies])
         self._track(asyncio.create_task(self._write_replies(served, blobs, acks)))
 
     def _track(self, task: asyncio.Task[None]) -> None:
@@ -346,6 +403,14 @@ class Worker:
         except RedisError:
             # The lease stays in Redis; the reaper redelivers (TODO(#4)).
             log.exception("could not write %d replies for %s", sum(map(len, blobs.values())), served.keys.ready)
+
+
+def _by_token(jobs: list[_Job]) -> dict[int, list[str]]:
+    """Job ids grouped by the lease (fencing token) they were claimed under."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for job in jobs:
+        groups[job.token].append(job.job_id)
+    return groups
 
 
 def _signature(request: mpb.QueuedRequest) -> str:
