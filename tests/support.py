@@ -5,13 +5,23 @@ ports, talking to the session's real Redis. Imported by in-process tests only
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
+from redis.asyncio import Redis
+
 from gateway.server import GatewayServer
+from meshserve.dtypes import KSERVE_BY_NUMPY, NUMPY_BY_KSERVE
+from meshserve.queue import ModelKeys
 from meshserve.settings import GatewaySettings, RouterSettings, WorkerSettings
 from model_workers.server import WorkerServer
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
 from router.server import RouterServer
 
 
@@ -65,3 +75,83 @@ async def stop_mesh(mesh: Mesh) -> None:
     for worker in mesh.workers:
         await worker.stop()
     await mesh.router.stop()
+
+
+# ------------------------------------------------------------ calling the mesh
+
+
+def infer_stub(channel: grpc.aio.Channel) -> pb_grpc.GRPCInferenceServiceStub:
+    return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def infer_request(
+    model: str,
+    inputs: Mapping[str, np.ndarray[Any, Any]],
+    *,
+    version: str = "",
+    outputs: Sequence[str] = (),
+    priority: int | None = None,
+    timeout_us: int | None = None,
+    request_id: str = "",
+) -> pb.ModelInferRequest:
+    """A ModelInferRequest with every input in raw_input_contents, in the given order."""
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    for name, array in inputs.items():
+        request.inputs.add(name=name, datatype=KSERVE_BY_NUMPY[array.dtype], shape=array.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    if priority is not None:
+        request.parameters["priority"].uint64_param = priority
+    if timeout_us is not None:
+        request.parameters["timeout"].int64_param = timeout_us
+    return request
+
+
+def output_arrays(response: pb.ModelInferResponse) -> dict[str, np.ndarray[Any, Any]]:
+    """The response's outputs as numpy arrays, by name."""
+    return {
+        out.name: np.frombuffer(raw, dtype=NUMPY_BY_KSERVE[out.datatype]).reshape(tuple(out.shape))
+        for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+
+
+# ------------------------------------------------------------ driving the queue
+
+
+async def hold_serving(worker: WorkerServer) -> None:
+    """Stop the worker's serve loop while it idles, keeping it registered and ready.
+
+    The worker still heartbeats to the router, so its models stay ready and the
+    gateway keeps accepting requests; they wait in Redis until release_serving.
+    Call only while the worker is idle (no request queued yet).
+    """
+    serve = worker._tasks[0]
+    serve.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serve
+
+
+def release_serving(worker: WorkerServer) -> None:
+    """Restart the serve loop that hold_serving stopped."""
+    assert worker._tasks[0].done(), "the serve loop is still running"
+    worker._tasks[0] = asyncio.create_task(worker.worker.serve(), name="serve")
+
+
+async def wait_queued(redis: Redis, model: str, count: int, version: int = 1) -> None:
+    """Until ``count`` jobs wait in the model's ready set (event-driven: the enqueue
+    script pushes a wake token whenever the list is empty, so each pop here is a
+    fresh "something was enqueued"). A token taken here is given back for the worker."""
+    keys = ModelKeys.for_model(model, version)
+    popped = False
+    async with asyncio.timeout(10):
+        while await redis.zcard(keys.ready) < count:
+            popped = bool(await redis.blpop([keys.wake], timeout=1)) or popped
+    if popped and not await redis.llen(keys.wake):
+        await redis.rpush(keys.wake, 1)
+
+
+async def queue_leftovers(redis: Redis) -> list[str]:
+    """Every job hash, ready set and inflight set left in Redis (counters excluded)."""
+    keys = [key.decode() for key in await redis.keys("ms:{m:*")]
+    return sorted(key for key in keys if ":job:" in key or key.endswith((":ready", ":inflight")))
