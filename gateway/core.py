@@ -113,6 +113,7 @@ class Gateway:
         self.table_received = asyncio.Event()
         self.on_view_change: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._tasks = [
@@ -121,6 +122,7 @@ class Gateway:
         ]
 
     async def stop(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -194,12 +196,28 @@ class Gateway:
                 await self._enqueue(model, envelope, packed.signature, packed.batch_size)
                 reply = await future
         except TimeoutError:
+            # No withdraw: the job's deadline has passed too, so no worker will run it.
             raise DeadlineExceeded(f"deadline exceeded waiting for model '{model.name}'") from None
+        except asyncio.CancelledError:  # the client went away, or the gateway is out of grace
+            self._withdraw(model, job_id)
+            raise
         finally:
             self.pending.pop(job_id, None)
         if reply.code != grpc.StatusCode.OK.value[0]:
             raise from_code(reply.code, reply.message)
         return reply
+
+    def _withdraw(self, model: ModelInfo, job_id: str) -> None:
+        """In the background: take an abandoned job off the queue unless a worker holds it."""
+        task = asyncio.create_task(self._withdraw_job(ModelKeys.for_model(model.name, model.version), job_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _withdraw_job(self, keys: ModelKeys, job_id: str) -> None:
+        try:
+            await self.queue.withdraw(keys, job_id)
+        except RedisError as exc:  # harmless: the claim drops it once its deadline passes
+            log.debug("could not withdraw %s: %s", job_id, exc)
 
     async def _enqueue(self, model: ModelInfo, envelope: mpb.QueuedRequest, signature: str, items: int) -> None:
         with self.tracer.start_as_current_span("enqueue") as span:

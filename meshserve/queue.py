@@ -246,6 +246,17 @@ return {requeued, dead}
 """
 
 
+# WITHDRAW: the caller gave up (cancelled, or its deadline passed in the gateway):
+# remove its job if no worker holds it yet, so it is never computed for nobody.
+#   KEYS[1] ready  KEYS[2] job hash  ARGV[1] job id
+# Returns 1 withdrawn, 0 already leased, finished or gone.
+WITHDRAW_LUA = """
+if redis.call('HEXISTS', KEYS[2], 'k') == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Reaped:
     """What one REAP did: jobs put back, and jobs out of attempts (id, reply_to, attempts)."""
@@ -279,6 +290,7 @@ class QueueProtocol:
         self._extend: AsyncScript = redis.register_script(EXTEND_LUA)
         self._release: AsyncScript = redis.register_script(RELEASE_LUA)
         self._reap: AsyncScript = redis.register_script(REAP_LUA)
+        self._withdraw: AsyncScript = redis.register_script(WITHDRAW_LUA)
 
     async def enqueue(
         self,
@@ -359,6 +371,10 @@ class QueueProtocol:
         return int(
             await self._release(keys=[keys.ready, keys.inflight, keys.wake], args=[keys.job_prefix, token, *job_ids])
         )
+
+    async def withdraw(self, keys: ModelKeys, job_id: str) -> bool:
+        """Remove a job no one holds yet; False if a worker already leased it."""
+        return bool(await self._withdraw(keys=[keys.ready, keys.job(job_id)], args=[job_id]))
 
     async def reap(self, keys: ModelKeys, *, max_attempts: int, limit: int = 256) -> Reaped:
         """Redeliver the jobs of expired leases; hand back those out of attempts."""

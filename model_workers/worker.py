@@ -99,6 +99,7 @@ class Worker:
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._blocked: asyncio.Task[Any] | None = None
+        self.idle = asyncio.Event()  # set while the serve loop blocks for work
         self.draining = False
 
     def counters(self) -> list[ModelCounters]:
@@ -222,27 +223,37 @@ class Worker:
             log.warning("worker %s holds no model; idle", self.worker_id)
             await self._stopping.wait()
             return
+        # First look at every queue: work may be waiting whose wake token another
+        # worker consumed (e.g. one that was stopped while blocked).
+        targets = list(self._by_wake.values())
+        backoff_s = 0.1
         while not self._stopping.is_set():
-            self._blocked = asyncio.ensure_future(self.blocking.blpop(wake_keys, timeout=WAKE_SAFETY_TIMEOUT_S))
-            try:
-                popped = await self._blocked
-            except asyncio.CancelledError:
-                if self._stopping.is_set():
-                    break
-                raise
-            except RedisError as exc:
-                log.warning("redis unavailable while waiting for work: %s", exc)
-                await asyncio.sleep(0.5)  # TODO(#4): reconnect with backoff
-                continue
-            finally:
-                self._blocked = None
-            targets = [self._by_wake[popped[0].decode()]] if popped else list(self._by_wake.values())
             for served in targets:
                 try:
                     await self._take_and_run(served)
                 except RedisError as exc:
                     # Jobs it had claimed stay leased; the reaper redelivers them.
                     log.warning("redis error while taking work for %s: %s", served.keys.ready, exc)
+            if self._stopping.is_set():
+                break
+            self._blocked = asyncio.ensure_future(self.blocking.blpop(wake_keys, timeout=WAKE_SAFETY_TIMEOUT_S))
+            self.idle.set()
+            try:
+                popped = await self._blocked
+                backoff_s = 0.1
+            except asyncio.CancelledError:
+                if self._stopping.is_set():
+                    break
+                raise
+            except RedisError as exc:
+                log.warning("redis unavailable while waiting for work (%s); retrying in %.1fs", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                popped = None
+            finally:
+                self._blocked = None
+                self.idle.clear()
+            targets = [self._by_wake[popped[0].decode()]] if popped else list(self._by_wake.values())
 
     async def _take_and_run(self, served: _Served) -> None:
         info = served.model.info
@@ -286,9 +297,24 @@ class Worker:
             )
             self._answer_expired(served, claim)
             more = self._decode(claim)
-            if not more:
-                return  # woken for another shape (or timed out): run what we have, never spin
-            jobs.extend(more)
+            if more:
+                jobs.extend(more)
+                continue
+            # Woken with nothing of this shape: another shape's jobs keep the wake
+            # token coming back, so blocking again would spin. Wait out the window
+            # once, then take what arrived.
+            await asyncio.sleep(max(0.0, fill_until_s - time.time()))
+            room = max_items - sum(j.batch_size for j in jobs)
+            last = await self.queue.claim(
+                served.keys,
+                max_items=room,
+                lease_ms=self.settings.lease_ms,
+                worker_id=self.worker_id,
+                signature=signature,
+            )
+            self._answer_expired(served, last)
+            jobs.extend(self._decode(last))
+            return
 
     def _decode(self, claim: ClaimedBatch) -> list[_Job]:
         jobs = []

@@ -126,6 +126,7 @@ async def hold_serving(worker: WorkerServer) -> None:
     gateway keeps accepting requests; they wait in Redis until release_serving.
     Call only while the worker is idle (no request queued yet).
     """
+    await worker.worker.idle.wait()  # blocked for work, not half-way through a claim
     serve = worker._tasks[0]
     serve.cancel()
     with contextlib.suppress(asyncio.CancelledError):

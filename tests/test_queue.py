@@ -167,3 +167,16 @@ async def test_scripts_survive_a_script_flush(queue: QueueProtocol, redis: Redis
     assert await put(queue, "b") == 1
     batch = await queue.claim(KEYS, max_items=2, lease_ms=1000, worker_id="w")
     assert [job_id for job_id, _ in batch.jobs] == ["a", "b"]
+
+
+async def test_withdraw_removes_only_jobs_no_worker_holds(queue: QueueProtocol, redis: Redis) -> None:
+    await put(queue, "abandoned")
+    await put(queue, "running")
+    batch = await queue.claim(KEYS, max_items=1, lease_ms=60_000, worker_id="w", signature="")
+    assert [job_id for job_id, _ in batch.jobs] == ["abandoned"]
+    # the leased one stays (its worker answers it); the queued one goes
+    assert await queue.withdraw(KEYS, "abandoned") is False
+    assert await queue.withdraw(KEYS, "running") is True
+    assert await redis.zcard(KEYS.ready) == 0
+    assert not await redis.exists(KEYS.job("running"))
+    assert await redis.exists(KEYS.job("abandoned"))
