@@ -6,7 +6,9 @@ SIGTERM) the reverse, each child drained by SIGTERM first: the gateway answers
 its in-flight calls, workers finish their batch and ack, then Redis stops.
 
 Each child's command line names its role (``python -m meshserve worker ...``).
-TODO(#4): restart a child that dies, with backoff, as a process manager would.
+A child that dies is restarted, as a process manager would: after 0.5 s, then
+twice as long after each quick death (up to 30 s); a child that stayed up for a
+minute starts again from 0.5 s.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ log = logging.getLogger("meshserve.up")
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
+RESTART_BACKOFF_S = (0.5, 30.0)  # first delay, ceiling
+STABLE_AFTER_S = 60.0
 
 
 class Child:
@@ -38,12 +42,36 @@ class Child:
         self.role = role
         self.args = [sys.executable, "-m", "meshserve", role, *args]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at_s = 0.0
+        self.restarts = 0
+        self.backoff_s = RESTART_BACKOFF_S[0]
+        self.restart_at_s: float | None = None
 
     def start(self) -> None:
+        self.started_at_s = time.monotonic()
         # Own process group: a terminal's Ctrl-C reaches only `up`, which then
         # stops the children in order (gateway first, so in-flight calls drain).
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True)
         log.debug("started %s (pid %d)", self.role, self.proc.pid)
+
+    def supervise(self, now_s: float) -> None:
+        """Restart a dead child once its backoff has passed; call periodically."""
+        if self.alive():
+            if now_s - self.started_at_s > STABLE_AFTER_S:
+                self.backoff_s = RESTART_BACKOFF_S[0]
+            return
+        if self.restart_at_s is None:
+            code = self.proc.returncode if self.proc else None
+            log.error("%s exited with code %s; restarting in %.1fs", self.role, code, self.backoff_s)
+            self.restart_at_s = now_s + self.backoff_s
+            self.backoff_s = min(self.backoff_s * 2, RESTART_BACKOFF_S[1])
+        elif now_s >= self.restart_at_s:
+            self.restart_at_s = None
+            self.restarts += 1
+            self.start()
+            log.warning(
+                "%s restarted (restart #%d, pid %d)", self.role, self.restarts, self.proc.pid if self.proc else -1
+            )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -116,8 +144,8 @@ def run_up(args: argparse.Namespace) -> int:
                 f" (gRPC, KServe v2); metrics on :{args.metrics_port}; Ctrl-C to stop",
                 flush=True,
             )
-            _wait_until_stop_or_death(children, stop)
-        return 0 if all(c.alive() for c in children) or stop.is_set() else 1
+            _supervise_until_stop(children, stop)
+        return 0 if stop.is_set() else 1
     finally:
         _shutdown(gateway, workers, router, args.drain_grace_s)
         if redis_server is not None:
@@ -159,13 +187,12 @@ def _wait_ready(
     return None
 
 
-def _wait_until_stop_or_death(children: list[Child], stop: threading.Event) -> None:
-    while not stop.wait(0.5):
+def _supervise_until_stop(children: list[Child], stop: threading.Event) -> None:
+    """Restart dead children with backoff until Ctrl-C or SIGTERM."""
+    while not stop.wait(0.2):
+        now_s = time.monotonic()
         for child in children:
-            if not child.alive():
-                code = child.proc.returncode if child.proc else None
-                log.error("%s exited with code %s; stopping the mesh", child.role, code)
-                return
+            child.supervise(now_s)
 
 
 def _shutdown(gateway: Child, workers: list[Child], router: Child, grace_s: float) -> None:

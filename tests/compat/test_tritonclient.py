@@ -183,3 +183,45 @@ def test_health_service_and_reflection(mesh: RunningMesh) -> None:
         )
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Child processes of ``pid``: pid -> command line (from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def test_a_killed_worker_is_restarted_and_queued_work_is_served(mesh: RunningMesh) -> None:
+    """kill -9 the worker: `up` restarts it, and a request sent meanwhile is answered.
+
+    Runs last in this module: it disturbs the shared mesh.
+    """
+    workers = [pid for pid, cmd in _children(mesh.proc.pid).items() if "meshserve worker" in cmd]
+    assert len(workers) == 1, _children(mesh.proc.pid)
+    children = _children(mesh.proc.pid).values()
+    roles = {cmd.split("-m meshserve ", 1)[1].split()[0] for cmd in children if "-m meshserve " in cmd}
+    assert roles == {"router", "gateway", "worker"}  # each service's command line names its role
+    assert any("valkey-server" in cmd for cmd in children)  # and the private Redis
+    os.kill(workers[0], signal.SIGKILL)
+
+    client = tc.InferenceServerClient(mesh.address)
+    x = np.ones((1, 64), dtype=np.float32)
+    inp = tc.InferInput("features", [1, 64], "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("mlp", [inp], client_timeout=60)  # queued until the new worker takes it
+    np.testing.assert_allclose(
+        result.as_numpy("logits"), reference(mesh.repository, "mlp", {"features": x})[0], rtol=1e-5, atol=1e-6
+    )
+    new_workers = [pid for pid, cmd in _children(mesh.proc.pid).items() if "meshserve worker" in cmd]
+    assert len(new_workers) == 1
+    assert new_workers != workers
