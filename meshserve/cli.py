@@ -108,6 +108,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         device=args.device,
         intra_op_threads=args.intra_op_threads,
         metrics_port=args.metrics_port,
+        health_host=args.health_host,
+        health_port=args.health_port,
     )
 
     async def main() -> None:
@@ -188,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_default("MODEL_REPOSITORY", None),
     )
     worker.add_argument("--device", default=env_default("DEVICE", "cpu"))
+    worker.add_argument("--health-host", default=env_default("HEALTH_HOST", "0.0.0.0"))
+    worker.add_argument(
+        "--health-port",
+        type=int,
+        default=env_default("HEALTH_PORT", 0),
+        help="grpc.health.v1 port (0: a free one, logged at start)",
+    )
     worker.add_argument("--metrics-port", type=int, default=env_default("WORKER_METRICS_PORT", 0), help="0: off")
     worker.add_argument("--intra-op-threads", type=int, default=env_default("INTRA_OP_THREADS", 0))
     worker.set_defaults(func=cmd_worker)

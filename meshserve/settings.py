@@ -63,6 +63,8 @@ class WorkerSettings:
     device: str = "cpu"
     worker_id: str = ""
     metrics_port: int = 0
+    health_host: str = "127.0.0.1"
+    health_port: int = 0  # grpc.health.v1; 0 picks a free port
     lease_ms: int = 5_000  # a dead worker's batch is redelivered after this long
     max_attempts: int = 3  # claims of one request before it is answered INTERNAL
     intra_op_threads: int = 0

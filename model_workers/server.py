@@ -1,4 +1,10 @@
-"""The worker process: Redis clients, router channel, and the core's tasks."""
+"""The worker process: Redis clients, router channel, health server, and the core's tasks.
+
+The worker serves grpc.health.v1 (no inference: that arrives through Redis): the
+overall status "" is SERVING while it takes work, and each held model version
+has its own entry, "<model>/<version>". On stop, every entry turns NOT_SERVING
+before the worker stops taking batches, so an orchestrator sees the drain first.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import logging
 from dataclasses import replace
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
 from meshserve import metrics
@@ -30,10 +37,35 @@ class WorkerServer:
         self.blocking = blocking_client(settings.redis_url)
         self.router_channel = grpc.aio.insecure_channel(settings.router_address)
         self.worker = Worker(settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer)
+        self.worker.on_readiness_change = self._schedule_health_update
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health_port = self.server.add_insecure_port(f"{settings.health_host}:{settings.health_port}")
         self._tasks: list[asyncio.Task[None]] = []
+        self._health_updates: set[asyncio.Task[None]] = set()
+
+    @property
+    def health_address(self) -> str:
+        return f"{self.settings.health_host}:{self.health_port}"
+
+    def _schedule_health_update(self) -> None:
+        task = asyncio.create_task(self._update_health())
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
+    async def _update_health(self) -> None:
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        for (name, version), served in self.worker.served.items():
+            await self.health.set(f"{name}/{version}", serving if served.model.ready else not_serving)
+        ready = any(s.model.ready for s in self.worker.served.values()) and not self.worker.draining
+        await self.health.set("", serving if ready else not_serving)
 
     async def start(self) -> None:
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
         await self.worker.load_assigned()
+        await self._update_health()
         if self.settings.metrics_port:
             metrics.serve(self.worker.metrics.registry, self.settings.metrics_port)
         self._tasks = [
@@ -41,13 +73,20 @@ class WorkerServer:
             asyncio.create_task(self.worker.report_forever(1.0), name="report"),
             asyncio.create_task(self.worker.reap_forever(), name="reaper"),
         ]
-        log.info("worker %s serving %d model versions", self.settings.worker_id, len(self.worker.served))
+        log.info(
+            "worker %s serving %d model versions; health on %s",
+            self.settings.worker_id,
+            len(self.worker.served),
+            self.health_address,
+        )
 
     async def wait(self) -> None:
         await asyncio.gather(*self._tasks)
 
     async def stop(self) -> None:
-        """Stop taking batches, finish the one in hand, flush replies and acks, close."""
+        """NOT_SERVING first; then stop taking batches, give back any not started,
+        flush replies and acks, and close."""
+        await self.health.enter_graceful_shutdown()
         await self.worker.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks)
@@ -55,3 +94,4 @@ class WorkerServer:
         await self.router_channel.close()
         await self.redis.aclose()
         await self.blocking.aclose()
+        await self.server.stop(0)

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 WAKE_SAFETY_TIMEOUT_S = 5.0
 """Blocking waits re-check every queue after this long, in case a wake token was lost."""
 
+FAILURES_BEFORE_NOT_READY = 3
+"""Consecutive failed batches after which a model is reported not ready.
+
+TODO(#5): a canary inference brings it back when it recovers."""
+
 
 @dataclass(slots=True)
 class ModelStats:
@@ -64,6 +70,7 @@ class _Served:
     model: LoadedModel
     keys: ModelKeys
     stats: ModelStats = field(default_factory=ModelStats)
+    consecutive_failures: int = 0
 
 
 @dataclass(slots=True)
@@ -100,6 +107,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._blocked: asyncio.Task[Any] | None = None
         self.idle = asyncio.Event()  # set while the serve loop blocks for work
+        self.on_readiness_change: Callable[[], None] = lambda: None
         self.draining = False
 
     def counters(self) -> list[ModelCounters]:
@@ -375,9 +383,11 @@ class Worker:
             except Exception as exc:  # a model failure answers its requests, never kills the worker
                 log.exception("model %s failed on a batch of %d", info.name, total)
                 served.stats.failed += len(jobs)
+                self._count_failure(served)
                 message = f"model '{info.name}' failed: {exc}"
                 return [(job, _error_reply(job, grpc.StatusCode.INTERNAL, message)) for job in jobs]
             compute_us = (time.time_ns() - started_ns) // 1000
+            served.consecutive_failures = 0
         self.metrics.batch_size.labels(info.name).observe(total)
         self.metrics.compute.labels(info.name).observe(compute_us / 1e6)
         queue_wait = self.metrics.queue_wait.labels(info.name)
@@ -389,6 +399,25 @@ class Worker:
         stats.requests += len(jobs)
         stats.largest_batch = max(stats.largest_batch, total)
         return _split(served, jobs, outputs, compute_us, claimed_ns, self.worker_id)
+
+    def _count_failure(self, served: _Served) -> None:
+        """A model failing batch after batch is taken out of service (not ready)."""
+        served.consecutive_failures += 1
+        if served.consecutive_failures == FAILURES_BEFORE_NOT_READY and served.model.ready:
+            served.model.ready = False
+            info = served.model.info
+            log.error(
+                "model %s version %d failed %d batches in a row: reporting it not ready",
+                info.name,
+                info.version,
+                served.consecutive_failures,
+            )
+            self.on_readiness_change()
+            self._track(asyncio.create_task(self._report_quietly()))
+
+    async def _report_quietly(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.report()
 
     def _answer_expired(self, served: _Served, claim: ClaimedBatch) -> None:
         """Jobs the claim script found past their deadline: answer them, never compute them."""

@@ -1,0 +1,174 @@
+"""What the mesh does when its parts fail: a model that fails on every input,
+the router going away, Redis going away and coming back, and a worker's health
+as it drains."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper, numpy_helper
+from redis.asyncio import Redis
+
+from meshserve.examples import write_example_repository
+from meshserve.redis_server import RedisServer
+from protos import grpc_service_pb2 as pb
+from tests.support import Mesh, infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
+
+RPC_TIMEOUT_S = 10
+
+
+def write_gather_model(repository: Path) -> None:
+    """`lookup`: out = table[idx]; idx out of range [0, 8) makes ONNX Runtime fail.
+
+    Warm-up draws indices in [0, 8), so the model loads and reports ready, and a
+    request with idx=100 fails inside the model: a model that "crashes" on input.
+    """
+    table = numpy_helper.from_array(np.arange(8, dtype=np.float32) * 10, "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["value"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch"])],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    (repository / "lookup" / "1").mkdir(parents=True)
+    onnx.save(model, repository / "lookup" / "1" / "model.onnx")
+
+
+async def wait_view(mesh: Mesh, predicate: object) -> None:
+    """Until the gateway's routing view satisfies ``predicate`` (event-driven)."""
+    gateway = mesh.gateway.gateway
+    async with asyncio.timeout(10):
+        while not predicate(gateway):  # type: ignore[operator]
+            gateway.table_received.clear()
+            await gateway.table_received.wait()
+
+
+async def test_a_model_failing_every_batch_goes_not_ready_while_others_serve(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    repository = write_example_repository(tmp_path, ["mlp"])
+    write_gather_model(repository)
+    mesh = await start_mesh(redis_url, repository)
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            good = await stub.ModelInfer(infer_request("lookup", {"idx": np.array([3], np.int64)}), timeout=5)
+            assert output_arrays(good)["value"].tolist() == [30.0]
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await stub.ModelInfer(infer_request("lookup", {"idx": np.array([100], np.int64)}), timeout=5)
+                assert failed.value.code() == grpc.StatusCode.INTERNAL
+                assert "model 'lookup' failed" in (failed.value.details() or "")
+            await wait_view(mesh, lambda g: ("lookup", 1) not in g.view.ready)
+
+            ready = await stub.ModelReady(pb.ModelReadyRequest(name="lookup"), timeout=5)
+            assert ready.ready is False
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ModelInfer(infer_request("lookup", {"idx": np.array([3], np.int64)}), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "model 'lookup' version 1 is not ready" in (refused.value.details() or "")
+            # the other model on the same worker keeps serving
+            other = await stub.ModelInfer(infer_request("mlp", {"features": np.ones((1, 64), np.float32)}), timeout=5)
+            assert output_arrays(other)["logits"].shape == (1, 10)
+        async with grpc.aio.insecure_channel(mesh.workers[0].health_address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            lookup = await health.Check(health_pb2.HealthCheckRequest(service="lookup/1"), timeout=5)
+            mlp = await health.Check(health_pb2.HealthCheckRequest(service="mlp/1"), timeout=5)
+        assert lookup.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert mlp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await stop_mesh(mesh)
+
+
+async def test_the_data_path_keeps_serving_while_the_router_is_down(
+    redis: Redis, redis_url: str, model_repository: Path
+) -> None:
+    mesh = await start_mesh(redis_url, model_repository)
+    try:
+        await mesh.router.stop(grace_s=0)
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            for _ in range(3):
+                response = await stub.ModelInfer(
+                    infer_request("mlp", {"features": np.ones((2, 64), np.float32)}), timeout=RPC_TIMEOUT_S
+                )
+                assert output_arrays(response)["logits"].shape == (2, 10)
+        assert mesh.gateway.gateway.server_ready()  # the last routing table stays in force
+    finally:
+        await stop_mesh(mesh)
+
+
+async def test_redis_outage_fails_fast_then_service_resumes_without_restarts(
+    model_repository: Path,
+) -> None:
+    server = RedisServer().start()
+    port = server.port
+    mesh = await start_mesh(server.url, model_repository)
+    request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+            server.stop()
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+            failed_after_s = time.monotonic() - started
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "request queue unavailable" in (down.value.details() or "")
+            assert failed_after_s < 5  # fails fast, well before the call's 10 s deadline
+
+            retry_codes: set[grpc.StatusCode] = set()
+            server = RedisServer(port=port).start()  # same address, empty: what a failover without data looks like
+            async with asyncio.timeout(30):
+                while True:  # no meshserve process is restarted; each retry is a real call
+                    try:
+                        response = await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        retry_codes.add(exc.code())
+                        await asyncio.sleep(0.2)  # a client's retry backoff
+            assert output_arrays(response)["logits"].shape == (1, 10)
+            assert retry_codes <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    finally:
+        await stop_mesh(mesh)
+        server.stop()
+
+
+async def test_a_stopping_worker_is_not_serving_before_it_stops_taking_work(
+    redis: Redis, redis_url: str, model_repository: Path
+) -> None:
+    mesh = await start_mesh(redis_url, model_repository)
+    worker = mesh.workers[0]
+    seen_at_stop: list[int] = []
+    original_stop = worker.worker.stop
+
+    async def observed_stop() -> None:
+        async with grpc.aio.insecure_channel(worker.health_address) as channel:
+            status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            seen_at_stop.append(status.status)
+        await original_stop()
+
+    try:
+        async with grpc.aio.insecure_channel(worker.health_address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            before = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            per_model = await health.Check(health_pb2.HealthCheckRequest(service="cnn/1"), timeout=5)
+        worker.worker.stop = observed_stop  # type: ignore[method-assign]
+        await worker.stop()
+        mesh.workers.remove(worker)
+    finally:
+        await stop_mesh(mesh)
+    assert before.status == health_pb2.HealthCheckResponse.SERVING
+    assert per_model.status == health_pb2.HealthCheckResponse.SERVING
+    assert seen_at_stop == [health_pb2.HealthCheckResponse.NOT_SERVING]
