@@ -110,6 +110,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         health_host=args.health_host,
         health_port=args.health_port,
+        lease_ms=args.lease_ms,
+        max_attempts=args.max_attempts,
     )
 
     async def main() -> None:
@@ -196,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=env_default("HEALTH_PORT", 0),
         help="grpc.health.v1 port (0: a free one, logged at start)",
+    )
+    worker.add_argument(
+        "--lease-ms",
+        type=int,
+        default=env_default("LEASE_MS", 5000),
+        help="a dead worker's requests are redelivered after this long",
+    )
+    worker.add_argument(
+        "--max-attempts",
+        type=int,
+        default=env_default("MAX_ATTEMPTS", 3),
+        help="claims of one request before it is answered INTERNAL",
     )
     worker.add_argument("--metrics-port", type=int, default=env_default("WORKER_METRICS_PORT", 0), help="0: off")
     worker.add_argument("--intra-op-threads", type=int, default=env_default("INTRA_OP_THREADS", 0))
