@@ -13,8 +13,7 @@ from opentelemetry import trace
 
 from gateway.core import Gateway
 from gateway.servicer import InferenceServicer
-from meshserve import metrics
-from meshserve.metrics import GatewayMetrics
+from meshserve.metrics import GatewayMetrics, MetricsServer
 from meshserve.redis_client import blocking_client, command_client
 from meshserve.settings import GatewaySettings, instance_id
 from protos import grpc_service_pb2 as pb
@@ -47,7 +46,7 @@ class GatewayServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        self.metrics = GatewayMetrics.create()
+        self.metrics = GatewayMetrics.create(late_replies=lambda: self.gateway.late_replies)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.gateway, tracer, self.metrics), self.server
         )
@@ -56,6 +55,7 @@ class GatewayServer:
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
         )
+        self._metrics_server: MetricsServer | None = None
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
 
     @property
@@ -77,7 +77,7 @@ class GatewayServer:
         await self.gateway.start()
         await self.server.start()
         if self.settings.metrics_port:
-            metrics.serve(self.metrics.registry, self.settings.metrics_port)
+            self._metrics_server = MetricsServer(self.metrics.registry, self.settings.metrics_port)
         log.info("gateway %s listening on %s", self.settings.gateway_id, self.address)
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -88,3 +88,5 @@ class GatewayServer:
         await self.router_channel.close()
         await self.redis.aclose()
         await self.blocking.aclose()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()

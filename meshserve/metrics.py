@@ -19,10 +19,17 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> int:
-    """Serve ``registry`` on http://host:port/metrics (0 picks a port); returns the port."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return int(server.server_port)
+class MetricsServer:
+    """``registry`` on http://host:port/metrics, in a daemon thread, until ``stop``."""
+
+    def __init__(self, registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> None:
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.port = int(self._server.server_port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
 
 
 @dataclass(frozen=True)
@@ -31,11 +38,18 @@ class GatewayMetrics:
     requests: Counter
     latency: Histogram
     inflight: Gauge
-    late_replies: Counter
 
     @classmethod
-    def create(cls) -> GatewayMetrics:
+    def create(cls, late_replies: Callable[[], int] = lambda: 0) -> GatewayMetrics:
+        """``late_replies`` reads the gateway's count of replies nobody waited for."""
         registry = CollectorRegistry()
+        registry.register(
+            _CounterFromFunction(
+                "meshserve_late_replies",
+                "Replies that found no waiting call (expired, cancelled or duplicate).",
+                late_replies,
+            )
+        )
         return cls(
             registry=registry,
             requests=Counter(
@@ -52,12 +66,19 @@ class GatewayMetrics:
                 registry=registry,
             ),
             inflight=Gauge("meshserve_inflight_requests", "Calls waiting for a reply.", registry=registry),
-            late_replies=Counter(
-                "meshserve_late_replies",
-                "Replies that found no waiting call (expired or duplicate).",
-                registry=registry,
-            ),
         )
+
+
+class _CounterFromFunction(Collector):
+    """A counter whose value a plain int in the core keeps (nothing on the hot path)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation)
+        family.add_metric([], self.read())
+        yield family
 
 
 @dataclass(frozen=True)

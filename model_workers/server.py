@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
-from meshserve import metrics
+from meshserve.metrics import MetricsServer
 from meshserve.redis_client import blocking_client, command_client
 from meshserve.settings import WorkerSettings, instance_id
 from model_workers.worker import Worker
@@ -44,6 +44,7 @@ class WorkerServer:
         self.health_port = self.server.add_insecure_port(f"{settings.health_host}:{settings.health_port}")
         self._tasks: list[asyncio.Task[None]] = []
         self._health_updates: set[asyncio.Task[None]] = set()
+        self._metrics_server: MetricsServer | None = None
 
     @property
     def health_address(self) -> str:
@@ -67,7 +68,7 @@ class WorkerServer:
         await self.worker.load_assigned()
         await self._update_health()
         if self.settings.metrics_port:
-            metrics.serve(self.worker.metrics.registry, self.settings.metrics_port)
+            self._metrics_server = MetricsServer(self.worker.metrics.registry, self.settings.metrics_port)
         self._tasks = [
             asyncio.create_task(self.worker.serve(), name="serve"),
             asyncio.create_task(self.worker.report_forever(1.0), name="report"),
@@ -95,3 +96,5 @@ class WorkerServer:
         await self.redis.aclose()
         await self.blocking.aclose()
         await self.server.stop(0)
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
