@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -35,3 +36,30 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_example_repository(tmp_path_factory.mktemp("models"))
+
+
+# The whole mesh in the test's event loop. Imports stay inside the fixtures:
+# this file is also loaded by tests/compat, whose process must not load our protos.
+
+
+@pytest.fixture
+async def mesh(redis: Redis, redis_url: str, model_repository: Path) -> AsyncIterator[Any]:
+    """Router, gateway and one worker on ephemeral ports, against the session's Redis."""
+    from tests.support import start_mesh, stop_mesh
+
+    started = await start_mesh(redis_url, model_repository)
+    try:
+        yield started
+    finally:
+        await stop_mesh(started)
+
+
+@pytest.fixture
+async def stub(mesh: Any) -> AsyncIterator[Any]:
+    """A GRPCInferenceService stub on a channel to the mesh's gateway."""
+    import grpc
+
+    from tests.support import infer_stub
+
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        yield infer_stub(channel)

@@ -9,13 +9,11 @@ ONNX Runtime.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import onnxruntime as ort
-import pytest
 from redis.asyncio import Redis
 
 from meshserve.examples import write_example_repository
@@ -36,21 +34,6 @@ from tests.support import (
 )
 
 RPC_TIMEOUT_S = 10
-
-
-@pytest.fixture
-async def mesh(redis: Redis, redis_url: str, model_repository: Path) -> AsyncIterator[Mesh]:
-    mesh = await start_mesh(redis_url, model_repository)
-    try:
-        yield mesh
-    finally:
-        await stop_mesh(mesh)
-
-
-@pytest.fixture
-async def stub(mesh: Mesh) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
-    async with grpc.aio.insecure_channel(mesh.address) as channel:
-        yield infer_stub(channel)
 
 
 def stats(mesh: Mesh, model: str) -> ModelStats:

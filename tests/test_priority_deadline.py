@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -35,21 +34,6 @@ from tests.support import (
 )
 
 RPC_TIMEOUT_S = 10
-
-
-@pytest.fixture
-async def mesh(redis: Redis, redis_url: str, model_repository: Path) -> AsyncIterator[Mesh]:
-    mesh = await start_mesh(redis_url, model_repository)
-    try:
-        yield mesh
-    finally:
-        await stop_mesh(mesh)
-
-
-@pytest.fixture
-async def stub(mesh: Mesh) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
-    async with grpc.aio.insecure_channel(mesh.address) as channel:
-        yield infer_stub(channel)
 
 
 def adder_request(value: int, priority: int | None) -> pb.ModelInferRequest:

@@ -41,15 +41,6 @@ RPC_TIMEOUT_S = 20
 MLP = ModelKeys.for_model("mlp", 1)
 
 
-@pytest.fixture
-async def mesh(redis: Redis, redis_url: str, model_repository: Path) -> AsyncIterator[Mesh]:
-    mesh = await start_mesh(redis_url, model_repository)
-    try:
-        yield mesh
-    finally:
-        await stop_mesh(mesh)
-
-
 def features(seed: int) -> dict[str, np.ndarray]:
     return {"features": np.full((1, 64), seed, dtype=np.float32)}
 

@@ -11,7 +11,6 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -25,7 +24,6 @@ from tests.support import (
     Mesh,
     hold_serving,
     infer_request,
-    infer_stub,
     output_arrays,
     release_serving,
     start_mesh,
@@ -57,12 +55,6 @@ async def mesh(
     finally:
         await stop_mesh(mesh)
         provider.shutdown()
-
-
-@pytest.fixture
-async def stub(mesh: Mesh) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
-    async with grpc.aio.insecure_channel(mesh.address) as channel:
-        yield infer_stub(channel)
 
 
 def features(seed: int = 0) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ model with free spatial dims) are checked against the models' known arithmetic.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,6 @@ from meshserve.examples import write_example_repository
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.support import (
-    Mesh,
     hold_serving,
     infer_request,
     infer_stub,
@@ -36,21 +35,6 @@ from tests.support import (
 
 InferTensor = pb.ModelInferRequest.InferInputTensor
 RPC_TIMEOUT_S = 10
-
-
-@pytest.fixture
-async def mesh(redis: Redis, redis_url: str, model_repository: Path) -> AsyncIterator[Mesh]:
-    mesh = await start_mesh(redis_url, model_repository)
-    try:
-        yield mesh
-    finally:
-        await stop_mesh(mesh)
-
-
-@pytest.fixture
-async def stub(mesh: Mesh) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
-    async with grpc.aio.insecure_channel(mesh.address) as channel:
-        yield infer_stub(channel)
 
 
 def features(batch: int = 2, seed: int = 0) -> np.ndarray:
