@@ -117,7 +117,20 @@ def run_up(args: argparse.Namespace) -> int:
     router_address = f"127.0.0.1:{free_port()}"
     common = ["--redis-url", redis_url, "--router", router_address]
     router = Child("router", ["--model-repository", str(repository), "--port", router_address.rsplit(":", 1)[1]])
-    workers = [Child("worker", [*common, "--model-repository", str(repository)]) for _ in range(max(args.workers, 0))]
+    # Worker i serves its metrics on the port after the gateway's plus i (8003, 8004, ...).
+    workers = [
+        Child(
+            "worker",
+            [
+                *common,
+                "--model-repository",
+                str(repository),
+                "--metrics-port",
+                str(args.metrics_port + 1 + i if args.metrics_port else 0),
+            ],
+        )
+        for i in range(max(args.workers, 0))
+    ]
     gateway = Child(
         "gateway",
         [
