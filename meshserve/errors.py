@@ -8,6 +8,8 @@ bug: it is logged once with its traceback and answered INTERNAL.
 
     MeshError
     ├── InvalidArgument     (INVALID_ARGUMENT)  malformed or mismatched tensors
+    ├── Unauthenticated     (UNAUTHENTICATED)   missing or unknown API key
+    ├── PermissionDenied    (PERMISSION_DENIED) a model the tenant may not use, existing or not
     ├── NotFound            (NOT_FOUND)         unknown model or version
     ├── ResourceExhausted   (RESOURCE_EXHAUSTED) too large, queue full, over a limit
     ├── DeadlineExceeded    (DEADLINE_EXCEEDED) the request's deadline passed
@@ -34,6 +36,14 @@ class InvalidArgument(MeshError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class Unauthenticated(MeshError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MeshError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class NotFound(MeshError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -56,7 +66,16 @@ class Internal(MeshError):
 
 _BY_CODE: dict[int, type[MeshError]] = {
     cls.code.value[0]: cls
-    for cls in (InvalidArgument, NotFound, ResourceExhausted, DeadlineExceeded, Unavailable, Internal)
+    for cls in (
+        InvalidArgument,
+        Unauthenticated,
+        PermissionDenied,
+        NotFound,
+        ResourceExhausted,
+        DeadlineExceeded,
+        Unavailable,
+        Internal,
+    )
 }
 
 
