@@ -22,13 +22,22 @@ from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from meshserve.codec import check_requested_outputs, pack_inputs
-from meshserve.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable, from_code
+from meshserve.admission import Admission
+from meshserve.codec import PackedInputs, check_requested_outputs, pack_inputs
+from meshserve.errors import (
+    DeadlineExceeded,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+    from_code,
+)
 from meshserve.queue import NUM_TIERS, ModelKeys, QueueProtocol, reply_key
 from meshserve.repository import ModelInfo
 from meshserve.routing import info_from_spec
 from meshserve.settings import GatewaySettings
 from meshserve.telemetry import inject
+from meshserve.tenants import Tenant, TenantRegistry, dev_registry
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -64,19 +73,30 @@ class RoutingView:
 EMPTY_VIEW = RoutingView(-1, {}, frozenset(), {})
 
 
-def tier_of(request: pb.ModelInferRequest) -> int:
-    """Map the request's ``priority`` parameter to a tier, Triton-style.
-
-    0 or absent is the default tier; 1 is the highest; values past the last tier
-    land in the last one.
-    """
+def requested_tier(request: pb.ModelInferRequest) -> int | None:
+    """The tier the request's ``priority`` parameter asks for, Triton-style:
+    1 is the highest tier, values past the last tier land in the last one;
+    None when the request names no priority (absent or 0)."""
     param = request.parameters.get("priority")
     if param is None:
-        return DEFAULT_TIER
+        return None
     value = param.uint64_param or param.int64_param
     if value <= 0:
-        return DEFAULT_TIER
+        return None
     return min(int(value) - 1, NUM_TIERS - 1)
+
+
+def tier_of(request: pb.ModelInferRequest, tenant: Tenant, *, open_registry: bool) -> int:
+    """The queue tier of a request.
+
+    A tenant's tier is both its default and its ceiling: ``priority`` can lower a
+    request within it, never raise it. The open development tenant has no
+    ceiling, and its requests default to the standard tier, as in Triton.
+    """
+    requested = requested_tier(request)
+    if open_registry:
+        return DEFAULT_TIER if requested is None else requested
+    return tenant.tier if requested is None else max(tenant.tier, requested)
 
 
 def timeout_ms_of(request: pb.ModelInferRequest) -> float | None:
@@ -98,9 +118,12 @@ class Gateway:
         blocking_redis: Redis,
         router: mpb_grpc.RouterStub,
         tracer: trace.Tracer | None = None,
+        tenants: TenantRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.gateway_id = settings.gateway_id
+        self.tenants = tenants or dev_registry()
+        self.admission = Admission(redis)
         self.redis = redis
         self.blocking = blocking_redis
         self.queue = QueueProtocol(redis)
@@ -156,13 +179,21 @@ class Gateway:
 
     # ------------------------------------------------------------ hot path
 
-    async def infer(self, request: pb.ModelInferRequest, *, deadline_ms: float, tenant: str) -> mpb.InferReply:
-        """Validate, enqueue and await one request; raises a MeshError on failure.
+    def authorize(self, tenant: Tenant, model_name: str) -> None:
+        """PERMISSION_DENIED for a model outside the tenant's patterns, whether or
+        not it exists: the answer must not reveal the models of other tenants."""
+        if not tenant.may_use(model_name):
+            raise PermissionDenied(f"model '{model_name}' is not available to tenant '{tenant.name}'")
+
+    async def infer(self, request: pb.ModelInferRequest, *, deadline_ms: float, tenant: Tenant) -> mpb.InferReply:
+        """Authorize, validate, admit, enqueue and await one request; raises a
+        MeshError on failure.
 
         ``deadline_ms`` is absolute (epoch ms), already the earlier of the gRPC
         deadline and the gateway's default; the request's ``timeout`` parameter
-        may shorten it further.
+        may shorten it further. The tenant comes from the verified credential.
         """
+        self.authorize(tenant, request.model_name)
         model = self.resolve(request.model_name, request.model_version)
         if not self.model_ready(model):
             raise Unavailable(f"model '{model.name}' version {model.version} is not ready")
@@ -176,18 +207,58 @@ class Gateway:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
 
         job_id = uuid.uuid4().hex
+        limited = tenant.rate_per_s > 0 or tenant.max_inflight > 0
+        if limited:
+            await self._admit(tenant, job_id, int(deadline_ms))
+        try:
+            return await self._queue_and_wait(request, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
+        finally:
+            if limited:
+                self._release(tenant, job_id)
+
+    async def _admit(self, tenant: Tenant, job_id: str, deadline_ms: int) -> None:
+        try:
+            decision = await self.admission.admit(tenant, job_id, deadline_ms=deadline_ms)
+        except RedisError as exc:
+            raise Unavailable(f"admission unavailable: {exc}") from exc
+        if not decision.ok:
+            raise ResourceExhausted(decision.describe(tenant), retry_after_ms=decision.retry_after_ms)
+
+    def _release(self, tenant: Tenant, job_id: str) -> None:
+        """In the background (shielded from the caller's cancellation): free the slot."""
+        task = asyncio.create_task(self._release_slot(tenant, job_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release_slot(self, tenant: Tenant, job_id: str) -> None:
+        try:
+            await self.admission.release(tenant, job_id)
+        except RedisError as exc:  # the entry expires with the request's deadline
+            log.debug("could not release %s for %s: %s", job_id, tenant.name, exc)
+
+    async def _queue_and_wait(
+        self,
+        request: pb.ModelInferRequest,
+        model: ModelInfo,
+        packed: PackedInputs,
+        outputs: list[str],
+        tenant: Tenant,
+        job_id: str,
+        deadline_ms: float,
+        now_ms: float,
+    ) -> mpb.InferReply:
         envelope = mpb.QueuedRequest(
             id=job_id,
             model=model.name,
             version=model.version,
-            tenant=tenant,
+            tenant=tenant.name,
             deadline_ms=int(deadline_ms),
             reply_to=self.reply_to,
             client_request_id=request.id,
             inputs=packed.tensors,
             outputs=outputs,
             enqueued_ms=int(now_ms),
-            priority=tier_of(request),
+            priority=tier_of(request, tenant, open_registry=self.tenants.open),
         )
         future: asyncio.Future[mpb.InferReply] = asyncio.get_running_loop().create_future()
         self.pending[job_id] = future

@@ -16,6 +16,7 @@ from gateway.servicer import InferenceServicer
 from meshserve.metrics import GatewayMetrics, MetricsServer
 from meshserve.redis_client import blocking_client, command_client
 from meshserve.settings import GatewaySettings, instance_id
+from meshserve.tenants import TenantRegistry, dev_registry, load_tenants, reload_tenants
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -35,7 +36,9 @@ class GatewayServer:
         self.redis = command_client(settings.redis_url)
         self.blocking = blocking_client(settings.redis_url)
         self.router_channel = grpc.aio.insecure_channel(settings.router_address)
-        self.gateway = Gateway(settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer)
+        self.gateway = Gateway(
+            settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer, _registry(settings)
+        )
         self.health = health.aio.HealthServicer()
         self.gateway.on_view_change = self._update_health
         limit = settings.max_message_bytes
@@ -57,6 +60,20 @@ class GatewayServer:
         )
         self._metrics_server: MetricsServer | None = None
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+
+    def reload_tenants(self) -> bool:
+        """Re-read the tenants file (SIGHUP); a bad file is logged and the old one stays."""
+        path = self.settings.tenants_path
+        if path is None:
+            log.warning("no --tenants file to reload: the open development tenant stays in force")
+            return False
+        registry, error = reload_tenants(path, self.gateway.tenants)
+        if error is not None:
+            log.error("tenants file rejected, keeping the previous one: %s", error)
+            return False
+        self.gateway.tenants = registry
+        log.info("tenants reloaded from %s: %d tenants", path, len(registry))
+        return True
 
     @property
     def address(self) -> str:
@@ -90,3 +107,16 @@ class GatewayServer:
         await self.blocking.aclose()
         if self._metrics_server is not None:
             self._metrics_server.stop()
+
+
+def _registry(settings: GatewaySettings) -> TenantRegistry:
+    """The tenants file's registry, or (loudly) one open development tenant."""
+    if settings.tenants_path is not None:
+        registry = load_tenants(settings.tenants_path)
+        log.info("loaded %d tenants from %s", len(registry), settings.tenants_path)
+        return registry
+    log.warning(
+        "NO TENANTS FILE: every caller is the open development tenant 'dev' (no API key, no limits). "
+        "Pass --tenants FILE (MESHSERVE_TENANTS) before exposing this gateway."
+    )
+    return dev_registry()

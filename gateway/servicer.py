@@ -18,10 +18,11 @@ from opentelemetry import trace
 from gateway.core import Gateway
 from meshserve import __version__
 from meshserve.codec import to_infer_response
-from meshserve.errors import MeshError
+from meshserve.errors import MeshError, ResourceExhausted, Unauthenticated
 from meshserve.metrics import GatewayMetrics
 from meshserve.repository import ModelInfo
 from meshserve.telemetry import extract
+from meshserve.tenants import Tenant, bearer_key
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
@@ -30,15 +31,34 @@ log = logging.getLogger(__name__)
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
-DEV_TENANT = "dev"
-"""The tenant of every call until tenants are configured (TODO(#3))."""
 
 EXTENSIONS = ["model_configuration", "parameters"]
 
+RETRY_AFTER_TRAILER = "retry-after-ms"
+"""Trailing metadata on a rate-limited call: milliseconds until a retry can pass."""
+
+UNKNOWN_MODEL_LABEL = "<unknown>"
+"""The metrics' model label for a name the gateway does not serve: clients choose
+names, and a label per name would grow the registry without bound."""
+
+
+MAX_DETAILS_CHARS = 512
+"""Status details are cut to this length. They quote names the client chose, and a
+grpc-message trailer over 8 KiB (percent-encoded: up to 12 bytes a character) makes
+clients with grpc's default limits fail the call with RESOURCE_EXHAUSTED instead."""
+
 
 async def _abort(context: Context, error: MeshError) -> NoReturn:
-    await context.abort(error.code, error.message)
+    if isinstance(error, ResourceExhausted) and error.retry_after_ms > 0:
+        context.set_trailing_metadata(((RETRY_AFTER_TRAILER, str(error.retry_after_ms)),))
+    await context.abort(error.code, _details(error.message))
     raise AssertionError("unreachable")  # context.abort always raises
+
+
+def _details(message: str) -> str:
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return message[: MAX_DETAILS_CHARS - 14] + "...(truncated)"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -58,7 +78,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.gateway.server_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:  # noqa: N802
-        model = await self._resolve(request.name, request.version, context)
+        model = await self._resolve_for_tenant(request.name, request.version, context)
         return pb.ModelReadyResponse(ready=self.gateway.model_ready(model))
 
     # --------------------------------------------------------------- metadata
@@ -71,7 +91,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(  # noqa: N802
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        model = await self._resolve(request.name, request.version, context)
+        model = await self._resolve_for_tenant(request.name, request.version, context)
         versions = sorted(v for (name, v) in self.gateway.view.models if name == model.name)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -83,7 +103,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:  # noqa: N802
-        model = await self._resolve(request.name, request.version, context)
+        model = await self._resolve_for_tenant(request.name, request.version, context)
         return pb.ModelConfigResponse(config=_model_config(model))
 
     # -------------------------------------------------------------- inference
@@ -105,8 +125,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             metrics.inflight.dec()
-            metrics.requests.labels(request.model_name, code.name).inc()
-            metrics.latency.labels(request.model_name).observe(time.perf_counter() - started_s)
+            label = request.model_name if request.model_name in self.gateway.view.latest else UNKNOWN_MODEL_LABEL
+            metrics.requests.labels(label, code.name).inc()
+            metrics.latency.labels(label).observe(time.perf_counter() - started_s)
 
     async def _infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         """The call without error mapping: a MeshError propagates to ModelInfer."""
@@ -120,7 +141,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ) as span:
             span.set_attribute("meshserve.model", request.model_name)
             try:
-                reply = await self.gateway.infer(request, deadline_ms=deadline_ms, tenant=DEV_TENANT)
+                tenant = self._authenticate(context)
+                span.set_attribute("meshserve.tenant", tenant.name)
+                reply = await self.gateway.infer(request, deadline_ms=deadline_ms, tenant=tenant)
             except MeshError as error:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
                 raise
@@ -172,8 +195,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---------------------------------------------------------------- helpers
 
-    async def _resolve(self, name: str, version: str, context: Context) -> ModelInfo:
+    def _authenticate(self, context: Context) -> Tenant:
+        """The tenant of a call, from ``authorization: Bearer <key>`` only."""
+        registry = self.gateway.tenants
+        key = None
+        for name, value in context.invocation_metadata() or ():
+            if name == "authorization" and isinstance(value, str):
+                key = bearer_key(value)
+        tenant = registry.authenticate(key)
+        if tenant is None:
+            raise Unauthenticated("missing or unknown API key (send 'authorization: Bearer <key>')")
+        return tenant
+
+    async def _resolve_for_tenant(self, name: str, version: str, context: Context) -> ModelInfo:
+        """A model-level RPC: authenticate, authorize the model, then resolve it."""
         try:
+            self.gateway.authorize(self._authenticate(context), name)
             return self.gateway.resolve(name, version)
         except MeshError as error:
             await _abort(context, error)

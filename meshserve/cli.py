@@ -87,10 +87,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         default_timeout_ms=args.default_timeout_ms,
         drain_grace_s=args.drain_grace_s,
+        tenants_path=Path(args.tenants) if args.tenants else None,
     )
 
     async def main() -> None:
         server = GatewayServer(settings, make_tracer("meshserve-gateway"))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reload_tenants)
         await _serve_until_signal(server.start, server.stop)
 
     _run(main())
@@ -162,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--workers", type=int, default=env_default("WORKERS", 1))
     up.add_argument("--drain-grace-s", type=float, default=env_default("DRAIN_GRACE_S", 10.0))
+    up.add_argument(
+        "--tenants",
+        default=env_default("TENANTS", None),
+        help="tenants YAML for the gateway; none: one open development tenant",
+    )
     up.set_defaults(func=cmd_up)
 
     router = sub.add_parser("router", help="run the control plane")
@@ -182,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--max-message-bytes", type=int, default=env_default("MAX_MESSAGE_BYTES", 64 * 1024 * 1024))
     gateway.add_argument("--default-timeout-ms", type=int, default=env_default("DEFAULT_TIMEOUT_MS", 30_000))
     gateway.add_argument("--drain-grace-s", type=float, default=env_default("DRAIN_GRACE_S", 10.0))
+    gateway.add_argument(
+        "--tenants",
+        default=env_default("TENANTS", None),
+        help="tenants YAML (reloaded on SIGHUP); none: one open development tenant",
+    )
     gateway.set_defaults(func=cmd_gateway)
 
     worker = sub.add_parser("worker", help="run one model worker")

@@ -41,6 +41,9 @@ _CONTENTS_FIELD: dict[str, str] = {
     "BYTES": "bytes_contents",
 }
 
+# Typed in a wider proto field (int32 or uint32): range-checked before the cast.
+_NARROW_INTS = frozenset({"INT8", "INT16", "UINT8", "UINT16"})
+
 
 @dataclass(frozen=True, slots=True)
 class PackedInputs:
@@ -144,9 +147,23 @@ def _tensor_bytes(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
         raise InvalidArgument(
             f"input '{tensor.name}': shape {shape_str(shape)} has {count} elements, contents has {len(values)}"
         )
-    if tensor.datatype == "BYTES":
+    if _contents_len(tensor) != count:
+        raise InvalidArgument(f"input '{tensor.name}': {tensor.datatype} contents go in {field} only")
+    return _typed_bytes(tensor.name, tensor.datatype, values)
+
+
+def _typed_bytes(name: str, datatype: str, values: Any) -> bytes:
+    """Typed contents as the queue's bytes, one numpy conversion (BYTES: length-prefixed)."""
+    if datatype == "BYTES":
         return b"".join(struct.pack("<I", len(v)) + bytes(v) for v in values)
-    return np.asarray(values, dtype=NUMPY_BY_KSERVE[tensor.datatype]).tobytes()
+    dtype = NUMPY_BY_KSERVE[datatype]
+    if datatype not in _NARROW_INTS:
+        return np.asarray(values, dtype=dtype).tobytes()
+    wide = np.asarray(values, dtype=np.int64)
+    limits = np.iinfo(dtype.str)
+    if wide.size and (wide.min() < limits.min or wide.max() > limits.max):
+        raise InvalidArgument(f"input '{name}': a value is outside the {datatype} range [{limits.min}, {limits.max}]")
+    return wide.astype(dtype).tobytes()
 
 
 def _contents_len(tensor: pb.ModelInferRequest.InferInputTensor) -> int:
@@ -155,6 +172,11 @@ def _contents_len(tensor: pb.ModelInferRequest.InferInputTensor) -> int:
 
 def _check_raw_length(name: str, datatype: str, raw: bytes, count: int, shape: list[int]) -> None:
     if datatype == "BYTES":
+        if count > len(raw) // 4:  # each element needs its 4-byte prefix: refuse before walking
+            raise InvalidArgument(
+                f"input '{name}': shape {shape_str(shape)} has {count} elements, "
+                f"raw BYTES holds at most {len(raw) // 4}"
+            )
         found = _count_bytes_elements(name, raw)
         if found != count:
             raise InvalidArgument(

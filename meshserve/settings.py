@@ -53,6 +53,7 @@ class GatewaySettings:
     max_message_bytes: int = 64 * 1024 * 1024
     default_timeout_ms: int = 30_000
     drain_grace_s: float = 10.0
+    tenants_path: Path | None = None  # None: one open development tenant
 
 
 @dataclass(frozen=True, slots=True)

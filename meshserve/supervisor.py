@@ -143,6 +143,7 @@ def run_up(args: argparse.Namespace) -> int:
             str(args.metrics_port),
             "--drain-grace-s",
             str(args.drain_grace_s),
+            *(["--tenants", str(Path(args.tenants).resolve())] if args.tenants else []),
         ],
     )
     children = [router, *workers, gateway]

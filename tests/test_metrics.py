@@ -64,7 +64,8 @@ async def test_gateway_and_worker_metrics_count_a_known_workload(
 
     mlp_ok = frozenset({("model", "mlp"), ("code", "OK")})
     assert gateway_samples[("meshserve_requests_total", mlp_ok)] == 4
-    assert gateway_samples[("meshserve_requests_total", frozenset({("model", "nope"), ("code", "NOT_FOUND")}))] == 1
+    unknown_not_found = frozenset({("model", "<unknown>"), ("code", "NOT_FOUND")})  # never a label per client name
+    assert gateway_samples[("meshserve_requests_total", unknown_not_found)] == 1
     assert gateway_samples[("meshserve_request_duration_seconds_count", frozenset({("model", "mlp")}))] == 4
     assert gateway_samples[("meshserve_late_replies_total", frozenset())] == 1
     assert gateway_samples[("meshserve_inflight_requests", frozenset())] == 0
