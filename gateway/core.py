@@ -264,7 +264,7 @@ class Gateway:
         self.pending[job_id] = future
         try:
             async with asyncio.timeout((deadline_ms - now_ms) / 1000):
-                await self._enqueue(model, envelope, packed.signature, packed.batch_size)
+                await self._enqueue(model, envelope, packed.signature, packed.batch_size, tenant)
                 reply = await future
         except TimeoutError:
             # No withdraw: the job's deadline has passed too, so no worker will run it.
@@ -290,7 +290,9 @@ class Gateway:
         except RedisError as exc:  # harmless: the claim drops it once its deadline passes
             log.debug("could not withdraw %s: %s", job_id, exc)
 
-    async def _enqueue(self, model: ModelInfo, envelope: mpb.QueuedRequest, signature: str, items: int) -> None:
+    async def _enqueue(
+        self, model: ModelInfo, envelope: mpb.QueuedRequest, signature: str, items: int, tenant: Tenant
+    ) -> None:
         with self.tracer.start_as_current_span("enqueue") as span:
             span.set_attribute("meshserve.model", model.name)
             inject(envelope.trace_context)
@@ -306,11 +308,17 @@ class Gateway:
                     signature=signature,
                     max_queue_size=model.max_queue_size,
                     items=items,
+                    weight=tenant.weight,
+                    tenant_max_queued=tenant.max_queued,
                 )
             except RedisError as exc:
                 raise Unavailable(f"request queue unavailable: {exc}") from exc
-        if result < 0:
+        if result == -1:
             raise ResourceExhausted(f"queue of model '{model.name}' is full ({model.max_queue_size} requests waiting)")
+        if result == -2:
+            raise ResourceExhausted(
+                f"tenant '{tenant.name}' has {tenant.max_queued} requests queued for model '{model.name}' already"
+            )
 
     # ------------------------------------------------------------ background tasks
 

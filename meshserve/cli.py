@@ -114,6 +114,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         lease_ms=args.lease_ms,
         max_attempts=args.max_attempts,
+        lower_tier_share=args.lower_tier_share,
     )
 
     async def main() -> None:
@@ -222,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=env_default("MAX_ATTEMPTS", 3),
         help="claims of one request before it is answered INTERNAL",
+    )
+    worker.add_argument(
+        "--lower-tier-share",
+        type=float,
+        default=env_default("LOWER_TIER_SHARE", 0.1),
+        help="fraction of batches kept for lower tiers while they have work (0: strict tiers)",
     )
     worker.add_argument("--metrics-port", type=int, default=env_default("WORKER_METRICS_PORT", 0), help="0: off")
     worker.add_argument("--intra-op-threads", type=int, default=env_default("INTRA_OP_THREADS", 0))

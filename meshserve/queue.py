@@ -6,14 +6,25 @@ Everything that touches the queue's keys lives here, so the protocol can be read
 Keys of one model version share the Cluster hash tag ``{m:<model>:<version>}``
 (written ``{m:<model>}`` below):
 
-    ms:{m:<model>}:ready      ZSET  job id -> tier * 2^40 + sequence (lowest first)
+    ms:{m:<model>}:ready      ZSET  job id -> tier * 2^40 + virtual start (lowest first)
     ms:{m:<model>}:inflight   ZSET  job id -> lease expiry, Redis clock ms
     ms:{m:<model>}:job:<id>   HASH  p=payload d=deadline_ms t=tenant r=reply_to
                                     s=shape signature n=batch items q=ready score a=attempts
                                     k=fencing token of the current lease w=worker
     ms:{m:<model>}:wake       LIST  at most one token: "there may be work" (workers block on it)
-    ms:{m:<model>}:seq        STR   enqueue sequence (FIFO inside a tier)
+    ms:{m:<model>}:sched      HASH  c<tier> = virtual clock of a tier; f<tier>:<tenant> =
+                                    the tenant's virtual finish in that tier; turn = claims
+    ms:{m:<model>}:queued     HASH  tenant -> its jobs in the ready set (for max_queued)
     ms:{m:<model>}:fence      STR   fencing-token counter for leases
+
+Scheduling. Tiers are strict, except that every Nth claim (``lower_share``) serves a
+lower tier that has work, in rotation, so no tier starves. Inside a tier, tenants
+share by weight with start-time fair queuing: a job's virtual start is
+``max(clock[tier], finish[tenant])`` and moves the tenant's finish on by
+``items / weight``; claims take the lowest start and advance the tier's clock to
+it. A tenant that floods only pushes its own jobs back. Scores are written with
+17 significant digits (Lua's default keeps 14), so starts keep about 1/2000 of an
+item of resolution up to 2^40 items of history.
 
 Replies go to the owning gateway's list ``ms:{g:<gateway>}:replies``.
 
@@ -34,7 +45,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 TIER_SPAN = 2**40
-"""Score distance between priority tiers: tiers stay strict, FIFO inside one."""
+"""Score distance between priority tiers: tiers stay strict, fair queuing inside one."""
 
 NUM_TIERS = 3
 """Tier 0 is served first. Clients' ``priority`` parameter maps onto these."""
@@ -53,7 +64,8 @@ class ModelKeys:
     ready: str
     inflight: str
     wake: str
-    seq: str
+    sched: str
+    queued: str
     fence: str
     job_prefix: str
 
@@ -64,7 +76,8 @@ class ModelKeys:
             ready=base + "ready",
             inflight=base + "inflight",
             wake=base + "wake",
-            seq=base + "seq",
+            sched=base + "sched",
+            queued=base + "queued",
             fence=base + "fence",
             job_prefix=base + "job:",
         )
@@ -78,52 +91,91 @@ def reply_key(gateway_id: str) -> str:
 
 
 # ENQUEUE: one atomic call per accepted request.
-#   KEYS[1] ready  KEYS[2] job hash  KEYS[3] wake  KEYS[4] seq
+#   KEYS[1] ready  KEYS[2] job hash  KEYS[3] wake  KEYS[4] sched  KEYS[5] queued
 #   ARGV[1] job id  ARGV[2] tier (0 = highest)  ARGV[3] payload (bytes)
 #   ARGV[4] deadline_ms  ARGV[5] tenant  ARGV[6] reply_to  ARGV[7] shape signature
-#   ARGV[8] max_queue_size (0 = unbounded)  ARGV[9] job TTL grace, ms
+#   ARGV[8] max_queue_size of the model (0 = unbounded)  ARGV[9] job TTL grace, ms
 #   ARGV[10] batch items in the request (dim 0; 1 for a model that does not batch)
-# Returns 1 enqueued, 0 duplicate id (idempotent retry), -1 queue full.
+#   ARGV[11] the tenant's weight in its tier (> 0)
+#   ARGV[12] the tenant's max queued requests for this model (0 = unbounded)
+# Returns 1 enqueued, 0 duplicate id (idempotent retry), -1 model queue full,
+# -2 the tenant's queue full. A refusal writes nothing.
 ENQUEUE_LUA = """
 local max_queue = tonumber(ARGV[8])
 if max_queue > 0 and redis.call('ZCARD', KEYS[1]) >= max_queue then return -1 end
+local tenant = ARGV[5]
+local max_mine = tonumber(ARGV[12])
+if max_mine > 0 and (tonumber(redis.call('HGET', KEYS[5], tenant)) or 0) >= max_mine then return -2 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local score = tonumber(ARGV[2]) * 1099511627776 + redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[2], 'p', ARGV[3], 'd', ARGV[4], 't', ARGV[5], 'r', ARGV[6], 's', ARGV[7], 'a', 0,
+local tier = tonumber(ARGV[2])
+local finish = 'f' .. tier .. ':' .. tenant
+local start = math.max(tonumber(redis.call('HGET', KEYS[4], 'c' .. tier)) or 0,
+                       tonumber(redis.call('HGET', KEYS[4], finish)) or 0)
+redis.call('HSET', KEYS[4], finish, string.format('%.17g', start + tonumber(ARGV[10]) / tonumber(ARGV[11])))
+local score = string.format('%.17g', tier * 1099511627776 + start)
+redis.call('HSET', KEYS[2], 'p', ARGV[3], 'd', ARGV[4], 't', tenant, 'r', ARGV[6], 's', ARGV[7], 'a', 0,
            'q', score, 'n', ARGV[10])
 redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[9]))
 redis.call('ZADD', KEYS[1], score, ARGV[1])
+redis.call('HINCRBY', KEYS[5], tenant, 1)
 if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
 return 1
 """
 
 # CLAIM: take a batch, atomically.
-#   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake  KEYS[4] fence
+#   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake  KEYS[4] fence  KEYS[5] sched  KEYS[6] queued
 #   ARGV[1] job key prefix  ARGV[2] max batch items  ARGV[3] lease_ms  ARGV[4] worker id
 #   ARGV[5] scan limit (how far past the head to look for same-shaped jobs)
 #   ARGV[6] required shape signature ('' = the head's)
-# Walks the ready set in score order (highest tier, then oldest). Jobs past their
-# deadline are removed and returned as expired (never computed). Jobs whose shape
-# signature differs from the batch's stay queued, and so do jobs whose items would
-# overflow the batch (the sum of dim 0 never exceeds max items). Taken jobs move to inflight with
-# a lease, get a fencing token, and count an attempt.
+#   ARGV[7] lower-tier share: every Nth claim serves a lower tier with work (0 = off)
+#   ARGV[8] number of tiers
+# Walks the ready set in score order (highest tier, then lowest virtual start).
+# Jobs past their deadline are removed and returned as expired (never computed).
+# Jobs whose shape signature differs from the batch's stay queued, and so do jobs
+# whose items would overflow the batch (the sum of dim 0 never exceeds max items).
+# Taken jobs move to inflight with a lease, get a fencing token, and count an
+# attempt; each tier's virtual clock advances to the latest start it served.
 # Returns {token, now_ms, {id, payload, ...}, {expired id, reply_to, ...}}.
 CLAIM_LUA = """
+local SPAN = 1099511627776
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local prefix, room = ARGV[1], tonumber(ARGV[2])
+local prefix, room, scan = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
 local sig = ARGV[6]
 if sig == '' then sig = nil end
-local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[5]) - 1)
-local taken, expired = {}, {}
+local function unqueue(tenant)
+  if tenant and redis.call('HINCRBY', KEYS[6], tenant, -1) <= 0 then redis.call('HDEL', KEYS[6], tenant) end
+end
+if redis.call('ZCARD', KEYS[1]) == 0 then return {0, now, {}, {}} end  -- nothing queued: touch nothing
+local ids = nil
+local every, tiers = tonumber(ARGV[7]), tonumber(ARGV[8])
+if every > 0 then
+  local turn = redis.call('HINCRBY', KEYS[5], 'turn', 1)
+  if turn % every == 0 then
+    local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    if #head > 0 then
+      local top = math.floor(tonumber(head[2]) / SPAN)
+      local lower = tiers - 1 - top
+      for k = 0, lower - 1 do
+        local tier = top + 1 + ((math.floor(turn / every) + k) % lower)
+        local found = redis.call('ZRANGE', KEYS[1], string.format('%.17g', tier * SPAN),
+                                 '(' .. string.format('%.17g', (tier + 1) * SPAN), 'BYSCORE', 'LIMIT', 0, scan)
+        if #found > 0 then ids = found; break end
+      end
+    end
+  end
+end
+if ids == nil then ids = redis.call('ZRANGE', KEYS[1], 0, scan - 1) end
+local taken, expired, clocks = {}, {}, {}
 for _, id in ipairs(ids) do
   local jk = prefix .. id
-  local meta = redis.call('HMGET', jk, 'd', 's', 'r', 'n')
+  local meta = redis.call('HMGET', jk, 'd', 's', 'r', 'n', 't', 'q')
   if not meta[1] then
     redis.call('ZREM', KEYS[1], id)
   elseif tonumber(meta[1]) <= now then
     redis.call('ZREM', KEYS[1], id)
     redis.call('DEL', jk)
+    unqueue(meta[5])
     expired[#expired + 1] = id
     expired[#expired + 1] = meta[3]
   else
@@ -131,9 +183,18 @@ for _, id in ipairs(ids) do
     local items = tonumber(meta[4]) or 1
     if meta[2] == sig and items <= room then
       taken[#taken + 1] = id
+      unqueue(meta[5])
+      local score = tonumber(meta[6]) or 0
+      local tier = math.floor(score / SPAN)
+      clocks[tier] = math.max(clocks[tier] or 0, score - tier * SPAN)
       room = room - items
       if room <= 0 then break end
     end
+  end
+end
+for tier, clock in pairs(clocks) do
+  if clock > (tonumber(redis.call('HGET', KEYS[5], 'c' .. tier)) or 0) then
+    redis.call('HSET', KEYS[5], 'c' .. tier, string.format('%.17g', clock))
   end
 end
 local out = {}
@@ -151,14 +212,20 @@ if #taken > 0 then
     out[#out + 1] = redis.call('HGET', jk, 'p')
   end
 end
-if redis.call('ZCARD', KEYS[1]) > 0 and redis.call('LLEN', KEYS[3]) == 0 then
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[6])  -- nothing queued: every count is 0 (heals a count lost to an evicted job)
+  if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[5]) end  -- idle: reset virtual time
+elseif redis.call('LLEN', KEYS[3]) == 0 then
   redis.call('RPUSH', KEYS[3], 1)
 end
 return {token, now, out, expired}
 """
 
 # ACK: finish jobs of a lease, only with its current fencing token.
-#   KEYS[1] inflight  ARGV[1] job key prefix  ARGV[2] token  ARGV[3..] job ids
+#   KEYS[1] inflight  KEYS[2] ready  KEYS[3] sched
+#   ARGV[1] job key prefix  ARGV[2] token  ARGV[3..] job ids
+# When the model goes idle (nothing queued, nothing leased) its scheduler state
+# is dropped: virtual time restarts at 0, and an idle model leaves no keys.
 # Returns how many jobs were acked (a stale token acks none).
 ACK_LUA = """
 local n = 0
@@ -170,6 +237,7 @@ for i = 3, #ARGV do
     n = n + 1
   end
 end
+if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[3]) end
 return n
 """
 
@@ -190,7 +258,7 @@ return n
 """
 
 # RELEASE: give back jobs a worker took but will not run (it is stopping).
-#   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake
+#   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake  KEYS[4] queued
 #   ARGV[1] job key prefix  ARGV[2] token  ARGV[3..] job ids
 # Each goes back to its original place in the ready set; the attempt is not
 # counted (the model never saw it). Returns how many.
@@ -203,6 +271,7 @@ for i = 3, #ARGV do
     redis.call('HDEL', jk, 'k', 'w')
     redis.call('HINCRBY', jk, 'a', -1)
     redis.call('ZADD', KEYS[1], redis.call('HGET', jk, 'q'), ARGV[i])
+    redis.call('HINCRBY', KEYS[4], redis.call('HGET', jk, 't'), 1)
     n = n + 1
   end
 end
@@ -211,7 +280,7 @@ return n
 """
 
 # REAP: return the jobs of expired leases (a dead or stuck worker) to the queue.
-#   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake
+#   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake  KEYS[4] queued
 #   ARGV[1] job key prefix  ARGV[2] max attempts  ARGV[3] max jobs per call
 # A reaped job goes back to its original place (the head of its tier, as it was
 # among the oldest), keeping its deadline, trace and payload. A job that has been
@@ -227,7 +296,7 @@ local requeued, dead = 0, {}
 for _, id in ipairs(ids) do
   local jk = ARGV[1] .. id
   redis.call('ZREM', KEYS[2], id)
-  local meta = redis.call('HMGET', jk, 'a', 'q', 'r')
+  local meta = redis.call('HMGET', jk, 'a', 'q', 'r', 't')
   if meta[2] then
     if tonumber(meta[1]) >= tonumber(ARGV[2]) then
       redis.call('DEL', jk)
@@ -237,6 +306,7 @@ for _, id in ipairs(ids) do
     else
       redis.call('HDEL', jk, 'k', 'w')
       redis.call('ZADD', KEYS[1], meta[2], id)
+      redis.call('HINCRBY', KEYS[4], meta[4], 1)
       requeued = requeued + 1
     end
   end
@@ -248,12 +318,17 @@ return {requeued, dead}
 
 # WITHDRAW: the caller gave up (cancelled, or its deadline passed in the gateway):
 # remove its job if no worker holds it yet, so it is never computed for nobody.
-#   KEYS[1] ready  KEYS[2] job hash  ARGV[1] job id
+#   KEYS[1] ready  KEYS[2] job hash  KEYS[3] queued  ARGV[1] job id
 # Returns 1 withdrawn, 0 already leased, finished or gone.
 WITHDRAW_LUA = """
 if redis.call('HEXISTS', KEYS[2], 'k') == 1 then return 0 end
+local tenant = redis.call('HGET', KEYS[2], 't')
 redis.call('DEL', KEYS[2])
-return redis.call('ZREM', KEYS[1], ARGV[1])
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+if removed == 1 and tenant and redis.call('HINCRBY', KEYS[3], tenant, -1) <= 0 then
+  redis.call('HDEL', KEYS[3], tenant)
+end
+return removed
 """
 
 
@@ -305,13 +380,17 @@ class QueueProtocol:
         signature: str,
         max_queue_size: int,
         items: int = 1,
+        weight: float = 1.0,
+        tenant_max_queued: int = 0,
     ) -> int:
-        """Put one job on a model's ready set; 1 new, 0 duplicate id, -1 queue full.
+        """Put one job on a model's ready set: 1 new, 0 duplicate id, -1 the model's
+        queue is full, -2 the tenant's queue (for this model) is full.
 
-        ``items`` is the request's batch size: claims fill batches by items, not jobs.
+        ``items`` is the request's batch size: claims fill batches by items, not
+        jobs, and fair queuing charges a tenant ``items / weight`` per job.
         """
         result = await self._enqueue(
-            keys=[keys.ready, keys.job(job_id), keys.wake, keys.seq],
+            keys=[keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued],
             args=[
                 job_id,
                 tier,
@@ -323,6 +402,8 @@ class QueueProtocol:
                 max_queue_size,
                 JOB_TTL_GRACE_MS,
                 items,
+                weight,
+                tenant_max_queued,
             ],
         )
         return int(result)
@@ -336,11 +417,17 @@ class QueueProtocol:
         worker_id: str,
         signature: str = "",
         scan_limit: int | None = None,
+        lower_share_every: int = 0,
     ) -> ClaimedBatch:
-        """Lease up to ``max_items`` same-shaped jobs from the head of the queue."""
+        """Lease up to ``max_items`` same-shaped jobs from the head of the queue.
+
+        With ``lower_share_every`` N > 0, every Nth claim of this model serves a
+        lower tier that has work (the lower tiers take turns), so none starves.
+        """
+        scan = scan_limit or max(4 * max_items, 16)
         raw: list[Any] = await self._claim(
-            keys=[keys.ready, keys.inflight, keys.wake, keys.fence],
-            args=[keys.job_prefix, max_items, lease_ms, worker_id, scan_limit or max(4 * max_items, 16), signature],
+            keys=[keys.ready, keys.inflight, keys.wake, keys.fence, keys.sched, keys.queued],
+            args=[keys.job_prefix, max_items, lease_ms, worker_id, scan, signature, lower_share_every, NUM_TIERS],
         )
         token, now_ms, flat_jobs, flat_expired = raw
         jobs = [(_text(flat_jobs[i]), bytes(flat_jobs[i + 1])) for i in range(0, len(flat_jobs), 2)]
@@ -355,7 +442,9 @@ class QueueProtocol:
         """
         if not job_ids:
             return 0
-        result = await self._ack(keys=[keys.inflight], args=[keys.job_prefix, token, *job_ids], client=client)
+        result = await self._ack(
+            keys=[keys.inflight, keys.ready, keys.sched], args=[keys.job_prefix, token, *job_ids], client=client
+        )
         return int(result) if client is None else 0
 
     async def extend(self, keys: ModelKeys, token: int, job_ids: list[str], lease_ms: int) -> int:
@@ -369,17 +458,19 @@ class QueueProtocol:
         if not job_ids:
             return 0
         return int(
-            await self._release(keys=[keys.ready, keys.inflight, keys.wake], args=[keys.job_prefix, token, *job_ids])
+            await self._release(
+                keys=[keys.ready, keys.inflight, keys.wake, keys.queued], args=[keys.job_prefix, token, *job_ids]
+            )
         )
 
     async def withdraw(self, keys: ModelKeys, job_id: str) -> bool:
         """Remove a job no one holds yet; False if a worker already leased it."""
-        return bool(await self._withdraw(keys=[keys.ready, keys.job(job_id)], args=[job_id]))
+        return bool(await self._withdraw(keys=[keys.ready, keys.job(job_id), keys.queued], args=[job_id]))
 
     async def reap(self, keys: ModelKeys, *, max_attempts: int, limit: int = 256) -> Reaped:
         """Redeliver the jobs of expired leases; hand back those out of attempts."""
         requeued, flat = await self._reap(
-            keys=[keys.ready, keys.inflight, keys.wake], args=[keys.job_prefix, max_attempts, limit]
+            keys=[keys.ready, keys.inflight, keys.wake, keys.queued], args=[keys.job_prefix, max_attempts, limit]
         )
         dead = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
         return Reaped(int(requeued), dead)

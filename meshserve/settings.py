@@ -68,6 +68,7 @@ class WorkerSettings:
     health_port: int = 0  # grpc.health.v1; 0 picks a free port
     lease_ms: int = 5_000  # a dead worker's batch is redelivered after this long
     max_attempts: int = 3  # claims of one request before it is answered INTERNAL
+    lower_tier_share: float = 0.1  # fraction of claims kept for lower tiers with work (0: strict)
     intra_op_threads: int = 0
     drain_grace_s: float = 30.0
 

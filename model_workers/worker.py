@@ -266,8 +266,13 @@ class Worker:
     async def _take_and_run(self, served: _Served) -> None:
         info = served.model.info
         max_items = info.max_batch_size or 1
+        share = self.settings.lower_tier_share
         claim = await self.queue.claim(
-            served.keys, max_items=max_items, lease_ms=self.settings.lease_ms, worker_id=self.worker_id
+            served.keys,
+            max_items=max_items,
+            lease_ms=self.settings.lease_ms,
+            worker_id=self.worker_id,
+            lower_share_every=round(1 / share) if share > 0 else 0,
         )
         self._answer_expired(served, claim)
         jobs = self._decode(claim)

@@ -180,3 +180,80 @@ async def test_withdraw_removes_only_jobs_no_worker_holds(queue: QueueProtocol, 
     assert await redis.zcard(KEYS.ready) == 0
     assert not await redis.exists(KEYS.job("running"))
     assert await redis.exists(KEYS.job("abandoned"))
+
+
+async def put_for(
+    queue: QueueProtocol, job_id: str, tenant: str, *, weight: float = 1.0, tier: int = 1, max_queued: int = 0
+) -> int:
+    return await queue.enqueue(
+        KEYS,
+        job_id,
+        tier=tier,
+        payload=b"x",
+        deadline_ms=FAR_MS,
+        tenant=tenant,
+        reply_to="replies",
+        signature="4",
+        max_queue_size=0,
+        weight=weight,
+        tenant_max_queued=max_queued,
+    )
+
+
+async def claim_one(queue: QueueProtocol, every: int = 0) -> str:
+    batch = await queue.claim(KEYS, max_items=1, lease_ms=60_000, worker_id="w", lower_share_every=every)
+    [(job_id, _)] = batch.jobs
+    return job_id
+
+
+async def test_tenants_share_a_tier_by_weight_not_by_arrival(queue: QueueProtocol) -> None:
+    # The heavy tenant queues 300 requests before the light one queues any.
+    for i in range(300):
+        await put_for(queue, f"flood-{i}", "flood", weight=1)
+    for i in range(300):
+        await put_for(queue, f"steady-{i}", "steady", weight=3)
+    served = [await claim_one(queue) for _ in range(200)]
+    flood = sum(job_id.startswith("flood") for job_id in served)
+    steady = len(served) - flood
+    assert steady / flood == pytest.approx(3, rel=0.1)  # 1:3 by weight, within 10%
+
+
+async def test_a_late_tenant_is_not_stuck_behind_an_early_flood(queue: QueueProtocol) -> None:
+    for i in range(1000):
+        await put_for(queue, f"flood-{i}", "flood")
+    for _ in range(100):  # the flood has been served for a while
+        await claim_one(queue)
+    await put_for(queue, "newcomer-0", "newcomer")
+    # it starts at the tier's virtual clock, not behind the flood's 900 queued jobs
+    assert "newcomer-0" in [await claim_one(queue) for _ in range(2)]
+
+
+async def test_lower_tiers_get_a_bounded_share_while_higher_tiers_have_work(queue: QueueProtocol) -> None:
+    for i in range(100):
+        await put_for(queue, f"top-{i}", "t", tier=0)
+    for i in range(5):
+        await put_for(queue, f"middle-{i}", "t", tier=1)
+        await put_for(queue, f"bottom-{i}", "t", tier=2)
+    served = [await claim_one(queue, every=5) for _ in range(50)]
+    tiers = [job_id.split("-")[0] for job_id in served]
+    assert tiers.count("top") == 40  # 4 of every 5 claims
+    assert tiers.count("middle") == 5  # the two lower tiers take turns with the rest
+    assert tiers.count("bottom") == 5
+    assert [await claim_one(queue) for _ in range(3)] == ["top-40", "top-41", "top-42"]  # share off: strict
+
+
+async def test_max_queued_counts_a_tenants_waiting_jobs_exactly(queue: QueueProtocol, redis: Redis) -> None:
+    assert [await put_for(queue, f"a-{i}", "a", max_queued=2) for i in range(3)] == [1, 1, -2]
+    assert await put_for(queue, "b-0", "b", max_queued=2) == 1  # another tenant is not affected
+    assert not await redis.exists(KEYS.job("a-2"))  # the refusal wrote nothing
+    taken = await queue.claim(KEYS, max_items=1, lease_ms=0, worker_id="w")  # a-0 leaves the queue...
+    assert await put_for(queue, "a-3", "a", max_queued=2) == 1  # ...so a has room again
+    assert await redis.hget(KEYS.queued, "a") == b"2"
+    assert (await queue.reap(KEYS, max_attempts=3)).requeued == 1  # a-0 back in the queue: counted
+    assert await redis.hget(KEYS.queued, "a") == b"3"
+    assert await queue.withdraw(KEYS, "a-3") is True
+    assert await redis.hget(KEYS.queued, "a") == b"2"
+    assert taken.token > 0
+    while (await queue.claim(KEYS, max_items=8, lease_ms=1000, worker_id="w")).jobs:
+        pass
+    assert await redis.exists(KEYS.queued) == 0  # drained: no counts left behind
