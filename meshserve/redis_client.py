@@ -4,19 +4,29 @@ single-connection client for blocking reads (BLPOP/BLMPOP hold their connection)
 from __future__ import annotations
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 
 
 def command_client(url: str, max_connections: int = 64) -> Redis:
-    """Pooled client for scripts and pipelines; calls fail fast when Redis is down."""
+    """Pooled client for scripts and pipelines; calls fail fast when Redis is down.
+
+    One quick retry on a connection error: after a Redis restart every pooled
+    connection is stale and would fail its next command once. Running a queue
+    script twice is safe: enqueue and ack are idempotent, a reply delivered twice
+    is dropped by the gateway, and a claim whose answer was lost leaves a lease
+    that expires and is redelivered.
+    """
     return Redis.from_url(
         url,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=COMMAND_TIMEOUT_S,
         max_connections=max_connections,
         health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
     )
 
 
