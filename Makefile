@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 PROTO_SRC := protos/model_config.proto protos/grpc_service.proto protos/meshserve.proto
 
-.PHONY: install run test test-unit test-compat bench protos protos-check lint format clean
+.PHONY: install run test test-unit test-compat chaos bench protos protos-check lint format clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or set PYTHON=...)"; exit 1; }
@@ -32,6 +32,12 @@ test-unit: $(STAMP)
 
 test-compat: $(STAMP)
 	$(PY) -m pytest tests/compat
+
+# A short chaos run is part of `make test`; this is the long one (about 75 s):
+# 2000 requests while workers are killed, Redis restarts from its AOF and a gateway
+# restarts. It prints its figures and where their JSON is.
+chaos: $(STAMP) ## the long chaos run (kills workers, Redis and a gateway under load)
+	$(PY) -m pytest tests/chaos -m chaos -s
 
 bench: $(STAMP) ## benchmark the mesh beside raw ONNX Runtime (starts its own mesh)
 	$(VENV)/bin/meshserve bench
