@@ -222,7 +222,9 @@ class Gateway:
         except RedisError as exc:
             raise Unavailable(f"admission unavailable: {exc}") from exc
         if not decision.ok:
-            raise ResourceExhausted(decision.describe(tenant), retry_after_ms=decision.retry_after_ms)
+            raise ResourceExhausted(
+                decision.describe(tenant), reason=decision.reason, retry_after_ms=decision.retry_after_ms
+            )
 
     def _release(self, tenant: Tenant, job_id: str) -> None:
         """In the background (shielded from the caller's cancellation): free the slot."""
@@ -314,10 +316,14 @@ class Gateway:
             except RedisError as exc:
                 raise Unavailable(f"request queue unavailable: {exc}") from exc
         if result == -1:
-            raise ResourceExhausted(f"queue of model '{model.name}' is full ({model.max_queue_size} requests waiting)")
+            raise ResourceExhausted(
+                f"queue of model '{model.name}' is full ({model.max_queue_size} requests waiting)",
+                reason="model_queue_full",
+            )
         if result == -2:
             raise ResourceExhausted(
-                f"tenant '{tenant.name}' has {tenant.max_queued} requests queued for model '{model.name}' already"
+                f"tenant '{tenant.name}' has {tenant.max_queued} requests queued for model '{model.name}' already",
+                reason="tenant_queue_full",
             )
 
     # ------------------------------------------------------------ background tasks

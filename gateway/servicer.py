@@ -18,7 +18,7 @@ from opentelemetry import trace
 from gateway.core import Gateway
 from meshserve import __version__
 from meshserve.codec import to_infer_response
-from meshserve.errors import MeshError, ResourceExhausted, Unauthenticated
+from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.metrics import GatewayMetrics
 from meshserve.repository import ModelInfo
 from meshserve.telemetry import extract
@@ -33,6 +33,9 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints
 
 
 EXTENSIONS = ["model_configuration", "parameters"]
+
+UNAUTHENTICATED_LABEL = "<unauthenticated>"
+"""The rejections metric's tenant label for a call with no valid key."""
 
 RETRY_AFTER_TRAILER = "retry-after-ms"
 """Trailing metadata on a rate-limited call: milliseconds until a retry can pass."""
@@ -117,6 +120,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._infer(request, context)
         except MeshError as error:
             code = error.code
+            self._count_rejection(error, context)
             await _abort(context, error)
         except Exception:
             code = grpc.StatusCode.INTERNAL
@@ -128,6 +132,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             label = request.model_name if request.model_name in self.gateway.view.latest else UNKNOWN_MODEL_LABEL
             metrics.requests.labels(label, code.name).inc()
             metrics.latency.labels(label).observe(time.perf_counter() - started_s)
+
+    def _count_rejection(self, error: MeshError, context: Context) -> None:
+        """Admission refusals by tenant and reason; tenants come only from the file (bounded)."""
+        if isinstance(error, Unauthenticated):
+            tenant, reason = UNAUTHENTICATED_LABEL, "unauthenticated"
+        elif isinstance(error, PermissionDenied | ResourceExhausted):
+            found = self.gateway.tenants.authenticate(self._presented_key(context))
+            tenant = found.name if found else UNAUTHENTICATED_LABEL
+            reason = error.reason if isinstance(error, ResourceExhausted) else "permission_denied"
+        else:
+            return
+        self.metrics.rejections.labels(tenant, reason).inc()
 
     async def _infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         """The call without error mapping: a MeshError propagates to ModelInfer."""
@@ -195,14 +211,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---------------------------------------------------------------- helpers
 
-    def _authenticate(self, context: Context) -> Tenant:
-        """The tenant of a call, from ``authorization: Bearer <key>`` only."""
-        registry = self.gateway.tenants
-        key = None
+    @staticmethod
+    def _presented_key(context: Context) -> str | None:
         for name, value in context.invocation_metadata() or ():
             if name == "authorization" and isinstance(value, str):
-                key = bearer_key(value)
-        tenant = registry.authenticate(key)
+                return bearer_key(value)
+        return None
+
+    def _authenticate(self, context: Context) -> Tenant:
+        """The tenant of a call, from ``authorization: Bearer <key>`` only."""
+        tenant = self.gateway.tenants.authenticate(self._presented_key(context))
         if tenant is None:
             raise Unauthenticated("missing or unknown API key (send 'authorization: Bearer <key>')")
         return tenant

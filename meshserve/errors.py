@@ -51,8 +51,9 @@ class NotFound(MeshError):
 class ResourceExhausted(MeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, *, retry_after_ms: int = 0) -> None:
+    def __init__(self, message: str, *, reason: str = "exhausted", retry_after_ms: int = 0) -> None:
         super().__init__(message)
+        self.reason = reason  # the rejections metric's label: rate, inflight, tenant_queue_full, ...
         self.retry_after_ms = retry_after_ms  # sent as the `retry-after-ms` trailer when > 0
 
 

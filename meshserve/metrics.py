@@ -38,6 +38,7 @@ class GatewayMetrics:
     requests: Counter
     latency: Histogram
     inflight: Gauge
+    rejections: Counter
 
     @classmethod
     def create(cls, late_replies: Callable[[], int] = lambda: 0) -> GatewayMetrics:
@@ -66,6 +67,13 @@ class GatewayMetrics:
                 registry=registry,
             ),
             inflight=Gauge("meshserve_inflight_requests", "Calls waiting for a reply.", registry=registry),
+            rejections=Counter(
+                "meshserve_rejections",
+                "Calls refused before enqueue, by tenant and reason (unauthenticated, permission_denied, "
+                "rate, inflight, tenant_queue_full, model_queue_full).",
+                ["tenant", "reason"],
+                registry=registry,
+            ),
         )
 
 

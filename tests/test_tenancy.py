@@ -73,6 +73,13 @@ async def tstub(tenant_mesh: Mesh) -> AsyncIterator[pb_grpc.GRPCInferenceService
         yield infer_stub(channel)
 
 
+def rejections(mesh: Mesh, tenant: str, reason: str) -> float:
+    value = mesh.gateway.metrics.registry.get_sample_value(
+        "meshserve_rejections_total", {"tenant": tenant, "reason": reason}
+    )
+    return value or 0.0
+
+
 async def settle(mesh: Mesh) -> None:
     """Until the gateway's background releases (admission slots) are done."""
     await asyncio.gather(*mesh.gateway.gateway._background)
@@ -96,10 +103,11 @@ async def test_model_rpcs_need_a_known_key_while_health_stays_open(
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     response = await tstub.ModelInfer(mlp_request(), metadata=auth("acme-key"), timeout=5)
     assert output_arrays(response)["logits"].shape == (1, 10)
+    assert rejections(tenant_mesh, "<unauthenticated>", "unauthenticated") == 3
 
 
 async def test_a_forbidden_model_is_denied_without_revealing_whether_it_exists(
-    tstub: pb_grpc.GRPCInferenceServiceStub,
+    tenant_mesh: Mesh, tstub: pb_grpc.GRPCInferenceServiceStub
 ) -> None:
     details = {}
     for model in ("adder_fixed", "no_such_model"):  # the first exists, the second does not
@@ -112,6 +120,7 @@ async def test_a_forbidden_model_is_denied_without_revealing_whether_it_exists(
             await tstub.ModelReady(pb.ModelReadyRequest(name=model), metadata=auth("acme-key"), timeout=5)
         assert ready.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert details["adder_fixed"] == details["no_such_model"]
+    assert rejections(tenant_mesh, "acme", "permission_denied") == 2
 
 
 async def test_rate_limit_answers_resource_exhausted_with_a_retry_hint(
@@ -126,6 +135,7 @@ async def test_rate_limit_answers_resource_exhausted_with_a_retry_hint(
     assert "rate" in (limited.value.details() or "")
     trailers = dict(limited.value.trailing_metadata() or ())
     assert 0 < int(trailers["retry-after-ms"]) <= 10_000
+    assert rejections(tenant_mesh, "metered", "rate") == 1
     await settle(tenant_mesh)
     assert await redis.zcard("ms:{t:metered}:inflight") == 0  # nothing leaked
     assert await redis.keys("ms:{m:*:job:*") == []
@@ -156,6 +166,7 @@ async def test_in_flight_limit_and_tier_ceiling(
         release_serving(worker)
     assert output_arrays(await first)["logits"].shape == (1, 10)
     assert output_arrays(await other)["logits"].shape == (1, 10)
+    assert rejections(tenant_mesh, "narrow", "inflight") == 1
     await settle(tenant_mesh)
     assert await redis.zcard("ms:{t:narrow}:inflight") == 0
 
