@@ -5,6 +5,7 @@
     meshserve gateway   KServe v2 gRPC front door
     meshserve worker    one worker process for one device
     meshserve bench     load generator, beside raw ONNX Runtime in-process
+    meshserve hash-key  the sha256 form of an API key, for the tenants file
 
 Every flag has a ``MESHSERVE_<NAME>`` environment variable; the flag wins.
 """
@@ -137,6 +138,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_up(args)
 
 
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from meshserve.tenants import hash_key
+
+    key = sys.stdin.readline().rstrip("\n") if args.key == "-" else args.key
+    print(hash_key(key))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from meshserve.bench import run_bench
 
@@ -233,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-port", type=int, default=env_default("WORKER_METRICS_PORT", 0), help="0: off")
     worker.add_argument("--intra-op-threads", type=int, default=env_default("INTRA_OP_THREADS", 0))
     worker.set_defaults(func=cmd_worker)
+
+    hash_key = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key, for the tenants file")
+    hash_key.add_argument("key", help="the API key, or - to read it from standard input")
+    hash_key.set_defaults(func=cmd_hash_key)
 
     bench = sub.add_parser("bench", help="drive a mesh with concurrent gRPC clients, beside raw ONNX Runtime")
     from meshserve.bench import add_arguments
