@@ -17,6 +17,7 @@ from meshserve.metrics import GatewayMetrics, MetricsServer
 from meshserve.redis_client import blocking_client, command_client
 from meshserve.settings import GatewaySettings, instance_id
 from meshserve.tenants import TenantRegistry, dev_registry, load_tenants, reload_tenants
+from meshserve.tls import add_port, channel
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -35,7 +36,7 @@ class GatewayServer:
         self.settings = settings
         self.redis = command_client(settings.redis_url)
         self.blocking = blocking_client(settings.redis_url)
-        self.router_channel = grpc.aio.insecure_channel(settings.router_address)
+        self.router_channel = channel(settings.router_address, settings.tls)
         self.gateway = Gateway(
             settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer, _registry(settings)
         )
@@ -59,7 +60,7 @@ class GatewayServer:
             self.server,
         )
         self._metrics_server: MetricsServer | None = None
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
 
     def reload_tenants(self) -> bool:
         """Re-read the tenants file (SIGHUP); a bad file is logged and the old one stays."""
@@ -95,7 +96,12 @@ class GatewayServer:
         await self.server.start()
         if self.settings.metrics_port:
             self._metrics_server = MetricsServer(self.metrics.registry, self.settings.metrics_port)
-        log.info("gateway %s listening on %s", self.settings.gateway_id, self.address)
+        log.info(
+            "gateway %s listening on %s%s",
+            self.settings.gateway_id,
+            self.address,
+            " (mutual TLS)" if self.settings.tls else "",
+        )
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new calls, answer the in-flight ones within the grace period, close."""

@@ -26,6 +26,7 @@ from meshserve.settings import (
     WorkerSettings,
     env_default,
 )
+from meshserve.tls import TlsConfig, TlsConfigError
 
 log = logging.getLogger("meshserve")
 
@@ -65,7 +66,9 @@ def _run(coro: Awaitable[None]) -> None:
 def cmd_router(args: argparse.Namespace) -> int:
     from router.server import RouterServer
 
-    settings = RouterSettings(model_repository=Path(args.model_repository), host=args.host, port=args.port)
+    settings = RouterSettings(
+        model_repository=Path(args.model_repository), host=args.host, port=args.port, tls=tls_from_args(args)
+    )
 
     async def main() -> None:
         server = RouterServer(settings)
@@ -89,6 +92,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         default_timeout_ms=args.default_timeout_ms,
         drain_grace_s=args.drain_grace_s,
         tenants_path=Path(args.tenants) if args.tenants else None,
+        tls=tls_from_args(args),
     )
 
     async def main() -> None:
@@ -116,6 +120,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         lease_ms=args.lease_ms,
         max_attempts=args.max_attempts,
         lower_tier_share=args.lower_tier_share,
+        tls=tls_from_args(args),
     )
 
     async def main() -> None:
@@ -132,10 +137,18 @@ def _require_redis(args: argparse.Namespace) -> str:
     return str(args.redis_url)
 
 
+def tls_from_args(args: argparse.Namespace) -> TlsConfig | None:
+    """The --tls-* flags as a config (all three or none), or exit with the reason."""
+    try:
+        return TlsConfig.from_paths(args.tls_ca, args.tls_cert, args.tls_key)
+    except TlsConfigError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from meshserve.supervisor import run_up
 
-    return run_up(args)
+    return run_up(args, tls_from_args(args))
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
@@ -179,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_default("TENANTS", None),
         help="tenants YAML for the gateway; none: one open development tenant",
     )
+    _add_tls(up, "passed to every service: one identity for the whole mesh")
     up.set_defaults(func=cmd_up)
 
     router = sub.add_parser("router", help="run the control plane")
@@ -189,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     router.add_argument("--host", default=env_default("ROUTER_HOST", "127.0.0.1"))
     router.add_argument("--port", type=int, default=env_default("ROUTER_PORT", 8003))
+    _add_tls(router, "the port requires client certificates signed by the CA")
     router.set_defaults(func=cmd_router)
 
     gateway = sub.add_parser("gateway", help="run the KServe v2 gRPC gateway")
@@ -204,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_default("TENANTS", None),
         help="tenants YAML (reloaded on SIGHUP); none: one open development tenant",
     )
+    _add_tls(gateway, "clients must present a certificate signed by the CA")
     gateway.set_defaults(func=cmd_gateway)
 
     worker = sub.add_parser("worker", help="run one model worker")
@@ -241,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--metrics-port", type=int, default=env_default("WORKER_METRICS_PORT", 0), help="0: off")
     worker.add_argument("--intra-op-threads", type=int, default=env_default("INTRA_OP_THREADS", 0))
+    _add_tls(worker, "for the router channel and the health port")
     worker.set_defaults(func=cmd_worker)
 
     hash_key = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key, for the tenants file")
@@ -262,6 +279,17 @@ def _add_data_plane(parser: argparse.ArgumentParser) -> None:
         help="redis:// or rediss://user:pass@host:port/db (MESHSERVE_REDIS_URL)",
     )
     parser.add_argument("--router", default=env_default("ROUTER", "127.0.0.1:8003"), help="router host:port")
+
+
+def _add_tls(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("mutual TLS", f"all three or none (plaintext); {what}")
+    group.add_argument("--tls-ca", default=env_default("TLS_CA", None), help="CA certificate, PEM (MESHSERVE_TLS_CA)")
+    group.add_argument(
+        "--tls-cert", default=env_default("TLS_CERT", None), help="this service's certificate, PEM (MESHSERVE_TLS_CERT)"
+    )
+    group.add_argument(
+        "--tls-key", default=env_default("TLS_KEY", None), help="this service's private key, PEM (MESHSERVE_TLS_KEY)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshserve.tls import TlsConfig
+
 
 def env_default(name: str, default: Any) -> Any:
     """The value of ``MESHSERVE_<NAME>`` converted to ``default``'s type, or ``default``."""
@@ -40,6 +42,7 @@ class RouterSettings:
     metrics_port: int = 0
     report_interval_ms: int = 1000
     worker_ttl_ms: int = 5000
+    tls: TlsConfig | None = None  # mTLS on the router's port
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,7 @@ class GatewaySettings:
     default_timeout_ms: int = 30_000
     drain_grace_s: float = 10.0
     tenants_path: Path | None = None  # None: one open development tenant
+    tls: TlsConfig | None = None  # mTLS on the public port and the router channel
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,7 @@ class WorkerSettings:
     lower_tier_share: float = 0.1  # fraction of claims kept for lower tiers with work (0: strict)
     intra_op_threads: int = 0
     drain_grace_s: float = 30.0
+    tls: TlsConfig | None = None  # mTLS on the router channel and the health port
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,10 @@ Each child's command line names its role (``python -m meshserve worker ...``).
 A child that dies is restarted, as a process manager would: after 0.5 s, then
 twice as long after each quick death (up to 30 s); a child that stayed up for a
 minute starts again from 0.5 s.
+
+With ``--tls-ca/--tls-cert/--tls-key`` every child gets the same three flags, so
+every hop is mutual TLS with one identity for the whole mesh, and so do the
+readiness checks here.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from types import FrameType
 import grpc
 
 from meshserve.redis_server import RedisServer, binary_from_env, free_port
+from meshserve.tls import TlsConfig, sync_channel
 
 log = logging.getLogger("meshserve.up")
 
@@ -92,7 +97,7 @@ class Child:
             self.proc.wait()
 
 
-def run_up(args: argparse.Namespace) -> int:
+def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
     from meshserve.examples import default_repository_dir, write_example_repository
 
     repository = Path(args.model_repository) if args.model_repository else None
@@ -115,8 +120,11 @@ def run_up(args: argparse.Namespace) -> int:
         log.info("started a private Redis-compatible server (%s) at %s", redis_server.binary.name, redis_url)
 
     router_address = f"127.0.0.1:{free_port()}"
-    common = ["--redis-url", redis_url, "--router", router_address]
-    router = Child("router", ["--model-repository", str(repository), "--port", router_address.rsplit(":", 1)[1]])
+    tls_args = _tls_args(tls)
+    common = ["--redis-url", redis_url, "--router", router_address, *tls_args]
+    router = Child(
+        "router", ["--model-repository", str(repository), "--port", router_address.rsplit(":", 1)[1], *tls_args]
+    )
     # Worker i serves its metrics on the port after the gateway's plus i (8003, 8004, ...).
     workers = [
         Child(
@@ -150,12 +158,13 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         for child in children:
             child.start()
-        models = _wait_ready(router_address, f"127.0.0.1:{args.grpc_port}", children, stop)
+        models = _wait_ready(router_address, f"127.0.0.1:{args.grpc_port}", children, stop, tls)
         if models is not None:
             host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            transport = "gRPC over mutual TLS" if tls else "gRPC"
             print(
                 f"meshserve ready: {len(models)} models ({', '.join(models)}) at {host}:{args.grpc_port}"
-                f" (gRPC, KServe v2); metrics on :{args.metrics_port}; Ctrl-C to stop",
+                f" ({transport}, KServe v2); metrics on :{args.metrics_port}; Ctrl-C to stop",
                 flush=True,
             )
             _supervise_until_stop(children, stop)
@@ -166,8 +175,20 @@ def run_up(args: argparse.Namespace) -> int:
             redis_server.stop()
 
 
+def _tls_args(tls: TlsConfig | None) -> list[str]:
+    """The children's --tls-* flags, absolute (a child's working directory may differ)."""
+    if tls is None:
+        return []
+    paths = {"--tls-ca": tls.ca_path, "--tls-cert": tls.cert_path, "--tls-key": tls.key_path}
+    return [arg for flag, path in paths.items() for arg in (flag, str(path.resolve()))]
+
+
 def _wait_ready(
-    router_address: str, gateway_address: str, children: list[Child], stop: threading.Event
+    router_address: str,
+    gateway_address: str,
+    children: list[Child],
+    stop: threading.Event,
+    tls: TlsConfig | None = None,
 ) -> list[str] | None:
     """Block until the router says every model is ready and the gateway serves."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -182,7 +203,7 @@ def _wait_ready(
             log.error("%s exited during start-up", ", ".join(dead))
             return None
         try:
-            with grpc.insecure_channel(router_address) as channel:
+            with sync_channel(router_address, tls) as channel:
                 stub = mpb_grpc.RouterStub(channel)
                 for table in stub.WatchRoutingTable(mpb.WatchRequest(gateway_id="up"), timeout=2):
                     if table.models and all(m.ready for m in table.models):
@@ -190,7 +211,7 @@ def _wait_ready(
                         break
                 else:
                     continue
-            with grpc.insecure_channel(gateway_address) as channel:
+            with sync_channel(gateway_address, tls) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 for status in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5):
                     if status.status == health_pb2.HealthCheckResponse.SERVING:

@@ -20,6 +20,7 @@ from opentelemetry import trace
 from meshserve.metrics import MetricsServer
 from meshserve.redis_client import blocking_client, command_client
 from meshserve.settings import WorkerSettings, instance_id
+from meshserve.tls import add_port, channel
 from model_workers.worker import Worker
 from protos import meshserve_pb2_grpc as mpb_grpc
 
@@ -35,13 +36,13 @@ class WorkerServer:
         self.settings = settings
         self.redis = command_client(settings.redis_url)
         self.blocking = blocking_client(settings.redis_url)
-        self.router_channel = grpc.aio.insecure_channel(settings.router_address)
+        self.router_channel = channel(settings.router_address, settings.tls)
         self.worker = Worker(settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer)
         self.worker.on_readiness_change = self._schedule_health_update
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.health_port = self.server.add_insecure_port(f"{settings.health_host}:{settings.health_port}")
+        self.health_port = add_port(self.server, f"{settings.health_host}:{settings.health_port}", settings.tls)
         self._tasks: list[asyncio.Task[None]] = []
         self._health_updates: set[asyncio.Task[None]] = set()
         self._metrics_server: MetricsServer | None = None

@@ -12,6 +12,7 @@ import grpc
 from meshserve.repository import scan_repository
 from meshserve.routing import spec_from_info
 from meshserve.settings import RouterSettings
+from meshserve.tls import add_port
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
 from router.core import RouterCore, TableSnapshot
@@ -68,7 +69,7 @@ class RouterServer:
         mpb_grpc.add_RouterServicer_to_server(
             RouterServicer(self.core, settings.model_repository, settings.report_interval_ms), self.server
         )
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
         self._expiry: asyncio.Task[None] | None = None
 
     @property
@@ -78,7 +79,12 @@ class RouterServer:
     async def start(self) -> None:
         await self.server.start()
         self._expiry = asyncio.create_task(self.core.run_expiry(self.settings.report_interval_ms / 1000))
-        log.info("router listening on %s with %d model versions", self.address, len(self.core.models))
+        log.info(
+            "router listening on %s%s with %d model versions",
+            self.address,
+            " (mutual TLS)" if self.settings.tls else "",
+            len(self.core.models),
+        )
 
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._expiry is not None:

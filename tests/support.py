@@ -19,6 +19,7 @@ from gateway.server import GatewayServer
 from meshserve.dtypes import KSERVE_BY_NUMPY, NUMPY_BY_KSERVE
 from meshserve.queue import ModelKeys
 from meshserve.settings import GatewaySettings, RouterSettings, WorkerSettings
+from meshserve.tls import TlsConfig
 from model_workers.server import WorkerServer
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -37,13 +38,20 @@ class Mesh:
 
 
 async def start_mesh(
-    redis_url: str, repository: Path, *, workers: int = 1, tracer: Any = None, **gateway_overrides: Any
+    redis_url: str,
+    repository: Path,
+    *,
+    workers: int = 1,
+    tracer: Any = None,
+    tls: TlsConfig | None = None,
+    **gateway_overrides: Any,
 ) -> Mesh:
-    router = RouterServer(RouterSettings(model_repository=repository, port=0, report_interval_ms=200))
+    """The mesh, ready; with ``tls`` every port and channel is mutual TLS with that one identity."""
+    router = RouterServer(RouterSettings(model_repository=repository, port=0, report_interval_ms=200, tls=tls))
     await router.start()
     gateway = GatewayServer(
         GatewaySettings(
-            redis_url=redis_url, router_address=router.address, host="127.0.0.1", port=0, **gateway_overrides
+            redis_url=redis_url, router_address=router.address, host="127.0.0.1", port=0, tls=tls, **gateway_overrides
         ),
         tracer,
     )
@@ -51,7 +59,7 @@ async def start_mesh(
     started = []
     for _ in range(workers):
         worker = WorkerServer(
-            WorkerSettings(redis_url=redis_url, router_address=router.address, model_repository=repository),
+            WorkerSettings(redis_url=redis_url, router_address=router.address, model_repository=repository, tls=tls),
             tracer,
         )
         await worker.start()

@@ -1,0 +1,248 @@
+"""Mutual TLS on every hop: the whole path over mTLS with certificates made here, and
+the callers it must refuse (no certificate, a stranger's CA, a plaintext channel)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.asyncio import Redis
+
+from meshserve.cli import build_parser, tls_from_args
+from meshserve.examples import write_example_repository
+from meshserve.tls import TlsConfig, TlsConfigError
+from protos import grpc_service_pb2 as pb
+from protos import meshserve_pb2 as mpb
+from protos import meshserve_pb2_grpc as mpb_grpc
+from tests.support import Mesh, infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
+
+RPC_TIMEOUT_S = 5
+# A refused handshake surfaces as a connection failure, not as an answer from the mesh.
+CONNECT_FAILED = "failed to connect to all addresses"
+
+
+# ------------------------------------------------------------ certificates
+
+
+@dataclass(frozen=True)
+class Authority:
+    """A CA that signs leaf certificates, written as PEM files under ``directory``."""
+
+    directory: Path
+    name: str
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, directory: Path, name: str) -> Authority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+        cert = (
+            _builder(subject, subject, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        authority = cls(directory, name, key, cert)
+        _write(authority.ca_path, cert.public_bytes(serialization.Encoding.PEM))
+        return authority
+
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / f"{self.name}-ca.pem"
+
+    def issue(self, common_name: str) -> TlsConfig:
+        """A certificate for ``localhost`` and 127.0.0.1, for both server and client use."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        names: list[x509.GeneralName] = [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+        ]
+        cert = (
+            _builder(subject, self.cert.subject, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        config = TlsConfig(
+            self.ca_path,
+            self.directory / f"{self.name}-{common_name}.pem",
+            self.directory / f"{self.name}-{common_name}.key",
+        )
+        _write(config.cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        _write(
+            config.key_path,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
+        return config
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not cert_sign,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+# ------------------------------------------------------------ fixtures
+
+
+@dataclass(frozen=True)
+class Pki:
+    mesh: TlsConfig  # the one identity every service of the mesh uses
+    client: TlsConfig  # a client certificate from the mesh's CA
+    stranger: TlsConfig  # a certificate from an unrelated CA
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    ours = Authority.create(tmp_path, "mesh")
+    theirs = Authority.create(tmp_path, "stranger")
+    return Pki(mesh=ours.issue("meshserve"), client=ours.issue("client"), stranger=theirs.issue("client"))
+
+
+@pytest.fixture
+async def tls_mesh(redis: Redis, redis_url: str, tmp_path: Path, pki: Pki) -> AsyncIterator[Mesh]:
+    repository = write_example_repository(tmp_path / "models", ["adder_fixed"])
+    mesh = await start_mesh(redis_url, repository, tls=pki.mesh)
+    try:
+        yield mesh
+    finally:
+        await stop_mesh(mesh)
+
+
+def adder_request() -> pb.ModelInferRequest:
+    return infer_request(
+        "adder_fixed", {"a": np.array([[1, 2, 3, 4]], np.int64), "b": np.array([[10, 20, 30, 40]], np.int64)}
+    )
+
+
+async def refused_infer(address: str, credentials: grpc.ChannelCredentials) -> grpc.aio.AioRpcError:
+    async with grpc.aio.secure_channel(address, credentials) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await infer_stub(channel).ModelInfer(adder_request(), timeout=RPC_TIMEOUT_S)
+    return failed.value
+
+
+# ------------------------------------------------------------ the path over mTLS
+
+
+async def test_an_inference_travels_every_hop_over_mutual_tls(tls_mesh: Mesh, pki: Pki) -> None:
+    async with grpc.aio.secure_channel(tls_mesh.address, pki.client.channel_credentials()) as channel:
+        response = await infer_stub(channel).ModelInfer(adder_request(), timeout=RPC_TIMEOUT_S)
+    outputs = output_arrays(response)
+    assert outputs["sum"].tolist() == [[11, 22, 33, 44]]
+    assert outputs["diff"].tolist() == [[-9, -18, -27, -36]]
+    # the worker's health port speaks mTLS as well
+    async with grpc.aio.secure_channel(tls_mesh.workers[0].health_address, pki.client.channel_credentials()) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT_S)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_client_without_a_certificate_is_refused(tls_mesh: Mesh, pki: Pki) -> None:
+    ca_only = grpc.ssl_channel_credentials(root_certificates=pki.client.ca_path.read_bytes())
+    failed = await refused_infer(tls_mesh.address, ca_only)
+    assert failed.code() == grpc.StatusCode.UNAVAILABLE
+    assert CONNECT_FAILED in (failed.details() or "")
+
+
+async def test_a_client_certificate_from_another_ca_is_refused(tls_mesh: Mesh, pki: Pki) -> None:
+    stranger = grpc.ssl_channel_credentials(
+        root_certificates=pki.client.ca_path.read_bytes(),  # it trusts the mesh ...
+        private_key=pki.stranger.key_path.read_bytes(),  # ... but the mesh does not trust it
+        certificate_chain=pki.stranger.cert_path.read_bytes(),
+    )
+    failed = await refused_infer(tls_mesh.address, stranger)
+    assert failed.code() == grpc.StatusCode.UNAVAILABLE
+    assert CONNECT_FAILED in (failed.details() or "")
+
+
+async def test_a_client_that_trusts_another_ca_refuses_the_gateway(tls_mesh: Mesh, pki: Pki) -> None:
+    failed = await refused_infer(tls_mesh.address, pki.stranger.channel_credentials())
+    assert failed.code() == grpc.StatusCode.UNAVAILABLE
+    assert "handshake failed" in (failed.details() or "").lower()
+
+
+async def test_the_router_and_the_gateway_refuse_a_plaintext_channel(tls_mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(tls_mesh.router.address) as channel:
+        watch = mpb_grpc.RouterStub(channel).WatchRoutingTable(
+            mpb.WatchRequest(gateway_id="plain"), timeout=RPC_TIMEOUT_S
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as to_router:
+            await watch.read()
+    async with grpc.aio.insecure_channel(tls_mesh.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as to_gateway:
+            await infer_stub(channel).ModelInfer(adder_request(), timeout=RPC_TIMEOUT_S)
+    for failed in (to_router.value, to_gateway.value):
+        assert failed.code() == grpc.StatusCode.UNAVAILABLE
+        assert CONNECT_FAILED in (failed.details() or "")
+
+
+# ------------------------------------------------------------ flags
+
+
+def test_tls_flags_come_all_three_or_none(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = build_parser()
+    assert tls_from_args(parser.parse_args(["router", "--model-repository", "/m"])) is None
+    with pytest.raises(SystemExit, match="--tls-key missing"):
+        tls_from_args(
+            parser.parse_args(["gateway", "--tls-ca", str(pki.mesh.ca_path), "--tls-cert", str(pki.mesh.cert_path)])
+        )
+    monkeypatch.setenv("MESHSERVE_TLS_CA", str(pki.mesh.ca_path))
+    monkeypatch.setenv("MESHSERVE_TLS_CERT", str(pki.mesh.cert_path))
+    monkeypatch.setenv("MESHSERVE_TLS_KEY", str(pki.mesh.key_path))
+    args = build_parser().parse_args(["worker", "--model-repository", "/m"])
+    assert tls_from_args(args) == pki.mesh
+
+
+def test_a_missing_or_non_pem_file_is_named(pki: Pki, tmp_path: Path) -> None:
+    with pytest.raises(TlsConfigError, match=r"--tls-cert .*nope\.pem: cannot read"):
+        TlsConfig.from_paths(str(pki.mesh.ca_path), str(tmp_path / "nope.pem"), str(pki.mesh.key_path))
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not a key")
+    with pytest.raises(TlsConfigError, match=r"--tls-key .*garbage\.key: not a PEM file"):
+        TlsConfig.from_paths(str(pki.mesh.ca_path), str(pki.mesh.cert_path), str(garbage))
