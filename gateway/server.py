@@ -104,8 +104,16 @@ class GatewayServer:
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Refuse new calls, answer the in-flight ones within the grace period, close."""
+        """Leave the load balancer, refuse new calls, answer the in-flight ones, close.
+
+        First a lame-duck period: health says NOT_SERVING while calls are still
+        answered, so balancers and clients move away before the drain begins
+        (grpcio cancels calls that arrive once the drain has started, and
+        CANCELLED is not a status clients retry).
+        """
         await self.health.enter_graceful_shutdown()
+        if self.settings.lame_duck_s > 0:
+            await asyncio.sleep(self.settings.lame_duck_s)
         await self.server.stop(self.settings.drain_grace_s if grace_s is None else grace_s)
         await self.gateway.stop()
         await self.router_channel.close()

@@ -91,6 +91,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         default_timeout_ms=args.default_timeout_ms,
         drain_grace_s=args.drain_grace_s,
+        lame_duck_s=args.lame_duck_s,
         tenants_path=Path(args.tenants) if args.tenants else None,
         tls=tls_from_args(args),
     )
@@ -214,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--max-message-bytes", type=int, default=env_default("MAX_MESSAGE_BYTES", 64 * 1024 * 1024))
     gateway.add_argument("--default-timeout-ms", type=int, default=env_default("DEFAULT_TIMEOUT_MS", 30_000))
     gateway.add_argument("--drain-grace-s", type=float, default=env_default("DRAIN_GRACE_S", 10.0))
+    gateway.add_argument(
+        "--lame-duck-s",
+        type=float,
+        default=env_default("LAME_DUCK_S", 1.0),
+        help="on SIGTERM: seconds NOT_SERVING but still answering, before the drain",
+    )
     gateway.add_argument(
         "--tenants",
         default=env_default("TENANTS", None),

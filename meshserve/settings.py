@@ -56,6 +56,7 @@ class GatewaySettings:
     max_message_bytes: int = 64 * 1024 * 1024
     default_timeout_ms: int = 30_000
     drain_grace_s: float = 10.0
+    lame_duck_s: float = 1.0  # on stop: NOT_SERVING but still answering, before the drain
     tenants_path: Path | None = None  # None: one open development tenant
     tls: TlsConfig | None = None  # mTLS on the public port and the router channel
 

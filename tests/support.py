@@ -51,7 +51,12 @@ async def start_mesh(
     await router.start()
     gateway = GatewayServer(
         GatewaySettings(
-            redis_url=redis_url, router_address=router.address, host="127.0.0.1", port=0, tls=tls, **gateway_overrides
+            **{"lame_duck_s": 0.0, **gateway_overrides},  # no balancer to leave in tests
+            redis_url=redis_url,
+            router_address=router.address,
+            host="127.0.0.1",
+            port=0,
+            tls=tls,
         ),
         tracer,
     )

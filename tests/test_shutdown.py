@@ -210,3 +210,26 @@ async def test_requests_after_the_last_worker_stops_are_unavailable(mesh: Mesh, 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "model 'mlp' version 1 is not ready" in (caught.value.details() or "")
     assert await queue_leftovers(redis) == []
+
+
+async def test_a_stopping_gateway_answers_through_its_lame_duck_period(
+    redis: Redis, redis_url: str, model_repository: Path
+) -> None:
+    """NOT_SERVING first, while calls are still answered: balancers leave before
+    the drain, during which grpcio would cancel newly arriving calls."""
+    mesh = await start_mesh(redis_url, model_repository, lame_duck_s=3.0)
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            stopping = asyncio.create_task(mesh.gateway.stop(grace_s=2))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            response = await infer_stub(channel).ModelInfer(infer_request("mlp", features(1)), timeout=2)
+            assert output_arrays(response)["logits"].shape == (1, 10)
+            await stopping
+    finally:
+        for worker in mesh.workers:
+            await worker.stop()
+        await mesh.router.stop()
