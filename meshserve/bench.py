@@ -334,13 +334,13 @@ def _wait_for_ready_line(stdout: IO[str], timeout_s: float) -> bool:
 
 
 @contextlib.contextmanager
-def own_mesh(repository: Path) -> Iterator[str]:
-    """Run ``meshserve up`` on free loopback ports; yields its gRPC address."""
+def own_mesh(repository: Path, up_args: Sequence[str] = ()) -> Iterator[str]:
+    """Run ``meshserve up`` (plus ``up_args``) on free loopback ports; yields its gRPC address."""
     from meshserve.redis_server import free_port
 
     grpc_port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "meshserve", "up", "--host", "127.0.0.1", "--grpc-port", str(grpc_port)]
-    command += ["--metrics-port", str(metrics_port), "--model-repository", str(repository)]
+    command += ["--metrics-port", str(metrics_port), "--model-repository", str(repository), *up_args]
     env = {"MESHSERVE_LOG_LEVEL": "WARNING", **os.environ}
     _progress("starting a mesh: python " + " ".join(command[1:]))
     proc = subprocess.Popen(
@@ -509,6 +509,14 @@ def _concurrency_list(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from meshserve import bench_tenants
+
+    parser.add_argument(
+        "--scenario",
+        choices=("sweep", "noisy-neighbor"),
+        default=env_default("BENCH_SCENARIO", "sweep"),
+        help="sweep: concurrencies beside raw ONNX Runtime; noisy-neighbor: one tenant floods, another is timed",
+    )
     parser.add_argument("--target", default=env_default("BENCH_TARGET", None), help="HOST:PORT of a running mesh")
     parser.add_argument("--model", default=env_default("BENCH_MODEL", "cnn"))
     parser.add_argument("--concurrency", type=_concurrency_list, default=env_default("BENCH_CONCURRENCY", "1,32"))
@@ -524,6 +532,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch", type=int, default=env_default("BENCH_MAX_BATCH", None), help="raw run's max batch"
     )
+    bench_tenants.add_arguments(parser)
 
 
 def _config(args: argparse.Namespace) -> BenchConfig:
@@ -561,8 +570,13 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """Reach a ready mesh, measure raw ONNX Runtime while it idles, then load it.
 
-    Prints the table; returns 1 when any call failed.
+    Prints the table; returns 1 when any call failed. ``--scenario noisy-neighbor``
+    runs :mod:`meshserve.bench_tenants` instead.
     """
+    if args.scenario == "noisy-neighbor":
+        from meshserve.bench_tenants import run_noisy_neighbor
+
+        return run_noisy_neighbor(args)
     config = _config(args)
     model = _find_model(config.repository, config.model)
     max_batch = (config.max_batch or model.max_batch_size) if model.max_batch_size > 0 else 1
