@@ -137,6 +137,7 @@ class Gateway:
         self.on_view_change: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        self._throttled_until: dict[str, float] = {}  # tenant -> monotonic s: over its rate until then
 
     async def start(self) -> None:
         self._tasks = [
@@ -197,8 +198,6 @@ class Gateway:
         model = self.resolve(request.model_name, request.model_version)
         if not self.model_ready(model):
             raise Unavailable(f"model '{model.name}' version {model.version} is not ready")
-        packed = pack_inputs(request, model)
-        outputs = check_requested_outputs(request, model)
         now_ms = time.time() * 1000
         timeout_ms = timeout_ms_of(request)
         if timeout_ms is not None:
@@ -206,22 +205,40 @@ class Gateway:
         if deadline_ms <= now_ms:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
 
+        # Admission before decoding tensors: a flood of refused calls must cost the
+        # gateway as little as possible, or it slows every other tenant's calls.
         job_id = uuid.uuid4().hex
         limited = tenant.rate_per_s > 0 or tenant.max_inflight > 0
         if limited:
             await self._admit(tenant, job_id, int(deadline_ms))
         try:
+            packed = pack_inputs(request, model)
+            outputs = check_requested_outputs(request, model)
             return await self._queue_and_wait(request, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
         finally:
             if limited:
                 self._release(tenant, job_id)
 
     async def _admit(self, tenant: Tenant, job_id: str, deadline_ms: int) -> None:
+        """One Redis script, unless this gateway already knows the tenant is over its
+        rate: GCRA admits nothing before its retry hint, so until then the answer
+        is the same without the round trip."""
+        wait_s = self._throttled_until.get(tenant.name, 0.0) - time.monotonic()
+        if wait_s > 0:
+            retry_after_ms = max(1, int(wait_s * 1000))
+            raise ResourceExhausted(
+                f"tenant '{tenant.name}' is over its rate limit of {tenant.rate_per_s:g} requests/s"
+                f" (burst {tenant.burst}); retry after {retry_after_ms} ms",
+                reason="rate",
+                retry_after_ms=retry_after_ms,
+            )
         try:
             decision = await self.admission.admit(tenant, job_id, deadline_ms=deadline_ms)
         except RedisError as exc:
             raise Unavailable(f"admission unavailable: {exc}") from exc
         if not decision.ok:
+            if decision.reason == "rate" and decision.retry_after_ms > 0:
+                self._throttled_until[tenant.name] = time.monotonic() + decision.retry_after_ms / 1000
             raise ResourceExhausted(
                 decision.describe(tenant), reason=decision.reason, retry_after_ms=decision.retry_after_ms
             )

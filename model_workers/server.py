@@ -69,7 +69,10 @@ class WorkerServer:
         await self.worker.load_assigned()
         await self._update_health()
         if self.settings.metrics_port:
-            self._metrics_server = MetricsServer(self.worker.metrics.registry, self.settings.metrics_port)
+            try:
+                self._metrics_server = MetricsServer(self.worker.metrics.registry, self.settings.metrics_port)
+            except OSError as exc:  # metrics must never take a serving worker down
+                log.error("metrics port %d unavailable (%s); serving without /metrics", self.settings.metrics_port, exc)
         self._tasks = [
             asyncio.create_task(self.worker.serve(), name="serve"),
             asyncio.create_task(self.worker.report_forever(1.0), name="report"),

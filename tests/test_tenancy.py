@@ -136,6 +136,14 @@ async def test_rate_limit_answers_resource_exhausted_with_a_retry_hint(
     trailers = dict(limited.value.trailing_metadata() or ())
     assert 0 < int(trailers["retry-after-ms"]) <= 10_000
     assert rejections(tenant_mesh, "metered", "rate") == 1
+    # Within the retry window the gateway refuses on its own, without asking Redis:
+    # even with the tenant's rate state wiped there (Redis would admit), it refuses.
+    await redis.delete("ms:{t:metered}:tat")
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await tstub.ModelInfer(mlp_request(), metadata=auth("metered-key"), timeout=5)
+    assert again.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 0 < int(dict(again.value.trailing_metadata() or ())["retry-after-ms"]) <= 10_000
+    assert rejections(tenant_mesh, "metered", "rate") == 2
     await settle(tenant_mesh)
     assert await redis.zcard("ms:{t:metered}:inflight") == 0  # nothing leaked
     assert await redis.keys("ms:{m:*:job:*") == []
