@@ -115,6 +115,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         model_repository=Path(args.model_repository),
         device=args.device,
         intra_op_threads=args.intra_op_threads,
+        intra_op_spinning=args.intra_op_spinning,
         metrics_port=args.metrics_port,
         health_host=args.health_host,
         health_port=args.health_port,
@@ -264,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--metrics-port", type=int, default=env_default("WORKER_METRICS_PORT", 0), help="0: off")
     worker.add_argument("--intra-op-threads", type=int, default=env_default("INTRA_OP_THREADS", 0))
+    worker.add_argument(
+        "--intra-op-spinning",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("INTRA_OP_SPINNING", False),
+        help="let idle ONNX Runtime threads busy-wait (off: they sleep, leaving the CPU to the rest of the host)",
+    )
     _add_tls(worker, "for the router channel and the health port")
     worker.set_defaults(func=cmd_worker)
 

@@ -74,7 +74,8 @@ class WorkerSettings:
     lease_ms: int = 5_000  # a dead worker's batch is redelivered after this long
     max_attempts: int = 3  # claims of one request before it is answered INTERNAL
     lower_tier_share: float = 0.1  # fraction of claims kept for lower tiers with work (0: strict)
-    intra_op_threads: int = 0
+    intra_op_threads: int = 0  # 0: ONNX Runtime's choice (one per physical core)
+    intra_op_spinning: bool = False  # idle ORT threads busy-wait: faster hot loops, CPU taken from the rest
     drain_grace_s: float = 30.0
     tls: TlsConfig | None = None  # mTLS on the router channel and the health port
 

@@ -140,7 +140,9 @@ class Worker:
         await self.report()
 
     def _load(self, info: Any) -> LoadedModel:
-        model = LoadedModel(info, intra_op_threads=self.settings.intra_op_threads)
+        model = LoadedModel(
+            info, intra_op_threads=self.settings.intra_op_threads, spinning=self.settings.intra_op_spinning
+        )
         took_s = model.warm_up()
         log.info("loaded %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)
         return model

@@ -1,0 +1,39 @@
+"""A worker's ONNX Runtime session: how it is configured, warmed up and run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from meshserve.repository import load_model
+from model_workers.session import LoadedModel
+
+
+def _options(model: LoadedModel) -> ort.SessionOptions:
+    session = model.session
+    assert isinstance(session, ort.InferenceSession)
+    return session.get_session_options()
+
+
+@pytest.mark.parametrize(("spinning", "entry"), [(False, "0"), (True, "1")])
+def test_idle_threads_spin_only_when_asked(model_repository: Path, spinning: bool, entry: str) -> None:
+    model = LoadedModel(load_model(model_repository / "cnn", 1), spinning=spinning)
+    assert _options(model).get_session_config_entry("session.intra_op.allow_spinning") == entry
+
+
+def test_intra_op_threads_are_passed_to_onnx_runtime(model_repository: Path) -> None:
+    model = LoadedModel(load_model(model_repository / "cnn", 1), intra_op_threads=1)
+    assert _options(model).intra_op_num_threads == 1
+
+
+def test_warm_up_marks_ready_and_runs_every_output(model_repository: Path) -> None:
+    model = LoadedModel(load_model(model_repository / "mlp", 1))
+    assert not model.ready
+    model.warm_up()
+    assert model.ready
+    outputs = model.run(model.sample_inputs(3))
+    assert [out.shape[0] for out in outputs] == [3] * len(model.info.outputs)
+    assert all(np.isfinite(out).all() for out in outputs if out.dtype.kind == "f")
