@@ -365,6 +365,7 @@ class Worker:
                 "queue_wait", context=ctx, start_time=job.request.enqueued_ms * 1_000_000
             ) as span:
                 span.set_attribute("meshserve.model", info.name)
+                span.set_attribute("meshserve.tenant", job.request.tenant)
             # the span ends here, at claim time (roughly): its length is the queue wait
         total = sum(job.batch_size for job in jobs)
         attributes: dict[str, str | int] = {
