@@ -40,6 +40,7 @@ import grpc
 import numpy as np
 
 from meshserve.dtypes import NUMPY_BY_KSERVE
+from meshserve.heap import freeze_startup_heap
 from meshserve.repository import ANY_DIM, ModelInfo, TensorInfo, scan_repository
 from meshserve.settings import env_default
 
@@ -584,6 +585,7 @@ def run_bench(args: argparse.Namespace) -> int:
     mesh = contextlib.nullcontext(config.target) if config.target else own_mesh(config.repository)
     with mesh as target:
         asyncio.run(_require_ready(target, model))
+        freeze_startup_heap()  # the client's own GC pauses would show as mesh latency
         points_count = len(raw_batches(max_batch)) + len(config.concurrencies)
         _progress(f"{points_count} points: about {points_count * (config.warmup_s + config.duration_s):.0f} s")
         raw, other_cores = measure_raw_with_noise(model, max_batch, config.warmup_s, config.duration_s)

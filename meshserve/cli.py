@@ -20,6 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from meshserve.heap import freeze_startup_heap
 from meshserve.settings import (
     GatewaySettings,
     RouterSettings,
@@ -46,6 +47,7 @@ async def _serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callab
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     await start()
+    freeze_startup_heap()
     await stopping.wait()
     log.info("signal received; draining")
     await stop()
