@@ -5,9 +5,12 @@ hashed) holding two standard-tier tenants allowed on the one model: A, ``noisy``
 to ``--noisy-limit-per-s``, and B, ``steady``, limited far above what it sends.
 
 B sends open loop at ``--steady-rate-per-s`` (uniform spacing, batch 1, one channel) and
-is timed for ``--duration-s`` alone, then again while A floods open loop at
+is timed for ``--duration-s`` in three phases: alone; beside A sending exactly its
+limit (the load A is entitled to, nothing refused); and while A floods open loop at
 ``--flood-rate-per-s`` (default: ten times its limit) round-robin over
-``--flood-channels`` TCP connections. Each phase starts with ``--warmup-s``; a call counts
+``--flood-channels`` TCP connections. The middle phase splits what the flood costs B
+into the share of the machine A may use anyway and what the refused excess adds.
+Each phase starts with ``--warmup-s``; a call counts
 when it completes inside the window. B's latency runs from the start of its call; B's
 send lag (how late the client started a call against its schedule) tells a busy client
 from a slow mesh. Both tenants' requests are built once and reused. One event loop
@@ -55,6 +58,7 @@ from meshserve.bench import (
     own_mesh,
     percentile_ms,
 )
+from meshserve.heap import freeze_startup_heap
 from meshserve.repository import ModelInfo
 from meshserve.settings import env_default
 from meshserve.tenants import hash_key
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
     from protos import grpc_service_pb2 as pb
 
 NOISY, STEADY = "noisy", "steady"
+ALONE, AT_LIMIT, FLOODED = "alone", "A at its limit", "under flood"  # the phases, in order
 TARGET_P99_RATIO = 1.5
 FLOOD_FACTOR = 10.0  # default flood rate, in multiples of A's limit
 STEADY_HEADROOM = 10.0  # B's limit, in multiples of what it sends: B is never refused
@@ -87,9 +92,9 @@ class ScenarioConfig:
 
 @dataclass(frozen=True, slots=True)
 class PhaseFigures:
-    """One phase, B alone or under A's flood, over ``duration_s`` of wall time."""
+    """One phase of B's load, beside what A sends then, over ``duration_s`` of wall time."""
 
-    flooded: bool
+    name: str  # ALONE, AT_LIMIT or FLOODED
     duration_s: float
     steady_ok: int
     steady_p50_ms: float
@@ -102,11 +107,11 @@ class PhaseFigures:
     machine_busy_s: float | None  # every process: this one, the mesh, and anyone else's; None off Linux
 
 
-def p99_ratio(alone: PhaseFigures, flooded: PhaseFigures) -> float:
-    """B's p99 under the flood over B's p99 alone; NaN when either is missing."""
-    if not alone.steady_p99_ms > 0 or math.isnan(flooded.steady_p99_ms):
+def p99_ratio(base: PhaseFigures, other: PhaseFigures) -> float:
+    """B's p99 in ``other`` over B's p99 in ``base`` (alone, for the target); NaN when either is missing."""
+    if not base.steady_p99_ms > 0 or math.isnan(other.steady_p99_ms):
         return math.nan
-    return flooded.steady_p99_ms / alone.steady_p99_ms
+    return other.steady_p99_ms / base.steady_p99_ms
 
 
 def target_met(alone: PhaseFigures, flooded: PhaseFigures) -> bool:
@@ -175,7 +180,7 @@ class _Clients:
     flood_metadata: tuple[tuple[str, str], ...]
 
 
-async def _phase(clients: _Clients, config: ScenarioConfig, flooded: bool) -> PhaseFigures:
+async def _phase(clients: _Clients, config: ScenarioConfig, name: str, flood_rate_per_s: float) -> PhaseFigures:
     start_ns = time.perf_counter_ns() + int(config.warmup_s * 1e9)
     window = _Window(start_ns, start_ns + int(config.duration_s * 1e9))
     steady, flood_codes = _Tally(), Counter[str]()
@@ -201,12 +206,12 @@ async def _phase(clients: _Clients, config: ScenarioConfig, flooded: bool) -> Ph
     async with asyncio.timeout(config.warmup_s + config.duration_s + REQUEST_TIMEOUT_S + CONNECT_TIMEOUT_S):
         async with asyncio.TaskGroup() as group:
             sender = group.create_task(_open_loop(group, steady_call, config.steady_rate_per_s, window))
-            if flooded:
-                group.create_task(_open_loop(group, flood_call, config.flood_rate_per_s, window))
+            if flood_rate_per_s > 0:
+                group.create_task(_open_loop(group, flood_call, flood_rate_per_s, window))
             cpu_s, busy_s = await _usage_during(window)
     latencies_ns = steady.latencies_ns
     return PhaseFigures(
-        flooded=flooded,
+        name=name,
         duration_s=config.duration_s,
         steady_ok=len(latencies_ns),
         steady_p50_ms=percentile_ms(latencies_ns, 50),
@@ -221,7 +226,7 @@ async def _phase(clients: _Clients, config: ScenarioConfig, flooded: bool) -> Ph
 
 
 async def measure(target: str, model: ModelInfo, config: ScenarioConfig, keys: dict[str, str]) -> list[PhaseFigures]:
-    """B alone, then B under A's flood, on channels opened once."""
+    """B alone, beside A at its limit, then under A's flood, on channels opened once."""
     from protos import grpc_service_pb2_grpc as pb_grpc
 
     opened = [grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) for _ in range(1 + config.flood_channels)]
@@ -240,10 +245,12 @@ async def measure(target: str, model: ModelInfo, config: ScenarioConfig, keys: d
             code, text = await _call(clients.steady, clients.request, metadata)
             if code != OK:
                 raise SystemExit(f"bench: tenant {name}: a first call to '{model.name}' failed: {code}: {text}")
+        freeze_startup_heap()  # the client's own GC pauses would show as B's latency
         phases = []
-        for flooded in (False, True):
-            phase = await _phase(clients, config, flooded)
-            _progress(_steady_text(phase) + (f"; tenant A {phase.flood_codes}" if flooded else ""))
+        rates = {ALONE: 0.0, AT_LIMIT: config.noisy_limit_per_s, FLOODED: config.flood_rate_per_s}
+        for name, rate in rates.items():
+            phase = await _phase(clients, config, name, rate)
+            _progress(_steady_text(phase) + (f"; tenant A {phase.flood_codes}" if rate else ""))
             phases.append(phase)
         return phases
     finally:
@@ -255,10 +262,7 @@ async def measure(target: str, model: ModelInfo, config: ScenarioConfig, keys: d
 
 def _steady_text(phase: PhaseFigures) -> str:
     errors = ", ".join(f"{code} {count}" for code, count in sorted(phase.steady_errors.items())) or "0"
-    return (
-        f"{'under flood' if phase.flooded else 'alone'} p50 {phase.steady_p50_ms:.2f} ms"
-        f" p99 {phase.steady_p99_ms:.2f} ms, errors {errors}"
-    )
+    return f"{phase.name} p50 {phase.steady_p50_ms:.2f} ms p99 {phase.steady_p99_ms:.2f} ms, errors {errors}"
 
 
 def _cores_text(phase: PhaseFigures) -> str:
@@ -269,7 +273,13 @@ def _cores_text(phase: PhaseFigures) -> str:
     )
 
 
-def format_report(config: ScenarioConfig, machine: dict[str, Any], alone: PhaseFigures, flooded: PhaseFigures) -> str:
+def format_report(
+    config: ScenarioConfig,
+    machine: dict[str, Any],
+    alone: PhaseFigures,
+    flooded: PhaseFigures,
+    at_limit: PhaseFigures | None = None,
+) -> str:
     """The plain-text lines printed at the end of a run."""
     codes = Counter(flooded.flood_codes)
     accepted, rejected = codes.pop(OK, 0), codes.pop(RESOURCE_EXHAUSTED, 0)
@@ -285,9 +295,15 @@ def format_report(config: ScenarioConfig, machine: dict[str, Any], alone: PhaseF
         f" other {other}",
         f"cores: alone {_cores_text(alone)} | under flood {_cores_text(flooded)}",
     ]
-    for phase in (alone, flooded):
+    if at_limit is not None:
+        lines.append(
+            f"reference: B beside A sending only its limit ({config.noisy_limit_per_s:g}/s): {_steady_text(at_limit)}"
+            f" | p99 ratio to alone {p99_ratio(alone, at_limit):.2f}x; the refused excess adds"
+            f" {p99_ratio(at_limit, flooded):.2f}x on top"
+        )
+    for phase in (p for p in (alone, at_limit, flooded) if p is not None):
         for code, text in sorted(phase.error_details.items()):
-            lines.append(f"{'under flood' if phase.flooded else 'alone'}: first {code}: {text}")
+            lines.append(f"{phase.name}: first {code}: {text}")
     if target_met(alone, flooded):
         lines.append("target met")
     else:
@@ -296,14 +312,21 @@ def format_report(config: ScenarioConfig, machine: dict[str, Any], alone: PhaseF
 
 
 def report_json(
-    config: ScenarioConfig, machine: dict[str, Any], alone: PhaseFigures, flooded: PhaseFigures
+    config: ScenarioConfig,
+    machine: dict[str, Any],
+    alone: PhaseFigures,
+    flooded: PhaseFigures,
+    at_limit: PhaseFigures | None = None,
 ) -> dict[str, Any]:
     """Every figure of the run, for ``--json``."""
+    phases = {"alone": asdict(alone), "flooded": asdict(flooded)}
+    if at_limit is not None:
+        phases["at_limit"] = asdict(at_limit)
     return {
         "scenario": "noisy-neighbor",
         "settings": asdict(config),
         "machine": machine,
-        "phases": {"alone": asdict(alone), "flooded": asdict(flooded)},
+        "phases": phases,
         "p99_ratio": p99_ratio(alone, flooded),
         "target_p99_ratio": TARGET_P99_RATIO,
         "target_met": target_met(alone, flooded),
@@ -361,7 +384,7 @@ def scenario_config(args: argparse.Namespace) -> ScenarioConfig:
 
 
 def run_noisy_neighbor(args: argparse.Namespace) -> int:
-    """Start a mesh with two tenants, time B alone and under A's flood, print the lines.
+    """Start a mesh with two tenants, time B alone, beside A at its limit and under A's flood, print the lines.
 
     Returns 0 whether or not the target is met.
     """
@@ -382,10 +405,10 @@ def run_noisy_neighbor(args: argparse.Namespace) -> int:
         # are not checked free and can collide with another process's port.
         up_args = ["--tenants", str(tenants_path), "--metrics-port", "0"]
         with own_mesh(config.repository, up_args) as target:
-            _progress(f"2 phases: about {2 * (config.warmup_s + config.duration_s):.0f} s")
-            alone, flooded = asyncio.run(measure(target, model, config, keys))
-    print(format_report(config, machine, alone, flooded), flush=True)
+            _progress(f"3 phases: about {3 * (config.warmup_s + config.duration_s):.0f} s")
+            alone, at_limit, flooded = asyncio.run(measure(target, model, config, keys))
+    print(format_report(config, machine, alone, flooded, at_limit), flush=True)
     if config.json_path is not None:
-        report = report_json(config, machine, alone, flooded)
+        report = report_json(config, machine, alone, flooded, at_limit)
         config.json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0

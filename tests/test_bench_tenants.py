@@ -28,7 +28,7 @@ CONFIG = nn.ScenarioConfig(
 )
 MACHINE = {"cores": 2, "platform": "Linux", "python": "3.11", "load_average_1m": 0.5}
 ALONE = nn.PhaseFigures(
-    flooded=False,
+    name=nn.ALONE,
     duration_s=10.0,
     steady_ok=500,
     steady_p50_ms=2.0,
@@ -42,7 +42,7 @@ ALONE = nn.PhaseFigures(
 )
 FLOODED = replace(
     ALONE,
-    flooded=True,
+    name=nn.FLOODED,
     steady_p99_ms=5.0,
     flood_codes={"OK": 400, "RESOURCE_EXHAUSTED": 3600},
     client_cpu_s=3.0,
@@ -102,6 +102,17 @@ def test_report_lines_with_given_figures() -> None:
     assert lines[3].startswith("cores: alone client cpu 0.05, machine busy 0.80, B send lag p99 0.50 ms")
     assert lines[4] == "under flood: first UNAVAILABLE: model 'cnn' version 1 is not ready"
     assert lines[5] == "target met"
+
+
+def test_report_splits_the_flood_into_a_tenants_share_and_the_refused_excess() -> None:
+    at_limit = replace(ALONE, name=nn.AT_LIMIT, steady_p99_ms=4.4, flood_codes={"OK": 400})
+    lines = nn.format_report(CONFIG, MACHINE, ALONE, FLOODED, at_limit).splitlines()
+    assert lines[4] == (
+        "reference: B beside A sending only its limit (40/s): A at its limit p50 2.00 ms p99 4.40 ms, errors 0"
+        " | p99 ratio to alone 1.10x; the refused excess adds 1.14x on top"
+    )
+    report = nn.report_json(CONFIG, MACHINE, ALONE, FLOODED, at_limit)
+    assert report["phases"]["at_limit"]["steady_p99_ms"] == pytest.approx(4.4)
 
 
 def test_json_report_carries_both_phases_and_the_verdict() -> None:
