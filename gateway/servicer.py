@@ -7,6 +7,7 @@ hands plain values to the core, and maps the one error tree onto gRPC statuses
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from meshserve.codec import to_infer_response
 from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.metrics import GatewayMetrics
 from meshserve.repository import ModelInfo
-from meshserve.telemetry import extract
+from meshserve.telemetry import extract, tenant_attribute
 from meshserve.tenants import Tenant, bearer_key
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -58,6 +59,19 @@ async def _abort(context: Context, error: MeshError) -> NoReturn:
     raise AssertionError("unreachable")  # context.abort always raises
 
 
+def _log_request(model: str, tenant: str, code: grpc.StatusCode, started_s: float) -> None:
+    """The per-request DEBUG line; its fields ride as ``extra`` for the JSON log format."""
+    duration_ms = (time.perf_counter() - started_s) * 1000
+    log.debug(
+        "ModelInfer %s for %s: %s in %.1f ms",
+        model,
+        tenant,
+        code.name,
+        duration_ms,
+        extra={"model": model, "tenant": tenant, "code": code.name, "duration_ms": round(duration_ms, 3)},
+    )
+
+
 def _details(message: str) -> str:
     if len(message) <= MAX_DETAILS_CHARS:
         return message
@@ -70,6 +84,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self.gateway = gateway
         self.tracer = tracer or trace.NoOpTracer()
+        settings = gateway.settings
+        self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self.metrics = metrics or GatewayMetrics.create()
 
     # ----------------------------------------------------------------- health
@@ -116,11 +132,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metrics = self.metrics
         metrics.inflight.inc()
         code = grpc.StatusCode.OK
+        tenant: Tenant | None = None
         try:
-            return await self._infer(request, context)
+            tenant = self._authenticate(context)
+            return await self._infer(request, context, tenant)
         except MeshError as error:
             code = error.code
-            self._count_rejection(error, context)
+            self._count_rejection(error, tenant)
             await _abort(context, error)
         except Exception:
             code = grpc.StatusCode.INTERNAL
@@ -129,24 +147,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             metrics.inflight.dec()
+            duration_s = time.perf_counter() - started_s
             label = request.model_name if request.model_name in self.gateway.view.latest else UNKNOWN_MODEL_LABEL
             metrics.requests.labels(label, code.name).inc()
-            metrics.latency.labels(label).observe(time.perf_counter() - started_s)
+            metrics.latency.labels(label).observe(duration_s)
+            tenant_label = tenant.name if tenant is not None else UNAUTHENTICATED_LABEL
+            metrics.tenant_requests.labels(tenant_label, code.name).inc()
+            if tenant is not None:
+                metrics.tenant_latency.labels(tenant_label).observe(duration_s)
 
-    def _count_rejection(self, error: MeshError, context: Context) -> None:
+    def _count_rejection(self, error: MeshError, tenant: Tenant | None) -> None:
         """Admission refusals by tenant and reason; tenants come only from the file (bounded)."""
         if isinstance(error, Unauthenticated):
-            tenant, reason = UNAUTHENTICATED_LABEL, "unauthenticated"
+            label, reason = UNAUTHENTICATED_LABEL, "unauthenticated"
         elif isinstance(error, PermissionDenied | ResourceExhausted):
-            found = self.gateway.tenants.authenticate(self._presented_key(context))
-            tenant = found.name if found else UNAUTHENTICATED_LABEL
+            label = tenant.name if tenant else UNAUTHENTICATED_LABEL
             reason = error.reason if isinstance(error, ResourceExhausted) else "permission_denied"
         else:
             return
-        self.metrics.rejections.labels(tenant, reason).inc()
+        self.metrics.rejections.labels(label, reason).inc()
 
-    async def _infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context: Context, tenant: Tenant) -> pb.ModelInferResponse:
         """The call without error mapping: a MeshError propagates to ModelInfer."""
+        started_s = time.perf_counter()
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         remaining_s = context.time_remaining()
         default_s = self.gateway.settings.default_timeout_ms / 1000
@@ -156,13 +179,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             "ModelInfer", context=extract(metadata), kind=trace.SpanKind.SERVER
         ) as span:
             span.set_attribute("meshserve.model", request.model_name)
+            code = grpc.StatusCode.INTERNAL  # until the call is answered
             try:
-                tenant = self._authenticate(context)
-                span.set_attribute("meshserve.tenant", tenant.name)
+                if (traced := self._tenant_on_span(tenant.name)) is not None:
+                    span.set_attribute("meshserve.tenant", traced)
                 reply = await self.gateway.infer(request, deadline_ms=deadline_ms, tenant=tenant)
+                code = grpc.StatusCode.OK
             except MeshError as error:
+                code = error.code
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
                 raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
+                    _log_request(request.model_name, tenant.name, code, started_s)
             return to_infer_response(reply, request.model_name, request.id)
 
     # ------------------------------------------------------- not implemented yet

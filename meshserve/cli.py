@@ -6,6 +6,7 @@
     meshserve worker    one worker process for one device
     meshserve bench     load generator, beside raw ONNX Runtime in-process
     meshserve hash-key  the sha256 form of an API key, for the tenants file
+    meshserve top       live view of models, tenants, queues and devices from /metrics
 
 Every flag has a ``MESHSERVE_<NAME>`` environment variable; the flag wins.
 """
@@ -15,29 +16,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from meshserve.heap import freeze_startup_heap
+from meshserve.logs import configure_logging
 from meshserve.settings import (
+    TRACE_TENANT_MODES,
     GatewaySettings,
     RouterSettings,
     WorkerSettings,
+    add_common,
     env_default,
 )
 from meshserve.tls import TlsConfig, TlsConfigError
 
 log = logging.getLogger("meshserve")
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 async def _serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
@@ -69,7 +66,12 @@ def cmd_router(args: argparse.Namespace) -> int:
     from router.server import RouterServer
 
     settings = RouterSettings(
-        model_repository=Path(args.model_repository), host=args.host, port=args.port, tls=tls_from_args(args)
+        model_repository=Path(args.model_repository),
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        redis_url=args.redis_url,
+        tls=tls_from_args(args),
     )
 
     async def main() -> None:
@@ -96,6 +98,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         lame_duck_s=args.lame_duck_s,
         tenants_path=Path(args.tenants) if args.tenants else None,
         tls=tls_from_args(args),
+        trace_tenant=args.trace_tenant,
+        trace_tenant_secret=_trace_tenant_secret(),
     )
 
     async def main() -> None:
@@ -118,21 +122,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
         device=args.device,
         intra_op_threads=args.intra_op_threads,
         intra_op_spinning=args.intra_op_spinning,
+        price_per_device_hour=args.price_per_device_hour,
         metrics_port=args.metrics_port,
         health_host=args.health_host,
         health_port=args.health_port,
         lease_ms=args.lease_ms,
         max_attempts=args.max_attempts,
         lower_tier_share=args.lower_tier_share,
+        canary_interval_s=args.canary_interval_s,
         tls=tls_from_args(args),
+        trace_tenant=args.trace_tenant,
+        trace_tenant_secret=_trace_tenant_secret(),
     )
 
     async def main() -> None:
-        server = WorkerServer(settings, make_tracer("meshserve-worker"))
+        server = WorkerServer(settings, make_tracer("meshserve-worker", downstream=True))
         await _serve_until_signal(server.start, server.stop)
 
     _run(main())
     return 0
+
+
+def _trace_tenant_secret() -> str:
+    """The HMAC key for ``--trace-tenant hash``: a variable only, as a flag would show in ``ps``."""
+    return str(env_default("TRACE_TENANT_SECRET", ""))
 
 
 def _require_redis(args: argparse.Namespace) -> str:
@@ -152,6 +165,9 @@ def tls_from_args(args: argparse.Namespace) -> TlsConfig | None:
 def cmd_up(args: argparse.Namespace) -> int:
     from meshserve.supervisor import run_up
 
+    # The services `up` starts inherit its environment, and with it how to log.
+    os.environ["MESHSERVE_LOG_LEVEL"] = args.log_level
+    os.environ["MESHSERVE_LOG_FORMAT"] = args.log_format
     return run_up(args, tls_from_args(args))
 
 
@@ -169,12 +185,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from meshserve.top import DEFAULT_ENDPOINTS, run_top
+
+    if args.interval_s <= 0:
+        raise SystemExit("--interval-s must be positive")
+    return run_top(args.endpoint or DEFAULT_ENDPOINTS, args.interval_s, once=args.once)
+
+
 # ------------------------------------------------------------------ parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshserve", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"))
+    add_common(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run router, gateway and workers (and a private Redis)")
@@ -207,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     router.add_argument("--host", default=env_default("ROUTER_HOST", "127.0.0.1"))
     router.add_argument("--port", type=int, default=env_default("ROUTER_PORT", 8003))
+    router.add_argument("--metrics-port", type=int, default=env_default("ROUTER_METRICS_PORT", 0), help="0: off")
+    router.add_argument(
+        "--redis-url",
+        default=env_default("REDIS_URL", None),
+        help="the queues' Redis, for queue depths and the autoscaling signal on /metrics (MESHSERVE_REDIS_URL)",
+    )
     _add_tls(router, "the port requires client certificates signed by the CA")
     router.set_defaults(func=cmd_router)
 
@@ -229,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_default("TENANTS", None),
         help="tenants YAML (reloaded on SIGHUP); none: one open development tenant",
     )
+    _add_trace_tenant(gateway)
     _add_tls(gateway, "clients must present a certificate signed by the CA")
     gateway.set_defaults(func=cmd_gateway)
 
@@ -265,14 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_default("LOWER_TIER_SHARE", 0.1),
         help="fraction of batches kept for lower tiers while they have work (0: strict tiers)",
     )
+    worker.add_argument(
+        "--canary-interval-s",
+        type=float,
+        default=env_default("CANARY_INTERVAL_S", 10.0),
+        help="run each model's sample input this often; failing or NaN answers mark it not ready (0: off)",
+    )
     worker.add_argument("--metrics-port", type=int, default=env_default("WORKER_METRICS_PORT", 0), help="0: off")
     worker.add_argument("--intra-op-threads", type=int, default=env_default("INTRA_OP_THREADS", 0))
+    worker.add_argument(
+        "--price-per-device-hour",
+        type=float,
+        default=env_default("PRICE_PER_DEVICE_HOUR", 0.0),
+        help="what an hour of this worker's device costs: exports cost per 1000 requests (0: off)",
+    )
     worker.add_argument(
         "--intra-op-spinning",
         action=argparse.BooleanOptionalAction,
         default=env_default("INTRA_OP_SPINNING", False),
         help="let idle ONNX Runtime threads busy-wait (off: they sleep, leaving the CPU to the rest of the host)",
     )
+    _add_trace_tenant(worker)
     _add_tls(worker, "for the router channel and the health port")
     worker.set_defaults(func=cmd_worker)
 
@@ -285,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    top = sub.add_parser("top", help="live view of models, tenants, queue depths, p99 and devices")
+    top.add_argument(
+        "--endpoint",
+        action="append",
+        help="a Prometheus /metrics URL; repeat for each service "
+        "(default: `meshserve up` with one worker: :8002 gateway, :8003 worker, :8004 router)",
+    )
+    top.add_argument("--interval-s", type=float, default=env_default("TOP_INTERVAL_S", 1.0), help="between scrapes")
+    top.add_argument("--once", action="store_true", help="print one frame (two scrapes --interval-s apart) and exit")
+    top.set_defaults(func=cmd_top)
     return parser
 
 
@@ -295,6 +350,15 @@ def _add_data_plane(parser: argparse.ArgumentParser) -> None:
         help="redis:// or rediss://user:pass@host:port/db (MESHSERVE_REDIS_URL)",
     )
     parser.add_argument("--router", default=env_default("ROUTER", "127.0.0.1:8003"), help="router host:port")
+
+
+def _add_trace_tenant(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trace-tenant",
+        choices=TRACE_TENANT_MODES,
+        default=env_default("TRACE_TENANT", "clear"),
+        help="the tenant on spans: its name, a hash (HMAC keyed by MESHSERVE_TRACE_TENANT_SECRET), or none",
+    )
 
 
 def _add_tls(parser: argparse.ArgumentParser, what: str) -> None:
@@ -311,7 +375,7 @@ def _add_tls(parser: argparse.ArgumentParser, what: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format, service=args.command)
     return int(args.func(args))
 
 

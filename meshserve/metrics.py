@@ -8,11 +8,12 @@ loop pays nothing for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -39,6 +40,8 @@ class GatewayMetrics:
     latency: Histogram
     inflight: Gauge
     rejections: Counter
+    tenant_requests: Counter
+    tenant_latency: Histogram
 
     @classmethod
     def create(cls, late_replies: Callable[[], int] = lambda: 0) -> GatewayMetrics:
@@ -74,6 +77,19 @@ class GatewayMetrics:
                 ["tenant", "reason"],
                 registry=registry,
             ),
+            tenant_requests=Counter(
+                "meshserve_tenant_requests",
+                "ModelInfer calls by tenant (<unauthenticated> without a valid key) and final gRPC status.",
+                ["tenant", "code"],
+                registry=registry,
+            ),
+            tenant_latency=Histogram(
+                "meshserve_tenant_request_duration_seconds",
+                "ModelInfer time in the gateway, end to end, by authenticated tenant.",
+                ["tenant"],
+                buckets=LATENCY_BUCKETS_S,
+                registry=registry,
+            ),
         )
 
 
@@ -100,13 +116,40 @@ class ModelCounters:
     requests: int
     expired: int
     failed: int
+    device_seconds: float
+    weights_bytes: int
+
+
+class DeviceFigures(Protocol):
+    """A device sample (``model_workers.devices.DeviceSample``)."""
+
+    @property
+    def device(self) -> str: ...
+    @property
+    def utilization_ratio(self) -> float: ...
+    @property
+    def memory_used_bytes(self) -> int: ...
+    @property
+    def memory_total_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class WorkerReads:
+    """What the worker's collector reads at scrape time (plain values the core keeps)."""
+
+    models: Callable[[], Iterable[ModelCounters]]
+    tenant_device_seconds: Callable[[], Mapping[tuple[str, str], float]] = lambda: {}  # (tenant, model) -> s
+    devices: Callable[[], Iterable[DeviceFigures]] = lambda: ()
+    device: str = "cpu"
+    price_per_device_hour: float = 0.0  # 0: no cost figures
 
 
 class WorkerStatsCollector(Collector):
-    """Turns the worker's plain counters into Prometheus counters at scrape time."""
+    """Turns the worker's plain counters into Prometheus metrics at scrape time."""
 
-    def __init__(self, read: Callable[[], Iterable[ModelCounters]]) -> None:
-        self.read = read
+    def __init__(self, reads: WorkerReads) -> None:
+        self.reads = reads
+        self.read = reads.models
 
     def collect(self) -> Iterator[Metric]:
         families = {
@@ -128,11 +171,54 @@ class WorkerStatsCollector(Collector):
                 "meshserve_worker_failed", "Requests whose batch failed in the model.", labels=["model", "version"]
             ),
         }
+        device = self.reads.device
+        device_seconds = CounterMetricFamily(
+            "meshserve_device_seconds",
+            "Device time spent running each model's batches.",
+            labels=["model", "version", "device"],
+        )
+        weights = GaugeMetricFamily(
+            "meshserve_model_memory_bytes",
+            "Size of the model's weights as loaded from the repository.",
+            labels=["model", "version", "device"],
+        )
+        price = self.reads.price_per_device_hour
+        cost = GaugeMetricFamily(
+            "meshserve_cost_per_1000_requests",
+            "Device time per 1000 requests times --price-per-device-hour, since the worker started.",
+            labels=["model", "version"],
+        )
         for counters in self.read():
             labels = [counters.model, str(counters.version)]
             for field, family in families.items():
                 family.add_metric(labels, getattr(counters, field))
+            device_seconds.add_metric([*labels, device], counters.device_seconds)
+            weights.add_metric([*labels, device], counters.weights_bytes)
+            if price > 0 and counters.requests:
+                cost.add_metric(labels, counters.device_seconds / counters.requests * 1000 * price / 3600)
         yield from families.values()
+        yield device_seconds
+        yield weights
+        if price > 0:
+            yield cost
+        by_tenant = CounterMetricFamily(
+            "meshserve_tenant_device_seconds",
+            "Device time per tenant and model: each batch's time shared by its items.",
+            labels=["tenant", "model", "device"],
+        )
+        for (tenant, model), seconds in sorted(self.reads.tenant_device_seconds().items()):
+            by_tenant.add_metric([tenant, model, device], seconds)
+        yield by_tenant
+        utilization = GaugeMetricFamily(
+            "meshserve_device_utilization_ratio", "Busy share of the device over the last second.", labels=["device"]
+        )
+        used = GaugeMetricFamily("meshserve_device_memory_used_bytes", "Device memory in use.", labels=["device"])
+        total = GaugeMetricFamily("meshserve_device_memory_total_bytes", "Device memory size.", labels=["device"])
+        for sample in self.reads.devices():
+            utilization.add_metric([sample.device], sample.utilization_ratio)
+            used.add_metric([sample.device], sample.memory_used_bytes)
+            total.add_metric([sample.device], sample.memory_total_bytes)
+        yield from (utilization, used, total)
 
 
 @dataclass(frozen=True)
@@ -143,30 +229,115 @@ class WorkerMetrics:
     queue_wait: Histogram
 
     @classmethod
-    def create(cls, read: Callable[[], Iterable[ModelCounters]]) -> WorkerMetrics:
+    def create(cls, reads: WorkerReads) -> WorkerMetrics:
         registry = CollectorRegistry()
-        registry.register(WorkerStatsCollector(read))
+        registry.register(WorkerStatsCollector(reads))
         return cls(
             registry=registry,
             batch_size=Histogram(
                 "meshserve_worker_batch_size",
                 "Items per ONNX Runtime run.",
-                ["model"],
+                ["model", "version"],
                 buckets=BATCH_BUCKETS,
                 registry=registry,
             ),
             compute=Histogram(
                 "meshserve_worker_compute_seconds",
                 "ONNX Runtime time per batch.",
-                ["model"],
+                ["model", "version"],
                 buckets=LATENCY_BUCKETS_S,
                 registry=registry,
             ),
             queue_wait=Histogram(
                 "meshserve_worker_queue_wait_seconds",
                 "Time from enqueue to claim, per request.",
-                ["model"],
+                ["model", "version"],
                 buckets=LATENCY_BUCKETS_S,
                 registry=registry,
             ),
         )
+
+
+class LoadFigures(Protocol):
+    """A model version's served load (``router.core.LoadRate``)."""
+
+    @property
+    def requests_per_s(self) -> float: ...
+    @property
+    def mean_queue_wait_s(self) -> float: ...
+
+
+ModelKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class RouterReads:
+    """What the router's collector reads at scrape time."""
+
+    ready: Callable[[], Mapping[ModelKey, bool]]
+    depths: Callable[[], Mapping[ModelKey, Mapping[str, int]]]  # tier name -> queued requests
+    loads: Callable[[], Mapping[ModelKey, LoadFigures]]
+
+
+MIN_RATE_FOR_BACKLOG_PER_S = 1.0
+"""The backlog estimate divides by at least this rate: a queue nobody serves yet
+reads as its depth in seconds, a finite number an autoscaler can act on."""
+
+
+def backlog_seconds(depth: int, load: LoadFigures | None) -> float:
+    """How long a request queued now would wait: the queue ahead of it at the rate the
+    model is being served, and never less than what requests waited lately."""
+    per_s = load.requests_per_s if load is not None else 0.0
+    recent_wait_s = load.mean_queue_wait_s if load is not None else 0.0
+    return max(recent_wait_s, depth / max(per_s, MIN_RATE_FOR_BACKLOG_PER_S))
+
+
+class RouterCollector(Collector):
+    """Readiness, queue depth by tier, recent queue wait and the autoscaling signal."""
+
+    def __init__(self, reads: RouterReads) -> None:
+        self.reads = reads
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        ready = GaugeMetricFamily("meshserve_model_ready", "1 when some live worker serves it.", labels=labels)
+        depth = GaugeMetricFamily(
+            "meshserve_queue_depth", "Requests waiting in the model's queue, by tier.", labels=[*labels, "tier"]
+        )
+        wait = GaugeMetricFamily(
+            "meshserve_queue_wait_seconds",
+            "Mean enqueue-to-claim time of the requests workers took over their last report interval.",
+            labels=labels,
+        )
+        rate = GaugeMetricFamily(
+            "meshserve_served_requests_per_second", "Requests computed per second, all workers.", labels=labels
+        )
+        backlog = GaugeMetricFamily(
+            "meshserve_autoscale_backlog_seconds",
+            "The autoscaling signal: seconds a request queued now would wait (queued requests over the"
+            " rate they are served, at least the recent queue wait). Scale out above your target.",
+            labels=labels,
+        )
+        depths, loads = self.reads.depths(), self.reads.loads()
+        for key, is_ready in sorted(self.reads.ready().items()):
+            names = [key[0], str(key[1])]
+            ready.add_metric(names, 1.0 if is_ready else 0.0)
+            tiers = depths.get(key, {})
+            for tier, count in tiers.items():
+                depth.add_metric([*names, tier], count)
+            load = loads.get(key)
+            wait.add_metric(names, load.mean_queue_wait_s if load else 0.0)
+            rate.add_metric(names, load.requests_per_s if load else 0.0)
+            backlog.add_metric(names, backlog_seconds(sum(tiers.values()), load))
+        yield from (ready, depth, wait, rate, backlog)
+
+
+@dataclass(frozen=True)
+class RouterMetrics:
+    registry: CollectorRegistry
+
+    @classmethod
+    def create(cls, reads: RouterReads) -> RouterMetrics:
+        registry = CollectorRegistry()
+        registry.register(RouterCollector(reads))
+        return cls(registry)

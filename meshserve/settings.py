@@ -10,11 +10,15 @@ import argparse
 import os
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshserve.logs import LOG_FORMATS
 from meshserve.tls import TlsConfig
+
+TRACE_TENANT_MODES = ("clear", "hash", "off")
+"""Values of ``trace_tenant``: how spans name a tenant (see meshserve.telemetry)."""
 
 
 def env_default(name: str, default: Any) -> Any:
@@ -43,6 +47,7 @@ class RouterSettings:
     report_interval_ms: int = 1000
     worker_ttl_ms: int = 5000
     tls: TlsConfig | None = None  # mTLS on the router's port
+    redis_url: str | None = None  # for queue depths on /metrics; None: none exported
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,8 @@ class GatewaySettings:
     lame_duck_s: float = 1.0  # on stop: NOT_SERVING but still answering, before the drain
     tenants_path: Path | None = None  # None: one open development tenant
     tls: TlsConfig | None = None  # mTLS on the public port and the router channel
+    trace_tenant: str = "clear"  # tenants on spans: clear | hash | off (meshserve.telemetry)
+    trace_tenant_secret: str = field(default="", repr=False)  # HMAC key for "hash"; env only
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +83,22 @@ class WorkerSettings:
     lower_tier_share: float = 0.1  # fraction of claims kept for lower tiers with work (0: strict)
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice (one per physical core)
     intra_op_spinning: bool = False  # idle ORT threads busy-wait: faster hot loops, CPU taken from the rest
+    price_per_device_hour: float = 0.0  # cost figures per model and tenant; 0: none
+    canary_interval_s: float = 10.0  # each held model runs its sample input this often (0: no canary)
     drain_grace_s: float = 30.0
     tls: TlsConfig | None = None  # mTLS on the router channel and the health port
+    trace_tenant: str = "clear"  # tenants on spans: clear | hash | off (meshserve.telemetry)
+    trace_tenant_secret: str = field(default="", repr=False)  # HMAC key for "hash"; env only
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=env_default("LOG_FORMAT", "text"),
+        help="json: one object per line, with trace ids (MESHSERVE_LOG_FORMAT)",
+    )
 
 
 def add_redis(parser: argparse.ArgumentParser) -> None:

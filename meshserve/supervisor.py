@@ -122,10 +122,23 @@ def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
     router_address = f"127.0.0.1:{free_port()}"
     tls_args = _tls_args(tls)
     common = ["--redis-url", redis_url, "--router", router_address, *tls_args]
+    # Worker i serves its metrics on the port after the gateway's plus i (8003, 8004, ...),
+    # and the router on the one after the last worker's.
+    router_metrics_port = args.metrics_port + 1 + max(args.workers, 0) if args.metrics_port else 0
     router = Child(
-        "router", ["--model-repository", str(repository), "--port", router_address.rsplit(":", 1)[1], *tls_args]
+        "router",
+        [
+            "--model-repository",
+            str(repository),
+            "--port",
+            router_address.rsplit(":", 1)[1],
+            "--redis-url",
+            redis_url,
+            "--metrics-port",
+            str(router_metrics_port),
+            *tls_args,
+        ],
     )
-    # Worker i serves its metrics on the port after the gateway's plus i (8003, 8004, ...).
     workers = [
         Child(
             "worker",

@@ -2,8 +2,11 @@
 
 The worker serves grpc.health.v1 (no inference: that arrives through Redis): the
 overall status "" is SERVING while it takes work, and each held model version
-has its own entry, "<model>/<version>". On stop, every entry turns NOT_SERVING
-before the worker stops taking batches, so an orchestrator sees the drain first.
+has its own entry, "<model>/<version>": SERVING once the model has loaded, warmed
+up and passed its sanity check, NOT_SERVING while its canary (or a run of failed
+batches) says it is broken, SERVING again when a canary passes. On stop, every
+entry turns NOT_SERVING before the worker stops taking batches, so an
+orchestrator sees the drain first.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class WorkerServer:
             asyncio.create_task(self.worker.serve(), name="serve"),
             asyncio.create_task(self.worker.report_forever(1.0), name="report"),
             asyncio.create_task(self.worker.reap_forever(), name="reaper"),
+            asyncio.create_task(self.worker.canary_forever(), name="canary"),
         ]
         log.info(
             "worker %s serving %d model versions; health on %s",
@@ -93,6 +97,9 @@ class WorkerServer:
         flush replies and acks, and close."""
         await self.health.enter_graceful_shutdown()
         await self.worker.stop()
+        for task in self._tasks:
+            if task.get_name() == "canary":  # a canary in flight is not worth waiting for
+                task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks)
         await self.worker.close()

@@ -20,6 +20,10 @@ from meshserve.repository import ModelInfo
 log = logging.getLogger(__name__)
 
 
+class SanityCheckFailed(RuntimeError):
+    """A model ran but its answer to the known sample input is wrong (shape, NaN, Inf)."""
+
+
 class InferenceSession(Protocol):
     def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any]) -> list[Any]: ...
 
@@ -42,6 +46,7 @@ class LoadedModel:
         )
         self.output_names = [t.name for t in info.outputs]
         self.ready = False
+        self._canary_feed: dict[str, np.ndarray[Any, Any]] | None = None
 
     def run(self, inputs: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         """Run one batch; returns every output, in the model's output order."""
@@ -50,18 +55,37 @@ class LoadedModel:
     def warm_up(self) -> float:
         """Run a generated input at batch 1 and at max batch; check outputs are sane.
 
-        Returns the warm-up time in seconds. Raises if the model fails or answers
-        with the wrong shapes: such a model never reports ready.
+        Returns the warm-up time in seconds. Raises :class:`SanityCheckFailed` if the
+        model answers with the wrong batch size or with NaN or infinite floats, and
+        whatever ONNX Runtime raises if it fails: such a model never reports ready.
         """
         started = time.perf_counter()
         sizes = [1] if self.info.max_batch_size == 0 else sorted({1, self.info.max_batch_size})
         for batch in sizes:
-            outputs = self.run(self.sample_inputs(batch))
-            for spec, out in zip(self.info.outputs, outputs, strict=True):
-                if self.info.max_batch_size and out.shape[:1] != (batch,):
-                    raise RuntimeError(f"output '{spec.name}' has batch {out.shape[:1]} for an input batch of {batch}")
+            self._check(self.run(self.sample_inputs(batch)), batch)
         self.ready = True
         return time.perf_counter() - started
+
+    def canary(self) -> None:
+        """Run the known sample input at batch 1 and check the answer, as warm-up does.
+
+        Blocking (runs the model): call it in the worker's executor. Raises like
+        ``warm_up``; leaves ``ready`` to the caller, which owns the model's health.
+        """
+        if self._canary_feed is None:
+            self._canary_feed = self.sample_inputs(1)
+        self._check(self.run(self._canary_feed), 1)
+
+    def _check(self, outputs: list[np.ndarray[Any, Any]], batch: int) -> None:
+        for spec, out in zip(self.info.outputs, outputs, strict=True):
+            if self.info.max_batch_size and out.shape[:1] != (batch,):
+                raise SanityCheckFailed(f"output '{spec.name}' has batch {out.shape[:1]} for an input batch of {batch}")
+            if out.dtype.kind in "fc" and not np.isfinite(out).all():
+                bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+                raise SanityCheckFailed(
+                    f"output '{spec.name}' has {bad} non-finite values (NaN or Inf) of {out.size}"
+                    f" on the sample input at batch {batch}"
+                )
 
     def sample_inputs(self, batch: int) -> dict[str, np.ndarray[Any, Any]]:
         """Deterministic inputs of the right dtype and shape; symbolic dims become 8."""

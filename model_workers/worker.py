@@ -27,17 +27,20 @@ from typing import Any
 
 import grpc
 import numpy as np
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from meshserve.codec import from_array, to_array
-from meshserve.metrics import ModelCounters, WorkerMetrics
+from meshserve.metrics import ModelCounters, WorkerMetrics, WorkerReads
 from meshserve.queue import REPLY_TTL_S, ClaimedBatch, ModelKeys, QueueProtocol
-from meshserve.repository import load_model
+from meshserve.repository import ModelInfo, load_model
 from meshserve.settings import WorkerSettings
-from meshserve.telemetry import extract
-from model_workers.session import LoadedModel
+from meshserve.telemetry import extract, tenant_attribute
+from model_workers.devices import monitor_for
+from model_workers.session import LoadedModel, SanityCheckFailed
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
 
@@ -49,7 +52,7 @@ WAKE_SAFETY_TIMEOUT_S = 5.0
 FAILURES_BEFORE_NOT_READY = 3
 """Consecutive failed batches after which a model is reported not ready.
 
-TODO(#5): a canary inference brings it back when it recovers."""
+Only a passing canary (``Worker.canary_forever``) brings it back."""
 
 
 @dataclass(slots=True)
@@ -63,6 +66,8 @@ class ModelStats:
     failed: int = 0
     redelivered: int = 0
     largest_batch: int = 0
+    device_seconds: float = 0.0  # time the device spent running this model's batches
+    queue_wait_seconds: float = 0.0  # summed over requests, enqueue to claim
 
 
 @dataclass(slots=True)
@@ -71,6 +76,8 @@ class _Served:
     keys: ModelKeys
     stats: ModelStats = field(default_factory=ModelStats)
     consecutive_failures: int = 0
+    canary_failing: bool = False  # the last canary failed (logged at error once per outage)
+    weights_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -93,13 +100,14 @@ class Worker:
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = WorkerMetrics.create(self.counters)
+        self.tenant_device_seconds: defaultdict[tuple[str, str], float] = defaultdict(float)  # (tenant, model)
         self.worker_id = settings.worker_id
         self.redis = redis
         self.blocking = blocking_redis
         self.queue = QueueProtocol(redis)
         self.router = router
         self.tracer = tracer or trace.NoOpTracer()
+        self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self.served: dict[tuple[str, int], _Served] = {}
         self._by_wake: dict[str, _Served] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
@@ -109,15 +117,37 @@ class Worker:
         self.idle = asyncio.Event()  # set while the serve loop blocks for work
         self.on_readiness_change: Callable[[], None] = lambda: None
         self.draining = False
+        self.device_monitor = monitor_for(settings.device, self._busy_seconds)
+        self.device_sample = self.device_monitor.sample()
+        self.metrics = WorkerMetrics.create(
+            WorkerReads(
+                models=self.counters,
+                tenant_device_seconds=lambda: dict(self.tenant_device_seconds),
+                devices=lambda: (self.device_sample,),
+                device=settings.device,
+                price_per_device_hour=settings.price_per_device_hour,
+            )
+        )
 
     def counters(self) -> list[ModelCounters]:
         """Every held model's counters, for the metrics endpoint."""
         return [
             ModelCounters(
-                name, version, s.stats.batches, s.stats.items, s.stats.requests, s.stats.expired, s.stats.failed
+                name,
+                version,
+                s.stats.batches,
+                s.stats.items,
+                s.stats.requests,
+                s.stats.expired,
+                s.stats.failed,
+                s.stats.device_seconds,
+                s.weights_bytes,
             )
             for (name, version), s in self.served.items()
         ]
+
+    def _busy_seconds(self) -> float:
+        return sum(s.stats.device_seconds for s in self.served.values())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -134,7 +164,9 @@ class Worker:
             except Exception:
                 log.exception("model %s version %d failed to load; not serving it", spec.name, spec.version)
                 continue
-            served = _Served(model, ModelKeys.for_model(spec.name, spec.version))
+            served = _Served(
+                model, ModelKeys.for_model(spec.name, spec.version), weights_bytes=_weights_bytes(model.info)
+            )
             self.served[key] = served
             self._by_wake[served.keys.wake] = served
         await self.report()
@@ -153,7 +185,15 @@ class Worker:
             device=self.settings.device,
             draining=self.draining,
             models=[
-                mpb.ModelState(name=name, version=version, ready=s.model.ready)
+                mpb.ModelState(
+                    name=name,
+                    version=version,
+                    ready=s.model.ready,
+                    items_total=s.stats.items,
+                    requests_total=s.stats.requests,
+                    device_seconds_total=s.stats.device_seconds,
+                    queue_wait_seconds_total=s.stats.queue_wait_seconds,
+                )
                 for (name, version), s in self.served.items()
             ],
         )
@@ -164,6 +204,7 @@ class Worker:
     async def report_forever(self, interval_s: float) -> None:
         """Heartbeat to the router; a router outage is logged, never fatal."""
         while not self._stopping.is_set():
+            self.device_sample = self.device_monitor.sample()
             try:
                 await self.report()
             except grpc.aio.AioRpcError as exc:
@@ -184,6 +225,66 @@ class Worker:
         if self._reply_tasks:
             await asyncio.gather(*self._reply_tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
+
+    async def canary_forever(self) -> None:
+        """Run every held model's known sample input each ``canary_interval_s``.
+
+        A canary that raises, outlasts a lease or answers NaN or Inf takes its model
+        out of service; a later one that passes brings it back, which is also the
+        only way back for a model taken out by failed batches. Canaries run in the
+        worker's one ONNX Runtime thread, so they queue behind a computing batch and
+        never run beside one: one batch-1 run per model per interval. The task is
+        owned by the worker's server, which cancels it on stop.
+        """
+        interval_s = self.settings.canary_interval_s
+        if interval_s <= 0:
+            return
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+            for served in list(self.served.values()):
+                if self._stopping.is_set():
+                    return
+                await self._canary(served)
+
+    async def _canary(self, served: _Served) -> None:
+        info = served.model.info
+        try:
+            # a canary slower than a lease is as dead as a batch that slow
+            async with asyncio.timeout(self.settings.lease_ms / 1000):
+                await asyncio.get_running_loop().run_in_executor(self._executor, served.model.canary)
+        except Exception as exc:
+            if not served.canary_failing:
+                log.error(
+                    "canary of model %s version %d failed (%s): reporting it not ready until a canary passes",
+                    info.name,
+                    info.version,
+                    str(exc) or type(exc).__name__,
+                    exc_info=not isinstance(exc, SanityCheckFailed | TimeoutError),
+                    extra={"model": info.name, "version": info.version},
+                )
+            served.canary_failing = True
+            self._set_ready(served, False)
+            return
+        if not served.model.ready:
+            log.warning(
+                "canary of model %s version %d passed: reporting it ready again",
+                info.name,
+                info.version,
+                extra={"model": info.name, "version": info.version},
+            )
+            # only on the way back: a pass between failing batches must not hide them
+            served.consecutive_failures = 0
+        served.canary_failing = False
+        self._set_ready(served, True)
+
+    def _set_ready(self, served: _Served, ready: bool) -> None:
+        """Put a model in or out of service: its health entry and the router follow."""
+        if served.model.ready == ready:
+            return
+        served.model.ready = ready
+        self.on_readiness_change()
+        self._track(asyncio.create_task(self._report_quietly()))
 
     async def reap_forever(self) -> None:
         """Sweep expired leases back onto their queues, every half lease.
@@ -355,20 +456,9 @@ class Worker:
 
     async def _compute(self, served: _Served, jobs: list[_Job], claimed_ns: int) -> list[tuple[_Job, mpb.InferReply]]:
         info = served.model.info
-        links = []
-        for job in jobs:
-            ctx = extract(job.request.trace_context)
-            parent = trace.get_current_span(ctx).get_span_context()
-            if parent.is_valid:
-                links.append(trace.Link(parent))
-            with self.tracer.start_as_current_span(
-                "queue_wait", context=ctx, start_time=job.request.enqueued_ms * 1_000_000
-            ) as span:
-                span.set_attribute("meshserve.model", info.name)
-                span.set_attribute("meshserve.tenant", job.request.tenant)
-            # the span ends here, at claim time (roughly): its length is the queue wait
+        links, tenants = self._request_spans(info.name, jobs)
         total = sum(job.batch_size for job in jobs)
-        attributes: dict[str, str | int] = {
+        attributes: dict[str, AttributeValue] = {
             "meshserve.model": info.name,
             "meshserve.version": info.version,
             "meshserve.batch_size": total,
@@ -376,7 +466,11 @@ class Worker:
             "meshserve.device": self.settings.device,
             "meshserve.worker": self.worker_id,
         }
-        with self.tracer.start_as_current_span("batch", links=links, attributes=attributes, context=None):
+        if tenants:
+            attributes["meshserve.tenants"] = tenants
+        # a root of its own, sampled iff a request it links was (telemetry.downstream_sampler)
+        root = otel_context.Context()
+        with self.tracer.start_as_current_span("batch", links=links, attributes=attributes, context=root):
             feed = _stack(jobs)
             started_ns = time.time_ns()
             try:
@@ -396,32 +490,60 @@ class Worker:
                 return [(job, _error_reply(job, grpc.StatusCode.INTERNAL, message)) for job in jobs]
             compute_us = (time.time_ns() - started_ns) // 1000
             served.consecutive_failures = 0
-        self.metrics.batch_size.labels(info.name).observe(total)
-        self.metrics.compute.labels(info.name).observe(compute_us / 1e6)
-        queue_wait = self.metrics.queue_wait.labels(info.name)
-        for job in jobs:
-            queue_wait.observe(max(0.0, claimed_ns / 1e9 - job.request.enqueued_ms / 1000))
+            if log.isEnabledFor(logging.INFO):  # inside the batch span: the line carries its trace id
+                _log_batch(info, jobs, total, compute_us, claimed_ns)
+        version = str(info.version)
+        compute_s = compute_us / 1e6
+        self.metrics.batch_size.labels(info.name, version).observe(total)
+        self.metrics.compute.labels(info.name, version).observe(compute_s)
+        queue_wait = self.metrics.queue_wait.labels(info.name, version)
         stats = served.stats
+        for job in jobs:
+            wait_s = max(0.0, claimed_ns / 1e9 - job.request.enqueued_ms / 1000)
+            queue_wait.observe(wait_s)
+            stats.queue_wait_seconds += wait_s
+            # the batch's device time, shared by items: what each tenant costs
+            self.tenant_device_seconds[(job.request.tenant, info.name)] += compute_s * job.batch_size / total
         stats.batches += 1
         stats.items += total
         stats.requests += len(jobs)
         stats.largest_batch = max(stats.largest_batch, total)
+        stats.device_seconds += compute_s
         return _split(served, jobs, outputs, compute_us, claimed_ns, self.worker_id)
+
+    def _request_spans(self, model: str, jobs: list[_Job]) -> tuple[list[trace.Link], list[str]]:
+        """A queue_wait span per request, in the request's own trace (its sampled flag
+        decides); returns the batch span's links and its distinct tenants as spans name them."""
+        links = []
+        tenants: set[str] = set()
+        for job in jobs:
+            ctx = extract(job.request.trace_context)
+            parent = trace.get_current_span(ctx).get_span_context()
+            if parent.is_valid:
+                links.append(trace.Link(parent))
+            with self.tracer.start_as_current_span(
+                "queue_wait", context=ctx, start_time=job.request.enqueued_ms * 1_000_000
+            ) as span:
+                span.set_attribute("meshserve.model", model)
+                if (traced := self._tenant_on_span(job.request.tenant)) is not None:
+                    span.set_attribute("meshserve.tenant", traced)
+                    tenants.add(traced)
+            # the span ends here, at claim time (roughly): its length is the queue wait
+        return links, sorted(tenants)
 
     def _count_failure(self, served: _Served) -> None:
         """A model failing batch after batch is taken out of service (not ready)."""
         served.consecutive_failures += 1
         if served.consecutive_failures == FAILURES_BEFORE_NOT_READY and served.model.ready:
-            served.model.ready = False
             info = served.model.info
             log.error(
-                "model %s version %d failed %d batches in a row: reporting it not ready",
+                "model %s version %d failed %d batches in a row: reporting it not ready until a canary passes",
                 info.name,
                 info.version,
                 served.consecutive_failures,
+                extra={"model": info.name, "version": info.version},
             )
-            self.on_readiness_change()
-            self._track(asyncio.create_task(self._report_quietly()))
+            self._set_ready(served, False)
 
     async def _report_quietly(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -466,6 +588,28 @@ class Worker:
         except RedisError:
             # The lease stays in Redis; the reaper redelivers (TODO(#4)).
             log.exception("could not write %d replies for %s", sum(map(len, blobs.values())), served.keys.ready)
+
+
+def _log_batch(info: ModelInfo, jobs: list[_Job], total: int, compute_us: int, claimed_ns: int) -> None:
+    """The per-batch INFO line; its fields ride as ``extra`` for the JSON log format."""
+    oldest_wait_ms = max(0.0, claimed_ns / 1e6 - min(job.request.enqueued_ms for job in jobs))
+    log.info(
+        "batch of %d from %d requests for %s version %d: compute %.1f ms, oldest waited %.1f ms",
+        total,
+        len(jobs),
+        info.name,
+        info.version,
+        compute_us / 1000,
+        oldest_wait_ms,
+        extra={
+            "model": info.name,
+            "version": info.version,
+            "batch_size": total,
+            "requests": len(jobs),
+            "compute_ms": round(compute_us / 1000, 3),
+            "queue_wait_ms": round(oldest_wait_ms, 3),
+        },
+    )
 
 
 def _by_token(jobs: list[_Job]) -> dict[int, list[str]]:
@@ -524,3 +668,8 @@ def _split(
 
 def _error_reply(job: _Job, code: grpc.StatusCode, message: str) -> mpb.InferReply:
     return mpb.InferReply(id=job.job_id, code=code.value[0], message=message)
+
+
+def _weights_bytes(info: ModelInfo) -> int:
+    """The model file plus any external-data files beside it (its version directory)."""
+    return sum(path.stat().st_size for path in info.path.parent.iterdir() if path.is_file())

@@ -126,16 +126,24 @@ class WatchRequest(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ...) -> None: ...
 
 class ModelState(_message.Message):
-    __slots__ = ("name", "version", "ready", "reason")
+    __slots__ = ("name", "version", "ready", "reason", "items_total", "requests_total", "device_seconds_total", "queue_wait_seconds_total")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     ready: bool
     reason: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    items_total: int
+    requests_total: int
+    device_seconds_total: float
+    queue_wait_seconds_total: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., items_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., device_seconds_total: _Optional[float] = ..., queue_wait_seconds_total: _Optional[float] = ...) -> None: ...
 
 class WorkerReport(_message.Message):
     __slots__ = ("worker_id", "device", "models", "draining")

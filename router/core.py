@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from meshserve.repository import ModelInfo
@@ -21,6 +21,23 @@ log = logging.getLogger(__name__)
 ModelKey = tuple[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class ModelLoad:
+    """One worker's cumulative counters for one model version, as last reported."""
+
+    at_s: float  # router's monotonic clock
+    requests: int
+    queue_wait_s: float  # summed over those requests
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRate:
+    """What one model version is served at, over workers' last report intervals."""
+
+    requests_per_s: float
+    mean_queue_wait_s: float  # of the requests claimed in those intervals (0 if none)
+
+
 @dataclass(slots=True)
 class WorkerRecord:
     worker_id: str
@@ -28,6 +45,8 @@ class WorkerRecord:
     ready: set[ModelKey] = field(default_factory=set)
     draining: bool = False
     last_seen_s: float = 0.0
+    loads: dict[ModelKey, ModelLoad] = field(default_factory=dict)
+    rates: dict[ModelKey, tuple[float, float, float]] = field(default_factory=dict)  # Δrequests, Δwait_s, Δt_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +59,10 @@ class TableSnapshot:
 
 
 class RouterCore:
-    def __init__(self, models: list[ModelInfo], *, worker_ttl_ms: int = 5000) -> None:
+    def __init__(
+        self, models: list[ModelInfo], *, worker_ttl_ms: int = 5000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
         self.models = {(m.name, m.version): m for m in models}
         self.worker_ttl_s = worker_ttl_ms / 1000
         self.workers: dict[str, WorkerRecord] = {}
@@ -51,7 +73,15 @@ class RouterCore:
     def snapshot(self) -> TableSnapshot:
         return TableSnapshot(self._generation, tuple(self.models.values()), self._ready)
 
-    async def report(self, worker_id: str, device: str, ready: set[ModelKey], *, draining: bool) -> list[ModelInfo]:
+    async def report(
+        self,
+        worker_id: str,
+        device: str,
+        ready: set[ModelKey],
+        *,
+        draining: bool,
+        loads: dict[ModelKey, tuple[int, float]] | None = None,
+    ) -> list[ModelInfo]:
         """Record a worker's state; returns the models it should hold (all, for now).
 
         TODO(#6): placement by device memory instead of every model everywhere.
@@ -62,13 +92,32 @@ class RouterCore:
             log.info("worker %s (%s) joined", worker_id, device)
         record.ready = ready & set(self.models)
         record.draining = draining
-        record.last_seen_s = time.monotonic()
+        record.last_seen_s = now_s = self._clock()
+        for key, (requests, wait_s) in (loads or {}).items():
+            before = record.loads.get(key)
+            record.loads[key] = ModelLoad(now_s, requests, wait_s)
+            if before is not None and now_s > before.at_s and requests >= before.requests:
+                record.rates[key] = (requests - before.requests, wait_s - before.queue_wait_s, now_s - before.at_s)
         await self._recompute()
         return list(self.models.values())
 
+    def load_rates(self) -> dict[ModelKey, LoadRate]:
+        """Per model version, summed over live workers: requests/s and mean queue wait."""
+        totals: dict[ModelKey, list[float]] = {}
+        for record in self.workers.values():
+            for key, (requests, wait_s, elapsed_s) in record.rates.items():
+                total = totals.setdefault(key, [0.0, 0.0, 0.0])
+                total[0] += requests / elapsed_s
+                total[1] += requests
+                total[2] += wait_s
+        return {
+            key: LoadRate(per_s, wait_s / requests if requests else 0.0)
+            for key, (per_s, requests, wait_s) in totals.items()
+        }
+
     async def forget_silent_workers(self) -> None:
         """Drop workers that have not reported within the TTL."""
-        cutoff = time.monotonic() - self.worker_ttl_s
+        cutoff = self._clock() - self.worker_ttl_s
         for worker_id in [w for w, rec in self.workers.items() if rec.last_seen_s < cutoff]:
             log.warning("worker %s stopped reporting; its models are no longer served by it", worker_id)
             del self.workers[worker_id]

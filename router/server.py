@@ -8,14 +8,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from redis import Redis as SyncRedis
+from redis.exceptions import RedisError
 
+from meshserve.metrics import MetricsServer, RouterMetrics, RouterReads
+from meshserve.queue import TIER_SPAN, ModelKeys
 from meshserve.repository import scan_repository
 from meshserve.routing import spec_from_info
 from meshserve.settings import RouterSettings
+from meshserve.tenants import TIERS
 from meshserve.tls import add_port
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
-from router.core import RouterCore, TableSnapshot
+from router.core import ModelKey, RouterCore, TableSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,10 @@ class RouterServicer(mpb_grpc.RouterServicer):
         self, request: mpb.WorkerReport, context: grpc.aio.ServicerContext[mpb.WorkerReport, mpb.WorkerAssignment]
     ) -> mpb.WorkerAssignment:
         ready = {(m.name, m.version) for m in request.models if m.ready}
-        models = await self.core.report(request.worker_id, request.device, ready, draining=request.draining)
+        loads = {(m.name, m.version): (m.requests_total, m.queue_wait_seconds_total) for m in request.models}
+        models = await self.core.report(
+            request.worker_id, request.device, ready, draining=request.draining, loads=loads
+        )
         snap = self.core.snapshot()
         return mpb.WorkerAssignment(
             models=[
@@ -71,6 +79,36 @@ class RouterServer:
         )
         self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
         self._expiry: asyncio.Task[None] | None = None
+        self._queues = SyncRedis.from_url(settings.redis_url, socket_timeout=2.0) if settings.redis_url else None
+        self.metrics = RouterMetrics.create(
+            RouterReads(ready=self._readiness, depths=self._queue_depths, loads=self.core.load_rates)
+        )
+        self._metrics_server: MetricsServer | None = None
+
+    def _readiness(self) -> dict[ModelKey, bool]:
+        snap = self.core.snapshot()
+        return {(m.name, m.version): (m.name, m.version) in snap.ready for m in snap.models}
+
+    def _queue_depths(self) -> dict[ModelKey, dict[str, int]]:
+        """Called in the metrics thread at scrape time: one pipelined round trip to Redis."""
+        if self._queues is None:
+            return {}
+        keys = list(self.core.models)
+        try:
+            with self._queues.pipeline(transaction=False) as pipe:
+                for name, version in keys:
+                    ready = ModelKeys.for_model(name, version).ready
+                    for tier in TIERS.values():
+                        pipe.zcount(ready, tier * TIER_SPAN, f"({(tier + 1) * TIER_SPAN}")
+                counts = pipe.execute()
+        except RedisError as exc:  # a scrape during a Redis outage: no depths, the rest still exported
+            log.warning("queue depths unavailable: %s", exc)
+            return {}
+        per_model = len(TIERS)
+        return {
+            key: dict(zip(TIERS, counts[i * per_model : (i + 1) * per_model], strict=True))
+            for i, key in enumerate(keys)
+        }
 
     @property
     def address(self) -> str:
@@ -78,6 +116,8 @@ class RouterServer:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.settings.metrics_port:
+            self._metrics_server = MetricsServer(self.metrics.registry, self.settings.metrics_port)
         self._expiry = asyncio.create_task(self.core.run_expiry(self.settings.report_interval_ms / 1000))
         log.info(
             "router listening on %s%s with %d model versions",
@@ -89,4 +129,8 @@ class RouterServer:
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        if self._queues is not None:
+            self._queues.close()
         await self.server.stop(grace_s)

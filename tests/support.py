@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 from redis.asyncio import Redis
 
+from gateway.core import Gateway
 from gateway.server import GatewayServer
 from meshserve.dtypes import KSERVE_BY_NUMPY, NUMPY_BY_KSERVE
 from meshserve.queue import ModelKeys
@@ -43,11 +44,28 @@ async def start_mesh(
     *,
     workers: int = 1,
     tracer: Any = None,
+    worker_tracer: Any = None,
     tls: TlsConfig | None = None,
+    worker_overrides: dict[str, Any] | None = None,
+    router_overrides: dict[str, Any] | None = None,
     **gateway_overrides: Any,
 ) -> Mesh:
-    """The mesh, ready; with ``tls`` every port and channel is mutual TLS with that one identity."""
-    router = RouterServer(RouterSettings(model_repository=repository, port=0, report_interval_ms=200, tls=tls))
+    """The mesh, ready; with ``tls`` every port and channel is mutual TLS with that one identity.
+
+    ``worker_overrides`` and ``router_overrides`` are extra settings fields for every
+    worker and for the router; the rest of the keyword arguments are the gateway's.
+    ``tracer`` goes to the gateway, and to the workers too unless ``worker_tracer`` is given.
+    """
+    router = RouterServer(
+        RouterSettings(
+            **(router_overrides or {}),
+            model_repository=repository,
+            port=0,
+            report_interval_ms=200,
+            tls=tls,
+            redis_url=redis_url,
+        )
+    )
     await router.start()
     gateway = GatewayServer(
         GatewaySettings(
@@ -64,8 +82,14 @@ async def start_mesh(
     started = []
     for _ in range(workers):
         worker = WorkerServer(
-            WorkerSettings(redis_url=redis_url, router_address=router.address, model_repository=repository, tls=tls),
-            tracer,
+            WorkerSettings(
+                **(worker_overrides or {}),
+                redis_url=redis_url,
+                router_address=router.address,
+                model_repository=repository,
+                tls=tls,
+            ),
+            tracer if worker_tracer is None else worker_tracer,
         )
         await worker.start()
         started.append(worker)
@@ -79,6 +103,15 @@ async def wait_ready(mesh: Mesh) -> None:
     gateway = mesh.gateway.gateway
     async with asyncio.timeout(20):
         while not gateway.server_ready():
+            gateway.table_received.clear()
+            await gateway.table_received.wait()
+
+
+async def wait_view(mesh: Mesh, predicate: Callable[[Gateway], bool]) -> None:
+    """Until the gateway's routing view satisfies ``predicate`` (event-driven)."""
+    gateway = mesh.gateway.gateway
+    async with asyncio.timeout(10):
+        while not predicate(gateway):
             gateway.table_received.clear()
             await gateway.table_received.wait()
 

@@ -40,6 +40,18 @@ def test_flags_default_to_meshserve_variables_and_win_over_them(monkeypatch: pyt
     assert worker.lease_ms == 900  # the flag wins over the variable
 
 
+def test_trace_tenant_is_a_choice_on_gateway_and_worker(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MESHSERVE_TRACE_TENANT", "hash")
+    parser = build_parser()
+    assert parser.parse_args(["gateway"]).trace_tenant == "hash"
+    assert parser.parse_args(["worker", "--model-repository", "/m", "--trace-tenant", "off"]).trace_tenant == "off"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["gateway", "--trace-tenant", "plain"])
+    assert "invalid choice: 'plain'" in capsys.readouterr().err
+
+
 async def test_a_service_freezes_its_startup_heap_and_stops_on_sigterm() -> None:
     """Objects made during start-up are kept out of later full GC passes (their
     14-48 ms pauses set the p99), and SIGTERM leads to the service's stop."""

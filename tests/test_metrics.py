@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -13,9 +14,19 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from meshserve.metrics import MIN_RATE_FOR_BACKLOG_PER_S
 from meshserve.redis_server import free_port
+from meshserve.tenants import hash_key
 from protos import meshserve_pb2 as mpb
-from tests.support import infer_request, infer_stub, start_mesh, stop_mesh
+from tests.support import (
+    hold_serving,
+    infer_request,
+    infer_stub,
+    release_serving,
+    start_mesh,
+    stop_mesh,
+    wait_queued,
+)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -74,5 +85,94 @@ async def test_gateway_and_worker_metrics_count_a_known_workload(
     assert worker_samples[("meshserve_worker_requests_total", mlp_v1)] == 4
     assert worker_samples[("meshserve_worker_items_total", mlp_v1)] == 8
     assert worker_samples[("meshserve_worker_batches_total", mlp_v1)] == 4
-    assert worker_samples[("meshserve_worker_batch_size_count", frozenset({("model", "mlp")}))] == 4
-    assert worker_samples[("meshserve_worker_batch_size_sum", frozenset({("model", "mlp")}))] == 8
+    assert worker_samples[("meshserve_worker_batch_size_count", mlp_v1)] == 4
+    assert worker_samples[("meshserve_worker_batch_size_sum", mlp_v1)] == 8
+    assert worker_samples[("meshserve_worker_compute_seconds_count", mlp_v1)] == 4
+    assert worker_samples[("meshserve_worker_queue_wait_seconds_count", mlp_v1)] == 4
+
+
+async def test_tenants_devices_cost_and_the_autoscaling_signal(
+    redis: Redis, redis_url: str, model_repository: Path, tmp_path: Path
+) -> None:
+    """Per-tenant figures at the gateway and worker, device figures, cost per 1000
+    requests, and the router's queue depths and backlog while a worker is held."""
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(
+        f"""
+tenants:
+  - {{name: alpha, api_keys: ["{hash_key("alpha-key")}"], tier: realtime, models: ["*"]}}
+  - {{name: beta, api_keys: ["{hash_key("beta-key")}"], tier: batch, models: ["mlp"]}}
+"""
+    )
+    price = 3.6  # per device-hour: a device-second costs 0.001
+    router_port = free_port()
+    mesh = await start_mesh(
+        redis_url,
+        model_repository,
+        tenants_path=tenants,
+        worker_overrides={"price_per_device_hour": price},
+        router_overrides={"metrics_port": router_port},
+    )
+    features = {"features": np.ones((1, 64), np.float32)}
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+
+            def call(key: str) -> Any:
+                metadata = (("authorization", f"Bearer {key}"),)
+                return stub.ModelInfer(infer_request("mlp", features), metadata=metadata, timeout=10)
+
+            for _ in range(3):
+                await call("alpha-key")
+            await call("beta-key")
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call("wrong-key")
+            # Held worker: two realtime and three batch requests wait in the queue.
+            worker = mesh.workers[0]
+            await hold_serving(worker)
+            waiting = [asyncio.ensure_future(call("alpha-key")) for _ in range(2)]
+            waiting += [asyncio.ensure_future(call("beta-key")) for _ in range(3)]
+            await wait_queued(redis, "mlp", 5)
+            router_samples = await scrape(router_port)
+            release_serving(worker)
+            await asyncio.gather(*waiting)
+        gateway_samples = parse(generate_latest(mesh.gateway.metrics.registry).decode())
+        worker_samples = parse(generate_latest(worker.worker.metrics.registry).decode())
+    finally:
+        await stop_mesh(mesh)
+
+    def labels(**pairs: str) -> frozenset[tuple[str, str]]:
+        return frozenset(pairs.items())
+
+    assert gateway_samples[("meshserve_tenant_requests_total", labels(tenant="alpha", code="OK"))] == 5
+    assert gateway_samples[("meshserve_tenant_requests_total", labels(tenant="beta", code="OK"))] == 4
+    unauthenticated = labels(tenant="<unauthenticated>", code="UNAUTHENTICATED")
+    assert gateway_samples[("meshserve_tenant_requests_total", unauthenticated)] == 1
+    assert gateway_samples[("meshserve_tenant_request_duration_seconds_count", labels(tenant="alpha"))] == 5
+
+    mlp = labels(model="mlp", version="1")
+    assert router_samples[("meshserve_model_ready", mlp)] == 1
+    assert router_samples[("meshserve_queue_depth", labels(model="mlp", version="1", tier="realtime"))] == 2
+    assert router_samples[("meshserve_queue_depth", labels(model="mlp", version="1", tier="standard"))] == 0
+    assert router_samples[("meshserve_queue_depth", labels(model="mlp", version="1", tier="batch"))] == 3
+    # nothing served in the last interval, so 5 queued read as 5 s at the floor rate
+    assert router_samples[("meshserve_autoscale_backlog_seconds", mlp)] >= 5 / MIN_RATE_FOR_BACKLOG_PER_S - 1e-9
+
+    device = "cpu"
+    device_s = worker_samples[("meshserve_device_seconds_total", labels(model="mlp", version="1", device=device))]
+    assert device_s == pytest.approx(worker_samples[("meshserve_worker_compute_seconds_sum", mlp)])
+    by_tenant = {
+        tenant: worker_samples[
+            ("meshserve_tenant_device_seconds_total", labels(tenant=tenant, model="mlp", device=device))
+        ]
+        for tenant in ("alpha", "beta")
+    }
+    assert sum(by_tenant.values()) == pytest.approx(device_s)  # each batch's time shared out, none lost
+    assert all(seconds > 0 for seconds in by_tenant.values())
+    assert worker_samples[("meshserve_cost_per_1000_requests", mlp)] == pytest.approx(
+        device_s / 9 * 1000 * price / 3600
+    )
+    assert 0 <= worker_samples[("meshserve_device_utilization_ratio", labels(device=device))] <= 1
+    assert worker_samples[("meshserve_device_memory_used_bytes", labels(device=device))] > 0
+    weights = (model_repository / "mlp" / "1" / "model.onnx").stat().st_size
+    assert worker_samples[("meshserve_model_memory_bytes", labels(model="mlp", version="1", device=device))] == weights
