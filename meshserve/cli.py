@@ -4,6 +4,7 @@
     meshserve router    the control plane
     meshserve gateway   KServe v2 gRPC front door
     meshserve worker    one worker process for one device
+    meshserve devices   the GPUs, MIG slices and CPU this host can serve on
     meshserve bench     load generator, beside raw ONNX Runtime in-process
     meshserve hash-key  the sha256 form of an API key, for the tenants file
     meshserve top       live view of models, tenants, queues and devices from /metrics
@@ -112,6 +113,15 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from meshserve.inventory import pin_device
+
+    # Before anything can create an ONNX Runtime session: CUDA reads
+    # CUDA_VISIBLE_DEVICES once, when the first CUDA or TensorRT session initializes it.
+    try:
+        pin_device(args.device, os.environ)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
     from meshserve.telemetry import make_tracer
     from model_workers.server import WorkerServer
 
@@ -171,6 +181,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_up(args, tls_from_args(args))
 
 
+def cmd_devices(args: argparse.Namespace) -> int:
+    import json
+
+    from meshserve.inventory import as_dict, discover, inventory_table
+
+    devices = discover()
+    print(json.dumps([as_dict(d) for d in devices], indent=2) if args.json else inventory_table(devices))
+    return 0
+
+
 def cmd_hash_key(args: argparse.Namespace) -> int:
     from meshserve.tenants import hash_key
 
@@ -213,7 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--redis-url", default=env_default("REDIS_URL", None), help="use this Redis instead of starting a private one"
     )
-    up.add_argument("--workers", type=int, default=env_default("WORKERS", 1))
+    up.add_argument(
+        "--workers",
+        type=int,
+        default=env_default("WORKERS", None),
+        help="CPU workers (default: 1 when no GPU worker starts, else 0)",
+    )
+    up.add_argument(
+        "--gpu-workers",
+        choices=("auto", "none"),
+        default=env_default("GPU_WORKERS", "auto"),
+        help="auto: one worker per GPU, or per MIG slice where MIG is on (found with NVML); none: CPU only",
+    )
     up.add_argument("--drain-grace-s", type=float, default=env_default("DRAIN_GRACE_S", 10.0))
     up.add_argument(
         "--tenants",
@@ -270,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=env_default("MODEL_REPOSITORY", None) is None,
         default=env_default("MODEL_REPOSITORY", None),
     )
-    worker.add_argument("--device", default=env_default("DEVICE", "cpu"))
+    worker.add_argument(
+        "--device",
+        default=env_default("DEVICE", "cpu"),
+        help="cpu, cuda:<index> or a MIG slice's UUID (see `meshserve devices`); unless CUDA_VISIBLE_DEVICES "
+        "is set, the worker sets it to this device",
+    )
     worker.add_argument("--health-host", default=env_default("HEALTH_HOST", "0.0.0.0"))
     worker.add_argument(
         "--health-port",
@@ -319,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_tenant(worker)
     _add_tls(worker, "for the router channel and the health port")
     worker.set_defaults(func=cmd_worker)
+
+    devices = sub.add_parser("devices", help="list the GPUs, MIG slices and CPU found here (NVML; read-only)")
+    devices.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    devices.set_defaults(func=cmd_devices)
 
     hash_key = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key, for the tenants file")
     hash_key.add_argument("key", help="the API key, or - to read it from standard input")

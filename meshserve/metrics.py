@@ -277,6 +277,7 @@ class RouterReads:
     ready: Callable[[], Mapping[ModelKey, bool]]
     depths: Callable[[], Mapping[ModelKey, Mapping[str, int]]]  # tier name -> queued requests
     loads: Callable[[], Mapping[ModelKey, LoadFigures]]
+    unplaceable: Callable[[], Mapping[ModelKey, bool]] = lambda: {}  # no device has room for it
 
 
 MIN_RATE_FOR_BACKLOG_PER_S = 1.0
@@ -318,7 +319,12 @@ class RouterCollector(Collector):
             " rate they are served, at least the recent queue wait). Scale out above your target.",
             labels=labels,
         )
-        depths, loads = self.reads.depths(), self.reads.loads()
+        unplaceable = GaugeMetricFamily(
+            "meshserve_model_unplaceable",
+            "1 when placement found no allowed device with room for it (see the router's log for the numbers).",
+            labels=labels,
+        )
+        depths, loads, stuck = self.reads.depths(), self.reads.loads(), self.reads.unplaceable()
         for key, is_ready in sorted(self.reads.ready().items()):
             names = [key[0], str(key[1])]
             ready.add_metric(names, 1.0 if is_ready else 0.0)
@@ -329,7 +335,8 @@ class RouterCollector(Collector):
             wait.add_metric(names, load.mean_queue_wait_s if load else 0.0)
             rate.add_metric(names, load.requests_per_s if load else 0.0)
             backlog.add_metric(names, backlog_seconds(sum(tiers.values()), load))
-        yield from (ready, depth, wait, rate, backlog)
+            unplaceable.add_metric(names, 1.0 if stuck.get(key, False) else 0.0)
+        yield from (ready, depth, wait, rate, backlog, unplaceable)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,12 @@ restrict the served versions and name the platform::
       max_queue_size: 1000        # 0 = unbounded
     versions: [1, 3]              # default: every version directory
     platform: onnxruntime_onnx
+    execution:                    # ONNX Runtime providers on a GPU (meshserve/execution.py)
+      providers: [tensorrt, cuda, cpu]
+    placement:                    # where the router may put it (router/placement.py)
+      device: any                 # gpu | cpu | any (the default: a GPU or MIG slice first)
+      min_mig_profile: 2g.20gb    # no smaller MIG slice; whole GPUs are always allowed
+      memory_mb: 2048             # device memory in MiB; default: estimated
 
 A batchable graph (every input's and output's dim 0 symbolic) defaults to
 max_batch_size 32 and a 2 ms queue delay; any other graph gets max_batch_size 0,
@@ -48,6 +54,8 @@ from onnx import (
 )
 
 from meshserve.dtypes import KSERVE_BY_ONNX
+from meshserve.execution import DEFAULT_EXECUTION, ExecutionConfig, parse_execution
+from meshserve.mig import parse_mig_profile
 
 MODEL_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.yaml"
@@ -58,7 +66,7 @@ ANY_DIM = -1
 _MAX_PROTOBUF_BYTES = 2**31 - 1
 
 _VERSION_DIR = re.compile(r"[1-9][0-9]*")
-_TOP_LEVEL_KEYS = frozenset({"max_batch_size", "dynamic_batching", "versions", "platform"})
+_TOP_LEVEL_KEYS = frozenset({"max_batch_size", "dynamic_batching", "versions", "platform", "placement", "execution"})
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
 
 
@@ -83,6 +91,20 @@ class TensorInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class PlacementConfig:
+    """A model's ``placement`` section: which devices may hold it, and how big it is."""
+
+    device: str = "any"  # "gpu" | "cpu" | "any"; any prefers a GPU or MIG slice
+    min_mig_profile: str | None = None  # e.g. "2g.20gb": smaller MIG slices refused
+    memory_bytes: int | None = None  # from memory_mb (MiB); None: estimated
+
+
+DEFAULT_PLACEMENT = PlacementConfig()
+PLACEMENT_DEVICES = ("gpu", "cpu", "any")
+_PLACEMENT_KEYS = frozenset({"device", "min_mig_profile", "memory_mb"})
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """Everything the mesh needs to serve one version of one model."""
 
@@ -96,6 +118,9 @@ class ModelInfo:
     preferred_batch_sizes: tuple[int, ...]
     max_queue_size: int  # 0 = unbounded
     platform: str = DEFAULT_PLATFORM
+    placement: PlacementConfig = DEFAULT_PLACEMENT
+    weights_bytes: int = 0  # files in the version directory: model.onnx plus external data
+    execution: ExecutionConfig = DEFAULT_EXECUTION
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +133,8 @@ class _Config:
     max_queue_size: int = 0
     versions: frozenset[int] | None = None
     platform: str = DEFAULT_PLATFORM
+    placement: PlacementConfig = DEFAULT_PLACEMENT
+    execution: ExecutionConfig = DEFAULT_EXECUTION
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -209,6 +236,8 @@ def _read_config(model_dir: Path) -> _Config:
         max_queue_size=_optional_int(batching, "max_queue_size", path, "dynamic_batching.") or 0,
         versions=versions,
         platform=platform,
+        placement=_placement(raw.get("placement"), path),
+        execution=_execution(raw.get("execution"), model_dir, path),
     )
 
 
@@ -225,6 +254,42 @@ def _queue_delay_us(batching: dict[Any, Any], path: Path) -> int | None:
     ):
         raise RepositoryError(f"{path}: 'dynamic_batching.max_queue_delay_ms' must be a number >= 0, got {delay_ms!r}")
     return round(delay_ms * 1000)
+
+
+def _placement(value: object, path: Path) -> PlacementConfig:
+    """The ``placement`` section, validated; absent means the defaults."""
+    if value is None:
+        return DEFAULT_PLACEMENT
+    if not isinstance(value, dict):
+        raise RepositoryError(f"{path}: 'placement' must be a mapping")
+    _reject_unknown_keys(value, _PLACEMENT_KEYS, path, "placement.")
+    device = value.get("device", "any")
+    if device not in PLACEMENT_DEVICES:
+        raise RepositoryError(f"{path}: 'placement.device' must be one of gpu, cpu, any, got {device!r}")
+    profile = value.get("min_mig_profile")
+    if profile is not None:
+        if not isinstance(profile, str) or parse_mig_profile(profile) is None:
+            raise RepositoryError(
+                f"{path}: 'placement.min_mig_profile' must be a MIG profile like \"2g.20gb\", got {profile!r}"
+            )
+        if device == "cpu":
+            raise RepositoryError(f"{path}: 'placement.min_mig_profile' is set but 'placement.device' is cpu")
+    memory_mb = value.get("memory_mb")
+    if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0):
+        raise RepositoryError(f"{path}: 'placement.memory_mb' must be a positive integer (MiB), got {memory_mb!r}")
+    return PlacementConfig(
+        device=device,
+        min_mig_profile=profile,
+        memory_bytes=None if memory_mb is None else memory_mb * 2**20,
+    )
+
+
+def _execution(value: object, model_dir: Path, path: Path) -> ExecutionConfig:
+    """The ``execution`` section, validated; absent means the defaults."""
+    try:
+        return parse_execution(value, model_dir)
+    except ValueError as exc:
+        raise RepositoryError(f"{path}: {exc}") from exc
 
 
 def _yaml_position(exc: yaml.YAMLError) -> str:
@@ -345,6 +410,9 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         preferred_batch_sizes=config.preferred_batch_sizes,
         max_queue_size=config.max_queue_size,
         platform=config.platform,
+        placement=config.placement,
+        weights_bytes=sum(file.stat().st_size for file in path.parent.iterdir() if file.is_file()),
+        execution=config.execution,
     )
 
 

@@ -46,6 +46,7 @@ class RouterSettings:
     metrics_port: int = 0
     report_interval_ms: int = 1000
     worker_ttl_ms: int = 5000
+    placement_headroom_ratio: float = 0.1  # share of each device's memory placement keeps free
     tls: TlsConfig | None = None  # mTLS on the router's port
     redis_url: str | None = None  # for queue depths on /metrics; None: none exported
 

@@ -13,22 +13,34 @@ minute starts again from 0.5 s.
 With ``--tls-ca/--tls-cert/--tls-key`` every child gets the same three flags, so
 every hop is mutual TLS with one identity for the whole mesh, and so do the
 readiness checks here.
+
+Workers: one per device. With ``--gpu-workers auto`` (the default) NVML is asked
+once at start (:func:`meshserve.inventory.discover`) and each GPU, or each MIG
+slice of a GPU with MIG on, gets a worker with ``--device <id>`` and
+CUDA_VISIBLE_DEVICES set in its environment to that GPU's index or that slice's
+UUID, so CUDA in the child initializes on that device only. ``--workers N`` adds
+N CPU workers (CUDA_VISIBLE_DEVICES empty: no GPU visible); by default 1 when no
+GPU worker starts, else 0. :func:`plan_children` is the whole plan, as data.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 import grpc
 
+from meshserve.inventory import Device, cpu_device, discover, inventory_table
 from meshserve.redis_server import RedisServer, binary_from_env, free_port
 from meshserve.tls import TlsConfig, sync_channel
 
@@ -40,12 +52,24 @@ RESTART_BACKOFF_S = (0.5, 30.0)  # first delay, ceiling
 STABLE_AFTER_S = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """One child to start: ``python -m meshserve <role> <args>``, with ``env`` over ours."""
+
+    role: str
+    args: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    label: str = ""  # for the log: "worker cuda:0"; the role when empty
+
+
 class Child:
     """One supervised service process."""
 
-    def __init__(self, role: str, args: list[str]) -> None:
+    def __init__(self, role: str, args: Sequence[str], env: Mapping[str, str] | None = None, label: str = "") -> None:
         self.role = role
+        self.label = label or role
         self.args = [sys.executable, "-m", "meshserve", role, *args]
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at_s = 0.0
         self.restarts = 0
@@ -56,8 +80,9 @@ class Child:
         self.started_at_s = time.monotonic()
         # Own process group: a terminal's Ctrl-C reaches only `up`, which then
         # stops the children in order (gateway first, so in-flight calls drain).
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True)
-        log.debug("started %s (pid %d)", self.role, self.proc.pid)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        log.debug("started %s (pid %d)", self.label, self.proc.pid)
 
     def supervise(self, now_s: float) -> None:
         """Restart a dead child once its backoff has passed; call periodically."""
@@ -67,7 +92,7 @@ class Child:
             return
         if self.restart_at_s is None:
             code = self.proc.returncode if self.proc else None
-            log.error("%s exited with code %s; restarting in %.1fs", self.role, code, self.backoff_s)
+            log.error("%s exited with code %s; restarting in %.1fs", self.label, code, self.backoff_s)
             self.restart_at_s = now_s + self.backoff_s
             self.backoff_s = min(self.backoff_s * 2, RESTART_BACKOFF_S[1])
         elif now_s >= self.restart_at_s:
@@ -75,7 +100,7 @@ class Child:
             self.restarts += 1
             self.start()
             log.warning(
-                "%s restarted (restart #%d, pid %d)", self.role, self.restarts, self.proc.pid if self.proc else -1
+                "%s restarted (restart #%d, pid %d)", self.label, self.restarts, self.proc.pid if self.proc else -1
             )
 
     def alive(self) -> bool:
@@ -92,7 +117,7 @@ class Child:
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0fs; killing it", self.role, timeout_s)
+            log.warning("%s did not stop within %.0fs; killing it", self.label, timeout_s)
             self.proc.kill()
             self.proc.wait()
 
@@ -120,54 +145,18 @@ def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
         log.info("started a private Redis-compatible server (%s) at %s", redis_server.binary.name, redis_url)
 
     router_address = f"127.0.0.1:{free_port()}"
-    tls_args = _tls_args(tls)
-    common = ["--redis-url", redis_url, "--router", router_address, *tls_args]
-    # Worker i serves its metrics on the port after the gateway's plus i (8003, 8004, ...),
-    # and the router on the one after the last worker's.
-    router_metrics_port = args.metrics_port + 1 + max(args.workers, 0) if args.metrics_port else 0
-    router = Child(
-        "router",
-        [
-            "--model-repository",
-            str(repository),
-            "--port",
-            router_address.rsplit(":", 1)[1],
-            "--redis-url",
-            redis_url,
-            "--metrics-port",
-            str(router_metrics_port),
-            *tls_args,
-        ],
+    devices = discover() if args.gpu_workers == "auto" else [cpu_device()]
+    log.info("devices (--gpu-workers %s):\n%s", args.gpu_workers, inventory_table(devices))
+    specs = plan_children(
+        args,
+        devices,
+        repository=repository,
+        redis_url=redis_url,
+        router_address=router_address,
+        tls_args=_tls_args(tls),
     )
-    workers = [
-        Child(
-            "worker",
-            [
-                *common,
-                "--model-repository",
-                str(repository),
-                "--metrics-port",
-                str(args.metrics_port + 1 + i if args.metrics_port else 0),
-            ],
-        )
-        for i in range(max(args.workers, 0))
-    ]
-    gateway = Child(
-        "gateway",
-        [
-            *common,
-            "--host",
-            args.host,
-            "--grpc-port",
-            str(args.grpc_port),
-            "--metrics-port",
-            str(args.metrics_port),
-            "--drain-grace-s",
-            str(args.drain_grace_s),
-            *(["--tenants", str(Path(args.tenants).resolve())] if args.tenants else []),
-        ],
-    )
-    children = [router, *workers, gateway]
+    children = [Child(spec.role, spec.args, spec.env, spec.label) for spec in specs]
+    router, *workers, gateway = children
     try:
         for child in children:
             child.start()
@@ -186,6 +175,87 @@ def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
         _shutdown(gateway, workers, router, args.drain_grace_s)
         if redis_server is not None:
             redis_server.stop()
+
+
+def plan_children(
+    args: argparse.Namespace,
+    devices: Sequence[Device],
+    *,
+    repository: Path,
+    redis_url: str,
+    router_address: str,
+    tls_args: Sequence[str] = (),
+) -> list[ChildSpec]:
+    """Router, workers, gateway, in start order, for ``up``'s flags and this host's devices.
+
+    Workers: one per GPU or MIG slice in ``devices`` (``--gpu-workers auto``), then the
+    CPU workers (``--workers``). Worker i serves its metrics on the gateway's metrics
+    port + 1 + i (8003, 8004, ...) and the router on the port after the last worker's.
+    """
+    gpus = [d for d in devices if d.kind != "cpu"] if args.gpu_workers == "auto" else []
+    cpu_workers = max(args.workers if args.workers is not None else (0 if gpus else 1), 0)
+    cpu = next((d for d in devices if d.kind == "cpu"), None) or cpu_device()
+    worker_devices = [*gpus, *[cpu] * cpu_workers]
+
+    def metrics_port(offset: int) -> str:
+        return str(args.metrics_port + offset if args.metrics_port else 0)
+
+    common = ("--redis-url", redis_url, "--router", router_address, *tls_args)
+    router = ChildSpec(
+        "router",
+        (
+            "--model-repository",
+            str(repository),
+            "--port",
+            router_address.rsplit(":", 1)[1],
+            "--redis-url",
+            redis_url,
+            "--metrics-port",
+            metrics_port(1 + len(worker_devices)),
+            *tls_args,
+        ),
+    )
+    workers = [
+        ChildSpec(
+            "worker",
+            (
+                *common,
+                "--model-repository",
+                str(repository),
+                "--device",
+                device.id,
+                "--metrics-port",
+                metrics_port(1 + i),
+            ),
+            _device_env(device),
+            f"worker {device.id}" if device.kind != "cpu" else f"worker cpu #{i - len(gpus)}",
+        )
+        for i, device in enumerate(worker_devices)
+    ]
+    gateway = ChildSpec(
+        "gateway",
+        (
+            *common,
+            "--host",
+            args.host,
+            "--grpc-port",
+            str(args.grpc_port),
+            "--metrics-port",
+            str(args.metrics_port),
+            "--drain-grace-s",
+            str(args.drain_grace_s),
+            *(["--tenants", str(Path(args.tenants).resolve())] if args.tenants else []),
+        ),
+    )
+    return [router, *workers, gateway]
+
+
+def _device_env(device: Device) -> dict[str, str]:
+    """A worker's CUDA pinning, set before its Python starts (so before CUDA can initialize)."""
+    env = {"CUDA_VISIBLE_DEVICES": device.cuda_visible_devices}
+    if device.kind == "gpu":  # the index is NVML's (PCI bus order); make it CUDA's too
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return env
 
 
 def _tls_args(tls: TlsConfig | None) -> list[str]:
@@ -212,7 +282,7 @@ def _wait_ready(
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not stop.is_set() and time.monotonic() < deadline:
         if not all(c.alive() for c in children):
-            dead = [c.role for c in children if not c.alive()]
+            dead = [c.label for c in children if not c.alive()]
             log.error("%s exited during start-up", ", ".join(dead))
             return None
         try:

@@ -1,7 +1,9 @@
 """One loaded model: an ONNX Runtime session, its warm-up, and batched runs.
 
-``InferenceSession`` is the seam (a Protocol) so that GPU execution providers can
-be chosen per device later (TODO(#6)); on the CPU the ONNX Runtime wheel is used.
+On a GPU the session is built with the providers ``engines.provider_chain`` picks
+(TensorRT, CUDA, CPU by default). When the best one fails to build the session or to
+warm it up, it is dropped with a warning and the next one is tried, down to the CPU;
+:attr:`LoadedModel.providers` says what the session ended up using.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,12 +19,17 @@ import onnxruntime as ort
 
 from meshserve.dtypes import NUMPY_BY_KSERVE
 from meshserve.repository import ModelInfo
+from model_workers import engines
 
 log = logging.getLogger(__name__)
 
 
 class SanityCheckFailed(RuntimeError):
     """A model ran but its answer to the known sample input is wrong (shape, NaN, Inf)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """ONNX Runtime built the session without the provider it was asked to use first."""
 
 
 class InferenceSession(Protocol):
@@ -31,8 +39,22 @@ class InferenceSession(Protocol):
 class LoadedModel:
     """A model held by a worker. ``ready`` only after load, warm-up and a sanity check."""
 
-    def __init__(self, info: ModelInfo, *, intra_op_threads: int = 0, spinning: bool = False) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        *,
+        device: str = "cpu",
+        intra_op_threads: int = 0,
+        spinning: bool = False,
+        available: Sequence[str] | None = None,
+    ) -> None:
+        """Build the session for ``device`` ("cpu", "cuda:N" or a MIG UUID).
+
+        ``available`` stands in for ``ort.get_available_providers()`` (tests only).
+        Blocking: a TensorRT engine build can take minutes the first time.
+        """
         self.info = info
+        self.device = device
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
@@ -41,16 +63,92 @@ class LoadedModel:
         # 2-core machine it cost the mesh ~0.5 ms per request at concurrency 1.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session: InferenceSession = ort.InferenceSession(
-            str(info.path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self._options = options
+        if available is None:
+            available = ort.get_available_providers()
+        self._chain = engines.provider_chain(info.execution, device, available, info)
         self.output_names = [t.name for t in info.outputs]
+        self.providers: tuple[str, ...] = ()
+        self._bound: Any = None  # the session when runs go through IO binding (GPU only)
+        self.session: InferenceSession = self._open()
+        log.info("%s version %d on %s runs on %s", info.name, info.version, device, ", ".join(self.providers))
         self.ready = False
         self._canary_feed: dict[str, np.ndarray[Any, Any]] | None = None
 
     def run(self, inputs: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         """Run one batch; returns every output, in the model's output order."""
+        if self._bound is not None:
+            return self._run_bound(inputs)
         return [np.asarray(out) for out in self.session.run(self.output_names, inputs)]
+
+    def _run_bound(self, inputs: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        """Run on the GPU through IO binding: one copy in and one copy out per tensor.
+
+        Inputs are bound in host memory and ONNX Runtime copies each to the device once.
+        Outputs stay on the device and ``copy_outputs_to_cpu`` copies each once into a
+        new numpy array; binding them to "cpu" instead costs two copies (device to an
+        ONNX Runtime host buffer, then into numpy), as a plain ``run`` does. A binding
+        per run: batches may run on several executor threads.
+        """
+        binding = self._bound.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self._bound.run_with_iobinding(binding)
+        outputs: list[np.ndarray[Any, Any]] = binding.copy_outputs_to_cpu()
+        return outputs
+
+    def _open(self) -> Any:
+        """The session on the best provider of the chain that builds."""
+        while True:
+            try:
+                return self._create()
+            except Exception as exc:
+                if not self._fall_back(exc):
+                    raise
+
+    def _create(self) -> Any:
+        best, best_options = self._chain[0]
+        if best == engines.TENSORRT:
+            Path(best_options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        session = ort.InferenceSession(
+            str(self.info.path),
+            sess_options=self._options,
+            providers=[name for name, _ in self._chain],
+            provider_options=[opts for _, opts in self._chain],
+            # ONNX Runtime's Python layer has its own fallback, which drops our provider
+            # options (memory limit) and may switch providers mid-serving: ours only.
+            enable_fallback=0,
+        )
+        session.disable_fallback()  # the keyword above is newer than some ONNX Runtimes we accept
+        providers = tuple(session.get_providers())
+        if best not in providers:
+            # A provider whose libraries fail to load can be skipped with only a log line.
+            raise EngineUnavailable(f"ONNX Runtime built the session on {', '.join(providers)} instead")
+        self.providers = providers
+        on_gpu = not engines.GPU_PROVIDERS.isdisjoint(providers)
+        has_bytes = any(t.datatype == "BYTES" for t in (*self.info.inputs, *self.info.outputs))
+        self._bound = session if on_gpu and not has_bytes else None
+        return session
+
+    def _fall_back(self, exc: Exception) -> bool:
+        """Drop the chain's best provider after ``exc``; False when only the CPU was left."""
+        failed = self._chain[0][0]
+        if failed == engines.CPU:
+            return False
+        self._chain = self._chain[1:]
+        log.warning(
+            "%s version %d: %s failed on %s (%s: %s); falling back to %s",
+            self.info.name,
+            self.info.version,
+            failed,
+            self.device,
+            type(exc).__name__,
+            exc,
+            self._chain[0][0],
+        )
+        return True
 
     def warm_up(self) -> float:
         """Run a generated input at batch 1 and at max batch; check outputs are sane.
@@ -58,11 +156,21 @@ class LoadedModel:
         Returns the warm-up time in seconds. Raises :class:`SanityCheckFailed` if the
         model answers with the wrong batch size or with NaN or infinite floats, and
         whatever ONNX Runtime raises if it fails: such a model never reports ready.
+        On a GPU provider such a failure first drops that provider, rebuilds the
+        session on the next one (with a warning) and warms up again.
         """
         started = time.perf_counter()
         sizes = [1] if self.info.max_batch_size == 0 else sorted({1, self.info.max_batch_size})
-        for batch in sizes:
-            self._check(self.run(self.sample_inputs(batch)), batch)
+        while True:
+            try:
+                for batch in sizes:
+                    self._check(self.run(self.sample_inputs(batch)), batch)
+                break
+            except Exception as exc:
+                # e.g. a TensorRT engine that builds but answers Inf in fp16: try the next provider
+                if not self._fall_back(exc):
+                    raise
+                self.session = self._open()
         self.ready = True
         return time.perf_counter() - started
 

@@ -40,6 +40,7 @@ from meshserve.repository import ModelInfo, load_model
 from meshserve.settings import WorkerSettings
 from meshserve.telemetry import extract, tenant_attribute
 from model_workers.devices import monitor_for
+from model_workers.memory import describe_device, probe_for, warm_up_measured
 from model_workers.session import LoadedModel, SanityCheckFailed
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -118,6 +119,9 @@ class Worker:
         self.on_readiness_change: Callable[[], None] = lambda: None
         self.draining = False
         self.device_monitor = monitor_for(settings.device, self._busy_seconds)
+        self.device_description = describe_device(settings.device)  # for the router's placement
+        self.memory_probe = probe_for(settings.device)
+        self.activation_bytes: dict[tuple[str, int], int] = {}  # measured at warm-up; 0: not measured
         self.device_sample = self.device_monitor.sample()
         self.metrics = WorkerMetrics.create(
             WorkerReads(
@@ -165,7 +169,7 @@ class Worker:
                 log.exception("model %s version %d failed to load; not serving it", spec.name, spec.version)
                 continue
             served = _Served(
-                model, ModelKeys.for_model(spec.name, spec.version), weights_bytes=_weights_bytes(model.info)
+                model, ModelKeys.for_model(spec.name, spec.version), weights_bytes=model.info.weights_bytes
             )
             self.served[key] = served
             self._by_wake[served.keys.wake] = served
@@ -173,9 +177,13 @@ class Worker:
 
     def _load(self, info: Any) -> LoadedModel:
         model = LoadedModel(
-            info, intra_op_threads=self.settings.intra_op_threads, spinning=self.settings.intra_op_spinning
+            info,
+            device=self.settings.device,
+            intra_op_threads=self.settings.intra_op_threads,
+            spinning=self.settings.intra_op_spinning,
         )
-        took_s = model.warm_up()
+        took_s, activation_bytes = warm_up_measured(model, self.memory_probe)
+        self.activation_bytes[(info.name, info.version)] = activation_bytes
         log.info("loaded %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)
         return model
 
@@ -183,6 +191,9 @@ class Worker:
         return mpb.WorkerReport(
             worker_id=self.worker_id,
             device=self.settings.device,
+            device_kind=self.device_description.kind,
+            device_profile=self.device_description.profile,
+            device_memory_bytes=self.device_description.memory_bytes,
             draining=self.draining,
             models=[
                 mpb.ModelState(
@@ -193,6 +204,8 @@ class Worker:
                     requests_total=s.stats.requests,
                     device_seconds_total=s.stats.device_seconds,
                     queue_wait_seconds_total=s.stats.queue_wait_seconds,
+                    weights_bytes=s.weights_bytes,
+                    activation_bytes=self.activation_bytes.get((name, version), 0),
                 )
                 for (name, version), s in self.served.items()
             ],
@@ -668,8 +681,3 @@ def _split(
 
 def _error_reply(job: _Job, code: grpc.StatusCode, message: str) -> mpb.InferReply:
     return mpb.InferReply(id=job.job_id, code=code.value[0], message=message)
-
-
-def _weights_bytes(info: ModelInfo) -> int:
-    """The model file plus any external-data files beside it (its version directory)."""
-    return sum(path.stat().st_size for path in info.path.parent.iterdir() if path.is_file())

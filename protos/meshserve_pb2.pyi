@@ -126,7 +126,7 @@ class WatchRequest(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ...) -> None: ...
 
 class ModelState(_message.Message):
-    __slots__ = ("name", "version", "ready", "reason", "items_total", "requests_total", "device_seconds_total", "queue_wait_seconds_total")
+    __slots__ = ("name", "version", "ready", "reason", "items_total", "requests_total", "device_seconds_total", "queue_wait_seconds_total", "weights_bytes", "activation_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,8 @@ class ModelState(_message.Message):
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     ready: bool
@@ -143,19 +145,27 @@ class ModelState(_message.Message):
     requests_total: int
     device_seconds_total: float
     queue_wait_seconds_total: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., items_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., device_seconds_total: _Optional[float] = ..., queue_wait_seconds_total: _Optional[float] = ...) -> None: ...
+    weights_bytes: int
+    activation_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., items_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., device_seconds_total: _Optional[float] = ..., queue_wait_seconds_total: _Optional[float] = ..., weights_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerReport(_message.Message):
-    __slots__ = ("worker_id", "device", "models", "draining")
+    __slots__ = ("worker_id", "device", "models", "draining", "device_kind", "device_profile", "device_memory_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     device: str
     models: _containers.RepeatedCompositeFieldContainer[ModelState]
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelState, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    device_kind: str
+    device_profile: str
+    device_memory_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelState, _Mapping]]] = ..., draining: _Optional[bool] = ..., device_kind: _Optional[str] = ..., device_profile: _Optional[str] = ..., device_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerAssignment(_message.Message):
     __slots__ = ("models", "report_interval_ms", "generation")

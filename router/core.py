@@ -4,6 +4,13 @@ Workers report what they hold (``report``); gateways watch the routing table
 (``watch``), which is rebuilt whenever readiness changes. A worker that stops
 reporting for ``worker_ttl_ms`` is forgotten, and its models go not-ready unless
 another worker holds them. Off the hot path: nothing here runs per request.
+
+Placement: workers report their device (a :class:`router.placement.Slot`) and
+what each model measured on it; whenever the live devices or the estimates
+change, the placement is recomputed (``router.placement.place``) and each worker
+is told to hold the models placed on its device (workers sharing a device id all
+get them). Models that fit nowhere are logged and never ready. Before any worker
+has reported there is nothing to place on, and nothing is called unplaceable.
 """
 
 from __future__ import annotations
@@ -11,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from meshserve.repository import ModelInfo
+from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, Placement, Slot, demand_for, place
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,7 @@ class WorkerRecord:
     last_seen_s: float = 0.0
     loads: dict[ModelKey, ModelLoad] = field(default_factory=dict)
     rates: dict[ModelKey, tuple[float, float, float]] = field(default_factory=dict)  # Δrequests, Δwait_s, Δt_s
+    slot: Slot | None = None  # None: not described yet (see slot_from_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +69,18 @@ class TableSnapshot:
 
 class RouterCore:
     def __init__(
-        self, models: list[ModelInfo], *, worker_ttl_ms: int = 5000, clock: Callable[[], float] = time.monotonic
+        self,
+        models: list[ModelInfo],
+        *,
+        worker_ttl_ms: int = 5000,
+        clock: Callable[[], float] = time.monotonic,
+        headroom_ratio: float = DEFAULT_HEADROOM_RATIO,
     ) -> None:
         self._clock = clock
+        self.headroom_ratio = headroom_ratio
+        self.footprints: dict[ModelKey, Footprint] = {}  # latest reported, per model version
+        self.placement = Placement()  # replaced whole, never mutated: the metrics thread reads it
+        self._placed_from: object = None  # the inputs of the current placement
         self.models = {(m.name, m.version): m for m in models}
         self.worker_ttl_s = worker_ttl_ms / 1000
         self.workers: dict[str, WorkerRecord] = {}
@@ -81,15 +99,22 @@ class RouterCore:
         *,
         draining: bool,
         loads: dict[ModelKey, tuple[int, float]] | None = None,
+        slot: Slot | None = None,
+        footprints: Mapping[ModelKey, Footprint] | None = None,
     ) -> list[ModelInfo]:
-        """Record a worker's state; returns the models it should hold (all, for now).
+        """Record a worker's state; returns the models placed on its device.
 
-        TODO(#6): placement by device memory instead of every model everywhere.
+        ``slot`` describes the device (default: guessed from ``device``, memory
+        unknown); ``footprints`` are the worker's measurements per model version.
         """
         record = self.workers.get(worker_id)
         if record is None:
             record = self.workers[worker_id] = WorkerRecord(worker_id, device)
             log.info("worker %s (%s) joined", worker_id, device)
+        record.slot = slot or record.slot or slot_from_id(device)
+        for key, footprint in (footprints or {}).items():
+            if key in self.models and footprint.weights_bytes > 0:
+                self.footprints[key] = footprint
         record.ready = ready & set(self.models)
         record.draining = draining
         record.last_seen_s = now_s = self._clock()
@@ -99,7 +124,35 @@ class RouterCore:
             if before is not None and now_s > before.at_s and requests >= before.requests:
                 record.rates[key] = (requests - before.requests, wait_s - before.queue_wait_s, now_s - before.at_s)
         await self._recompute()
-        return list(self.models.values())
+        return [self.models[key] for key in self.placement.on(device)]
+
+    def unplaceable(self) -> dict[ModelKey, bool]:
+        """Every model version: whether the current placement found no room for it."""
+        keys = self.placement.unplaceable_keys()
+        return {key: key in keys for key in self.models}
+
+    def _replace(self) -> None:
+        """Recompute the placement if the live devices or the estimates changed."""
+        slots: dict[str, Slot] = {}
+        for worker_id in sorted(self.workers):  # a device shared by workers: the lowest id describes it
+            record = self.workers[worker_id]
+            slots.setdefault(record.device, record.slot or slot_from_id(record.device))
+        demands = tuple(demand_for(info, self.footprints.get(key)) for key, info in sorted(self.models.items()))
+        inputs = (tuple(slots.values()), demands)
+        if inputs == self._placed_from:
+            return
+        self._placed_from = inputs
+        placement = place(slots.values(), demands, headroom_ratio=self.headroom_ratio) if slots else Placement()
+        if placement == self.placement:
+            return
+        before, self.placement = self.placement.unplaceable, placement
+        log.info(
+            "placement: %s",
+            "; ".join(f"{device}: {len(keys)} model version(s)" for device, keys in placement.assignments) or "empty",
+        )
+        for entry in placement.unplaceable:
+            if entry not in before:  # said once, and again only when its numbers change
+                log.warning("unplaceable: %s", entry.message())
 
     def load_rates(self) -> dict[ModelKey, LoadRate]:
         """Per model version, summed over live workers: requests/s and mean queue wait."""
@@ -124,7 +177,11 @@ class RouterCore:
         await self._recompute()
 
     async def _recompute(self) -> None:
-        ready = frozenset(key for rec in self.workers.values() if not rec.draining for key in rec.ready)
+        self._replace()
+        unplaceable = self.placement.unplaceable_keys()
+        ready = frozenset(
+            key for rec in self.workers.values() if not rec.draining for key in rec.ready if key not in unplaceable
+        )
         if ready != self._ready:
             async with self._changed:
                 self._ready = ready
@@ -147,3 +204,11 @@ class RouterCore:
         while True:
             await asyncio.sleep(interval_s)
             await self.forget_silent_workers()
+
+
+def slot_from_id(device: str) -> Slot:
+    """A device known only by its id: "cpu" is the CPU, a "MIG-" UUID a MIG slice,
+    anything else a whole GPU; memory unknown (fits anything)."""
+    if device == "cpu":
+        return Slot(device, "cpu")
+    return Slot(device, "mig" if device.startswith("MIG-") else "gpu")

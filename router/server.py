@@ -20,7 +20,8 @@ from meshserve.tenants import TIERS
 from meshserve.tls import add_port
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
-from router.core import ModelKey, RouterCore, TableSnapshot
+from router.core import ModelKey, RouterCore, TableSnapshot, slot_from_id
+from router.placement import Footprint, Slot
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,15 @@ class RouterServicer(mpb_grpc.RouterServicer):
     ) -> mpb.WorkerAssignment:
         ready = {(m.name, m.version) for m in request.models if m.ready}
         loads = {(m.name, m.version): (m.requests_total, m.queue_wait_seconds_total) for m in request.models}
+        footprints = {(m.name, m.version): Footprint(m.weights_bytes, m.activation_bytes) for m in request.models}
         models = await self.core.report(
-            request.worker_id, request.device, ready, draining=request.draining, loads=loads
+            request.worker_id,
+            request.device,
+            ready,
+            draining=request.draining,
+            loads=loads,
+            slot=_slot(request),
+            footprints=footprints,
         )
         snap = self.core.snapshot()
         return mpb.WorkerAssignment(
@@ -64,6 +72,13 @@ class RouterServicer(mpb_grpc.RouterServicer):
         )
 
 
+def _slot(request: mpb.WorkerReport) -> Slot:
+    """The worker's device; an older worker that does not describe it: guessed from its id."""
+    if not request.device_kind:
+        return slot_from_id(request.device)
+    return Slot(request.device, request.device_kind, request.device_profile, request.device_memory_bytes)
+
+
 class RouterServer:
     """Owns the router's gRPC server and its expiry task."""
 
@@ -72,7 +87,9 @@ class RouterServer:
         models, problems = scan_repository(settings.model_repository)
         for problem in problems:
             log.error("model repository: %s", problem)
-        self.core = RouterCore(models, worker_ttl_ms=settings.worker_ttl_ms)
+        self.core = RouterCore(
+            models, worker_ttl_ms=settings.worker_ttl_ms, headroom_ratio=settings.placement_headroom_ratio
+        )
         self.server = grpc.aio.server()
         mpb_grpc.add_RouterServicer_to_server(
             RouterServicer(self.core, settings.model_repository, settings.report_interval_ms), self.server
@@ -81,7 +98,12 @@ class RouterServer:
         self._expiry: asyncio.Task[None] | None = None
         self._queues = SyncRedis.from_url(settings.redis_url, socket_timeout=2.0) if settings.redis_url else None
         self.metrics = RouterMetrics.create(
-            RouterReads(ready=self._readiness, depths=self._queue_depths, loads=self.core.load_rates)
+            RouterReads(
+                ready=self._readiness,
+                depths=self._queue_depths,
+                loads=self.core.load_rates,
+                unplaceable=self.core.unplaceable,
+            )
         )
         self._metrics_server: MetricsServer | None = None
 

@@ -12,8 +12,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from meshserve.examples import build_fixed_adder, build_mlp, write_example_repository
+from meshserve.mig import MigProfile, parse_mig_profile
 from meshserve.repository import (
     ModelInfo,
+    PlacementConfig,
     RepositoryError,
     TensorInfo,
     load_model,
@@ -426,3 +428,59 @@ def test_model_file_symlinked_to_another_version_is_allowed(tmp_path: Path) -> N
 
     assert [m.version for m in models] == [1, 2]
     assert problems == []
+
+
+# --- placement -----------------------------------------------------------------------
+
+
+def test_placement_defaults_and_weights_from_the_version_directory(tmp_path: Path) -> None:
+    write_example_repository(tmp_path, ["mlp"])
+    (tmp_path / "mlp" / "1" / "weights.bin").write_bytes(b"\0" * 1000)  # as external data would lie
+
+    info = load_model(tmp_path / "mlp", 1)
+
+    assert info.placement == PlacementConfig(device="any", min_mig_profile=None, memory_bytes=None)
+    assert info.weights_bytes == info.path.stat().st_size + 1000
+
+
+def test_placement_section_is_read(tmp_path: Path) -> None:
+    write_example_repository(tmp_path, ["mlp"])
+    _write_config(tmp_path / "mlp", "placement:\n  device: gpu\n  min_mig_profile: 2g.20gb\n  memory_mb: 512\n")
+
+    assert load_model(tmp_path / "mlp", 1).placement == PlacementConfig("gpu", "2g.20gb", 512 * 2**20)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("placement:\n  gpu: true\n", "unknown key 'placement.gpu'"),
+        ("placement: gpu\n", "'placement' must be a mapping"),
+        ("placement:\n  device: tpu\n", "'placement.device' must be one of gpu, cpu, any, got 'tpu'"),
+        ("placement:\n  min_mig_profile: 20gb\n", "'placement.min_mig_profile' must be a MIG profile"),
+        ("placement:\n  min_mig_profile: 2\n", "'placement.min_mig_profile' must be a MIG profile"),
+        ("placement:\n  device: cpu\n  min_mig_profile: 1g.10gb\n", "'placement.device' is cpu"),
+        ("placement:\n  memory_mb: 0\n", "'placement.memory_mb' must be a positive integer (MiB), got 0"),
+        ("placement:\n  memory_mb: 1.5\n", "'placement.memory_mb' must be a positive integer"),
+        ("placement:\n  memory_mb: true\n", "'placement.memory_mb' must be a positive integer"),
+    ],
+)
+def test_invalid_placement_is_rejected(tmp_path: Path, text: str, problem: str) -> None:
+    write_example_repository(tmp_path, ["mlp"])
+    _write_config(tmp_path / "mlp", text)
+
+    with pytest.raises(RepositoryError) as caught:
+        load_model(tmp_path / "mlp", 1)
+    assert str(caught.value).startswith(str(tmp_path / "mlp" / "config.yaml"))
+    assert problem in str(caught.value)
+
+
+def test_mig_profiles_compare_by_compute_and_memory() -> None:
+    small, large = parse_mig_profile("1g.10gb"), parse_mig_profile("3g.40gb")
+    assert small == MigProfile(1, 10)
+    assert parse_mig_profile("1g.10gb+me") == small
+    assert large is not None
+    assert small is not None
+    assert large.covers(small)
+    assert not small.covers(large)
+    assert not MigProfile(3, 20).covers(MigProfile(2, 40))
+    assert parse_mig_profile("20gb") is None
