@@ -447,6 +447,21 @@ class QueueProtocol:
         )
         return int(result) if client is None else 0
 
+    async def load_ack_script(self) -> None:
+        """Load ACK's script now, so that :meth:`ack_in` finds it from the first batch."""
+        await self.redis.script_load(ACK_LUA)
+
+    def ack_in(self, pipe: Any, keys: ModelKeys, token: int, job_ids: list[str]) -> None:
+        """Queue an ACK on ``pipe`` by its SHA alone.
+
+        Passing the script object to a pipeline makes redis-py send SCRIPT EXISTS
+        before every execute: a round trip per batch. Here the pipeline's result
+        for it is a ``NoScriptError`` if Redis lost its script cache (a restart);
+        the caller then acks with :meth:`ack`, which loads the script.
+        """
+        if job_ids:
+            pipe.evalsha(self._ack.sha, 3, keys.inflight, keys.ready, keys.sched, keys.job_prefix, token, *job_ids)
+
     async def extend(self, keys: ModelKeys, token: int, job_ids: list[str], lease_ms: int) -> int:
         """Renew the lease ``token`` on these jobs; 0 if it was reclaimed meanwhile."""
         if not job_ids:

@@ -31,7 +31,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.codec import from_array, to_array
 from meshserve.metrics import ModelCounters, WorkerMetrics, WorkerReads
@@ -157,6 +157,8 @@ class Worker:
 
     async def load_assigned(self) -> None:
         """Ask the router what to hold, then load and warm up each model in a thread."""
+        with contextlib.suppress(RedisError):  # Redis down now: the first ack loads it later
+            await self.queue.load_ack_script()
         assignment = await self.router.ReportWorker(self._report(), timeout=10)
         for spec in assignment.models:
             key = (spec.name, spec.version)
@@ -596,8 +598,13 @@ class Worker:
                     pipe.rpush(reply_to, *items)
                     pipe.expire(reply_to, REPLY_TTL_S)
                 for token, ids in acks.items():
-                    await self.queue.ack(served.keys, token, ids, client=pipe)
-                await pipe.execute()
+                    self.queue.ack_in(pipe, served.keys, token, ids)
+                results = await pipe.execute(raise_on_error=False)
+            if any(isinstance(result, NoScriptError) for result in results):
+                for token, ids in acks.items():  # Redis lost its scripts: ack again, loading it
+                    await self.queue.ack(served.keys, token, ids)
+            elif failed := next((r for r in results if isinstance(r, RedisError)), None):
+                raise failed
         except RedisError:
             # The lease stays in Redis; the reaper redelivers (TODO(#4)).
             log.exception("could not write %d replies for %s", sum(map(len, blobs.values())), served.keys.ready)

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from meshserve.examples import write_example_repository
 from meshserve.redis_server import RedisServer
 from protos import grpc_service_pb2 as pb
-from tests.support import Mesh, infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
+from tests.support import Mesh, infer_request, infer_stub, output_arrays, queue_leftovers, start_mesh, stop_mesh
 
 RPC_TIMEOUT_S = 10
 
@@ -172,3 +172,16 @@ async def test_a_stopping_worker_is_not_serving_before_it_stops_taking_work(
     assert before.status == health_pb2.HealthCheckResponse.SERVING
     assert per_model.status == health_pb2.HealthCheckResponse.SERVING
     assert seen_at_stop == [health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
+async def test_replies_and_acks_survive_a_flushed_script_cache(mesh: Mesh, redis: Redis) -> None:
+    """Redis restarted without its scripts: the worker's pipelined ack (sent by SHA)
+    fails with NOSCRIPT, and the worker acks again, loading the script."""
+    await redis.script_flush()
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
+        response = await infer_stub(channel).ModelInfer(request, timeout=10)
+    assert output_arrays(response)["logits"].shape == (1, 10)
+    worker = mesh.workers[0].worker
+    await asyncio.gather(*worker._reply_tasks)  # the ack's second round trip, if any
+    assert await queue_leftovers(redis) == []  # acked: nothing leased or queued is left
