@@ -282,7 +282,7 @@ def _wait_ready(
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not stop.is_set() and time.monotonic() < deadline:
         if not all(c.alive() for c in children):
-            dead = [c.label for c in children if not c.alive()]
+            dead = [f"{c.label} (code {c.proc.returncode if c.proc else None})" for c in children if not c.alive()]
             log.error("%s exited during start-up", ", ".join(dead))
             return None
         try:
