@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 WAKE_SAFETY_TIMEOUT_S = 5.0
 """Blocking waits re-check every queue after this long, in case a wake token was lost."""
 
+ROUTER_WAIT_AT_START_S = 30.0
+"""How long a starting worker waits for the router to answer its first report."""
+
 FAILURES_BEFORE_NOT_READY = 3
 """Consecutive failed batches after which a model is reported not ready.
 
@@ -159,7 +162,9 @@ class Worker:
         """Ask the router what to hold, then load and warm up each model in a thread."""
         with contextlib.suppress(RedisError):  # Redis down now: the first ack loads it later
             await self.queue.load_ack_script()
-        assignment = await self.router.ReportWorker(self._report(), timeout=10)
+        # The router may still be starting (under `up`, or beside us in a cluster):
+        # wait for its channel instead of failing on the first refused connection.
+        assignment = await self.router.ReportWorker(self._report(), timeout=ROUTER_WAIT_AT_START_S, wait_for_ready=True)
         for spec in assignment.models:
             key = (spec.name, spec.version)
             if key in self.served:

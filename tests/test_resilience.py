@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -17,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from redis.asyncio import Redis
 
 from meshserve.examples import write_example_repository
-from meshserve.redis_server import RedisServer
+from meshserve.redis_server import RedisServer, free_port
 from protos import grpc_service_pb2 as pb
 from tests.support import Mesh, infer_request, infer_stub, output_arrays, queue_leftovers, start_mesh, stop_mesh
 
@@ -185,3 +186,41 @@ async def test_replies_and_acks_survive_a_flushed_script_cache(mesh: Mesh, redis
     worker = mesh.workers[0].worker
     await asyncio.gather(*worker._reply_tasks)  # the ack's second round trip, if any
     assert await queue_leftovers(redis) == []  # acked: nothing leased or queued is left
+
+
+async def test_a_worker_started_before_the_router_waits_for_it(redis_url: str, model_repository: Path) -> None:
+    """Under `up` or in a cluster the router may come up after a worker: the worker's
+    first report waits for the router instead of failing the worker's start."""
+    from meshserve.settings import RouterSettings, WorkerSettings
+    from model_workers.server import WorkerServer
+    from router.server import RouterServer
+
+    port = free_port()
+    worker = WorkerServer(
+        WorkerSettings(redis_url=redis_url, router_address=f"127.0.0.1:{port}", model_repository=model_repository)
+    )
+    stub, reported = worker.worker.router, asyncio.Event()
+
+    class Reporting:  # the worker's own router stub, noting when the first report leaves
+        def ReportWorker(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
+            reported.set()
+            return stub.ReportWorker(*args, **kwargs)
+
+    worker.worker.router = Reporting()  # type: ignore[assignment]
+    starting = asyncio.create_task(worker.start())
+    channel = worker.router_channel
+    async with asyncio.timeout(10):
+        await reported.wait()
+        # A fail-fast call fails when its channel's connection is refused; this one waits.
+        while (state := channel.get_state()) != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            await channel.wait_for_state_change(state)
+    router = RouterServer(RouterSettings(model_repository=model_repository, port=port, report_interval_ms=200))
+    await router.start()
+    try:
+        async with asyncio.timeout(30):
+            await starting
+        assert all(served.model.ready for served in worker.worker.served.values())
+        assert worker.worker.served
+    finally:
+        await worker.stop()
+        await router.stop()
