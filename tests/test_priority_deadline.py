@@ -122,7 +122,10 @@ async def test_grpc_deadline_travels_with_the_queued_request(
     assert sent_ms < deadline_ms < sent_ms + 1_300
     response = await stub.ModelInfer(infer_request("mlp", features()), timeout=RPC_TIMEOUT_S)
     assert output_arrays(response)["logits"].shape == (1, 10)
-    assert (stats.expired, stats.items) == (1, 1)
+    # Never computed: the expired job was either withdrawn by the gateway (the client's
+    # cancellation arrived first) or dropped by the claim (the gateway's own timer did).
+    assert stats.items == 1
+    assert stats.expired in (0, 1)
     assert await queue_leftovers(redis) == []
 
 
