@@ -510,13 +510,14 @@ def _concurrency_list(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from meshserve import bench_tenants
+    from meshserve import bench_scenarios, bench_tenants
 
     parser.add_argument(
         "--scenario",
-        choices=("sweep", "noisy-neighbor"),
+        choices=("sweep", "open-loop", "overload", "noisy-neighbor"),
         default=env_default("BENCH_SCENARIO", "sweep"),
-        help="sweep: concurrencies beside raw ONNX Runtime; noisy-neighbor: one tenant floods, another is timed",
+        help="sweep: concurrencies beside raw ONNX Runtime; open-loop: fixed rates (--rates);"
+        " overload: twice the sustainable rate; noisy-neighbor: one tenant floods, another is timed",
     )
     parser.add_argument("--target", default=env_default("BENCH_TARGET", None), help="HOST:PORT of a running mesh")
     parser.add_argument("--model", default=env_default("BENCH_MODEL", "cnn"))
@@ -533,6 +534,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch", type=int, default=env_default("BENCH_MAX_BATCH", None), help="raw run's max batch"
     )
+    bench_scenarios.add_arguments(parser)
     bench_tenants.add_arguments(parser)
 
 
@@ -563,6 +565,15 @@ def _find_model(repository: Path, name: str) -> ModelInfo:
     return max(versions, key=lambda model: model.version)
 
 
+def _plot(path: Path, model: str, config: BenchConfig, raw: RawFigures, points: Sequence[PointFigures]) -> None:
+    from meshserve.bench_display import LatencySeries, plot_latency
+
+    series = LatencySeries(model, [point.p50_ms for point in points], [point.p99_ms for point in points])
+    title = f"meshserve sweep: {model}, {config.duration_s:g} s per point"
+    xs = [point.concurrency for point in points]
+    plot_latency(path, title, "closed-loop concurrency", xs, [series], {model: (raw.p50_ms, raw.p99_ms)})
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     """Unwind (stopping the mesh this bench started) instead of dying on the spot."""
     raise SystemExit(128 + signum)
@@ -572,12 +583,21 @@ def run_bench(args: argparse.Namespace) -> int:
     """Reach a ready mesh, measure raw ONNX Runtime while it idles, then load it.
 
     Prints the table; returns 1 when any call failed. ``--scenario noisy-neighbor``
-    runs :mod:`meshserve.bench_tenants` instead.
+    runs :mod:`meshserve.bench_tenants` instead; open-loop, overload and ``--models``
+    with several names run :mod:`meshserve.bench_scenarios`.
     """
+    from meshserve import bench_display, bench_scenarios
+
     if args.scenario == "noisy-neighbor":
         from meshserve.bench_tenants import run_noisy_neighbor
 
+        if args.plot:
+            raise SystemExit("bench: --plot draws the sweep and open-loop scenarios, not noisy-neighbor")
         return run_noisy_neighbor(args)
+    if bench_scenarios.uses_scenarios(args):
+        return bench_scenarios.run_scenario(args)
+    if args.plot:
+        bench_display.require_matplotlib()
     config = _config(args)
     model = _find_model(config.repository, config.model)
     max_batch = (config.max_batch or model.max_batch_size) if model.max_batch_size > 0 else 1
@@ -587,11 +607,15 @@ def run_bench(args: argparse.Namespace) -> int:
         asyncio.run(_require_ready(target, model))
         freeze_startup_heap()  # the client's own GC pauses would show as mesh latency
         points_count = len(raw_batches(max_batch)) + len(config.concurrencies)
-        _progress(f"{points_count} points: about {points_count * (config.warmup_s + config.duration_s):.0f} s")
-        raw, other_cores = measure_raw_with_noise(model, max_batch, config.warmup_s, config.duration_s)
-        points = asyncio.run(measure_mesh(target, model, config))
+        estimate_s = points_count * (config.warmup_s + config.duration_s)
+        _progress(f"{points_count} points: about {estimate_s:.0f} s")
+        with bench_display.progress_bar("bench sweep", estimate_s):
+            raw, other_cores = measure_raw_with_noise(model, max_batch, config.warmup_s, config.duration_s)
+            points = asyncio.run(measure_mesh(target, model, config))
     machine = machine_info(other_cores)
     print(format_report(model.name, config.duration_s, machine, raw, points), flush=True)
     if config.json_path is not None:
         config.json_path.write_text(json.dumps(report_json(config, machine, raw, points), indent=2, default=str) + "\n")
+    if args.plot:
+        _plot(Path(args.plot), model.name, config, raw, points)
     return 1 if any(point.errors for point in points) else 0

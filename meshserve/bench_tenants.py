@@ -34,7 +34,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,7 @@ from meshserve.bench import (
     own_mesh,
     percentile_ms,
 )
+from meshserve.bench_display import progress_bar
 from meshserve.heap import freeze_startup_heap
 from meshserve.repository import ModelInfo
 from meshserve.settings import env_default
@@ -144,15 +145,23 @@ async def _call(infer: Any, request: pb.ModelInferRequest, metadata: Sequence[tu
     return OK, ""
 
 
+def due_times_ns(first_ns: int, rate_per_s: float, end_ns: int) -> Iterator[int]:
+    """The open-loop schedule: ``first_ns`` then every 1/``rate_per_s`` s, before ``end_ns``.
+
+    Each time is computed from the first (no drift from rounding).
+    """
+    for index in itertools.count():
+        due_ns = first_ns + round(index * 1e9 / rate_per_s)
+        if due_ns >= end_ns:
+            return
+        yield due_ns
+
+
 async def _open_loop(group: asyncio.TaskGroup, call: _Call, rate_per_s: float, window: _Window) -> list[int]:
     """Start ``call()`` every 1/``rate_per_s`` s until the window ends, never waiting for
     one to finish; a late start is not skipped. The send lag of each start inside the window, ns."""
     lags_ns: list[int] = []
-    first_ns = time.perf_counter_ns()
-    for index in itertools.count():
-        due_ns = first_ns + round(index * 1e9 / rate_per_s)
-        if due_ns >= window.end_ns:
-            break
+    for due_ns in due_times_ns(time.perf_counter_ns(), rate_per_s, window.end_ns):
         await _sleep_until(due_ns)
         group.create_task(call())
         if due_ns >= window.start_ns:
@@ -406,7 +415,8 @@ def run_noisy_neighbor(args: argparse.Namespace) -> int:
         up_args = ["--tenants", str(tenants_path), "--metrics-port", "0"]
         with own_mesh(config.repository, up_args) as target:
             _progress(f"3 phases: about {3 * (config.warmup_s + config.duration_s):.0f} s")
-            alone, at_limit, flooded = asyncio.run(measure(target, model, config, keys))
+            with progress_bar("bench noisy-neighbor", 3 * (config.warmup_s + config.duration_s)):
+                alone, at_limit, flooded = asyncio.run(measure(target, model, config, keys))
     print(format_report(config, machine, alone, flooded, at_limit), flush=True)
     if config.json_path is not None:
         report = report_json(config, machine, alone, flooded, at_limit)
