@@ -46,6 +46,11 @@ UNKNOWN_MODEL_LABEL = "<unknown>"
 names, and a label per name would grow the registry without bound."""
 
 
+DEADLINE_MARGIN_S = 0.005
+"""The gateway gives up this long before the client's gRPC deadline, so that its
+DEADLINE_EXCEEDED reaches a call that is still open."""
+
+
 MAX_DETAILS_CHARS = 512
 """Status details are cut to this length. They quote names the client chose, and a
 grpc-message trailer over 8 KiB (percent-encoded: up to 12 bytes a character) makes
@@ -173,7 +178,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         remaining_s = context.time_remaining()
         default_s = self.gateway.settings.default_timeout_ms / 1000
-        budget_s = default_s if remaining_s is None else min(remaining_s, default_s)
+        # Answer DEADLINE_EXCEEDED ourselves a moment before gRPC's own timer ends the
+        # call: a status sent after it fails in the core and is logged as an error.
+        budget_s = default_s if remaining_s is None else min(remaining_s - DEADLINE_MARGIN_S, default_s)
         deadline_ms = time.time() * 1000 + budget_s * 1000
         with self.tracer.start_as_current_span(
             "ModelInfer", context=extract(metadata), kind=trace.SpanKind.SERVER
