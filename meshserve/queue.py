@@ -26,7 +26,9 @@ it. A tenant that floods only pushes its own jobs back. Scores are written with
 17 significant digits (Lua's default keeps 14), so starts keep about 1/2000 of an
 item of resolution up to 2^40 items of history.
 
-Replies go to the owning gateway's list ``ms:{g:<gateway>}:replies``.
+Replies go to the owning gateway's list ``ms:{g:<gateway>}:replies``. Each worker
+also blocks on its own list ``ms:{w:<worker>}:wake``: a token there means "the set
+of models you serve changed", so its blocking wait starts again on the new set.
 
 Job hashes are addressed inside the scripts from a prefix passed in ARGV. That is
 safe on Redis Cluster because the prefix carries the model's hash tag, so every key
@@ -88,6 +90,11 @@ class ModelKeys:
 
 def reply_key(gateway_id: str) -> str:
     return f"ms:{{g:{gateway_id}}}:replies"
+
+
+def worker_wake_key(worker_id: str) -> str:
+    """The worker's own wake list; it deletes it on close."""
+    return f"ms:{{w:{worker_id}}}:wake"
 
 
 # ENQUEUE: one atomic call per accepted request.
@@ -332,6 +339,20 @@ return removed
 """
 
 
+# REWAKE: give back a wake token a worker took for a model it no longer serves,
+# so that a worker that does serve it takes the work.
+#   KEYS[1] wake  KEYS[2] ready
+# Pushed only while jobs are queued and the list is empty (it holds at most one
+# token). Returns 1 pushed, 0 not needed.
+REWAKE_LUA = """
+if redis.call('ZCARD', KEYS[2]) > 0 and redis.call('LLEN', KEYS[1]) == 0 then
+  redis.call('RPUSH', KEYS[1], 1)
+  return 1
+end
+return 0
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Reaped:
     """What one REAP did: jobs put back, and jobs out of attempts (id, reply_to, attempts)."""
@@ -366,6 +387,7 @@ class QueueProtocol:
         self._release: AsyncScript = redis.register_script(RELEASE_LUA)
         self._reap: AsyncScript = redis.register_script(REAP_LUA)
         self._withdraw: AsyncScript = redis.register_script(WITHDRAW_LUA)
+        self._rewake: AsyncScript = redis.register_script(REWAKE_LUA)
 
     async def enqueue(
         self,
@@ -481,6 +503,10 @@ class QueueProtocol:
     async def withdraw(self, keys: ModelKeys, job_id: str) -> bool:
         """Remove a job no one holds yet; False if a worker already leased it."""
         return bool(await self._withdraw(keys=[keys.ready, keys.job(job_id), keys.queued], args=[job_id]))
+
+    async def rewake(self, keys: ModelKeys) -> bool:
+        """Give back a wake token taken for a model this worker dropped; False: not needed."""
+        return bool(await self._rewake(keys=[keys.wake, keys.ready]))
 
     async def reap(self, keys: ModelKeys, *, max_attempts: int, limit: int = 256) -> Reaped:
         """Redeliver the jobs of expired leases; hand back those out of attempts."""

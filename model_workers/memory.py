@@ -107,8 +107,9 @@ def warm_up_measured(model: LoadedModel, probe: PeakMemoryProbe) -> tuple[float,
     """Warm ``model`` up (max batch included) under ``probe``.
 
     Returns (warm-up seconds, activation bytes); 0 bytes means not measured. Runs
-    the model: call it in the worker's executor, one model at a time, or the
-    figures of concurrent loads mix.
+    the model: call it in the worker's loader thread, one model at a time, or the
+    figures of concurrent loads mix (batches of other models running meanwhile in
+    the worker's compute thread can still inflate the CPU figure).
     """
     probe.start()
     took_s = model.warm_up()

@@ -4,7 +4,11 @@ The worker serves grpc.health.v1 (no inference: that arrives through Redis): the
 overall status "" is SERVING while it takes work, and each held model version
 has its own entry, "<model>/<version>": SERVING once the model has loaded, warmed
 up and passed its sanity check, NOT_SERVING while its canary (or a run of failed
-batches) says it is broken, SERVING again when a canary passes. On stop, every
+batches) says it is broken, SERVING again when a canary passes. The router may
+move models on and off the worker while it runs: a model being loaded has no
+entry yet; one being dropped turns NOT_SERVING while its last batch finishes,
+then SERVICE_UNKNOWN once its session is gone (what a watcher of a name the
+server never knew gets; grpcio-health cannot remove an entry). On stop, every
 entry turns NOT_SERVING before the worker stops taking batches, so an
 orchestrator sees the drain first.
 """
@@ -48,6 +52,8 @@ class WorkerServer:
         self.health_port = add_port(self.server, f"{settings.health_host}:{settings.health_port}", settings.tls)
         self._tasks: list[asyncio.Task[None]] = []
         self._health_updates: set[asyncio.Task[None]] = set()
+        self._health_lock = asyncio.Lock()  # updates in order: the last one sees the latest state
+        self._model_entries: set[str] = set()
         self._metrics_server: MetricsServer | None = None
 
     @property
@@ -61,10 +67,16 @@ class WorkerServer:
 
     async def _update_health(self) -> None:
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-        for (name, version), served in self.worker.served.items():
-            await self.health.set(f"{name}/{version}", serving if served.model.ready else not_serving)
-        ready = any(s.model.ready for s in self.worker.served.values()) and not self.worker.draining
-        await self.health.set("", serving if ready else not_serving)
+        async with self._health_lock:
+            readiness = self.worker.readiness()
+            entries = {f"{name}/{version}": ready for (name, version), ready in readiness.items()}
+            for gone in sorted(self._model_entries - entries.keys()):
+                await self.health.set(gone, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            self._model_entries = set(entries)
+            for entry, ready in entries.items():
+                await self.health.set(entry, serving if ready else not_serving)
+            overall = any(readiness.values()) and not self.worker.draining
+            await self.health.set("", serving if overall else not_serving)
 
     async def start(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -78,7 +90,7 @@ class WorkerServer:
                 log.error("metrics port %d unavailable (%s); serving without /metrics", self.settings.metrics_port, exc)
         self._tasks = [
             asyncio.create_task(self.worker.serve(), name="serve"),
-            asyncio.create_task(self.worker.report_forever(1.0), name="report"),
+            asyncio.create_task(self.worker.report_forever(), name="report"),
             asyncio.create_task(self.worker.reap_forever(), name="reaper"),
             asyncio.create_task(self.worker.canary_forever(), name="canary"),
         ]

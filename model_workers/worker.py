@@ -11,6 +11,16 @@ finds several requests but fewer than the max batch, the worker waits up to the
 model's max queue delay, counted from the oldest request's arrival, for more
 same-shaped requests. Under load requests are already older than the delay, so
 batches form from what queued during the previous compute, with no added wait.
+
+Live placement: every report's answer is the router's current assignment, and the
+worker follows it (``_apply``). A newly assigned model loads and warms up in a
+loader thread of its own (serving the others goes on meanwhile) and is claimed
+from, and reported ready, only once warm. A model no longer assigned is drained:
+it is claimed from no more at once (its health entry and report say not ready),
+the batch in hand finishes and its replies are written, then the session goes.
+A model that fails to load is logged and tried again only after
+``LOAD_RETRY_AFTER_S`` while it stays assigned, or at once when the router
+assigns it afresh after taking it away.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.codec import from_array, to_array
 from meshserve.metrics import ModelCounters, WorkerMetrics, WorkerReads
-from meshserve.queue import REPLY_TTL_S, ClaimedBatch, ModelKeys, QueueProtocol
+from meshserve.queue import REPLY_TTL_S, ClaimedBatch, ModelKeys, QueueProtocol, worker_wake_key
 from meshserve.repository import ModelInfo, load_model
 from meshserve.settings import WorkerSettings
 from meshserve.telemetry import extract, tenant_attribute
@@ -52,6 +62,13 @@ WAKE_SAFETY_TIMEOUT_S = 5.0
 
 ROUTER_WAIT_AT_START_S = 30.0
 """How long a starting worker waits for the router to answer its first report."""
+
+REPORT_INTERVAL_S = 1.0
+"""Heartbeat interval until the router's answer says otherwise (``report_interval_ms``)."""
+
+LOAD_RETRY_AFTER_S = 60.0
+"""A model that failed to load is tried again after this long if still assigned,
+not at every heartbeat: a broken model file would otherwise load in a loop."""
 
 FAILURES_BEFORE_NOT_READY = 3
 """Consecutive failed batches after which a model is reported not ready.
@@ -82,6 +99,7 @@ class _Served:
     consecutive_failures: int = 0
     canary_failing: bool = False  # the last canary failed (logged at error once per outage)
     weights_bytes: int = 0
+    idle: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))  # clear while a batch is in hand
 
 
 @dataclass(slots=True)
@@ -115,6 +133,17 @@ class Worker:
         self.served: dict[tuple[str, int], _Served] = {}
         self._by_wake: dict[str, _Served] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")  # loads never wait on batches
+        self._wake_self = worker_wake_key(self.worker_id)
+        self._known_keys: dict[str, ModelKeys] = {}  # wake key -> keys, of every model ever served
+        self._assigned: frozenset[tuple[str, int]] = frozenset()
+        self._loading: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._dropping: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._load_failed_at_s: dict[tuple[str, int], float] = {}  # monotonic clock
+        self._reports_sent = 0
+        self._applied_report = 0  # the report whose answer was applied last
+        self._rescan = False  # a model was added: look at every queue before waiting
+        self.report_interval_s = REPORT_INTERVAL_S
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._blocked: asyncio.Task[Any] | None = None
@@ -159,30 +188,105 @@ class Worker:
     # ------------------------------------------------------------ lifecycle
 
     async def load_assigned(self) -> None:
-        """Ask the router what to hold, then load and warm up each model in a thread."""
+        """Ask the router what to hold; return once each model has loaded (or failed to)."""
         with contextlib.suppress(RedisError):  # Redis down now: the first ack loads it later
             await self.queue.load_ack_script()
         # The router may still be starting (under `up`, or beside us in a cluster):
         # wait for its channel instead of failing on the first refused connection.
+        sequence = self._reports_sent = self._reports_sent + 1
         assignment = await self.router.ReportWorker(self._report(), timeout=ROUTER_WAIT_AT_START_S, wait_for_ready=True)
-        for spec in assignment.models:
-            key = (spec.name, spec.version)
-            if key in self.served:
-                continue
-            info = load_model(self.settings.model_repository / spec.name, spec.version)
-            try:
-                model = await asyncio.get_running_loop().run_in_executor(self._executor, self._load, info)
-            except Exception:
-                log.exception("model %s version %d failed to load; not serving it", spec.name, spec.version)
-                continue
-            served = _Served(
-                model, ModelKeys.for_model(spec.name, spec.version), weights_bytes=model.info.weights_bytes
-            )
-            self.served[key] = served
-            self._by_wake[served.keys.wake] = served
+        self._apply(assignment, sequence)
+        while self._loading:
+            await asyncio.gather(*self._loading.values())
         await self.report()
 
-    def _load(self, info: Any) -> LoadedModel:
+    def _apply(self, assignment: mpb.WorkerAssignment, sequence: int) -> None:
+        """Follow the router's assignment: start loading what is new, draining what is gone.
+
+        Only starts tasks (the worker owns them; ``close`` ends them). Reports can
+        overlap, so the answer to a report older than the last one applied is ignored.
+        """
+        if sequence <= self._applied_report or self._stopping.is_set():
+            return
+        self._applied_report = sequence
+        if assignment.report_interval_ms > 0:
+            self.report_interval_s = assignment.report_interval_ms / 1000
+        assigned = frozenset((spec.name, spec.version) for spec in assignment.models)
+        for key in self._assigned - assigned:
+            self._load_failed_at_s.pop(key, None)  # assigned afresh later: tried at once
+        self._assigned = assigned
+        now_s = time.monotonic()
+        for key in sorted(assigned):
+            failed_at_s = self._load_failed_at_s.get(key)
+            if key in self.served or key in self._loading:
+                continue
+            if failed_at_s is not None and now_s - failed_at_s < LOAD_RETRY_AFTER_S:
+                continue
+            self._load_failed_at_s.pop(key, None)
+            self._loading[key] = asyncio.create_task(self._load_and_serve(key), name=f"load {key[0]}/{key[1]}")
+        dropped = [(key, s) for key, s in self.served.items() if key not in assigned and self._claims(s)]
+        for key, served in dropped:
+            del self._by_wake[served.keys.wake]  # no claim of it from now on
+            self._dropping[key] = asyncio.create_task(self._drop(key, served), name=f"drop {key[0]}/{key[1]}")
+        if dropped:
+            self._wake_serve_loop()
+            self.on_readiness_change()
+
+    def _claims(self, served: _Served) -> bool:
+        """Whether the serve loop takes work for ``served`` (False once it is being dropped)."""
+        return self._by_wake.get(served.keys.wake) is served
+
+    def readiness(self) -> dict[tuple[str, int], bool]:
+        """Each held model version: whether it is in service (warm, healthy, not being dropped)."""
+        return {key: s.model.ready and self._claims(s) for key, s in self.served.items()}
+
+    async def _load_and_serve(self, key: tuple[str, int]) -> None:
+        """Load and warm ``key`` up in the loader thread, then serve it and report it ready."""
+        name, version = key
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(self._loader, self._load, name, version)
+        except Exception:
+            log.exception(
+                "model %s version %d failed to load; not serving it (tried again in %.0f s if still assigned)",
+                name,
+                version,
+                LOAD_RETRY_AFTER_S,
+            )
+            self._load_failed_at_s[key] = time.monotonic()
+            return
+        finally:
+            self._loading.pop(key, None)
+        if self._stopping.is_set() or key not in self._assigned:
+            log.info("model %s version %d loaded but no longer assigned; not serving it", name, version)
+            self.activation_bytes.pop(key, None)
+            return
+        served = _Served(model, ModelKeys.for_model(name, version), weights_bytes=model.info.weights_bytes)
+        self.served[key] = served
+        self._by_wake[served.keys.wake] = served
+        self._known_keys[served.keys.wake] = served.keys
+        self._rescan = True  # jobs may have queued while it loaded
+        self._wake_serve_loop()
+        self.on_readiness_change()
+        await self._report_quietly()
+
+    async def _drop(self, key: tuple[str, int], served: _Served) -> None:
+        """Drain a model no longer assigned (already claimed from no more): let the batch
+        in hand finish and its replies be written, then let the session go and report."""
+        try:
+            await served.idle.wait()
+            if self._reply_tasks:
+                await asyncio.gather(*list(self._reply_tasks), return_exceptions=True)
+            del self.served[key]
+            self.activation_bytes.pop(key, None)
+        finally:
+            self._dropping.pop(key, None)
+        log.info("dropped model %s version %d: the router placed it elsewhere", *key)
+        self.on_readiness_change()
+        await self._report_quietly()
+
+    def _load(self, name: str, version: int) -> LoadedModel:
+        """Read, load and warm up one model version; runs in the loader thread."""
+        info = load_model(self.settings.model_repository / name, version)
         model = LoadedModel(
             info,
             device=self.settings.device,
@@ -206,7 +310,7 @@ class Worker:
                 mpb.ModelState(
                     name=name,
                     version=version,
-                    ready=s.model.ready,
+                    ready=s.model.ready and self._claims(s),
                     items_total=s.stats.items,
                     requests_total=s.stats.requests,
                     device_seconds_total=s.stats.device_seconds,
@@ -219,10 +323,14 @@ class Worker:
         )
 
     async def report(self) -> None:
-        await self.router.ReportWorker(self._report(), timeout=5)
+        """Report to the router, and follow the assignment it answers with."""
+        sequence = self._reports_sent = self._reports_sent + 1
+        assignment = await self.router.ReportWorker(self._report(), timeout=5)
+        self._apply(assignment, sequence)
 
-    async def report_forever(self, interval_s: float) -> None:
-        """Heartbeat to the router; a router outage is logged, never fatal."""
+    async def report_forever(self) -> None:
+        """Heartbeat to the router every ``report_interval_s``; a router outage is
+        logged, never fatal."""
         while not self._stopping.is_set():
             self.device_sample = self.device_monitor.sample()
             try:
@@ -230,7 +338,7 @@ class Worker:
             except grpc.aio.AioRpcError as exc:
                 log.warning("router unreachable (%s); serving on", exc.code().name)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval_s)
+                await asyncio.wait_for(self._stopping.wait(), self.report_interval_s)
 
     async def stop(self) -> None:
         """Stop taking work, finish the batch in hand, flush replies and acks."""
@@ -242,9 +350,17 @@ class Worker:
             await self.report()
 
     async def close(self) -> None:
+        """After ``stop`` and the serve loop's end: end loads and drops, flush replies."""
+        changes = [*self._loading.values(), *self._dropping.values()]
+        for task in changes:
+            task.cancel()
+        await asyncio.gather(*changes, return_exceptions=True)
         if self._reply_tasks:
             await asyncio.gather(*self._reply_tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            await self.redis.delete(self._wake_self)
         self._executor.shutdown(wait=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)  # a load in progress ends on its own
 
     async def canary_forever(self) -> None:
         """Run every held model's known sample input each ``canary_interval_s``.
@@ -265,7 +381,8 @@ class Worker:
             for served in list(self.served.values()):
                 if self._stopping.is_set():
                     return
-                await self._canary(served)
+                if self._claims(served):  # not one being dropped
+                    await self._canary(served)
 
     async def _canary(self, served: _Served) -> None:
         info = served.model.info
@@ -348,25 +465,27 @@ class Worker:
     # ------------------------------------------------------------ serve loop
 
     async def serve(self) -> None:
-        """Block for work on every held model's wake list, take it, run it."""
-        wake_keys = list(self._by_wake)
-        if not wake_keys:
-            log.warning("worker %s holds no model; idle", self.worker_id)
-            await self._stopping.wait()
-            return
+        """Block for work on every served model's wake list, take it, run it.
+
+        The wait's key list is rebuilt before each wait, so models added or dropped
+        are followed without a restart; a change pushes a token to the worker's own
+        wake list, which ends a wait in progress (``_wake_serve_loop``).
+        """
+        if not self._by_wake:
+            log.warning("worker %s holds no model; idle until the router assigns one", self.worker_id)
         # First look at every queue: work may be waiting whose wake token another
         # worker consumed (e.g. one that was stopped while blocked).
         targets = list(self._by_wake.values())
         backoff_s = 0.1
         while not self._stopping.is_set():
-            for served in targets:
-                try:
-                    await self._take_and_run(served)
-                except RedisError as exc:
-                    # Jobs it had claimed stay leased; the reaper redelivers them.
-                    log.warning("redis error while taking work for %s: %s", served.keys.ready, exc)
+            await self._take_from(targets)
             if self._stopping.is_set():
                 break
+            if self._rescan:  # models were added while we worked: look at their queues first
+                self._rescan = False
+                targets = list(self._by_wake.values())
+                continue
+            wake_keys = [*self._by_wake, self._wake_self]
             self._blocked = asyncio.ensure_future(self.blocking.blpop(wake_keys, timeout=WAKE_SAFETY_TIMEOUT_S))
             self.idle.set()
             try:
@@ -384,7 +503,56 @@ class Worker:
             finally:
                 self._blocked = None
                 self.idle.clear()
-            targets = [self._by_wake[popped[0].decode()]] if popped else list(self._by_wake.values())
+            targets = await self._woken(popped)
+
+    async def _take_from(self, targets: list[_Served]) -> None:
+        for served in targets:
+            if not self._claims(served):  # dropped since it was woken
+                continue
+            served.idle.clear()
+            try:
+                await self._take_and_run(served)
+            except RedisError as exc:
+                # Jobs it had claimed stay leased; the reaper redelivers them.
+                log.warning("redis error while taking work for %s: %s", served.keys.ready, exc)
+            finally:
+                served.idle.set()
+
+    async def _woken(self, popped: Any) -> list[_Served]:
+        """The models to look at after a wait: the one woken, or every one."""
+        key = popped[0].decode() if popped else None
+        if key is None or key == self._wake_self:
+            self._rescan = False
+            return list(self._by_wake.values())
+        if (served := self._by_wake.get(key)) is not None:
+            return [served]
+        # A token of a model dropped while we waited: give it back to its other workers.
+        try:
+            await self.queue.rewake(self._known_keys[key])
+        except RedisError as exc:
+            log.warning(
+                "could not give back the wake token of %s (%s); its workers look within %.0f s",
+                key,
+                exc,
+                WAKE_SAFETY_TIMEOUT_S,
+            )
+        return []
+
+    def _wake_serve_loop(self) -> None:
+        """End the serve loop's wait, if it is waiting, so it waits on the current models.
+
+        Otherwise nothing is needed: it rebuilds its key list before the next wait.
+        A token that lands just as a wait ends for another reason costs one extra
+        turn of the loop; ``close`` deletes the list.
+        """
+        if self._blocked is not None:
+            self._track(asyncio.create_task(self._push_self_wake()))
+
+    async def _push_self_wake(self) -> None:
+        try:
+            await self.redis.rpush(self._wake_self, 1)
+        except RedisError as exc:
+            log.warning("could not wake the serve loop (%s); it looks again within %.0f s", exc, WAKE_SAFETY_TIMEOUT_S)
 
     async def _take_and_run(self, served: _Served) -> None:
         info = served.model.info
@@ -635,6 +803,11 @@ def _log_batch(info: ModelInfo, jobs: list[_Job], total: int, compute_us: int, c
             "queue_wait_ms": round(oldest_wait_ms, 3),
         },
     )
+
+
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
 
 
 def _by_token(jobs: list[_Job]) -> dict[int, list[str]]:

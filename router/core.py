@@ -11,6 +11,12 @@ change, the placement is recomputed (``router.placement.place``) and each worker
 is told to hold the models placed on its device (workers sharing a device id all
 get them). Models that fit nowhere are logged and never ready. Before any worker
 has reported there is nothing to place on, and nothing is called unplaceable.
+A draining worker's device is left out of the placement (its models move while
+it drains) unless another worker on that device is not draining.
+
+A model that moves is handed over make-before-break: a worker that reports it
+ready keeps it in its assignment until a worker on the device it is placed on
+reports it ready, so it never goes unready just because it moved.
 """
 
 from __future__ import annotations
@@ -113,7 +119,7 @@ class RouterCore:
             log.info("worker %s (%s) joined", worker_id, device)
         record.slot = slot or record.slot or slot_from_id(device)
         for key, footprint in (footprints or {}).items():
-            if key in self.models and footprint.weights_bytes > 0:
+            if key in self.models and footprint.weights_bytes > 0 and not self._unmeasured(key, footprint):
                 self.footprints[key] = footprint
         record.ready = ready & set(self.models)
         record.draining = draining
@@ -124,7 +130,31 @@ class RouterCore:
             if before is not None and now_s > before.at_s and requests >= before.requests:
                 record.rates[key] = (requests - before.requests, wait_s - before.queue_wait_s, now_s - before.at_s)
         await self._recompute()
-        return [self.models[key] for key in self.placement.on(device)]
+        return [self.models[key] for key in sorted(set(self.placement.on(device)) | self._handing_over(record))]
+
+    def _handing_over(self, record: WorkerRecord) -> set[ModelKey]:
+        """Models ``record`` serves that moved elsewhere and are not ready there yet."""
+        placed_on = {key: device for device, keys in self.placement.assignments for key in keys}
+        return {
+            key
+            for key in record.ready
+            if (target := placed_on.get(key)) not in (None, record.device)
+            and not any(
+                other.device == target and not other.draining and key in other.ready for other in self.workers.values()
+            )
+        }
+
+    def _unmeasured(self, key: ModelKey, footprint: Footprint) -> bool:
+        """An unmeasured report (a GPU worker's, for now) of a model already measured
+        elsewhere: kept out, or the estimate would swing with whichever worker reported
+        last, and with it the placement, moving the model back and forth."""
+        known = self.footprints.get(key)
+        return (
+            footprint.activation_bytes == 0
+            and known is not None
+            and known.activation_bytes > 0
+            and known.weights_bytes == footprint.weights_bytes
+        )
 
     def unplaceable(self) -> dict[ModelKey, bool]:
         """Every model version: whether the current placement found no room for it."""
@@ -136,6 +166,8 @@ class RouterCore:
         slots: dict[str, Slot] = {}
         for worker_id in sorted(self.workers):  # a device shared by workers: the lowest id describes it
             record = self.workers[worker_id]
+            if record.draining:
+                continue
             slots.setdefault(record.device, record.slot or slot_from_id(record.device))
         demands = tuple(demand_for(info, self.footprints.get(key)) for key, info in sorted(self.models.items()))
         inputs = (tuple(slots.values()), demands)
