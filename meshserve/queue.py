@@ -136,8 +136,11 @@ return 1
 #   ARGV[6] required shape signature ('' = the head's)
 #   ARGV[7] lower-tier share: every Nth claim serves a lower tier with work (0 = off)
 #   ARGV[8] number of tiers
+#   ARGV[9] ms the batch will take (jobs due sooner cannot finish: they count as expired)
 # Walks the ready set in score order (highest tier, then lowest virtual start).
-# Jobs past their deadline are removed and returned as expired (never computed).
+# Jobs past their deadline, or due before the batch could finish, are removed and
+# returned as expired (never computed: under overload the worker spends itself on
+# requests that can still make it, not on answers nobody waits for).
 # Jobs whose shape signature differs from the batch's stay queued, and so do jobs
 # whose items would overflow the batch (the sum of dim 0 never exceeds max items).
 # Taken jobs move to inflight with a lease, get a fencing token, and count an
@@ -148,6 +151,7 @@ local SPAN = 1099511627776
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix, room, scan = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
+local due = now + (tonumber(ARGV[9]) or 0)
 local sig = ARGV[6]
 if sig == '' then sig = nil end
 local function unqueue(tenant)
@@ -179,7 +183,7 @@ for _, id in ipairs(ids) do
   local meta = redis.call('HMGET', jk, 'd', 's', 'r', 'n', 't', 'q')
   if not meta[1] then
     redis.call('ZREM', KEYS[1], id)
-  elseif tonumber(meta[1]) <= now then
+  elseif tonumber(meta[1]) <= due then
     redis.call('ZREM', KEYS[1], id)
     redis.call('DEL', jk)
     unqueue(meta[5])
@@ -440,16 +444,29 @@ class QueueProtocol:
         signature: str = "",
         scan_limit: int | None = None,
         lower_share_every: int = 0,
+        batch_ms: int = 0,
     ) -> ClaimedBatch:
         """Lease up to ``max_items`` same-shaped jobs from the head of the queue.
 
         With ``lower_share_every`` N > 0, every Nth claim of this model serves a
         lower tier that has work (the lower tiers take turns), so none starves.
+        ``batch_ms`` is how long the batch is expected to take: a job whose
+        deadline comes sooner is expired instead of taken.
         """
         scan = scan_limit or max(4 * max_items, 16)
         raw: list[Any] = await self._claim(
             keys=[keys.ready, keys.inflight, keys.wake, keys.fence, keys.sched, keys.queued],
-            args=[keys.job_prefix, max_items, lease_ms, worker_id, scan, signature, lower_share_every, NUM_TIERS],
+            args=[
+                keys.job_prefix,
+                max_items,
+                lease_ms,
+                worker_id,
+                scan,
+                signature,
+                lower_share_every,
+                NUM_TIERS,
+                batch_ms,
+            ],
         )
         token, now_ms, flat_jobs, flat_expired = raw
         jobs = [(_text(flat_jobs[i]), bytes(flat_jobs[i + 1])) for i in range(0, len(flat_jobs), 2)]

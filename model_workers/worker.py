@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 WAKE_SAFETY_TIMEOUT_S = 5.0
 """Blocking waits re-check every queue after this long, in case a wake token was lost."""
 
+COMPUTE_AVERAGE_WEIGHT = 0.2
+"""Weight of the newest batch in a model's moving average of compute time."""
+
 ROUTER_WAIT_AT_START_S = 30.0
 """How long a starting worker waits for the router to answer its first report."""
 
@@ -100,6 +103,14 @@ class _Served:
     canary_failing: bool = False  # the last canary failed (logged at error once per outage)
     weights_bytes: int = 0
     idle: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))  # clear while a batch is in hand
+    compute_ms_avg: float = 0.0  # moving average of a batch's ONNX Runtime time
+
+    def batch_ms(self) -> int:
+        """How long a batch of this model is expected to take: claims skip jobs due sooner."""
+        return int(self.compute_ms_avg)
+
+    def observe_compute(self, compute_ms: float) -> None:
+        self.compute_ms_avg += COMPUTE_AVERAGE_WEIGHT * (compute_ms - self.compute_ms_avg)
 
 
 @dataclass(slots=True)
@@ -564,6 +575,7 @@ class Worker:
             lease_ms=self.settings.lease_ms,
             worker_id=self.worker_id,
             lower_share_every=round(1 / share) if share > 0 else 0,
+            batch_ms=served.batch_ms(),
         )
         self._answer_expired(served, claim)
         jobs = self._decode(claim)
@@ -598,6 +610,7 @@ class Worker:
                 lease_ms=self.settings.lease_ms,
                 worker_id=self.worker_id,
                 signature=signature,
+                batch_ms=served.batch_ms(),
             )
             self._answer_expired(served, claim)
             more = self._decode(claim)
@@ -615,6 +628,7 @@ class Worker:
                 lease_ms=self.settings.lease_ms,
                 worker_id=self.worker_id,
                 signature=signature,
+                batch_ms=served.batch_ms(),
             )
             self._answer_expired(served, last)
             jobs.extend(self._decode(last))
@@ -682,6 +696,7 @@ class Worker:
                 _log_batch(info, jobs, total, compute_us, claimed_ns)
         version = str(info.version)
         compute_s = compute_us / 1e6
+        served.observe_compute(compute_us / 1000)
         self.metrics.batch_size.labels(info.name, version).observe(total)
         self.metrics.compute.labels(info.name, version).observe(compute_s)
         queue_wait = self.metrics.queue_wait.labels(info.name, version)

@@ -257,3 +257,20 @@ async def test_max_queued_counts_a_tenants_waiting_jobs_exactly(queue: QueueProt
     while (await queue.claim(KEYS, max_items=8, lease_ms=1000, worker_id="w")).jobs:
         pass
     assert await redis.exists(KEYS.queued) == 0  # drained: no counts left behind
+
+
+async def test_a_job_due_before_the_batch_could_finish_is_expired_not_taken(queue: QueueProtocol) -> None:
+    now_ms = int(time.time() * 1000)
+    await put(queue, "soon", deadline_ms=now_ms + 30_000)  # due in 30 s
+    await put(queue, "later", deadline_ms=now_ms + 120_000)
+    # A batch expected to take 60 s cannot finish "soon" in time: answered, never computed.
+    batch = await queue.claim(KEYS, max_items=8, lease_ms=60_000, worker_id="w", batch_ms=60_000)
+    assert [job_id for job_id, _ in batch.jobs] == ["later"]
+    assert [job_id for job_id, _ in batch.expired] == ["soon"]
+
+
+async def test_a_fast_batch_takes_a_job_close_to_its_deadline(queue: QueueProtocol) -> None:
+    await put(queue, "soon", deadline_ms=int(time.time() * 1000) + 30_000)
+    batch = await queue.claim(KEYS, max_items=8, lease_ms=60_000, worker_id="w", batch_ms=5)
+    assert [job_id for job_id, _ in batch.jobs] == ["soon"]
+    assert batch.expired == []
