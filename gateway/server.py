@@ -82,12 +82,18 @@ class GatewayServer:
         return f"{host}:{self.port}"
 
     def _update_health(self) -> None:
+        """The overall entries follow server readiness; one entry per model version,
+        "<model>/<version>", follows the routing table (as on the workers)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         status = serving if self.gateway.server_ready() else not_serving
-        for name in ("", SERVICE_NAME):
+        entries = {name: status for name in ("", SERVICE_NAME)}
+        view = self.gateway.view
+        for name, version in view.models:
+            entries[f"{name}/{version}"] = serving if (name, version) in view.ready else not_serving
+        for name, entry in entries.items():
             # set() is a coroutine on the aio servicer; it only updates a dict
-            asyncio.get_running_loop().create_task(self.health.set(name, status))
+            asyncio.get_running_loop().create_task(self.health.set(name, entry))
 
     async def start(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
@@ -94,6 +95,11 @@ class RouterServer:
         mpb_grpc.add_RouterServicer_to_server(
             RouterServicer(self.core, settings.model_repository, settings.report_interval_ms), self.server
         )
+        # grpc.health.v1: "" for the router itself, "<model>/<version>" for whether any
+        # live worker serves that model version (the routing table's readiness).
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._health_task: asyncio.Task[None] | None = None
         self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
         self._expiry: asyncio.Task[None] | None = None
         self._queues = SyncRedis.from_url(settings.redis_url, socket_timeout=2.0) if settings.redis_url else None
@@ -136,7 +142,16 @@ class RouterServer:
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
+    async def _follow_health(self) -> None:
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        async for snap in self.core.watch():
+            for model in snap.models:
+                key = (model.name, model.version)
+                await self.health.set(f"{model.name}/{model.version}", serving if key in snap.ready else not_serving)
+
     async def start(self) -> None:
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._health_task = asyncio.create_task(self._follow_health())
         await self.server.start()
         if self.settings.metrics_port:
             self._metrics_server = MetricsServer(self.metrics.registry, self.settings.metrics_port)
@@ -151,6 +166,9 @@ class RouterServer:
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self.health.enter_graceful_shutdown()
         if self._metrics_server is not None:
             self._metrics_server.stop()
         if self._queues is not None:
