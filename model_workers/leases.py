@@ -1,0 +1,110 @@
+"""The leases a worker holds: extend them while computing, release them on
+shutdown, write replies and ack them, and reap expired ones back onto their queues."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+import grpc
+from redis.exceptions import NoScriptError, RedisError
+
+from meshserve.queue import REPLY_TTL_S, ClaimedBatch
+from model_workers.batches import Job, by_token
+from model_workers.served import Served
+from model_workers.state import WorkerState
+from protos import meshserve_pb2 as mpb
+
+log = logging.getLogger(__name__)
+
+
+class Leases(WorkerState):
+    """Lease keeping and the reply/ack writes; every write task is tracked (``_track``)."""
+
+    async def reap_forever(self) -> None:
+        """Sweep expired leases back onto their queues, every half lease.
+
+        Every worker runs this; REAP is atomic and idempotent, so sweeps by many
+        workers at once are safe, and any one live worker is enough.
+        """
+        interval_s = self.settings.lease_ms / 2000
+        while not self._stopping.is_set():
+            for served in list(self.served.values()):
+                try:
+                    await self._reap(served)
+                except RedisError as exc:
+                    log.warning("reaper: redis error for %s: %s", served.keys.ready, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+
+    async def _reap(self, served: Served) -> None:
+        reaped = await self.queue.reap(served.keys, max_attempts=self.settings.max_attempts)
+        if reaped.requeued:
+            served.stats.redelivered += reaped.requeued
+            log.warning("redelivering %d requests of %s from expired leases", reaped.requeued, served.keys.ready)
+        if not reaped.dead:
+            return
+        served.stats.failed += len(reaped.dead)
+        blobs: dict[str, list[bytes]] = defaultdict(list)
+        for job_id, reply_to, attempts in reaped.dead:
+            message = f"model '{served.model.info.name}' crashed on this input {attempts} times"
+            reply = mpb.InferReply(id=job_id, code=grpc.StatusCode.INTERNAL.value[0], message=message)
+            blobs[reply_to].append(reply.SerializeToString())
+        self._track(asyncio.create_task(self._write_replies(served, blobs, {})))
+
+    async def _heartbeat(self, served: Served, jobs: list[Job]) -> None:
+        """Extend the leases of a computing batch every third of a lease, until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ms / 3000)
+            for token, ids in by_token(jobs).items():
+                with contextlib.suppress(RedisError):
+                    await self.queue.extend(served.keys, token, ids, self.settings.lease_ms)
+
+    async def _release(self, served: Served, jobs: list[Job]) -> None:
+        """Stopping: give back jobs taken but not started, at once (not after the lease)."""
+        for token, ids in by_token(jobs).items():
+            await self.queue.release(served.keys, token, ids)
+        log.info("released %d requests of %s on shutdown", len(jobs), served.keys.ready)
+
+    def _answer_expired(self, served: Served, claim: ClaimedBatch) -> None:
+        """Jobs the claim script found past their deadline: answer them, never compute them."""
+        if not claim.expired:
+            return
+        served.stats.expired += len(claim.expired)
+        blobs: dict[str, list[bytes]] = defaultdict(list)
+        for job_id, reply_to in claim.expired:
+            reply = mpb.InferReply(
+                id=job_id, code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="deadline exceeded while queued"
+            )
+            blobs[reply_to].append(reply.SerializeToString())
+        task = asyncio.create_task(self._write_replies(served, blobs, {}))
+        self._track(task)
+
+    def _spawn_reply(self, served: Served, replies: list[tuple[Job, mpb.InferReply]]) -> None:
+        blobs: dict[str, list[bytes]] = defaultdict(list)
+        for job, reply in replies:
+            blobs[job.request.reply_to].append(reply.SerializeToString())
+        acks = by_token([job for job, _ in replies])
+        self._track(asyncio.create_task(self._write_replies(served, blobs, acks)))
+
+    async def _write_replies(self, served: Served, blobs: dict[str, list[bytes]], acks: dict[int, list[str]]) -> None:
+        """Write replies, then ack, in one pipelined round trip (replies first: an
+        ack never precedes its reply). Shielded from cancellation by ``close``."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for reply_to, items in blobs.items():
+                    pipe.rpush(reply_to, *items)
+                    pipe.expire(reply_to, REPLY_TTL_S)
+                for token, ids in acks.items():
+                    self.queue.ack_in(pipe, served.keys, token, ids)
+                results = await pipe.execute(raise_on_error=False)
+            if any(isinstance(result, NoScriptError) for result in results):
+                for token, ids in acks.items():  # Redis lost its scripts: ack again, loading it
+                    await self.queue.ack(served.keys, token, ids)
+            elif failed := next((r for r in results if isinstance(r, RedisError)), None):
+                raise failed
+        except RedisError:
+            # The lease stays in Redis; the reaper redelivers (TODO(#4)).
+            log.exception("could not write %d replies for %s", sum(map(len, blobs.values())), served.keys.ready)

@@ -1,0 +1,55 @@
+"""One held model version: its session, queue keys, counters and serving state.
+
+Shared by the worker's parts (serve loop, leases, health, placement); holds no logic
+beyond its own moving average of compute time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from meshserve.queue import ModelKeys
+from model_workers.session import LoadedModel
+
+COMPUTE_AVERAGE_WEIGHT = 0.2
+"""Weight of the newest batch in a model's moving average of compute time."""
+
+
+@dataclass(slots=True)
+class ModelStats:
+    """Counters of one model version on this worker (also exported as metrics)."""
+
+    batches: int = 0
+    items: int = 0
+    requests: int = 0
+    expired: int = 0
+    failed: int = 0
+    redelivered: int = 0
+    largest_batch: int = 0
+    device_seconds: float = 0.0  # time the device spent running this model's batches
+    queue_wait_seconds: float = 0.0  # summed over requests, enqueue to claim
+
+
+@dataclass(slots=True)
+class Served:
+    model: LoadedModel
+    keys: ModelKeys
+    stats: ModelStats = field(default_factory=ModelStats)
+    consecutive_failures: int = 0
+    canary_failing: bool = False  # the last canary failed (logged at error once per outage)
+    weights_bytes: int = 0
+    idle: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))  # clear while a batch is in hand
+    compute_ms_avg: float = 0.0  # moving average of a batch's ONNX Runtime time
+
+    def batch_ms(self) -> int:
+        """How long a batch of this model is expected to take: claims skip jobs due sooner."""
+        return int(self.compute_ms_avg)
+
+    def observe_compute(self, compute_ms: float) -> None:
+        self.compute_ms_avg += COMPUTE_AVERAGE_WEIGHT * (compute_ms - self.compute_ms_avg)
+
+
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
