@@ -96,7 +96,9 @@ class RedisServer:
             "--logfile",
             str(Path(self._dir.name) / "server.log"),
         ]
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        # Its own session: a terminal's Ctrl-C must reach `up`, which stops Redis last,
+        # not Redis itself while the services are still draining through it.
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
         self._wait_until_accepting()
         return self
 
