@@ -135,7 +135,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # noqa: N802
         started_s = time.perf_counter()
         metrics = self.metrics
-        metrics.inflight.inc()
+        label = request.model_name if request.model_name in self.gateway.view.latest else UNKNOWN_MODEL_LABEL
+        inflight = metrics.inflight.labels(label)
+        inflight.inc()
         code = grpc.StatusCode.OK
         tenant: Tenant | None = None
         try:
@@ -151,9 +153,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway")
             raise
         finally:
-            metrics.inflight.dec()
+            inflight.dec()
             duration_s = time.perf_counter() - started_s
-            label = request.model_name if request.model_name in self.gateway.view.latest else UNKNOWN_MODEL_LABEL
             metrics.requests.labels(label, code.name).inc()
             metrics.latency.labels(label).observe(duration_s)
             tenant_label = tenant.name if tenant is not None else UNAUTHENTICATED_LABEL

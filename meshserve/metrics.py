@@ -69,7 +69,12 @@ class GatewayMetrics:
                 buckets=LATENCY_BUCKETS_S,
                 registry=registry,
             ),
-            inflight=Gauge("meshserve_inflight_requests", "Calls waiting for a reply.", registry=registry),
+            inflight=Gauge(
+                "meshserve_inflight_requests",
+                "ModelInfer calls waiting for a reply, by model.",
+                ["model"],
+                registry=registry,
+            ),
             rejections=Counter(
                 "meshserve_rejections",
                 "Calls refused before enqueue, by tenant and reason (unauthenticated, permission_denied, "

@@ -247,6 +247,11 @@ class _Window:
         found = {key: histogram_quantile(q, counts) for key, counts in buckets.items()}
         return {key: value for key, value in found.items() if not math.isnan(value)}
 
+    def gauge_sum(self, name: str) -> float | None:
+        """Every series of a gauge added up (in-flight calls over models and gateways)."""
+        series = self.after.series.get(name)
+        return sum(series.values()) if series else None
+
     def gauges(self, name: str, by: Sequence[str]) -> dict[Key, float]:
         largest: dict[Key, float] = {}
         for (_, labels), value in self.after.series.get(name, {}).items():
@@ -262,10 +267,10 @@ def _key(labels: Mapping[str, str], by: Sequence[str]) -> Key:
 def build_view(before: Snapshot, after: Snapshot) -> View:
     """The figures between two snapshots of the same endpoints (``before`` is the earlier)."""
     window = _Window(before, after)
-    inflight = window.gauges("meshserve_inflight_requests", ())
+    inflight = window.gauge_sum("meshserve_inflight_requests")
     return View(
         interval_s=max(0.0, window.seconds),
-        inflight_requests=inflight.get(()),
+        inflight_requests=inflight,
         models=_models(window),
         tenants=_tenants(window),
         devices=_devices(window),

@@ -79,7 +79,7 @@ async def test_gateway_and_worker_metrics_count_a_known_workload(
     assert gateway_samples[("meshserve_requests_total", unknown_not_found)] == 1
     assert gateway_samples[("meshserve_request_duration_seconds_count", frozenset({("model", "mlp")}))] == 4
     assert gateway_samples[("meshserve_late_replies_total", frozenset())] == 1
-    assert gateway_samples[("meshserve_inflight_requests", frozenset())] == 0
+    assert gateway_samples[("meshserve_inflight_requests", frozenset({("model", "mlp")}))] == 0
 
     mlp_v1 = frozenset({("model", "mlp"), ("version", "1")})
     assert worker_samples[("meshserve_worker_requests_total", mlp_v1)] == 4
@@ -134,6 +134,7 @@ tenants:
             waiting += [asyncio.ensure_future(call("beta-key")) for _ in range(3)]
             await wait_queued(redis, "mlp", 5)
             router_samples = await scrape(router_port)
+            held = parse(generate_latest(mesh.gateway.metrics.registry).decode())
             release_serving(worker)
             await asyncio.gather(*waiting)
         gateway_samples = parse(generate_latest(mesh.gateway.metrics.registry).decode())
@@ -150,6 +151,7 @@ tenants:
     assert gateway_samples[("meshserve_tenant_requests_total", unauthenticated)] == 1
     assert gateway_samples[("meshserve_tenant_request_duration_seconds_count", labels(tenant="alpha"))] == 5
 
+    assert held[("meshserve_inflight_requests", labels(model="mlp"))] == 5  # the five held calls
     mlp = labels(model="mlp", version="1")
     assert router_samples[("meshserve_model_ready", mlp)] == 1
     assert router_samples[("meshserve_queue_depth", labels(model="mlp", version="1", tier="realtime"))] == 2
