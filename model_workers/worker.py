@@ -150,20 +150,27 @@ class Worker(Placement, Health, Leases):
             )
         return []
 
-    async def _take_and_run(self, served: Served) -> None:
-        info = served.model.info
-        max_items = info.max_batch_size or 1
-        share = self.settings.lower_tier_share
+    async def _claim(
+        self, served: Served, max_items: int, *, signature: str = "", lower_share_every: int = 0
+    ) -> list[Job]:
+        """Lease up to ``max_items`` of the model's jobs; answer those the claim expired."""
         claim = await self.queue.claim(
             served.keys,
             max_items=max_items,
             lease_ms=self.settings.lease_ms,
             worker_id=self.worker_id,
-            lower_share_every=round(1 / share) if share > 0 else 0,
+            signature=signature,
+            lower_share_every=lower_share_every,
             batch_ms=served.batch_ms(),
         )
         self._answer_expired(served, claim)
-        jobs = decode(claim)
+        return decode(claim)
+
+    async def _take_and_run(self, served: Served) -> None:
+        info = served.model.info
+        max_items = info.max_batch_size or 1
+        share = self.settings.lower_tier_share
+        jobs = await self._claim(served, max_items, lower_share_every=round(1 / share) if share > 0 else 0)
         if not jobs:
             return
         if len(jobs) > 1 and sum(j.batch_size for j in jobs) < max_items and info.max_queue_delay_us > 0:
@@ -183,16 +190,7 @@ class Worker(Placement, Health, Leases):
             if remaining_s <= 0:
                 return
             await self.blocking.blpop([served.keys.wake], timeout=max(remaining_s, 0.001))
-            claim = await self.queue.claim(
-                served.keys,
-                max_items=room,
-                lease_ms=self.settings.lease_ms,
-                worker_id=self.worker_id,
-                signature=signature,
-                batch_ms=served.batch_ms(),
-            )
-            self._answer_expired(served, claim)
-            more = decode(claim)
+            more = await self._claim(served, room, signature=signature)
             if more:
                 jobs.extend(more)
                 continue
@@ -201,16 +199,7 @@ class Worker(Placement, Health, Leases):
             # once, then take what arrived.
             await asyncio.sleep(max(0.0, fill_until_s - time.time()))
             room = max_items - sum(j.batch_size for j in jobs)
-            last = await self.queue.claim(
-                served.keys,
-                max_items=room,
-                lease_ms=self.settings.lease_ms,
-                worker_id=self.worker_id,
-                signature=signature,
-                batch_ms=served.batch_ms(),
-            )
-            self._answer_expired(served, last)
-            jobs.extend(decode(last))
+            jobs.extend(await self._claim(served, room, signature=signature))
             return
 
     async def _run(self, served: Served, jobs: list[Job]) -> None:
