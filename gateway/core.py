@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from meshserve.admission import Admission
@@ -33,6 +32,7 @@ from meshserve.errors import (
     from_code,
 )
 from meshserve.queue import NUM_TIERS, ModelKeys, QueueProtocol, reply_key
+from meshserve.redis_link import RedisLink
 from meshserve.repository import ModelInfo
 from meshserve.routing import info_from_spec
 from meshserve.settings import GatewaySettings
@@ -114,8 +114,8 @@ class Gateway:
     def __init__(
         self,
         settings: GatewaySettings,
-        redis: Redis,
-        blocking_redis: Redis,
+        redis: RedisLink,
+        blocking_redis: RedisLink,
         router: mpb_grpc.RouterStub,
         tracer: trace.Tracer | None = None,
         tenants: TenantRegistry | None = None,
@@ -350,7 +350,7 @@ class Gateway:
         backoff_s = 0.1
         while True:
             try:
-                popped: Any = await self.blocking.blmpop(0, 1, self.reply_to, direction="LEFT", count=REPLY_BATCH)
+                popped: Any = await self.blocking.execute("BLMPOP", 0, 1, self.reply_to, "LEFT", "COUNT", REPLY_BATCH)
                 backoff_s = 0.1
             except RedisError as exc:
                 log.warning("reply reader: redis unavailable (%s); retrying in %.1fs", exc, backoff_s)

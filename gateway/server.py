@@ -14,7 +14,7 @@ from opentelemetry import trace
 from gateway.core import Gateway
 from gateway.servicer import InferenceServicer
 from meshserve.metrics import GatewayMetrics, MetricsServer
-from meshserve.redis_client import blocking_client, command_client
+from meshserve.redis_client import blocking_link, command_link
 from meshserve.settings import GatewaySettings, instance_id
 from meshserve.tenants import TenantRegistry, dev_registry, load_tenants, reload_tenants
 from meshserve.tls import add_port, channel
@@ -34,8 +34,8 @@ class GatewayServer:
         if not settings.gateway_id:
             settings = replace(settings, gateway_id=instance_id("gateway"))
         self.settings = settings
-        self.redis = command_client(settings.redis_url)
-        self.blocking = blocking_client(settings.redis_url)
+        self.redis = command_link(settings.redis_url, name="meshserve-gateway")
+        self.blocking = blocking_link(settings.redis_url, name="meshserve-gateway-wait")
         self.router_channel = channel(settings.router_address, settings.tls)
         self.gateway = Gateway(
             settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer, _registry(settings)

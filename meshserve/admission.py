@@ -28,9 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-
+from meshserve.redis_link import RedisLink, Script
 from meshserve.tenants import Tenant
 
 INFLIGHT_GRACE_MS = 1_000
@@ -131,6 +129,8 @@ class Decision:
 
 ADMITTED = Decision(ok=True)
 
+ADMIT = Script(ADMIT_LUA)
+
 
 class Admission:
     """The admission script, registered once per Redis client; one round trip a call.
@@ -139,9 +139,8 @@ class Admission:
     ``release`` in a ``finally`` once the call is answered, whatever the answer.
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisLink) -> None:
         self.redis = redis
-        self._admit: AsyncScript = redis.register_script(ADMIT_LUA)
 
     async def admit(self, tenant: Tenant, request_id: str, *, deadline_ms: int, now_us: int | None = None) -> Decision:
         """Admit one request of ``tenant`` or say which limit refuses it, atomically.
@@ -151,7 +150,8 @@ class Admission:
         """
         keys = TenantKeys.for_tenant(tenant.name)
         interval_us = max(MIN_INTERVAL_US, round(1_000_000 / tenant.rate_per_s)) if tenant.rate_per_s > 0 else 0
-        raw: list[Any] = await self._admit(
+        raw: list[Any] = await self.redis.script(
+            ADMIT,
             keys=[keys.tat, keys.inflight],
             args=[
                 interval_us,
@@ -176,9 +176,9 @@ class Admission:
 
         A single ZREM: atomic, idempotent, and Redis deletes the set with its last member.
         """
-        return bool(await self.redis.zrem(TenantKeys.for_tenant(tenant.name).inflight, request_id))
+        return bool(await self.redis.execute("ZREM", TenantKeys.for_tenant(tenant.name).inflight, request_id))
 
     async def inflight(self, tenant: Tenant) -> int:
         """Entries in the tenant's in-flight set (for metrics and tests); may include
         expired entries of a dead gateway until the next admit prunes them."""
-        return int(await self.redis.zcard(TenantKeys.for_tenant(tenant.name).inflight))
+        return int(await self.redis.execute("ZCARD", TenantKeys.for_tenant(tenant.name).inflight))

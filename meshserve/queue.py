@@ -43,8 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+from meshserve.redis_link import RedisLink, Script
 
 TIER_SPAN = 2**40
 """Score distance between priority tiers: tiers stay strict, fair queuing inside one."""
@@ -375,23 +374,25 @@ class ClaimedBatch:
     expired: list[tuple[str, str]]
 
 
+ENQUEUE = Script(ENQUEUE_LUA)
+CLAIM = Script(CLAIM_LUA)
+ACK = Script(ACK_LUA)
+EXTEND = Script(EXTEND_LUA)
+RELEASE = Script(RELEASE_LUA)
+REAP = Script(REAP_LUA)
+WITHDRAW = Script(WITHDRAW_LUA)
+REWAKE = Script(REWAKE_LUA)
+
+
 class QueueProtocol:
     """The scripts, registered once per Redis client; every call is one round trip.
 
-    redis-py's Script objects run EVALSHA and fall back to loading the script on
-    NOSCRIPT, so a restarted Redis is handled transparently.
+    Scripts run by SHA; the link loads one and runs it again on NOSCRIPT, so a
+    restarted Redis is handled transparently.
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisLink) -> None:
         self.redis = redis
-        self._enqueue: AsyncScript = redis.register_script(ENQUEUE_LUA)
-        self._claim: AsyncScript = redis.register_script(CLAIM_LUA)
-        self._ack: AsyncScript = redis.register_script(ACK_LUA)
-        self._extend: AsyncScript = redis.register_script(EXTEND_LUA)
-        self._release: AsyncScript = redis.register_script(RELEASE_LUA)
-        self._reap: AsyncScript = redis.register_script(REAP_LUA)
-        self._withdraw: AsyncScript = redis.register_script(WITHDRAW_LUA)
-        self._rewake: AsyncScript = redis.register_script(REWAKE_LUA)
 
     async def enqueue(
         self,
@@ -415,7 +416,8 @@ class QueueProtocol:
         ``items`` is the request's batch size: claims fill batches by items, not
         jobs, and fair queuing charges a tenant ``items / weight`` per job.
         """
-        result = await self._enqueue(
+        result = await self.redis.script(
+            ENQUEUE,
             keys=[keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued],
             args=[
                 job_id,
@@ -454,7 +456,8 @@ class QueueProtocol:
         deadline comes sooner is expired instead of taken.
         """
         scan = scan_limit or max(4 * max_items, 16)
-        raw: list[Any] = await self._claim(
+        raw: list[Any] = await self.redis.script(
+            CLAIM,
             keys=[keys.ready, keys.inflight, keys.wake, keys.fence, keys.sched, keys.queued],
             args=[
                 keys.job_prefix,
@@ -473,65 +476,62 @@ class QueueProtocol:
         expired = [(_text(flat_expired[i]), _text(flat_expired[i + 1])) for i in range(0, len(flat_expired), 2)]
         return ClaimedBatch(int(token), int(now_ms), jobs, expired)
 
-    async def ack(self, keys: ModelKeys, token: int, job_ids: list[str], client: Any = None) -> int:
-        """Remove finished jobs of the lease ``token``; returns how many were still held.
-
-        With ``client`` a pipeline, the call is queued on it and returns 0; the
-        pipeline's result holds the count.
-        """
+    async def ack(self, keys: ModelKeys, token: int, job_ids: list[str]) -> int:
+        """Remove finished jobs of the lease ``token``; returns how many were still held."""
         if not job_ids:
             return 0
-        result = await self._ack(
-            keys=[keys.inflight, keys.ready, keys.sched], args=[keys.job_prefix, token, *job_ids], client=client
-        )
-        return int(result) if client is None else 0
+        return int(await self.redis.script(ACK, *_ack_keys_args(keys, token, job_ids)))
 
     async def load_ack_script(self) -> None:
-        """Load ACK's script now, so that :meth:`ack_in` finds it from the first batch."""
-        await self.redis.script_load(ACK_LUA)
-
-    def ack_in(self, pipe: Any, keys: ModelKeys, token: int, job_ids: list[str]) -> None:
-        """Queue an ACK on ``pipe`` by its SHA alone.
-
-        Passing the script object to a pipeline makes redis-py send SCRIPT EXISTS
-        before every execute: a round trip per batch. Here the pipeline's result
-        for it is a ``NoScriptError`` if Redis lost its script cache (a restart);
-        the caller then acks with :meth:`ack`, which loads the script.
-        """
-        if job_ids:
-            pipe.evalsha(self._ack.sha, 3, keys.inflight, keys.ready, keys.sched, keys.job_prefix, token, *job_ids)
+        """Load ACK's script now, so that pipelines calling :func:`ack_command` find it."""
+        await self.redis.load(ACK)
 
     async def extend(self, keys: ModelKeys, token: int, job_ids: list[str], lease_ms: int) -> int:
         """Renew the lease ``token`` on these jobs; 0 if it was reclaimed meanwhile."""
         if not job_ids:
             return 0
-        return int(await self._extend(keys=[keys.inflight], args=[keys.job_prefix, token, lease_ms, *job_ids]))
+        return int(
+            await self.redis.script(EXTEND, keys=[keys.inflight], args=[keys.job_prefix, token, lease_ms, *job_ids])
+        )
 
     async def release(self, keys: ModelKeys, token: int, job_ids: list[str]) -> int:
         """Put jobs taken under ``token`` but never run back in their place."""
         if not job_ids:
             return 0
         return int(
-            await self._release(
-                keys=[keys.ready, keys.inflight, keys.wake, keys.queued], args=[keys.job_prefix, token, *job_ids]
+            await self.redis.script(
+                RELEASE,
+                keys=[keys.ready, keys.inflight, keys.wake, keys.queued],
+                args=[keys.job_prefix, token, *job_ids],
             )
         )
 
     async def withdraw(self, keys: ModelKeys, job_id: str) -> bool:
         """Remove a job no one holds yet; False if a worker already leased it."""
-        return bool(await self._withdraw(keys=[keys.ready, keys.job(job_id), keys.queued], args=[job_id]))
+        return bool(await self.redis.script(WITHDRAW, keys=[keys.ready, keys.job(job_id), keys.queued], args=[job_id]))
 
     async def rewake(self, keys: ModelKeys) -> bool:
         """Give back a wake token taken for a model this worker dropped; False: not needed."""
-        return bool(await self._rewake(keys=[keys.wake, keys.ready]))
+        return bool(await self.redis.script(REWAKE, keys=[keys.wake, keys.ready]))
 
     async def reap(self, keys: ModelKeys, *, max_attempts: int, limit: int = 256) -> Reaped:
         """Redeliver the jobs of expired leases; hand back those out of attempts."""
-        requeued, flat = await self._reap(
-            keys=[keys.ready, keys.inflight, keys.wake, keys.queued], args=[keys.job_prefix, max_attempts, limit]
+        requeued, flat = await self.redis.script(
+            REAP, keys=[keys.ready, keys.inflight, keys.wake, keys.queued], args=[keys.job_prefix, max_attempts, limit]
         )
         dead = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
         return Reaped(int(requeued), dead)
+
+
+def ack_command(keys: ModelKeys, token: int, job_ids: list[str]) -> tuple[Any, ...]:
+    """ACK as one command for a pipeline, by SHA alone: its reply there is a
+    ``NoScriptError`` if Redis lost its script cache (a restart); the caller then
+    acks with :meth:`QueueProtocol.ack`, which loads the script."""
+    return ACK.call(*_ack_keys_args(keys, token, job_ids))
+
+
+def _ack_keys_args(keys: ModelKeys, token: int, job_ids: list[str]) -> tuple[list[Any], list[Any]]:
+    return [keys.inflight, keys.ready, keys.sched], [keys.job_prefix, token, *job_ids]
 
 
 def _text(value: bytes | str) -> str:

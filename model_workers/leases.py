@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from typing import Any
 
 import grpc
 from redis.exceptions import NoScriptError, RedisError
 
-from meshserve.queue import REPLY_TTL_S, ClaimedBatch
+from meshserve.queue import REPLY_TTL_S, ClaimedBatch, ack_command
 from model_workers.batches import Job, by_token
 from model_workers.served import Served
 from model_workers.state import WorkerState
@@ -93,13 +94,12 @@ class Leases(WorkerState):
         """Write replies, then ack, in one pipelined round trip (replies first: an
         ack never precedes its reply). Shielded from cancellation by ``close``."""
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for reply_to, items in blobs.items():
-                    pipe.rpush(reply_to, *items)
-                    pipe.expire(reply_to, REPLY_TTL_S)
-                for token, ids in acks.items():
-                    self.queue.ack_in(pipe, served.keys, token, ids)
-                results = await pipe.execute(raise_on_error=False)
+            commands: list[tuple[Any, ...]] = []
+            for reply_to, items in blobs.items():
+                commands.append(("RPUSH", reply_to, *items))
+                commands.append(("EXPIRE", reply_to, REPLY_TTL_S))
+            commands.extend(ack_command(served.keys, token, ids) for token, ids in acks.items() if ids)
+            results = await self.redis.pipeline(commands)
             if any(isinstance(result, NoScriptError) for result in results):
                 for token, ids in acks.items():  # Redis lost its scripts: ack again, loading it
                     await self.queue.ack(served.keys, token, ids)

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
 from meshserve.metrics import MetricsServer
-from meshserve.redis_client import blocking_client, command_client
+from meshserve.redis_client import blocking_link, command_link
 from meshserve.settings import WorkerSettings, instance_id
 from meshserve.tls import add_port, channel
 from model_workers.worker import Worker
@@ -41,8 +41,8 @@ class WorkerServer:
         if not settings.worker_id:
             settings = replace(settings, worker_id=instance_id(f"worker-{settings.device}"))
         self.settings = settings
-        self.redis = command_client(settings.redis_url)
-        self.blocking = blocking_client(settings.redis_url)
+        self.redis = command_link(settings.redis_url, name="meshserve-worker")
+        self.blocking = blocking_link(settings.redis_url, name="meshserve-worker-wait")
         self.router_channel = channel(settings.router_address, settings.tls)
         self.worker = Worker(settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer)
         self.worker.on_readiness_change = self._schedule_health_update

@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from meshserve.metrics import ModelCounters, WorkerMetrics, WorkerReads
 from meshserve.queue import ModelKeys, QueueProtocol, worker_wake_key
+from meshserve.redis_link import RedisLink
 from meshserve.settings import WorkerSettings
 from meshserve.telemetry import tenant_attribute
 from model_workers.devices import monitor_for
@@ -44,8 +44,8 @@ class WorkerState:
     def __init__(
         self,
         settings: WorkerSettings,
-        redis: Redis,
-        blocking_redis: Redis,
+        redis: RedisLink,
+        blocking_redis: RedisLink,
         router: mpb_grpc.RouterStub,
         tracer: trace.Tracer | None = None,
     ) -> None:
@@ -133,7 +133,7 @@ class WorkerState:
 
     async def _push_self_wake(self) -> None:
         try:
-            await self.redis.rpush(self._wake_self, 1)
+            await self.redis.execute("RPUSH", self._wake_self, 1)
         except RedisError as exc:
             log.warning("could not wake the serve loop (%s); it looks again within %.0f s", exc, WAKE_SAFETY_TIMEOUT_S)
 

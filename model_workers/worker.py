@@ -70,7 +70,7 @@ class Worker(Placement, Health, Leases):
         if self._reply_tasks:
             await asyncio.gather(*self._reply_tasks, return_exceptions=True)
         with contextlib.suppress(RedisError):
-            await self.redis.delete(self._wake_self)
+            await self.redis.execute("DEL", self._wake_self)
         self._executor.shutdown(wait=True)
         self._loader.shutdown(wait=False, cancel_futures=True)  # a load in progress ends on its own
 
@@ -98,7 +98,7 @@ class Worker(Placement, Health, Leases):
                 targets = list(self._by_wake.values())
                 continue
             wake_keys = [*self._by_wake, self._wake_self]
-            self._blocked = asyncio.ensure_future(self.blocking.blpop(wake_keys, timeout=WAKE_SAFETY_TIMEOUT_S))
+            self._blocked = asyncio.ensure_future(self.blocking.execute("BLPOP", *wake_keys, WAKE_SAFETY_TIMEOUT_S))
             self.idle.set()
             try:
                 popped = await self._blocked
@@ -189,7 +189,7 @@ class Worker(Placement, Health, Leases):
             remaining_s = fill_until_s - time.time()
             if remaining_s <= 0:
                 return
-            await self.blocking.blpop([served.keys.wake], timeout=max(remaining_s, 0.001))
+            await self.blocking.execute("BLPOP", served.keys.wake, max(remaining_s, 0.001))
             more = await self._claim(served, room, signature=signature)
             if more:
                 jobs.extend(more)

@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from meshserve.examples import write_example_repository
+from meshserve.redis_link import RedisLink
 from meshserve.redis_server import RedisServer
 
 
@@ -31,6 +32,14 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.flushdb()
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def link(redis: Redis, redis_url: str) -> AsyncIterator[RedisLink]:
+    """The request path's connection to the same (flushed) server."""
+    link = RedisLink(redis_url)
+    yield link
+    await link.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from meshserve.admission import INFLIGHT_GRACE_MS, Admission, Decision, TenantKeys
+from meshserve.redis_link import RedisLink
 from meshserve.tenants import Tenant
 
 MS = 1_000  # µs
@@ -24,8 +25,8 @@ def tenant(name: str = "acme", *, rate_per_s: float = 0.0, burst: int = 0, max_i
 
 
 @pytest.fixture
-def admission(redis: Redis) -> Admission:
-    return Admission(redis)
+def admission(link: RedisLink) -> Admission:
+    return Admission(link)
 
 
 async def redis_now_us(redis: Redis) -> int:

@@ -13,14 +13,15 @@ import pytest
 from redis.asyncio import Redis
 
 from meshserve.queue import ModelKeys, QueueProtocol
+from meshserve.redis_link import RedisLink
 
 KEYS = ModelKeys.for_model("m", 1)
 FAR_MS = 10**13  # a deadline far in the future (epoch ms)
 
 
 @pytest.fixture
-def queue(redis: Redis) -> QueueProtocol:
-    return QueueProtocol(redis)
+def queue(link: RedisLink) -> QueueProtocol:
+    return QueueProtocol(link)
 
 
 async def put(

@@ -1,0 +1,92 @@
+"""The request path's Redis connection on a real server: replies matched to their
+callers, pipelines, scripts after a flush, and recovery from a lost connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+
+from meshserve.redis_link import RedisLink, Script
+
+COUNT = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+
+
+async def test_concurrent_callers_each_get_their_own_reply(link: RedisLink) -> None:
+    keys = [f"k{i}" for i in range(200)]
+    await asyncio.gather(*(link.execute("SET", key, i) for i, key in enumerate(keys)))
+    values = await asyncio.gather(*(link.execute("GET", key) for key in keys))
+    assert values == [str(i).encode() for i in range(200)]
+
+
+async def test_a_pipeline_returns_errors_in_place_and_raises_nothing(link: RedisLink) -> None:
+    replies = await link.pipeline([("SET", "s", "text"), ("INCR", "s"), ("RPUSH", "l", "a", "b"), ("LLEN", "l")])
+    assert replies[0] == b"OK"
+    assert isinstance(replies[1], ResponseError)
+    assert replies[2:] == [2, 2]
+    with pytest.raises(ResponseError, match="not an integer"):
+        await link.execute("INCR", "s")
+
+
+async def test_a_script_runs_again_after_redis_forgets_it(link: RedisLink, redis: Redis) -> None:
+    assert await link.script(COUNT, ["n"], [2]) == 2
+    await redis.script_flush()
+    assert await link.script(COUNT, ["n"], [3]) == 5
+    await redis.script_flush()
+    (reply,) = await link.pipeline([COUNT.call(["n"], [1])])
+    assert isinstance(reply, NoScriptError)  # by SHA alone inside a pipeline: the caller decides
+    await link.load(COUNT)
+    assert await link.pipeline([COUNT.call(["n"], [1])]) == [6]
+
+
+async def test_a_killed_connection_is_replaced_on_the_next_call(link: RedisLink, redis: Redis) -> None:
+    await link.execute("CLIENT", "SETNAME", "doomed")
+    assert await redis.client_kill_filter(_type="normal", skipme=True) >= 1
+    assert await link.execute("PING") == b"PONG"  # one retry on a fresh connection
+    assert await link.execute("CLIENT", "GETNAME") is None  # it is a new one
+
+
+async def test_a_reply_later_than_the_timeout_fails_the_call_not_the_link(redis_url: str, redis: Redis) -> None:
+    link = RedisLink(redis_url, command_timeout_s=0.05)
+    try:
+        with pytest.raises(TimeoutError):
+            await link.execute("BLPOP", "never", 5)  # the server holds it for 5 s
+        # The late BLPOP reply would have been read as this call's: the link
+        # started over on a new connection instead.
+        await redis.rpush("never", "x")
+        assert await link.execute("LPOP", "never") == b"x"
+    finally:
+        await link.aclose()
+
+
+async def test_cancelling_a_blocking_call_frees_the_link(redis_url: str, redis: Redis) -> None:
+    link = RedisLink(redis_url, command_timeout_s=None)
+    try:
+        waiting = asyncio.ensure_future(link.execute("BLPOP", "wake", 0))
+        async with asyncio.timeout(10):  # until the server holds it (nothing to await but its state)
+            while not any(client["cmd"] == "blpop" for client in await redis.client_list(_type="normal")):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await redis.rpush("wake", "token")
+        # a new connection: the cancelled BLPOP cannot take the token
+        assert await link.execute("BLPOP", "wake", 1) == [b"wake", b"token"]
+    finally:
+        await link.aclose()
+
+
+async def test_a_closed_link_refuses_calls(redis_url: str) -> None:
+    link = RedisLink(redis_url)
+    assert await link.execute("PING") == b"PONG"
+    await link.aclose()
+    with pytest.raises(ConnectionError):
+        await link.execute("PING")
+
+
+async def test_a_server_that_is_not_there_is_a_connection_error() -> None:
+    link = RedisLink("redis://127.0.0.1:1/0", connect_timeout_s=0.5)
+    with pytest.raises(ConnectionError, match="cannot connect"):
+        await link.execute("PING")
