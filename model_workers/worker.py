@@ -252,7 +252,7 @@ class Worker(Placement, Health, Leases):
                 return [(job, error_reply(job, grpc.StatusCode.INTERNAL, message)) for job in jobs]
             compute_us = (time.time_ns() - started_ns) // 1000
             served.consecutive_failures = 0
-            if log.isEnabledFor(logging.INFO):  # inside the batch span: the line carries its trace id
+            if log.isEnabledFor(logging.DEBUG):  # inside the batch span: the line carries its trace id
                 _log_batch(info, jobs, total, compute_us, claimed_ns)
         version = str(info.version)
         compute_s = compute_us / 1e6
@@ -296,9 +296,12 @@ class Worker(Placement, Health, Leases):
 
 
 def _log_batch(info: ModelInfo, jobs: list[Job], total: int, compute_us: int, claimed_ns: int) -> None:
-    """The per-batch INFO line; its fields ride as ``extra`` for the JSON log format."""
+    """The per-batch DEBUG line; its fields ride as ``extra`` for the JSON log format.
+
+    DEBUG, not INFO: a line per batch is a write per request at low load (about
+    0.1 ms on the critical path), and the metrics carry the same figures."""
     oldest_wait_ms = max(0.0, claimed_ns / 1e6 - min(job.request.enqueued_ms for job in jobs))
-    log.info(
+    log.debug(
         "batch of %d from %d requests for %s version %d: compute %.1f ms, oldest waited %.1f ms",
         total,
         len(jobs),

@@ -92,13 +92,13 @@ def test_log_format_is_a_flag_for_every_service_with_a_variable(monkeypatch: pyt
 
 @pytest.fixture
 def json_lines() -> Iterator[io.StringIO]:
-    """The gateway servicer's DEBUG and the worker's INFO lines, as JSON, into a buffer."""
+    """The gateway servicer's and the worker's DEBUG lines, as JSON, into a buffer."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter("mesh"))
     loggers = {
         logging.getLogger("gateway.servicer"): logging.DEBUG,
-        logging.getLogger("model_workers.worker"): logging.INFO,
+        logging.getLogger("model_workers.worker"): logging.DEBUG,
     }
     levels = {logger: logger.level for logger in loggers}
     for logger, level in loggers.items():
@@ -146,7 +146,7 @@ async def test_one_line_per_request_and_per_batch_carry_their_trace_ids(
     assert requests[0]["trace_id"] == f"{request_span.trace_id:032x}"
 
     [batch] = batches
-    assert batch["level"] == "INFO"
+    assert batch["level"] == "DEBUG"
     assert (batch["model"], batch["version"], batch["batch_size"], batch["requests"]) == ("mlp", 1, 2, 1)
     assert batch["compute_ms"] > 0
     assert batch["queue_wait_ms"] >= 0

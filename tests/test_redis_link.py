@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from meshserve.redis_link import RedisLink, Script
+from meshserve.redis_server import RedisServer
 
 COUNT = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 
@@ -90,3 +91,15 @@ async def test_a_server_that_is_not_there_is_a_connection_error() -> None:
     link = RedisLink("redis://127.0.0.1:1/0", connect_timeout_s=0.5)
     with pytest.raises(ConnectionError, match="cannot connect"):
         await link.execute("PING")
+
+
+async def test_the_private_server_is_reachable_over_its_unix_socket() -> None:
+    with RedisServer() as server:
+        link = RedisLink(server.socket_url)
+        tcp = Redis.from_url(server.url)
+        try:
+            await link.execute("SET", "where", "socket")
+            assert await tcp.get("where") == b"socket"  # one server, two ways in
+        finally:
+            await link.aclose()
+            await tcp.aclose()
