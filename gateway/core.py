@@ -31,7 +31,7 @@ from meshserve.errors import (
     Unavailable,
     from_code,
 )
-from meshserve.queue import NUM_TIERS, ModelKeys, QueueProtocol, reply_key
+from meshserve.queue import NUM_TIERS, Enqueued, ModelKeys, QueueProtocol, reply_key
 from meshserve.redis_link import RedisLink
 from meshserve.repository import ModelInfo
 from meshserve.routing import info_from_spec
@@ -332,15 +332,23 @@ class Gateway:
                 )
             except RedisError as exc:
                 raise Unavailable(f"request queue unavailable: {exc}") from exc
-        if result == -1:
+        if result.code == Enqueued.MODEL_QUEUE_FULL:
             raise ResourceExhausted(
                 f"queue of model '{model.name}' is full ({model.max_queue_size} requests waiting)",
                 reason="model_queue_full",
             )
-        if result == -2:
+        if result.code == Enqueued.TENANT_QUEUE_FULL:
             raise ResourceExhausted(
                 f"tenant '{tenant.name}' has {tenant.max_queued} requests queued for model '{model.name}' already",
                 reason="tenant_queue_full",
+            )
+        if result.code == Enqueued.PAST_DEADLINE:
+            left_ms = max(0, int(envelope.deadline_ms - time.time() * 1000))
+            raise ResourceExhausted(
+                f"model '{model.name}' cannot answer within the deadline: about {result.wait_ms} ms of"
+                f" requests are ahead of this one and {left_ms} ms are left",
+                reason="deadline",
+                retry_after_ms=max(1, result.wait_ms - left_ms),
             )
 
     # ------------------------------------------------------------ background tasks

@@ -78,7 +78,7 @@ class GatewayMetrics:
             rejections=Counter(
                 "meshserve_rejections",
                 "Calls refused before enqueue, by tenant and reason (unauthenticated, permission_denied, "
-                "rate, inflight, tenant_queue_full, model_queue_full).",
+                "rate, inflight, tenant_queue_full, model_queue_full, deadline: the queue ahead would outlast it).",
                 ["tenant", "reason"],
                 registry=registry,
             ),

@@ -16,6 +16,8 @@ Keys of one model version share the Cluster hash tag ``{m:<model>:<version>}``
                                     the tenant's virtual finish in that tier; turn = claims
     ms:{m:<model>}:queued     HASH  tenant -> its jobs in the ready set (for max_queued)
     ms:{m:<model>}:fence      STR   fencing-token counter for leases
+    ms:{m:<model>}:drain      HASH  worker id -> "<ms per job> <when, Redis clock ms>": how
+                                    fast each worker has been taking this model's jobs
 
 Scheduling. Tiers are strict, except that every Nth claim (``lower_share``) serves a
 lower tier that has work, in rotation, so no tier starves. Inside a tier, tenants
@@ -25,6 +27,15 @@ share by weight with start-time fair queuing: a job's virtual start is
 it. A tenant that floods only pushes its own jobs back. Scores are written with
 17 significant digits (Lua's default keeps 14), so starts keep about 1/2000 of an
 item of resolution up to 2^40 items of history.
+
+Shedding. A request the queue cannot serve before its deadline is refused at
+enqueue (RESOURCE_EXHAUSTED, answered at once) instead of waiting until its deadline
+for nothing: the jobs ahead of it (lower scores: its tier's earlier starts and every
+higher tier) divided by the model's drain rate (the sum of its workers' recent
+jobs per ms) estimate its wait. A flooding tenant's own jobs start late in virtual
+time, so its excess is refused while a neighbour's requests are still admitted.
+With no fresh drain figure, or nothing ahead, nothing is refused. Claims drop what
+the estimate let through but that still cannot finish.
 
 Replies go to the owning gateway's list ``ms:{g:<gateway>}:replies``. Each worker
 also blocks on its own list ``ms:{w:<worker>}:wake``: a token there means "the set
@@ -54,6 +65,9 @@ NUM_TIERS = 3
 JOB_TTL_GRACE_MS = 60_000
 """A job hash outlives its deadline by this much, so a lost one is reclaimed."""
 
+DRAIN_FRESH_MS = 5_000
+"""A worker's drain figure counts for shedding this long after its last claim."""
+
 REPLY_TTL_S = 120
 """A gateway's reply list expires this long after the last write (dead gateway)."""
 
@@ -68,6 +82,7 @@ class ModelKeys:
     sched: str
     queued: str
     fence: str
+    drain: str
     job_prefix: str
 
     @classmethod
@@ -80,6 +95,7 @@ class ModelKeys:
             sched=base + "sched",
             queued=base + "queued",
             fence=base + "fence",
+            drain=base + "drain",
             job_prefix=base + "job:",
         )
 
@@ -97,45 +113,65 @@ def worker_wake_key(worker_id: str) -> str:
 
 
 # ENQUEUE: one atomic call per accepted request.
-#   KEYS[1] ready  KEYS[2] job hash  KEYS[3] wake  KEYS[4] sched  KEYS[5] queued
+#   KEYS[1] ready  KEYS[2] job hash  KEYS[3] wake  KEYS[4] sched  KEYS[5] queued  KEYS[6] drain
 #   ARGV[1] job id  ARGV[2] tier (0 = highest)  ARGV[3] payload (bytes)
 #   ARGV[4] deadline_ms  ARGV[5] tenant  ARGV[6] reply_to  ARGV[7] shape signature
 #   ARGV[8] max_queue_size of the model (0 = unbounded)  ARGV[9] job TTL grace, ms
 #   ARGV[10] batch items in the request (dim 0; 1 for a model that does not batch)
 #   ARGV[11] the tenant's weight in its tier (> 0)
 #   ARGV[12] the tenant's max queued requests for this model (0 = unbounded)
-# Returns 1 enqueued, 0 duplicate id (idempotent retry), -1 model queue full,
-# -2 the tenant's queue full. A refusal writes nothing.
+#   ARGV[13] how long a drain figure stays fresh, ms
+# Returns {code, estimated wait ms}: code 1 enqueued, 0 duplicate id (idempotent
+# retry), -1 model queue full, -2 the tenant's queue full, -3 it would wait past its
+# deadline (the wait is the estimate). A refusal writes nothing.
 ENQUEUE_LUA = """
 local max_queue = tonumber(ARGV[8])
-if max_queue > 0 and redis.call('ZCARD', KEYS[1]) >= max_queue then return -1 end
+if max_queue > 0 and redis.call('ZCARD', KEYS[1]) >= max_queue then return {-1, 0} end
 local tenant = ARGV[5]
 local max_mine = tonumber(ARGV[12])
-if max_mine > 0 and (tonumber(redis.call('HGET', KEYS[5], tenant)) or 0) >= max_mine then return -2 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if max_mine > 0 and (tonumber(redis.call('HGET', KEYS[5], tenant)) or 0) >= max_mine then return {-2, 0} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {0, 0} end
 local tier = tonumber(ARGV[2])
 local finish = 'f' .. tier .. ':' .. tenant
 local start = math.max(tonumber(redis.call('HGET', KEYS[4], 'c' .. tier)) or 0,
                        tonumber(redis.call('HGET', KEYS[4], finish)) or 0)
-redis.call('HSET', KEYS[4], finish, string.format('%.17g', start + tonumber(ARGV[10]) / tonumber(ARGV[11])))
 local score = string.format('%.17g', tier * 1099511627776 + start)
+local wait = 0
+local ahead = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. score)
+if ahead > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local rate, fresh = 0, tonumber(ARGV[13])
+  local drain = redis.call('HGETALL', KEYS[6])
+  for i = 2, #drain, 2 do
+    local per_job, seen = string.match(drain[i], '^(%S+) (%S+)$')
+    if per_job and now - tonumber(seen) <= fresh and tonumber(per_job) > 0 then rate = rate + 1 / tonumber(per_job) end
+  end
+  if rate > 0 then
+    wait = math.floor((ahead + 1) / rate)
+    if now + wait > tonumber(ARGV[4]) then return {-3, wait} end
+  end
+end
+redis.call('HSET', KEYS[4], finish, string.format('%.17g', start + tonumber(ARGV[10]) / tonumber(ARGV[11])))
 redis.call('HSET', KEYS[2], 'p', ARGV[3], 'd', ARGV[4], 't', tenant, 'r', ARGV[6], 's', ARGV[7], 'a', 0,
            'q', score, 'n', ARGV[10])
 redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[9]))
 redis.call('ZADD', KEYS[1], score, ARGV[1])
 redis.call('HINCRBY', KEYS[5], tenant, 1)
 if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
-return 1
+return {1, wait}
 """
 
 # CLAIM: take a batch, atomically.
 #   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake  KEYS[4] fence  KEYS[5] sched  KEYS[6] queued
+#   KEYS[7] drain
 #   ARGV[1] job key prefix  ARGV[2] max batch items  ARGV[3] lease_ms  ARGV[4] worker id
 #   ARGV[5] scan limit (how far past the head to look for same-shaped jobs)
 #   ARGV[6] required shape signature ('' = the head's)
 #   ARGV[7] lower-tier share: every Nth claim serves a lower tier with work (0 = off)
 #   ARGV[8] number of tiers
 #   ARGV[9] ms the batch will take (jobs due sooner cannot finish: they count as expired)
+#   ARGV[10] the worker's recent ms per job on this model (0 = none yet), for shedding
 # Walks the ready set in score order (highest tier, then lowest virtual start).
 # Jobs past their deadline, or due before the batch could finish, are removed and
 # returned as expired (never computed: under overload the worker spends itself on
@@ -157,6 +193,10 @@ local function unqueue(tenant)
   if tenant and redis.call('HINCRBY', KEYS[6], tenant, -1) <= 0 then redis.call('HDEL', KEYS[6], tenant) end
 end
 if redis.call('ZCARD', KEYS[1]) == 0 then return {0, now, {}, {}} end  -- nothing queued: touch nothing
+if tonumber(ARGV[10]) > 0 then
+  redis.call('HSET', KEYS[7], ARGV[4], ARGV[10] .. ' ' .. now)
+  redis.call('PEXPIRE', KEYS[7], 60000)
+end
 local ids = nil
 local every, tiers = tonumber(ARGV[7]), tonumber(ARGV[8])
 if every > 0 then
@@ -224,7 +264,7 @@ if #taken > 0 then
 end
 if redis.call('ZCARD', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[6])  -- nothing queued: every count is 0 (heals a count lost to an evicted job)
-  if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[5]) end  -- idle: reset virtual time
+  if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[5], KEYS[7]) end  -- idle: reset virtual time
 elseif redis.call('LLEN', KEYS[3]) == 0 then
   redis.call('RPUSH', KEYS[3], 1)
 end
@@ -232,10 +272,11 @@ return {token, now, out, expired}
 """
 
 # ACK: finish jobs of a lease, only with its current fencing token.
-#   KEYS[1] inflight  KEYS[2] ready  KEYS[3] sched
+#   KEYS[1] inflight  KEYS[2] ready  KEYS[3] sched  KEYS[4] drain
 #   ARGV[1] job key prefix  ARGV[2] token  ARGV[3..] job ids
 # When the model goes idle (nothing queued, nothing leased) its scheduler state
-# is dropped: virtual time restarts at 0, and an idle model leaves no keys.
+# and drain figures are dropped: virtual time restarts at 0, the next claim says
+# how fast its worker goes, and an idle model leaves no keys.
 # Returns how many jobs were acked (a stale token acks none).
 ACK_LUA = """
 local n = 0
@@ -247,7 +288,7 @@ for i = 3, #ARGV do
     n = n + 1
   end
 end
-if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[3]) end
+if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
 return n
 """
 
@@ -374,6 +415,23 @@ class ClaimedBatch:
     expired: list[tuple[str, str]]
 
 
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """ENQUEUE's answer. ``code``: 1 enqueued, 0 a duplicate id (an idempotent
+    retry), -1 the model's queue is full, -2 the tenant's queue for this model is
+    full, -3 the request would wait past its deadline. ``wait_ms``: the estimated
+    wait behind the jobs ahead (0 when there was nothing to estimate)."""
+
+    code: int
+    wait_ms: int
+
+    ENQUEUED = 1
+    DUPLICATE = 0
+    MODEL_QUEUE_FULL = -1
+    TENANT_QUEUE_FULL = -2
+    PAST_DEADLINE = -3
+
+
 ENQUEUE = Script(ENQUEUE_LUA)
 CLAIM = Script(CLAIM_LUA)
 ACK = Script(ACK_LUA)
@@ -409,16 +467,15 @@ class QueueProtocol:
         items: int = 1,
         weight: float = 1.0,
         tenant_max_queued: int = 0,
-    ) -> int:
-        """Put one job on a model's ready set: 1 new, 0 duplicate id, -1 the model's
-        queue is full, -2 the tenant's queue (for this model) is full.
+    ) -> Enqueued:
+        """Put one job on a model's ready set, or refuse it (see :class:`Enqueued`).
 
         ``items`` is the request's batch size: claims fill batches by items, not
         jobs, and fair queuing charges a tenant ``items / weight`` per job.
         """
-        result = await self.redis.script(
+        code, wait_ms = await self.redis.script(
             ENQUEUE,
-            keys=[keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued],
+            keys=[keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued, keys.drain],
             args=[
                 job_id,
                 tier,
@@ -432,9 +489,10 @@ class QueueProtocol:
                 items,
                 weight,
                 tenant_max_queued,
+                DRAIN_FRESH_MS,
             ],
         )
-        return int(result)
+        return Enqueued(int(code), int(wait_ms))
 
     async def claim(
         self,
@@ -447,18 +505,20 @@ class QueueProtocol:
         scan_limit: int | None = None,
         lower_share_every: int = 0,
         batch_ms: int = 0,
+        ms_per_job: float = 0.0,
     ) -> ClaimedBatch:
         """Lease up to ``max_items`` same-shaped jobs from the head of the queue.
 
         With ``lower_share_every`` N > 0, every Nth claim of this model serves a
         lower tier that has work (the lower tiers take turns), so none starves.
         ``batch_ms`` is how long the batch is expected to take: a job whose
-        deadline comes sooner is expired instead of taken.
+        deadline comes sooner is expired instead of taken. ``ms_per_job`` is the
+        worker's recent time per job of this model, recorded for enqueue's shedding.
         """
         scan = scan_limit or max(4 * max_items, 16)
         raw: list[Any] = await self.redis.script(
             CLAIM,
-            keys=[keys.ready, keys.inflight, keys.wake, keys.fence, keys.sched, keys.queued],
+            keys=[keys.ready, keys.inflight, keys.wake, keys.fence, keys.sched, keys.queued, keys.drain],
             args=[
                 keys.job_prefix,
                 max_items,
@@ -469,6 +529,7 @@ class QueueProtocol:
                 lower_share_every,
                 NUM_TIERS,
                 batch_ms,
+                f"{ms_per_job:.4f}" if ms_per_job > 0 else 0,
             ],
         )
         token, now_ms, flat_jobs, flat_expired = raw
@@ -531,7 +592,7 @@ def ack_command(keys: ModelKeys, token: int, job_ids: list[str]) -> tuple[Any, .
 
 
 def _ack_keys_args(keys: ModelKeys, token: int, job_ids: list[str]) -> tuple[list[Any], list[Any]]:
-    return [keys.inflight, keys.ready, keys.sched], [keys.job_prefix, token, *job_ids]
+    return [keys.inflight, keys.ready, keys.sched, keys.drain], [keys.job_prefix, token, *job_ids]
 
 
 def _text(value: bytes | str) -> str:

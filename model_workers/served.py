@@ -41,6 +41,7 @@ class Served:
     weights_bytes: int = 0
     idle: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))  # clear while a batch is in hand
     compute_ms_avg: float = 0.0  # moving average of a batch's ONNX Runtime time
+    ms_per_job_avg: float = 0.0  # moving average of the worker's own time per job (claim to replies)
 
     def batch_ms(self) -> int:
         """How long a batch of this model is expected to take: claims skip jobs due sooner."""
@@ -48,6 +49,15 @@ class Served:
 
     def observe_compute(self, compute_ms: float) -> None:
         self.compute_ms_avg += COMPUTE_AVERAGE_WEIGHT * (compute_ms - self.compute_ms_avg)
+
+    def observe_batch(self, busy_ms: float, jobs: int) -> None:
+        """A batch took the worker ``busy_ms`` (waiting to fill it excluded) for
+        ``jobs`` requests: the queue's estimate of how fast this worker drains it."""
+        per_job = busy_ms / jobs
+        if self.ms_per_job_avg == 0.0:
+            self.ms_per_job_avg = per_job
+        else:
+            self.ms_per_job_avg += COMPUTE_AVERAGE_WEIGHT * (per_job - self.ms_per_job_avg)
 
 
 def _set(event: asyncio.Event) -> asyncio.Event:

@@ -162,6 +162,7 @@ class Worker(Placement, Health, Leases):
             signature=signature,
             lower_share_every=lower_share_every,
             batch_ms=served.batch_ms(),
+            ms_per_job=served.ms_per_job_avg,
         )
         self._answer_expired(served, claim)
         return decode(claim)
@@ -170,15 +171,20 @@ class Worker(Placement, Health, Leases):
         info = served.model.info
         max_items = info.max_batch_size or 1
         share = self.settings.lower_tier_share
+        started_s = time.perf_counter()
         jobs = await self._claim(served, max_items, lower_share_every=round(1 / share) if share > 0 else 0)
         if not jobs:
             return
+        filling_s = 0.0
         if len(jobs) > 1 and sum(j.batch_size for j in jobs) < max_items and info.max_queue_delay_us > 0:
+            filling_s = time.perf_counter()
             await self._fill(served, jobs, max_items)
+            filling_s = time.perf_counter() - filling_s
         if self._stopping.is_set():
             await self._release(served, jobs)
             return
         await self._run(served, jobs)
+        served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, len(jobs))
 
     async def _fill(self, served: Served, jobs: list[Job], max_items: int) -> None:
         """Top a partial batch up with same-shaped jobs until the oldest has waited the max queue delay."""

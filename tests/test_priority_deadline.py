@@ -188,3 +188,31 @@ async def test_request_expiring_while_its_batch_fills_is_not_computed(
     assert output_arrays(response)["logits"].shape == (1, 10)
     assert (stats.expired, stats.items, stats.batches) == (1, 1, 1)
     assert await queue_leftovers(redis) == []
+
+
+async def test_a_request_the_queue_cannot_serve_in_time_is_refused_at_once(
+    mesh: Mesh, stub: pb_grpc.GRPCInferenceServiceStub, redis: Redis
+) -> None:
+    keys = ModelKeys.for_model("adder_fixed", 1)
+    worker = mesh.workers[0]
+    await hold_serving(worker)
+    calls = []
+    try:
+        seconds, micros = await redis.time()
+        await redis.delete(keys.drain)
+        await redis.hset(keys.drain, "slow", f"1000 {seconds * 1000 + micros // 1000}")  # one job a second
+        for index in range(2):
+            calls.append(asyncio.ensure_future(stub.ModelInfer(adder_request(index, None), timeout=RPC_TIMEOUT_S)))
+            await wait_queued(redis, "adder_fixed", index + 1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ModelInfer(adder_request(7, None), timeout=1.5)  # 3 s of work would be ahead of it
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "cannot answer within the deadline" in (refused.value.details() or "")
+        trailers = dict(refused.value.trailing_metadata() or ())
+        assert int(trailers["retry-after-ms"]) > 0
+        assert await redis.zcard(keys.ready) == 2  # the refused call left nothing queued
+    finally:
+        await redis.delete(keys.drain)
+        release_serving(worker)
+    answers = await asyncio.gather(*calls)  # the two admitted before it are served
+    assert [output_arrays(a)["sum"].tolist() for a in answers] == [[[0] * 4], [[1] * 4]]

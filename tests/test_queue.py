@@ -33,7 +33,7 @@ async def put(
     signature: str = "4",
     max_queue_size: int = 0,
 ) -> int:
-    return await queue.enqueue(
+    enqueued = await queue.enqueue(
         KEYS,
         job_id,
         tier=tier,
@@ -44,6 +44,7 @@ async def put(
         signature=signature,
         max_queue_size=max_queue_size,
     )
+    return enqueued.code
 
 
 async def test_keys_share_the_model_hash_tag(queue: QueueProtocol, redis: Redis) -> None:
@@ -186,7 +187,7 @@ async def test_withdraw_removes_only_jobs_no_worker_holds(queue: QueueProtocol, 
 async def put_for(
     queue: QueueProtocol, job_id: str, tenant: str, *, weight: float = 1.0, tier: int = 1, max_queued: int = 0
 ) -> int:
-    return await queue.enqueue(
+    enqueued = await queue.enqueue(
         KEYS,
         job_id,
         tier=tier,
@@ -199,6 +200,7 @@ async def put_for(
         weight=weight,
         tenant_max_queued=max_queued,
     )
+    return enqueued.code
 
 
 async def claim_one(queue: QueueProtocol, every: int = 0) -> str:
@@ -275,3 +277,63 @@ async def test_a_fast_batch_takes_a_job_close_to_its_deadline(queue: QueueProtoc
     batch = await queue.claim(KEYS, max_items=8, lease_ms=60_000, worker_id="w", batch_ms=5)
     assert [job_id for job_id, _ in batch.jobs] == ["soon"]
     assert batch.expired == []
+
+
+# ------------------------------------------------------------ shedding by deadline
+
+
+async def redis_now_ms(redis: Redis) -> int:
+    seconds, micros = await redis.time()
+    return seconds * 1000 + micros // 1000
+
+
+async def record_drain(queue: QueueProtocol, ms_per_job: float, worker_id: str = "w") -> None:
+    """A claim by a worker that takes ``ms_per_job`` per job (it takes a seed job)."""
+    await put(queue, f"seed-{worker_id}")
+    await queue.claim(KEYS, max_items=1, lease_ms=60_000, worker_id=worker_id, ms_per_job=ms_per_job)
+
+
+async def test_a_request_that_would_wait_past_its_deadline_is_refused_at_once(
+    queue: QueueProtocol, redis: Redis
+) -> None:
+    await record_drain(queue, ms_per_job=100)  # 10 jobs/s
+    deadline_ms = await redis_now_ms(redis) + 250
+    assert await put(queue, "first", deadline_ms=deadline_ms) == 1  # nothing ahead: always tried
+    assert await put(queue, "second", deadline_ms=deadline_ms) == 1  # 1 ahead: about 200 ms
+    third = await queue.enqueue(
+        KEYS, "third", tier=1, payload=b"x", deadline_ms=deadline_ms, tenant="t", reply_to="r",
+        signature="4", max_queue_size=0,
+    )  # fmt: skip
+    assert (third.code, third.wait_ms) == (-3, 300)  # 2 ahead, then itself, at 100 ms each
+    assert not await redis.exists(KEYS.job("third"))  # refused before anything was written
+    assert await redis.zcard(KEYS.ready) == 2
+    # A second worker on the model doubles the drain rate: the same request fits now.
+    await record_drain(queue, ms_per_job=100, worker_id="w2")
+    assert await put(queue, "third", deadline_ms=deadline_ms) == 1
+
+
+async def test_a_flooding_tenant_is_shed_while_its_neighbour_is_admitted(queue: QueueProtocol, redis: Redis) -> None:
+    await record_drain(queue, ms_per_job=10)  # 100 jobs/s
+    for i in range(50):  # half a second of the flood's own backlog
+        await put_for(queue, f"flood-{i}", "flood")
+    soon_ms = await redis_now_ms(redis) + 200
+
+    async def offer(job_id: str, tenant: str) -> int:
+        enqueued = await queue.enqueue(
+            KEYS, job_id, tier=1, payload=b"x", deadline_ms=soon_ms, tenant=tenant, reply_to="r", signature="4",
+            max_queue_size=0,
+        )  # fmt: skip
+        return enqueued.code
+
+    assert await offer("flood-late", "flood") == -3  # behind its own 50 jobs in virtual time
+    assert await offer("steady-1", "steady") == 1  # starts at the tier's clock: little ahead
+
+
+async def test_no_fresh_drain_figure_means_no_shedding(queue: QueueProtocol, redis: Redis) -> None:
+    for i in range(20):
+        await put(queue, f"j{i}")
+    deadline_ms = await redis_now_ms(redis) + 50
+    assert await put(queue, "unknown-rate", deadline_ms=deadline_ms) == 1  # no worker has said how fast
+    stale_ms = await redis_now_ms(redis) - 60_000
+    await redis.hset(KEYS.drain, "gone", f"1000 {stale_ms}")  # a worker that stopped a minute ago
+    assert await put(queue, "stale-rate", deadline_ms=deadline_ms) == 1
