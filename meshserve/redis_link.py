@@ -93,6 +93,7 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.pending: collections.deque[_Pending] = collections.deque()
         self.closed = False
+        self.lost = asyncio.Event()  # set once the transport has closed its socket
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
@@ -114,6 +115,7 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost.set()
         error = ConnectionError(f"connection to Redis lost: {exc}" if exc else "connection to Redis closed")
         while self.pending:
             waiter = self.pending.popleft()
@@ -184,8 +186,17 @@ class RedisLink:
     async def aclose(self) -> None:
         self._closed = True
         protocol, self._protocol = self._protocol, None
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.close()
+        if protocol is None or protocol.transport is None:
+            return
+        protocol.transport.close()
+        # Closed when this returns: over TLS, closing is an exchange with the server
+        # (close_notify) that would otherwise still be under way, or cut off with its
+        # socket left open if the loop stopped first.
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                await protocol.lost.wait()
+        except TimeoutError:
+            protocol.transport.abort()
 
     # ------------------------------------------------------------ plumbing
 
@@ -236,14 +247,21 @@ class RedisLink:
             protocol = self._protocol
             if protocol is not None and not protocol.closed:
                 return protocol  # another caller connected while this one waited
+            opened: _Protocol | None = None
             try:
                 async with asyncio.timeout(self.connect_timeout_s):
-                    protocol = await self._open()
-                    await self._handshake(protocol)
-            except (OSError, TimeoutError) as exc:
-                raise ConnectionError(f"cannot connect to Redis at {self._where()}: {exc!r}") from exc
-            self._protocol = protocol
-            return protocol
+                    opened = await self._open()
+                    await self._handshake(opened)
+                if self._closed:  # aclose() ran while this connected: nobody would close it
+                    raise ConnectionError("link closed")
+            except BaseException as exc:
+                if opened is not None:
+                    opened.abort(ConnectionError("connection abandoned"))
+                if isinstance(exc, OSError | TimeoutError):
+                    raise ConnectionError(f"cannot connect to Redis at {self._where()}: {exc!r}") from exc
+                raise
+            self._protocol = opened
+            return opened
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -290,16 +308,20 @@ def _pack(command: Command) -> bytes:
 
 
 def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
-    """TLS as redis-py reads a rediss:// URL: ssl_ca_certs, ssl_certfile,
-    ssl_keyfile and ssl_cert_reqs (none | optional | required) from the query."""
-    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    """TLS as redis-py reads a rediss:// URL: ssl_ca_certs, ssl_ca_path, ssl_certfile,
+    ssl_keyfile, ssl_password, ssl_cert_reqs (none | optional | required) and
+    ssl_check_hostname from the query. Hostnames are checked unless
+    ssl_check_hostname=false or ssl_cert_reqs=none, as redis-py does: the router's
+    client and the request path's links must take the same URL the same way."""
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"), capath=options.get("ssl_ca_path"))
     if options.get("ssl_certfile"):
-        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"), options.get("ssl_password"))
+    if options.get("ssl_check_hostname") is False:  # parse_url makes "false", "no", "0" False
+        context.check_hostname = False
     requirement = str(options.get("ssl_cert_reqs") or "required").lower()
     if requirement == "none":
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     elif requirement == "optional":
-        context.check_hostname = False
         context.verify_mode = ssl.CERT_OPTIONAL
     return context

@@ -38,6 +38,7 @@ ALONE = nn.PhaseFigures(
     flood_codes={},
     error_details={},
     client_cpu_s=0.5,
+    flood_client_cpu_s=0.0,
     machine_busy_s=8.0,
 )
 FLOODED = replace(
@@ -45,7 +46,8 @@ FLOODED = replace(
     name=nn.FLOODED,
     steady_p99_ms=5.0,
     flood_codes={"OK": 400, "RESOURCE_EXHAUSTED": 3600},
-    client_cpu_s=3.0,
+    client_cpu_s=0.6,
+    flood_client_cpu_s=2.4,
     machine_busy_s=19.0,
 )
 
@@ -99,7 +101,7 @@ def test_report_lines_with_given_figures() -> None:
         "tenant A (limit 40/s, sending 400/s): accepted 400 (40.0/s), rejected 3600 (RESOURCE_EXHAUSTED),"
         " other UNAVAILABLE 2"
     )
-    assert lines[3].startswith("cores: alone client cpu 0.05, machine busy 0.80, B send lag p99 0.50 ms")
+    assert lines[3].startswith("cores: alone client cpu B 0.05 A 0.00, machine busy 0.80, B send lag p99 0.50 ms")
     assert lines[4] == "under flood: first UNAVAILABLE: model 'cnn' version 1 is not ready"
     assert lines[5] == "target met"
 

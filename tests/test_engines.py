@@ -53,7 +53,7 @@ def test_a_cpu_device_gets_only_the_cpu_provider(model_repository: Path) -> None
 
 
 def test_a_gpu_gets_tensorrt_then_cuda_then_cpu_with_a_batch_profile(model_repository: Path) -> None:
-    cnn = load_model(model_repository / "cnn", 1)  # max_batch_size 32, no preferred sizes
+    cnn = load_model(model_repository / "cnn", 1)  # max_batch_size 8 (its config.yaml), no preferred sizes
     cache = str(Path.home() / ".cache" / "meshserve" / "trt" / "cnn" / "1")
     assert provider_chain(cnn.execution, "cuda:0", ALL, cnn, warned=set()) == [
         (
@@ -67,8 +67,8 @@ def test_a_gpu_gets_tensorrt_then_cuda_then_cpu_with_a_batch_profile(model_repos
                 "trt_timing_cache_enable": "True",
                 "trt_timing_cache_path": cache,
                 "trt_profile_min_shapes": "image:1x3x32x32",
-                "trt_profile_opt_shapes": "image:32x3x32x32",
-                "trt_profile_max_shapes": "image:32x3x32x32",
+                "trt_profile_opt_shapes": "image:8x3x32x32",
+                "trt_profile_max_shapes": "image:8x3x32x32",
             },
         ),
         (CUDA, _cuda_defaults()),

@@ -92,7 +92,7 @@ class Model:
 
 MODELS: dict[str, Model] = {
     "mlp": Model({"features": ("FP32", (-1, 64))}, ("logits", "probabilities"), 32),
-    "cnn": Model({"image": ("FP32", (-1, 3, 32, 32))}, ("logits",), 32),
+    "cnn": Model({"image": ("FP32", (-1, 3, 32, 32))}, ("logits",), 8),
     "adder_fixed": Model({"a": ("INT64", (1, 4)), "b": ("INT64", (1, 4))}, ("sum", "diff"), 0),
     "scale_any": Model({"image": ("FP32", (-1, 1, -1, -1))}, ("scaled",), 32),
 }

@@ -63,18 +63,24 @@ async def test_a_reply_later_than_the_timeout_fails_the_call_not_the_link(redis_
 
 
 async def test_cancelling_a_blocking_call_frees_the_link(redis_url: str, redis: Redis) -> None:
-    link = RedisLink(redis_url, command_timeout_s=None)
+    link = RedisLink(redis_url, command_timeout_s=None, name="cancel-me")
+
+    async def blocked_here() -> list[bool]:
+        return [c["cmd"] == "blpop" for c in await redis.client_list() if c["name"] == "cancel-me"]
+
     try:
         waiting = asyncio.ensure_future(link.execute("BLPOP", "wake", 0))
-        async with asyncio.timeout(10):  # until the server holds it (nothing to await but its state)
-            while not any(client["cmd"] == "blpop" for client in await redis.client_list(_type="normal")):  # noqa: ASYNC110
+        async with asyncio.timeout(10):  # polls the server's client list: nothing else to await
+            while await blocked_here() != [True]:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
+        async with asyncio.timeout(10):  # the server drops the blocked connection: the link closed it
+            while await blocked_here():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         await redis.rpush("wake", "token")
-        # a new connection: the cancelled BLPOP cannot take the token
-        assert await link.execute("BLPOP", "wake", 1) == [b"wake", b"token"]
+        assert await link.execute("BLPOP", "wake", 1) == [b"wake", b"token"]  # on a new connection
     finally:
         await link.aclose()
 
