@@ -191,6 +191,35 @@ def _profile_name(slice_count: int, memory_mib: int, profiles: list[tuple[int, i
     return f"{slice_count}g.{math.ceil(memory_mib / 1024)}gb"
 
 
+def visible_devices(devices: list[Device], visible: str | None) -> list[Device]:
+    """The devices left to this host's workers by a CUDA_VISIBLE_DEVICES set before
+    ``meshserve up`` started (by the operator, a scheduler or a device plugin).
+
+    ``None`` (unset) leaves every device. Otherwise the value is read as CUDA reads
+    it: a comma-separated list of GPU indices (NVML's, in PCI bus order, as
+    ``meshserve devices`` prints them), ``GPU-`` UUIDs of whole GPUs or ``MIG-``
+    UUIDs of slices, each possibly a unique prefix; an index of a GPU in MIG mode
+    stands for its slices; everything from the first entry that names nothing is
+    ignored, as CUDA does, and an empty value hides every GPU. The CPU is always kept.
+    """
+    if visible is None:
+        return devices
+    gpus = [d for d in devices if d.kind != "cpu"]
+    chosen: list[Device] = []
+    for entry in (part.strip() for part in visible.split(",")):
+        if entry.isdigit():
+            picked = [d for d in gpus if d.index == int(entry)]
+        elif entry.startswith(("GPU-", "MIG-")):
+            picked = [d for d in gpus if d.uuid.startswith(entry)]
+            picked = picked if len(picked) == 1 else []  # a prefix must be unique
+        else:
+            picked = []
+        if not picked:
+            break
+        chosen += [d for d in picked if d not in chosen]
+    return [*chosen, *(d for d in devices if d.kind == "cpu")]
+
+
 def pin_device(device_id: str, environ: MutableMapping[str, str]) -> None:
     """Make ``device_id`` the only GPU CUDA will see, unless the caller already chose.
 

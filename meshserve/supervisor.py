@@ -40,7 +40,7 @@ from types import FrameType
 
 import grpc
 
-from meshserve.inventory import Device, cpu_device, discover, inventory_table
+from meshserve.inventory import Device, cpu_device, discover, inventory_table, visible_devices
 from meshserve.redis_server import RedisServer, binary_from_env, free_port
 from meshserve.tls import TlsConfig, sync_channel
 
@@ -151,6 +151,14 @@ def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
 
     router_address = f"127.0.0.1:{free_port()}"
     devices = discover() if args.gpu_workers == "auto" else [cpu_device()]
+    preset = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if preset is not None and len(devices) > 1:
+        devices = visible_devices(devices, preset)
+        log.info(
+            "CUDA_VISIBLE_DEVICES=%r was set before up: GPU workers on %s only",
+            preset,
+            ", ".join(d.id for d in devices if d.kind != "cpu") or "no GPU",
+        )
     log.info("devices (--gpu-workers %s):\n%s", args.gpu_workers, inventory_table(devices))
     specs = plan_children(
         args,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from meshserve.cli import build_parser, main
-from meshserve.inventory import Device, discover, inventory_table, pin_device
+from meshserve.inventory import Device, discover, inventory_table, pin_device, visible_devices
 from meshserve.supervisor import ChildSpec, plan_children
 
 GIB = 2**30
@@ -321,3 +321,21 @@ def test_devices_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("ID")
     assert lines[-1].startswith("cpu ")
+
+
+@pytest.mark.parametrize(
+    ("preset", "ids"),
+    [
+        (None, ["MIG-3g-aaaa", "MIG-2g-bbbb", "MIG-1g-cccc", "MIG-1g-dddd", "cuda:1"]),  # unset: all
+        ("1", ["cuda:1"]),
+        ("0", ["MIG-3g-aaaa", "MIG-2g-bbbb", "MIG-1g-cccc", "MIG-1g-dddd"]),  # a MIG GPU's index: its slices
+        ("MIG-2g-bbbb,GPU-1111", ["MIG-2g-bbbb", "cuda:1"]),
+        ("MIG-1g-c", ["MIG-1g-cccc"]),  # a unique prefix, as CUDA takes it
+        ("MIG-1g", []),  # an ambiguous prefix names nothing
+        ("1,7,0", ["cuda:1"]),  # CUDA ignores everything from the first entry it cannot use
+        ("", []),  # no GPU at all
+    ],
+)
+def test_a_preset_cuda_visible_devices_limits_the_gpu_workers(preset: str | None, ids: list[str]) -> None:
+    kept = visible_devices(discover(FakeNvml()), preset)
+    assert [d.id for d in kept] == [*ids, "cpu"]  # the CPU stays in every case
