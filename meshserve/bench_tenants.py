@@ -209,39 +209,38 @@ def _warm_flooder() -> None:
     from protos import grpc_service_pb2_grpc  # noqa: F401
 
 
-def _flood_process(
-    target: str,
-    request: bytes,
-    metadata: tuple[tuple[str, str], ...],
-    rate_per_s: float,
-    channels: int,
-    window: _Window,
-) -> _FloodFigures:
-    """A's client, in its own process: open loop at ``rate_per_s`` round-robin over
-    ``channels`` connections until ``window`` ends (``perf_counter_ns`` is the
-    system's monotonic clock, shared by both processes)."""
-    return asyncio.run(_flood(target, request, metadata, rate_per_s, channels, window))
+@dataclass(frozen=True, slots=True)
+class _FloodPlan:
+    """What A's process is to send: picklable, for the spawned process."""
+
+    target: str
+    request: bytes  # a serialized ModelInferRequest
+    metadata: tuple[tuple[str, str], ...]
+    rate_per_s: float
+    channels: int
+    window: _Window
 
 
-async def _flood(
-    target: str,
-    request: bytes,
-    metadata: tuple[tuple[str, str], ...],
-    rate_per_s: float,
-    channels: int,
-    window: _Window,
-) -> _FloodFigures:
+def _flood_process(plan: _FloodPlan) -> _FloodFigures:
+    """A's client, in its own process: open loop at ``plan.rate_per_s`` round-robin
+    over ``plan.channels`` connections until the window ends (``perf_counter_ns`` is
+    the system's monotonic clock, shared by both processes)."""
+    return asyncio.run(_flood(plan))
+
+
+async def _flood(plan: _FloodPlan) -> _FloodFigures:
     from protos import grpc_service_pb2 as pb
     from protos import grpc_service_pb2_grpc as pb_grpc
 
-    message = pb.ModelInferRequest.FromString(request)
-    opened = [grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) for _ in range(channels)]
+    message = pb.ModelInferRequest.FromString(plan.request)
+    window = plan.window
+    opened = [grpc.aio.insecure_channel(plan.target, options=_CHANNEL_OPTIONS) for _ in range(plan.channels)]
     codes, details = Counter[str](), dict[str, str]()
     try:
         infers = itertools.cycle([pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer for channel in opened])
 
         async def flood_call() -> None:
-            code, text = await _call(next(infers), message, metadata)
+            code, text = await _call(next(infers), message, plan.metadata)
             if window.start_ns <= time.perf_counter_ns() <= window.end_ns:
                 codes[code] += 1
                 if code not in (OK, RESOURCE_EXHAUSTED):
@@ -249,7 +248,7 @@ async def _flood(
 
         async with asyncio.timeout((window.end_ns - time.perf_counter_ns()) / 1e9 + REQUEST_TIMEOUT_S):
             async with asyncio.TaskGroup() as group:
-                group.create_task(_open_loop(group, flood_call, rate_per_s, window))
+                group.create_task(_open_loop(group, flood_call, plan.rate_per_s, window))
                 cpu_s, _ = await _usage_during(window)
     finally:
         await asyncio.gather(*(channel.close() for channel in opened))
@@ -273,9 +272,7 @@ async def _phase(clients: _Clients, config: ScenarioConfig, name: str, flood_rat
 
     flood: asyncio.Future[_FloodFigures] | None = None
     if flood_rate_per_s > 0:
-        flood = asyncio.get_running_loop().run_in_executor(
-            clients.flooder,
-            _flood_process,
+        plan = _FloodPlan(
             clients.target,
             clients.request.SerializeToString(),
             clients.flood_metadata,
@@ -283,6 +280,7 @@ async def _phase(clients: _Clients, config: ScenarioConfig, name: str, flood_rat
             clients.flood_channels,
             window,
         )
+        flood = asyncio.get_running_loop().run_in_executor(clients.flooder, _flood_process, plan)
     async with asyncio.timeout(config.warmup_s + config.duration_s + REQUEST_TIMEOUT_S + CONNECT_TIMEOUT_S):
         async with asyncio.TaskGroup() as group:
             sender = group.create_task(_open_loop(group, steady_call, config.steady_rate_per_s, window))

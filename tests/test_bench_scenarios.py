@@ -246,3 +246,24 @@ async def test_open_and_closed_loop_against_the_mesh(mesh: Any, model_repository
         assert point.overall.errors == {}
         assert point.overall.ok == sum(figures.ok for figures in point.by_model.values()) > 0
     assert opened.sent > 0
+
+
+async def test_the_noisy_tenants_flood_runs_in_a_spawned_process(mesh: Any, model_repository: Path) -> None:
+    import asyncio
+    import concurrent.futures
+    import multiprocessing
+
+    from meshserve import bench_tenants
+
+    request = build_request(_find_model(model_repository, "mlp"))
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as flooder:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(flooder, bench_tenants._warm_flooder)
+        window = bench_scenarios.window_after(0.1, 1.0)
+        plan = bench_tenants._FloodPlan(mesh.address, request.SerializeToString(), (), 40.0, 2, window)
+        figures = await loop.run_in_executor(flooder, bench_tenants._flood_process, plan)
+    assert set(figures.codes) == {"OK"}  # the open development tenant: nothing refused
+    assert figures.codes["OK"] > 0
+    assert figures.details == {}
+    assert figures.cpu_s > 0  # the child's own CPU, not this process's
