@@ -515,27 +515,18 @@ class QueueProtocol:
         deadline comes sooner is expired instead of taken. ``ms_per_job`` is the
         worker's recent time per job of this model, recorded for enqueue's shedding.
         """
-        scan = scan_limit or max(4 * max_items, 16)
-        raw: list[Any] = await self.redis.script(
-            CLAIM,
-            keys=[keys.ready, keys.inflight, keys.wake, keys.fence, keys.sched, keys.queued, keys.drain],
-            args=[
-                keys.job_prefix,
-                max_items,
-                lease_ms,
-                worker_id,
-                scan,
-                signature,
-                lower_share_every,
-                NUM_TIERS,
-                batch_ms,
-                f"{ms_per_job:.4f}" if ms_per_job > 0 else 0,
-            ],
+        keys_args = claim_keys_args(
+            keys,
+            max_items=max_items,
+            lease_ms=lease_ms,
+            worker_id=worker_id,
+            signature=signature,
+            scan_limit=scan_limit,
+            lower_share_every=lower_share_every,
+            batch_ms=batch_ms,
+            ms_per_job=ms_per_job,
         )
-        token, now_ms, flat_jobs, flat_expired = raw
-        jobs = [(_text(flat_jobs[i]), bytes(flat_jobs[i + 1])) for i in range(0, len(flat_jobs), 2)]
-        expired = [(_text(flat_expired[i]), _text(flat_expired[i + 1])) for i in range(0, len(flat_expired), 2)]
-        return ClaimedBatch(int(token), int(now_ms), jobs, expired)
+        return parse_claim(await self.redis.script(CLAIM, *keys_args))
 
     async def ack(self, keys: ModelKeys, token: int, job_ids: list[str]) -> int:
         """Remove finished jobs of the lease ``token``; returns how many were still held."""
@@ -582,6 +573,45 @@ class QueueProtocol:
         )
         dead = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
         return Reaped(int(requeued), dead)
+
+
+def claim_keys_args(
+    keys: ModelKeys,
+    *,
+    max_items: int,
+    lease_ms: int,
+    worker_id: str,
+    signature: str = "",
+    scan_limit: int | None = None,
+    lower_share_every: int = 0,
+    batch_ms: int = 0,
+    ms_per_job: float = 0.0,
+) -> tuple[list[Any], list[Any]]:
+    """CLAIM's keys and arguments (see :meth:`QueueProtocol.claim`); ``CLAIM.call(*...)``
+    makes the command to pipeline after a blocking pop, :func:`parse_claim` reads its reply."""
+    scan = scan_limit or max(4 * max_items, 16)
+    return (
+        [keys.ready, keys.inflight, keys.wake, keys.fence, keys.sched, keys.queued, keys.drain],
+        [
+            keys.job_prefix,
+            max_items,
+            lease_ms,
+            worker_id,
+            scan,
+            signature,
+            lower_share_every,
+            NUM_TIERS,
+            batch_ms,
+            f"{ms_per_job:.4f}" if ms_per_job > 0 else 0,
+        ],
+    )
+
+
+def parse_claim(raw: list[Any]) -> ClaimedBatch:
+    token, now_ms, flat_jobs, flat_expired = raw
+    jobs = [(_text(flat_jobs[i]), bytes(flat_jobs[i + 1])) for i in range(0, len(flat_jobs), 2)]
+    expired = [(_text(flat_expired[i]), _text(flat_expired[i + 1])) for i in range(0, len(flat_expired), 2)]
+    return ClaimedBatch(int(token), int(now_ms), jobs, expired)
 
 
 def ack_command(keys: ModelKeys, token: int, job_ids: list[str]) -> tuple[Any, ...]:

@@ -71,6 +71,7 @@ class WorkerState:
         self._reports_sent = 0
         self._applied_report = 0  # the report whose answer was applied last
         self._rescan = False  # a model was added: look at every queue before waiting
+        self._last_woken: Served | None = None  # the model of the last wake-up: claimed for right after the next
         self.report_interval_s = REPORT_INTERVAL_S
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()

@@ -32,6 +32,7 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 from redis.exceptions import RedisError
 
+from meshserve.queue import CLAIM, claim_keys_args, parse_claim
 from meshserve.repository import ModelInfo
 from meshserve.telemetry import extract
 from model_workers.batches import Job, decode, error_reply, shape_signature, split, stack
@@ -97,11 +98,20 @@ class Worker(Placement, Health, Leases):
                 self._rescan = False
                 targets = list(self._by_wake.values())
                 continue
-            wake_keys = [*self._by_wake, self._wake_self]
-            self._blocked = asyncio.ensure_future(self.blocking.execute("BLPOP", *wake_keys, WAKE_SAFETY_TIMEOUT_S))
+            # The claim rides behind the blocking pop: Redis runs it the moment the pop
+            # returns, so a wake-up and its claim cost one round trip, not two.
+            ahead = self._claim_ahead()
+            commands: list[tuple[Any, ...]] = [("BLPOP", *self._by_wake, self._wake_self, WAKE_SAFETY_TIMEOUT_S)]
+            if ahead is not None:
+                commands.append(CLAIM.call(*self._claim_keys_args(ahead)))
+            self._blocked = asyncio.ensure_future(self.blocking.pipeline(commands))
             self.idle.set()
+            replies: list[Any] = []
             try:
-                popped = await self._blocked
+                replies = await self._blocked
+                if isinstance(replies[0], RedisError):
+                    raise replies[0]
+                popped = replies[0]
                 backoff_s = 0.1
             except asyncio.CancelledError:
                 if self._stopping.is_set():
@@ -116,6 +126,39 @@ class Worker(Placement, Health, Leases):
                 self._blocked = None
                 self.idle.clear()
             targets = await self._woken(popped)
+            if ahead is not None and len(replies) > 1:
+                targets = await self._run_claimed_ahead(ahead, replies[1], targets)
+
+    def _claim_ahead(self) -> Served | None:
+        """The model to claim for right after the next wake-up: the only one held, or
+        the one woken last (a wrong guess costs one empty claim inside Redis)."""
+        if len(self._by_wake) == 1:
+            return next(iter(self._by_wake.values()))
+        last = self._last_woken
+        return last if last is not None and self._claims(last) else None
+
+    async def _run_claimed_ahead(self, served: Served, reply: Any, targets: list[Served]) -> list[Served]:
+        """Run what the claim behind the wake-up took; the models still to look at."""
+        if isinstance(reply, RedisError):  # e.g. NOSCRIPT after a Redis restart: the plain claim loads it
+            log.debug("claim after wake-up for %s failed: %s", served.keys.ready, reply)
+            return targets
+        claim = parse_claim(reply)
+        self._answer_expired(served, claim)
+        jobs = decode(claim)
+        if not self._claims(served):  # dropped while we waited: give them back at once
+            await self._release(served, jobs)
+            return targets
+        if jobs:
+            served.idle.clear()
+            try:
+                await self._take_and_run(served, jobs)
+            except RedisError as exc:
+                log.warning("redis error while running work for %s: %s", served.keys.ready, exc)
+            finally:
+                served.idle.set()
+        # Its queue was looked at after the wake-up; if work remains, the claim left a
+        # wake token, so the next wait returns at once.
+        return [t for t in targets if t is not served]
 
     async def _take_from(self, targets: list[Served]) -> None:
         for served in targets:
@@ -137,6 +180,7 @@ class Worker(Placement, Health, Leases):
             self._rescan = False
             return list(self._by_wake.values())
         if (served := self._by_wake.get(key)) is not None:
+            self._last_woken = served
             return [served]
         # A token of a model dropped while we waited: give it back to its other workers.
         try:
@@ -150,29 +194,36 @@ class Worker(Placement, Health, Leases):
             )
         return []
 
-    async def _claim(
-        self, served: Served, max_items: int, *, signature: str = "", lower_share_every: int = 0
-    ) -> list[Job]:
-        """Lease up to ``max_items`` of the model's jobs; answer those the claim expired."""
-        claim = await self.queue.claim(
+    def _claim_keys_args(
+        self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True
+    ) -> tuple[list[Any], list[Any]]:
+        """CLAIM's keys and arguments for this worker; ``first``: a batch's first claim,
+        which takes the lower tiers' turn (a fill's top-up claims do not)."""
+        share = self.settings.lower_tier_share
+        return claim_keys_args(
             served.keys,
-            max_items=max_items,
+            max_items=max_items or served.model.info.max_batch_size or 1,
             lease_ms=self.settings.lease_ms,
             worker_id=self.worker_id,
             signature=signature,
-            lower_share_every=lower_share_every,
+            lower_share_every=round(1 / share) if first and share > 0 else 0,
             batch_ms=served.batch_ms(),
             ms_per_job=served.ms_per_job_avg,
         )
+
+    async def _claim(self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True) -> list[Job]:
+        """Lease up to ``max_items`` of the model's jobs; answer those the claim expired."""
+        keys, args = self._claim_keys_args(served, max_items, signature=signature, first=first)
+        claim = parse_claim(await self.redis.script(CLAIM, keys, args))
         self._answer_expired(served, claim)
         return decode(claim)
 
-    async def _take_and_run(self, served: Served) -> None:
+    async def _take_and_run(self, served: Served, claimed: list[Job] | None = None) -> None:
+        """Claim a batch (unless ``claimed`` holds one already), fill it, run it."""
         info = served.model.info
         max_items = info.max_batch_size or 1
-        share = self.settings.lower_tier_share
         started_s = time.perf_counter()
-        jobs = await self._claim(served, max_items, lower_share_every=round(1 / share) if share > 0 else 0)
+        jobs = claimed if claimed is not None else await self._claim(served)
         if not jobs:
             return
         filling_s = 0.0
@@ -196,7 +247,7 @@ class Worker(Placement, Health, Leases):
             if remaining_s <= 0:
                 return
             await self.blocking.execute("BLPOP", served.keys.wake, max(remaining_s, 0.001))
-            more = await self._claim(served, room, signature=signature)
+            more = await self._claim(served, room, signature=signature, first=False)
             if more:
                 jobs.extend(more)
                 continue
@@ -205,7 +256,7 @@ class Worker(Placement, Health, Leases):
             # once, then take what arrived.
             await asyncio.sleep(max(0.0, fill_until_s - time.time()))
             room = max_items - sum(j.batch_size for j in jobs)
-            jobs.extend(await self._claim(served, room, signature=signature))
+            jobs.extend(await self._claim(served, room, signature=signature, first=False))
             return
 
     async def _run(self, served: Served, jobs: list[Job]) -> None:
