@@ -206,3 +206,32 @@ async def test_partial_batch_takes_requests_that_arrive_within_the_queue_delay(
 
     assert output_arrays(late)["logits"].shape == (1, 10)
     assert (counters.batches, counters.requests, counters.items, counters.largest_batch) == (1, 3, 3, 3)
+
+
+async def test_a_wake_up_and_its_claim_are_one_round_trip(redis: Redis, redis_url: str, tmp_path: Path) -> None:
+    """The claim travels behind the worker's blocking pop: answering a lone request
+    takes no separate claim, only when the worker guessed the model (its only one)."""
+    mesh = await start_mesh(redis_url, write_example_repository(tmp_path, ["mlp"]))
+    try:
+        worker = mesh.workers[0].worker
+        separate_claims = 0
+        plain_claim = worker._claim
+
+        async def counted_claim(*args: object, **kwargs: object) -> object:
+            nonlocal separate_claims
+            separate_claims += 1
+            return await plain_claim(*args, **kwargs)  # type: ignore[arg-type]
+
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            for value in range(7):
+                if value == 2:  # past the start-up's own wake-ups (the model's assignment)
+                    worker._claim = counted_claim  # type: ignore[method-assign]
+                await worker.idle.wait()  # blocked in its pop: the next request wakes it
+                features = np.full((1, 64), value, np.float32)
+                response = await stub.ModelInfer(infer_request("mlp", {"features": features}), timeout=RPC_TIMEOUT_S)
+                assert output_arrays(response)["probabilities"].shape == (1, 10)
+        assert separate_claims == 0
+        assert stats(mesh, "mlp").requests == 7
+    finally:
+        await stop_mesh(mesh)
