@@ -52,7 +52,7 @@ milliseconds set by the gateway (hosts are assumed NTP-synchronised).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 from meshserve.redis_link import RedisLink, Script
 
@@ -415,6 +415,24 @@ class ClaimedBatch:
     expired: list[tuple[str, str]]
 
 
+class ClaimOptions(TypedDict, total=False):
+    """A claim's options. With ``lower_share_every`` N > 0, every Nth claim of the
+    model serves a lower tier that has work (the lower tiers take turns), so none
+    starves. ``batch_ms`` is how long the batch is expected to take: a job whose
+    deadline comes sooner is expired instead of taken. ``ms_per_job`` is the
+    worker's recent time per job of this model, recorded for enqueue's shedding.
+    ``scan_limit`` is how far past the head to look for same-shaped jobs."""
+
+    max_items: Required[int]
+    lease_ms: Required[int]
+    worker_id: Required[str]
+    signature: str  # '' = the head's shape
+    scan_limit: int
+    lower_share_every: int
+    batch_ms: int
+    ms_per_job: float
+
+
 @dataclass(frozen=True, slots=True)
 class Enqueued:
     """ENQUEUE's answer. ``code``: 1 enqueued, 0 a duplicate id (an idempotent
@@ -494,39 +512,10 @@ class QueueProtocol:
         )
         return Enqueued(int(code), int(wait_ms))
 
-    async def claim(
-        self,
-        keys: ModelKeys,
-        *,
-        max_items: int,
-        lease_ms: int,
-        worker_id: str,
-        signature: str = "",
-        scan_limit: int | None = None,
-        lower_share_every: int = 0,
-        batch_ms: int = 0,
-        ms_per_job: float = 0.0,
-    ) -> ClaimedBatch:
-        """Lease up to ``max_items`` same-shaped jobs from the head of the queue.
-
-        With ``lower_share_every`` N > 0, every Nth claim of this model serves a
-        lower tier that has work (the lower tiers take turns), so none starves.
-        ``batch_ms`` is how long the batch is expected to take: a job whose
-        deadline comes sooner is expired instead of taken. ``ms_per_job`` is the
-        worker's recent time per job of this model, recorded for enqueue's shedding.
-        """
-        keys_args = claim_keys_args(
-            keys,
-            max_items=max_items,
-            lease_ms=lease_ms,
-            worker_id=worker_id,
-            signature=signature,
-            scan_limit=scan_limit,
-            lower_share_every=lower_share_every,
-            batch_ms=batch_ms,
-            ms_per_job=ms_per_job,
-        )
-        return parse_claim(await self.redis.script(CLAIM, *keys_args))
+    async def claim(self, keys: ModelKeys, **options: Unpack[ClaimOptions]) -> ClaimedBatch:
+        """Lease up to ``max_items`` same-shaped jobs from the head of the queue
+        (the options are :class:`ClaimOptions`)."""
+        return parse_claim(await self.redis.script(CLAIM, *claim_keys_args(keys, **options)))
 
     async def ack(self, keys: ModelKeys, token: int, job_ids: list[str]) -> int:
         """Remove finished jobs of the lease ``token``; returns how many were still held."""
@@ -575,33 +564,24 @@ class QueueProtocol:
         return Reaped(int(requeued), dead)
 
 
-def claim_keys_args(
-    keys: ModelKeys,
-    *,
-    max_items: int,
-    lease_ms: int,
-    worker_id: str,
-    signature: str = "",
-    scan_limit: int | None = None,
-    lower_share_every: int = 0,
-    batch_ms: int = 0,
-    ms_per_job: float = 0.0,
-) -> tuple[list[Any], list[Any]]:
-    """CLAIM's keys and arguments (see :meth:`QueueProtocol.claim`); ``CLAIM.call(*...)``
-    makes the command to pipeline after a blocking pop, :func:`parse_claim` reads its reply."""
-    scan = scan_limit or max(4 * max_items, 16)
+def claim_keys_args(keys: ModelKeys, **options: Unpack[ClaimOptions]) -> tuple[list[Any], list[Any]]:
+    """CLAIM's keys and arguments; ``CLAIM.call(*...)`` makes the command to pipeline
+    after a blocking pop, :func:`parse_claim` reads its reply."""
+    max_items = options["max_items"]
+    ms_per_job = options.get("ms_per_job", 0.0)
+    scan = options.get("scan_limit") or max(4 * max_items, 16)
     return (
         [keys.ready, keys.inflight, keys.wake, keys.fence, keys.sched, keys.queued, keys.drain],
         [
             keys.job_prefix,
             max_items,
-            lease_ms,
-            worker_id,
+            options["lease_ms"],
+            options["worker_id"],
             scan,
-            signature,
-            lower_share_every,
+            options.get("signature", ""),
+            options.get("lower_share_every", 0),
             NUM_TIERS,
-            batch_ms,
+            options.get("batch_ms", 0),
             f"{ms_per_job:.4f}" if ms_per_job > 0 else 0,
         ],
     )

@@ -32,7 +32,7 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 from redis.exceptions import RedisError
 
-from meshserve.queue import CLAIM, claim_keys_args, parse_claim
+from meshserve.queue import CLAIM, ClaimOptions, claim_keys_args, parse_claim
 from meshserve.repository import ModelInfo
 from meshserve.telemetry import extract
 from model_workers.batches import Job, decode, error_reply, shape_signature, split, stack
@@ -103,7 +103,7 @@ class Worker(Placement, Health, Leases):
             ahead = self._claim_ahead()
             commands: list[tuple[Any, ...]] = [("BLPOP", *self._by_wake, self._wake_self, WAKE_SAFETY_TIMEOUT_S)]
             if ahead is not None:
-                commands.append(CLAIM.call(*self._claim_keys_args(ahead)))
+                commands.append(CLAIM.call(*claim_keys_args(ahead.keys, **self._claim_options(ahead))))
             self._blocked = asyncio.ensure_future(self.blocking.pipeline(commands))
             self.idle.set()
             replies: list[Any] = []
@@ -149,29 +149,26 @@ class Worker(Placement, Health, Leases):
             await self._release(served, jobs)
             return targets
         if jobs:
-            served.idle.clear()
-            try:
-                await self._take_and_run(served, jobs)
-            except RedisError as exc:
-                log.warning("redis error while running work for %s: %s", served.keys.ready, exc)
-            finally:
-                served.idle.set()
+            await self._serve_batch(served, jobs)
         # Its queue was looked at after the wake-up; if work remains, the claim left a
         # wake token, so the next wait returns at once.
         return [t for t in targets if t is not served]
 
     async def _take_from(self, targets: list[Served]) -> None:
         for served in targets:
-            if not self._claims(served):  # dropped since it was woken
-                continue
-            served.idle.clear()
-            try:
-                await self._take_and_run(served)
-            except RedisError as exc:
-                # Jobs it had claimed stay leased; the reaper redelivers them.
-                log.warning("redis error while taking work for %s: %s", served.keys.ready, exc)
-            finally:
-                served.idle.set()
+            if self._claims(served):  # not dropped since it was woken
+                await self._serve_batch(served)
+
+    async def _serve_batch(self, served: Served, claimed: list[Job] | None = None) -> None:
+        """One batch of ``served`` (``claimed``, or claimed now), marked busy while in hand."""
+        served.idle.clear()
+        try:
+            await self._take_and_run(served, claimed)
+        except RedisError as exc:
+            # Jobs it had claimed stay leased; the reaper redelivers them.
+            log.warning("redis error while serving %s: %s", served.keys.ready, exc)
+        finally:
+            served.idle.set()
 
     async def _woken(self, popped: Any) -> list[Served]:
         """The models to look at after a wait: the one woken, or every one."""
@@ -194,14 +191,13 @@ class Worker(Placement, Health, Leases):
             )
         return []
 
-    def _claim_keys_args(
+    def _claim_options(
         self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True
-    ) -> tuple[list[Any], list[Any]]:
-        """CLAIM's keys and arguments for this worker; ``first``: a batch's first claim,
-        which takes the lower tiers' turn (a fill's top-up claims do not)."""
+    ) -> ClaimOptions:
+        """This worker's claim of ``served``; ``first``: a batch's first claim, which
+        takes the lower tiers' turn (a fill's top-up claims do not)."""
         share = self.settings.lower_tier_share
-        return claim_keys_args(
-            served.keys,
+        return ClaimOptions(
             max_items=max_items or served.model.info.max_batch_size or 1,
             lease_ms=self.settings.lease_ms,
             worker_id=self.worker_id,
@@ -213,8 +209,8 @@ class Worker(Placement, Health, Leases):
 
     async def _claim(self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True) -> list[Job]:
         """Lease up to ``max_items`` of the model's jobs; answer those the claim expired."""
-        keys, args = self._claim_keys_args(served, max_items, signature=signature, first=first)
-        claim = parse_claim(await self.redis.script(CLAIM, keys, args))
+        options = self._claim_options(served, max_items, signature=signature, first=first)
+        claim = await self.queue.claim(served.keys, **options)
         self._answer_expired(served, claim)
         return decode(claim)
 
