@@ -2,7 +2,10 @@
 
 One reply reader per gateway process drains the gateway's reply list and
 completes the waiting call's future; each waiter removes its own entry. Every
-wait is bounded by the request's deadline. The routing table (which models
+wait is bounded by the request's deadline, and shorter when Redis restarts
+without a waiting call's job: after each lost connection the reader looks for
+the jobs it still waits on and answers those Redis no longer holds UNAVAILABLE
+(safe to retry) instead of letting them wait out their deadline. The routing table (which models
 exist, their metadata, whether they are ready) streams in from the router and the
 last one received is kept when the router is away.
 """
@@ -49,6 +52,13 @@ DEFAULT_TIER = 1
 
 REPLY_BATCH = 512
 """Replies drained per blocking read."""
+
+REPLY_WAIT_S = 1.0
+"""A blocking read for replies ends after this long with none, so that a reconnect
+(which the link's retry can hide inside the read) is looked at within it."""
+
+LOST_MESSAGE = "Redis lost this request (it restarted without it); it may not have run: retry it"
+"""What a caller hears when its job is gone from Redis and no reply came."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +142,10 @@ class Gateway:
         self.reply_to = reply_key(self.gateway_id)
         self.view = EMPTY_VIEW
         self.pending: dict[str, asyncio.Future[mpb.InferReply]] = {}
+        self.queued: dict[str, tuple[ModelKeys, int]] = {}  # job id -> (its keys, deadline ms): enqueued, unanswered
         self.late_replies = 0
+        self.lost_jobs = 0  # waiting calls answered UNAVAILABLE: Redis no longer held their job
+        self.looked_for_lost = asyncio.Event()  # set after each look for lost jobs (a reconnect)
         self.table_received = asyncio.Event()
         self.on_view_change: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task[None]] = []
@@ -279,27 +292,30 @@ class Gateway:
             enqueued_ms=int(now_ms),
             priority=tier_of(request, tenant, open_registry=self.tenants.open),
         )
+        keys = ModelKeys.for_model(model.name, model.version)
         future: asyncio.Future[mpb.InferReply] = asyncio.get_running_loop().create_future()
         self.pending[job_id] = future
         try:
             async with asyncio.timeout((deadline_ms - now_ms) / 1000):
-                await self._enqueue(model, envelope, packed.signature, packed.batch_size, tenant)
+                await self._enqueue(keys, model, envelope, packed.signature, packed.batch_size, tenant)
+                self.queued[job_id] = (keys, envelope.deadline_ms)
                 reply = await future
         except TimeoutError:
             # No withdraw: the job's deadline has passed too, so no worker will run it.
             raise DeadlineExceeded(f"deadline exceeded waiting for model '{model.name}'") from None
         except asyncio.CancelledError:  # the client went away, or the gateway is out of grace
-            self._withdraw(model, job_id)
+            self._withdraw(keys, job_id)
             raise
         finally:
             self.pending.pop(job_id, None)
+            self.queued.pop(job_id, None)
         if reply.code != grpc.StatusCode.OK.value[0]:
             raise from_code(reply.code, reply.message)
         return reply
 
-    def _withdraw(self, model: ModelInfo, job_id: str) -> None:
+    def _withdraw(self, keys: ModelKeys, job_id: str) -> None:
         """In the background: take an abandoned job off the queue unless a worker holds it."""
-        task = asyncio.create_task(self._withdraw_job(ModelKeys.for_model(model.name, model.version), job_id))
+        task = asyncio.create_task(self._withdraw_job(keys, job_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -310,14 +326,20 @@ class Gateway:
             log.debug("could not withdraw %s: %s", job_id, exc)
 
     async def _enqueue(
-        self, model: ModelInfo, envelope: mpb.QueuedRequest, signature: str, items: int, tenant: Tenant
+        self,
+        keys: ModelKeys,
+        model: ModelInfo,
+        envelope: mpb.QueuedRequest,
+        signature: str,
+        items: int,
+        tenant: Tenant,
     ) -> None:
         with self.tracer.start_as_current_span("enqueue") as span:
             span.set_attribute("meshserve.model", model.name)
             inject(envelope.trace_context)
             try:
                 result = await self.queue.enqueue(
-                    ModelKeys.for_model(model.name, model.version),
+                    keys,
                     envelope.id,
                     tier=envelope.priority,
                     payload=envelope.SerializeToString(),
@@ -354,27 +376,85 @@ class Gateway:
     # ------------------------------------------------------------ background tasks
 
     async def _read_replies(self) -> None:
-        """The one reply reader: drain the reply list, complete waiting futures."""
+        """The one reply reader: drain the reply list, complete waiting futures.
+
+        After its connection to Redis was opened again, it first answers the calls
+        whose jobs Redis lost (``_answer_lost``), then reads on.
+        """
         backoff_s = 0.1
+        looked_at = 1  # connections of the blocking link at the last look; the first is no reconnect
         while True:
             try:
-                popped: Any = await self.blocking.execute("BLMPOP", 0, 1, self.reply_to, "LEFT", "COUNT", REPLY_BATCH)
+                if (connections := self.blocking.connections) > looked_at:
+                    await self._answer_lost()
+                    looked_at = connections
+                popped: Any = await self.blocking.execute(
+                    "BLMPOP", REPLY_WAIT_S, 1, self.reply_to, "LEFT", "COUNT", REPLY_BATCH
+                )
                 backoff_s = 0.1
             except RedisError as exc:
                 log.warning("reply reader: redis unavailable (%s); retrying in %.1fs", exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
-            if not popped:
+            if popped:
+                self._deliver(popped[1])
+
+    def _deliver(self, blobs: list[bytes]) -> None:
+        for blob in blobs:
+            reply = mpb.InferReply.FromString(blob)
+            future = self.pending.get(reply.id)
+            if future is None or future.done():
+                self.late_replies += 1  # the caller gave up, or a duplicate
                 continue
-            blobs: list[bytes] = popped[1]
-            for blob in blobs:
-                reply = mpb.InferReply.FromString(blob)
-                future = self.pending.get(reply.id)
-                if future is None or future.done():
-                    self.late_replies += 1  # the caller gave up, or a duplicate
-                    continue
-                future.set_result(reply)
+            future.set_result(reply)
+
+    async def _answer_lost(self) -> None:
+        """Answer UNAVAILABLE every waiting call whose job Redis no longer holds.
+
+        Redis that restarts without persistence, or with ``appendfsync everysec``
+        while a slow fsync held back its last writes, or fails over to a replica
+        that lagged, can come back without jobs it had accepted. Their callers
+        would wait out their deadlines for nothing. A worker writes a job's reply
+        before it deletes the job's hash, and this reader is the reply list's only
+        consumer, so a job whose hash is gone either has its reply in the list now
+        or was lost. Jobs already at their deadline are left to it: a claim drops
+        those before their DEADLINE_EXCEEDED reply is written.
+        """
+        try:
+            await self._answer_gone(list(self.queued.items()))
+        finally:
+            self.looked_for_lost.set()
+
+    async def _answer_gone(self, waiting: list[tuple[str, tuple[ModelKeys, int]]]) -> None:
+        if not waiting:
+            return
+        found = await self.redis.pipeline([("EXISTS", keys.job(job_id)) for job_id, (keys, _) in waiting])
+        if failed := next((r for r in found if isinstance(r, RedisError)), None):
+            raise failed  # e.g. still loading its data: look again after the backoff
+        gone = [
+            (job_id, deadline_ms)
+            for (job_id, (_, deadline_ms)), exists in zip(waiting, found, strict=True)
+            if not exists
+        ]
+        if not gone:
+            return
+        while popped := await self.blocking.execute("LMPOP", 1, self.reply_to, "LEFT", "COUNT", REPLY_BATCH):
+            self._deliver(popped[1])
+        soon_ms = time.time() * 1000 + 1000  # within a second of its deadline: a claim may have expired it
+        lost = 0
+        for job_id, deadline_ms in gone:
+            future = self.pending.get(job_id)
+            if future is not None and not future.done() and deadline_ms > soon_ms:
+                future.set_result(
+                    mpb.InferReply(id=job_id, code=grpc.StatusCode.UNAVAILABLE.value[0], message=LOST_MESSAGE)
+                )
+                lost += 1
+        if lost:
+            self.lost_jobs += lost
+            log.warning(
+                "redis no longer holds %d waiting requests (restarted without them): answered UNAVAILABLE", lost
+            )
 
     async def _watch_routing(self) -> None:
         """Follow the router's table; keep the last one while the router is away."""

@@ -50,7 +50,9 @@ class GatewayServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        self.metrics = GatewayMetrics.create(late_replies=lambda: self.gateway.late_replies)
+        self.metrics = GatewayMetrics.create(
+            late_replies=lambda: self.gateway.late_replies, lost_requests=lambda: self.gateway.lost_jobs
+        )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.gateway, tracer, self.metrics), self.server
         )

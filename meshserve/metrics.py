@@ -44,14 +44,24 @@ class GatewayMetrics:
     tenant_latency: Histogram
 
     @classmethod
-    def create(cls, late_replies: Callable[[], int] = lambda: 0) -> GatewayMetrics:
-        """``late_replies`` reads the gateway's count of replies nobody waited for."""
+    def create(
+        cls, late_replies: Callable[[], int] = lambda: 0, lost_requests: Callable[[], int] = lambda: 0
+    ) -> GatewayMetrics:
+        """``late_replies`` reads the gateway's count of replies nobody waited for,
+        ``lost_requests`` its count of waiting calls whose job Redis lost."""
         registry = CollectorRegistry()
         registry.register(
             _CounterFromFunction(
                 "meshserve_late_replies",
                 "Replies that found no waiting call (expired, cancelled or duplicate).",
                 late_replies,
+            )
+        )
+        registry.register(
+            _CounterFromFunction(
+                "meshserve_lost_requests",
+                "Waiting calls answered UNAVAILABLE because Redis came back without their job.",
+                lost_requests,
             )
         )
         return cls(

@@ -151,6 +151,10 @@ class RedisLink:
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
+        self.connections = 0
+        """Connections opened so far. A reconnect can hide inside a call's retry, so a
+        caller that must know of one (the server may have restarted without its data)
+        compares this count."""
 
     # ------------------------------------------------------------ commands
 
@@ -261,6 +265,7 @@ class RedisLink:
                     raise ConnectionError(f"cannot connect to Redis at {self._where()}: {exc!r}") from exc
                 raise
             self._protocol = opened
+            self.connections += 1
             return opened
 
     async def _open(self) -> _Protocol:

@@ -20,7 +20,18 @@ from redis.asyncio import Redis
 from meshserve.examples import write_example_repository
 from meshserve.redis_server import RedisServer, free_port
 from protos import grpc_service_pb2 as pb
-from tests.support import Mesh, infer_request, infer_stub, output_arrays, queue_leftovers, start_mesh, stop_mesh
+from tests.support import (
+    Mesh,
+    hold_serving,
+    infer_request,
+    infer_stub,
+    output_arrays,
+    queue_leftovers,
+    release_serving,
+    start_mesh,
+    stop_mesh,
+    wait_queued,
+)
 
 RPC_TIMEOUT_S = 10
 
@@ -141,6 +152,59 @@ async def test_redis_outage_fails_fast_then_service_resumes_without_restarts(
                         await asyncio.sleep(0.2)  # a client's retry backoff
             assert output_arrays(response)["logits"].shape == (1, 10)
             assert retry_codes <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    finally:
+        await stop_mesh(mesh)
+        server.stop()
+
+
+async def test_a_call_whose_job_redis_lost_is_answered_unavailable_not_left_to_its_deadline(
+    model_repository: Path,
+) -> None:
+    """Redis comes back empty (no persistence, a lagging replica, or everysec's last
+    writes) while a call waits: the gateway finds its job gone and answers at once."""
+    server = RedisServer().start()
+    mesh = await start_mesh(server.url, model_repository)
+    try:
+        await hold_serving(mesh.workers[0])  # the job stays queued in Redis
+        async with grpc.aio.insecure_channel(mesh.address) as channel, Redis.from_url(server.url) as redis:
+            request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
+            call = asyncio.ensure_future(infer_stub(channel).ModelInfer(request, timeout=60))
+            await wait_queued(redis, "mlp", 1)
+            port = server.port
+            server.stop()
+            server = RedisServer(port=port).start()  # same address, no data
+            with pytest.raises(grpc.aio.AioRpcError) as lost:
+                await call
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable, not DEADLINE_EXCEEDED at 60 s
+        assert "Redis lost this request" in (lost.value.details() or "")
+        assert mesh.gateway.gateway.lost_jobs == 1
+        assert mesh.gateway.gateway.queued == {}
+    finally:
+        await stop_mesh(mesh)
+        server.stop()
+
+
+async def test_a_broken_redis_connection_alone_fails_no_waiting_call(model_repository: Path) -> None:
+    """The reply reader's connection drops but Redis keeps its data: the look for lost
+    jobs finds the waiting one, leaves it, and the call is answered once work resumes."""
+    server = RedisServer().start()
+    mesh = await start_mesh(server.url, model_repository)
+    gateway = mesh.gateway.gateway
+    try:
+        worker = mesh.workers[0]
+        await hold_serving(worker)
+        async with grpc.aio.insecure_channel(mesh.address) as channel, Redis.from_url(server.url) as redis:
+            request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
+            call = asyncio.ensure_future(infer_stub(channel).ModelInfer(request, timeout=RPC_TIMEOUT_S))
+            await wait_queued(redis, "mlp", 1)
+            assert len(gateway.queued) == 1
+            await redis.client_kill_filter(_type="normal", skip_me=True)  # every other connection
+            async with asyncio.timeout(10):
+                await gateway.looked_for_lost.wait()
+            release_serving(worker)
+            response = await call
+        assert output_arrays(response)["logits"].shape == (1, 10)
+        assert gateway.lost_jobs == 0
     finally:
         await stop_mesh(mesh)
         server.stop()
