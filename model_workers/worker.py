@@ -354,15 +354,18 @@ def _log_batch(info: ModelInfo, jobs: list[Job], total: int, compute_us: int, cl
     DEBUG, not INFO: a line per batch is a write per request at low load (about
     0.1 ms on the critical path), and the metrics carry the same figures."""
     oldest_wait_ms = max(0.0, claimed_ns / 1e6 - min(job.request.enqueued_ms for job in jobs))
+    ids = [job.request.client_request_id or job.request.id for job in jobs]  # the ids callers know
     log.debug(
-        "batch of %d from %d requests for %s version %d: compute %.1f ms, oldest waited %.1f ms",
+        "batch of %d from %d requests for %s version %d: compute %.1f ms, oldest waited %.1f ms; requests %s",
         total,
         len(jobs),
         info.name,
         info.version,
         compute_us / 1000,
         oldest_wait_ms,
+        ",".join(ids),
         extra={
+            "request_ids": ids,
             "model": info.name,
             "version": info.version,
             "batch_size": total,

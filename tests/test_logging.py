@@ -124,7 +124,8 @@ async def test_one_line_per_request_and_per_batch_carry_their_trace_ids(
     try:
         async with grpc.aio.insecure_channel(mesh.address) as channel:
             stub = infer_stub(channel)
-            await stub.ModelInfer(infer_request("mlp", {"features": np.ones((2, 64), np.float32)}), timeout=10)
+            features = {"features": np.ones((2, 64), np.float32)}
+            await stub.ModelInfer(infer_request("mlp", features, request_id="req-7"), timeout=10)
             with pytest.raises(grpc.aio.AioRpcError):
                 await stub.ModelInfer(infer_request("nope", {"x": np.ones(1, np.float32)}), timeout=10)
     finally:
@@ -150,4 +151,5 @@ async def test_one_line_per_request_and_per_batch_carry_their_trace_ids(
     assert (batch["model"], batch["version"], batch["batch_size"], batch["requests"]) == ("mlp", 1, 2, 1)
     assert batch["compute_ms"] > 0
     assert batch["queue_wait_ms"] >= 0
+    assert batch["request_ids"] == ["req-7"]  # the id the caller sent, to find its batch
     assert batch["trace_id"] == f"{spans['batch', 'mlp'].get_span_context().trace_id:032x}"

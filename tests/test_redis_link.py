@@ -44,9 +44,11 @@ async def test_a_script_runs_again_after_redis_forgets_it(link: RedisLink, redis
 
 async def test_a_killed_connection_is_replaced_on_the_next_call(link: RedisLink, redis: Redis) -> None:
     await link.execute("CLIENT", "SETNAME", "doomed")
+    assert link.connections == 1
     assert await redis.client_kill_filter(_type="normal", skipme=True) >= 1
     assert await link.execute("PING") == b"PONG"  # one retry on a fresh connection
     assert await link.execute("CLIENT", "GETNAME") is None  # it is a new one
+    assert link.connections == 2  # the retry hid the reconnect from the caller, not from the count
 
 
 async def test_a_reply_later_than_the_timeout_fails_the_call_not_the_link(redis_url: str, redis: Redis) -> None:

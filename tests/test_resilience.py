@@ -198,7 +198,7 @@ async def test_a_broken_redis_connection_alone_fails_no_waiting_call(model_repos
             call = asyncio.ensure_future(infer_stub(channel).ModelInfer(request, timeout=RPC_TIMEOUT_S))
             await wait_queued(redis, "mlp", 1)
             assert len(gateway.queued) == 1
-            await redis.client_kill_filter(_type="normal", skip_me=True)  # every other connection
+            await redis.client_kill_filter(_type="normal", skipme=True)  # every other connection
             async with asyncio.timeout(10):
                 await gateway.looked_for_lost.wait()
             release_serving(worker)

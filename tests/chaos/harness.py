@@ -34,6 +34,10 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 REDIS_START_TIMEOUT_S = 10.0
 
+LOG_LEVEL = "DEBUG"
+"""Every batch and every call gets a log line: when a run fails, the logs say which
+worker took which job and when (a few hundred lines a second, beside the load)."""
+
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 200)]
 """For readiness checks: see a process the moment it listens (gRPC's default backoff is 1 s and grows)."""
 
@@ -45,7 +49,7 @@ class Service:
 
     def __init__(self, role: str, args: Sequence[str], log_path: Path) -> None:
         self.role = role
-        self.args = [sys.executable, "-m", "meshserve", "--log-level", "INFO", role, *args]
+        self.args = [sys.executable, "-m", "meshserve", "--log-level", LOG_LEVEL, role, *args]
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
