@@ -177,7 +177,7 @@ async def test_a_call_whose_job_redis_lost_is_answered_unavailable_not_left_to_i
                 await call
         assert lost.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable, not DEADLINE_EXCEEDED at 60 s
         assert "Redis lost this request" in (lost.value.details() or "")
-        assert mesh.gateway.gateway.lost_jobs == 1
+        assert mesh.gateway.metrics.registry.get_sample_value("meshserve_lost_requests_total") == 1
         assert mesh.gateway.gateway.queued == {}
     finally:
         await stop_mesh(mesh)
