@@ -66,11 +66,15 @@ _CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 
 @dataclass(frozen=True, slots=True)
 class RawFigures:
-    """In-process ONNX Runtime: batch-1 latency and items/s per batch size tried."""
+    """In-process ONNX Runtime: batch-1 latency and items/s per batch size tried.
+
+    ``idle_p50_ms``: batch-1 p50 when every run follows ``IDLE_GAP_S`` of sleep, as
+    a worker at concurrency 1 runs it (None where it was not measured)."""
 
     p50_ms: float
     p99_ms: float
     items_per_s_by_batch: dict[int, float]
+    idle_p50_ms: float | None = None
 
     def best_batch(self) -> int:
         return max(self.items_per_s_by_batch, key=lambda batch: self.items_per_s_by_batch[batch])
@@ -174,6 +178,25 @@ def _timed_runs_ns(run: Callable[[], object], duration_s: float) -> list[int]:
     return latencies_ns
 
 
+IDLE_GAP_S = 0.004
+"""The sleep before each run of the idle-gap reference: about what a request spends
+outside the model at concurrency 1 on the 2-core reference machine. On that VM a
+run that follows it takes about twice as long as one run back to back (cold
+caches, a core woken from idle), in ONNX Runtime alone, with no mesh involved."""
+
+
+def _gapped_runs_ns(run: Callable[[], object], gap_s: float, duration_s: float) -> list[int]:
+    """Like ``_timed_runs_ns``, with ``gap_s`` of sleep before each call."""
+    latencies_ns: list[int] = []
+    end_ns = time.perf_counter_ns() + int(duration_s * 1e9)
+    while time.perf_counter_ns() < end_ns:
+        time.sleep(gap_s)
+        start_ns = time.perf_counter_ns()
+        run()
+        latencies_ns.append(time.perf_counter_ns() - start_ns)
+    return latencies_ns
+
+
 def raw_batches(max_batch: int) -> list[int]:
     """Batch sizes for the raw run: 1, 8 when below the max, and the max."""
     return sorted({1, max_batch} | ({8} if 1 < 8 < max_batch else set()))
@@ -186,15 +209,20 @@ def measure_raw(model: ModelInfo, max_batch: int, warmup_s: float, duration_s: f
     session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
     items_per_s: dict[int, float] = {}
     batch1_ns: list[int] = []
+    idle_ns: list[int] = []
     for batch in raw_batches(max_batch):
         run = functools.partial(session.run, None, random_inputs(model, batch))
         _timed_runs_ns(run, warmup_s)
         latencies_ns = _timed_runs_ns(run, duration_s)
         items_per_s[batch] = batch * len(latencies_ns) / (sum(latencies_ns) / 1e9)
+        _progress(f"raw batch {batch}: {items_per_s[batch]:.0f} items/s, p50 {percentile_ms(latencies_ns, 50):.2f} ms")
         if batch == 1:
             batch1_ns = latencies_ns
-        _progress(f"raw batch {batch}: {items_per_s[batch]:.0f} items/s, p50 {percentile_ms(latencies_ns, 50):.2f} ms")
-    return RawFigures(percentile_ms(batch1_ns, 50), percentile_ms(batch1_ns, 99), items_per_s)
+            idle_ns = _gapped_runs_ns(run, IDLE_GAP_S, duration_s / 2)
+            _progress(f"raw batch 1 after {IDLE_GAP_S * 1000:g} ms idle: p50 {percentile_ms(idle_ns, 50):.2f} ms")
+    return RawFigures(
+        percentile_ms(batch1_ns, 50), percentile_ms(batch1_ns, 99), items_per_s, percentile_ms(idle_ns, 50)
+    )
 
 
 # ------------------------------------------------------------------ mesh load
@@ -422,7 +450,11 @@ def _raw_line(raw: RawFigures) -> str:
         if batch != 1
     ]
     batch1 = f"batch 1 p50 {raw.p50_ms:.2f} ms p99 {raw.p99_ms:.2f} ms, {raw.items_per_s_by_batch[1]:.0f} items/s"
-    return "; ".join([f"raw ONNX Runtime: {batch1}" + (" (best)" if best == 1 else ""), *batches])
+    line = "; ".join([f"raw ONNX Runtime: {batch1}" + (" (best)" if best == 1 else ""), *batches])
+    if raw.idle_p50_ms is not None:
+        gap = f"{IDLE_GAP_S * 1000:g} ms idle"
+        line += f"\nraw batch 1 after {gap} (how a lone request finds it): p50 {raw.idle_p50_ms:.2f} ms"
+    return line
 
 
 def _point_row(point: PointFigures, raw: RawFigures) -> list[str]:

@@ -112,6 +112,12 @@ def test_report_table_with_given_figures() -> None:
     ]
 
 
+def test_the_report_shows_raw_batch_1_after_an_idle_gap_when_measured() -> None:
+    raw = bench.RawFigures(p50_ms=1.0, p99_ms=1.5, items_per_s_by_batch={1: 1000.0}, idle_p50_ms=2.25)
+    lines = bench.format_report("cnn", 10.0, {"cores": 2, "platform": "Linux-test"}, raw, []).splitlines()
+    assert "raw batch 1 after 4 ms idle (how a lone request finds it): p50 2.25 ms" in lines
+
+
 @pytest.mark.parametrize("text", ["", "0", "1,x", "4,-1"])
 def test_concurrency_list_rejects_bad_values(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
