@@ -155,6 +155,14 @@ def test_overload_missed(figures: OverloadFigures, problem: str) -> None:
     assert "target missed" in report.format_overload_report(OPEN, MACHINE, figures)
 
 
+def test_an_overload_miss_names_a_client_that_lagged_behind_its_schedule() -> None:
+    late = _load(800.0, _calls(4000, 80.0, 2500.0))
+    on_time = overload_problems(replace(OVERLOAD, load=late))
+    lagging = overload_problems(replace(OVERLOAD, load=replace(late, send_lag_p99_ms=750.0)))
+    assert not any("send lag" in text for text in on_time)
+    assert any("past the 2000 ms deadline" in text and "send lag p99 750 ms" in text for text in lagging)
+
+
 def test_overload_lines_with_given_figures() -> None:
     lines = report.format_overload_report(replace(OPEN, models=("cnn",)), MACHINE, OVERLOAD).splitlines()
     assert lines == [
