@@ -2,12 +2,12 @@
 
 One reply reader per gateway process drains the gateway's reply list and
 completes the waiting call's future; each waiter removes its own entry. Every
-wait is bounded by the request's deadline, and shorter when Redis restarts
-without a waiting call's job: after each lost connection the reader looks for
-the jobs it still waits on and answers those Redis no longer holds UNAVAILABLE
-(safe to retry) instead of letting them wait out their deadline. The routing table (which models
-exist, their metadata, whether they are ready) streams in from the router and the
-last one received is kept when the router is away.
+wait is bounded by the request's deadline, and shorter when Redis comes back
+without a waiting call's job: after each reconnect the reader looks for the jobs
+it still waits on and answers those Redis no longer holds UNAVAILABLE (safe to
+retry) instead of letting them wait out their deadline. The routing table
+(which models exist, their metadata, whether they are ready) streams in from the
+router and the last one received is kept when the router is away.
 """
 
 from __future__ import annotations
