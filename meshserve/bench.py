@@ -168,16 +168,6 @@ def build_request(model: ModelInfo) -> pb.ModelInferRequest:
 # ------------------------------------------------------------------ raw ONNX Runtime
 
 
-def _timed_runs_ns(run: Callable[[], object], duration_s: float) -> list[int]:
-    """Call ``run`` back to back for ``duration_s``; the latency of each call in ns."""
-    latencies_ns: list[int] = []
-    end_ns = time.perf_counter_ns() + int(duration_s * 1e9)
-    while (start_ns := time.perf_counter_ns()) < end_ns:
-        run()
-        latencies_ns.append(time.perf_counter_ns() - start_ns)
-    return latencies_ns
-
-
 IDLE_GAP_S = 0.004
 """The sleep before each run of the idle-gap reference: about what a request spends
 outside the model at concurrency 1 on the 2-core reference machine. On that VM a
@@ -185,12 +175,14 @@ run that follows it takes about twice as long as one run back to back (cold
 caches, a core woken from idle), in ONNX Runtime alone, with no mesh involved."""
 
 
-def _gapped_runs_ns(run: Callable[[], object], gap_s: float, duration_s: float) -> list[int]:
-    """Like ``_timed_runs_ns``, with ``gap_s`` of sleep before each call."""
+def _timed_runs_ns(run: Callable[[], object], duration_s: float, gap_s: float = 0.0) -> list[int]:
+    """Call ``run`` for ``duration_s``, back to back or after ``gap_s`` of sleep each
+    time; the latency of each call in ns."""
     latencies_ns: list[int] = []
     end_ns = time.perf_counter_ns() + int(duration_s * 1e9)
     while time.perf_counter_ns() < end_ns:
-        time.sleep(gap_s)
+        if gap_s:
+            time.sleep(gap_s)
         start_ns = time.perf_counter_ns()
         run()
         latencies_ns.append(time.perf_counter_ns() - start_ns)
@@ -218,7 +210,7 @@ def measure_raw(model: ModelInfo, max_batch: int, warmup_s: float, duration_s: f
         _progress(f"raw batch {batch}: {items_per_s[batch]:.0f} items/s, p50 {percentile_ms(latencies_ns, 50):.2f} ms")
         if batch == 1:
             batch1_ns = latencies_ns
-            idle_ns = _gapped_runs_ns(run, IDLE_GAP_S, duration_s / 2)
+            idle_ns = _timed_runs_ns(run, duration_s / 2, IDLE_GAP_S)
             _progress(f"raw batch 1 after {IDLE_GAP_S * 1000:g} ms idle: p50 {percentile_ms(idle_ns, 50):.2f} ms")
     return RawFigures(
         percentile_ms(batch1_ns, 50), percentile_ms(batch1_ns, 99), items_per_s, percentile_ms(idle_ns, 50)
