@@ -31,7 +31,7 @@ import asyncio
 import collections
 import hashlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -173,6 +173,16 @@ class RedisLink:
             return []
         return await self._send(commands, retry=True)
 
+    def pipeline_now(self, commands: Sequence[Command]) -> Awaitable[list[Any]]:
+        """``pipeline``, with the commands written before this returns (when the
+        connection is up) rather than when the awaitable first runs: a caller that
+        goes on with other work, awaiting the replies later, has them on the wire
+        already instead of behind that work."""
+        protocol = self._protocol
+        if not commands or protocol is None or protocol.closed:
+            return self.pipeline(commands)
+        return self._replies_of(commands, protocol, self._write(protocol, commands))
+
     async def script(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg] = ()) -> Any:
         """EVALSHA; on NOSCRIPT (Redis restarted or flushed its scripts), load the
         script and run it again."""
@@ -216,10 +226,25 @@ class RedisLink:
                 raise
             return await self._round_trip(commands)
 
+    async def _replies_of(
+        self, commands: Sequence[Command], protocol: _Protocol, future: asyncio.Future[list[Any]]
+    ) -> list[Any]:
+        """The replies to commands written already; on a dead connection, ``_send``'s one retry."""
+        try:
+            return await self._wait(protocol, future)
+        except ConnectionError:
+            if self._closed:
+                raise
+            return await self._round_trip(commands)
+
     async def _round_trip(self, commands: Sequence[Command]) -> list[Any]:
         protocol = self._protocol
         if protocol is None or protocol.closed:
             protocol = await self._connect()
+        return await self._wait(protocol, self._write(protocol, commands))
+
+    def _write(self, protocol: _Protocol, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
+        """Queue the commands' reply slot and write them; the future gets the replies."""
         assert protocol.transport is not None
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         protocol.pending.append(_Pending(future, len(commands)))
@@ -227,6 +252,9 @@ class RedisLink:
             protocol.transport.write(_pack(commands[0]))
         else:
             protocol.transport.writelines([_pack(c) for c in commands])
+        return future
+
+    async def _wait(self, protocol: _Protocol, future: asyncio.Future[list[Any]]) -> list[Any]:
         if self.command_timeout_s is None:
             try:
                 return await future

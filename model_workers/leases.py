@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -53,7 +54,7 @@ class Leases(WorkerState):
             message = f"model '{served.model.info.name}' crashed on this input {attempts} times"
             reply = mpb.InferReply(id=job_id, code=grpc.StatusCode.INTERNAL.value[0], message=message)
             blobs[reply_to].append(reply.SerializeToString())
-        self._track(asyncio.create_task(self._write_replies(served, blobs, {})))
+        self._send_replies(served, blobs, {})
 
     async def _heartbeat(self, served: Served, jobs: list[Job]) -> None:
         """Extend the leases of a computing batch every third of a lease, until cancelled."""
@@ -80,26 +81,36 @@ class Leases(WorkerState):
                 id=job_id, code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="deadline exceeded while queued"
             )
             blobs[reply_to].append(reply.SerializeToString())
-        task = asyncio.create_task(self._write_replies(served, blobs, {}))
-        self._track(task)
+        self._send_replies(served, blobs, {})
 
     def _spawn_reply(self, served: Served, replies: list[tuple[Job, mpb.InferReply]]) -> None:
         blobs: dict[str, list[bytes]] = defaultdict(list)
         for job, reply in replies:
             blobs[job.request.reply_to].append(reply.SerializeToString())
-        acks = by_token([job for job, _ in replies])
-        self._track(asyncio.create_task(self._write_replies(served, blobs, acks)))
+        self._send_replies(served, blobs, by_token([job for job, _ in replies]))
 
-    async def _write_replies(self, served: Served, blobs: dict[str, list[bytes]], acks: dict[int, list[str]]) -> None:
+    def _send_replies(self, served: Served, blobs: dict[str, list[bytes]], acks: dict[int, list[str]]) -> None:
         """Write replies, then ack, in one pipelined round trip (replies first: an
-        ack never precedes its reply). Shielded from cancellation by ``close``."""
+        ack never precedes its reply). The write leaves now, not once the serve loop
+        next yields: the callers hear back without waiting for the next claim to be
+        prepared. A tracked task reads the results (shielded from cancellation by
+        ``close``)."""
+        commands: list[tuple[Any, ...]] = []
+        for reply_to, items in blobs.items():
+            commands.append(("RPUSH", reply_to, *items))
+            commands.append(("EXPIRE", reply_to, REPLY_TTL_S))
+        commands.extend(ack_command(served.keys, token, ids) for token, ids in acks.items() if ids)
+        self._track(asyncio.create_task(self._check_written(served, self.redis.pipeline_now(commands), blobs, acks)))
+
+    async def _check_written(
+        self,
+        served: Served,
+        written: Awaitable[list[Any]],
+        blobs: dict[str, list[bytes]],
+        acks: dict[int, list[str]],
+    ) -> None:
         try:
-            commands: list[tuple[Any, ...]] = []
-            for reply_to, items in blobs.items():
-                commands.append(("RPUSH", reply_to, *items))
-                commands.append(("EXPIRE", reply_to, REPLY_TTL_S))
-            commands.extend(ack_command(served.keys, token, ids) for token, ids in acks.items() if ids)
-            results = await self.redis.pipeline(commands)
+            results = await written
             if any(isinstance(result, NoScriptError) for result in results):
                 for token, ids in acks.items():  # Redis lost its scripts: ack again, loading it
                     await self.queue.ack(served.keys, token, ids)
