@@ -36,8 +36,8 @@ class Health(WorkerState):
         A canary that raises, outlasts a lease or answers NaN or Inf takes its model
         out of service; a later one that passes brings it back, which is also the
         only way back for a model taken out by failed batches. Canaries run in the
-        worker's one ONNX Runtime thread, so they queue behind a computing batch and
-        never run beside one: one batch-1 run per model per interval. The task is
+        worker's ONNX Runtime thread under the device lock that every batch holds, so
+        they queue behind a computing batch and never run beside one: one batch-1 run per model per interval. The task is
         owned by the worker's server, which cancels it on stop.
         """
         interval_s = self.settings.canary_interval_s
@@ -57,7 +57,8 @@ class Health(WorkerState):
         try:
             # a canary slower than a lease is as dead as a batch that slow
             async with asyncio.timeout(self.settings.lease_ms / 1000):
-                await asyncio.get_running_loop().run_in_executor(self._executor, served.model.canary)
+                async with self._device:
+                    await asyncio.get_running_loop().run_in_executor(self._executor, served.model.canary)
         except Exception as exc:
             if not served.canary_failing:
                 log.error(

@@ -61,6 +61,7 @@ class WorkerState:
         self.served: dict[tuple[str, int], Served] = {}
         self._by_wake: dict[str, Served] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._device = asyncio.Lock()  # held by every model run: a batch or a canary, never both at once
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")  # loads never wait on batches
         self._wake_self = worker_wake_key(self.worker_id)
         self._known_keys: dict[str, ModelKeys] = {}  # wake key -> keys, of every model ever served

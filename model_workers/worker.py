@@ -2,9 +2,9 @@
 
 One worker process serves one device. It holds every model the router assigns it,
 blocks on the models' wake lists (never polls), claims a batch with one atomic
-script, runs it on ONNX Runtime in a thread (the event loop stays free to write
-the previous batch's replies), then writes replies and acks the lease in one
-pipelined round trip.
+script, runs it on ONNX Runtime (on the event loop's own thread when the model is
+quick, else on a thread of its own while the loop extends the batch's leases),
+then writes replies and acks the lease in one pipelined round trip.
 
 Batching policy: a lone request on an idle worker runs at once. When a claim
 finds several requests but fewer than the max batch, the worker waits up to the
@@ -289,14 +289,8 @@ class Worker(Placement, Health, Leases):
             feed = stack(jobs)
             started_ns = time.time_ns()
             try:
-                heartbeat = asyncio.create_task(self._heartbeat(served, jobs))
-                try:
-                    with self.tracer.start_as_current_span("compute"):
-                        outputs = await asyncio.get_running_loop().run_in_executor(
-                            self._executor, served.model.run, feed
-                        )
-                finally:
-                    heartbeat.cancel()
+                with self.tracer.start_as_current_span("compute"):
+                    outputs = await self._run_model(served, jobs, feed)
             except Exception as exc:  # a model failure answers its requests, never kills the worker
                 log.exception("model %s failed on a batch of %d", info.name, total)
                 served.stats.failed += len(jobs)
@@ -326,6 +320,19 @@ class Worker(Placement, Health, Leases):
         stats.largest_batch = max(stats.largest_batch, total)
         stats.device_seconds += compute_s
         return split(served, jobs, outputs, compute_us, claimed_ns, self.worker_id)
+
+    async def _run_model(self, served: Served, jobs: list[Job], feed: dict[str, Any]) -> list[Any]:
+        """Run one batch: on this thread if the model is quick (``Served.runs_inline``),
+        else on the ONNX Runtime thread with the batch's leases extended meanwhile.
+        The device lock keeps a canary from running beside it."""
+        async with self._device:
+            if served.runs_inline():
+                return served.model.run(feed)
+            heartbeat = asyncio.create_task(self._heartbeat(served, jobs))
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._executor, served.model.run, feed)
+            finally:
+                heartbeat.cancel()
 
     def _request_spans(self, model: str, jobs: list[Job]) -> tuple[list[trace.Link], list[str]]:
         """A queue_wait span per request, in the request's own trace (its sampled flag
