@@ -36,9 +36,10 @@ class Health(WorkerState):
         A canary that raises, outlasts a lease or answers NaN or Inf takes its model
         out of service; a later one that passes brings it back, which is also the
         only way back for a model taken out by failed batches. Canaries run in the
-        worker's ONNX Runtime thread under the device lock that every batch holds, so
-        they queue behind a computing batch and never run beside one: one batch-1 run per model per interval. The task is
-        owned by the worker's server, which cancels it on stop.
+        worker's ONNX Runtime thread under the device lock that every batch holds,
+        so they queue behind a computing batch and never run beside one: one
+        batch-1 run per model per interval. The task is owned by the worker's
+        server, which cancels it on stop.
         """
         interval_s = self.settings.canary_interval_s
         if interval_s <= 0:

@@ -9,14 +9,18 @@ ONNX Runtime.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import onnxruntime as ort
+import pytest
 from redis.asyncio import Redis
 
 from meshserve.examples import write_example_repository
+from model_workers.served import INLINE_COMPUTE_MS
 from model_workers.worker import ModelStats
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -235,3 +239,37 @@ async def test_a_wake_up_and_its_claim_are_one_round_trip(redis: Redis, redis_ur
         assert stats(mesh, "mlp").requests == 7
     finally:
         await stop_mesh(mesh)
+
+
+async def test_a_quick_model_runs_on_the_event_loop_thread_a_slow_one_beside_it(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Handing a batch to the ONNX Runtime thread and back costs more than a quick
+    model's whole run; a slow model keeps the thread so the loop can extend its
+    leases meanwhile. The first batch, before any is timed, takes the thread."""
+    mesh = await start_mesh(redis_url, write_example_repository(tmp_path, ["mlp"]))
+    loop_thread = threading.get_ident()
+    threads: list[str] = []
+    served = mesh.workers[0].worker.served[("mlp", 1)]
+    run = served.model.run
+
+    def recorded(feed: dict[str, Any]) -> Any:
+        threads.append("loop" if threading.get_ident() == loop_thread else threading.current_thread().name)
+        return run(feed)
+
+    served.model.run = recorded  # type: ignore[method-assign]
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
+            await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+            # the first batch's time is the estimate, not a fifth of it
+            assert served.compute_ms_avg == pytest.approx(served.stats.device_seconds * 1000)
+            served.compute_ms_avg = INLINE_COMPUTE_MS / 2  # a quick model
+            await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+            served.compute_ms_avg = INLINE_COMPUTE_MS * 2  # a slow one
+            await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+    finally:
+        await stop_mesh(mesh)
+
+    assert [t if t == "loop" else t.split("_")[0] for t in threads] == ["ort", "loop", "ort"]

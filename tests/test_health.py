@@ -6,6 +6,7 @@ swapped in for the served one."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,50 @@ async def test_no_canary_runs_when_the_interval_is_zero(redis: Redis, redis_url:
             await canary  # returns at once: nothing to schedule
     finally:
         await stop_mesh(mesh)
+
+
+async def test_a_canary_never_runs_beside_a_batch_run_on_the_event_loop_thread(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Quick models run their batches on the loop's thread while canaries run on the
+    ONNX Runtime thread; the device lock keeps the two apart. Every run here takes
+    3 ms (still quick), and a canary starts every millisecond, so without the lock
+    most of these calls would run beside one."""
+    repository = write_example_repository(tmp_path / "models", ["mlp"])
+    mesh = await start_mesh(redis_url, repository, worker_overrides={"canary_interval_s": 0.001})
+    model = mesh.workers[0].worker.served[("mlp", 1)].model
+    session = model.session
+    guard = threading.Lock()
+    running = most = 0
+
+    class Slowed:
+        """The real session, each run 3 ms longer, counting runs in progress."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(session, name)
+
+        def run(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal running, most
+            with guard:
+                running += 1
+                most = max(most, running)
+            try:
+                time.sleep(0.003)
+                return session.run(*args, **kwargs)
+            finally:
+                with guard:
+                    running -= 1
+
+    model.session = Slowed()  # type: ignore[assignment]
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            for value in range(40):
+                features = {"features": np.full((1, 64), value, np.float32)}
+                await stub.ModelInfer(infer_request("mlp", features), timeout=5)
+        served = mesh.workers[0].worker.served[("mlp", 1)]
+        assert served.runs_inline()  # the batches did run on the loop's thread
+    finally:
+        await stop_mesh(mesh)
+
+    assert most == 1

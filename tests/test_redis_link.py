@@ -51,6 +51,30 @@ async def test_a_killed_connection_is_replaced_on_the_next_call(link: RedisLink,
     assert link.connections == 2  # the retry hid the reconnect from the caller, not from the count
 
 
+async def test_pipeline_now_sends_before_its_replies_are_awaited(link: RedisLink, redis: Redis) -> None:
+    await link.execute("PING")  # connected: the write happens in the call itself
+    replies = link.pipeline_now([("RPUSH", "sent", "a"), ("LLEN", "sent")])
+    # Nothing has awaited the replies, yet Redis has the command: a plain
+    # pipeline() coroutine would not have written anything by now.
+    assert await redis.blpop(["sent"], timeout=5) == (b"sent", b"a")
+    assert await replies == [1, 1]
+
+
+async def test_pipeline_now_on_a_killed_connection_retries_once(link: RedisLink, redis: Redis) -> None:
+    await link.execute("PING")
+    assert await redis.client_kill_filter(_type="normal", skipme=True) >= 1
+    assert await link.pipeline_now([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
+    assert link.connections == 2
+
+
+async def test_pipeline_now_before_any_connection_connects(redis_url: str) -> None:
+    link = RedisLink(redis_url)
+    try:
+        assert await link.pipeline_now([("PING",)]) == [b"PONG"]
+    finally:
+        await link.aclose()
+
+
 async def test_a_reply_later_than_the_timeout_fails_the_call_not_the_link(redis_url: str, redis: Redis) -> None:
     link = RedisLink(redis_url, command_timeout_s=0.05)
     try:
