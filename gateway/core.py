@@ -39,7 +39,7 @@ from meshserve.redis_link import RedisLink
 from meshserve.repository import ModelInfo
 from meshserve.routing import info_from_spec
 from meshserve.settings import GatewaySettings
-from meshserve.telemetry import inject
+from meshserve.telemetry import UNTRACED, inject, records
 from meshserve.tenants import Tenant, TenantRegistry, dev_registry
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
@@ -139,6 +139,7 @@ class Gateway:
         self.queue = QueueProtocol(redis)
         self.router = router
         self.tracer = tracer or trace.NoOpTracer()
+        self.tracing = records(self.tracer)
         self.reply_to = reply_key(self.gateway_id)
         self.view = EMPTY_VIEW
         self.pending: dict[str, asyncio.Future[mpb.InferReply]] = {}
@@ -334,9 +335,10 @@ class Gateway:
         items: int,
         tenant: Tenant,
     ) -> None:
-        with self.tracer.start_as_current_span("enqueue") as span:
+        with self.tracer.start_as_current_span("enqueue") if self.tracing else UNTRACED as span:
             span.set_attribute("meshserve.model", model.name)
-            inject(envelope.trace_context)
+            if self.tracing:
+                inject(envelope.trace_context)
             try:
                 result = await self.queue.enqueue(
                     keys,

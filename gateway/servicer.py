@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
@@ -22,7 +23,7 @@ from meshserve.codec import to_infer_response
 from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.metrics import GatewayMetrics
 from meshserve.repository import ModelInfo
-from meshserve.telemetry import extract, tenant_attribute
+from meshserve.telemetry import UNTRACED, extract, records, tenant_attribute
 from meshserve.tenants import Tenant, bearer_key
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -89,6 +90,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self.gateway = gateway
         self.tracer = tracer or trace.NoOpTracer()
+        self.tracing = records(self.tracer)
         settings = gateway.settings
         self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self.metrics = metrics or GatewayMetrics.create()
@@ -176,16 +178,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, context: Context, tenant: Tenant) -> pb.ModelInferResponse:
         """The call without error mapping: a MeshError propagates to ModelInfer."""
         started_s = time.perf_counter()
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         remaining_s = context.time_remaining()
         default_s = self.gateway.settings.default_timeout_ms / 1000
         # Answer DEADLINE_EXCEEDED ourselves a moment before gRPC's own timer ends the
         # call: a status sent after it fails in the core and is logged as an error.
         budget_s = default_s if remaining_s is None else min(remaining_s - DEADLINE_MARGIN_S, default_s)
         deadline_ms = time.time() * 1000 + budget_s * 1000
-        with self.tracer.start_as_current_span(
-            "ModelInfer", context=extract(metadata), kind=trace.SpanKind.SERVER
-        ) as span:
+        with self._server_span(context) as span:
             span.set_attribute("meshserve.model", request.model_name)
             code = grpc.StatusCode.INTERNAL  # until the call is answered
             try:
@@ -204,6 +203,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
             return to_infer_response(reply, request.model_name, request.id)
+
+    def _server_span(self, context: Context) -> AbstractContextManager[trace.Span]:
+        """The call's span, in the caller's trace if its metadata names one."""
+        if not self.tracing:
+            return UNTRACED
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        return self.tracer.start_as_current_span("ModelInfer", context=extract(metadata), kind=trace.SpanKind.SERVER)
 
     # ------------------------------------------------------- not implemented yet
 

@@ -1,8 +1,9 @@
 """Tracing set-up, sampling across the queue hop, and W3C trace-context propagation.
 
 Tracer providers are built once in each service's ``main()`` and passed down.
-With no ``OTEL_EXPORTER_OTLP_ENDPOINT`` the services get a no-op tracer, so
-tracing off costs one attribute lookup per span site. Otherwise spans go over
+With no ``OTEL_EXPORTER_OTLP_ENDPOINT`` the services get a no-op tracer and
+the request path skips its span sites (``records``): tracing off costs one
+attribute test per site, and a gateway without tracing passes no trace context on. Otherwise spans go over
 OTLP/gRPC to that endpoint, under ``OTEL_SERVICE_NAME`` (default: the service's
 own name). The trace context of every request rides inside its queued envelope
 (``QueuedRequest.trace_context``): the gateway injects it, the worker extracts it.
@@ -28,6 +29,7 @@ and worker, wherever traces leave the deployment's trust.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -47,6 +49,18 @@ from opentelemetry.util.types import Attributes
 from meshserve.settings import TRACE_TENANT_MODES
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+
+UNTRACED = contextlib.nullcontext(trace.INVALID_SPAN)
+"""What a skipped span site enters instead of a span: no context switch, and a span
+whose every method does nothing."""
+
+
+def records(tracer: trace.Tracer) -> bool:
+    """Whether ``tracer``'s spans go anywhere. Span sites on the request path skip
+    themselves when not: even a no-op span costs 5 to 10 µs (context attach and
+    detach), about 0.1 ms per request over the gateway's and the worker's sites."""
+    return not isinstance(tracer, trace.NoOpTracer)
+
 
 TENANT_HASH_HEX_DIGITS = 16
 

@@ -23,7 +23,7 @@ from meshserve.metrics import ModelCounters, WorkerMetrics, WorkerReads
 from meshserve.queue import ModelKeys, QueueProtocol, worker_wake_key
 from meshserve.redis_link import RedisLink
 from meshserve.settings import WorkerSettings
-from meshserve.telemetry import tenant_attribute
+from meshserve.telemetry import records, tenant_attribute
 from model_workers.devices import monitor_for
 from model_workers.memory import describe_device, probe_for
 from model_workers.served import Served
@@ -57,6 +57,7 @@ class WorkerState:
         self.queue = QueueProtocol(redis)
         self.router = router
         self.tracer = tracer or trace.NoOpTracer()
+        self.tracing = records(self.tracer)
         self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self.served: dict[tuple[str, int], Served] = {}
         self._by_wake: dict[str, Served] = {}

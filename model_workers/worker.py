@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
@@ -34,7 +35,7 @@ from redis.exceptions import RedisError
 
 from meshserve.queue import CLAIM, ClaimOptions, claim_keys_args, parse_claim
 from meshserve.repository import ModelInfo
-from meshserve.telemetry import extract
+from meshserve.telemetry import UNTRACED, extract
 from model_workers.batches import Job, decode, error_reply, shape_signature, split, stack
 from model_workers.health import Health
 from model_workers.leases import Leases
@@ -271,25 +272,12 @@ class Worker(Placement, Health, Leases):
 
     async def _compute(self, served: Served, jobs: list[Job], claimed_ns: int) -> list[tuple[Job, mpb.InferReply]]:
         info = served.model.info
-        links, tenants = self._request_spans(info.name, jobs)
         total = sum(job.batch_size for job in jobs)
-        attributes: dict[str, AttributeValue] = {
-            "meshserve.model": info.name,
-            "meshserve.version": info.version,
-            "meshserve.batch_size": total,
-            "meshserve.requests": len(jobs),
-            "meshserve.device": self.settings.device,
-            "meshserve.worker": self.worker_id,
-        }
-        if tenants:
-            attributes["meshserve.tenants"] = tenants
-        # a root of its own, sampled iff a request it links was (telemetry.downstream_sampler)
-        root = otel_context.Context()
-        with self.tracer.start_as_current_span("batch", links=links, attributes=attributes, context=root):
+        with self._batch_span(info, jobs, total) if self.tracing else UNTRACED:
             feed = stack(jobs)
             started_ns = time.time_ns()
             try:
-                with self.tracer.start_as_current_span("compute"):
+                with self.tracer.start_as_current_span("compute") if self.tracing else UNTRACED:
                     outputs = await self._run_model(served, jobs, feed)
             except Exception as exc:  # a model failure answers its requests, never kills the worker
                 log.exception("model %s failed on a batch of %d", info.name, total)
@@ -333,6 +321,24 @@ class Worker(Placement, Health, Leases):
                 return await asyncio.get_running_loop().run_in_executor(self._executor, served.model.run, feed)
             finally:
                 heartbeat.cancel()
+
+    def _batch_span(self, info: ModelInfo, jobs: list[Job], total: int) -> AbstractContextManager[trace.Span]:
+        """The batch's span, after a queue_wait span per request: a root of its own,
+        sampled iff a request it links was (``telemetry.downstream_sampler``)."""
+        links, tenants = self._request_spans(info.name, jobs)
+        attributes: dict[str, AttributeValue] = {
+            "meshserve.model": info.name,
+            "meshserve.version": info.version,
+            "meshserve.batch_size": total,
+            "meshserve.requests": len(jobs),
+            "meshserve.device": self.settings.device,
+            "meshserve.worker": self.worker_id,
+        }
+        if tenants:
+            attributes["meshserve.tenants"] = tenants
+        return self.tracer.start_as_current_span(
+            "batch", links=links, attributes=attributes, context=otel_context.Context()
+        )
 
     def _request_spans(self, model: str, jobs: list[Job]) -> tuple[list[trace.Link], list[str]]:
         """A queue_wait span per request, in the request's own trace (its sampled flag
