@@ -31,7 +31,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
@@ -39,8 +39,10 @@ from typing import IO, TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from meshserve.bench_redis import RedisUsage, per_call_lines, snapshot
 from meshserve.dtypes import NUMPY_BY_KSERVE
 from meshserve.heap import freeze_startup_heap
+from meshserve.redis_server import RedisServer, binary_from_env
 from meshserve.repository import ANY_DIM, ModelInfo, TensorInfo, scan_repository
 from meshserve.settings import env_default
 
@@ -95,9 +97,14 @@ class PointFigures:
     p99_ms: float
     errors: dict[str, int]  # gRPC status code name -> count
     client_cpu_s: float  # user + system CPU of this process inside the window
+    redis: RedisUsage | None = None  # what Redis did inside the window, where the bench can see it
 
     def req_per_s(self) -> float:
         return self.requests / self.duration_s
+
+    def calls(self) -> int:
+        """Calls completed inside the window, failed ones included."""
+        return self.requests + sum(self.errors.values())
 
     def client_cpu_fraction(self) -> float:
         """CPU seconds per wall second; 1.0 is one core fully busy."""
@@ -275,10 +282,25 @@ async def _cpu_s_during(window: _Window) -> float:
     return _cpu_s() - before_s
 
 
+async def _redis_usage_during(window: _Window, redis: Any) -> RedisUsage:
+    """What ``redis`` (a ``redis.asyncio.Redis``) did inside ``window``."""
+    await _sleep_until(window.start_ns)
+    before = await snapshot(redis)
+    await _sleep_until(window.end_ns)
+    return (await snapshot(redis)).usage_since(before)
+
+
 async def measure_point(
-    target: str, request: pb.ModelInferRequest, concurrency: int, channels: int, warmup_s: float, duration_s: float
+    target: str,
+    request: pb.ModelInferRequest,
+    concurrency: int,
+    channels: int,
+    warmup_s: float,
+    duration_s: float,
+    redis: Any = None,
 ) -> PointFigures:
-    """Drive ``target`` with ``concurrency`` clients spread over ``channels`` channels."""
+    """Drive ``target`` with ``concurrency`` clients spread over ``channels`` channels;
+    with ``redis`` (the mesh's, a ``redis.asyncio.Redis``), also read what it did."""
     from protos import grpc_service_pb2_grpc as pb_grpc
 
     opened = [grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) for _ in range(channels)]
@@ -292,12 +314,15 @@ async def measure_point(
             async with asyncio.TaskGroup() as group:
                 for index in range(concurrency):
                     group.create_task(_client(calls[index % channels], request, window, tally))
+                redis_usage = None if redis is None else group.create_task(_redis_usage_during(window, redis))
                 cpu_s = await _cpu_s_during(window)
     finally:
         await asyncio.gather(*(channel.close() for channel in opened))
     latencies_ns = tally.latencies_ns
     p50_ms, p99_ms = percentile_ms(latencies_ns, 50), percentile_ms(latencies_ns, 99)
-    return PointFigures(concurrency, channels, duration_s, len(latencies_ns), p50_ms, p99_ms, dict(tally.errors), cpu_s)
+    usage = None if redis_usage is None else redis_usage.result()
+    errors = dict(tally.errors)
+    return PointFigures(concurrency, channels, duration_s, len(latencies_ns), p50_ms, p99_ms, errors, cpu_s, usage)
 
 
 async def _require_ready(target: str, model: ModelInfo) -> None:
@@ -317,18 +342,31 @@ async def _require_ready(target: str, model: ModelInfo) -> None:
 
 async def measure_mesh(target: str, model: ModelInfo, config: BenchConfig) -> list[PointFigures]:
     """One point per concurrency, in order, each on fresh channels."""
+    from redis.asyncio import Redis
+
     request = build_request(model)
     points: list[PointFigures] = []
-    for concurrency in config.concurrencies:
-        channels = config.channels or min(concurrency, MAX_DEFAULT_CHANNELS)
-        point = await measure_point(target, request, concurrency, channels, config.warmup_s, config.duration_s)
-        _progress(
-            f"concurrency {concurrency}: {point.req_per_s():.0f} req/s, p50 {point.p50_ms:.2f} ms,"
-            f" p99 {point.p99_ms:.2f} ms, {sum(point.errors.values())} errors,"
-            f" client cpu {point.client_cpu_fraction():.2f}"
-        )
-        points.append(point)
+    redis = None if config.redis_url is None else Redis.from_url(config.redis_url)
+    try:
+        for concurrency in config.concurrencies:
+            channels = config.channels or min(concurrency, MAX_DEFAULT_CHANNELS)
+            points.append(await _sweep_point(target, request, concurrency, channels, config, redis))
+    finally:
+        if redis is not None:
+            await redis.aclose()
     return points
+
+
+async def _sweep_point(
+    target: str, request: pb.ModelInferRequest, concurrency: int, channels: int, config: BenchConfig, redis: Any
+) -> PointFigures:
+    point = await measure_point(target, request, concurrency, channels, config.warmup_s, config.duration_s, redis)
+    _progress(
+        f"concurrency {concurrency}: {point.req_per_s():.0f} req/s, p50 {point.p50_ms:.2f} ms,"
+        f" p99 {point.p99_ms:.2f} ms, {sum(point.errors.values())} errors,"
+        f" client cpu {point.client_cpu_fraction():.2f}"
+    )
+    return point
 
 
 # ------------------------------------------------------------------ own mesh
@@ -483,6 +521,7 @@ def format_report(
             lines.append(f"concurrency {point.concurrency}: errors {codes}")
         if point.client_cpu_fraction() > CLIENT_BOUND_CPU_FRACTION:
             lines.append(f"concurrency {point.concurrency}: client CPU-bound: figures are a lower bound")
+    lines += per_call_lines([(point.concurrency, point.calls(), point.redis) for point in points if point.redis])
     return "\n".join(lines)
 
 
@@ -496,11 +535,21 @@ def report_json(
             **asdict(point),
             "req_per_s": point.req_per_s(),
             "client_cpu_fraction": point.client_cpu_fraction(),
+            **_redis_per_call(point),
             **asdict(compare(point, raw)),
         }
         for point in points
     ]
     return {"settings": asdict(config), "machine": machine, "raw": raw_json, "points": points_json}
+
+
+def _redis_per_call(point: PointFigures) -> dict[str, float]:
+    if point.redis is None or point.calls() == 0:
+        return {}
+    return {
+        "redis_commands_per_call": point.redis.commands / point.calls(),
+        "redis_cpu_us_per_call": point.redis.cpu_s / point.calls() * 1e6,
+    }
 
 
 def _progress(message: str) -> None:
@@ -521,6 +570,7 @@ class BenchConfig:
     json_path: Path | None
     repository: Path
     max_batch: int | None  # None: the model's max_batch_size
+    redis_url: str | None = None  # the mesh's Redis, to read what each call cost it; None: not read
 
 
 def _concurrency_list(text: str) -> tuple[int, ...]:
@@ -544,6 +594,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " overload: twice the sustainable rate; noisy-neighbor: one tenant floods, another is timed",
     )
     parser.add_argument("--target", default=env_default("BENCH_TARGET", None), help="HOST:PORT of a running mesh")
+    parser.add_argument(
+        "--redis-url",
+        default=env_default("BENCH_REDIS_URL", None),
+        help="with --target: that mesh's Redis, to report what each call cost it (without --target the bench"
+        " starts the mesh on a Redis of its own and always reports it)",
+    )
     parser.add_argument("--model", default=env_default("BENCH_MODEL", "cnn"))
     parser.add_argument("--concurrency", type=_concurrency_list, default=env_default("BENCH_CONCURRENCY", "1,32"))
     parser.add_argument("--duration-s", type=float, default=env_default("BENCH_DURATION_S", 10.0))
@@ -576,6 +632,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         json_path=Path(args.json) if args.json else None,
         repository=repository or write_example_repository(default_repository_dir()),
         max_batch=args.max_batch,
+        redis_url=args.redis_url if args.target else None,
     )
 
 
@@ -626,8 +683,12 @@ def run_bench(args: argparse.Namespace) -> int:
     model = _find_model(config.repository, config.model)
     max_batch = (config.max_batch or model.max_batch_size) if model.max_batch_size > 0 else 1
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    mesh = contextlib.nullcontext(config.target) if config.target else own_mesh(config.repository)
-    with mesh as target:
+    with contextlib.ExitStack() as stack:
+        target = config.target
+        if target is None:  # a Redis of the bench's own, so that its counters are this mesh's alone
+            redis_url = stack.enter_context(RedisServer(binary_from_env())).socket_url
+            config = replace(config, redis_url=redis_url)
+            target = stack.enter_context(own_mesh(config.repository, ["--redis-url", redis_url]))
         asyncio.run(_require_ready(target, model))
         freeze_startup_heap()  # the client's own GC pauses would show as mesh latency
         points_count = len(raw_batches(max_batch)) + len(config.concurrencies)
