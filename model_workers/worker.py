@@ -275,17 +275,15 @@ class Worker(Placement, Health, Leases):
         total = sum(job.batch_size for job in jobs)
         with self._batch_span(info, jobs, total) if self.tracing else UNTRACED:
             feed = stack(jobs)
-            started_ns = time.time_ns()
             try:
                 with self.tracer.start_as_current_span("compute") if self.tracing else UNTRACED:
-                    outputs = await self._run_model(served, jobs, feed)
+                    outputs, compute_us = await self._run_model(served, jobs, feed)
             except Exception as exc:  # a model failure answers its requests, never kills the worker
                 log.exception("model %s failed on a batch of %d", info.name, total)
                 served.stats.failed += len(jobs)
                 self._count_failure(served)
                 message = f"model '{info.name}' failed: {exc}"
                 return [(job, error_reply(job, grpc.StatusCode.INTERNAL, message)) for job in jobs]
-            compute_us = (time.time_ns() - started_ns) // 1000
             served.consecutive_failures = 0
             if log.isEnabledFor(logging.DEBUG):  # inside the batch span: the line carries its trace id
                 _log_batch(info, jobs, total, compute_us, claimed_ns)
@@ -309,18 +307,22 @@ class Worker(Placement, Health, Leases):
         stats.device_seconds += compute_s
         return split(served, jobs, outputs, compute_us, claimed_ns, self.worker_id)
 
-    async def _run_model(self, served: Served, jobs: list[Job], feed: dict[str, Any]) -> list[Any]:
+    async def _run_model(self, served: Served, jobs: list[Job], feed: dict[str, Any]) -> tuple[list[Any], int]:
         """Run one batch: on this thread if the model is quick (``Served.runs_inline``),
         else on the ONNX Runtime thread with the batch's leases extended meanwhile.
-        The device lock keeps a canary from running beside it."""
+        Returns the outputs and the run's time in µs, timed once the device lock is
+        held: a canary in progress finishes first, and its time is not the batch's."""
         async with self._device:
+            started_ns = time.time_ns()
             if served.runs_inline():
-                return served.model.run(feed)
-            heartbeat = asyncio.create_task(self._heartbeat(served, jobs))
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self._executor, served.model.run, feed)
-            finally:
-                heartbeat.cancel()
+                outputs = served.model.run(feed)
+            else:
+                heartbeat = asyncio.create_task(self._heartbeat(served, jobs))
+                try:
+                    outputs = await asyncio.get_running_loop().run_in_executor(self._executor, served.model.run, feed)
+                finally:
+                    heartbeat.cancel()
+            return outputs, (time.time_ns() - started_ns) // 1000
 
     def _batch_span(self, info: ModelInfo, jobs: list[Job], total: int) -> AbstractContextManager[trace.Span]:
         """The batch's span, after a queue_wait span per request: a root of its own,

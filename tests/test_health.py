@@ -197,14 +197,15 @@ async def test_a_canary_never_runs_beside_a_batch_run_on_the_event_loop_thread(
 ) -> None:
     """Quick models run their batches on the loop's thread while canaries run on the
     ONNX Runtime thread; the device lock keeps the two apart. Every run here takes
-    3 ms (still quick), and a canary starts every millisecond, so without the lock
+    2 ms (still quick), and a canary starts every millisecond, so without the lock
     most of these calls would run beside one."""
     repository = write_example_repository(tmp_path / "models", ["mlp"])
     mesh = await start_mesh(redis_url, repository, worker_overrides={"canary_interval_s": 0.001})
     model = mesh.workers[0].worker.served[("mlp", 1)].model
     session = model.session
     guard = threading.Lock()
-    running = most = 0
+    running = most = on_loop = 0
+    loop_thread = threading.get_ident()
 
     class Slowed:
         """The real session, each run 3 ms longer, counting runs in progress."""
@@ -213,12 +214,13 @@ async def test_a_canary_never_runs_beside_a_batch_run_on_the_event_loop_thread(
             return getattr(session, name)
 
         def run(self, *args: Any, **kwargs: Any) -> Any:
-            nonlocal running, most
+            nonlocal running, most, on_loop
             with guard:
                 running += 1
                 most = max(most, running)
+                on_loop += threading.get_ident() == loop_thread
             try:
-                time.sleep(0.003)
+                time.sleep(0.002)
                 return session.run(*args, **kwargs)
             finally:
                 with guard:
@@ -231,9 +233,8 @@ async def test_a_canary_never_runs_beside_a_batch_run_on_the_event_loop_thread(
             for value in range(40):
                 features = {"features": np.full((1, 64), value, np.float32)}
                 await stub.ModelInfer(infer_request("mlp", features), timeout=5)
-        served = mesh.workers[0].worker.served[("mlp", 1)]
-        assert served.runs_inline()  # the batches did run on the loop's thread
     finally:
         await stop_mesh(mesh)
 
+    assert on_loop > 0  # batches did run on the loop's thread (all but the first, unless the machine stalls)
     assert most == 1
