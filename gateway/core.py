@@ -221,10 +221,8 @@ class Gateway:
 
         # Admission before decoding tensors: a flood of refused calls must cost the
         # gateway as little as possible, or it slows every other tenant's calls.
-        job_id = uuid.uuid4().hex
         limited = tenant.rate_per_s > 0 or tenant.max_inflight > 0
-        if limited:
-            await self._admit(tenant, job_id, int(deadline_ms))
+        job_id = await self._admit(tenant, int(deadline_ms)) if limited else uuid.uuid4().hex
         try:
             packed = pack_inputs(request, model)
             outputs = check_requested_outputs(request, model)
@@ -233,10 +231,11 @@ class Gateway:
             if limited:
                 self._release(tenant, job_id)
 
-    async def _admit(self, tenant: Tenant, job_id: str, deadline_ms: int) -> None:
-        """One Redis script, unless this gateway already knows the tenant is over its
-        rate: GCRA admits nothing before its retry hint, so until then the answer
-        is the same without the round trip."""
+    async def _admit(self, tenant: Tenant, deadline_ms: int) -> str:
+        """Admit a new job of ``tenant``; its id. One Redis script, unless this
+        gateway already knows the tenant is over its rate: GCRA admits nothing
+        before its retry hint, so until then the answer is the same without the
+        round trip (or a job id)."""
         wait_s = self._throttled_until.get(tenant.name, 0.0) - time.monotonic()
         if wait_s > 0:
             retry_after_ms = max(1, int(wait_s * 1000))
@@ -246,6 +245,7 @@ class Gateway:
                 reason="rate",
                 retry_after_ms=retry_after_ms,
             )
+        job_id = uuid.uuid4().hex
         try:
             decision = await self.admission.admit(tenant, job_id, deadline_ms=deadline_ms)
         except RedisError as exc:
@@ -256,6 +256,7 @@ class Gateway:
             raise ResourceExhausted(
                 decision.describe(tenant), reason=decision.reason, retry_after_ms=decision.retry_after_ms
             )
+        return job_id
 
     def _release(self, tenant: Tenant, job_id: str) -> None:
         """In the background (shielded from the caller's cancellation): free the slot."""

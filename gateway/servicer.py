@@ -21,7 +21,7 @@ from gateway.core import Gateway
 from meshserve import __version__
 from meshserve.codec import to_infer_response
 from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
-from meshserve.metrics import GatewayMetrics
+from meshserve.metrics import GatewayMetrics, LabelMemo
 from meshserve.repository import ModelInfo
 from meshserve.telemetry import UNTRACED, extract, records, tenant_attribute
 from meshserve.tenants import Tenant, bearer_key
@@ -94,6 +94,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         settings = gateway.settings
         self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self.metrics = metrics or GatewayMetrics.create()
+        self._labelled = LabelMemo()
 
     # ----------------------------------------------------------------- health
 
@@ -138,7 +139,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started_s = time.perf_counter()
         metrics = self.metrics
         label = request.model_name if request.model_name in self.gateway.view.latest else UNKNOWN_MODEL_LABEL
-        inflight = metrics.inflight.labels(label)
+        labelled = self._labelled
+        inflight = labelled(metrics.inflight, label)
         inflight.inc()
         code = grpc.StatusCode.OK
         tenant: Tenant | None = None
@@ -157,12 +159,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             inflight.dec()
             duration_s = time.perf_counter() - started_s
-            metrics.requests.labels(label, code.name).inc()
-            metrics.latency.labels(label).observe(duration_s)
+            labelled(metrics.requests, label, code.name).inc()
+            labelled(metrics.latency, label).observe(duration_s)
             tenant_label = tenant.name if tenant is not None else UNAUTHENTICATED_LABEL
-            metrics.tenant_requests.labels(tenant_label, code.name).inc()
+            labelled(metrics.tenant_requests, tenant_label, code.name).inc()
             if tenant is not None:
-                metrics.tenant_latency.labels(tenant_label).observe(duration_s)
+                labelled(metrics.tenant_latency, tenant_label).observe(duration_s)
 
     def _count_rejection(self, error: MeshError, tenant: Tenant | None) -> None:
         """Admission refusals by tenant and reason; tenants come only from the file (bounded)."""
@@ -173,7 +175,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reason = error.reason if isinstance(error, ResourceExhausted) else "permission_denied"
         else:
             return
-        self.metrics.rejections.labels(label, reason).inc()
+        self._labelled(self.metrics.rejections, label, reason).inc()
 
     async def _infer(self, request: pb.ModelInferRequest, context: Context, tenant: Tenant) -> pb.ModelInferResponse:
         """The call without error mapping: a MeshError propagates to ModelInfer."""

@@ -19,7 +19,7 @@ import grpc
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from meshserve.metrics import ModelCounters, WorkerMetrics, WorkerReads
+from meshserve.metrics import LabelMemo, ModelCounters, WorkerMetrics, WorkerReads
 from meshserve.queue import ModelKeys, QueueProtocol, worker_wake_key
 from meshserve.redis_link import RedisLink
 from meshserve.settings import WorkerSettings
@@ -86,6 +86,7 @@ class WorkerState:
         self.memory_probe = probe_for(settings.device)
         self.activation_bytes: dict[tuple[str, int], int] = {}  # measured at warm-up; 0: not measured
         self.device_sample = self.device_monitor.sample()
+        self._labelled = LabelMemo()
         self.metrics = WorkerMetrics.create(
             WorkerReads(
                 models=self.counters,

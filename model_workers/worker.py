@@ -290,9 +290,10 @@ class Worker(Placement, Health, Leases):
         version = str(info.version)
         compute_s = compute_us / 1e6
         served.observe_compute(compute_us / 1000)
-        self.metrics.batch_size.labels(info.name, version).observe(total)
-        self.metrics.compute.labels(info.name, version).observe(compute_s)
-        queue_wait = self.metrics.queue_wait.labels(info.name, version)
+        labelled = self._labelled
+        labelled(self.metrics.batch_size, info.name, version).observe(total)
+        labelled(self.metrics.compute, info.name, version).observe(compute_s)
+        queue_wait = labelled(self.metrics.queue_wait, info.name, version)
         stats = served.stats
         for job in jobs:
             wait_s = max(0.0, claimed_ns / 1e9 - job.request.enqueued_ms / 1000)

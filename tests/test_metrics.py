@@ -10,11 +10,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from meshserve.metrics import MIN_RATE_FOR_BACKLOG_PER_S
+from meshserve.metrics import MIN_RATE_FOR_BACKLOG_PER_S, LabelMemo
 from meshserve.redis_server import free_port
 from meshserve.tenants import hash_key
 from protos import meshserve_pb2 as mpb
@@ -178,3 +178,17 @@ tenants:
     assert worker_samples[("meshserve_device_memory_used_bytes", labels(device=device))] > 0
     weights = (model_repository / "mlp" / "1" / "model.onnx").stat().st_size
     assert worker_samples[("meshserve_model_memory_bytes", labels(model="mlp", version="1", device=device))] == weights
+
+
+def test_a_label_memo_keeps_each_metric_and_label_values_apart() -> None:
+    registry = CollectorRegistry()
+    calls = Counter("calls", "Calls.", ["model", "code"], registry=registry)
+    waits = Counter("waits", "Waits.", ["model", "code"], registry=registry)
+    labelled = LabelMemo()
+    for _ in range(3):
+        labelled(calls, "cnn", "OK").inc()
+    labelled(calls, "cnn", "UNAVAILABLE").inc(2)
+    labelled(waits, "cnn", "OK").inc(5)  # same values, another metric
+    assert registry.get_sample_value("calls_total", {"model": "cnn", "code": "OK"}) == 3
+    assert registry.get_sample_value("calls_total", {"model": "cnn", "code": "UNAVAILABLE"}) == 2
+    assert registry.get_sample_value("waits_total", {"model": "cnn", "code": "OK"}) == 5
