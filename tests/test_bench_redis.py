@@ -3,17 +3,26 @@ report's lines from given figures."""
 
 from __future__ import annotations
 
+import os
+
 from redis.asyncio import Redis
 
 from meshserve import bench
 from meshserve.bench_redis import RedisUsage, per_call_lines, snapshot
+from meshserve.redis_server import RedisServer
 
 
-async def test_usage_counts_the_commands_scripts_run_and_not_its_own_snapshots(redis: Redis) -> None:
-    before = await snapshot(redis)
-    await redis.set("n", 1)
-    await redis.eval("redis.call('INCR', KEYS[1]); return redis.call('GET', KEYS[1])", 1, "n")
-    usage = (await snapshot(redis)).usage_since(before)
+async def test_usage_counts_the_commands_scripts_run_and_not_its_own_snapshots() -> None:
+    # A server of its own: the session's server may still carry another test's stray traffic.
+    with RedisServer(os.environ.get("MESHSERVE_TEST_REDIS_BINARY") or None) as server:
+        redis = Redis.from_url(server.url)
+        try:
+            before = await snapshot(redis)
+            await redis.set("n", 1)
+            await redis.eval("redis.call('INCR', KEYS[1]); return redis.call('GET', KEYS[1])", 1, "n")
+            usage = (await snapshot(redis)).usage_since(before)
+        finally:
+            await redis.aclose()
     assert usage.commands == 4  # SET, EVAL and the two commands the script ran
     assert usage.cpu_s >= 0
 
