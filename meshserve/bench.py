@@ -39,6 +39,7 @@ from typing import IO, TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from meshserve.bench_display import text_table
 from meshserve.bench_redis import RedisUsage, per_call_lines, snapshot
 from meshserve.dtypes import NUMPY_BY_KSERVE
 from meshserve.heap import freeze_startup_heap
@@ -463,15 +464,6 @@ def measure_raw_with_noise(
     return raw, max(0.0, other_s / (wall_after_s - wall_before_s))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned columns, two spaces apart, each as wide as its widest cell."""
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-
-
 def _raw_line(raw: RawFigures) -> str:
     best = raw.best_batch()
     batches = [
@@ -510,7 +502,7 @@ def format_report(
     lines = [
         f"model {model}, {duration_s:g} s per point, machine: {machine['cores']} cores, {machine['platform']}",
         _raw_line(raw),
-        *_table(header, [_point_row(point, raw) for point in points]),
+        *text_table(header, [_point_row(point, raw) for point in points]),
     ]
     other_cores = machine.get("other_cores_during_raw")
     if other_cores is not None and other_cores > BUSY_MACHINE_CORES:

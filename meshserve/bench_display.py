@@ -122,3 +122,12 @@ def plot_latency(
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart, each as wide as its widest cell."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from meshserve.bench_display import text_table
+
 SNAPSHOT_COMMANDS = 2
 """The INFO commands of one snapshot: the next snapshot counts them."""
 
@@ -52,8 +54,6 @@ async def snapshot(client: Any) -> RedisCounters:
 
 def per_call_lines(rows: Sequence[tuple[int, int, RedisUsage]]) -> list[str]:
     """The report's Redis lines: one row per (concurrency, calls completed, usage)."""
-    from meshserve.bench import _table
-
     body = []
     for concurrency, calls, usage in rows:
         if calls <= 0:
@@ -66,5 +66,5 @@ def per_call_lines(rows: Sequence[tuple[int, int, RedisUsage]]) -> list[str]:
     header = ["concurrency", "commands", "cpu us", "calls/s one Redis core carries"]
     return [
         "redis per call (commands include those the queue scripts run; cpu is its main thread):",
-        *_table(header, body),
+        *text_table(header, body),
     ]

@@ -8,8 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from meshserve.bench import BUSY_MACHINE_CORES, CLIENT_BOUND_CPU_FRACTION, RawFigures, _raw_line, _table
-from meshserve.bench_display import LatencySeries, plot_latency
+from meshserve.bench import BUSY_MACHINE_CORES, CLIENT_BOUND_CPU_FRACTION, RawFigures, _raw_line
+from meshserve.bench_display import LatencySeries, plot_latency, text_table
 from meshserve.bench_scenarios import (
     ALL,
     OVERLOAD_FACTOR,
@@ -123,7 +123,7 @@ def format_load_report(
     if not open_loop and len(raws) > 1:
         lines.append(f"equal mix, raw: {mix_capacity(raws):.0f} items/s (the all rows' x raw best)")
     rows = [row(point, model, raws) for point in points for model in _rows_models(point)]
-    lines += _table(header, rows)
+    lines += text_table(header, rows)
     lines += _notes("rate" if open_loop else "concurrency", points, machine)
     return "\n".join(lines)
 
