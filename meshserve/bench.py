@@ -72,12 +72,16 @@ class RawFigures:
     """In-process ONNX Runtime: batch-1 latency and items/s per batch size tried.
 
     ``idle_p50_ms``: batch-1 p50 when every run follows ``IDLE_GAP_S`` of sleep, as
-    a worker at concurrency 1 runs it (None where it was not measured)."""
+    a worker at concurrency 1 runs it (None where it was not measured).
+    ``worker_idle_p50_ms``: the same, on the session a worker builds (its thread
+    settings: idle threads sleep unless the worker spins); None where the worker
+    spins like ONNX Runtime's default, or it was not measured."""
 
     p50_ms: float
     p99_ms: float
     items_per_s_by_batch: dict[int, float]
     idle_p50_ms: float | None = None
+    worker_idle_p50_ms: float | None = None
 
     def best_batch(self) -> int:
         return max(self.items_per_s_by_batch, key=lambda batch: self.items_per_s_by_batch[batch])
@@ -203,7 +207,8 @@ def raw_batches(max_batch: int) -> list[int]:
 
 
 def measure_raw(model: ModelInfo, max_batch: int, warmup_s: float, duration_s: float) -> RawFigures:
-    """Run ``model.onnx`` in-process on CPU (default threads) at each batch size."""
+    """Run ``model.onnx`` in-process on CPU (default threads) at each batch size;
+    then batch 1 once more on the session a worker builds, when that differs."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
@@ -220,9 +225,32 @@ def measure_raw(model: ModelInfo, max_batch: int, warmup_s: float, duration_s: f
             batch1_ns = latencies_ns
             idle_ns = _timed_runs_ns(run, duration_s / 2, IDLE_GAP_S)
             _progress(f"raw batch 1 after {IDLE_GAP_S * 1000:g} ms idle: p50 {percentile_ms(idle_ns, 50):.2f} ms")
+    del session
+    worker_ns = _worker_session_idle_runs_ns(model, warmup_s, duration_s / 2)
+    if worker_ns:
+        _progress(f"raw batch 1 on a worker's session, after idle: p50 {percentile_ms(worker_ns, 50):.2f} ms")
     return RawFigures(
-        percentile_ms(batch1_ns, 50), percentile_ms(batch1_ns, 99), items_per_s, percentile_ms(idle_ns, 50)
+        percentile_ms(batch1_ns, 50),
+        percentile_ms(batch1_ns, 99),
+        items_per_s,
+        percentile_ms(idle_ns, 50),
+        percentile_ms(worker_ns, 50) if worker_ns else None,
     )
+
+
+def _worker_session_idle_runs_ns(model: ModelInfo, warmup_s: float, duration_s: float) -> list[int]:
+    """Batch 1 after ``IDLE_GAP_S`` on the session a CPU worker of this environment
+    builds (``MESHSERVE_INTRA_OP_*``, as ``meshserve up`` passes them on): by
+    default its idle threads sleep, and a lone request wakes them op by op. [] when
+    the worker spins, as ONNX Runtime does by default: the line above is its figure."""
+    if env_default("INTRA_OP_SPINNING", False):
+        return []
+    from model_workers.session import LoadedModel
+
+    loaded = LoadedModel(model, device="cpu", intra_op_threads=env_default("INTRA_OP_THREADS", 0))
+    run = functools.partial(loaded.run, random_inputs(model, 1))
+    _timed_runs_ns(run, warmup_s)
+    return _timed_runs_ns(run, duration_s, IDLE_GAP_S)
 
 
 # ------------------------------------------------------------------ mesh load
@@ -476,6 +504,11 @@ def _raw_line(raw: RawFigures) -> str:
     if raw.idle_p50_ms is not None:
         gap = f"{IDLE_GAP_S * 1000:g} ms idle"
         line += f"\nraw batch 1 after {gap} (how a lone request finds it): p50 {raw.idle_p50_ms:.2f} ms"
+    if raw.worker_idle_p50_ms is not None:
+        line += (
+            f"\nraw batch 1 after {IDLE_GAP_S * 1000:g} ms idle on a worker's session (idle threads sleep):"
+            f" p50 {raw.worker_idle_p50_ms:.2f} ms"
+        )
     return line
 
 

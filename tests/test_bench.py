@@ -1,6 +1,7 @@
 """The pure parts of ``meshserve bench``: percentiles, ratios, inputs, the table.
 
-No servers and no timing: every figure here is given.
+No servers and no timing: every figure here is given, except one test that runs
+a real example model through the worker's session class and checks only that it ran.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from meshserve import bench
-from meshserve.repository import ModelInfo, TensorInfo
+from meshserve.repository import ModelInfo, TensorInfo, load_model
 
 RAW = bench.RawFigures(p50_ms=1.0, p99_ms=1.5, items_per_s_by_batch={1: 1000.0, 8: 1600.0, 32: 2000.0})
 
@@ -116,6 +117,29 @@ def test_the_report_shows_raw_batch_1_after_an_idle_gap_when_measured() -> None:
     raw = bench.RawFigures(p50_ms=1.0, p99_ms=1.5, items_per_s_by_batch={1: 1000.0}, idle_p50_ms=2.25)
     lines = bench.format_report("cnn", 10.0, {"cores": 2, "platform": "Linux-test"}, raw, []).splitlines()
     assert "raw batch 1 after 4 ms idle (how a lone request finds it): p50 2.25 ms" in lines
+
+
+def test_the_report_shows_the_worker_session_figure_when_measured() -> None:
+    raw = bench.RawFigures(
+        p50_ms=1.0, p99_ms=1.5, items_per_s_by_batch={1: 1000.0}, idle_p50_ms=1.25, worker_idle_p50_ms=1.75
+    )
+    lines = bench.format_report("cnn", 10.0, {"cores": 2, "platform": "Linux-test"}, raw, []).splitlines()
+    assert "raw batch 1 after 4 ms idle on a worker's session (idle threads sleep): p50 1.75 ms" in lines
+    no_worker_line = bench.format_report("cnn", 10.0, {"cores": 2, "platform": "Linux-test"}, RAW, [])
+    assert "worker's session" not in no_worker_line
+
+
+def test_the_worker_session_runs_the_real_model_unless_the_worker_spins(
+    model_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real ONNX Runtime on the example mlp, through the worker's own session class."""
+    model = load_model(model_repository / "mlp", 1)
+    monkeypatch.delenv("MESHSERVE_INTRA_OP_SPINNING", raising=False)
+    runs_ns = bench._worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05)
+    assert runs_ns
+    assert all(ns > 0 for ns in runs_ns)
+    monkeypatch.setenv("MESHSERVE_INTRA_OP_SPINNING", "1")  # then the default session's figure is the worker's
+    assert bench._worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05) == []
 
 
 @pytest.mark.parametrize("text", ["", "0", "1,x", "4,-1"])
