@@ -151,6 +151,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code = error.code
             self._count_rejection(error, tenant)
             await _abort(context, error)
+        except asyncio.CancelledError:  # the client went away, or gRPC ended the call first
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.exception("unexpected error in ModelInfer for model %r", request.model_name)

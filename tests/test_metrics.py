@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from meshserve.metrics import MIN_RATE_FOR_BACKLOG_PER_S, LabelMemo
+from meshserve.queue import ModelKeys
 from meshserve.redis_server import free_port
 from meshserve.tenants import hash_key
 from protos import meshserve_pb2 as mpb
@@ -89,6 +90,34 @@ async def test_gateway_and_worker_metrics_count_a_known_workload(
     assert worker_samples[("meshserve_worker_batch_size_sum", mlp_v1)] == 8
     assert worker_samples[("meshserve_worker_compute_seconds_count", mlp_v1)] == 4
     assert worker_samples[("meshserve_worker_queue_wait_seconds_count", mlp_v1)] == 4
+
+
+async def test_a_call_the_client_cancels_is_counted_cancelled_not_ok(
+    redis: Redis, redis_url: str, model_repository: Path
+) -> None:
+    mesh = await start_mesh(redis_url, model_repository)
+    keys = ModelKeys.for_model("mlp", 1)
+    try:
+        await hold_serving(mesh.workers[0])
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            call = infer_stub(channel).ModelInfer(infer_request("mlp", {"features": np.ones((1, 64), np.float32)}))
+            await wait_queued(redis, "mlp", 1)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        # The handler ends on the gateway's side, then its job is withdrawn: once the
+        # queue is empty again the call has been counted.
+        async with asyncio.timeout(10):
+            while await redis.zcard(keys.ready):
+                await asyncio.sleep(0.01)
+        registry = mesh.gateway.metrics.registry
+        counted = {
+            code: registry.get_sample_value("meshserve_requests_total", {"model": "mlp", "code": code})
+            for code in ("OK", "CANCELLED")
+        }
+    finally:
+        await stop_mesh(mesh)
+    assert counted == {"OK": None, "CANCELLED": 1.0}
 
 
 async def test_tenants_devices_cost_and_the_autoscaling_signal(
