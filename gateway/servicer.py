@@ -37,7 +37,10 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints
 EXTENSIONS = ["model_configuration", "parameters"]
 
 UNAUTHENTICATED_LABEL = "<unauthenticated>"
-"""The rejections metric's tenant label for a call with no valid key."""
+"""The rejections metric's tenant label for a call with no valid credential."""
+
+UNKNOWN_KEY = "missing or unknown API key"
+"""How an UNAUTHENTICATED answer starts, whatever the credential that failed."""
 
 RETRY_AFTER_TRAILER = "retry-after-ms"
 """Trailing metadata on a rate-limited call: milliseconds until a retry can pass."""
@@ -76,6 +79,11 @@ def _log_request(model: str, tenant: str, code: grpc.StatusCode, started_s: floa
         duration_ms,
         extra={"model": model, "tenant": tenant, "code": code.name, "duration_ms": round(duration_ms, 3)},
     )
+
+
+def _peer_names(context: Context) -> list[str]:
+    """The names of the client certificate mutual TLS verified; [] without one."""
+    return [name.decode("utf-8", "replace") for name in context.peer_identities() or ()]
 
 
 def _details(message: str) -> str:
@@ -270,10 +278,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return None
 
     def _authenticate(self, context: Context) -> Tenant:
-        """The tenant of a call, from ``authorization: Bearer <key>`` only."""
-        tenant = self.gateway.tenants.authenticate(self._presented_key(context))
+        """The tenant of a call: from ``authorization: Bearer <key>`` when the call
+        sends one (the key decides alone), else from the names of the client
+        certificate mutual TLS verified (``mtls_identities`` in the tenants file)."""
+        tenants = self.gateway.tenants
+        key = self._presented_key(context)
+        if key is not None or tenants.open:
+            tenant = tenants.authenticate(key)
+            if tenant is None:
+                raise Unauthenticated(f"{UNKNOWN_KEY} (send 'authorization: Bearer <key>')")
+            return tenant
+        tenant = tenants.authenticate_peer(_peer_names(context))
         if tenant is None:
-            raise Unauthenticated("missing or unknown API key (send 'authorization: Bearer <key>')")
+            raise Unauthenticated(
+                f"{UNKNOWN_KEY} (send 'authorization: Bearer <key>'), and no verified client certificate names a tenant"
+            )
         return tenant
 
     async def _resolve_for_tenant(self, name: str, version: str, context: Context) -> ModelInfo:

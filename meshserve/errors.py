@@ -8,7 +8,7 @@ bug: it is logged once with its traceback and answered INTERNAL.
 
     MeshError
     ├── InvalidArgument     (INVALID_ARGUMENT)  malformed or mismatched tensors
-    ├── Unauthenticated     (UNAUTHENTICATED)   missing or unknown API key
+    ├── Unauthenticated     (UNAUTHENTICATED)   no valid API key or tenant certificate
     ├── PermissionDenied    (PERMISSION_DENIED) a model the tenant may not use, existing or not
     ├── NotFound            (NOT_FOUND)         unknown model or version
     ├── ResourceExhausted   (RESOURCE_EXHAUSTED) too large, queue full, over a limit

@@ -12,17 +12,24 @@ A tenants file (YAML, ``--tenants FILE`` / ``MESHSERVE_TENANTS``) declares every
         max_inflight: 64            # admitted and not yet answered; 0 = no limit (default 0)
         max_queued: 256             # waiting in queues; 0 = no limit (default 0)
         models: ["*"]               # fnmatch patterns, case-sensitive
+        mtls_identities: ["spiffe://acme.example/orders"]  # client certificate names
 
-``name``, ``api_keys`` and ``models`` are required. The file holds only SHA-256 hashes
-of keys (``hash_key`` makes one); a plain key is refused. Keys must be random and long
-(e.g. ``secrets.token_urlsafe(32)``): an unsalted fast hash is right for such keys and
-wrong for passwords.
+``name`` and ``models`` are required, and ``api_keys`` or ``mtls_identities`` (or
+both). The file holds only SHA-256 hashes of keys (``hash_key`` makes one); a plain
+key is refused. Keys must be random and long (e.g. ``secrets.token_urlsafe(32)``): an
+unsalted fast hash is right for such keys and wrong for passwords.
+
+``mtls_identities`` are names a client certificate carries, as gRPC reports them for a
+verified peer (``ServicerContext.peer_identities()``: its subject alternative names,
+or its common name when it has none). On a gateway with mutual TLS a call without an
+API key is the tenant one of its certificate's names belongs to; a key, when sent,
+decides alone. A name belongs to one tenant at most.
 
 A bad file is refused whole with ``TenantsFileError``, whose message names the file and
 the line at fault; ``reload_tenants`` keeps the registry in force when that happens.
 
-The tenant comes only from the verified key (DESIGN.md, "Security in one paragraph"),
-never from a request field. ``dev_registry()`` is the exception, for development only:
+The tenant comes only from the verified key or certificate (DESIGN.md, "Security in
+one paragraph"), never from a request field. ``dev_registry()`` is the exception, for development only:
 one open tenant that every caller becomes.
 """
 
@@ -51,8 +58,19 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _KEY_HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
 _EMPTY_KEY_DIGEST = hashlib.sha256(b"").digest()
 
-_FIELDS = ("name", "api_keys", "tier", "weight", "rate_per_s", "burst", "max_inflight", "max_queued", "models")
-_REQUIRED = ("name", "api_keys", "models")
+_FIELDS = (
+    "name",
+    "api_keys",
+    "mtls_identities",
+    "tier",
+    "weight",
+    "rate_per_s",
+    "burst",
+    "max_inflight",
+    "max_queued",
+    "models",
+)
+_REQUIRED = ("name", "models")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +88,8 @@ class Tenant:
     max_queued: int
     models: tuple[str, ...]
     """Glob patterns (``fnmatch``, case-sensitive) of the model names it may use."""
+    identities: frozenset[str] = frozenset()
+    """Client certificate names (``mtls_identities``) that authenticate as this tenant."""
 
     def may_use(self, model_name: str) -> bool:
         """True if any pattern matches. Check this before looking the model up, so a
@@ -94,11 +114,12 @@ class TenantRegistry:
     core here). Past a few hundred keys, switch to the dict.
     """
 
-    __slots__ = ("_by_digest", "_tenants", "open", "source")
+    __slots__ = ("_by_digest", "_by_identity", "_tenants", "open", "source")
 
     def __init__(self, tenants: Iterable[Tenant], *, open: bool = False, source: Path | None = None) -> None:
         self._tenants: dict[str, Tenant] = {}
         by_digest: dict[bytes, Tenant] = {}
+        self._by_identity: dict[str, Tenant] = {}
         for tenant in tenants:
             if tenant.name in self._tenants:
                 raise ValueError(f"duplicate tenant name {tenant.name!r}")
@@ -107,6 +128,11 @@ class TenantRegistry:
                 if digest in by_digest:
                     raise ValueError(f"tenant {tenant.name!r}: a key of tenant {by_digest[digest].name!r}")
                 by_digest[digest] = tenant
+            for identity in tenant.identities:
+                if identity in self._by_identity:
+                    owner = self._by_identity[identity].name
+                    raise ValueError(f"tenant {tenant.name!r}: identity {identity!r} of tenant {owner!r}")
+                self._by_identity[identity] = tenant
         if open and len(self._tenants) != 1:
             raise ValueError("an open registry has exactly one tenant")
         self._by_digest = tuple(by_digest.items())
@@ -139,6 +165,18 @@ class TenantRegistry:
             if hmac.compare_digest(stored, digest):
                 found = tenant
         return found
+
+    def authenticate_peer(self, identities: Iterable[str]) -> Tenant | None:
+        """The tenant a verified client certificate's names belong to; None when none
+        does, or when they belong to different tenants (never a guess between them).
+
+        A certificate's names are not secrets (TLS has already proven them), so this
+        is a plain lookup. An open registry returns its tenant.
+        """
+        if self.open:
+            return next(iter(self._tenants.values()))
+        found = {tenant.name: tenant for name in identities if (tenant := self._by_identity.get(name)) is not None}
+        return next(iter(found.values())) if len(found) == 1 else None
 
 
 def hash_key(key: str) -> str:
@@ -249,6 +287,7 @@ class _Parser:
         self.constructor = SafeConstructor()
         self.names: dict[str, int] = {}
         self.digests: dict[bytes, tuple[str, int]] = {}
+        self.identities: dict[str, tuple[str, int]] = {}
 
     def fail(self, node: Node, reason: str) -> NoReturn:
         raise TenantsFileError(self.path, _line(node), reason)
@@ -293,6 +332,8 @@ class _Parser:
         for key in _REQUIRED:
             if key not in fields:
                 self.fail(node, f"{what}: missing '{key}'")
+        if "api_keys" not in fields and "mtls_identities" not in fields:
+            self.fail(node, f"{what}: missing 'api_keys' (or 'mtls_identities'): nothing could authenticate as it")
         rate_per_s = self.number(fields, "rate_per_s", what, default=0.0)
         burst = self.integer(fields, "burst", what, default=max(1, math.ceil(rate_per_s)))
         if rate_per_s > 0 and burst < 1:
@@ -302,7 +343,7 @@ class _Parser:
             self.fail(fields["weight"][1], f"{what}: 'weight' must be a number > 0, got {weight!r}")
         return Tenant(
             name=name,
-            key_hashes=self.key_hashes(name, fields["api_keys"][1]),
+            key_hashes=self.key_hashes(name, fields["api_keys"][1]) if "api_keys" in fields else frozenset(),
             tier=self.tier(fields, what),
             weight=weight,
             rate_per_s=rate_per_s,
@@ -310,6 +351,9 @@ class _Parser:
             max_inflight=self.integer(fields, "max_inflight", what, default=0),
             max_queued=self.integer(fields, "max_queued", what, default=0),
             models=self.models(fields["models"][1], what),
+            identities=self.mtls_identities(name, fields["mtls_identities"][1])
+            if "mtls_identities" in fields
+            else frozenset(),
         )
 
     def name(self, node: Node, fields: _Fields) -> str:
@@ -379,6 +423,24 @@ class _Parser:
             self.digests[digest] = (name, _line(item))
             digests.add(digest)
         return frozenset(digests)
+
+    def mtls_identities(self, name: str, node: Node) -> frozenset[str]:
+        what = f"tenant '{name}'"
+        if not isinstance(node, SequenceNode) or not node.value:
+            self.fail(node, f"{what}: 'mtls_identities' must be a non-empty list of certificate names")
+        identities: set[str] = set()
+        for index, item in enumerate(node.value):
+            value = self.value(item) if isinstance(item, ScalarNode) else None
+            if not isinstance(value, str) or not value or value != value.strip():
+                self.fail(item, f"{what}: mtls_identities[{index}] must be a non-empty name, got {value!r}")
+            if value in self.identities:
+                owner, line = self.identities[value]
+                self.fail(
+                    item, f"{what}: mtls_identities[{index}] {value!r} already names tenant '{owner}' (line {line})"
+                )
+            self.identities[value] = (name, _line(item))
+            identities.add(value)
+        return frozenset(identities)
 
     def models(self, node: Node, what: str) -> tuple[str, ...]:
         if not isinstance(node, SequenceNode) or not node.value:

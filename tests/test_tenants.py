@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -138,6 +139,39 @@ def test_registry_refuses_duplicates_built_in_code() -> None:
         TenantRegistry([tenant("a", "k1"), tenant("a", "k2")])
     with pytest.raises(ValueError, match="a key of tenant 'a'"):
         TenantRegistry([tenant("a", "k1"), tenant("b", "k1")])
+    named = [dataclasses.replace(tenant(name, name), identities=frozenset({"svc"})) for name in ("a", "b")]
+    with pytest.raises(ValueError, match="identity 'svc' of tenant 'a'"):
+        TenantRegistry(named)
+
+
+def test_certificate_names_authenticate_their_one_tenant(tmp_path: Path) -> None:
+    registry = load_tenants(
+        write(
+            tmp_path,
+            f"""\
+            tenants:
+              - name: orders
+                mtls_identities: ["spiffe://acme.example/orders", "orders.internal"]
+                models: ["*"]
+              - name: billing
+                api_keys: ["{hash_key(BETA_KEY)}"]
+                mtls_identities: ["billing.internal"]
+                models: ["*"]
+            """,
+        )
+    )
+    orders = registry.tenants["orders"]
+    assert orders.key_hashes == frozenset()
+    assert orders.identities == {"spiffe://acme.example/orders", "orders.internal"}
+    assert registry.authenticate_peer(["localhost", "orders.internal"]) is orders
+    assert registry.authenticate_peer(["spiffe://acme.example/orders"]) is orders
+    assert registry.authenticate_peer(["billing.internal"]) is registry.tenants["billing"]
+    assert registry.authenticate_peer([]) is None
+    assert registry.authenticate_peer(["ORDERS.internal", "stranger"]) is None  # exact names only
+    # names of two tenants in one certificate: no guess between them
+    assert registry.authenticate_peer(["orders.internal", "billing.internal"]) is None
+    assert registry.authenticate(BETA_KEY) is registry.tenants["billing"]
+    assert dev_registry().authenticate_peer([]) is not None  # the open tenant is everyone
 
 
 KEY_A = hash_key("key-a")
@@ -237,7 +271,7 @@ BAD_FILES = {
             models: ["*"]
         """,
         2,
-        "tenant 'a': missing 'api_keys'",
+        "tenant 'a': missing 'api_keys' (or 'mtls_identities')",
     ),
     "missing models": (
         f"""\
@@ -447,6 +481,32 @@ BAD_FILES = {
         """,
         3,
         "api_keys[1] is already a key of tenant 'a'",
+    ),
+    "certificate name of another tenant": (
+        f"""\
+        tenants:
+          - name: a
+            api_keys: ["{KEY_A}"]
+            mtls_identities: ["svc.internal"]
+            models: ["*"]
+          - name: b
+            mtls_identities:
+              - other.internal
+              - svc.internal
+            models: ["*"]
+        """,
+        9,
+        "mtls_identities[1] 'svc.internal' already names tenant 'a' (line 4)",
+    ),
+    "empty certificate name": (
+        """\
+        tenants:
+          - name: a
+            mtls_identities: [""]
+            models: ["*"]
+        """,
+        3,
+        "mtls_identities[0] must be a non-empty name",
     ),
     "models not a list": (
         f"""\

@@ -1,8 +1,10 @@
-"""Mutual TLS on every hop: the whole path over mTLS with certificates made here, and
-the callers it must refuse (no certificate, a stranger's CA, a plaintext channel)."""
+"""Mutual TLS on every hop: the whole path over mTLS with certificates made here, the
+callers it must refuse (no certificate, a stranger's CA, a plaintext channel), and a
+client certificate as a tenant's credential."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from redis.asyncio import Redis
 
 from meshserve.cli import build_parser, tls_from_args
 from meshserve.examples import write_example_repository
+from meshserve.tenants import hash_key
 from meshserve.tls import TlsConfig, TlsConfigError
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
@@ -35,13 +38,14 @@ class Pki:
     mesh: TlsConfig  # the one identity every service of the mesh uses
     client: TlsConfig  # a client certificate from the mesh's CA
     stranger: TlsConfig  # a certificate from an unrelated CA
+    ours: Authority  # the mesh's CA, for certificates a test needs
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     ours = Authority.create(tmp_path, "mesh")
     theirs = Authority.create(tmp_path, "stranger")
-    return Pki(mesh=ours.issue("meshserve"), client=ours.issue("client"), stranger=theirs.issue("client"))
+    return Pki(mesh=ours.issue("meshserve"), client=ours.issue("client"), stranger=theirs.issue("client"), ours=ours)
 
 
 @pytest.fixture
@@ -119,6 +123,51 @@ async def test_the_router_and_the_gateway_refuse_a_plaintext_channel(tls_mesh: M
     for failed in (to_router.value, to_gateway.value):
         assert failed.code() == grpc.StatusCode.UNAVAILABLE
         assert CONNECT_FAILED in (failed.details() or "")
+
+
+# ------------------------------------------------------------ a certificate as a credential
+
+REPORTS_KEY = "reports-key-0123456789abcdef"
+
+
+async def test_a_client_certificate_names_its_tenant_when_no_key_is_sent(
+    redis: Redis, redis_url: str, tmp_path: Path, pki: Pki
+) -> None:
+    """A call without an API key is the tenant one of its certificate's names belongs
+    to; a certificate naming no tenant is refused; a key, when sent, decides alone."""
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(
+        textwrap.dedent(
+            f"""\
+            tenants:
+              - name: orders
+                mtls_identities: ["orders.internal"]
+                models: ["adder_fixed"]
+              - name: reports
+                api_keys: ["{hash_key(REPORTS_KEY)}"]
+                models: ["mlp"]
+            """
+        )
+    )
+    orders = pki.ours.issue("orders", hosts=["orders.internal"])
+    repository = write_example_repository(tmp_path / "models", ["adder_fixed"])
+    mesh = await start_mesh(redis_url, repository, tls=pki.mesh, tenants_path=tenants)
+    try:
+        async with grpc.aio.secure_channel(mesh.address, orders.channel_credentials()) as channel:
+            stub = infer_stub(channel)
+            response = await stub.ModelInfer(adder_request(), timeout=RPC_TIMEOUT_S)
+            metadata = (("authorization", f"Bearer {REPORTS_KEY}"),)
+            with pytest.raises(grpc.aio.AioRpcError) as with_key:
+                await stub.ModelInfer(adder_request(), metadata=metadata, timeout=RPC_TIMEOUT_S)
+        async with grpc.aio.secure_channel(mesh.address, pki.client.channel_credentials()) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as nameless:
+                await infer_stub(channel).ModelInfer(adder_request(), timeout=RPC_TIMEOUT_S)
+    finally:
+        await stop_mesh(mesh)
+    assert output_arrays(response)["sum"].tolist() == [[11, 22, 33, 44]]
+    assert with_key.value.code() == grpc.StatusCode.PERMISSION_DENIED  # reports' key: adder_fixed is not its model
+    assert nameless.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "no verified client certificate names a tenant" in (nameless.value.details() or "")
 
 
 # ------------------------------------------------------------ flags
