@@ -225,7 +225,7 @@ def measure_raw(model: ModelInfo, max_batch: int, warmup_s: float, duration_s: f
             batch1_ns = latencies_ns
             idle_ns = _timed_runs_ns(run, duration_s / 2, IDLE_GAP_S)
             _progress(f"raw batch 1 after {IDLE_GAP_S * 1000:g} ms idle: p50 {percentile_ms(idle_ns, 50):.2f} ms")
-    del session
+    del session  # its spinning threads would run beside the worker's session
     worker_ns = _worker_session_idle_runs_ns(model, warmup_s, duration_s / 2)
     if worker_ns:
         _progress(f"raw batch 1 on a worker's session, after idle: p50 {percentile_ms(worker_ns, 50):.2f} ms")

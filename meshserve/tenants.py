@@ -29,8 +29,8 @@ A bad file is refused whole with ``TenantsFileError``, whose message names the f
 the line at fault; ``reload_tenants`` keeps the registry in force when that happens.
 
 The tenant comes only from the verified key or certificate (DESIGN.md, "Security in
-one paragraph"), never from a request field. ``dev_registry()`` is the exception, for development only:
-one open tenant that every caller becomes.
+one paragraph"), never from a request field. ``dev_registry()`` is the exception, for
+development only: one open tenant that every caller becomes.
 """
 
 from __future__ import annotations
