@@ -39,7 +39,7 @@ import hashlib
 import hmac
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -399,14 +399,28 @@ class _Parser:
             self.fail(node, f"{what}: 'tier' must be one of {', '.join(TIERS)}, got {value!r}")
         return TIERS[value]
 
+    def entries(self, node: Node, empty: str) -> Iterator[tuple[int, Node, Any]]:
+        """(index, node, value) of a non-empty list's entries; ``empty`` is the error
+        for a missing or empty list. A value is None where the entry is no scalar."""
+        if not isinstance(node, SequenceNode) or not node.value:
+            self.fail(node, empty)
+        for index, item in enumerate(node.value):
+            yield index, item, self.value(item) if isinstance(item, ScalarNode) else None
+
+    def claim(self, owners: dict[Any, tuple[str, int]], value: Any, name: str, item: Node, taken: str) -> None:
+        """Record that ``value`` is tenant ``name``'s; ``taken`` ends the error when
+        it is already a tenant's: it gets that tenant and its line appended."""
+        if value in owners:
+            owner, line = owners[value]
+            self.fail(item, f"{taken} '{owner}' (line {line})")
+        owners[value] = (name, _line(item))
+
     def key_hashes(self, name: str, node: Node) -> frozenset[bytes]:
         what = f"tenant '{name}'"
-        if not isinstance(node, SequenceNode) or not node.value:
-            self.fail(node, f"{what}: 'api_keys' must be a non-empty list of 'sha256:<64 hex digits>'")
         digests: set[bytes] = set()
-        for index, item in enumerate(node.value):
+        empty = f"{what}: 'api_keys' must be a non-empty list of 'sha256:<64 hex digits>'"
+        for index, item, value in self.entries(node, empty):
             # Never echo the entry: a malformed one may be a key pasted in clear.
-            value = self.value(item) if isinstance(item, ScalarNode) else None
             match = _KEY_HASH.fullmatch(value) if isinstance(value, str) else None
             if match is None:
                 self.fail(
@@ -417,37 +431,27 @@ class _Parser:
             digest = bytes.fromhex(match.group(1))
             if digest == _EMPTY_KEY_DIGEST:
                 self.fail(item, f"{what}: api_keys[{index}] is the hash of an empty key")
-            if digest in self.digests:
-                owner, line = self.digests[digest]
-                self.fail(item, f"{what}: api_keys[{index}] is already a key of tenant '{owner}' (line {line})")
-            self.digests[digest] = (name, _line(item))
+            self.claim(self.digests, digest, name, item, f"{what}: api_keys[{index}] is already a key of tenant")
             digests.add(digest)
         return frozenset(digests)
 
     def mtls_identities(self, name: str, node: Node) -> frozenset[str]:
         what = f"tenant '{name}'"
-        if not isinstance(node, SequenceNode) or not node.value:
-            self.fail(node, f"{what}: 'mtls_identities' must be a non-empty list of certificate names")
         identities: set[str] = set()
-        for index, item in enumerate(node.value):
-            value = self.value(item) if isinstance(item, ScalarNode) else None
+        empty = f"{what}: 'mtls_identities' must be a non-empty list of certificate names"
+        for index, item, value in self.entries(node, empty):
             if not isinstance(value, str) or not value or value != value.strip():
                 self.fail(item, f"{what}: mtls_identities[{index}] must be a non-empty name, got {value!r}")
-            if value in self.identities:
-                owner, line = self.identities[value]
-                self.fail(
-                    item, f"{what}: mtls_identities[{index}] {value!r} already names tenant '{owner}' (line {line})"
-                )
-            self.identities[value] = (name, _line(item))
+            taken = f"{what}: mtls_identities[{index}] {value!r} already names tenant"
+            self.claim(self.identities, value, name, item, taken)
             identities.add(value)
         return frozenset(identities)
 
     def models(self, node: Node, what: str) -> tuple[str, ...]:
-        if not isinstance(node, SequenceNode) or not node.value:
-            self.fail(node, f"{what}: 'models' must be a non-empty list of model name patterns")
         patterns = []
-        for index, item in enumerate(node.value):
-            pattern = self.value(item) if isinstance(item, ScalarNode) else None
+        for index, item, pattern in self.entries(
+            node, f"{what}: 'models' must be a non-empty list of model name patterns"
+        ):
             if not isinstance(pattern, str) or not pattern:
                 self.fail(item, f"{what}: models[{index}] must be a non-empty string, got {pattern!r}")
             patterns.append(pattern)
