@@ -52,10 +52,11 @@ protos-check: $(STAMP) ## fail if the committed generated code is stale
 	  cmp -s "$$f" "protos/$$(basename $$f)" || { echo "stale generated code: protos/$$(basename $$f) (run make protos)"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "generated code is up to date"
 
-lint: $(STAMP) ## ruff (format and check) and mypy --strict on our packages
+lint: $(STAMP) ## ruff (format and check), mypy --strict, and the import contracts (pyproject)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

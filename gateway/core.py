@@ -24,8 +24,6 @@ import grpc
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from meshserve.admission import Admission
-from meshserve.codec import PackedInputs, check_requested_outputs, pack_inputs
 from meshserve.errors import (
     DeadlineExceeded,
     NotFound,
@@ -34,13 +32,15 @@ from meshserve.errors import (
     Unavailable,
     from_code,
 )
-from meshserve.queue import NUM_TIERS, Enqueued, ModelKeys, QueueProtocol, reply_key
-from meshserve.redis_link import RedisLink
-from meshserve.repository import ModelInfo
-from meshserve.routing import info_from_spec
+from meshserve.models.repository import ModelInfo
+from meshserve.observe.tracing import UNTRACED, inject, records
+from meshserve.queue.protocol import NUM_TIERS, Enqueued, ModelKeys, QueueProtocol, reply_key
 from meshserve.settings import GatewaySettings
-from meshserve.telemetry import UNTRACED, inject, records
-from meshserve.tenants import Tenant, TenantRegistry, dev_registry
+from meshserve.store.link import RedisLink
+from meshserve.tenancy.admission import Admission
+from meshserve.tenancy.tenants import Tenant, TenantRegistry, dev_registry
+from meshserve.wire.codec import PackedInputs, check_requested_outputs, pack_inputs
+from meshserve.wire.routing import info_from_spec
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc

@@ -13,11 +13,11 @@ from opentelemetry import trace
 
 from gateway.core import Gateway
 from gateway.servicer import InferenceServicer
-from meshserve.metrics import GatewayMetrics, MetricsServer
-from meshserve.redis_client import blocking_link, command_link
+from meshserve.observe.metrics import GatewayMetrics, MetricsServer
+from meshserve.platform.tls import add_port, channel
 from meshserve.settings import GatewaySettings, instance_id
-from meshserve.tenants import TenantRegistry, dev_registry, load_tenants, reload_tenants
-from meshserve.tls import add_port, channel
+from meshserve.store.clients import blocking_link, command_link
+from meshserve.tenancy.tenants import TenantRegistry, dev_registry, load_tenants, reload_tenants
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import meshserve_pb2_grpc as mpb_grpc

@@ -19,12 +19,12 @@ from opentelemetry import trace
 
 from gateway.core import Gateway
 from meshserve import __version__
-from meshserve.codec import to_infer_response
 from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
-from meshserve.metrics import GatewayMetrics, LabelMemo
-from meshserve.repository import ModelInfo
-from meshserve.telemetry import UNTRACED, extract, records, tenant_attribute
-from meshserve.tenants import Tenant, bearer_key
+from meshserve.models.repository import ModelInfo
+from meshserve.observe.metrics import GatewayMetrics, LabelMemo
+from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
+from meshserve.tenancy.tenants import Tenant, bearer_key
+from meshserve.wire.codec import to_infer_response
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc

@@ -1,5 +1,5 @@
 """``python -m meshserve``: the same as the ``meshserve`` command."""
 
-from meshserve.cli import main
+from meshserve.cli.main import main
 
 raise SystemExit(main())

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshserve.logs import LOG_FORMATS
-from meshserve.tls import TlsConfig
+from meshserve.observe.logs import LOG_FORMATS
+from meshserve.platform.tls import TlsConfig
 
 TRACE_TENANT_MODES = ("clear", "hash", "off")
-"""Values of ``trace_tenant``: how spans name a tenant (see meshserve.telemetry)."""
+"""Values of ``trace_tenant``: how spans name a tenant (see meshserve.observe.tracing)."""
 
 
 def env_default(name: str, default: Any) -> Any:
@@ -65,7 +65,7 @@ class GatewaySettings:
     lame_duck_s: float = 1.0  # on stop: NOT_SERVING but still answering, before the drain
     tenants_path: Path | None = None  # None: one open development tenant
     tls: TlsConfig | None = None  # mTLS on the public port and the router channel
-    trace_tenant: str = "clear"  # tenants on spans: clear | hash | off (meshserve.telemetry)
+    trace_tenant: str = "clear"  # tenants on spans: clear | hash | off (meshserve.observe.tracing)
     trace_tenant_secret: str = field(default="", repr=False)  # HMAC key for "hash"; env only
 
 
@@ -88,7 +88,7 @@ class WorkerSettings:
     canary_interval_s: float = 10.0  # each held model runs its sample input this often (0: no canary)
     drain_grace_s: float = 30.0
     tls: TlsConfig | None = None  # mTLS on the router channel and the health port
-    trace_tenant: str = "clear"  # tenants on spans: clear | hash | off (meshserve.telemetry)
+    trace_tenant: str = "clear"  # tenants on spans: clear | hash | off (meshserve.observe.tracing)
     trace_tenant_secret: str = field(default="", repr=False)  # HMAC key for "hash"; env only
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from meshserve.codec import from_array, to_array
-from meshserve.queue import ClaimedBatch
+from meshserve.queue.protocol import ClaimedBatch
+from meshserve.wire.codec import from_array, to_array
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 

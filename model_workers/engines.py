@@ -13,8 +13,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from meshserve.execution import ExecutionConfig
-from meshserve.repository import ModelInfo
+from meshserve.models.execution import ExecutionConfig
+from meshserve.models.repository import ModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from redis.exceptions import NoScriptError, RedisError
 
-from meshserve.queue import REPLY_TTL_S, ClaimedBatch, ack_command
+from meshserve.queue.protocol import REPLY_TTL_S, ClaimedBatch, ack_command
 from model_workers.batches import Job, by_token
 from model_workers.served import Served
 from model_workers.state import WorkerState

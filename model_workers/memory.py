@@ -17,7 +17,7 @@ import resource
 from dataclasses import dataclass
 from typing import Protocol
 
-from meshserve import inventory
+from meshserve.platform import inventory
 from model_workers.session import LoadedModel
 
 log = logging.getLogger(__name__)

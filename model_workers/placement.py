@@ -21,8 +21,8 @@ import time
 import grpc
 from redis.exceptions import RedisError
 
-from meshserve.queue import ModelKeys
-from meshserve.repository import load_model
+from meshserve.models.repository import load_model
+from meshserve.queue.protocol import ModelKeys
 from model_workers.memory import warm_up_measured
 from model_workers.served import Served
 from model_workers.session import LoadedModel

@@ -24,10 +24,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
-from meshserve.metrics import MetricsServer
-from meshserve.redis_client import blocking_link, command_link
+from meshserve.observe.metrics import MetricsServer
+from meshserve.platform.tls import add_port, channel
 from meshserve.settings import WorkerSettings, instance_id
-from meshserve.tls import add_port, channel
+from meshserve.store.clients import blocking_link, command_link
 from model_workers.worker import Worker
 from protos import meshserve_pb2_grpc as mpb_grpc
 

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from meshserve.dtypes import NUMPY_BY_KSERVE
-from meshserve.repository import ModelInfo
+from meshserve.models.repository import ModelInfo
+from meshserve.wire.dtypes import NUMPY_BY_KSERVE
 from model_workers import engines
 
 log = logging.getLogger(__name__)

@@ -19,11 +19,11 @@ import grpc
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from meshserve.metrics import LabelMemo, ModelCounters, WorkerMetrics, WorkerReads
-from meshserve.queue import ModelKeys, QueueProtocol, worker_wake_key
-from meshserve.redis_link import RedisLink
+from meshserve.observe.metrics import LabelMemo, ModelCounters, WorkerMetrics, WorkerReads
+from meshserve.observe.tracing import records, tenant_attribute
+from meshserve.queue.protocol import ModelKeys, QueueProtocol, worker_wake_key
 from meshserve.settings import WorkerSettings
-from meshserve.telemetry import records, tenant_attribute
+from meshserve.store.link import RedisLink
 from model_workers.devices import monitor_for
 from model_workers.memory import describe_device, probe_for
 from model_workers.served import Served

@@ -33,9 +33,9 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 from redis.exceptions import RedisError
 
-from meshserve.queue import CLAIM, ClaimOptions, claim_keys_args, parse_claim
-from meshserve.repository import ModelInfo
-from meshserve.telemetry import UNTRACED, extract
+from meshserve.models.repository import ModelInfo
+from meshserve.observe.tracing import UNTRACED, extract
+from meshserve.queue.protocol import CLAIM, ClaimOptions, claim_keys_args, parse_claim
 from model_workers.batches import Job, decode, error_reply, shape_signature, split, stack
 from model_workers.health import Health
 from model_workers.leases import Leases
@@ -338,7 +338,7 @@ class Worker(Placement, Health, Leases):
             "meshserve.worker": self.worker_id,
         }
         if tenants:
-            attributes["meshserve.tenants"] = tenants
+            attributes["meshserve.tenancy.tenants"] = tenants
         return self.tracer.start_as_current_span(
             "batch", links=links, attributes=attributes, context=otel_context.Context()
         )

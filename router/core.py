@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
-from meshserve.repository import ModelInfo
+from meshserve.models.repository import ModelInfo
 from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, Placement, Slot, demand_for, place
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from meshserve.inventory import Device
-from meshserve.mig import parse_mig_profile
-from meshserve.repository import ModelInfo
+from meshserve.models.repository import ModelInfo
+from meshserve.platform.inventory import Device
+from meshserve.platform.mig import parse_mig_profile
 
 ModelKey = tuple[str, int]
 

@@ -12,13 +12,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
-from meshserve.metrics import MetricsServer, RouterMetrics, RouterReads
-from meshserve.queue import TIER_SPAN, ModelKeys
-from meshserve.repository import scan_repository
-from meshserve.routing import spec_from_info
+from meshserve.models.repository import scan_repository
+from meshserve.observe.metrics import MetricsServer, RouterMetrics, RouterReads
+from meshserve.platform.tls import add_port
+from meshserve.queue.protocol import TIER_SPAN, ModelKeys
 from meshserve.settings import RouterSettings
-from meshserve.tenants import TIERS
-from meshserve.tls import add_port
+from meshserve.tenancy.tenants import TIERS
+from meshserve.wire.routing import spec_from_info
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
 from router.core import ModelKey, RouterCore, TableSnapshot, slot_from_id

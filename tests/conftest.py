@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from meshserve.examples import write_example_repository
-from meshserve.redis_link import RedisLink
-from meshserve.redis_server import RedisServer
+from meshserve.devkit.examples import write_example_repository
+from meshserve.devkit.redis_server import RedisServer
+from meshserve.store.link import RedisLink
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshserve.tls import TlsConfig
+from meshserve.platform.tls import TlsConfig
 
 
 @dataclass(frozen=True)

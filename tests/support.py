@@ -17,10 +17,10 @@ from redis.asyncio import Redis
 
 from gateway.core import Gateway
 from gateway.server import GatewayServer
-from meshserve.dtypes import KSERVE_BY_NUMPY, NUMPY_BY_KSERVE
-from meshserve.queue import ModelKeys
+from meshserve.platform.tls import TlsConfig
+from meshserve.queue.protocol import ModelKeys
 from meshserve.settings import GatewaySettings, RouterSettings, WorkerSettings
-from meshserve.tls import TlsConfig
+from meshserve.wire.dtypes import KSERVE_BY_NUMPY, NUMPY_BY_KSERVE
 from model_workers.server import WorkerServer
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc

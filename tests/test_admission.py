@@ -13,9 +13,9 @@ import dataclasses
 import pytest
 from redis.asyncio import Redis
 
-from meshserve.admission import INFLIGHT_GRACE_MS, Admission, Decision, TenantKeys
-from meshserve.redis_link import RedisLink
-from meshserve.tenants import Tenant
+from meshserve.store.link import RedisLink
+from meshserve.tenancy.admission import INFLIGHT_GRACE_MS, Admission, Decision, TenantKeys
+from meshserve.tenancy.tenants import Tenant
 
 MS = 1_000  # µs
 

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from redis.asyncio import Redis
 
-from meshserve.examples import write_example_repository
+from meshserve.devkit.examples import write_example_repository
 from model_workers.served import INLINE_COMPUTE_MS
 from model_workers.worker import ModelStats
 from protos import grpc_service_pb2 as pb

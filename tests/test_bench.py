@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshserve import bench
-from meshserve.repository import ModelInfo, TensorInfo, load_model
+from meshserve.models.repository import ModelInfo, TensorInfo, load_model
+from meshserve_bench import sweep as bench
 
 RAW = bench.RawFigures(p50_ms=1.0, p99_ms=1.5, items_per_s_by_batch={1: 1000.0, 8: 1600.0, 32: 2000.0})
 

@@ -7,9 +7,9 @@ import os
 
 from redis.asyncio import Redis
 
-from meshserve import bench
-from meshserve.bench_redis import RedisUsage, per_call_lines, snapshot
-from meshserve.redis_server import RedisServer
+from meshserve.devkit.redis_server import RedisServer
+from meshserve_bench import sweep as bench
+from meshserve_bench.redis_cost import RedisUsage, per_call_lines, snapshot
 
 
 async def test_usage_counts_the_commands_scripts_run_and_not_its_own_snapshots() -> None:

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from meshserve import bench_display, bench_scenarios
-from meshserve import bench_scenarios_report as report
-from meshserve.bench import BenchConfig, RawFigures, _find_model, build_request
-from meshserve.bench_scenarios import (
+from meshserve.cli.main import build_parser
+from meshserve_bench import display as bench_display
+from meshserve_bench import scenarios as bench_scenarios
+from meshserve_bench import scenarios_report as report
+from meshserve_bench.scenarios import (
     CallFigures,
     LoadFigures,
     OverloadFigures,
@@ -27,8 +28,8 @@ from meshserve.bench_scenarios import (
     load_figures,
     overload_problems,
 )
-from meshserve.bench_tenants import due_times_ns
-from meshserve.cli import build_parser
+from meshserve_bench.sweep import BenchConfig, RawFigures, _find_model, build_request
+from meshserve_bench.tenants import due_times_ns
 
 MS = 1_000_000  # ns
 BENCH = BenchConfig(
@@ -261,7 +262,7 @@ async def test_the_noisy_tenants_flood_runs_in_a_spawned_process(mesh: Any, mode
     import concurrent.futures
     import multiprocessing
 
-    from meshserve import bench_tenants
+    from meshserve_bench import tenants as bench_tenants
 
     request = build_request(_find_model(model_repository, "mlp"))
     spawn = multiprocessing.get_context("spawn")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from meshserve import bench_tenants as nn
-from meshserve.cli import build_parser
-from meshserve.tenants import TIERS, load_tenants
+from meshserve.cli.main import build_parser
+from meshserve.tenancy.tenants import TIERS, load_tenants
+from meshserve_bench import tenants as nn
 
 CONFIG = nn.ScenarioConfig(
     model="cnn",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from meshserve.cli import _serve_until_signal, build_parser, main
-from meshserve.tenants import TenantRegistry, load_tenants
+from meshserve.cli.main import _serve_until_signal, build_parser, main
+from meshserve.tenancy.tenants import TenantRegistry, load_tenants
 
 
 def test_hash_key_prints_what_the_tenants_file_accepts(

@@ -14,9 +14,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from meshserve.examples import write_example_repository
-from meshserve.execution import DEFAULT_EXECUTION, CudaConfig, ExecutionConfig, TensorRTConfig
-from meshserve.repository import ModelInfo, RepositoryError, load_model
+from meshserve.devkit.examples import write_example_repository
+from meshserve.models.execution import DEFAULT_EXECUTION, CudaConfig, ExecutionConfig, TensorRTConfig
+from meshserve.models.repository import ModelInfo, RepositoryError, load_model
 from model_workers import engines
 from model_workers.engines import CPU, CUDA, TENSORRT, provider_chain
 from model_workers.session import LoadedModel

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from meshserve.examples import (
+from meshserve.devkit.examples import (
     EXAMPLE_MODELS,
     build_any_size,
     build_cnn,

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
-from meshserve.tenants import hash_key
+from meshserve.tenancy.tenants import hash_key
 from tests.support import (
     Mesh,
     hold_serving,

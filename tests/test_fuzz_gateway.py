@@ -45,10 +45,10 @@ from hypothesis import strategies as st
 from hypothesis.strategies import DrawFn
 from redis.asyncio import Redis
 
-from meshserve.codec import pack_inputs
-from meshserve.dtypes import NUMPY_BY_KSERVE
 from meshserve.errors import InvalidArgument
-from meshserve.repository import ModelInfo, TensorInfo
+from meshserve.models.repository import ModelInfo, TensorInfo
+from meshserve.wire.codec import pack_inputs
+from meshserve.wire.dtypes import NUMPY_BY_KSERVE
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.support import Mesh, start_mesh, stop_mesh

@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 from redis.asyncio import Redis
 
-from meshserve.examples import write_example_repository
-from meshserve.repository import load_model
+from meshserve.devkit.examples import write_example_repository
+from meshserve.models.repository import load_model
 from model_workers.server import WorkerServer
 from model_workers.session import LoadedModel, SanityCheckFailed
 from protos import grpc_service_pb2 as pb

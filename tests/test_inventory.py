@@ -1,7 +1,7 @@
 """The host's devices from NVML, and one worker per device under `meshserve up`.
 
 This machine has no GPU: NVML is the one thing stood in for, through the
-:class:`meshserve.inventory.Nvml` seam. The fake answers only the calls in that
+:class:`meshserve.platform.inventory.Nvml` seam. The fake answers only the calls in that
 seam; any other NVML call (a MIG-changing one above all) fails the test.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from meshserve.cli import build_parser, main
-from meshserve.inventory import Device, discover, inventory_table, pin_device, visible_devices
-from meshserve.supervisor import ChildSpec, plan_children
+from meshserve.cli.main import build_parser, main
+from meshserve.cli.supervisor import ChildSpec, plan_children
+from meshserve.platform.inventory import Device, discover, inventory_table, pin_device, visible_devices
 
 GIB = 2**30
 H100 = "NVIDIA H100 80GB HBM3"
@@ -166,7 +166,7 @@ def test_without_nvml_the_cpu_alone_said_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
-    with caplog.at_level(logging.INFO, logger="meshserve.inventory"):
+    with caplog.at_level(logging.INFO, logger="meshserve.platform.inventory"):
         devices = discover()
     assert [(d.id, d.kind, d.cuda_visible_devices) for d in devices] == [("cpu", "cpu", "")]
     assert [r.getMessage() for r in caplog.records] == [
@@ -176,7 +176,7 @@ def test_without_nvml_the_cpu_alone_said_once(
 
 def test_without_a_driver_the_cpu_alone_said_once(caplog: pytest.LogCaptureFixture) -> None:
     nvml = FakeNvml(fail_init=True)
-    with caplog.at_level(logging.INFO, logger="meshserve.inventory"):
+    with caplog.at_level(logging.INFO, logger="meshserve.platform.inventory"):
         devices = discover(nvml)
     assert [d.id for d in devices] == ["cpu"]
     assert [r.getMessage() for r in caplog.records] == ["devices: CPU only (NVML did not start: Driver Not Loaded)"]
@@ -185,7 +185,7 @@ def test_without_a_driver_the_cpu_alone_said_once(caplog: pytest.LogCaptureFixtu
 
 def test_an_nvml_error_midway_leaves_the_cpu_and_shuts_nvml_down(caplog: pytest.LogCaptureFixture) -> None:
     nvml = FakeNvml(fail_uuid_of="gpu1")  # the MIG slices of GPU 0 were already read
-    with caplog.at_level(logging.INFO, logger="meshserve.inventory"):
+    with caplog.at_level(logging.INFO, logger="meshserve.platform.inventory"):
         devices = discover(nvml)
     assert [d.id for d in devices] == ["cpu"]
     assert [r.getMessage() for r in caplog.records] == [

@@ -23,9 +23,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from meshserve.examples import write_example_repository
-from meshserve.queue import ModelKeys
-from meshserve.repository import load_model
+from meshserve.devkit.examples import write_example_repository
+from meshserve.models.repository import load_model
+from meshserve.queue.protocol import ModelKeys
 from meshserve.settings import WorkerSettings
 from model_workers.server import WorkerServer
 from model_workers.session import LoadedModel

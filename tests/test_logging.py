@@ -19,8 +19,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
-from meshserve.cli import build_parser
-from meshserve.logs import JsonFormatter
+from meshserve.cli.main import build_parser
+from meshserve.observe.logs import JsonFormatter
 from tests.support import infer_request, infer_stub, start_mesh, stop_mesh
 
 log = logging.getLogger("tests.logging")

@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from meshserve.metrics import MIN_RATE_FOR_BACKLOG_PER_S, LabelMemo
-from meshserve.queue import ModelKeys
-from meshserve.redis_server import free_port
-from meshserve.tenants import hash_key
+from meshserve.devkit.redis_server import free_port
+from meshserve.observe.metrics import MIN_RATE_FOR_BACKLOG_PER_S, LabelMemo
+from meshserve.queue.protocol import ModelKeys
+from meshserve.tenancy.tenants import hash_key
 from protos import meshserve_pb2 as mpb
 from tests.support import (
     hold_serving,

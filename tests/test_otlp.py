@@ -29,7 +29,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio import Redis
 
-from meshserve.telemetry import make_tracer, tenant_attribute, tracer_provider
+from meshserve.observe.tracing import make_tracer, tenant_attribute, tracer_provider
 from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.support import (
     Mesh,
@@ -245,7 +245,7 @@ async def test_a_batch_exports_one_trace_per_request_and_links_them(
         "meshserve.requests": 3,
         "meshserve.device": "cpu",
         "meshserve.worker": traced.mesh.workers[0].worker.worker_id,
-        "meshserve.tenants": [hashed],
+        "meshserve.tenancy.tenants": [hashed],
     }
     compute = receiver.only("compute")
     assert (compute.trace_id, compute.parent_id) == (batch.trace_id, batch.span_id)
@@ -285,7 +285,7 @@ async def test_the_gateway_samples_once_and_the_worker_follows(
     assert len(batch.links) == 3  # the unsampled requests are linked as well
     assert receiver.only("compute").parent_id == batch.span_id
     assert not any("meshserve.tenant" in span.attributes for span in receiver.spans)  # trace_tenant off
-    assert "meshserve.tenants" not in batch.attributes
+    assert "meshserve.tenancy.tenants" not in batch.attributes
 
 
 # ------------------------------------------------------------------ configuration

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from meshserve.inventory import Device
-from meshserve.metrics import RouterMetrics, RouterReads
-from meshserve.repository import ModelInfo, PlacementConfig, load_model
+from meshserve.models.repository import ModelInfo, PlacementConfig, load_model
+from meshserve.observe.metrics import RouterMetrics, RouterReads
+from meshserve.platform.inventory import Device
 from model_workers.memory import HostPeakRss, UnmeasuredGpu, describe_device, warm_up_measured
 from model_workers.session import LoadedModel
 from router.core import RouterCore

@@ -12,9 +12,9 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from meshserve.bench_redis import snapshot
-from meshserve.queue import ModelKeys, QueueProtocol
-from meshserve.redis_link import RedisLink
+from meshserve.queue.protocol import ModelKeys, QueueProtocol
+from meshserve.store.link import RedisLink
+from meshserve_bench.redis_cost import snapshot
 
 KEYS = ModelKeys.for_model("m", 1)
 FAR_MS = 10**13  # a deadline far in the future (epoch ms)

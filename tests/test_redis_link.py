@@ -9,8 +9,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-from meshserve.redis_link import RedisLink, Script
-from meshserve.redis_server import RedisServer
+from meshserve.devkit.redis_server import RedisServer
+from meshserve.store.link import RedisLink, Script
 
 COUNT = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 

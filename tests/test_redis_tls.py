@@ -29,10 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError
 
-from meshserve.examples import write_example_repository
-from meshserve.redis_link import RedisLink, Script
-from meshserve.redis_server import RedisServerError, bundled_server_binary, free_port
-from meshserve.tls import TlsConfig
+from meshserve.devkit.examples import write_example_repository
+from meshserve.devkit.redis_server import RedisServerError, bundled_server_binary, free_port
+from meshserve.platform.tls import TlsConfig
+from meshserve.store.link import RedisLink, Script
 from tests.pki import Authority
 from tests.support import infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
 

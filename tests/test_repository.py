@@ -11,9 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from meshserve.examples import build_fixed_adder, build_mlp, write_example_repository
-from meshserve.mig import MigProfile, parse_mig_profile
-from meshserve.repository import (
+from meshserve.devkit.examples import build_fixed_adder, build_mlp, write_example_repository
+from meshserve.models.repository import (
     ModelInfo,
     PlacementConfig,
     RepositoryError,
@@ -21,6 +20,7 @@ from meshserve.repository import (
     load_model,
     scan_repository,
 )
+from meshserve.platform.mig import MigProfile, parse_mig_profile
 
 
 def _by_name(models: list[ModelInfo]) -> dict[str, ModelInfo]:

@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 from redis.asyncio import Redis
 
-from meshserve.examples import write_example_repository
-from meshserve.redis_server import RedisServer, free_port
+from meshserve.devkit.examples import write_example_repository
+from meshserve.devkit.redis_server import RedisServer, free_port
 from protos import grpc_service_pb2 as pb
 from tests.support import (
     Mesh,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshserve.metrics import MIN_RATE_FOR_BACKLOG_PER_S, backlog_seconds
+from meshserve.observe.metrics import MIN_RATE_FOR_BACKLOG_PER_S, backlog_seconds
 from router.core import LoadRate, RouterCore
 
 MLP = ("mlp", 1)

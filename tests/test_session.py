@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from meshserve.repository import load_model
+from meshserve.models.repository import load_model
 from model_workers.session import LoadedModel
 
 

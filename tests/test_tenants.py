@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshserve.tenants import (
+from meshserve.tenancy.tenants import (
     DEV_TENANT,
     Tenant,
     TenantRegistry,

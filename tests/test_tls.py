@@ -15,10 +15,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from meshserve.cli import build_parser, tls_from_args
-from meshserve.examples import write_example_repository
-from meshserve.tenants import hash_key
-from meshserve.tls import TlsConfig, TlsConfigError
+from meshserve.cli.main import build_parser, tls_from_args
+from meshserve.devkit.examples import write_example_repository
+from meshserve.platform.tls import TlsConfig, TlsConfigError
+from meshserve.tenancy.tenants import hash_key
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from meshserve.cli import main
-from meshserve.metrics import MetricsServer
-from meshserve.top import (
+from meshserve.cli.main import main
+from meshserve.cli.top import (
     ModelRow,
     Snapshot,
     TenantRow,
@@ -21,6 +20,7 @@ from meshserve.top import (
     histogram_quantile,
     take_snapshot,
 )
+from meshserve.observe.metrics import MetricsServer
 
 BUCKETS_S = (0.01, 0.02, 0.05, 0.1)
 BY_VERSION = ["model", "version"]

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from meshserve.redis_server import free_port
+from meshserve.devkit.redis_server import free_port
 
 READY_TIMEOUT_S = 60
 

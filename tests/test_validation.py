@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from redis.asyncio import Redis
 
-from meshserve.examples import write_example_repository
+from meshserve.devkit.examples import write_example_repository
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.support import (

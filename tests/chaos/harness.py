@@ -28,7 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from meshserve.redis_server import bundled_server_binary, free_port
+from meshserve.devkit.redis_server import bundled_server_binary, free_port
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0

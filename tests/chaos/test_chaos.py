@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from meshserve.examples import write_example_repository
+from meshserve.devkit.examples import write_example_repository
 from tests.chaos.faults import FaultPlan, Faults
 from tests.chaos.harness import Mesh, count_in_logs, gateway_figures, settle
 from tests.chaos.ledger import MODEL, Ledger, LoadPlan, Report, Requests, run_load, summarize

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from meshserve.redis_server import free_port
+from meshserve.devkit.redis_server import free_port
 
 READY_TIMEOUT_S = 90
 

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 IR_VERSION = 9
-PRODUCER = "meshserve.examples"
+PRODUCER = "meshserve.devkit.examples"
 BATCH = "batch"
 
 # Output channels of the CNN's three conv blocks; tuned for the latency in build_cnn.

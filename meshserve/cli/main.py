@@ -23,8 +23,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from meshserve.heap import freeze_startup_heap
-from meshserve.logs import configure_logging
+from meshserve.observe.logs import configure_logging
+from meshserve.platform.heap import freeze_startup_heap
+from meshserve.platform.tls import TlsConfig, TlsConfigError
 from meshserve.settings import (
     TRACE_TENANT_MODES,
     GatewaySettings,
@@ -33,7 +34,6 @@ from meshserve.settings import (
     add_common,
     env_default,
 )
-from meshserve.tls import TlsConfig, TlsConfigError
 
 log = logging.getLogger("meshserve")
 
@@ -85,7 +85,7 @@ def cmd_router(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.server import GatewayServer
-    from meshserve.telemetry import make_tracer
+    from meshserve.observe.tracing import make_tracer
 
     settings = GatewaySettings(
         redis_url=_require_redis(args),
@@ -113,7 +113,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from meshserve.inventory import pin_device
+    from meshserve.platform.inventory import pin_device
 
     # Before anything can create an ONNX Runtime session: CUDA reads
     # CUDA_VISIBLE_DEVICES once, when the first CUDA or TensorRT session initializes it.
@@ -122,7 +122,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
 
-    from meshserve.telemetry import make_tracer
+    from meshserve.observe.tracing import make_tracer
     from model_workers.server import WorkerServer
 
     settings = WorkerSettings(
@@ -173,7 +173,7 @@ def tls_from_args(args: argparse.Namespace) -> TlsConfig | None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from meshserve.supervisor import run_up
+    from meshserve.cli.supervisor import run_up
 
     # The services `up` starts inherit its environment, and with it how to log.
     os.environ["MESHSERVE_LOG_LEVEL"] = args.log_level
@@ -184,7 +184,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     import json
 
-    from meshserve.inventory import as_dict, discover, inventory_table
+    from meshserve.platform.inventory import as_dict, discover, inventory_table
 
     devices = discover()
     print(json.dumps([as_dict(d) for d in devices], indent=2) if args.json else inventory_table(devices))
@@ -192,7 +192,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
-    from meshserve.tenants import hash_key
+    from meshserve.tenancy.tenants import hash_key
 
     key = sys.stdin.readline().rstrip("\n") if args.key == "-" else args.key
     print(hash_key(key))
@@ -200,13 +200,13 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from meshserve.bench import run_bench
+    from meshserve_bench.sweep import run_bench
 
     return run_bench(args)
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from meshserve.top import DEFAULT_ENDPOINTS, run_top
+    from meshserve.cli.top import DEFAULT_ENDPOINTS, run_top
 
     if args.interval_s <= 0:
         raise SystemExit("--interval-s must be positive")
@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     hash_key.set_defaults(func=cmd_hash_key)
 
     bench = sub.add_parser("bench", help="drive a mesh with concurrent gRPC clients, beside raw ONNX Runtime")
-    from meshserve.bench import add_arguments
+    from meshserve_bench.sweep import add_arguments
 
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)

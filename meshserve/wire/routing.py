@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshserve.repository import ModelInfo, TensorInfo
+from meshserve.models.repository import ModelInfo, TensorInfo
 from protos import meshserve_pb2 as mpb
 
 

@@ -53,9 +53,9 @@ from onnx import (
     ValueInfoProto,
 )
 
-from meshserve.dtypes import KSERVE_BY_ONNX
-from meshserve.execution import DEFAULT_EXECUTION, ExecutionConfig, parse_execution
-from meshserve.mig import parse_mig_profile
+from meshserve.models.execution import DEFAULT_EXECUTION, ExecutionConfig, parse_execution
+from meshserve.platform.mig import parse_mig_profile
+from meshserve.wire.dtypes import KSERVE_BY_ONNX
 
 MODEL_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.yaml"

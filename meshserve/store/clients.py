@@ -1,13 +1,13 @@
 """Redis connections as the services use them.
 
 The request path (queue scripts, admission, replies) goes through
-:class:`~meshserve.redis_link.RedisLink`: one multiplexed connection for commands
+:class:`~meshserve.store.link.RedisLink`: one multiplexed connection for commands
 and pipelines, and one per blocking reader (BLPOP/BLMPOP hold their connection).
 """
 
 from __future__ import annotations
 
-from meshserve.redis_link import RedisLink
+from meshserve.store.link import RedisLink
 
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0

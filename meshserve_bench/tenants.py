@@ -46,7 +46,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import yaml
 
-from meshserve.bench import (
+from meshserve.models.repository import ModelInfo
+from meshserve.platform.heap import freeze_startup_heap
+from meshserve.settings import env_default
+from meshserve.tenancy.tenants import hash_key
+from meshserve_bench.display import progress_bar
+from meshserve_bench.sweep import (
     _CHANNEL_OPTIONS,
     CONNECT_TIMEOUT_S,
     REQUEST_TIMEOUT_S,
@@ -62,11 +67,6 @@ from meshserve.bench import (
     own_mesh,
     percentile_ms,
 )
-from meshserve.bench_display import progress_bar
-from meshserve.heap import freeze_startup_heap
-from meshserve.repository import ModelInfo
-from meshserve.settings import env_default
-from meshserve.tenants import hash_key
 
 if TYPE_CHECKING:
     from protos import grpc_service_pb2 as pb
@@ -445,7 +445,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def scenario_config(args: argparse.Namespace) -> ScenarioConfig:
-    from meshserve.examples import default_repository_dir, write_example_repository
+    from meshserve.devkit.examples import default_repository_dir, write_example_repository
 
     if args.target:
         raise SystemExit("bench: --scenario noisy-neighbor starts its own mesh (with its tenants): drop --target")

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from meshserve.dtypes import NUMPY_BY_KSERVE, itemsize
 from meshserve.errors import InvalidArgument
-from meshserve.repository import ModelInfo, TensorInfo
+from meshserve.models.repository import ModelInfo, TensorInfo
+from meshserve.wire.dtypes import NUMPY_BY_KSERVE, itemsize
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 

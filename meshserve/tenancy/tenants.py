@@ -50,7 +50,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 TIERS: Mapping[str, int] = {"realtime": 0, "standard": 1, "batch": 2}
-"""Tier names and their ``meshserve.queue`` tiers (0 is served first)."""
+"""Tier names and their ``meshserve.queue.protocol`` tiers (0 is served first)."""
 
 DEV_TENANT = "dev"
 
@@ -426,7 +426,7 @@ class _Parser:
                 self.fail(
                     item,
                     f"{what}: api_keys[{index}] is not 'sha256:<64 hex digits>'"
-                    " (the file holds hashes of keys, never keys: see meshserve.tenants.hash_key)",
+                    " (the file holds hashes of keys, never keys: see meshserve.tenancy.tenants.hash_key)",
                 )
             digest = bytes.fromhex(match.group(1))
             if digest == _EMPTY_KEY_DIGEST:

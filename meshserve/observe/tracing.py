@@ -18,7 +18,7 @@ flag, and a batch span (a root of its own that links the requests it served) is
 sampled if and only if at least one of those requests was. A worker therefore
 starts no trace of its own: behind a gateway without tracing it exports nothing.
 
-Tenants on spans (``meshserve.tenant``, and ``meshserve.tenants`` on a batch)
+Tenants on spans (``meshserve.tenant``, and ``meshserve.tenancy.tenants`` on a batch)
 follow the ``trace_tenant`` setting: ``clear`` (the name), ``off`` (no
 attribute), or ``hash``: the first 16 hex digits of HMAC-SHA256 of the name
 keyed with ``MESHSERVE_TRACE_TENANT_SECRET``. Tenant names are few and

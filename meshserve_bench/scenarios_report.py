@@ -1,4 +1,4 @@
-"""The lines, JSON and plot of :mod:`meshserve.bench_scenarios`' runs; every figure is given."""
+"""The lines, JSON and plot of :mod:`meshserve_bench.scenarios`' runs; every figure is given."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from meshserve.bench import BUSY_MACHINE_CORES, CLIENT_BOUND_CPU_FRACTION, RawFigures, _raw_line
-from meshserve.bench_display import LatencySeries, plot_latency, text_table
-from meshserve.bench_scenarios import (
+from meshserve_bench.display import LatencySeries, plot_latency, text_table
+from meshserve_bench.scenarios import (
     ALL,
     OVERLOAD_FACTOR,
     PROBE_CONCURRENCY,
@@ -23,6 +22,7 @@ from meshserve.bench_scenarios import (
     mix_capacity,
     overload_problems,
 )
+from meshserve_bench.sweep import BUSY_MACHINE_CORES, CLIENT_BOUND_CPU_FRACTION, RawFigures, _raw_line
 
 SWEEP_HEADER = ("concurrency", "model", "req/s", "p50 ms", "p99 ms", "errors", "x raw best", "+p50 ms", "+p99 ms")
 OPEN_HEADER = ("rate/s", "model", "sent/s", "ok/s", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms", "errors", "lag p99 ms")

@@ -28,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from meshserve.redis_link import RedisLink, Script
-from meshserve.tenants import Tenant
+from meshserve.store.link import RedisLink, Script
+from meshserve.tenancy.tenants import Tenant
 
 INFLIGHT_GRACE_MS = 1_000
 """An in-flight entry outlives its request's deadline by this much (clock skew between

@@ -41,7 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from meshserve.bench import (
+from meshserve.models.repository import ModelInfo
+from meshserve.platform.heap import freeze_startup_heap
+from meshserve.settings import env_default
+from meshserve_bench.display import progress_bar, require_matplotlib
+from meshserve_bench.sweep import (
     _CHANNEL_OPTIONS,
     CONNECT_TIMEOUT_S,
     MAX_DEFAULT_CHANNELS,
@@ -58,11 +62,7 @@ from meshserve.bench import (
     percentile_ms,
     raw_batches,
 )
-from meshserve.bench_display import progress_bar, require_matplotlib
-from meshserve.bench_tenants import _open_loop
-from meshserve.heap import freeze_startup_heap
-from meshserve.repository import ModelInfo
-from meshserve.settings import env_default
+from meshserve_bench.tenants import _open_loop
 
 if TYPE_CHECKING:
     from protos import grpc_service_pb2 as pb
@@ -432,7 +432,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def scenario_config(args: argparse.Namespace) -> ScenarioConfig:
-    from meshserve.bench import _config
+    from meshserve_bench.sweep import _config
 
     if args.request_timeout_s <= 0 or args.duration_s <= 0:
         raise SystemExit("bench: --request-timeout-s and --duration-s must be > 0")
@@ -528,8 +528,8 @@ def run_scenario(args: argparse.Namespace) -> int:
     Prints the report; returns 1 when a sweep call failed (errors are what open-loop and
     overload measure: 0 whether or not overload's target is met).
     """
-    from meshserve import bench_scenarios_report as report
-    from meshserve.bench import _exit_on_sigterm, _find_model, _require_ready, machine_info, own_mesh
+    from meshserve_bench import scenarios_report as report
+    from meshserve_bench.sweep import _exit_on_sigterm, _find_model, _require_ready, machine_info, own_mesh
 
     config = scenario_config(args)
     if config.plot_path is not None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from meshserve.bench_display import text_table
+from meshserve_bench.display import text_table
 
 SNAPSHOT_COMMANDS = 2
 """The INFO commands of one snapshot: the next snapshot counts them."""

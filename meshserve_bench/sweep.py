@@ -39,13 +39,13 @@ from typing import IO, TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from meshserve.bench_display import text_table
-from meshserve.bench_redis import RedisUsage, per_call_lines, snapshot
-from meshserve.dtypes import NUMPY_BY_KSERVE
-from meshserve.heap import freeze_startup_heap
-from meshserve.redis_server import RedisServer, binary_from_env
-from meshserve.repository import ANY_DIM, ModelInfo, TensorInfo, scan_repository
+from meshserve.devkit.redis_server import RedisServer, binary_from_env
+from meshserve.models.repository import ANY_DIM, ModelInfo, TensorInfo, scan_repository
+from meshserve.platform.heap import freeze_startup_heap
 from meshserve.settings import env_default
+from meshserve.wire.dtypes import NUMPY_BY_KSERVE
+from meshserve_bench.display import text_table
+from meshserve_bench.redis_cost import RedisUsage, per_call_lines, snapshot
 
 # protos and onnxruntime are imported where used: every `meshserve` command imports this module.
 if TYPE_CHECKING:
@@ -424,7 +424,7 @@ def _wait_for_ready_line(stdout: IO[str], timeout_s: float) -> bool:
 @contextlib.contextmanager
 def own_mesh(repository: Path, up_args: Sequence[str] = ()) -> Iterator[str]:
     """Run ``meshserve up`` (plus ``up_args``) on free loopback ports; yields its gRPC address."""
-    from meshserve.redis_server import free_port
+    from meshserve.devkit.redis_server import free_port
 
     grpc_port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "meshserve", "up", "--host", "127.0.0.1", "--grpc-port", str(grpc_port)]
@@ -609,7 +609,8 @@ def _concurrency_list(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from meshserve import bench_scenarios, bench_tenants
+    from meshserve_bench import scenarios as bench_scenarios
+    from meshserve_bench import tenants as bench_tenants
 
     parser.add_argument(
         "--scenario",
@@ -644,7 +645,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> BenchConfig:
-    from meshserve.examples import default_repository_dir, write_example_repository
+    from meshserve.devkit.examples import default_repository_dir, write_example_repository
 
     repository = Path(args.model_repository) if args.model_repository else None
     return BenchConfig(
@@ -672,7 +673,7 @@ def _find_model(repository: Path, name: str) -> ModelInfo:
 
 
 def _plot(path: Path, model: str, config: BenchConfig, raw: RawFigures, points: Sequence[PointFigures]) -> None:
-    from meshserve.bench_display import LatencySeries, plot_latency
+    from meshserve_bench.display import LatencySeries, plot_latency
 
     series = LatencySeries(model, [point.p50_ms for point in points], [point.p99_ms for point in points])
     title = f"meshserve sweep: {model}, {config.duration_s:g} s per point"
@@ -689,13 +690,14 @@ def run_bench(args: argparse.Namespace) -> int:
     """Reach a ready mesh, measure raw ONNX Runtime while it idles, then load it.
 
     Prints the table; returns 1 when any call failed. ``--scenario noisy-neighbor``
-    runs :mod:`meshserve.bench_tenants` instead; open-loop, overload and ``--models``
-    with several names run :mod:`meshserve.bench_scenarios`.
+    runs :mod:`meshserve_bench.tenants` instead; open-loop, overload and ``--models``
+    with several names run :mod:`meshserve_bench.scenarios`.
     """
-    from meshserve import bench_display, bench_scenarios
+    from meshserve_bench import display as bench_display
+    from meshserve_bench import scenarios as bench_scenarios
 
     if args.scenario == "noisy-neighbor":
-        from meshserve.bench_tenants import run_noisy_neighbor
+        from meshserve_bench.tenants import run_noisy_neighbor
 
         if args.plot:
             raise SystemExit("bench: --plot draws the sweep and open-loop scenarios, not noisy-neighbor")

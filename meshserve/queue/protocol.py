@@ -54,7 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Required, TypedDict, Unpack
 
-from meshserve.redis_link import RedisLink, Script
+from meshserve.store.link import RedisLink, Script
 
 TIER_SPAN = 2**40
 """Score distance between priority tiers: tiers stay strict, fair queuing inside one."""

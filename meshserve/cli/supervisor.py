@@ -15,7 +15,7 @@ every hop is mutual TLS with one identity for the whole mesh, and so do the
 readiness checks here.
 
 Workers: one per device. With ``--gpu-workers auto`` (the default) NVML is asked
-once at start (:func:`meshserve.inventory.discover`) and each GPU, or each MIG
+once at start (:func:`meshserve.platform.inventory.discover`) and each GPU, or each MIG
 slice of a GPU with MIG on, gets a worker with ``--device <id>`` and
 CUDA_VISIBLE_DEVICES set in its environment to that GPU's index or that slice's
 UUID, so CUDA in the child initializes on that device only. ``--workers N`` adds
@@ -40,9 +40,9 @@ from types import FrameType
 
 import grpc
 
-from meshserve.inventory import Device, cpu_device, discover, inventory_table, visible_devices
-from meshserve.redis_server import RedisServer, binary_from_env, free_port
-from meshserve.tls import TlsConfig, sync_channel
+from meshserve.devkit.redis_server import RedisServer, binary_from_env, free_port
+from meshserve.platform.inventory import Device, cpu_device, discover, inventory_table, visible_devices
+from meshserve.platform.tls import TlsConfig, sync_channel
 
 log = logging.getLogger("meshserve.up")
 
@@ -123,7 +123,7 @@ class Child:
 
 
 def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
-    from meshserve.examples import default_repository_dir, write_example_repository
+    from meshserve.devkit.examples import default_repository_dir, write_example_repository
 
     repository = Path(args.model_repository) if args.model_repository else None
     if repository is None:
