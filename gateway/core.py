@@ -6,8 +6,9 @@ wait is bounded by the request's deadline, and shorter when Redis comes back
 without a waiting call's job: after each reconnect the reader looks for the jobs
 it still waits on and answers those Redis no longer holds UNAVAILABLE (safe to
 retry) instead of letting them wait out their deadline. The routing table
-(which models exist, their metadata, whether they are ready) streams in from the
-router and the last one received is kept when the router is away.
+(which models exist, their metadata, whether they are ready) comes from a
+:class:`gateway.routing.RoutingWatch` the core is given; requests come as
+:class:`gateway.request.InferCall` values, their parameters already read.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
+from gateway.request import InferCall
+from gateway.routing import RoutingWatch
 from meshserve.errors import (
     DeadlineExceeded,
     NotFound,
@@ -34,16 +35,13 @@ from meshserve.errors import (
 )
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.tracing import UNTRACED, inject, records
-from meshserve.queue.protocol import NUM_TIERS, Enqueued, ModelKeys, QueueProtocol, reply_key
+from meshserve.queue.protocol import Enqueued, ModelKeys, QueueProtocol, reply_key
 from meshserve.settings import GatewaySettings
 from meshserve.store.link import RedisLink
 from meshserve.tenancy.admission import Admission
 from meshserve.tenancy.tenants import Tenant, TenantRegistry, dev_registry
 from meshserve.wire.codec import PackedInputs, check_requested_outputs, pack_inputs
-from meshserve.wire.routing import info_from_spec
-from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
-from protos import meshserve_pb2_grpc as mpb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -61,72 +59,28 @@ LOST_MESSAGE = "Redis lost this request (it restarted without it); it may not ha
 """What a caller hears when its job is gone from Redis and no reply came."""
 
 
-@dataclass(frozen=True, slots=True)
-class RoutingView:
-    """The gateway's copy of one routing-table generation."""
-
-    generation: int
-    models: dict[tuple[str, int], ModelInfo]
-    ready: frozenset[tuple[str, int]]
-    latest: dict[str, int]
-
-    @classmethod
-    def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
-        models = {(s.name, s.version): info_from_spec(s) for s in table.models}
-        latest: dict[str, int] = {}
-        for name, version in models:
-            latest[name] = max(version, latest.get(name, 0))
-        ready = frozenset((s.name, s.version) for s in table.models if s.ready)
-        return cls(table.generation, models, ready, latest)
-
-
-EMPTY_VIEW = RoutingView(-1, {}, frozenset(), {})
-
-
-def requested_tier(request: pb.ModelInferRequest) -> int | None:
-    """The tier the request's ``priority`` parameter asks for, Triton-style:
-    1 is the highest tier, values past the last tier land in the last one;
-    None when the request names no priority (absent or 0)."""
-    param = request.parameters.get("priority")
-    if param is None:
-        return None
-    value = param.uint64_param or param.int64_param
-    if value <= 0:
-        return None
-    return min(int(value) - 1, NUM_TIERS - 1)
-
-
-def tier_of(request: pb.ModelInferRequest, tenant: Tenant, *, open_registry: bool) -> int:
-    """The queue tier of a request.
+def tier_of(asked: int | None, tenant: Tenant, *, open_registry: bool) -> int:
+    """The queue tier of a request that asks for tier ``asked`` (None: asks none).
 
     A tenant's tier is both its default and its ceiling: ``priority`` can lower a
     request within it, never raise it. The open development tenant has no
     ceiling, and its requests default to the standard tier, as in Triton.
     """
-    requested = requested_tier(request)
     if open_registry:
-        return DEFAULT_TIER if requested is None else requested
-    return tenant.tier if requested is None else max(tenant.tier, requested)
-
-
-def timeout_ms_of(request: pb.ModelInferRequest) -> float | None:
-    """The ``timeout`` parameter (int64 microseconds, as tritonclient sends it), in ms."""
-    param = request.parameters.get("timeout")
-    if param is None:
-        return None
-    value = param.int64_param or param.uint64_param
-    return value / 1000 if value > 0 else None
+        return DEFAULT_TIER if asked is None else asked
+    return tenant.tier if asked is None else max(tenant.tier, asked)
 
 
 class Gateway:
-    """Owns the reply reader and the routing watcher; ``infer`` is the hot path."""
+    """Owns the reply reader; ``infer`` is the hot path. Reads the routing table off
+    ``routing``, whose watch its owner starts and stops."""
 
     def __init__(
         self,
         settings: GatewaySettings,
         redis: RedisLink,
         blocking_redis: RedisLink,
-        router: mpb_grpc.RouterStub,
+        routing: RoutingWatch,
         tracer: trace.Tracer | None = None,
         tenants: TenantRegistry | None = None,
     ) -> None:
@@ -137,43 +91,49 @@ class Gateway:
         self.redis = redis
         self.blocking = blocking_redis
         self.queue = QueueProtocol(redis)
-        self.router = router
+        self.routing = routing
         self.tracer = tracer or trace.NoOpTracer()
         self.tracing = records(self.tracer)
         self.reply_to = reply_key(self.gateway_id)
-        self.view = EMPTY_VIEW
         self.pending: dict[str, asyncio.Future[mpb.InferReply]] = {}
         self.queued: dict[str, tuple[ModelKeys, int]] = {}  # job id -> (its keys, deadline ms): enqueued, unanswered
         self.late_replies = 0
         self.lost_jobs = 0  # waiting calls answered UNAVAILABLE: Redis no longer held their job
         self.looked_for_lost = asyncio.Event()  # set after each look for lost jobs (a reconnect)
-        self.table_received = asyncio.Event()
-        self.on_view_change: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._throttled_until: dict[str, float] = {}  # tenant -> monotonic s: over its rate until then
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._read_replies(), name="reply-reader"),
-            asyncio.create_task(self._watch_routing(), name="routing-watch"),
-        ]
+        self._tasks = [asyncio.create_task(self._read_replies(), name="reply-reader")]
 
     async def stop(self) -> None:
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.settle()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def settle(self) -> None:
+        """Until the background work begun so far (admission slot releases, withdrawals
+        of abandoned jobs) is done; its failures are logged where they happen."""
+        await asyncio.gather(*self._background, return_exceptions=True)
+
     # ------------------------------------------------------------ readiness
 
     def server_ready(self) -> bool:
-        view = self.view
-        return bool(view.models) and view.ready == frozenset(view.models)
+        return self.routing.view.all_ready()
+
+    def knows_model(self, name: str) -> bool:
+        """Whether the routing table has a model of this name (any version)."""
+        return name in self.routing.view.latest
+
+    def versions(self, name: str) -> list[int]:
+        """The versions of model ``name`` in the routing table, in ascending order."""
+        return sorted(v for (model, v) in self.routing.view.models if model == name)
 
     def resolve(self, name: str, version: str) -> ModelInfo:
         """The model a request names; raises NotFound for an unknown model or version."""
-        view = self.view
+        view = self.routing.view
         if not version:
             latest = view.latest.get(name)
             if latest is None:
@@ -190,7 +150,7 @@ class Gateway:
         return model
 
     def model_ready(self, model: ModelInfo) -> bool:
-        return (model.name, model.version) in self.view.ready
+        return (model.name, model.version) in self.routing.view.ready
 
     # ------------------------------------------------------------ hot path
 
@@ -200,20 +160,20 @@ class Gateway:
         if not tenant.may_use(model_name):
             raise PermissionDenied(f"model '{model_name}' is not available to tenant '{tenant.name}'")
 
-    async def infer(self, request: pb.ModelInferRequest, *, deadline_ms: float, tenant: Tenant) -> mpb.InferReply:
+    async def infer(self, call: InferCall, *, deadline_ms: float, tenant: Tenant) -> mpb.InferReply:
         """Authorize, validate, admit, enqueue and await one request; raises a
         MeshError on failure.
 
         ``deadline_ms`` is absolute (epoch ms), already the earlier of the gRPC
-        deadline and the gateway's default; the request's ``timeout`` parameter
-        may shorten it further. The tenant comes from the verified credential.
+        deadline and the gateway's default; the call's ``timeout_ms`` may
+        shorten it further. The tenant comes from the verified credential.
         """
-        self.authorize(tenant, request.model_name)
-        model = self.resolve(request.model_name, request.model_version)
+        self.authorize(tenant, call.model_name)
+        model = self.resolve(call.model_name, call.model_version)
         if not self.model_ready(model):
             raise Unavailable(f"model '{model.name}' version {model.version} is not ready")
         now_ms = time.time() * 1000
-        timeout_ms = timeout_ms_of(request)
+        timeout_ms = call.timeout_ms
         if timeout_ms is not None:
             deadline_ms = min(deadline_ms, now_ms + timeout_ms)
         if deadline_ms <= now_ms:
@@ -224,9 +184,9 @@ class Gateway:
         limited = tenant.rate_per_s > 0 or tenant.max_inflight > 0
         job_id = await self._admit(tenant, int(deadline_ms)) if limited else uuid.uuid4().hex
         try:
-            packed = pack_inputs(request, model)
-            outputs = check_requested_outputs(request, model)
-            return await self._queue_and_wait(request, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
+            packed = pack_inputs(call.message, model)
+            outputs = check_requested_outputs(call.message, model)
+            return await self._queue_and_wait(call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
         finally:
             if limited:
                 self._release(tenant, job_id)
@@ -272,7 +232,7 @@ class Gateway:
 
     async def _queue_and_wait(
         self,
-        request: pb.ModelInferRequest,
+        call: InferCall,
         model: ModelInfo,
         packed: PackedInputs,
         outputs: list[str],
@@ -288,11 +248,11 @@ class Gateway:
             tenant=tenant.name,
             deadline_ms=int(deadline_ms),
             reply_to=self.reply_to,
-            client_request_id=request.id,
+            client_request_id=call.request_id,
             inputs=packed.tensors,
             outputs=outputs,
             enqueued_ms=int(now_ms),
-            priority=tier_of(request, tenant, open_registry=self.tenants.open),
+            priority=tier_of(call.tier, tenant, open_registry=self.tenants.open),
         )
         keys = ModelKeys.for_model(model.name, model.version)
         future: asyncio.Future[mpb.InferReply] = asyncio.get_running_loop().create_future()
@@ -458,23 +418,3 @@ class Gateway:
             log.warning(
                 "redis no longer holds %d waiting requests (restarted without them): answered UNAVAILABLE", lost
             )
-
-    async def _watch_routing(self) -> None:
-        """Follow the router's table; keep the last one while the router is away."""
-        backoff_s = 0.2
-        while True:
-            try:
-                stream = self.router.WatchRoutingTable(mpb.WatchRequest(gateway_id=self.gateway_id))
-                async for table in stream:
-                    self.view = RoutingView.from_table(table)
-                    self.table_received.set()
-                    self.on_view_change()
-                    backoff_s = 0.2
-            except grpc.aio.AioRpcError as exc:
-                log.warning(
-                    "router watch failed (%s); keeping routing table generation %d",
-                    exc.code().name,
-                    self.view.generation,
-                )
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, 5.0)

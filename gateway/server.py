@@ -1,4 +1,4 @@
-"""The gateway process: gRPC server, health, reflection, and the core's tasks."""
+"""The gateway process: gRPC server, health, reflection, the routing watch, and the core's tasks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from gateway.core import Gateway
+from gateway.routing import RoutingView, RoutingWatch
 from gateway.servicer import InferenceServicer
 from meshserve.observe.metrics import GatewayMetrics, MetricsServer
 from meshserve.platform.tls import add_port, channel
@@ -37,11 +38,11 @@ class GatewayServer:
         self.redis = command_link(settings.redis_url, name="meshserve-gateway")
         self.blocking = blocking_link(settings.redis_url, name="meshserve-gateway-wait")
         self.router_channel = channel(settings.router_address, settings.tls)
-        self.gateway = Gateway(
-            settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer, _registry(settings)
-        )
         self.health = health.aio.HealthServicer()
-        self.gateway.on_view_change = self._update_health
+        self.routing = RoutingWatch(
+            mpb_grpc.RouterStub(self.router_channel), settings.gateway_id, on_change=self._update_health
+        )
+        self.gateway = Gateway(settings, self.redis, self.blocking, self.routing, tracer, _registry(settings))
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
             options=[
@@ -83,14 +84,13 @@ class GatewayServer:
         host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "[::]") else self.settings.host
         return f"{host}:{self.port}"
 
-    def _update_health(self) -> None:
+    def _update_health(self, view: RoutingView) -> None:
         """The overall entries follow server readiness; one entry per model version,
         "<model>/<version>", follows the routing table (as on the workers)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        status = serving if self.gateway.server_ready() else not_serving
+        status = serving if view.all_ready() else not_serving
         entries = {name: status for name in ("", SERVICE_NAME)}
-        view = self.gateway.view
         for name, version in view.models:
             entries[f"{name}/{version}"] = serving if (name, version) in view.ready else not_serving
         for name, entry in entries.items():
@@ -101,6 +101,7 @@ class GatewayServer:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.gateway.start()
+        self.routing.start()
         await self.server.start()
         if self.settings.metrics_port:
             self._metrics_server = MetricsServer(self.metrics.registry, self.settings.metrics_port)
@@ -124,6 +125,7 @@ class GatewayServer:
             await asyncio.sleep(self.settings.lame_duck_s)
         await self.server.stop(self.settings.drain_grace_s if grace_s is None else grace_s)
         await self.gateway.stop()
+        await self.routing.stop()
         await self.router_channel.close()
         await self.redis.aclose()
         await self.blocking.aclose()

@@ -1,7 +1,8 @@
 """The gateway's gRPC adapter: KServe v2 / Open Inference Protocol over :class:`Gateway`.
 
-Thin on purpose: it reads deadlines, metadata and trace context off the call,
-hands plain values to the core, and maps the one error tree onto gRPC statuses
+Thin on purpose: it reads deadlines, metadata and trace context off the call and
+the request's parameters off its message (:mod:`gateway.request`), hands plain
+values to the core, and maps the one error tree onto gRPC statuses
 (here, and nowhere else).
 """
 
@@ -18,6 +19,7 @@ import grpc
 from opentelemetry import trace
 
 from gateway.core import Gateway
+from gateway.request import infer_call
 from meshserve import __version__
 from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.models.repository import ModelInfo
@@ -127,7 +129,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
         model = await self._resolve_for_tenant(request.name, request.version, context)
-        versions = sorted(v for (name, v) in self.gateway.view.models if name == model.name)
+        versions = self.gateway.versions(model.name)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -146,7 +148,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # noqa: N802
         started_s = time.perf_counter()
         metrics = self.metrics
-        label = request.model_name if request.model_name in self.gateway.view.latest else UNKNOWN_MODEL_LABEL
+        label = request.model_name if self.gateway.knows_model(request.model_name) else UNKNOWN_MODEL_LABEL
         labelled = self._labelled
         inflight = labelled(metrics.inflight, label)
         inflight.inc()
@@ -203,7 +205,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if (traced := self._tenant_on_span(tenant.name)) is not None:
                     span.set_attribute("meshserve.tenant", traced)
-                reply = await self.gateway.infer(request, deadline_ms=deadline_ms, tenant=tenant)
+                reply = await self.gateway.infer(infer_call(request), deadline_ms=deadline_ms, tenant=tenant)
                 code = grpc.StatusCode.OK
             except MeshError as error:
                 code = error.code

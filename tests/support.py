@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from redis.asyncio import Redis
 
-from gateway.core import Gateway
+from gateway.routing import RoutingView
 from gateway.server import GatewayServer
 from meshserve.platform.tls import TlsConfig
 from meshserve.queue.protocol import ModelKeys
@@ -100,20 +100,14 @@ async def start_mesh(
 
 async def wait_ready(mesh: Mesh) -> None:
     """Until the gateway's routing table says every model is ready (event-driven)."""
-    gateway = mesh.gateway.gateway
     async with asyncio.timeout(20):
-        while not gateway.server_ready():
-            gateway.table_received.clear()
-            await gateway.table_received.wait()
+        await mesh.gateway.routing.wait_for(RoutingView.all_ready)
 
 
-async def wait_view(mesh: Mesh, predicate: Callable[[Gateway], bool]) -> None:
+async def wait_view(mesh: Mesh, predicate: Callable[[RoutingView], bool]) -> None:
     """Until the gateway's routing view satisfies ``predicate`` (event-driven)."""
-    gateway = mesh.gateway.gateway
     async with asyncio.timeout(10):
-        while not predicate(gateway):
-            gateway.table_received.clear()
-            await gateway.table_received.wait()
+        await mesh.gateway.routing.wait_for(predicate)
 
 
 async def stop_mesh(mesh: Mesh) -> None:

@@ -267,7 +267,7 @@ def live(redis_url: str, model_repository: Path) -> Iterator[LiveMesh]:
 
 def check_model_table(mesh: Mesh) -> None:
     """The oracle's table is what the mesh serves (else the fuzz checks the wrong thing)."""
-    view = mesh.gateway.gateway.view
+    view = mesh.gateway.routing.view
     for name, model in MODELS.items():
         info = view.models[(name, 1)]
         assert {t.name: (t.datatype, tuple(t.shape)) for t in info.inputs} == model.inputs

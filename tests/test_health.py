@@ -130,7 +130,7 @@ async def test_a_model_that_starts_answering_nan_flips_not_serving_and_back(
                 mlp.session = nan_session(tmp_path)  # the model starts answering NaN
 
                 await next_status(watch, NOT_SERVING)
-                await wait_view(mesh, lambda g: ("mlp", 1) not in g.view.ready)
+                await wait_view(mesh, lambda view: ("mlp", 1) not in view.ready)
                 assert not (await stub.ModelReady(pb.ModelReadyRequest(name="mlp"), timeout=5)).ready
                 started = time.monotonic()
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -148,7 +148,7 @@ async def test_a_model_that_starts_answering_nan_flips_not_serving_and_back(
                 await next_status(watch, SERVING)
             finally:
                 watch.cancel()
-            await wait_view(mesh, lambda g: ("mlp", 1) in g.view.ready)
+            await wait_view(mesh, lambda view: ("mlp", 1) in view.ready)
             assert (await stub.ModelReady(pb.ModelReadyRequest(name="mlp"), timeout=5)).ready
             response = await stub.ModelInfer(infer_request("mlp", features), timeout=5)
             assert np.isfinite(output_arrays(response)["logits"]).all()
@@ -174,7 +174,7 @@ async def test_a_model_taken_out_by_failed_batches_comes_back_through_the_canary
             async with asyncio.timeout(10):
                 assert (await changes.get())[("lookup", 1)] is False  # three failures in a row
                 assert (await changes.get())[("lookup", 1)] is True  # then a canary passed
-            await wait_view(mesh, lambda g: ("lookup", 1) in g.view.ready)
+            await wait_view(mesh, lambda view: ("lookup", 1) in view.ready)
             good = await stub.ModelInfer(infer_request("lookup", {"idx": np.array([3], np.int64)}), timeout=5)
             assert output_arrays(good)["value"].tolist() == [30.0]
     finally:

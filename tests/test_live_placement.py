@@ -168,7 +168,7 @@ async def test_a_model_moves_to_a_joining_gpu_and_back_without_losing_a_request(
 
     await stop_worker(mesh, gpu)  # the router moves mlp back as soon as the GPU drains
     await wait_health(cpu, "mlp/1", SERVING)
-    await wait_view(mesh, lambda gateway: ("mlp", 1) in gateway.view.ready)
+    await wait_view(mesh, lambda view: ("mlp", 1) in view.ready)
     await infer_ok(mesh, "mlp", 8)
     assert cpu.worker.served[("mlp", 1)].stats.requests == 8
 
@@ -254,7 +254,7 @@ async def test_a_model_loading_is_not_ready_and_does_not_stall_the_others(moving
         await loading.wait()
     try:
         await infer_ok(mesh, "cnn", 8)  # served while mlp loads
-        await wait_view(mesh, lambda gateway: ("mlp", 1) not in gateway.view.ready)
+        await wait_view(mesh, lambda view: ("mlp", 1) not in view.ready)
         assert ("mlp", 1) not in cpu.worker.served
         async with grpc.aio.insecure_channel(mesh.address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -263,7 +263,7 @@ async def test_a_model_loading_is_not_ready_and_does_not_stall_the_others(moving
     finally:
         release.set()
     await wait_health(cpu, "mlp/1", SERVING)
-    await wait_view(mesh, lambda gateway: ("mlp", 1) in gateway.view.ready)
+    await wait_view(mesh, lambda view: ("mlp", 1) in view.ready)
     await infer_ok(mesh, "mlp", 2)
 
 

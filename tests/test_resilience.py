@@ -31,6 +31,7 @@ from tests.support import (
     start_mesh,
     stop_mesh,
     wait_queued,
+    wait_view,
 )
 
 RPC_TIMEOUT_S = 10
@@ -56,15 +57,6 @@ def write_gather_model(repository: Path) -> None:
     onnx.save(model, repository / "lookup" / "1" / "model.onnx")
 
 
-async def wait_view(mesh: Mesh, predicate: object) -> None:
-    """Until the gateway's routing view satisfies ``predicate`` (event-driven)."""
-    gateway = mesh.gateway.gateway
-    async with asyncio.timeout(10):
-        while not predicate(gateway):  # type: ignore[operator]
-            gateway.table_received.clear()
-            await gateway.table_received.wait()
-
-
 async def test_a_model_failing_every_batch_goes_not_ready_while_others_serve(
     redis: Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -81,7 +73,7 @@ async def test_a_model_failing_every_batch_goes_not_ready_while_others_serve(
                     await stub.ModelInfer(infer_request("lookup", {"idx": np.array([100], np.int64)}), timeout=5)
                 assert failed.value.code() == grpc.StatusCode.INTERNAL
                 assert "model 'lookup' failed" in (failed.value.details() or "")
-            await wait_view(mesh, lambda g: ("lookup", 1) not in g.view.ready)
+            await wait_view(mesh, lambda view: ("lookup", 1) not in view.ready)
 
             ready = await stub.ModelReady(pb.ModelReadyRequest(name="lookup"), timeout=5)
             assert ready.ready is False

@@ -199,9 +199,7 @@ async def test_requests_after_the_last_worker_stops_are_unavailable(mesh: Mesh, 
     await worker.stop()
     gateway = mesh.gateway.gateway
     async with asyncio.timeout(10):
-        while gateway.model_ready(gateway.resolve("mlp", "")):
-            gateway.table_received.clear()
-            await gateway.table_received.wait()
+        await mesh.gateway.routing.wait_for(lambda _: not gateway.model_ready(gateway.resolve("mlp", "")))
 
     async with grpc.aio.insecure_channel(mesh.address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:

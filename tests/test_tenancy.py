@@ -82,7 +82,7 @@ def rejections(mesh: Mesh, tenant: str, reason: str) -> float:
 
 async def settle(mesh: Mesh) -> None:
     """Until the gateway's background releases (admission slots) are done."""
-    await asyncio.gather(*mesh.gateway.gateway._background)
+    await mesh.gateway.gateway.settle()
 
 
 async def test_model_rpcs_need_a_known_key_while_health_stays_open(

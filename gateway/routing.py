@@ -1,0 +1,107 @@
+"""The gateway's copy of the router's routing table, and the watch that keeps it.
+
+The router streams a new table whenever the models or their readiness change;
+:class:`RoutingWatch` follows that stream and keeps the last table received while
+the router is away (a gateway goes on serving what it knew). The core reads
+``view`` on every call and never talks to the router itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from meshserve.models.repository import ModelInfo
+from meshserve.wire.routing import info_from_spec
+from protos import meshserve_pb2 as mpb
+from protos import meshserve_pb2_grpc as mpb_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingView:
+    """One routing-table generation: every model version, which are ready, the
+    latest version of each model name."""
+
+    generation: int
+    models: dict[tuple[str, int], ModelInfo]
+    ready: frozenset[tuple[str, int]]
+    latest: dict[str, int]
+
+    @classmethod
+    def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
+        models = {(s.name, s.version): info_from_spec(s) for s in table.models}
+        latest: dict[str, int] = {}
+        for name, version in models:
+            latest[name] = max(version, latest.get(name, 0))
+        ready = frozenset((s.name, s.version) for s in table.models if s.ready)
+        return cls(table.generation, models, ready, latest)
+
+    def all_ready(self) -> bool:
+        """Whether there are models and every one of them is ready (server readiness)."""
+        return bool(self.models) and self.ready == frozenset(self.models)
+
+
+EMPTY_VIEW = RoutingView(-1, {}, frozenset(), {})
+"""The view before the first table arrives: no models, so nothing resolves."""
+
+
+class RoutingWatch:
+    """Follows the router's routing table; ``view`` is the last one received.
+
+    Owns its one task (``start``/``stop``). ``on_change`` runs in the event loop
+    after each new table, with it.
+    """
+
+    def __init__(
+        self,
+        router: mpb_grpc.RouterStub,
+        gateway_id: str,
+        on_change: Callable[[RoutingView], None] = lambda view: None,
+    ) -> None:
+        self.router = router
+        self.gateway_id = gateway_id
+        self.on_change = on_change
+        self.view = EMPTY_VIEW
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch(), name="routing-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def wait_for(self, predicate: Callable[[RoutingView], bool]) -> RoutingView:
+        """Until ``predicate`` holds for the current view (checked now and after each
+        new table); that view. Unbounded: the caller sets the deadline."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: predicate(self.view))
+            return self.view
+
+    async def _watch(self) -> None:
+        backoff_s = 0.2
+        while True:
+            try:
+                stream = self.router.WatchRoutingTable(mpb.WatchRequest(gateway_id=self.gateway_id))
+                async for table in stream:
+                    self.view = view = RoutingView.from_table(table)
+                    async with self._changed:
+                        self._changed.notify_all()
+                    self.on_change(view)
+                    backoff_s = 0.2
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "router watch failed (%s); keeping routing table generation %d",
+                    exc.code().name,
+                    self.view.generation,
+                )
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
