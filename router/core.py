@@ -28,11 +28,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from meshserve.models.repository import ModelInfo
-from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, Placement, Slot, demand_for, place
+from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, ModelKey, Placement, Slot, demand_for, place
 
 log = logging.getLogger(__name__)
-
-ModelKey = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +153,11 @@ class RouterCore:
             and known.activation_bytes > 0
             and known.weights_bytes == footprint.weights_bytes
         )
+
+    def readiness(self) -> dict[ModelKey, bool]:
+        """Every model version: whether a live worker serves it (the table's readiness)."""
+        snap = self.snapshot()
+        return {(m.name, m.version): (m.name, m.version) in snap.ready for m in snap.models}
 
     def unplaceable(self) -> dict[ModelKey, bool]:
         """Every model version: whether the current placement found no room for it."""
