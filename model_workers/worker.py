@@ -36,7 +36,8 @@ from redis.exceptions import RedisError
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.tracing import UNTRACED, extract
 from meshserve.queue.protocol import CLAIM, ClaimOptions, claim_keys_args, parse_claim
-from model_workers.batches import Job, decode, error_reply, shape_signature, split, stack
+from meshserve.wire.codec import shape_signature
+from model_workers.batches import Job, decode, error_reply, split, stack
 from model_workers.health import Health
 from model_workers.leases import Leases
 from model_workers.placement import Placement
@@ -145,7 +146,7 @@ class Worker(Placement, Health, Leases):
             return targets
         claim = parse_claim(reply)
         self._answer_expired(served, claim)
-        jobs = decode(claim)
+        jobs = decode(claim, served.model.info)
         if not self._claims(served):  # dropped while we waited: give them back at once
             await self._release(served, jobs)
             return targets
@@ -213,7 +214,7 @@ class Worker(Placement, Health, Leases):
         options = self._claim_options(served, max_items, signature=signature, first=first)
         claim = await self.queue.claim(served.keys, **options)
         self._answer_expired(served, claim)
-        return decode(claim)
+        return decode(claim, served.model.info)
 
     async def _take_and_run(self, served: Served, claimed: list[Job] | None = None) -> None:
         """Claim a batch (unless ``claimed`` holds one already), fill it, run it."""
@@ -238,7 +239,7 @@ class Worker(Placement, Health, Leases):
         """Top a partial batch up with same-shaped jobs until the oldest has waited the max queue delay."""
         oldest_ms = min(job.request.enqueued_ms for job in jobs)
         fill_until_s = (oldest_ms + served.model.info.max_queue_delay_us / 1000) / 1000
-        signature = shape_signature(jobs[0].request)
+        signature = shape_signature(jobs[0].request.inputs, served.model.info)
         while (room := max_items - sum(j.batch_size for j in jobs)) > 0:
             remaining_s = fill_until_s - time.time()
             if remaining_s <= 0:
