@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -34,7 +33,16 @@ from meshserve.errors import (
 )
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.tracing import UNTRACED, inject, records
-from meshserve.queue.protocol import NUM_TIERS, Enqueued, ModelKeys, QueueProtocol, reply_key
+from meshserve.queue import (
+    DEFAULT_TIER,
+    NUM_TIERS,
+    Enqueued,
+    ModelKeys,
+    QueueProtocol,
+    pop_replies,
+    pop_replies_now,
+    reply_key,
+)
 from meshserve.settings import GatewaySettings
 from meshserve.store.link import RedisLink
 from meshserve.tenancy.admission import Admission
@@ -46,9 +54,6 @@ from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TIER = 1
-"""Tier of a request that names no priority ("standard")."""
 
 REPLY_BATCH = 512
 """Replies drained per blocking read."""
@@ -391,17 +396,15 @@ class Gateway:
                 if (connections := self.blocking.connections) > looked_at:
                     await self._answer_lost()
                     looked_at = connections
-                popped: Any = await self.blocking.execute(
-                    "BLMPOP", REPLY_WAIT_S, 1, self.reply_to, "LEFT", "COUNT", REPLY_BATCH
-                )
+                blobs = await pop_replies(self.blocking, self.reply_to, wait_s=REPLY_WAIT_S, max_count=REPLY_BATCH)
                 backoff_s = 0.1
             except RedisError as exc:
                 log.warning("reply reader: redis unavailable (%s); retrying in %.1fs", exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
-            if popped:
-                self._deliver(popped[1])
+            if blobs:
+                self._deliver(blobs)
 
     def _deliver(self, blobs: list[bytes]) -> None:
         for blob in blobs:
@@ -432,9 +435,8 @@ class Gateway:
     async def _answer_gone(self, waiting: list[tuple[str, tuple[ModelKeys, int]]]) -> None:
         if not waiting:
             return
-        found = await self.redis.pipeline([("EXISTS", keys.job(job_id)) for job_id, (keys, _) in waiting])
-        if failed := next((r for r in found if isinstance(r, RedisError)), None):
-            raise failed  # e.g. still loading its data: look again after the backoff
+        # raises e.g. while Redis still loads its data: looked at again after the backoff
+        found = await self.queue.held([(keys, job_id) for job_id, (keys, _) in waiting])
         gone = [
             (job_id, deadline_ms)
             for (job_id, (_, deadline_ms)), exists in zip(waiting, found, strict=True)
@@ -442,8 +444,8 @@ class Gateway:
         ]
         if not gone:
             return
-        while popped := await self.blocking.execute("LMPOP", 1, self.reply_to, "LEFT", "COUNT", REPLY_BATCH):
-            self._deliver(popped[1])
+        while blobs := await pop_replies_now(self.blocking, self.reply_to, max_count=REPLY_BATCH):
+            self._deliver(blobs)
         soon_ms = time.time() * 1000 + 1000  # within a second of its deadline: a claim may have expired it
         lost = 0
         for job_id, deadline_ms in gone:

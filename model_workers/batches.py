@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from meshserve.models.repository import ModelInfo
-from meshserve.queue.protocol import ClaimedBatch
+from meshserve.queue import ClaimedBatch
 from meshserve.wire.codec import batch_items, from_array, to_array
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb

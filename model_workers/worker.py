@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.tracing import UNTRACED, extract
-from meshserve.queue.protocol import CLAIM, ClaimOptions, claim_keys_args, parse_claim
+from meshserve.queue import ClaimOptions, claim_command, parse_claim, wait_command, woken_key
 from meshserve.wire.codec import shape_signature
 from model_workers.batches import Job, decode, error_reply, split, stack
 from model_workers.health import Health
@@ -73,7 +73,7 @@ class Worker(Placement, Health, Leases):
         if self._reply_tasks:
             await asyncio.gather(*self._reply_tasks, return_exceptions=True)
         with contextlib.suppress(RedisError):
-            await self.redis.execute("DEL", self._wake_self)
+            await self.queue.forget_worker(self.worker_id)
         self._executor.shutdown(wait=True)
         self._loader.shutdown(wait=False, cancel_futures=True)  # a load in progress ends on its own
 
@@ -103,9 +103,9 @@ class Worker(Placement, Health, Leases):
             # The claim rides behind the blocking pop: Redis runs it the moment the pop
             # returns, so a wake-up and its claim cost one round trip, not two.
             ahead = self._claim_ahead()
-            commands: list[tuple[Any, ...]] = [("BLPOP", *self._by_wake, self._wake_self, WAKE_SAFETY_TIMEOUT_S)]
+            commands = [wait_command([*self._by_wake, self._wake_self], WAKE_SAFETY_TIMEOUT_S)]
             if ahead is not None:
-                commands.append(CLAIM.call(*claim_keys_args(ahead.keys, **self._claim_options(ahead))))
+                commands.append(claim_command(ahead.keys, **self._claim_options(ahead)))
             self._blocked = asyncio.ensure_future(self.blocking.pipeline(commands))
             self.idle.set()
             replies: list[Any] = []
@@ -174,7 +174,7 @@ class Worker(Placement, Health, Leases):
 
     async def _woken(self, popped: Any) -> list[Served]:
         """The models to look at after a wait: the one woken, or every one."""
-        key = popped[0].decode() if popped else None
+        key = woken_key(popped)
         if key is None or key == self._wake_self:
             self._rescan = False
             return list(self._by_wake.values())
@@ -244,7 +244,7 @@ class Worker(Placement, Health, Leases):
             remaining_s = fill_until_s - time.time()
             if remaining_s <= 0:
                 return
-            await self.blocking.execute("BLPOP", served.keys.wake, max(remaining_s, 0.001))
+            await self.blocking.execute(*wait_command([served.keys.wake], max(remaining_s, 0.001)))
             more = await self._claim(served, room, signature=signature, first=False)
             if more:
                 jobs.extend(more)

@@ -15,9 +15,8 @@ from redis.exceptions import RedisError
 from meshserve.models.repository import scan_repository
 from meshserve.observe.metrics import MetricsServer, RouterMetrics, RouterReads
 from meshserve.platform.tls import add_port
-from meshserve.queue.protocol import TIER_SPAN, ModelKeys
+from meshserve.queue import queue_depths
 from meshserve.settings import RouterSettings
-from meshserve.tenancy.tenants import TIERS
 from meshserve.wire.routing import spec_from_info
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -121,22 +120,11 @@ class RouterServer:
         """Called in the metrics thread at scrape time: one pipelined round trip to Redis."""
         if self._queues is None:
             return {}
-        keys = list(self.core.models)
         try:
-            with self._queues.pipeline(transaction=False) as pipe:
-                for name, version in keys:
-                    ready = ModelKeys.for_model(name, version).ready
-                    for tier in TIERS.values():
-                        pipe.zcount(ready, tier * TIER_SPAN, f"({(tier + 1) * TIER_SPAN}")
-                counts = pipe.execute()
+            return queue_depths(self._queues, list(self.core.models))
         except RedisError as exc:  # a scrape during a Redis outage: no depths, the rest still exported
             log.warning("queue depths unavailable: %s", exc)
             return {}
-        per_model = len(TIERS)
-        return {
-            key: dict(zip(TIERS, counts[i * per_model : (i + 1) * per_model], strict=True))
-            for i, key in enumerate(keys)
-        }
 
     @property
     def address(self) -> str:

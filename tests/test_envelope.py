@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from meshserve.models.repository import ModelInfo, TensorInfo
-from meshserve.queue.protocol import ModelKeys, QueueProtocol
+from meshserve.queue import ModelKeys, QueueProtocol
 from meshserve.store.link import RedisLink
 from meshserve.wire.codec import pack_inputs
 from model_workers.batches import decode
