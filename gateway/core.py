@@ -17,7 +17,6 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -35,7 +34,15 @@ from meshserve.errors import (
 )
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.tracing import UNTRACED, inject, records
-from meshserve.queue.protocol import Enqueued, ModelKeys, QueueProtocol, reply_key
+from meshserve.queue import (
+    DEFAULT_TIER,
+    Enqueued,
+    ModelKeys,
+    QueueProtocol,
+    pop_replies,
+    pop_replies_now,
+    reply_key,
+)
 from meshserve.settings import GatewaySettings
 from meshserve.store.link import RedisLink
 from meshserve.tenancy.admission import Admission
@@ -44,9 +51,6 @@ from meshserve.wire.codec import PackedInputs, check_requested_outputs, pack_inp
 from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TIER = 1
-"""Tier of a request that names no priority ("standard")."""
 
 REPLY_BATCH = 512
 """Replies drained per blocking read."""
@@ -351,17 +355,15 @@ class Gateway:
                 if (connections := self.blocking.connections) > looked_at:
                     await self._answer_lost()
                     looked_at = connections
-                popped: Any = await self.blocking.execute(
-                    "BLMPOP", REPLY_WAIT_S, 1, self.reply_to, "LEFT", "COUNT", REPLY_BATCH
-                )
+                blobs = await pop_replies(self.blocking, self.reply_to, wait_s=REPLY_WAIT_S, max_count=REPLY_BATCH)
                 backoff_s = 0.1
             except RedisError as exc:
                 log.warning("reply reader: redis unavailable (%s); retrying in %.1fs", exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
-            if popped:
-                self._deliver(popped[1])
+            if blobs:
+                self._deliver(blobs)
 
     def _deliver(self, blobs: list[bytes]) -> None:
         for blob in blobs:
@@ -392,9 +394,8 @@ class Gateway:
     async def _answer_gone(self, waiting: list[tuple[str, tuple[ModelKeys, int]]]) -> None:
         if not waiting:
             return
-        found = await self.redis.pipeline([("EXISTS", keys.job(job_id)) for job_id, (keys, _) in waiting])
-        if failed := next((r for r in found if isinstance(r, RedisError)), None):
-            raise failed  # e.g. still loading its data: look again after the backoff
+        # raises e.g. while Redis still loads its data: looked at again after the backoff
+        found = await self.queue.held([(keys, job_id) for job_id, (keys, _) in waiting])
         gone = [
             (job_id, deadline_ms)
             for (job_id, (_, deadline_ms)), exists in zip(waiting, found, strict=True)
@@ -402,8 +403,8 @@ class Gateway:
         ]
         if not gone:
             return
-        while popped := await self.blocking.execute("LMPOP", 1, self.reply_to, "LEFT", "COUNT", REPLY_BATCH):
-            self._deliver(popped[1])
+        while blobs := await pop_replies_now(self.blocking, self.reply_to, max_count=REPLY_BATCH):
+            self._deliver(blobs)
         soon_ms = time.time() * 1000 + 1000  # within a second of its deadline: a claim may have expired it
         lost = 0
         for job_id, deadline_ms in gone:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshserve.queue.protocol import NUM_TIERS
+from meshserve.queue import NUM_TIERS
 from protos import grpc_service_pb2 as pb
 
 

@@ -10,8 +10,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from meshserve.queue.protocol import ClaimedBatch
-from meshserve.wire.codec import from_array, to_array
+from meshserve.models.repository import ModelInfo
+from meshserve.queue import ClaimedBatch
+from meshserve.wire.codec import batch_items, from_array, to_array
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 
@@ -24,12 +25,11 @@ class Job:
     batch_size: int
 
 
-def decode(claim: ClaimedBatch) -> list[Job]:
+def decode(claim: ClaimedBatch, model: ModelInfo) -> list[Job]:
     jobs = []
     for job_id, payload in claim.jobs:
         request = mpb.QueuedRequest.FromString(payload)
-        batch = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
-        jobs.append(Job(job_id, claim.token, request, batch))
+        jobs.append(Job(job_id, claim.token, request, batch_items(request.inputs, model)))
     return jobs
 
 
@@ -39,10 +39,6 @@ def by_token(jobs: list[Job]) -> dict[int, list[str]]:
     for job in jobs:
         groups[job.token].append(job.job_id)
     return groups
-
-
-def shape_signature(request: mpb.QueuedRequest) -> str:
-    return ";".join(",".join(str(d) for d in t.shape[1:]) for t in request.inputs)
 
 
 def stack(jobs: list[Job]) -> dict[str, np.ndarray[Any, Any]]:

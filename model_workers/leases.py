@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from redis.exceptions import NoScriptError, RedisError
 
-from meshserve.queue.protocol import REPLY_TTL_S, ClaimedBatch, ack_command
+from meshserve.queue import ClaimedBatch, finish_commands
 from model_workers.batches import Job, by_token
 from model_workers.served import Served
 from model_workers.state import WorkerState
@@ -95,11 +95,7 @@ class Leases(WorkerState):
         next yields: the callers hear back without waiting for the next claim to be
         prepared. A tracked task reads the results (shielded from cancellation by
         ``close``)."""
-        commands: list[tuple[Any, ...]] = []
-        for reply_to, items in blobs.items():
-            commands.append(("RPUSH", reply_to, *items))
-            commands.append(("EXPIRE", reply_to, REPLY_TTL_S))
-        commands.extend(ack_command(served.keys, token, ids) for token, ids in acks.items() if ids)
+        commands = finish_commands(served.keys, blobs, acks)
         self._track(asyncio.create_task(self._check_written(served, self.redis.pipeline_now(commands), blobs, acks)))
 
     async def _check_written(

@@ -22,7 +22,7 @@ import grpc
 from redis.exceptions import RedisError
 
 from meshserve.models.repository import load_model
-from meshserve.queue.protocol import ModelKeys
+from meshserve.queue import ModelKeys
 from model_workers.memory import warm_up_measured
 from model_workers.served import Served
 from model_workers.session import LoadedModel

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from meshserve.queue.protocol import ModelKeys
+from meshserve.queue import ModelKeys
 from model_workers.session import LoadedModel
 
 COMPUTE_AVERAGE_WEIGHT = 0.2

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from meshserve.observe.metrics import LabelMemo, ModelCounters, WorkerMetrics, WorkerReads
 from meshserve.observe.tracing import records, tenant_attribute
-from meshserve.queue.protocol import ModelKeys, QueueProtocol, worker_wake_key
+from meshserve.queue import ModelKeys, QueueProtocol, worker_wake_key
 from meshserve.settings import WorkerSettings
 from meshserve.store.link import RedisLink
 from model_workers.devices import monitor_for
@@ -137,7 +137,7 @@ class WorkerState:
 
     async def _push_self_wake(self) -> None:
         try:
-            await self.redis.execute("RPUSH", self._wake_self, 1)
+            await self.queue.wake_worker(self.worker_id)
         except RedisError as exc:
             log.warning("could not wake the serve loop (%s); it looks again within %.0f s", exc, WAKE_SAFETY_TIMEOUT_S)
 

@@ -35,8 +35,9 @@ from redis.exceptions import RedisError
 
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.tracing import UNTRACED, extract
-from meshserve.queue.protocol import CLAIM, ClaimOptions, claim_keys_args, parse_claim
-from model_workers.batches import Job, decode, error_reply, shape_signature, split, stack
+from meshserve.queue import ClaimOptions, claim_command, parse_claim, wait_command, woken_key
+from meshserve.wire.codec import shape_signature
+from model_workers.batches import Job, decode, error_reply, split, stack
 from model_workers.health import Health
 from model_workers.leases import Leases
 from model_workers.placement import Placement
@@ -72,7 +73,7 @@ class Worker(Placement, Health, Leases):
         if self._reply_tasks:
             await asyncio.gather(*self._reply_tasks, return_exceptions=True)
         with contextlib.suppress(RedisError):
-            await self.redis.execute("DEL", self._wake_self)
+            await self.queue.forget_worker(self.worker_id)
         self._executor.shutdown(wait=True)
         self._loader.shutdown(wait=False, cancel_futures=True)  # a load in progress ends on its own
 
@@ -102,9 +103,9 @@ class Worker(Placement, Health, Leases):
             # The claim rides behind the blocking pop: Redis runs it the moment the pop
             # returns, so a wake-up and its claim cost one round trip, not two.
             ahead = self._claim_ahead()
-            commands: list[tuple[Any, ...]] = [("BLPOP", *self._by_wake, self._wake_self, WAKE_SAFETY_TIMEOUT_S)]
+            commands = [wait_command([*self._by_wake, self._wake_self], WAKE_SAFETY_TIMEOUT_S)]
             if ahead is not None:
-                commands.append(CLAIM.call(*claim_keys_args(ahead.keys, **self._claim_options(ahead))))
+                commands.append(claim_command(ahead.keys, **self._claim_options(ahead)))
             self._blocked = asyncio.ensure_future(self.blocking.pipeline(commands))
             self.idle.set()
             replies: list[Any] = []
@@ -145,7 +146,7 @@ class Worker(Placement, Health, Leases):
             return targets
         claim = parse_claim(reply)
         self._answer_expired(served, claim)
-        jobs = decode(claim)
+        jobs = decode(claim, served.model.info)
         if not self._claims(served):  # dropped while we waited: give them back at once
             await self._release(served, jobs)
             return targets
@@ -173,7 +174,7 @@ class Worker(Placement, Health, Leases):
 
     async def _woken(self, popped: Any) -> list[Served]:
         """The models to look at after a wait: the one woken, or every one."""
-        key = popped[0].decode() if popped else None
+        key = woken_key(popped)
         if key is None or key == self._wake_self:
             self._rescan = False
             return list(self._by_wake.values())
@@ -213,7 +214,7 @@ class Worker(Placement, Health, Leases):
         options = self._claim_options(served, max_items, signature=signature, first=first)
         claim = await self.queue.claim(served.keys, **options)
         self._answer_expired(served, claim)
-        return decode(claim)
+        return decode(claim, served.model.info)
 
     async def _take_and_run(self, served: Served, claimed: list[Job] | None = None) -> None:
         """Claim a batch (unless ``claimed`` holds one already), fill it, run it."""
@@ -238,12 +239,12 @@ class Worker(Placement, Health, Leases):
         """Top a partial batch up with same-shaped jobs until the oldest has waited the max queue delay."""
         oldest_ms = min(job.request.enqueued_ms for job in jobs)
         fill_until_s = (oldest_ms + served.model.info.max_queue_delay_us / 1000) / 1000
-        signature = shape_signature(jobs[0].request)
+        signature = shape_signature(jobs[0].request.inputs, served.model.info)
         while (room := max_items - sum(j.batch_size for j in jobs)) > 0:
             remaining_s = fill_until_s - time.time()
             if remaining_s <= 0:
                 return
-            await self.blocking.execute("BLPOP", served.keys.wake, max(remaining_s, 0.001))
+            await self.blocking.execute(*wait_command([served.keys.wake], max(remaining_s, 0.001)))
             more = await self._claim(served, room, signature=signature, first=False)
             if more:
                 jobs.extend(more)

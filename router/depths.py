@@ -13,8 +13,7 @@ from collections.abc import Collection
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
-from meshserve.queue.protocol import TIER_SPAN, ModelKeys
-from meshserve.tenancy.tenants import TIERS
+from meshserve.queue import queue_depths
 from router.placement import ModelKey
 
 log = logging.getLogger(__name__)
@@ -33,22 +32,11 @@ class QueueDepths:
         """One pipelined round trip; {} without Redis or while it is unavailable."""
         if self._redis is None:
             return {}
-        keys = list(models)
         try:
-            with self._redis.pipeline(transaction=False) as pipe:
-                for name, version in keys:
-                    ready = ModelKeys.for_model(name, version).ready
-                    for tier in TIERS.values():
-                        pipe.zcount(ready, tier * TIER_SPAN, f"({(tier + 1) * TIER_SPAN}")
-                counts = pipe.execute()
+            return queue_depths(self._redis, list(models))
         except RedisError as exc:  # a scrape during a Redis outage: no depths, the rest still exported
             log.warning("queue depths unavailable: %s", exc)
             return {}
-        per_model = len(TIERS)
-        return {
-            key: dict(zip(TIERS, counts[i * per_model : (i + 1) * per_model], strict=True))
-            for i, key in enumerate(keys)
-        }
 
     def close(self) -> None:
         if self._redis is not None:

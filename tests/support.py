@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from gateway.routing import RoutingView
 from gateway.server import GatewayServer
 from meshserve.platform.tls import TlsConfig
-from meshserve.queue.protocol import ModelKeys
+from meshserve.queue import ModelKeys
 from meshserve.settings import GatewaySettings, RouterSettings, WorkerSettings
 from meshserve.wire.dtypes import KSERVE_BY_NUMPY, NUMPY_BY_KSERVE
 from model_workers.server import WorkerServer

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from meshserve.cli.main import build_parser
-from meshserve.tenancy.tenants import TIERS, load_tenants
+from meshserve.queue import TIERS
+from meshserve.tenancy.tenants import load_tenants
 from meshserve_bench import tenants as nn
 
 CONFIG = nn.ScenarioConfig(

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from meshserve.devkit.examples import write_example_repository
 from meshserve.models.repository import load_model
-from meshserve.queue.protocol import ModelKeys
+from meshserve.queue import ModelKeys
 from meshserve.settings import WorkerSettings
 from model_workers.server import WorkerServer
 from model_workers.session import LoadedModel

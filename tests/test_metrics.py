@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from meshserve.devkit.redis_server import free_port
 from meshserve.observe.metrics import MIN_RATE_FOR_BACKLOG_PER_S, LabelMemo
-from meshserve.queue.protocol import ModelKeys
+from meshserve.queue import ModelKeys
 from meshserve.tenancy.tenants import hash_key
 from protos import meshserve_pb2 as mpb
 from tests.support import (

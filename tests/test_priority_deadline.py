@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from meshserve.devkit.examples import write_example_repository
-from meshserve.queue.protocol import ModelKeys
+from meshserve.queue import ModelKeys
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.support import (

@@ -10,9 +10,24 @@ from __future__ import annotations
 import time
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from meshserve.queue.protocol import ModelKeys, QueueProtocol
+from meshserve.queue import (
+    REPLY_TTL_S,
+    TIER_NAMES,
+    TIER_SPAN,
+    ModelKeys,
+    QueueProtocol,
+    finish_commands,
+    pop_replies,
+    pop_replies_now,
+    queue_depths,
+    reply_key,
+    wait_command,
+    woken_key,
+    worker_wake_key,
+)
 from meshserve.store.link import RedisLink
 from meshserve_bench.redis_cost import snapshot
 
@@ -368,3 +383,63 @@ async def test_redis_commands_per_job_do_not_grow_with_queue_depth_or_tenants(
     deep = await commands_per_job(queue, redis, tenants=200, depth=2_000)
     assert 10 < shallow < 60
     assert abs(deep - shallow) <= 2
+
+
+# ------------------------------------------------------------ replies, depth, waking
+
+
+async def test_replies_are_written_before_the_ack_and_popped_in_order(
+    queue: QueueProtocol, link: RedisLink, redis: Redis, redis_url: str
+) -> None:
+    await put(queue, "a")
+    await put(queue, "b")
+    batch = await queue.claim(KEYS, max_items=2, lease_ms=60_000, worker_id="w")
+    replies = reply_key("g1")
+    commands = finish_commands(KEYS, {replies: [b"reply-a", b"reply-b"]}, {batch.token: ["a", "b"]})
+    assert [c[0] for c in commands] == ["RPUSH", "EXPIRE", "EVALSHA"]  # the ack last: never before its reply
+    assert (await link.pipeline(commands))[-1] == 2
+    assert 0 < await redis.ttl(replies) <= REPLY_TTL_S  # a dead gateway's list goes away
+    blocking = RedisLink(redis_url, command_timeout_s=None)
+    try:
+        assert await pop_replies(blocking, replies, wait_s=1, max_count=1) == [b"reply-a"]
+        assert await pop_replies_now(blocking, replies, max_count=8) == [b"reply-b"]
+        assert await pop_replies_now(blocking, replies, max_count=8) == []
+    finally:
+        await blocking.aclose()
+
+
+async def test_depth_counts_each_tier_by_name(queue: QueueProtocol, redis_url: str) -> None:
+    for job_id, tier in [("r", 0), ("b1", 2), ("b2", 2)]:
+        await put(queue, job_id, tier=tier)
+    client = SyncRedis.from_url(redis_url)
+    try:
+        depths = queue_depths(client, [("m", 1), ("other", 1)])
+    finally:
+        client.close()
+    assert depths == {("m", 1): {"realtime": 1, "standard": 0, "batch": 2}, ("other", 1): dict.fromkeys(TIER_NAMES, 0)}
+
+
+async def test_a_job_scores_inside_its_tier_span(queue: QueueProtocol, redis: Redis) -> None:
+    for tier in range(len(TIER_NAMES)):
+        await put(queue, f"t{tier}", tier=tier)
+    scores = dict(await redis.zrange(KEYS.ready, 0, -1, withscores=True))
+    assert {job.decode(): int(score) // TIER_SPAN for job, score in scores.items()} == {"t0": 0, "t1": 1, "t2": 2}
+
+
+async def test_a_wait_takes_the_token_of_the_list_that_woke_it(
+    queue: QueueProtocol, redis: Redis, redis_url: str
+) -> None:
+    await queue.wake_worker("w1")
+    blocking = RedisLink(redis_url, command_timeout_s=None)
+    try:
+        popped = await blocking.execute(*wait_command([KEYS.wake, worker_wake_key("w1")], 1))
+        assert woken_key(popped) == worker_wake_key("w1")
+        await put(queue, "a")  # enqueue leaves a token on the model's wake list
+        assert woken_key(await blocking.execute(*wait_command([KEYS.wake], 1))) == KEYS.wake
+        assert woken_key(await blocking.execute(*wait_command([KEYS.wake], 0.01))) is None
+    finally:
+        await blocking.aclose()
+    await queue.wake_worker("w1")
+    await queue.forget_worker("w1")
+    assert not await redis.exists(worker_wake_key("w1"))
+    assert (await queue.held([(KEYS, "a"), (KEYS, "gone")])) == [True, False]

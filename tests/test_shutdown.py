@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
 from meshserve.devkit.examples import write_example_repository
-from meshserve.queue.protocol import ModelKeys
+from meshserve.queue import ModelKeys
 from meshserve.settings import WorkerSettings
 from model_workers.server import WorkerServer
 from protos import grpc_service_pb2_grpc as pb_grpc

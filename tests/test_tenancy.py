@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from meshserve.queue.protocol import TIER_SPAN, ModelKeys
+from meshserve.queue import TIER_SPAN, ModelKeys
 from meshserve.tenancy.tenants import hash_key
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc

@@ -39,12 +39,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from meshserve.queue import TIER_NAMES
+
 DEFAULT_ENDPOINTS = (
     "http://127.0.0.1:8002/metrics",  # gateway: `meshserve up --metrics-port`
     "http://127.0.0.1:8003/metrics",  # worker 0 (worker i: 8003 + i)
     "http://127.0.0.1:8004/metrics",  # router: after the workers (one worker here)
 )
-TIERS = ("realtime", "standard", "batch")
 SCRAPE_TIMEOUT_S = 2.0
 PIPE_WIDTH_COLUMNS = 200  # output that is not a terminal is not squeezed to 80 columns
 
@@ -418,7 +419,7 @@ def _version_cells(row: VersionRow | None) -> list[str]:
     return [
         row.version,
         "-" if row.ready is None else "yes" if row.ready else "no",
-        "/".join(_number(depth.get(tier), "{:.0f}") for tier in TIERS) if depth else "-",
+        "/".join(_number(depth.get(tier), "{:.0f}") for tier in TIER_NAMES) if depth else "-",
         _duration(row.queue_wait_s),
         _duration(row.backlog_s),
         _number(row.batch_size_avg, "{:.1f}"),

@@ -1,0 +1,59 @@
+"""The queue protocol: every Redis key, script and command of the request path.
+
+Gateways enqueue and read replies, workers wait, claim, extend, release, reap and
+ack, and the router counts depth, all through this package; nothing else on the
+request path names a Redis key or command.
+
+- :mod:`~meshserve.queue.tiers`: priority tiers (names, count, score span), defined once
+- :mod:`~meshserve.queue.keys`: the key layout, every key with its Cluster hash tag
+- :mod:`~meshserve.queue.scripts`: the Lua scripts (``lua/*.lua``), read once
+- :mod:`~meshserve.queue.protocol`: :class:`QueueProtocol` and the commands to pipeline
+- :mod:`~meshserve.queue.replies`: reply lists, pushed by workers and popped by gateways
+- :mod:`~meshserve.queue.depth`: queue depth by tier, for the router's metrics
+"""
+
+from meshserve.queue.depth import queue_depths
+from meshserve.queue.keys import ModelKeys, reply_key, worker_wake_key
+from meshserve.queue.protocol import (
+    ClaimedBatch,
+    ClaimOptions,
+    Enqueued,
+    QueueProtocol,
+    Reaped,
+    ack_command,
+    claim_command,
+    finish_commands,
+    parse_claim,
+    wait_command,
+    woken_key,
+)
+from meshserve.queue.replies import REPLY_TTL_S, pop_replies, pop_replies_now, push_commands
+from meshserve.queue.tiers import DEFAULT_TIER, NUM_TIERS, TIER_NAMES, TIER_SPAN, TIERS, tier_score_range
+
+__all__ = [
+    "DEFAULT_TIER",
+    "NUM_TIERS",
+    "REPLY_TTL_S",
+    "TIERS",
+    "TIER_NAMES",
+    "TIER_SPAN",
+    "ClaimOptions",
+    "ClaimedBatch",
+    "Enqueued",
+    "ModelKeys",
+    "QueueProtocol",
+    "Reaped",
+    "ack_command",
+    "claim_command",
+    "finish_commands",
+    "parse_claim",
+    "pop_replies",
+    "pop_replies_now",
+    "push_commands",
+    "queue_depths",
+    "reply_key",
+    "tier_score_range",
+    "wait_command",
+    "woken_key",
+    "worker_wake_key",
+]

@@ -49,8 +49,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-TIERS: Mapping[str, int] = {"realtime": 0, "standard": 1, "batch": 2}
-"""Tier names and their ``meshserve.queue.protocol`` tiers (0 is served first)."""
+from meshserve.queue.tiers import DEFAULT_TIER, TIERS
 
 DEV_TENANT = "dev"
 
@@ -214,7 +213,7 @@ def dev_registry() -> TenantRegistry:
     dev = Tenant(
         name=DEV_TENANT,
         key_hashes=frozenset(),
-        tier=TIERS["standard"],
+        tier=DEFAULT_TIER,
         weight=1.0,
         rate_per_s=0.0,
         burst=0,
@@ -392,7 +391,7 @@ class _Parser:
 
     def tier(self, fields: _Fields, what: str) -> int:
         if "tier" not in fields:
-            return TIERS["standard"]
+            return DEFAULT_TIER
         node = fields["tier"][1]
         value = self.value(node) if isinstance(node, ScalarNode) else None
         if not isinstance(value, str) or value not in TIERS:

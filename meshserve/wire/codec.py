@@ -87,7 +87,7 @@ def pack_inputs(request: pb.ModelInferRequest, model: ModelInfo) -> PackedInputs
     if missing:
         raise InvalidArgument(f"input '{missing[0]}' of model '{model.name}' is missing")
     tensors = [seen[spec.name] for spec in model.inputs]
-    return PackedInputs(tensors, _batch_size(tensors, model), _signature(tensors, model))
+    return PackedInputs(tensors, batch_items(tensors, model), shape_signature(tensors, model))
 
 
 def check_requested_outputs(request: pb.ModelInferRequest, model: ModelInfo) -> list[str]:
@@ -204,7 +204,9 @@ def _count_bytes_elements(name: str, raw: bytes) -> int:
     return count
 
 
-def _batch_size(tensors: list[mpb.Tensor], model: ModelInfo) -> int:
+def batch_items(tensors: Sequence[mpb.Tensor], model: ModelInfo) -> int:
+    """The request's batch items: dim 0, which every input must agree on; 1 for a
+    model that does not batch (its dim 0 is part of the shape, not a count)."""
     if model.max_batch_size == 0:
         return 1
     sizes = {t.shape[0] for t in tensors}
@@ -214,7 +216,9 @@ def _batch_size(tensors: list[mpb.Tensor], model: ModelInfo) -> int:
     return sizes.pop()
 
 
-def _signature(tensors: list[mpb.Tensor], model: ModelInfo) -> str:
+def shape_signature(tensors: Sequence[mpb.Tensor], model: ModelInfo) -> str:
+    """Every input's non-batch dims: only requests with equal signatures share a
+    batch (CLAIM compares them byte for byte). Empty for a model that does not batch."""
     if model.max_batch_size == 0:
         return ""
     return ";".join(",".join(str(d) for d in t.shape[1:]) for t in tensors)

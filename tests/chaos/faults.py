@@ -22,7 +22,7 @@ from typing import cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from meshserve.queue.protocol import ModelKeys
+from meshserve.queue import ModelKeys
 from protos import meshserve_pb2 as mpb
 from tests.chaos.harness import GatewayFigures, Mesh, Service, gateway_figures, text
 

@@ -1,0 +1,68 @@
+"""Every Redis key of the request path, with its Cluster hash tag.
+
+Keys of one model version share the hash tag ``{m:<model>:<version>}`` (written
+``{m:<model>}`` below), so each script's keys live in one Cluster slot:
+
+    ms:{m:<model>}:ready      ZSET  job id -> tier * TIER_SPAN + virtual start (lowest first)
+    ms:{m:<model>}:inflight   ZSET  job id -> lease expiry, Redis clock ms
+    ms:{m:<model>}:job:<id>   HASH  p=payload d=deadline_ms t=tenant r=reply_to
+                                    s=shape signature n=batch items q=ready score a=attempts
+                                    k=fencing token of the current lease w=worker
+    ms:{m:<model>}:wake       LIST  at most one token: "there may be work" (workers block on it)
+    ms:{m:<model>}:sched      HASH  c<tier> = virtual clock of a tier; f<tier>:<tenant> =
+                                    the tenant's virtual finish in that tier; turn = claims
+    ms:{m:<model>}:queued     HASH  tenant -> its jobs in the ready set (for max_queued)
+    ms:{m:<model>}:fence      STR   fencing-token counter for leases
+    ms:{m:<model>}:drain      HASH  worker id -> "<ms per job> <when, Redis clock ms>": how
+                                    fast each worker has been taking this model's jobs
+    ms:{g:<gateway>}:replies  LIST  serialized InferReply messages for one gateway
+    ms:{w:<worker>}:wake      LIST  a token: "the set of models you serve changed"
+
+Job hashes are addressed inside the scripts from a prefix passed in ARGV. That is
+safe on Redis Cluster because the prefix carries the model's hash tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKeys:
+    """All keys of one model version, with its hash tag."""
+
+    ready: str
+    inflight: str
+    wake: str
+    sched: str
+    queued: str
+    fence: str
+    drain: str
+    job_prefix: str
+
+    @classmethod
+    def for_model(cls, model: str, version: int) -> ModelKeys:
+        base = f"ms:{{m:{model}:{version}}}:"
+        return cls(
+            ready=base + "ready",
+            inflight=base + "inflight",
+            wake=base + "wake",
+            sched=base + "sched",
+            queued=base + "queued",
+            fence=base + "fence",
+            drain=base + "drain",
+            job_prefix=base + "job:",
+        )
+
+    def job(self, job_id: str) -> str:
+        return self.job_prefix + job_id
+
+
+def reply_key(gateway_id: str) -> str:
+    """The gateway's reply list: workers push to it, its one reader pops."""
+    return f"ms:{{g:{gateway_id}}}:replies"
+
+
+def worker_wake_key(worker_id: str) -> str:
+    """The worker's own wake list; it deletes it on close."""
+    return f"ms:{{w:{worker_id}}}:wake"

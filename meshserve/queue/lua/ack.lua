@@ -1,0 +1,18 @@
+-- ACK: finish jobs of a lease, only with its current fencing token.
+--   KEYS[1] inflight  KEYS[2] ready  KEYS[3] sched  KEYS[4] drain
+--   ARGV[1] job key prefix  ARGV[2] fencing token  ARGV[3..] job ids
+-- When the model goes idle (nothing queued, nothing leased) its scheduler state
+-- and drain figures are dropped: virtual time restarts at 0, the next claim says
+-- how fast its worker goes, and an idle model leaves no keys.
+-- Returns how many jobs were acked (a stale token acks none).
+local n = 0
+for i = 3, #ARGV do
+  local jk = ARGV[1] .. ARGV[i]
+  if redis.call('HGET', jk, 'k') == ARGV[2] then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('DEL', jk)
+    n = n + 1
+  end
+end
+if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
+return n

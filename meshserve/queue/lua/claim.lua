@@ -1,0 +1,105 @@
+-- CLAIM: take a batch, atomically.
+--   KEYS[1] ready  KEYS[2] inflight  KEYS[3] wake  KEYS[4] fence  KEYS[5] sched  KEYS[6] queued
+--   KEYS[7] drain
+--   ARGV[1] job key prefix  ARGV[2] max batch items  ARGV[3] lease, ms  ARGV[4] worker id
+--   ARGV[5] scan limit, jobs (how far past the head to look for same-shaped jobs)
+--   ARGV[6] required shape signature ('' = the head's)
+--   ARGV[7] lower-tier share: every Nth claim serves a lower tier with work (0 = off)
+--   ARGV[8] ms the batch will take (jobs due sooner cannot finish: they count as expired)
+--   ARGV[9] the worker's recent ms per job on this model (0 = none yet), for shedding
+--   TIER_SPAN and NUM_TIERS come from the loader's prelude.
+-- Walks the ready set in score order (highest tier, then lowest virtual start).
+-- Jobs past their deadline, or due before the batch could finish, are removed and
+-- returned as expired (never computed: under overload the worker spends itself on
+-- requests that can still make it, not on answers nobody waits for).
+-- Jobs whose shape signature differs from the batch's stay queued, and so do jobs
+-- whose items would overflow the batch (the sum of dim 0 never exceeds max items).
+-- Taken jobs move to inflight with a lease, get a fencing token, and count an
+-- attempt; each tier's virtual clock advances to the latest start it served.
+-- Returns {token, now_ms, {id, payload, ...}, {expired id, reply_to, ...}}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prefix, room, scan = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
+local due = now + (tonumber(ARGV[8]) or 0)
+local sig = ARGV[6]
+if sig == '' then sig = nil end
+local function unqueue(tenant)
+  if tenant and redis.call('HINCRBY', KEYS[6], tenant, -1) <= 0 then redis.call('HDEL', KEYS[6], tenant) end
+end
+if redis.call('ZCARD', KEYS[1]) == 0 then return {0, now, {}, {}} end  -- nothing queued: touch nothing
+if tonumber(ARGV[9]) > 0 then
+  redis.call('HSET', KEYS[7], ARGV[4], ARGV[9] .. ' ' .. now)
+  redis.call('PEXPIRE', KEYS[7], 60000)
+end
+local ids = nil
+local every = tonumber(ARGV[7])
+if every > 0 then
+  local turn = redis.call('HINCRBY', KEYS[5], 'turn', 1)
+  if turn % every == 0 then
+    local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    if #head > 0 then
+      local top = math.floor(tonumber(head[2]) / TIER_SPAN)
+      local lower = NUM_TIERS - 1 - top
+      for k = 0, lower - 1 do
+        local tier = top + 1 + ((math.floor(turn / every) + k) % lower)
+        local found = redis.call('ZRANGE', KEYS[1], string.format('%.17g', tier * TIER_SPAN),
+                                 '(' .. string.format('%.17g', (tier + 1) * TIER_SPAN), 'BYSCORE', 'LIMIT', 0, scan)
+        if #found > 0 then ids = found; break end
+      end
+    end
+  end
+end
+if ids == nil then ids = redis.call('ZRANGE', KEYS[1], 0, scan - 1) end
+local taken, expired, clocks = {}, {}, {}
+for _, id in ipairs(ids) do
+  local jk = prefix .. id
+  local meta = redis.call('HMGET', jk, 'd', 's', 'r', 'n', 't', 'q')
+  if not meta[1] then
+    redis.call('ZREM', KEYS[1], id)
+  elseif tonumber(meta[1]) <= due then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('DEL', jk)
+    unqueue(meta[5])
+    expired[#expired + 1] = id
+    expired[#expired + 1] = meta[3]
+  else
+    if sig == nil then sig = meta[2] end
+    local items = tonumber(meta[4]) or 1
+    if meta[2] == sig and items <= room then
+      taken[#taken + 1] = id
+      unqueue(meta[5])
+      local score = tonumber(meta[6]) or 0
+      local tier = math.floor(score / TIER_SPAN)
+      clocks[tier] = math.max(clocks[tier] or 0, score - tier * TIER_SPAN)
+      room = room - items
+      if room <= 0 then break end
+    end
+  end
+end
+for tier, clock in pairs(clocks) do
+  if clock > (tonumber(redis.call('HGET', KEYS[5], 'c' .. tier)) or 0) then
+    redis.call('HSET', KEYS[5], 'c' .. tier, string.format('%.17g', clock))
+  end
+end
+local out = {}
+local token = 0
+if #taken > 0 then
+  token = redis.call('INCR', KEYS[4])
+  local expiry = now + tonumber(ARGV[3])
+  for _, id in ipairs(taken) do
+    local jk = prefix .. id
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[2], expiry, id)
+    redis.call('HSET', jk, 'k', token, 'w', ARGV[4])
+    redis.call('HINCRBY', jk, 'a', 1)
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGET', jk, 'p')
+  end
+end
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[6])  -- nothing queued: every count is 0 (heals a count lost to an evicted job)
+  if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[5], KEYS[7]) end  -- idle: reset virtual time
+elseif redis.call('LLEN', KEYS[3]) == 0 then
+  redis.call('RPUSH', KEYS[3], 1)
+end
+return {token, now, out, expired}

@@ -1,0 +1,48 @@
+-- ENQUEUE: one atomic call per accepted request.
+--   KEYS[1] ready  KEYS[2] job hash  KEYS[3] wake  KEYS[4] sched  KEYS[5] queued  KEYS[6] drain
+--   ARGV[1] job id  ARGV[2] tier (0 = highest)  ARGV[3] payload (bytes)
+--   ARGV[4] deadline, epoch ms  ARGV[5] tenant  ARGV[6] reply_to  ARGV[7] shape signature
+--   ARGV[8] max_queue_size of the model, jobs (0 = unbounded)  ARGV[9] job TTL grace, ms
+--   ARGV[10] batch items in the request (dim 0; 1 for a model that does not batch)
+--   ARGV[11] the tenant's weight in its tier (> 0)
+--   ARGV[12] the tenant's max queued requests for this model (0 = unbounded)
+--   ARGV[13] how long a drain figure stays fresh, ms
+--   TIER_SPAN (score distance between tiers) comes from the loader's prelude.
+-- Returns {code, estimated wait ms}: code 1 enqueued, 0 duplicate id (idempotent
+-- retry), -1 model queue full, -2 the tenant's queue full, -3 it would wait past its
+-- deadline (the wait is the estimate). A refusal writes nothing.
+local max_queue = tonumber(ARGV[8])
+if max_queue > 0 and redis.call('ZCARD', KEYS[1]) >= max_queue then return {-1, 0} end
+local tenant = ARGV[5]
+local max_mine = tonumber(ARGV[12])
+if max_mine > 0 and (tonumber(redis.call('HGET', KEYS[5], tenant)) or 0) >= max_mine then return {-2, 0} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {0, 0} end
+local tier = tonumber(ARGV[2])
+local finish = 'f' .. tier .. ':' .. tenant
+local start = math.max(tonumber(redis.call('HGET', KEYS[4], 'c' .. tier)) or 0,
+                       tonumber(redis.call('HGET', KEYS[4], finish)) or 0)
+local score = string.format('%.17g', tier * TIER_SPAN + start)
+local wait = 0
+local ahead = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. score)
+if ahead > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local rate, fresh = 0, tonumber(ARGV[13])
+  local drain = redis.call('HGETALL', KEYS[6])
+  for i = 2, #drain, 2 do
+    local per_job, seen = string.match(drain[i], '^(%S+) (%S+)$')
+    if per_job and now - tonumber(seen) <= fresh and tonumber(per_job) > 0 then rate = rate + 1 / tonumber(per_job) end
+  end
+  if rate > 0 then
+    wait = math.floor((ahead + 1) / rate)
+    if now + wait > tonumber(ARGV[4]) then return {-3, wait} end
+  end
+end
+redis.call('HSET', KEYS[4], finish, string.format('%.17g', start + tonumber(ARGV[10]) / tonumber(ARGV[11])))
+redis.call('HSET', KEYS[2], 'p', ARGV[3], 'd', ARGV[4], 't', tenant, 'r', ARGV[6], 's', ARGV[7], 'a', 0,
+           'q', score, 'n', ARGV[10])
+redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[9]))
+redis.call('ZADD', KEYS[1], score, ARGV[1])
+redis.call('HINCRBY', KEYS[5], tenant, 1)
+if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
+return {1, wait}
