@@ -18,7 +18,6 @@ import logging
 import time
 import uuid
 
-import grpc
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
@@ -30,7 +29,6 @@ from meshserve.errors import (
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
-    from_code,
 )
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.tracing import UNTRACED, inject, records
@@ -48,6 +46,7 @@ from meshserve.store.link import RedisLink
 from meshserve.tenancy.admission import Admission
 from meshserve.tenancy.tenants import Tenant, TenantRegistry, dev_registry
 from meshserve.wire.codec import PackedInputs, check_requested_outputs, pack_inputs
+from meshserve.wire.envelope import failed_reply, reply_error
 from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
@@ -257,6 +256,8 @@ class Gateway:
             outputs=outputs,
             enqueued_ms=int(now_ms),
             priority=tier_of(call.tier, tenant, open_registry=self.tenants.open),
+            items=packed.batch_size,
+            shape_signature=packed.signature,
         )
         keys = ModelKeys.for_model(model.name, model.version)
         future: asyncio.Future[mpb.InferReply] = asyncio.get_running_loop().create_future()
@@ -275,8 +276,8 @@ class Gateway:
         finally:
             self.pending.pop(job_id, None)
             self.queued.pop(job_id, None)
-        if reply.code != grpc.StatusCode.OK.value[0]:
-            raise from_code(reply.code, reply.message)
+        if (error := reply_error(reply)) is not None:
+            raise error
         return reply
 
     def _withdraw(self, keys: ModelKeys, job_id: str) -> None:
@@ -410,9 +411,7 @@ class Gateway:
         for job_id, deadline_ms in gone:
             future = self.pending.get(job_id)
             if future is not None and not future.done() and deadline_ms > soon_ms:
-                future.set_result(
-                    mpb.InferReply(id=job_id, code=grpc.StatusCode.UNAVAILABLE.value[0], message=LOST_MESSAGE)
-                )
+                future.set_result(failed_reply(job_id, Unavailable(LOST_MESSAGE)))
                 lost += 1
         if lost:
             self.lost_jobs += lost

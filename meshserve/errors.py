@@ -2,7 +2,8 @@
 
 Every error the mesh raises on purpose is a :class:`MeshError` that carries the
 gRPC status it maps to; adapters turn it into a status in one place
-(``gateway.servicer``). Messages name the field or the model at fault, e.g.
+(``gateway.servicer``), and a worker's reply carries it across Redis
+(``meshserve.wire.envelope``: ``failed_reply`` and ``reply_error``). Messages name the field or the model at fault, e.g.
 ``input 'x': expected FP32, got FP64``. Anything that is not a MeshError is a
 bug: it is logged once with its traceback and answered INTERNAL.
 
@@ -69,8 +70,8 @@ class Internal(MeshError):
     code = grpc.StatusCode.INTERNAL
 
 
-_BY_CODE: dict[int, type[MeshError]] = {
-    cls.code.value[0]: cls
+_BY_STATUS: dict[grpc.StatusCode, type[MeshError]] = {
+    cls.code: cls
     for cls in (
         InvalidArgument,
         Unauthenticated,
@@ -84,6 +85,7 @@ _BY_CODE: dict[int, type[MeshError]] = {
 }
 
 
-def from_code(code: int, message: str) -> MeshError:
-    """Rebuild the error a worker reported as a numeric gRPC status code."""
-    return _BY_CODE.get(code, Internal)(message)
+def error_for_status(status: grpc.StatusCode, message: str) -> MeshError:
+    """The error of the tree that carries ``status``; Internal for a status no
+    error of the mesh carries (it was not raised on purpose)."""
+    return _BY_STATUS.get(status, Internal)(message)

@@ -7,12 +7,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 
 from meshserve.models.repository import ModelInfo
 from meshserve.queue import ClaimedBatch
-from meshserve.wire.codec import batch_items, from_array, to_array
+from meshserve.wire.codec import from_array, to_array
+from meshserve.wire.envelope import envelope_items
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 
@@ -29,7 +29,7 @@ def decode(claim: ClaimedBatch, model: ModelInfo) -> list[Job]:
     jobs = []
     for job_id, payload in claim.jobs:
         request = mpb.QueuedRequest.FromString(payload)
-        jobs.append(Job(job_id, claim.token, request, batch_items(request.inputs, model)))
+        jobs.append(Job(job_id, claim.token, request, envelope_items(request, model)))
     return jobs
 
 
@@ -81,7 +81,3 @@ def split(
         replies.append((job, reply))
         start = end
     return replies
-
-
-def error_reply(job: Job, code: grpc.StatusCode, message: str) -> mpb.InferReply:
-    return mpb.InferReply(id=job.job_id, code=code.value[0], message=message)

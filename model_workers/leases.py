@@ -10,10 +10,11 @@ from collections import defaultdict
 from collections.abc import Awaitable
 from typing import Any
 
-import grpc
 from redis.exceptions import NoScriptError, RedisError
 
+from meshserve.errors import DeadlineExceeded, Internal
 from meshserve.queue import ClaimedBatch, finish_commands
+from meshserve.wire.envelope import failed_reply
 from model_workers.batches import Job, by_token
 from model_workers.served import Served
 from model_workers.state import WorkerState
@@ -52,7 +53,7 @@ class Leases(WorkerState):
         blobs: dict[str, list[bytes]] = defaultdict(list)
         for job_id, reply_to, attempts in reaped.dead:
             message = f"model '{served.model.info.name}' crashed on this input {attempts} times"
-            reply = mpb.InferReply(id=job_id, code=grpc.StatusCode.INTERNAL.value[0], message=message)
+            reply = failed_reply(job_id, Internal(message))
             blobs[reply_to].append(reply.SerializeToString())
         self._send_replies(served, blobs, {})
 
@@ -77,9 +78,7 @@ class Leases(WorkerState):
         served.stats.expired += len(claim.expired)
         blobs: dict[str, list[bytes]] = defaultdict(list)
         for job_id, reply_to in claim.expired:
-            reply = mpb.InferReply(
-                id=job_id, code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="deadline exceeded while queued"
-            )
+            reply = failed_reply(job_id, DeadlineExceeded("deadline exceeded while queued"))
             blobs[reply_to].append(reply.SerializeToString())
         self._send_replies(served, blobs, {})
 

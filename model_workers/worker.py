@@ -33,11 +33,12 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 from redis.exceptions import RedisError
 
+from meshserve.errors import DeadlineExceeded, Internal
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.tracing import UNTRACED, extract
 from meshserve.queue import ClaimOptions, claim_command, parse_claim, wait_command, woken_key
-from meshserve.wire.codec import shape_signature
-from model_workers.batches import Job, decode, error_reply, split, stack
+from meshserve.wire.envelope import envelope_signature, failed_reply
+from model_workers.batches import Job, decode, split, stack
 from model_workers.health import Health
 from model_workers.leases import Leases
 from model_workers.placement import Placement
@@ -239,7 +240,7 @@ class Worker(Placement, Health, Leases):
         """Top a partial batch up with same-shaped jobs until the oldest has waited the max queue delay."""
         oldest_ms = min(job.request.enqueued_ms for job in jobs)
         fill_until_s = (oldest_ms + served.model.info.max_queue_delay_us / 1000) / 1000
-        signature = shape_signature(jobs[0].request.inputs, served.model.info)
+        signature = envelope_signature(jobs[0].request, served.model.info)
         while (room := max_items - sum(j.batch_size for j in jobs)) > 0:
             remaining_s = fill_until_s - time.time()
             if remaining_s <= 0:
@@ -262,7 +263,7 @@ class Worker(Placement, Health, Leases):
         now_ms = claimed_ns // 1_000_000
         live = [job for job in jobs if job.request.deadline_ms > now_ms]
         replies: list[tuple[Job, mpb.InferReply]] = [
-            (job, error_reply(job, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued"))
+            (job, failed_reply(job.job_id, DeadlineExceeded("deadline exceeded while queued")))
             for job in jobs
             if job.request.deadline_ms <= now_ms
         ]
@@ -284,7 +285,7 @@ class Worker(Placement, Health, Leases):
                 served.stats.failed += len(jobs)
                 self._count_failure(served)
                 message = f"model '{info.name}' failed: {exc}"
-                return [(job, error_reply(job, grpc.StatusCode.INTERNAL, message)) for job in jobs]
+                return [(job, failed_reply(job.job_id, Internal(message))) for job in jobs]
             served.consecutive_failures = 0
             if log.isEnabledFor(logging.DEBUG):  # inside the batch span: the line carries its trace id
                 _log_batch(info, jobs, total, compute_us, claimed_ns)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/meshserve.proto\x12\x0cmeshserve.v1\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xe6\x02\n\rQueuedRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\x03\x12\x10\n\x08reply_to\x18\x06 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\x12$\n\x06inputs\x18\x08 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\t \x03(\t\x12\x44\n\rtrace_context\x18\n \x03(\x0b\x32-.meshserve.v1.QueuedRequest.TraceContextEntry\x12\x13\n\x0b\x65nqueued_ms\x18\x0b \x01(\x03\x12\x10\n\x08priority\x18\x0c \x01(\r\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbc\x01\n\nInferReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x15\n\rqueue_wait_us\x18\x07 \x01(\x03\x12\x12\n\ncompute_us\x18\x08 \x01(\x03\x12\x11\n\tworker_id\x18\t \x01(\t\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x99\x02\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08platform\x18\x03 \x01(\t\x12(\n\x06inputs\x18\x04 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12)\n\x07outputs\x18\x05 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x1a\n\x12max_queue_delay_us\x18\x07 \x01(\x03\x12\x1d\n\x15preferred_batch_sizes\x18\x08 \x03(\x05\x12\r\n\x05ready\x18\t \x01(\x08\x12\x0c\n\x04path\x18\n \x01(\t\x12\x16\n\x0emax_queue_size\x18\x0b \x01(\x05\"K\n\x0cRoutingTable\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.meshserve.v1.ModelSpec\"\"\n\x0cWatchRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"\xe8\x01\n\nModelState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0bitems_total\x18\x05 \x01(\x04\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x1c\n\x14\x64\x65vice_seconds_total\x18\x07 \x01(\x01\x12 \n\x18queue_wait_seconds_total\x18\x08 \x01(\x01\x12\x15\n\rweights_bytes\x18\t \x01(\x04\x12\x18\n\x10\x61\x63tivation_bytes\x18\n \x01(\x04\"\xb7\x01\n\x0cWorkerReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.ModelState\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65vice_kind\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65vice_profile\x18\x06 \x01(\t\x12\x1b\n\x13\x64\x65vice_memory_bytes\x18\x07 \x01(\x04\"k\n\x10WorkerAssignment\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.ModelSpec\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x03\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x32\xa3\x01\n\x06Router\x12M\n\x11WatchRoutingTable\x12\x1a.meshserve.v1.WatchRequest\x1a\x1a.meshserve.v1.RoutingTable0\x01\x12J\n\x0cReportWorker\x12\x1a.meshserve.v1.WorkerReport\x1a\x1e.meshserve.v1.WorkerAssignmentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/meshserve.proto\x12\x0cmeshserve.v1\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x8e\x03\n\rQueuedRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\x03\x12\x10\n\x08reply_to\x18\x06 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\x12$\n\x06inputs\x18\x08 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\t \x03(\t\x12\x44\n\rtrace_context\x18\n \x03(\x0b\x32-.meshserve.v1.QueuedRequest.TraceContextEntry\x12\x13\n\x0b\x65nqueued_ms\x18\x0b \x01(\x03\x12\x10\n\x08priority\x18\x0c \x01(\r\x12\r\n\x05items\x18\r \x01(\r\x12\x17\n\x0fshape_signature\x18\x0e \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd0\x01\n\nInferReply\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x04\x63ode\x18\x02 \x01(\x0e\x32\x12.meshserve.v1.Code\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x15\n\rqueue_wait_us\x18\x07 \x01(\x03\x12\x12\n\ncompute_us\x18\x08 \x01(\x03\x12\x11\n\tworker_id\x18\t \x01(\t\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x99\x02\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08platform\x18\x03 \x01(\t\x12(\n\x06inputs\x18\x04 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12)\n\x07outputs\x18\x05 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x1a\n\x12max_queue_delay_us\x18\x07 \x01(\x03\x12\x1d\n\x15preferred_batch_sizes\x18\x08 \x03(\x05\x12\r\n\x05ready\x18\t \x01(\x08\x12\x0c\n\x04path\x18\n \x01(\t\x12\x16\n\x0emax_queue_size\x18\x0b \x01(\x05\"K\n\x0cRoutingTable\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.meshserve.v1.ModelSpec\"\"\n\x0cWatchRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"\xe6\x01\n\nModelState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x13\n\x0bitems_total\x18\x05 \x01(\x04\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x1c\n\x14\x64\x65vice_seconds_total\x18\x07 \x01(\x01\x12 \n\x18queue_wait_seconds_total\x18\x08 \x01(\x01\x12\x15\n\rweights_bytes\x18\t \x01(\x04\x12\x18\n\x10\x61\x63tivation_bytes\x18\n \x01(\x04J\x04\x08\x04\x10\x05R\x06reason\"\xb7\x01\n\x0cWorkerReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.ModelState\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65vice_kind\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65vice_profile\x18\x06 \x01(\t\x12\x1b\n\x13\x64\x65vice_memory_bytes\x18\x07 \x01(\x04\"i\n\x10WorkerAssignment\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.ModelSpec\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x03J\x04\x08\x03\x10\x04R\ngeneration*\xb7\x02\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\r\n\tCANCELLED\x10\x01\x12\x0b\n\x07UNKNOWN\x10\x02\x12\x14\n\x10INVALID_ARGUMENT\x10\x03\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x04\x12\r\n\tNOT_FOUND\x10\x05\x12\x12\n\x0e\x41LREADY_EXISTS\x10\x06\x12\x15\n\x11PERMISSION_DENIED\x10\x07\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x08\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\t\x12\x0b\n\x07\x41\x42ORTED\x10\n\x12\x10\n\x0cOUT_OF_RANGE\x10\x0b\x12\x11\n\rUNIMPLEMENTED\x10\x0c\x12\x0c\n\x08INTERNAL\x10\r\x12\x0f\n\x0bUNAVAILABLE\x10\x0e\x12\r\n\tDATA_LOSS\x10\x0f\x12\x13\n\x0fUNAUTHENTICATED\x10\x10\x32\xa3\x01\n\x06Router\x12M\n\x11WatchRoutingTable\x12\x1a.meshserve.v1.WatchRequest\x1a\x1a.meshserve.v1.RoutingTable0\x01\x12J\n\x0cReportWorker\x12\x1a.meshserve.v1.WorkerReport\x1a\x1e.meshserve.v1.WorkerAssignmentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_CODE']._serialized_start=1708
+  _globals['_CODE']._serialized_end=2019
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=109
   _globals['_QUEUEDREQUEST']._serialized_start=112
-  _globals['_QUEUEDREQUEST']._serialized_end=470
-  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_start=419
-  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_end=470
-  _globals['_INFERREPLY']._serialized_start=473
-  _globals['_INFERREPLY']._serialized_end=661
-  _globals['_TENSORSPEC']._serialized_start=663
-  _globals['_TENSORSPEC']._serialized_end=722
-  _globals['_MODELSPEC']._serialized_start=725
-  _globals['_MODELSPEC']._serialized_end=1006
-  _globals['_ROUTINGTABLE']._serialized_start=1008
-  _globals['_ROUTINGTABLE']._serialized_end=1083
-  _globals['_WATCHREQUEST']._serialized_start=1085
-  _globals['_WATCHREQUEST']._serialized_end=1119
-  _globals['_MODELSTATE']._serialized_start=1122
-  _globals['_MODELSTATE']._serialized_end=1354
-  _globals['_WORKERREPORT']._serialized_start=1357
-  _globals['_WORKERREPORT']._serialized_end=1540
-  _globals['_WORKERASSIGNMENT']._serialized_start=1542
-  _globals['_WORKERASSIGNMENT']._serialized_end=1649
-  _globals['_ROUTER']._serialized_start=1652
-  _globals['_ROUTER']._serialized_end=1815
+  _globals['_QUEUEDREQUEST']._serialized_end=510
+  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_start=459
+  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_end=510
+  _globals['_INFERREPLY']._serialized_start=513
+  _globals['_INFERREPLY']._serialized_end=721
+  _globals['_TENSORSPEC']._serialized_start=723
+  _globals['_TENSORSPEC']._serialized_end=782
+  _globals['_MODELSPEC']._serialized_start=785
+  _globals['_MODELSPEC']._serialized_end=1066
+  _globals['_ROUTINGTABLE']._serialized_start=1068
+  _globals['_ROUTINGTABLE']._serialized_end=1143
+  _globals['_WATCHREQUEST']._serialized_start=1145
+  _globals['_WATCHREQUEST']._serialized_end=1179
+  _globals['_MODELSTATE']._serialized_start=1182
+  _globals['_MODELSTATE']._serialized_end=1412
+  _globals['_WORKERREPORT']._serialized_start=1415
+  _globals['_WORKERREPORT']._serialized_end=1598
+  _globals['_WORKERASSIGNMENT']._serialized_start=1600
+  _globals['_WORKERASSIGNMENT']._serialized_end=1705
+  _globals['_ROUTER']._serialized_start=2022
+  _globals['_ROUTER']._serialized_end=2185
 # @@protoc_insertion_point(module_scope)

@@ -1,10 +1,48 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OK: _ClassVar[Code]
+    CANCELLED: _ClassVar[Code]
+    UNKNOWN: _ClassVar[Code]
+    INVALID_ARGUMENT: _ClassVar[Code]
+    DEADLINE_EXCEEDED: _ClassVar[Code]
+    NOT_FOUND: _ClassVar[Code]
+    ALREADY_EXISTS: _ClassVar[Code]
+    PERMISSION_DENIED: _ClassVar[Code]
+    RESOURCE_EXHAUSTED: _ClassVar[Code]
+    FAILED_PRECONDITION: _ClassVar[Code]
+    ABORTED: _ClassVar[Code]
+    OUT_OF_RANGE: _ClassVar[Code]
+    UNIMPLEMENTED: _ClassVar[Code]
+    INTERNAL: _ClassVar[Code]
+    UNAVAILABLE: _ClassVar[Code]
+    DATA_LOSS: _ClassVar[Code]
+    UNAUTHENTICATED: _ClassVar[Code]
+OK: Code
+CANCELLED: Code
+UNKNOWN: Code
+INVALID_ARGUMENT: Code
+DEADLINE_EXCEEDED: Code
+NOT_FOUND: Code
+ALREADY_EXISTS: Code
+PERMISSION_DENIED: Code
+RESOURCE_EXHAUSTED: Code
+FAILED_PRECONDITION: Code
+ABORTED: Code
+OUT_OF_RANGE: Code
+UNIMPLEMENTED: Code
+INTERNAL: Code
+UNAVAILABLE: Code
+DATA_LOSS: Code
+UNAUTHENTICATED: Code
 
 class Tensor(_message.Message):
     __slots__ = ("name", "datatype", "shape", "data")
@@ -19,7 +57,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
-    __slots__ = ("id", "model", "version", "tenant", "deadline_ms", "reply_to", "client_request_id", "inputs", "outputs", "trace_context", "enqueued_ms", "priority")
+    __slots__ = ("id", "model", "version", "tenant", "deadline_ms", "reply_to", "client_request_id", "inputs", "outputs", "trace_context", "enqueued_ms", "priority", "items", "shape_signature")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +77,8 @@ class QueuedRequest(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ENQUEUED_MS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     version: int
@@ -51,7 +91,9 @@ class QueuedRequest(_message.Message):
     trace_context: _containers.ScalarMap[str, str]
     enqueued_ms: int
     priority: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tenant: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., client_request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., enqueued_ms: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+    items: int
+    shape_signature: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tenant: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., client_request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., enqueued_ms: _Optional[int] = ..., priority: _Optional[int] = ..., items: _Optional[int] = ..., shape_signature: _Optional[str] = ...) -> None: ...
 
 class InferReply(_message.Message):
     __slots__ = ("id", "code", "message", "outputs", "model", "version", "queue_wait_us", "compute_us", "worker_id")
@@ -65,7 +107,7 @@ class InferReply(_message.Message):
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
-    code: int
+    code: Code
     message: str
     outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     model: str
@@ -73,7 +115,7 @@ class InferReply(_message.Message):
     queue_wait_us: int
     compute_us: int
     worker_id: str
-    def __init__(self, id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., queue_wait_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., queue_wait_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "datatype", "shape")
@@ -126,11 +168,10 @@ class WatchRequest(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ...) -> None: ...
 
 class ModelState(_message.Message):
-    __slots__ = ("name", "version", "ready", "reason", "items_total", "requests_total", "device_seconds_total", "queue_wait_seconds_total", "weights_bytes", "activation_bytes")
+    __slots__ = ("name", "version", "ready", "items_total", "requests_total", "device_seconds_total", "queue_wait_seconds_total", "weights_bytes", "activation_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
-    REASON_FIELD_NUMBER: _ClassVar[int]
     ITEMS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -140,14 +181,13 @@ class ModelState(_message.Message):
     name: str
     version: int
     ready: bool
-    reason: str
     items_total: int
     requests_total: int
     device_seconds_total: float
     queue_wait_seconds_total: float
     weights_bytes: int
     activation_bytes: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., items_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., device_seconds_total: _Optional[float] = ..., queue_wait_seconds_total: _Optional[float] = ..., weights_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., items_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., device_seconds_total: _Optional[float] = ..., queue_wait_seconds_total: _Optional[float] = ..., weights_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerReport(_message.Message):
     __slots__ = ("worker_id", "device", "models", "draining", "device_kind", "device_profile", "device_memory_bytes")
@@ -168,11 +208,9 @@ class WorkerReport(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelState, _Mapping]]] = ..., draining: _Optional[bool] = ..., device_kind: _Optional[str] = ..., device_profile: _Optional[str] = ..., device_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerAssignment(_message.Message):
-    __slots__ = ("models", "report_interval_ms", "generation")
+    __slots__ = ("models", "report_interval_ms")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     REPORT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
-    GENERATION_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelSpec]
     report_interval_ms: int
-    generation: int
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., report_interval_ms: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., report_interval_ms: _Optional[int] = ...) -> None: ...

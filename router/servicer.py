@@ -60,7 +60,6 @@ class RouterServicer(mpb_grpc.RouterServicer):
                 spec_from_info(m, ready=(m.name, m.version) in snap.ready, repository=self.repository) for m in models
             ],
             report_interval_ms=self.report_interval_ms,
-            generation=snap.generation,
         )
 
 
