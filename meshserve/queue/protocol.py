@@ -156,13 +156,13 @@ class QueueProtocol:
     async def claim(self, keys: ModelKeys, **options: Unpack[ClaimOptions]) -> ClaimedBatch:
         """Lease up to ``max_items`` same-shaped jobs from the head of the queue
         (the options are :class:`ClaimOptions`)."""
-        return parse_claim(await self.redis.script(CLAIM, *claim_keys_args(keys, **options)))
+        return parse_claim(await self.redis.script(CLAIM, *_claim_keys_args(keys, **options)))
 
     async def ack(self, keys: ModelKeys, token: int, job_ids: list[str]) -> int:
         """Remove finished jobs of the lease ``token``; returns how many were still held."""
         if not job_ids:
             return 0
-        return int(await self.redis.script(ACK, *ack_keys_args(keys, token, job_ids)))
+        return int(await self.redis.script(ACK, *_ack_keys_args(keys, token, job_ids)))
 
     async def load_ack_script(self) -> None:
         """Load ACK's script now, so that pipelines calling :func:`ack_command` find it."""
@@ -201,7 +201,7 @@ class QueueProtocol:
         requeued, flat = await self.redis.script(
             REAP, keys=[keys.ready, keys.inflight, keys.wake, keys.queued], args=[keys.job_prefix, max_attempts, limit]
         )
-        dead = [(text(flat[i]), text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+        dead = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
         return Reaped(int(requeued), dead)
 
     async def held(self, jobs: Sequence[tuple[ModelKeys, str]]) -> list[bool]:
@@ -226,7 +226,7 @@ class QueueProtocol:
         await self.redis.execute("DEL", worker_wake_key(worker_id))
 
 
-def claim_keys_args(keys: ModelKeys, **options: Unpack[ClaimOptions]) -> tuple[list[Any], list[Any]]:
+def _claim_keys_args(keys: ModelKeys, **options: Unpack[ClaimOptions]) -> tuple[list[Any], list[Any]]:
     """CLAIM's keys and arguments; :func:`parse_claim` reads its reply."""
     max_items = options["max_items"]
     ms_per_job = options.get("ms_per_job", 0.0)
@@ -250,18 +250,18 @@ def claim_keys_args(keys: ModelKeys, **options: Unpack[ClaimOptions]) -> tuple[l
 def claim_command(keys: ModelKeys, **options: Unpack[ClaimOptions]) -> Command:
     """CLAIM as one command for a pipeline (e.g. behind a blocking wait, so a
     wake-up and its claim cost one round trip); :func:`parse_claim` reads its reply."""
-    return CLAIM.call(*claim_keys_args(keys, **options))
+    return CLAIM.call(*_claim_keys_args(keys, **options))
 
 
 def parse_claim(raw: list[Any]) -> ClaimedBatch:
     """A CLAIM reply as a :class:`ClaimedBatch`."""
     token, now_ms, flat_jobs, flat_expired = raw
-    jobs = [(text(flat_jobs[i]), bytes(flat_jobs[i + 1])) for i in range(0, len(flat_jobs), 2)]
-    expired = [(text(flat_expired[i]), text(flat_expired[i + 1])) for i in range(0, len(flat_expired), 2)]
+    jobs = [(_text(flat_jobs[i]), bytes(flat_jobs[i + 1])) for i in range(0, len(flat_jobs), 2)]
+    expired = [(_text(flat_expired[i]), _text(flat_expired[i + 1])) for i in range(0, len(flat_expired), 2)]
     return ClaimedBatch(int(token), int(now_ms), jobs, expired)
 
 
-def ack_keys_args(keys: ModelKeys, token: int, job_ids: list[str]) -> tuple[list[Any], list[Any]]:
+def _ack_keys_args(keys: ModelKeys, token: int, job_ids: list[str]) -> tuple[list[Any], list[Any]]:
     """ACK's keys and arguments."""
     return [keys.inflight, keys.ready, keys.sched, keys.drain], [keys.job_prefix, token, *job_ids]
 
@@ -270,7 +270,7 @@ def ack_command(keys: ModelKeys, token: int, job_ids: list[str]) -> Command:
     """ACK as one command for a pipeline, by SHA alone: its reply there is a
     ``NoScriptError`` if Redis lost its script cache (a restart); the caller then
     acks with :meth:`QueueProtocol.ack`, which loads the script."""
-    return ACK.call(*ack_keys_args(keys, token, job_ids))
+    return ACK.call(*_ack_keys_args(keys, token, job_ids))
 
 
 def finish_commands(
@@ -292,9 +292,9 @@ def wait_command(wake_keys: Iterable[str], timeout_s: float) -> Command:
 
 def woken_key(popped: Any) -> str | None:
     """The wake list a :func:`wait_command` took its token from; None after a timeout."""
-    return text(popped[0]) if popped else None
+    return _text(popped[0]) if popped else None
 
 
-def text(value: bytes | str) -> str:
+def _text(value: bytes | str) -> str:
     """A Redis reply's string (hiredis returns bytes)."""
     return value.decode() if isinstance(value, bytes) else value
