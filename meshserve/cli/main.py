@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu, cuda:<index> or a MIG slice's UUID (see `meshserve devices`); unless CUDA_VISIBLE_DEVICES "
         "is set, the worker sets it to this device",
     )
-    worker.add_argument("--health-host", default=env_default("HEALTH_HOST", "0.0.0.0"))
+    worker.add_argument("--health-host", default=env_default("HEALTH_HOST", "127.0.0.1"))
     worker.add_argument(
         "--health-port",
         type=int,
