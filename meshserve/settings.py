@@ -1,36 +1,58 @@
 """One frozen settings object per service, built once in ``main()``.
 
-Every setting has a command-line flag and a ``MESHSERVE_<NAME>`` environment
-variable; the flag wins. Nothing here reads the environment at import time.
+Each field is declared once: its type and default, and in its metadata (:func:`cli`)
+its help and the flag and ``MESHSERVE_<NAME>`` variable that set it. :func:`add_arguments`
+makes a service's flags from its class, with the variable (read when the parser is
+built) as each flag's default, and :func:`from_args` builds the object from the
+parsed flags, so a flag's default and the class's cannot differ and the flag wins
+over the variable. Nothing here reads the environment at import time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
+import types
+import typing
 import uuid
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from meshserve.observe.logs import LOG_FORMATS
-from meshserve.platform.tls import TlsConfig
+from meshserve.platform.tls import TlsConfig, TlsConfigError
 
+ENV_PREFIX = "MESHSERVE_"
 TRACE_TENANT_MODES = ("clear", "hash", "off")
 """Values of ``trace_tenant``: how spans name a tenant (see meshserve.observe.tracing)."""
+
+TLS_FLAGS = {
+    "--tls-ca": "CA certificate",
+    "--tls-cert": "this service's certificate",
+    "--tls-key": "this service's private key",
+}
+
+S = TypeVar("S")
 
 
 def env_default(name: str, default: Any) -> Any:
     """The value of ``MESHSERVE_<NAME>`` converted to ``default``'s type, or ``default``."""
-    raw = os.environ.get(f"MESHSERVE_{name}")
+    raw = os.environ.get(f"{ENV_PREFIX}{name}")
     if raw is None:
         return default
     if isinstance(default, bool):
-        return raw.lower() in ("1", "true", "yes", "on")
+        return parse_bool(raw)
     if default is None:
         return raw
     return type(default)(raw)
+
+
+def parse_bool(raw: str) -> bool:
+    """A variable's text as a switch: 1, true, yes or on (any case) is on."""
+    return raw.lower() in ("1", "true", "yes", "on")
 
 
 def instance_id(role: str) -> str:
@@ -38,73 +60,331 @@ def instance_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
+# ------------------------------------------------------------------ declaring
+
+
+def cli(
+    help: str,
+    *,
+    flag: str | None = "",
+    env: str | None = "",
+    choices: tuple[str, ...] | None = None,
+    required_at_parse: bool = True,
+) -> dict[str, Any]:
+    """A settings field's ``metadata``: everything its flag and variable need.
+
+    ``field(default=8001, metadata=cli("the public port", flag="--grpc-port"))``.
+    ``flag`` defaults to ``--`` and the field's name in kebab case, ``env`` to the
+    field's name in upper case (``MESHSERVE_`` is added); ``None`` means none (a field
+    with neither is set only in code: an id a server makes, an interval tests shorten).
+    A field without a default is required: at parse time unless its variable is set,
+    or, with ``required_at_parse=False``, by :func:`from_args` when the service starts.
+    """
+    return {"help": help, "flag": flag, "env": env, "choices": choices, "required_at_parse": required_at_parse}
+
+
+def tls_cli(help: str) -> dict[str, Any]:
+    """``metadata`` of a ``TlsConfig | None`` field: the ``--tls-ca/--tls-cert/--tls-key``
+    trio (``MESHSERVE_TLS_*``), all three or none; ``help`` says what it secures."""
+    return {"tls": True, "help": help}
+
+
 @dataclass(frozen=True, slots=True)
+class Option:
+    """One field's command-line face: resolved from its :func:`cli` metadata."""
+
+    name: str
+    flag: str | None
+    env: str | None
+    convert: Callable[[str], Any]
+    is_bool: bool
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    required_at_parse: bool
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the flag's value under."""
+        assert self.flag is not None
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not dataclasses.MISSING
+
+    def from_env(self, environ: Mapping[str, str]) -> Any:
+        """The variable's value converted, or ``MISSING`` when unset (or no variable)."""
+        raw = environ.get(f"{ENV_PREFIX}{self.env}") if self.env else None
+        if raw is None:
+            return dataclasses.MISSING
+        if self.is_bool:
+            return parse_bool(raw)
+        try:
+            return self.convert(raw)
+        except ValueError:
+            raise SystemExit(f"{ENV_PREFIX}{self.env}={raw!r}: not a valid {self.name}") from None
+
+
+def options(cls: type[Any]) -> dict[str, Option]:
+    """Every settings field of ``cls`` but TLS, by name, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    found = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta or meta.get("tls"):
+            continue
+        kind = _unoptional(hints[f.name])
+        flag = meta["flag"]
+        env = meta["env"]
+        found[f.name] = Option(
+            name=f.name,
+            flag=("--" + f.name.replace("_", "-")) if flag == "" else flag,
+            env=f.name.upper() if env == "" else env,
+            convert=kind,
+            is_bool=kind is bool,
+            default=f.default,
+            help=meta["help"],
+            choices=meta["choices"],
+            required_at_parse=meta["required_at_parse"],
+        )
+    return found
+
+
+def _unoptional(hint: Any) -> Any:
+    """``X`` for ``X | None``; a settings field holds one plain type."""
+    if isinstance(hint, types.UnionType):
+        (kind,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return kind
+    return hint
+
+
+def _tls_field(cls: type[Any]) -> dataclasses.Field[Any] | None:
+    return next((f for f in dataclasses.fields(cls) if f.metadata.get("tls")), None)
+
+
+# ------------------------------------------------------------------ flags
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type[Any],
+    *,
+    only: Collection[str] | None = None,
+    given_only: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> None:
+    """Add a flag for each of ``cls``'s settings (or ``only`` those), the variable as its default.
+
+    ``given_only``: the flag has no default and is left off the namespace unless given,
+    for a command that passes it on to a child (see :func:`forwarded_flags`); the
+    child then reads the variable itself, as it inherits the environment.
+    ``environ`` is ``os.environ`` unless given, read now, not at import.
+    """
+    env = os.environ if environ is None else environ
+    for option in options(cls).values():
+        if option.flag is None or (only is not None and option.name not in only):
+            continue
+        _add_option(parser, option, env, given_only)
+    tls = _tls_field(cls)
+    if tls is not None and (only is None or tls.name in only):
+        _add_tls(parser, tls.metadata["help"], env, given_only)
+
+
+def _add_option(parser: argparse.ArgumentParser, option: Option, env: Mapping[str, str], given_only: bool) -> None:
+    assert option.flag is not None
+    from_env = option.from_env(env)
+    help_text = option.help
+    if option.env:
+        help_text = f"{help_text} ({ENV_PREFIX}{option.env})" if help_text else f"{ENV_PREFIX}{option.env}"
+    kwargs: dict[str, Any] = {"help": help_text}
+    if given_only:
+        kwargs["default"] = argparse.SUPPRESS
+        if option.has_default:
+            kwargs["help"] = f"{help_text}; default {option.default}"
+    elif from_env is not dataclasses.MISSING:
+        kwargs["default"] = from_env
+    elif option.has_default:
+        kwargs["default"] = option.default
+    else:
+        kwargs["default"] = None
+        kwargs["required"] = option.required_at_parse
+    if option.is_bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = option.convert
+    if option.choices is not None:
+        kwargs["choices"] = option.choices
+    parser.add_argument(option.flag, **kwargs)
+
+
+def _add_tls(parser: argparse.ArgumentParser, what: str, env: Mapping[str, str], given_only: bool) -> None:
+    group = parser.add_argument_group("mutual TLS", f"all three or none (plaintext); {what}")
+    for flag, help_text in TLS_FLAGS.items():
+        name = flag.removeprefix("--").replace("-", "_").upper()
+        default = argparse.SUPPRESS if given_only else env.get(f"{ENV_PREFIX}{name}")
+        group.add_argument(flag, default=default, help=f"{help_text}, PEM ({ENV_PREFIX}{name})")
+
+
+def from_args(cls: type[S], args: argparse.Namespace, environ: Mapping[str, str] | None = None, **values: Any) -> S:
+    """``cls`` from flags parsed by a parser :func:`add_arguments` made, plus ``values``.
+
+    A field without a flag takes its variable (read now from ``environ``, by default
+    ``os.environ``) or its default. A required field still missing, or a partial or
+    unreadable TLS trio, exits naming the flag.
+    """
+    env = os.environ if environ is None else environ
+    for option in options(cls).values():
+        if option.name in values:
+            continue
+        if option.flag is not None:
+            if not hasattr(args, option.dest):
+                continue  # not a flag of this parser: the class's default
+            value = getattr(args, option.dest)
+        else:
+            value = option.from_env(env)
+            if value is dataclasses.MISSING:
+                continue
+        if value is None and not option.has_default:
+            what = f"{option.flag} (or {ENV_PREFIX}{option.env})" if option.env else option.flag
+            raise SystemExit(f"{what} is required")
+        values[option.name] = value
+    tls = _tls_field(cls)
+    if tls is not None and tls.name not in values:
+        values[tls.name] = tls_from_args(args)
+    return cls(**values)
+
+
+def tls_from_args(args: argparse.Namespace) -> TlsConfig | None:
+    """The --tls-* flags as a config (all three or none), or exit with the reason."""
+    try:
+        return TlsConfig.from_paths(
+            getattr(args, "tls_ca", None), getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+        )
+    except TlsConfigError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def forwarded_flags(cls: type[Any], args: argparse.Namespace, names: Collection[str]) -> list[str]:
+    """The flags among ``names`` that were given (added with ``given_only=True``), as argv for a child."""
+    argv: list[str] = []
+    for option in options(cls).values():
+        if option.name not in names or option.flag is None or not hasattr(args, option.dest):
+            continue
+        value = getattr(args, option.dest)
+        if option.is_bool:
+            argv.append(option.flag if value else "--no-" + option.flag.removeprefix("--"))
+        else:
+            argv += [option.flag, str(value)]
+    return argv
+
+
+# ------------------------------------------------------------------ the services
+
+REDIS_URL = cli("redis:// or rediss://user:pass@host:port/db", required_at_parse=False)
+"""The queues' Redis: the gateway and workers need it, and say so when they start."""
+ROUTER_ADDRESS = cli("router host:port", flag="--router", env="ROUTER")
+DEFAULT_ROUTER_ADDRESS = "127.0.0.1:8003"
+TRACE_TENANT = cli(
+    "the tenant on spans: its name, a hash (HMAC keyed by MESHSERVE_TRACE_TENANT_SECRET), or none",
+    choices=TRACE_TENANT_MODES,
+)
+TRACE_TENANT_SECRET = cli("HMAC key for --trace-tenant hash; a variable only, as a flag would show in ps", flag=None)
+SET_IN_CODE = cli("", flag=None, env=None)
+"""Neither flag nor variable: set by the server at start, or shortened by tests."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogSettings:
+    """How every command logs; a flag before or after the subcommand."""
+
+    log_level: str = field(default="INFO", metadata=cli("DEBUG, INFO, WARNING or ERROR"))
+    log_format: str = field(
+        default="text", metadata=cli("json: one object per line, with trace ids", choices=LOG_FORMATS)
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouterSettings:
-    model_repository: Path
-    host: str = "127.0.0.1"
-    port: int = 8003
-    metrics_port: int = 0
-    report_interval_ms: int = 1000
-    worker_ttl_ms: int = 5000
-    placement_headroom_ratio: float = 0.1  # share of each device's memory placement keeps free
-    tls: TlsConfig | None = None  # mTLS on the router's port
-    redis_url: str | None = None  # for queue depths on /metrics; None: none exported
+    model_repository: Path = field(metadata=cli("the model repository directory"))
+    host: str = field(default="127.0.0.1", metadata=cli("address the router listens on", env="ROUTER_HOST"))
+    port: int = field(default=8003, metadata=cli("the router's gRPC port", env="ROUTER_PORT"))
+    metrics_port: int = field(default=0, metadata=cli("0: off", env="ROUTER_METRICS_PORT"))
+    report_interval_ms: int = field(default=1000, metadata=SET_IN_CODE)
+    worker_ttl_ms: int = field(default=5000, metadata=SET_IN_CODE)
+    placement_headroom_ratio: float = field(default=0.1, metadata=SET_IN_CODE)  # share of device memory kept free
+    tls: TlsConfig | None = field(
+        default=None, metadata=tls_cli("the port requires client certificates signed by the CA")
+    )
+    redis_url: str | None = field(
+        default=None,
+        metadata=cli("the queues' Redis, for queue depths and the autoscaling signal on /metrics; none: not exported"),
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GatewaySettings:
-    redis_url: str
-    router_address: str
-    host: str = "0.0.0.0"
-    port: int = 8001
-    metrics_port: int = 0
-    gateway_id: str = ""
-    max_message_bytes: int = 64 * 1024 * 1024
-    default_timeout_ms: int = 30_000
-    drain_grace_s: float = 10.0
-    lame_duck_s: float = 1.0  # on stop: NOT_SERVING but still answering, before the drain
-    tenants_path: Path | None = None  # None: one open development tenant
-    tls: TlsConfig | None = None  # mTLS on the public port and the router channel
-    trace_tenant: str = "clear"  # tenants on spans: clear | hash | off (meshserve.observe.tracing)
-    trace_tenant_secret: str = field(default="", repr=False)  # HMAC key for "hash"; env only
+    redis_url: str = field(metadata=REDIS_URL)
+    router_address: str = field(default=DEFAULT_ROUTER_ADDRESS, metadata=ROUTER_ADDRESS)
+    host: str = field(default="0.0.0.0", metadata=cli("address the public port listens on"))
+    port: int = field(default=8001, metadata=cli("the public KServe v2 gRPC port", flag="--grpc-port", env="GRPC_PORT"))
+    metrics_port: int = field(default=0, metadata=cli("0: off"))
+    gateway_id: str = field(default="", metadata=SET_IN_CODE)
+    max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=cli("largest gRPC message accepted or sent"))
+    default_timeout_ms: int = field(default=30_000, metadata=cli("deadline for a call that sets none"))
+    drain_grace_s: float = field(default=10.0, metadata=cli("on stop: how long in-flight calls may finish"))
+    lame_duck_s: float = field(
+        default=1.0, metadata=cli("on SIGTERM: seconds NOT_SERVING but still answering, before the drain")
+    )
+    tenants_path: Path | None = field(
+        default=None,
+        metadata=cli(
+            "tenants YAML (reloaded on SIGHUP); none: one open development tenant", flag="--tenants", env="TENANTS"
+        ),
+    )
+    tls: TlsConfig | None = field(default=None, metadata=tls_cli("clients must present a certificate signed by the CA"))
+    trace_tenant: str = field(default="clear", metadata=TRACE_TENANT)
+    trace_tenant_secret: str = field(default="", repr=False, metadata=TRACE_TENANT_SECRET)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerSettings:
-    redis_url: str
-    router_address: str
-    model_repository: Path
-    device: str = "cpu"
-    worker_id: str = ""
-    metrics_port: int = 0
-    health_host: str = "127.0.0.1"
-    health_port: int = 0  # grpc.health.v1; 0 picks a free port
-    lease_ms: int = 5_000  # a dead worker's batch is redelivered after this long
-    max_attempts: int = 3  # claims of one request before it is answered INTERNAL
-    lower_tier_share: float = 0.1  # fraction of claims kept for lower tiers with work (0: strict)
-    intra_op_threads: int = 0  # 0: ONNX Runtime's choice (one per physical core)
-    intra_op_spinning: bool = False  # idle ORT threads busy-wait: faster hot loops, CPU taken from the rest
-    price_per_device_hour: float = 0.0  # cost figures per model and tenant; 0: none
-    canary_interval_s: float = 10.0  # each held model runs its sample input this often (0: no canary)
-    drain_grace_s: float = 30.0
-    tls: TlsConfig | None = None  # mTLS on the router channel and the health port
-    trace_tenant: str = "clear"  # tenants on spans: clear | hash | off (meshserve.observe.tracing)
-    trace_tenant_secret: str = field(default="", repr=False)  # HMAC key for "hash"; env only
-
-
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"))
-    parser.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=env_default("LOG_FORMAT", "text"),
-        help="json: one object per line, with trace ids (MESHSERVE_LOG_FORMAT)",
+    redis_url: str = field(metadata=REDIS_URL)
+    router_address: str = field(default=DEFAULT_ROUTER_ADDRESS, metadata=ROUTER_ADDRESS)
+    model_repository: Path = field(metadata=cli("the model repository directory"))
+    device: str = field(
+        default="cpu",
+        metadata=cli(
+            "cpu, cuda:<index> or a MIG slice's UUID (see `meshserve devices`); unless CUDA_VISIBLE_DEVICES "
+            "is set, the worker sets it to this device"
+        ),
     )
-
-
-def add_redis(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--redis-url",
-        default=env_default("REDIS_URL", None),
-        help="redis:// or rediss://user:pass@host:port/db (MESHSERVE_REDIS_URL)",
+    worker_id: str = field(default="", metadata=SET_IN_CODE)
+    metrics_port: int = field(default=0, metadata=cli("0: off", env="WORKER_METRICS_PORT"))
+    health_host: str = field(default="127.0.0.1", metadata=cli("address the grpc.health.v1 port listens on"))
+    health_port: int = field(default=0, metadata=cli("grpc.health.v1 port (0: a free one, logged at start)"))
+    lease_ms: int = field(default=5_000, metadata=cli("a dead worker's requests are redelivered after this long"))
+    max_attempts: int = field(default=3, metadata=cli("claims of one request before it is answered INTERNAL"))
+    lower_tier_share: float = field(
+        default=0.1, metadata=cli("fraction of batches kept for lower tiers while they have work (0: strict tiers)")
     )
+    intra_op_threads: int = field(
+        default=0, metadata=cli("ONNX Runtime threads per session (0: ONNX Runtime's choice, one per physical core)")
+    )
+    intra_op_spinning: bool = field(
+        default=False,
+        metadata=cli(
+            "let idle ONNX Runtime threads busy-wait (off: they sleep, leaving the CPU to the rest of the host)"
+        ),
+    )
+    price_per_device_hour: float = field(
+        default=0.0,
+        metadata=cli("what an hour of this worker's device costs: exports cost per 1000 requests (0: off)"),
+    )
+    canary_interval_s: float = field(
+        default=10.0,
+        metadata=cli("run each model's sample input this often; failing or NaN answers mark it not ready (0: off)"),
+    )
+    tls: TlsConfig | None = field(default=None, metadata=tls_cli("for the router channel and the health port"))
+    trace_tenant: str = field(default="clear", metadata=TRACE_TENANT)
+    trace_tenant_secret: str = field(default="", repr=False, metadata=TRACE_TENANT_SECRET)
