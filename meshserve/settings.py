@@ -285,6 +285,7 @@ REDIS_URL = cli("redis:// or rediss://user:pass@host:port/db", required_at_parse
 """The queues' Redis: the gateway and workers need it, and say so when they start."""
 ROUTER_ADDRESS = cli("router host:port", flag="--router", env="ROUTER")
 DEFAULT_ROUTER_ADDRESS = "127.0.0.1:8003"
+METRICS_HOST = cli("address /metrics listens on", env="METRICS_HOST")
 TRACE_TENANT = cli(
     "the tenant on spans: its name, a hash (HMAC keyed by MESHSERVE_TRACE_TENANT_SECRET), or none",
     choices=TRACE_TENANT_MODES,
@@ -309,6 +310,7 @@ class RouterSettings:
     model_repository: Path = field(metadata=cli("the model repository directory"))
     host: str = field(default="127.0.0.1", metadata=cli("address the router listens on", env="ROUTER_HOST"))
     port: int = field(default=8003, metadata=cli("the router's gRPC port", env="ROUTER_PORT"))
+    metrics_host: str = field(default="0.0.0.0", metadata=METRICS_HOST)
     metrics_port: int = field(default=0, metadata=cli("0: off", env="ROUTER_METRICS_PORT"))
     report_interval_ms: int = field(default=1000, metadata=SET_IN_CODE)
     worker_ttl_ms: int = field(default=5000, metadata=SET_IN_CODE)
@@ -328,6 +330,7 @@ class GatewaySettings:
     router_address: str = field(default=DEFAULT_ROUTER_ADDRESS, metadata=ROUTER_ADDRESS)
     host: str = field(default="0.0.0.0", metadata=cli("address the public port listens on"))
     port: int = field(default=8001, metadata=cli("the public KServe v2 gRPC port", flag="--grpc-port", env="GRPC_PORT"))
+    metrics_host: str = field(default="0.0.0.0", metadata=METRICS_HOST)
     metrics_port: int = field(default=0, metadata=cli("0: off"))
     gateway_id: str = field(default="", metadata=SET_IN_CODE)
     max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=cli("largest gRPC message accepted or sent"))
@@ -360,6 +363,7 @@ class WorkerSettings:
         ),
     )
     worker_id: str = field(default="", metadata=SET_IN_CODE)
+    metrics_host: str = field(default="0.0.0.0", metadata=METRICS_HOST)
     metrics_port: int = field(default=0, metadata=cli("0: off", env="WORKER_METRICS_PORT"))
     health_host: str = field(default="127.0.0.1", metadata=cli("address the grpc.health.v1 port listens on"))
     health_port: int = field(default=0, metadata=cli("grpc.health.v1 port (0: a free one, logged at start)"))

@@ -171,10 +171,11 @@ def test_up_passes_its_knobs_to_the_services_that_have_them() -> None:
         [
             *("--max-message-bytes", "1024", "--default-timeout-ms", "900", "--lame-duck-s", "0"),
             *("--lease-ms", "750", "--max-attempts", "5", "--canary-interval-s", "0", "--intra-op-spinning"),
-            *("--trace-tenant", "off", "--log-level", "DEBUG"),
+            *("--trace-tenant", "off", "--metrics-host", "127.0.0.1", "--log-level", "DEBUG"),
         ]
     )
     for spec in (router, worker, gateway):
+        assert settings_of(spec).metrics_host == "127.0.0.1"
         parsed = build_parser().parse_args([spec.role, *spec.args])
         assert (parsed.log_level, parsed.log_format) == ("DEBUG", "text")
     gateway_settings = settings_of(gateway)

@@ -51,6 +51,7 @@ from meshserve.platform.tls import TlsConfig, sync_channel
 from meshserve.settings import (
     GatewaySettings,
     LogSettings,
+    RouterSettings,
     WorkerSettings,
     add_arguments,
     cli,
@@ -68,7 +69,7 @@ STABLE_AFTER_S = 60.0
 
 UP_GATEWAY_OWN = ("host", "port", "drain_grace_s", "tenants_path")
 """The gateway's settings ``up`` reads itself (its address, its stop) and passes on."""
-UP_GATEWAY_FORWARDED = ("max_message_bytes", "default_timeout_ms", "lame_duck_s", "trace_tenant")
+UP_GATEWAY_FORWARDED = ("max_message_bytes", "default_timeout_ms", "lame_duck_s", "trace_tenant", "metrics_host")
 UP_WORKER_FORWARDED = (
     "lease_ms",
     "max_attempts",
@@ -78,7 +79,7 @@ UP_WORKER_FORWARDED = (
     "intra_op_spinning",
     "price_per_device_hour",
 )
-UP_SHARED_FORWARDED = ("trace_tenant",)
+UP_SHARED_FORWARDED = ("trace_tenant", "metrics_host")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
 
@@ -295,6 +296,7 @@ def plan_children(
             metrics_port(1 + len(worker_devices)),
             *tls_args,
             *logging_args,
+            *forwarded_flags(RouterSettings, args, ("metrics_host",)),
         ),
     )
     workers = [
