@@ -104,7 +104,9 @@ class GatewayServer:
         self.routing.start()
         await self.server.start()
         if self.settings.metrics_port:
-            self._metrics_server = MetricsServer(self.metrics.registry, self.settings.metrics_port)
+            self._metrics_server = MetricsServer(
+                self.metrics.registry, self.settings.metrics_port, self.settings.metrics_host
+            )
         log.info(
             "gateway %s listening on %s%s",
             self.settings.gateway_id,

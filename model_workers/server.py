@@ -85,7 +85,9 @@ class WorkerServer:
         await self._update_health()
         if self.settings.metrics_port:
             try:
-                self._metrics_server = MetricsServer(self.worker.metrics.registry, self.settings.metrics_port)
+                self._metrics_server = MetricsServer(
+                    self.worker.metrics.registry, self.settings.metrics_port, self.settings.metrics_host
+                )
             except OSError as exc:  # metrics must never take a serving worker down
                 log.error("metrics port %d unavailable (%s); serving without /metrics", self.settings.metrics_port, exc)
         self._tasks = [

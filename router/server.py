@@ -74,7 +74,9 @@ class RouterServer:
         self._health_task = asyncio.create_task(self._follow_health())
         await self.server.start()
         if self.settings.metrics_port:
-            self._metrics_server = MetricsServer(self.metrics.registry, self.settings.metrics_port)
+            self._metrics_server = MetricsServer(
+                self.metrics.registry, self.settings.metrics_port, self.settings.metrics_host
+            )
         self._expiry = asyncio.create_task(self.core.run_expiry(self.settings.report_interval_ms / 1000))
         log.info(
             "router listening on %s%s with %d model versions",

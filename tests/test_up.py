@@ -33,6 +33,8 @@ def test_ctrl_c_to_the_process_group_drains_before_redis_stops(model_repository:
                 "0",
                 "--host",
                 "127.0.0.1",
+                # Knobs up passes on: every child must take what it is given.
+                *("--log-level", "INFO", "--lease-ms", "5000", "--max-message-bytes", str(8 * 1024 * 1024)),
             ],
             stdout=subprocess.PIPE,
             stderr=log,

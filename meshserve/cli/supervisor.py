@@ -21,6 +21,11 @@ CUDA_VISIBLE_DEVICES set in its environment to that GPU's index or that slice's
 UUID, so CUDA in the child initializes on that device only. ``--workers N`` adds
 N CPU workers (CUDA_VISIBLE_DEVICES empty: no GPU visible); by default 1 when no
 GPU worker starts, else 0. :func:`plan_children` is the whole plan, as data.
+
+``up``'s flags are its own (:class:`UpSettings`) and the services' own declarations
+of the knobs it passes on (:func:`add_up_arguments`): a knob given to ``up`` reaches
+every child that has it as the same flag; one not given is left to each child, which
+reads its ``MESHSERVE_*`` variable from the environment it inherits, or its default.
 """
 
 from __future__ import annotations
@@ -43,6 +48,16 @@ import grpc
 from meshserve.devkit.redis_server import RedisServer, binary_from_env, free_port
 from meshserve.platform.inventory import Device, cpu_device, discover, inventory_table, visible_devices
 from meshserve.platform.tls import TlsConfig, sync_channel
+from meshserve.settings import (
+    GatewaySettings,
+    LogSettings,
+    RouterSettings,
+    WorkerSettings,
+    add_arguments,
+    cli,
+    forwarded_flags,
+    tls_cli,
+)
 
 log = logging.getLogger("meshserve.up")
 
@@ -50,6 +65,58 @@ READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 RESTART_BACKOFF_S = (0.5, 30.0)  # first delay, ceiling
 STABLE_AFTER_S = 60.0
+
+
+UP_GATEWAY_OWN = ("host", "port", "drain_grace_s", "tenants_path")
+"""The gateway's settings ``up`` reads itself (its address, its stop) and passes on."""
+UP_GATEWAY_FORWARDED = ("max_message_bytes", "default_timeout_ms", "lame_duck_s", "trace_tenant", "metrics_host")
+UP_WORKER_FORWARDED = (
+    "lease_ms",
+    "max_attempts",
+    "lower_tier_share",
+    "canary_interval_s",
+    "intra_op_threads",
+    "intra_op_spinning",
+    "price_per_device_hour",
+)
+UP_SHARED_FORWARDED = ("trace_tenant", "metrics_host")
+"""Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpSettings:
+    """``up``'s own flags: what it starts, and where (the rest are the services' own)."""
+
+    model_repository: Path | None = field(
+        default=None, metadata=cli("model repository dir (default: generated example models)")
+    )
+    metrics_port: int = field(
+        default=8002,
+        metadata=cli("the gateway's /metrics port; worker i takes the port + 1 + i, the router the next (0: off)"),
+    )
+    redis_url: str | None = field(default=None, metadata=cli("use this Redis instead of starting a private one"))
+    workers: int | None = field(
+        default=None, metadata=cli("CPU workers (default: 1 when no GPU worker starts, else 0)")
+    )
+    gpu_workers: str = field(
+        default="auto",
+        metadata=cli(
+            "auto: one worker per GPU, or per MIG slice where MIG is on (found with NVML); none: CPU only",
+            choices=("auto", "none"),
+        ),
+    )
+    tls: TlsConfig | None = field(
+        default=None, metadata=tls_cli("passed to every service: one identity for the whole mesh")
+    )
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    """``up``'s flags: its own, the gateway's it reads, and the services' knobs it passes on."""
+    add_arguments(parser, LogSettings, given_only=True)
+    add_arguments(parser, UpSettings)
+    add_arguments(parser, GatewaySettings, only=UP_GATEWAY_OWN)
+    add_arguments(parser, GatewaySettings, only=UP_GATEWAY_FORWARDED, given_only=True)
+    add_arguments(parser, WorkerSettings, only=UP_WORKER_FORWARDED, given_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +280,9 @@ def plan_children(
     def metrics_port(offset: int) -> str:
         return str(args.metrics_port + offset if args.metrics_port else 0)
 
-    common = ("--redis-url", redis_url, "--router", router_address, *tls_args)
+    # How to log goes to every child as flags: up's own level is theirs.
+    logging_args = ("--log-level", args.log_level, "--log-format", args.log_format)
+    common = ("--redis-url", redis_url, "--router", router_address, *tls_args, *logging_args)
     router = ChildSpec(
         "router",
         (
@@ -226,6 +295,8 @@ def plan_children(
             "--metrics-port",
             metrics_port(1 + len(worker_devices)),
             *tls_args,
+            *logging_args,
+            *forwarded_flags(RouterSettings, args, ("metrics_host",)),
         ),
     )
     workers = [
@@ -239,6 +310,7 @@ def plan_children(
                 device.id,
                 "--metrics-port",
                 metrics_port(1 + i),
+                *forwarded_flags(WorkerSettings, args, (*UP_WORKER_FORWARDED, *UP_SHARED_FORWARDED)),
             ),
             _device_env(device),
             f"worker {device.id}" if device.kind != "cpu" else f"worker cpu #{i - len(gpus)}",
@@ -258,6 +330,7 @@ def plan_children(
             "--drain-grace-s",
             str(args.drain_grace_s),
             *(["--tenants", str(Path(args.tenants).resolve())] if args.tenants else []),
+            *forwarded_flags(GatewaySettings, args, UP_GATEWAY_FORWARDED),
         ),
     )
     return [router, *workers, gateway]

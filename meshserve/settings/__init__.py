@@ -1,0 +1,48 @@
+"""Each service's frozen settings (:mod:`.services`) and the command line made from them (:mod:`.flags`).
+
+Every setting has a command-line flag and a ``MESHSERVE_<NAME>`` environment
+variable, both made from its one declaration; the flag wins. Nothing here reads
+the environment at import time.
+"""
+
+from meshserve.settings.flags import (
+    ENV_PREFIX,
+    Option,
+    add_arguments,
+    cli,
+    env_default,
+    forwarded_flags,
+    from_args,
+    options,
+    parse_bool,
+    tls_cli,
+    tls_from_args,
+)
+from meshserve.settings.services import (
+    TRACE_TENANT_MODES,
+    GatewaySettings,
+    LogSettings,
+    RouterSettings,
+    WorkerSettings,
+    instance_id,
+)
+
+__all__ = [
+    "ENV_PREFIX",
+    "TRACE_TENANT_MODES",
+    "GatewaySettings",
+    "LogSettings",
+    "Option",
+    "RouterSettings",
+    "WorkerSettings",
+    "add_arguments",
+    "cli",
+    "env_default",
+    "forwarded_flags",
+    "from_args",
+    "instance_id",
+    "options",
+    "parse_bool",
+    "tls_cli",
+    "tls_from_args",
+]

@@ -1,0 +1,137 @@
+"""One frozen settings object per service, built once in ``main()`` from its flags.
+
+Each field is declared here once: type, default, and (in ``metadata``) help, flag
+and ``MESHSERVE_*`` variable; meshserve.settings.flags makes the command line from it.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshserve.observe.logs import LOG_FORMATS
+from meshserve.platform.tls import TlsConfig
+from meshserve.settings.flags import cli, tls_cli
+
+TRACE_TENANT_MODES = ("clear", "hash", "off")
+"""Values of ``trace_tenant``: how spans name a tenant (see meshserve.observe.tracing)."""
+
+
+def instance_id(role: str) -> str:
+    """A unique, readable id for one process of a role: ``gateway-host-1a2b3c4d``."""
+    return f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+REDIS_URL = cli("redis:// or rediss://user:pass@host:port/db", required_at_parse=False)
+"""The queues' Redis: the gateway and workers need it, and say so when they start."""
+ROUTER_ADDRESS = cli("router host:port", flag="--router", env="ROUTER")
+DEFAULT_ROUTER_ADDRESS = "127.0.0.1:8003"
+METRICS_HOST = cli("address /metrics listens on", env="METRICS_HOST")
+TRACE_TENANT = cli(
+    "the tenant on spans: its name, a hash (HMAC keyed by MESHSERVE_TRACE_TENANT_SECRET), or none",
+    choices=TRACE_TENANT_MODES,
+)
+TRACE_TENANT_SECRET = cli("HMAC key for --trace-tenant hash; a variable only, as a flag would show in ps", flag=None)
+SET_IN_CODE = cli("", flag=None, env=None)
+"""Neither flag nor variable: set by the server at start, or shortened by tests."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogSettings:
+    """How every command logs; a flag before or after the subcommand."""
+
+    log_level: str = field(default="INFO", metadata=cli("DEBUG, INFO, WARNING or ERROR"))
+    log_format: str = field(
+        default="text", metadata=cli("json: one object per line, with trace ids", choices=LOG_FORMATS)
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouterSettings:
+    model_repository: Path = field(metadata=cli("the model repository directory"))
+    host: str = field(default="127.0.0.1", metadata=cli("address the router listens on", env="ROUTER_HOST"))
+    port: int = field(default=8003, metadata=cli("the router's gRPC port", env="ROUTER_PORT"))
+    metrics_host: str = field(default="0.0.0.0", metadata=METRICS_HOST)
+    metrics_port: int = field(default=0, metadata=cli("0: off", env="ROUTER_METRICS_PORT"))
+    report_interval_ms: int = field(default=1000, metadata=SET_IN_CODE)
+    worker_ttl_ms: int = field(default=5000, metadata=SET_IN_CODE)
+    placement_headroom_ratio: float = field(default=0.1, metadata=SET_IN_CODE)  # share of device memory kept free
+    tls: TlsConfig | None = field(
+        default=None, metadata=tls_cli("the port requires client certificates signed by the CA")
+    )
+    redis_url: str | None = field(
+        default=None,
+        metadata=cli("the queues' Redis, for queue depths and the autoscaling signal on /metrics; none: not exported"),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewaySettings:
+    redis_url: str = field(metadata=REDIS_URL)
+    router_address: str = field(default=DEFAULT_ROUTER_ADDRESS, metadata=ROUTER_ADDRESS)
+    host: str = field(default="0.0.0.0", metadata=cli("address the public port listens on"))
+    port: int = field(default=8001, metadata=cli("the public KServe v2 gRPC port", flag="--grpc-port", env="GRPC_PORT"))
+    metrics_host: str = field(default="0.0.0.0", metadata=METRICS_HOST)
+    metrics_port: int = field(default=0, metadata=cli("0: off"))
+    gateway_id: str = field(default="", metadata=SET_IN_CODE)
+    max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=cli("largest gRPC message accepted or sent"))
+    default_timeout_ms: int = field(default=30_000, metadata=cli("deadline for a call that sets none"))
+    drain_grace_s: float = field(default=10.0, metadata=cli("on stop: how long in-flight calls may finish"))
+    lame_duck_s: float = field(
+        default=1.0, metadata=cli("on SIGTERM: seconds NOT_SERVING but still answering, before the drain")
+    )
+    tenants_path: Path | None = field(
+        default=None,
+        metadata=cli(
+            "tenants YAML (reloaded on SIGHUP); none: one open development tenant", flag="--tenants", env="TENANTS"
+        ),
+    )
+    tls: TlsConfig | None = field(default=None, metadata=tls_cli("clients must present a certificate signed by the CA"))
+    trace_tenant: str = field(default="clear", metadata=TRACE_TENANT)
+    trace_tenant_secret: str = field(default="", repr=False, metadata=TRACE_TENANT_SECRET)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSettings:
+    redis_url: str = field(metadata=REDIS_URL)
+    router_address: str = field(default=DEFAULT_ROUTER_ADDRESS, metadata=ROUTER_ADDRESS)
+    model_repository: Path = field(metadata=cli("the model repository directory"))
+    device: str = field(
+        default="cpu",
+        metadata=cli(
+            "cpu, cuda:<index> or a MIG slice's UUID (see `meshserve devices`); unless CUDA_VISIBLE_DEVICES "
+            "is set, the worker sets it to this device"
+        ),
+    )
+    worker_id: str = field(default="", metadata=SET_IN_CODE)
+    metrics_host: str = field(default="0.0.0.0", metadata=METRICS_HOST)
+    metrics_port: int = field(default=0, metadata=cli("0: off", env="WORKER_METRICS_PORT"))
+    health_host: str = field(default="127.0.0.1", metadata=cli("address the grpc.health.v1 port listens on"))
+    health_port: int = field(default=0, metadata=cli("grpc.health.v1 port (0: a free one, logged at start)"))
+    lease_ms: int = field(default=5_000, metadata=cli("a dead worker's requests are redelivered after this long"))
+    max_attempts: int = field(default=3, metadata=cli("claims of one request before it is answered INTERNAL"))
+    lower_tier_share: float = field(
+        default=0.1, metadata=cli("fraction of batches kept for lower tiers while they have work (0: strict tiers)")
+    )
+    intra_op_threads: int = field(
+        default=0, metadata=cli("ONNX Runtime threads per session (0: ONNX Runtime's choice, one per physical core)")
+    )
+    intra_op_spinning: bool = field(
+        default=False,
+        metadata=cli(
+            "let idle ONNX Runtime threads busy-wait (off: they sleep, leaving the CPU to the rest of the host)"
+        ),
+    )
+    price_per_device_hour: float = field(
+        default=0.0,
+        metadata=cli("what an hour of this worker's device costs: exports cost per 1000 requests (0: off)"),
+    )
+    canary_interval_s: float = field(
+        default=10.0,
+        metadata=cli("run each model's sample input this often; failing or NaN answers mark it not ready (0: off)"),
+    )
+    tls: TlsConfig | None = field(default=None, metadata=tls_cli("for the router channel and the health port"))
+    trace_tenant: str = field(default="clear", metadata=TRACE_TENANT)
+    trace_tenant_secret: str = field(default="", repr=False, metadata=TRACE_TENANT_SECRET)
