@@ -100,14 +100,10 @@ def points_table(result: Figures) -> list[str]:
 def overload_lines(overload: Figures, deadline_s: float) -> list[str]:
     load, calls, shed = overload["load"], overload["load"]["calls"], overload["shed"]
     growth = overload["rss_growth"]
-    rss = (
-        "not measured (the mesh's processes are not this bench's)"
-        if growth is None
-        else (
-            f"{overload['rss_start_kib'] / 1024:.1f} MiB at start, {overload['rss_end_kib'] / 1024:.1f} MiB at end"
-            f" ({growth:+.1%})"
-        )
-    )
+    rss = "not measured (the mesh's processes are not this bench's)"
+    if growth is not None:
+        start_mib, end_mib = overload["rss_start_kib"] / 1024, overload["rss_end_kib"] / 1024
+        rss = f"{start_mib:.1f} MiB at start, {end_mib:.1f} MiB at end ({growth:+.1%})"
     verdict = "target met" if overload["target_met"] else "target missed: " + "; ".join(overload["problems"])
     return [
         f"- sustainable: {overload['sustainable_per_s']:.0f} req/s (closed loop, concurrency 32,"
@@ -124,41 +120,21 @@ def overload_lines(overload: Figures, deadline_s: float) -> list[str]:
 
 
 def noisy_neighbor_lines(result: Figures) -> list[str]:
-    header = ["phase", "A sends/s", "B ok", "B p50 ms", "B p99 ms", "B errors", "B send lag p99 ms"]
-    header += ["A ok", "A refused", "A other", "client cpu B", "client cpu A", "machine busy cores"]
-    rows, details = [], []
+    header = ["phase", "A sends/s", "B ok", "B p50 ms", "B p99 ms", "B errors", "B send lag p99 ms", "A ok"]
+    header += ["A refused", "A other", "client cpu B", "client cpu A", "machine busy cores"]
+    rows, details, duration_s = [], [], result["settings"]["duration_s"]
     for name, phase in result["phases"].items():
-        steady, flood, duration_s = (
-            phase["steady"],
-            phase["flood"] or {"ok": 0, "errors": {}},
-            result["settings"]["duration_s"],
-        )
-        flood_errors = dict(flood["errors"])
+        steady, flood = phase["steady"], phase["flood"] or {"ok": 0, "errors": {}, "error_details": {}}
+        flood_errors, busy_s = dict(flood["errors"]), phase["machine_busy_s"]
         refused = flood_errors.pop("RESOURCE_EXHAUSTED", 0)
-        busy = phase["machine_busy_s"]
-        rows.append(
-            [
-                name,
-                f"{phase['flood_rate_per_s']:g}",
-                str(steady["ok"]),
-                num(steady["p50_ms"]),
-                num(steady["p99_ms"]),
-                codes(steady["errors"]),
-                num(phase["steady_send_lag_p99_ms"]),
-                str(flood["ok"]),
-                str(refused),
-                codes(flood_errors),
-                num(phase["client_cpu_s"] / duration_s),
-                num(phase["flood_client_cpu_s"] / duration_s),
-                num(None if busy is None else busy / duration_s),
-            ]
-        )
-        for calls in (steady, phase["flood"] or {}):
-            details += [
-                f"- {name}: first {code}: {text}"
-                for code, text in sorted(calls.get("error_details", {}).items())
-                if code != "RESOURCE_EXHAUSTED"
-            ]
+        row = [name, f"{phase['flood_rate_per_s']:g}", str(steady["ok"]), num(steady["p50_ms"]), num(steady["p99_ms"])]
+        row += [codes(steady["errors"]), num(phase["steady_send_lag_p99_ms"]), str(flood["ok"]), str(refused)]
+        row += [codes(flood_errors), num(phase["client_cpu_s"] / duration_s)]
+        rows.append([*row, num(phase["flood_client_cpu_s"] / duration_s), num(busy_s and busy_s / duration_s)])
+        shown = {**flood["error_details"], **steady["error_details"]}
+        details += [
+            f"- {name}: first {code}: {text}" for code, text in sorted(shown.items()) if code != "RESOURCE_EXHAUSTED"
+        ]
     settings = result["settings"]
     verdict = "target met" if result["target_met"] else "target missed"
     return [

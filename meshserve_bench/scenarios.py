@@ -277,23 +277,27 @@ async def load_mesh(
     try:
         if config.scenario == "overload":
             return {"overload": overload_json(await measure_overload(target, request, config, redis, mesh_pids))}
-        points = []
-        loads: list[dict[str, Any]]
-        if config.scenario == "open-loop":
-            loads = [{"rate_per_s": rate, "channels": MAX_DEFAULT_CHANNELS} for rate in config.rates_per_s]
-        else:
-            loads = [
-                {"concurrency": c, "channels": config.channels or min(c, MAX_DEFAULT_CHANNELS)}
-                for c in config.concurrencies
-            ]
-        for load in loads:
+        points, sweep = [], config.scenario == "sweep"
+        for offered in config.concurrencies if sweep else config.rates_per_s:
             window = Window.after(config.warmup_s, config.duration_s)
-            timeout_s = config.request_timeout_s if "rate_per_s" in load else REQUEST_TIMEOUT_S
-            point = await measure_point(target, request, window, timeout_s=timeout_s, redis=redis, **load)
-            progress(
-                f"{next(iter(load))} {point.offered:g}: {point.ok_per_s():.0f} ok/s, p50 {point.calls.p50_ms:.2f} ms,"
-                f" p99 {point.calls.p99_ms:.2f} ms, errors {point.calls.errors or 0}"
-            )
+            if sweep:
+                channels = config.channels or min(int(offered), MAX_DEFAULT_CHANNELS)
+                point = await measure_point(
+                    target, request, window, channels=channels, concurrency=int(offered), redis=redis
+                )
+            else:
+                timeout_s = config.request_timeout_s
+                point = await measure_point(
+                    target,
+                    request,
+                    window,
+                    channels=MAX_DEFAULT_CHANNELS,
+                    rate_per_s=offered,
+                    timeout_s=timeout_s,
+                    redis=redis,
+                )
+            calls = point.calls
+            progress(f"{offered:g}: {point.ok_per_s():.0f} ok/s, p99 {calls.p99_ms:.2f} ms, errors {calls.errors or 0}")
             points.append(point_json(point, raw))
         return {"points": points}
     finally:
