@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import resource
@@ -23,9 +24,11 @@ from typing import Any
 
 import grpc
 import numpy as np
+from redis.asyncio import Redis
 
 from meshserve.models.repository import ANY_DIM, ModelInfo
 from meshserve.wire.dtypes import NUMPY_BY_KSERVE
+from meshserve_bench.redis_cost import RedisUsage, snapshot
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -191,19 +194,6 @@ async def open_loop(group: asyncio.TaskGroup, send: Call, rate_per_s: float, win
     return lags_ns
 
 
-async def closed_loop(send: Callable[[int], Coroutine[Any, Any, None]], concurrency: int, window: Window) -> None:
-    """``concurrency`` clients (client ``i`` awaits ``send(i)``), each starting its next call
-    when the last returns, until the window ends."""
-
-    async def client(index: int) -> None:
-        while time.perf_counter_ns() < window.end_ns:
-            await send(index)
-
-    async with asyncio.TaskGroup() as group:
-        for index in range(concurrency):
-            group.create_task(client(index))
-
-
 def cpu_s() -> float:
     """This process's user + system CPU seconds, every thread (gRPC's included)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -231,3 +221,80 @@ async def usage_during(window: Window) -> tuple[float, float | None]:
     cpu_after_s, busy_after_s = cpu_s(), machine_busy_s()
     busy_s = None if busy_before_s is None or busy_after_s is None else busy_after_s - busy_before_s
     return cpu_after_s - cpu_before_s, busy_s
+
+
+async def redis_usage_during(window: Window, redis: Redis) -> RedisUsage:
+    await sleep_until(window.start_ns)
+    before = await snapshot(redis)
+    await sleep_until(window.end_ns)
+    return (await snapshot(redis)).usage_since(before)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPoint:
+    """One concurrency (closed loop) or rate (open loop) over a window of ``duration_s``."""
+
+    offered: float  # clients, or calls per second
+    channels: int
+    duration_s: float
+    calls: CallFigures
+    sent: int  # open loop: calls started inside the window; closed loop: calls answered
+    send_lag_p99_ms: float | None  # None for closed loop
+    client_cpu_s: float  # this process, gRPC's threads included
+    machine_busy_s: float | None  # every process on the machine; None off Linux
+    redis: RedisUsage | None  # what Redis did inside the window, where the bench can see it
+
+    def ok_per_s(self) -> float:
+        return self.calls.ok / self.duration_s
+
+    def answered(self) -> int:
+        """Calls completed inside the window, failed ones included."""
+        return self.calls.ok + sum(self.calls.errors.values())
+
+
+async def measure_point(
+    target: str,
+    request: pb.ModelInferRequest,
+    window: Window,
+    *,
+    channels: int,
+    concurrency: int = 0,
+    rate_per_s: float = 0.0,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+    metadata: Metadata = (),
+    redis: Redis | None = None,
+) -> LoadPoint:
+    """Open loop at ``rate_per_s`` when given, else ``concurrency`` closed-loop clients,
+    over ``channels`` fresh connections to ``target``; Redis read when ``redis`` is given."""
+    tally, lags_ns = Tally(window), None
+    bound_s = (window.end_ns - time.perf_counter_ns()) / 1e9 + timeout_s + 2 * CONNECT_TIMEOUT_S
+    async with asyncio.timeout(bound_s), open_channels(target, channels) as infers, asyncio.TaskGroup() as group:
+        usage = group.create_task(usage_during(window))
+        redis_usage = None if redis is None else group.create_task(redis_usage_during(window, redis))
+        turns = itertools.cycle(infers)
+        if rate_per_s > 0:
+
+            async def send() -> None:
+                await timed_call(next(turns), request, timeout_s, tally, metadata)
+
+            lags_ns = await open_loop(group, send, rate_per_s, window)
+        else:
+
+            async def client(infer: Infer) -> None:  # the next call when the last returns
+                while time.perf_counter_ns() < window.end_ns:
+                    await timed_call(infer, request, timeout_s, tally, metadata)
+
+            for _ in range(concurrency):
+                group.create_task(client(next(turns)))
+    calls, (own_cpu_s, busy_s) = tally.figures(), usage.result()
+    return LoadPoint(
+        offered=rate_per_s or concurrency,
+        channels=channels,
+        duration_s=window.duration_s(),
+        calls=calls,
+        sent=len(lags_ns) if lags_ns is not None else calls.ok + sum(calls.errors.values()),
+        send_lag_p99_ms=None if lags_ns is None else percentile_ms(lags_ns, 99),
+        client_cpu_s=own_cpu_s,
+        machine_busy_s=busy_s,
+        redis=None if redis_usage is None else redis_usage.result(),
+    )

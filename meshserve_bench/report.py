@@ -124,14 +124,20 @@ def noisy_neighbor_lines(result: Figures) -> list[str]:
     header += ["A refused", "A other", "client cpu B", "client cpu A", "machine busy cores"]
     rows, details, duration_s = [], [], result["settings"]["duration_s"]
     for name, phase in result["phases"].items():
-        steady, flood = phase["steady"], phase["flood"] or {"ok": 0, "errors": {}, "error_details": {}}
-        flood_errors, busy_s = dict(flood["errors"]), phase["machine_busy_s"]
-        refused = flood_errors.pop("RESOURCE_EXHAUSTED", 0)
-        row = [name, f"{phase['flood_rate_per_s']:g}", str(steady["ok"]), num(steady["p50_ms"]), num(steady["p99_ms"])]
-        row += [codes(steady["errors"]), num(phase["steady_send_lag_p99_ms"]), str(flood["ok"]), str(refused)]
-        row += [codes(flood_errors), num(phase["client_cpu_s"] / duration_s)]
-        rows.append([*row, num(phase["flood_client_cpu_s"] / duration_s), num(busy_s and busy_s / duration_s)])
-        shown = {**flood["error_details"], **steady["error_details"]}
+        steady, flood = phase["steady"], phase["flood"] or {"calls": {"ok": 0, "errors": {}, "error_details": {}}}
+        b_calls, a_calls, busy_s = steady["calls"], flood["calls"], steady["machine_busy_s"]
+        a_errors = dict(a_calls["errors"])
+        refused = a_errors.pop("RESOURCE_EXHAUSTED", 0)
+        row = [name, f"{phase['flood_rate_per_s']:g}", str(b_calls["ok"]), num(b_calls["p50_ms"])]
+        row += [num(b_calls["p99_ms"]), codes(b_calls["errors"]), num(steady["send_lag_p99_ms"]), str(a_calls["ok"])]
+        row += [
+            str(refused),
+            codes(a_errors),
+            num(steady["client_cpu_fraction"]),
+            num(flood.get("client_cpu_fraction")),
+        ]
+        rows.append([*row, num(busy_s and busy_s / duration_s)])
+        shown = {**a_calls["error_details"], **b_calls["error_details"]}
         details += [
             f"- {name}: first {code}: {text}" for code, text in sorted(shown.items()) if code != "RESOURCE_EXHAUSTED"
         ]

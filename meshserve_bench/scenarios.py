@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -32,25 +30,10 @@ from meshserve.devkit.redis_server import RedisServer, binary_from_env
 from meshserve.models.repository import ModelInfo
 from meshserve.platform.heap import freeze_startup_heap
 from meshserve_bench.config import BenchConfig
-from meshserve_bench.load import (
-    CONNECT_TIMEOUT_S,
-    MAX_DEFAULT_CHANNELS,
-    REQUEST_TIMEOUT_S,
-    CallFigures,
-    Tally,
-    Window,
-    build_request,
-    closed_loop,
-    open_channels,
-    open_loop,
-    percentile_ms,
-    sleep_until,
-    timed_call,
-    usage_during,
-)
+from meshserve_bench.load import MAX_DEFAULT_CHANNELS, LoadPoint, Window, build_request, measure_point, sleep_until
 from meshserve_bench.mesh import find_model, model_json, own_mesh, progress, require_ready
 from meshserve_bench.raw import RawFigures, measure_raw
-from meshserve_bench.redis_cost import RedisUsage, per_call, snapshot
+from meshserve_bench.redis_cost import per_call
 from protos import grpc_service_pb2 as pb
 
 PROBE_CONCURRENCY = 32
@@ -59,78 +42,6 @@ OVERLOAD_FACTOR = 2.0
 SHED_CODES = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
 RSS_FLAT_GROWTH = 0.10  # end RSS over start RSS, minus one, that still counts as flat
 CLIENT_LAG_SHARE = 0.1  # an open loop whose send lag p99 passes this share of the deadline is client-bound
-
-
-@dataclass(frozen=True, slots=True)
-class LoadPoint:
-    """One concurrency (closed loop) or rate (open loop) over a window of ``duration_s``."""
-
-    offered: float  # clients, or calls per second
-    channels: int
-    duration_s: float
-    calls: CallFigures
-    sent: int  # open loop: calls started inside the window; closed loop: calls answered
-    send_lag_p99_ms: float | None  # None for closed loop
-    client_cpu_s: float  # this process, gRPC's threads included
-    redis: RedisUsage | None  # what Redis did inside the window, where the bench can see it
-
-    def ok_per_s(self) -> float:
-        return self.calls.ok / self.duration_s
-
-    def answered(self) -> int:
-        """Calls completed inside the window, failed ones included."""
-        return self.calls.ok + sum(self.calls.errors.values())
-
-
-async def redis_usage_during(window: Window, redis: Redis) -> RedisUsage:
-    await sleep_until(window.start_ns)
-    before = await snapshot(redis)
-    await sleep_until(window.end_ns)
-    return (await snapshot(redis)).usage_since(before)
-
-
-async def measure_point(
-    target: str,
-    request: pb.ModelInferRequest,
-    window: Window,
-    *,
-    channels: int,
-    concurrency: int = 0,
-    rate_per_s: float = 0.0,
-    timeout_s: float = REQUEST_TIMEOUT_S,
-    redis: Redis | None = None,
-) -> LoadPoint:
-    """Open loop at ``rate_per_s`` when given, else ``concurrency`` closed-loop clients,
-    over ``channels`` fresh connections to ``target``; Redis read when ``redis`` is given."""
-    tally, lags_ns = Tally(window), None
-    bound_s = (window.end_ns - time.perf_counter_ns()) / 1e9 + timeout_s + 2 * CONNECT_TIMEOUT_S
-    async with asyncio.timeout(bound_s), open_channels(target, channels) as infers, asyncio.TaskGroup() as group:
-        usage = group.create_task(usage_during(window))
-        redis_usage = None if redis is None else group.create_task(redis_usage_during(window, redis))
-        if rate_per_s > 0:
-            turns = itertools.cycle(infers)
-
-            async def send() -> None:
-                await timed_call(next(turns), request, timeout_s, tally)
-
-            lags_ns = await open_loop(group, send, rate_per_s, window)
-        else:
-
-            async def client_send(index: int) -> None:
-                await timed_call(infers[index % channels], request, timeout_s, tally)
-
-            await closed_loop(client_send, concurrency, window)
-    calls = tally.figures()
-    return LoadPoint(
-        offered=rate_per_s or concurrency,
-        channels=channels,
-        duration_s=window.duration_s(),
-        calls=calls,
-        sent=len(lags_ns) if lags_ns is not None else calls.ok + sum(calls.errors.values()),
-        send_lag_p99_ms=None if lags_ns is None else percentile_ms(lags_ns, 99),
-        client_cpu_s=usage.result()[0],
-        redis=None if redis_usage is None else redis_usage.result(),
-    )
 
 
 # ------------------------------------------------------------------ overload

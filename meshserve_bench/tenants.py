@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import math
 import multiprocessing
 import secrets
@@ -37,19 +36,16 @@ from meshserve_bench.config import BenchConfig
 from meshserve_bench.load import (
     OK,
     REQUEST_TIMEOUT_S,
-    CallFigures,
+    LoadPoint,
     Metadata,
-    Tally,
     Window,
     build_request,
     call,
+    measure_point,
     open_channels,
-    open_loop,
-    percentile_ms,
-    timed_call,
-    usage_during,
 )
 from meshserve_bench.mesh import find_model, model_json, own_mesh, progress
+from meshserve_bench.scenarios import point_json
 from protos import grpc_service_pb2 as pb
 
 NOISY, STEADY = "noisy", "steady"
@@ -73,28 +69,24 @@ class FloodPlan:
 
 @dataclass(frozen=True, slots=True)
 class PhaseFigures:
-    """B's calls in one phase, beside what A's were answered with."""
+    """B's calls in one phase, and A's when A sent any."""
 
     name: str  # ALONE, AT_LIMIT or FLOODED
     flood_rate_per_s: float
-    steady: CallFigures
-    steady_send_lag_p99_ms: float
-    flood: CallFigures | None  # None when A sent nothing
-    client_cpu_s: float  # B's client (this process)
-    flood_client_cpu_s: float  # A's client process
-    machine_busy_s: float | None  # every process, the mesh's and anyone else's; None off Linux
+    steady: LoadPoint  # its machine_busy_s: every process, the mesh's and anyone else's
+    flood: LoadPoint | None  # None when A sent nothing
 
 
 def p99_ratio(base: PhaseFigures, other: PhaseFigures) -> float:
     """B's p99 in ``other`` over B's p99 in ``base``; NaN when either is missing."""
-    if not base.steady.p99_ms > 0 or math.isnan(other.steady.p99_ms):
+    if not base.steady.calls.p99_ms > 0 or math.isnan(other.steady.calls.p99_ms):
         return math.nan
-    return other.steady.p99_ms / base.steady.p99_ms
+    return other.steady.calls.p99_ms / base.steady.calls.p99_ms
 
 
 def target_met(alone: PhaseFigures, flooded: PhaseFigures) -> bool:
     """B's p99 under the flood within ``TARGET_P99_RATIO`` of alone, and no error for B."""
-    clean = not alone.steady.errors and not flooded.steady.errors
+    clean = not alone.steady.calls.errors and not flooded.steady.calls.errors
     return p99_ratio(alone, flooded) <= TARGET_P99_RATIO and clean
 
 
@@ -116,60 +108,44 @@ def warm_flooder() -> None:
     gRPC) before the first phase, so that start-up is not timed."""
 
 
-def flood_process(plan: FloodPlan) -> tuple[CallFigures, float]:
+def flood_process(plan: FloodPlan) -> LoadPoint:
     """A's client, in its own process: open loop until the window ends, round-robin over
-    ``plan.channels`` connections; its calls' figures and its own CPU seconds."""
-    return asyncio.run(flood(plan))
-
-
-async def flood(plan: FloodPlan) -> tuple[CallFigures, float]:
-    tally = Tally(plan.window)
+    ``plan.channels`` connections (the window's clock is the system's, shared by processes)."""
     request = pb.ModelInferRequest.FromString(plan.request)
-    async with open_channels(plan.target, plan.channels) as infers:
-        turns = itertools.cycle(infers)
-
-        async def send() -> None:
-            await timed_call(next(turns), request, REQUEST_TIMEOUT_S, tally, plan.metadata)
-
-        async with asyncio.TaskGroup() as group:
-            usage = group.create_task(usage_during(plan.window))
-            await open_loop(group, send, plan.rate_per_s, plan.window)
-    return tally.figures(), usage.result()[0]
+    point = measure_point(
+        plan.target, request, plan.window, channels=plan.channels, rate_per_s=plan.rate_per_s, metadata=plan.metadata
+    )
+    return asyncio.run(point)
 
 
 async def phase(
     name: str, target: str, model: ModelInfo, config: BenchConfig, keys: dict[str, str], flood_rate_per_s: float
 ) -> PhaseFigures:
     """B timed for one window; A floods meanwhile from a spawned process when ``flood_rate_per_s`` > 0."""
-    request = build_request(model)
-    loop = asyncio.get_running_loop()
+    request, loop = build_request(model), asyncio.get_running_loop()
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of this one's gRPC state
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as flooder:
         await loop.run_in_executor(flooder, warm_flooder)
-        window = Window.after(config.warmup_s, config.duration_s)  # after the flood process is up
-        tally = Tally(window)
+        window = Window.after(config.warmup_s, config.duration_s)
         flooding = None
         if flood_rate_per_s > 0:
-            metadata = (("authorization", f"Bearer {keys[NOISY]}"),)
             plan = FloodPlan(
-                target, request.SerializeToString(), metadata, flood_rate_per_s, config.flood_channels, window
+                target,
+                request.SerializeToString(),
+                bearer(keys[NOISY]),
+                flood_rate_per_s,
+                config.flood_channels,
+                window,
             )
             flooding = loop.run_in_executor(flooder, flood_process, plan)
-        async with open_channels(target, 1) as (infer,):
-            steady_metadata = (("authorization", f"Bearer {keys[STEADY]}"),)
+        steady = await measure_point(
+            target, request, window, channels=1, rate_per_s=config.steady_rate_per_s, metadata=bearer(keys[STEADY])
+        )
+        return PhaseFigures(name, flood_rate_per_s, steady, await flooding if flooding is not None else None)
 
-            async def send() -> None:
-                await timed_call(infer, request, REQUEST_TIMEOUT_S, tally, steady_metadata)
 
-            async with asyncio.TaskGroup() as group:
-                usage = group.create_task(usage_during(window))
-                lags_ns = await open_loop(group, send, config.steady_rate_per_s, window)
-        flood_figures, flood_cpu_s = await flooding if flooding is not None else (None, 0.0)
-    cpu_s, busy_s = usage.result()
-    steady_lag_ms = percentile_ms(lags_ns, 99)
-    return PhaseFigures(
-        name, flood_rate_per_s, tally.figures(), steady_lag_ms, flood_figures, cpu_s, flood_cpu_s, busy_s
-    )
+def bearer(key: str) -> Metadata:
+    return (("authorization", f"Bearer {key}"),)
 
 
 async def first_calls(target: str, model: ModelInfo, keys: dict[str, str]) -> None:
@@ -177,7 +153,7 @@ async def first_calls(target: str, model: ModelInfo, keys: dict[str, str]) -> No
     request = build_request(model)
     async with open_channels(target, 1) as (infer,):
         for name in (STEADY, NOISY):
-            code, details = await call(infer, request, REQUEST_TIMEOUT_S, (("authorization", f"Bearer {keys[name]}"),))
+            code, details = await call(infer, request, REQUEST_TIMEOUT_S, bearer(keys[name]))
             if code != OK:
                 raise SystemExit(f"bench: tenant {name}: a first call to '{model.name}' failed: {code}: {details}")
 
@@ -189,7 +165,7 @@ async def measure(target: str, model: ModelInfo, config: BenchConfig, keys: dict
     rates = {ALONE: 0.0, AT_LIMIT: config.noisy_limit_per_s, FLOODED: config.flood_rate_per_s}
     for name, rate in rates.items():
         phases.append(figures := await phase(name, target, model, config, keys, rate))
-        progress(f"{name}: B p50 {figures.steady.p50_ms:.2f} ms p99 {figures.steady.p99_ms:.2f} ms")
+        progress(f"{name}: B p99 {figures.steady.calls.p99_ms:.2f} ms, errors {figures.steady.calls.errors or 0}")
     return phases
 
 
@@ -208,11 +184,16 @@ def run_noisy_neighbor(config: BenchConfig) -> dict[str, Any]:
     return {"settings": asdict(config), "model": model_json(model), **noisy_neighbor_json(phases)}
 
 
+def phase_json(figures: PhaseFigures) -> dict[str, Any]:
+    flood = None if figures.flood is None else point_json(figures.flood, None)
+    return {"flood_rate_per_s": figures.flood_rate_per_s, "steady": point_json(figures.steady, None), "flood": flood}
+
+
 def noisy_neighbor_json(phases: list[PhaseFigures]) -> dict[str, Any]:
     by_name = {figures.name: figures for figures in phases}
     alone, flooded = by_name[ALONE], by_name[FLOODED]
     return {
-        "phases": {name: asdict(figures) for name, figures in by_name.items()},
+        "phases": {name: phase_json(figures) for name, figures in by_name.items()},
         "p99_ratio": p99_ratio(alone, flooded),
         "at_limit_p99_ratio": p99_ratio(alone, by_name[AT_LIMIT]) if AT_LIMIT in by_name else None,
         "target_p99_ratio": TARGET_P99_RATIO,

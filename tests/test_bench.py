@@ -22,7 +22,16 @@ from meshserve.models.repository import ModelInfo, TensorInfo, load_model
 from meshserve.tenancy.tenants import TIERS, load_tenants
 from meshserve_bench import cli, report, scenarios, tenants
 from meshserve_bench.config import BenchConfig
-from meshserve_bench.load import CallFigures, Tally, Window, build_request, due_times_ns, percentile_ms, random_inputs
+from meshserve_bench.load import (
+    CallFigures,
+    LoadPoint,
+    Tally,
+    Window,
+    build_request,
+    due_times_ns,
+    percentile_ms,
+    random_inputs,
+)
 from meshserve_bench.raw import RawFigures, raw_batches, worker_session_idle_runs_ns
 from meshserve_bench.redis_cost import RedisUsage
 
@@ -51,10 +60,8 @@ def _calls(ok: int, p50_ms: float, p99_ms: float, errors: dict[str, int] | None 
     return CallFigures(ok, p50_ms, p99_ms, errors or {}, 2000.0 if errors else math.nan, {})
 
 
-def _point(
-    offered: float, calls: CallFigures, redis: RedisUsage | None = None, cpu_s: float = 1.0
-) -> scenarios.LoadPoint:
-    return scenarios.LoadPoint(offered, 8, 10.0, calls, int(offered * 10), 0.5, cpu_s, redis)
+def _point(offered: float, calls: CallFigures, redis: RedisUsage | None = None, cpu_s: float = 1.0) -> LoadPoint:
+    return LoadPoint(offered, 8, 10.0, calls, int(offered * 10), 0.5, cpu_s, 8.0, redis)
 
 
 def test_percentile_interpolates_and_converts_ns_to_ms() -> None:
@@ -171,7 +178,7 @@ def test_an_overload_miss_names_a_client_that_lagged_behind_its_schedule() -> No
 
 
 def _phase(name: str, p99_ms: float, errors: dict[str, int] | None = None) -> tenants.PhaseFigures:
-    return tenants.PhaseFigures(name, 0.0, _calls(500, 2.0, p99_ms, errors), 0.5, None, 0.5, 0.0, 8.0)
+    return tenants.PhaseFigures(name, 0.0, _point(50.0, _calls(500, 2.0, p99_ms, errors), cpu_s=0.5), None)
 
 
 @pytest.mark.parametrize(
@@ -253,7 +260,7 @@ def test_report_of_overload_and_noisy_neighbor_states_the_verdict() -> None:
     assert "**target missed: mesh RSS grew 25% (flat: <= 10%)**" in overload.splitlines()
     phases = [_phase(tenants.ALONE, 4.0), _phase(tenants.AT_LIMIT, 4.4), _phase(tenants.FLOODED, 5.0)]
     noisy = report.markdown(_result(scenario="noisy-neighbor", raw=None, **tenants.noisy_neighbor_json(phases)))
-    assert "| flooded | 0 | 500 | 2.00 | 5.00 | 0 | 0.50 | 0 | 0 | 0 | 0.05 | 0.00 | 0.80 |" in noisy
+    assert "| flooded | 0 | 500 | 2.00 | 5.00 | 0 | 0.50 | 0 | 0 | 0 | 0.05 | - | 0.80 |" in noisy
     assert "**target met**" in noisy
 
 

@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from meshserve_bench import scenarios, tenants
-from meshserve_bench.load import Window, build_request
+from meshserve_bench.load import Window, build_request, measure_point
 from meshserve_bench.mesh import find_model
 
 
@@ -25,8 +25,8 @@ async def test_closed_and_open_loop_against_the_mesh_with_redis_cost(
     mesh: Any, model_repository: Path, redis: Redis
 ) -> None:
     request = build_request(find_model(model_repository, "mlp"))
-    closed = await scenarios.measure_point(mesh.address, request, Window.after(0.0, 0.3), channels=2, concurrency=2)
-    opened = await scenarios.measure_point(
+    closed = await measure_point(mesh.address, request, Window.after(0.0, 0.3), channels=2, concurrency=2)
+    opened = await measure_point(
         mesh.address, request, Window.after(0.0, 0.5), channels=2, rate_per_s=20.0, timeout_s=10.0, redis=redis
     )
     for point in (closed, opened):
@@ -50,10 +50,10 @@ async def test_the_noisy_tenants_flood_runs_in_a_spawned_process(mesh: Any, mode
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(flooder, tenants.warm_flooder)
         plan = tenants.FloodPlan(mesh.address, request.SerializeToString(), (), 40.0, 2, Window.after(0.1, 1.0))
-        calls, cpu_s = await loop.run_in_executor(flooder, tenants.flood_process, plan)
-    assert calls.ok > 0
-    assert calls.errors == {}  # the open development tenant: nothing refused
-    assert cpu_s > 0  # the child's own CPU, not this process's
+        point = await loop.run_in_executor(flooder, tenants.flood_process, plan)
+    assert point.calls.ok > 0
+    assert point.calls.errors == {}  # the open development tenant: nothing refused
+    assert point.client_cpu_s > 0  # the child's own CPU, not this process's
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
