@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    # onnx builds the example models: loaded when the bench runs, not by every `meshserve` command
     from meshserve.devkit.examples import default_repository_dir, write_example_repository
 
     positive = (args.duration_s, args.request_timeout_s, args.steady_rate_per_s, args.noisy_limit_per_s)

@@ -187,6 +187,8 @@ def plot(result: Figures, path: Path) -> None:
         axes.axhline(result["raw"]["p50_ms"], linestyle=":", label="raw ONNX Runtime p50")
     axes.set(xscale="log", yscale="log", xlabel="rate/s" if result["scenario"] == "open-loop" else "concurrency")
     axes.set(ylabel="latency, ms", title=f"meshserve {result['scenario']}: {result['model']['name']}")
+    axes.set_xticks(xs, [f"{x:g}" for x in xs])
+    axes.set_xticks([], minor=True)
     axes.legend()
     figure.savefig(path, dpi=120)
 

@@ -129,14 +129,8 @@ async def phase(
         window = Window.after(config.warmup_s, config.duration_s)
         flooding = None
         if flood_rate_per_s > 0:
-            plan = FloodPlan(
-                target,
-                request.SerializeToString(),
-                bearer(keys[NOISY]),
-                flood_rate_per_s,
-                config.flood_channels,
-                window,
-            )
+            serialized, channels = request.SerializeToString(), config.flood_channels
+            plan = FloodPlan(target, serialized, bearer(keys[NOISY]), flood_rate_per_s, channels, window)
             flooding = loop.run_in_executor(flooder, flood_process, plan)
         steady = await measure_point(
             target, request, window, channels=1, rate_per_s=config.steady_rate_per_s, metadata=bearer(keys[STEADY])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,19 @@ def test_the_worker_session_runs_the_real_model_unless_the_worker_spins(
     assert all(ns > 0 for ns in runs_ns)
     monkeypatch.setenv("MESHSERVE_INTRA_OP_SPINNING", "1")  # then the default session's figure is the worker's
     assert worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05) == []
+
+
+def test_the_plot_is_written_or_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "latency.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match=r"pip install 'meshserve\[bench\]'"):
+            report.plot(_result(), path)
+    else:
+        report.plot(_result(), path)
+        assert path.read_bytes().startswith(b"\x89PNG")
+    for module in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(SystemExit, match=r"pip install 'meshserve\[bench\]'"):
+        report.plot(_result(), path)
