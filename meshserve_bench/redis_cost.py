@@ -1,23 +1,26 @@
-"""What a bench point cost Redis: commands and main-thread CPU per call.
+"""What a bench point cost Redis: commands and main-thread CPU, read from its own counters.
 
-Read from ``INFO stats`` and ``INFO cpu`` at the start and the end of a point's
-measured window, so the README's figure for how many requests one Redis carries
-is one anyone can rerun. Commands include those the queue scripts run (Redis
-counts each ``redis.call``); CPU is the server's main thread, where every
-command and script runs. Other clients of the same Redis during the window
-count too: point the bench at a Redis only this mesh uses.
+``INFO stats`` and ``INFO cpu`` at the start and the end of a point's measured window.
+Commands include those the queue scripts run (Redis counts each ``redis.call``); CPU is
+the server's main thread, where every command and script runs. Other clients of the
+same Redis during the window count too: point the bench at a Redis only this mesh uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from meshserve_bench.display import text_table
-
 SNAPSHOT_COMMANDS = 2
 """The INFO commands of one snapshot: the next snapshot counts them."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisUsage:
+    """What Redis did between two snapshots."""
+
+    commands: int  # script-internal commands included
+    cpu_s: float  # main thread, user + system
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +37,6 @@ class RedisCounters:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class RedisUsage:
-    """What Redis did between two snapshots."""
-
-    commands: int  # script-internal commands included
-    cpu_s: float  # main thread, user + system
-
-
 async def snapshot(client: Any) -> RedisCounters:
     """``client``: a ``redis.asyncio.Redis``. Two INFO commands (``SNAPSHOT_COMMANDS``)."""
     stats = await client.info("stats")
@@ -52,19 +47,15 @@ async def snapshot(client: Any) -> RedisCounters:
     return RedisCounters(int(stats["total_commands_processed"]), float(user) + float(system))
 
 
-def per_call_lines(rows: Sequence[tuple[int, int, RedisUsage]]) -> list[str]:
-    """The report's Redis lines: one row per (concurrency, calls completed, usage)."""
-    body = []
-    for concurrency, calls, usage in rows:
-        if calls <= 0:
-            continue
-        cpu_us = usage.cpu_s / calls * 1e6
-        carried = f"{1e6 / cpu_us:,.0f}".replace(",", " ") if cpu_us > 0 else "-"
-        body.append([str(concurrency), f"{usage.commands / calls:.1f}", f"{cpu_us:.0f}", carried])
-    if not body:
-        return []
-    header = ["concurrency", "commands", "cpu us", "calls/s one Redis core carries"]
-    return [
-        "redis per call (commands include those the queue scripts run; cpu is its main thread):",
-        *text_table(header, body),
-    ]
+def per_call(usage: RedisUsage, calls: int) -> dict[str, float | None]:
+    """Commands and main-thread CPU µs per call (failed calls count: they cost Redis too),
+    and the calls per second one Redis core would carry at that cost (None when no CPU was
+    seen); {} without calls."""
+    if calls <= 0:
+        return {}
+    cpu_us = usage.cpu_s / calls * 1e6
+    return {
+        "redis_commands_per_call": usage.commands / calls,
+        "redis_cpu_us_per_call": cpu_us,
+        "redis_core_calls_per_s": 1e6 / cpu_us if cpu_us > 0 else None,
+    }

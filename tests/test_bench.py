@@ -1,37 +1,47 @@
-"""The pure parts of ``meshserve bench``: percentiles, ratios, inputs, the table.
+"""The pure parts of ``meshserve bench``: flags, inputs, the window's count, percentiles,
+the overload and noisy-neighbour verdicts, and the report made from a run's JSON.
 
-No servers and no timing: every figure here is given, except one test that runs
-a real example model through the worker's session class and checks only that it ran.
+No servers and no timing, except one test that runs a real example model through the
+worker's session class and checks only that it ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from meshserve.cli.main import build_parser
 from meshserve.models.repository import ModelInfo, TensorInfo, load_model
-from meshserve_bench import sweep as bench
+from meshserve.queue import TIERS
+from meshserve.tenancy.tenants import load_tenants
+from meshserve_bench import cli, report, scenarios, tenants
+from meshserve_bench.config import BenchConfig
+from meshserve_bench.load import (
+    CallFigures,
+    LoadPoint,
+    Tally,
+    Window,
+    build_request,
+    due_times_ns,
+    percentile_ms,
+    random_inputs,
+)
+from meshserve_bench.raw import RawFigures, raw_batches, worker_session_idle_runs_ns
+from meshserve_bench.redis_cost import RedisUsage
 
-RAW = bench.RawFigures(p50_ms=1.0, p99_ms=1.5, items_per_s_by_batch={1: 1000.0, 8: 1600.0, 32: 2000.0})
-
-
-def _point(
-    concurrency: int, requests: int, cpu_s: float = 1.0, errors: dict[str, int] | None = None
-) -> bench.PointFigures:
-    return bench.PointFigures(
-        concurrency=concurrency,
-        channels=min(concurrency, 8),
-        duration_s=10.0,
-        requests=requests,
-        p50_ms=3.0,
-        p99_ms=5.5,
-        errors=errors or {},
-        client_cpu_s=cpu_s,
-    )
+MS = 1_000_000  # ns
+RAW = RawFigures(1.0, 1.5, {1: 1000.0, 8: 1600.0, 32: 2000.0}, 2.25, None, 0.1)
+CONFIG = BenchConfig(
+    scenario="sweep", target=None, model="cnn", repository=Path("/nonexistent"), duration_s=10.0, warmup_s=2.0
+)
 
 
 def _model(shape: tuple[int, ...], max_batch_size: int, datatype: str = "FP32") -> ModelInfo:
@@ -48,85 +58,219 @@ def _model(shape: tuple[int, ...], max_batch_size: int, datatype: str = "FP32") 
     )
 
 
+def _calls(ok: int, p50_ms: float, p99_ms: float, errors: dict[str, int] | None = None) -> CallFigures:
+    return CallFigures(ok, p50_ms, p99_ms, errors or {}, 2000.0 if errors else math.nan, {})
+
+
+def _point(offered: float, calls: CallFigures, redis: RedisUsage | None = None, cpu_s: float = 1.0) -> LoadPoint:
+    return LoadPoint(offered, 8, 10.0, calls, int(offered * 10), 0.5, cpu_s, 8.0, redis)
+
+
 def test_percentile_interpolates_and_converts_ns_to_ms() -> None:
-    latencies_ns = [1_000_000, 2_000_000, 3_000_000, 4_000_000]
-    assert bench.percentile_ms(latencies_ns, 50) == pytest.approx(2.5)
-    assert bench.percentile_ms(latencies_ns, 100) == pytest.approx(4.0)
-    assert bench.percentile_ms([7_000_000], 99) == pytest.approx(7.0)
+    assert percentile_ms([1 * MS, 2 * MS, 3 * MS, 4 * MS], 50) == pytest.approx(2.5)
+    assert percentile_ms([7 * MS], 99) == pytest.approx(7.0)
+    assert math.isnan(percentile_ms([], 50))
 
 
-def test_percentile_of_nothing_is_nan() -> None:
-    assert math.isnan(bench.percentile_ms([], 50))
+def test_raw_best_batch_and_batches_tried() -> None:
+    assert (RAW.best_batch(), RAW.best_items_per_s()) == (32, 2000.0)
+    assert raw_batches(32) == [1, 8, 32]
+    assert raw_batches(8) == [1, 8]
+    assert raw_batches(1) == [1]
 
 
-def test_best_batch_is_the_highest_throughput() -> None:
-    assert RAW.best_batch() == 32
-    assert RAW.best_items_per_s() == 2000.0
-
-
-def test_compare_divides_by_best_batch_and_subtracts_batch1_latency() -> None:
-    vs = bench.compare(_point(32, requests=10_000), RAW)
-    assert vs.throughput_ratio == pytest.approx(0.5)  # 1000 req/s over 2000 items/s
-    assert vs.added_p50_ms == pytest.approx(2.0)
-    assert vs.added_p99_ms == pytest.approx(4.0)
-
-
-def test_raw_batches_include_8_only_between_1_and_max() -> None:
-    assert bench.raw_batches(32) == [1, 8, 32]
-    assert bench.raw_batches(8) == [1, 8]
-    assert bench.raw_batches(4) == [1, 4]
-    assert bench.raw_batches(1) == [1]
-
-
-def test_random_inputs_fill_batch_and_symbolic_dims() -> None:
-    arrays = bench.random_inputs(_model((-1, 3, -1), max_batch_size=32), batch=4)
-    assert arrays["x"].shape == (4, 3, 32)
-    assert arrays["x"].dtype == np.float32
-
-
-def test_random_inputs_keep_a_fixed_dim_0_when_not_batchable() -> None:
-    arrays = bench.random_inputs(_model((1, 4), max_batch_size=0, datatype="INT64"), batch=8)
-    assert arrays["x"].shape == (1, 4)
-    assert arrays["x"].dtype == np.int64
-
-
-def test_request_names_model_version_and_carries_raw_bytes() -> None:
-    request = bench.build_request(_model((-1, 3, 2, 2), max_batch_size=32))
-    assert (request.model_name, request.model_version) == ("m", "3")
-    assert list(request.inputs[0].shape) == [1, 3, 2, 2]
-    assert request.inputs[0].datatype == "FP32"
+def test_inputs_fill_batch_and_symbolic_dims_and_keep_a_fixed_dim_0() -> None:
+    arrays = random_inputs(_model((-1, 3, -1), max_batch_size=32), batch=4)
+    assert (arrays["x"].shape, arrays["x"].dtype) == ((4, 3, 32), np.float32)
+    fixed = random_inputs(_model((1, 4), max_batch_size=0, datatype="INT64"), batch=8)
+    assert (fixed["x"].shape, fixed["x"].dtype) == ((1, 4), np.int64)
+    request = build_request(_model((-1, 3, 2, 2), max_batch_size=32))
+    assert (request.model_name, request.model_version, list(request.inputs[0].shape)) == ("m", "3", [1, 3, 2, 2])
     assert len(request.raw_input_contents[0]) == 12 * 4
 
 
-def test_report_table_with_given_figures() -> None:
-    machine = {"cores": 2, "platform": "Linux-test"}
-    points = [_point(1, requests=5000, cpu_s=2.0), _point(32, requests=10_000, cpu_s=9.5, errors={"UNAVAILABLE": 3})]
-    assert bench.format_report("cnn", 10.0, machine, RAW, points).splitlines() == [
-        "model cnn, 10 s per point, machine: 2 cores, Linux-test",
-        "raw ONNX Runtime: batch 1 p50 1.00 ms p99 1.50 ms, 1000 items/s; batch 8: 1600 items/s;"
-        " batch 32: 2000 items/s (best)",
-        "concurrency  req/s  p50 ms  p99 ms  errors  x raw best  +p50 ms  +p99 ms  client cpu",
-        "1            500    3.00    5.50    0       0.25        +2.00    +4.00    0.20",
-        "32           1000   3.00    5.50    3       0.50        +2.00    +4.00    0.95",
-        "concurrency 32: errors UNAVAILABLE 3",
-        "concurrency 32: client CPU-bound: figures are a lower bound",
-    ]
+def test_only_calls_ending_inside_the_window_count() -> None:
+    tally = Tally(Window(100 * MS, 200 * MS))
+    tally.record("OK", "", 90 * MS, 110 * MS)
+    tally.record("OK", "", 150 * MS, 210 * MS)  # ends after the window
+    tally.record("OK", "", 0, 99 * MS)  # ends before it
+    tally.record("UNAVAILABLE", "no worker", 120 * MS, 125 * MS)
+    tally.record("UNAVAILABLE", "later details", 120 * MS, 130 * MS)
+    figures = tally.figures()
+    assert (figures.ok, figures.p50_ms, figures.errors) == (1, pytest.approx(20.0), {"UNAVAILABLE": 2})
+    assert figures.error_p50_ms == pytest.approx(7.5)
+    assert figures.error_details == {"UNAVAILABLE": "no worker"}
 
 
-def test_the_report_shows_raw_batch_1_after_an_idle_gap_when_measured() -> None:
-    raw = bench.RawFigures(p50_ms=1.0, p99_ms=1.5, items_per_s_by_batch={1: 1000.0}, idle_p50_ms=2.25)
-    lines = bench.format_report("cnn", 10.0, {"cores": 2, "platform": "Linux-test"}, raw, []).splitlines()
-    assert "raw batch 1 after 4 ms idle (how a lone request finds it): p50 2.25 ms" in lines
+def test_schedule_is_uniform_from_the_first_send_and_stops_before_the_end() -> None:
+    assert list(due_times_ns(0, 4.0, 1000 * MS)) == [0, 250 * MS, 500 * MS, 750 * MS]
+    times = list(due_times_ns(7, 3.0, 10_000_000_007))
+    assert (len(times), times[-1]) == (30, 7 + round(29 * 1e9 / 3.0))  # from the first, not summed steps
 
 
-def test_the_report_shows_the_worker_session_figure_when_measured() -> None:
-    raw = bench.RawFigures(
-        p50_ms=1.0, p99_ms=1.5, items_per_s_by_batch={1: 1000.0}, idle_p50_ms=1.25, worker_idle_p50_ms=1.75
+@pytest.mark.parametrize("text", ["", "0", "1,x", "4,-1", "nan"])
+def test_lists_reject_bad_values(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.positive_list(float)(text)
+
+
+def test_flags_build_the_config(tmp_path: Path) -> None:
+    argv = ["bench", "--scenario", "open-loop", "--rates", "50,100.5", "--concurrency", "1,8"]
+    args = build_parser().parse_args([*argv, "--noisy-limit-per-s", "25", "--model-repository", str(tmp_path)])
+    config = cli.config_from_args(args)
+    assert (config.scenario, config.rates_per_s, config.concurrencies) == ("open-loop", (50.0, 100.5), (1, 8))
+    assert (config.flood_rate_per_s, config.repository, config.redis_url) == (250.0, tmp_path, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--concurrency", "1,0"])
+
+
+def test_noisy_neighbor_refuses_a_target() -> None:
+    with pytest.raises(SystemExit, match="starts its own mesh"):
+        tenants.run_noisy_neighbor(replace(CONFIG, scenario="noisy-neighbor", target="127.0.0.1:1"))
+
+
+def test_a_point_beside_raw_and_per_call_to_redis() -> None:
+    point = _point(32, _calls(9990, 3.0, 5.5, {"UNAVAILABLE": 10}), RedisUsage(commands=400_000, cpu_s=2.5))
+    figures = scenarios.point_json(point, RAW)
+    assert figures["throughput_ratio"] == pytest.approx(0.4995)  # 999 ok/s over 2000 items/s at batch 32
+    assert (figures["added_p50_ms"], figures["added_p99_ms"]) == (pytest.approx(2.0), pytest.approx(4.0))
+    assert figures["redis_commands_per_call"] == pytest.approx(40.0)  # the failed calls count too
+    assert figures["redis_cpu_us_per_call"] == pytest.approx(250.0)
+    assert figures["redis_core_calls_per_s"] == pytest.approx(4000.0)
+
+
+OVERLOAD = scenarios.OverloadFigures(
+    sustainable_per_s=400.0,
+    probe_duration_s=3.0,
+    deadline_ms=2000.0,
+    load=_point(800.0, _calls(4000, 80.0, 150.0, {"RESOURCE_EXHAUSTED": 3900, "DEADLINE_EXCEEDED": 100})),
+    rss_start_kib=400 * 1024,
+    rss_end_kib=410 * 1024,
+)
+
+
+def test_overload_met_when_bounded_shed_and_flat() -> None:
+    assert scenarios.overload_problems(OVERLOAD) == []
+    assert OVERLOAD.shed() == {"RESOURCE_EXHAUSTED": 3900, "DEADLINE_EXCEEDED": 100, "other": 0}
+    assert scenarios.overload_problems(replace(OVERLOAD, rss_start_kib=None, rss_end_kib=None)) == []
+    figures = scenarios.overload_json(OVERLOAD)
+    assert (figures["target_met"], figures["rss_growth"]) == (True, pytest.approx(0.025))
+
+
+@pytest.mark.parametrize(
+    ("figures", "problem"),
+    [
+        (replace(OVERLOAD, load=_point(800.0, _calls(4000, 80.0, 2500.0))), "past the 2000 ms deadline"),
+        (replace(OVERLOAD, load=_point(800.0, _calls(0, math.nan, math.nan))), "no call was accepted"),
+        (replace(OVERLOAD, load=_point(800.0, _calls(10, 1.0, 2.0, {"INTERNAL": 3}))), "3 calls failed with codes"),
+        (replace(OVERLOAD, rss_end_kib=500 * 1024), "mesh RSS grew 25%"),
+    ],
+)
+def test_overload_missed(figures: scenarios.OverloadFigures, problem: str) -> None:
+    assert any(problem in text for text in scenarios.overload_problems(figures))
+    assert scenarios.overload_json(figures)["target_met"] is False
+
+
+def test_an_overload_miss_names_a_client_that_lagged_behind_its_schedule() -> None:
+    late = _point(800.0, _calls(4000, 80.0, 2500.0))
+    on_time = scenarios.overload_problems(replace(OVERLOAD, load=late))
+    lagging = scenarios.overload_problems(replace(OVERLOAD, load=replace(late, send_lag_p99_ms=750.0)))
+    assert not any("send lag" in text for text in on_time)
+    assert any("past the 2000 ms deadline" in text and "send lag p99 750 ms" in text for text in lagging)
+
+
+def _phase(name: str, p99_ms: float, errors: dict[str, int] | None = None) -> tenants.PhaseFigures:
+    return tenants.PhaseFigures(name, 0.0, _point(50.0, _calls(500, 2.0, p99_ms, errors), cpu_s=0.5), None)
+
+
+@pytest.mark.parametrize(
+    ("flooded", "met"),
+    [
+        (_phase(tenants.FLOODED, 5.0), True),
+        (_phase(tenants.FLOODED, 6.5), False),
+        (_phase(tenants.FLOODED, 5.0, {"UNAVAILABLE": 1}), False),
+        (_phase(tenants.FLOODED, math.nan), False),
+    ],
+)
+def test_noisy_neighbor_target_on_p99_ratio_and_errors(flooded: tenants.PhaseFigures, met: bool) -> None:
+    alone, at_limit = _phase(tenants.ALONE, 4.0), _phase(tenants.AT_LIMIT, 4.4)
+    figures = tenants.noisy_neighbor_json([alone, at_limit, flooded])
+    assert figures["target_met"] is met
+    assert figures["at_limit_p99_ratio"] == pytest.approx(1.1)
+    assert tenants.p99_ratio(alone, _phase(tenants.FLOODED, 5.0)) == pytest.approx(1.25)
+
+
+def test_tenants_file_loads_with_hashed_keys_and_limits(tmp_path: Path) -> None:
+    path = tmp_path / "tenants.yaml"
+    path.write_text(tenants.tenants_yaml("noisy-key", "steady-key", CONFIG))
+    assert "noisy-key" not in path.read_text()
+    registry = load_tenants(path)
+    noisy, steady = registry.authenticate("noisy-key"), registry.authenticate("steady-key")
+    assert noisy is not None
+    assert steady is not None
+    assert (noisy.name, noisy.rate_per_s, noisy.burst, noisy.tier) == ("noisy", 40.0, 40, TIERS["standard"])
+    assert (steady.name, steady.rate_per_s, steady.tier) == ("steady", 500.0, TIERS["standard"])
+    assert noisy.models == steady.models == ("cnn",)
+
+
+def _result(**changes: Any) -> dict[str, Any]:
+    """A run's JSON as ``meshserve bench --json`` writes it, from given figures."""
+    machine = {"cores": 2, "processor": "x86_64", "platform": "Linux-test", "python": "3.11.7"}
+    machine |= {"onnxruntime": "1.19.0", "load_average_1m": 0.5}
+    point = _point(32, _calls(9990, 3.0, 5.5, {"UNAVAILABLE": 10}), RedisUsage(400_000, 2.5), cpu_s=9.5)
+    result = {
+        "scenario": "sweep",
+        "date": "2026-12-04T05:00:00+00:00",
+        "machine": machine,
+        "settings": asdict(CONFIG),
+        "model": {"name": "cnn", "version": 1, "max_batch_size": 32},
+        "raw": scenarios.raw_json(RAW),
+        "points": [scenarios.point_json(point, RAW)],
+        **changes,
+    }
+    return dict(json.loads(json.dumps(result, default=str)))
+
+
+def test_report_is_dated_and_tabulates_every_point() -> None:
+    lines = report.markdown(_result()).splitlines()
+    assert lines[0] == "# meshserve bench: sweep, model cnn (version 1), 2026-12-04"
+    assert (
+        "- machine: 2 cores, x86_64, Linux-test; Python 3.11.7, ONNX Runtime 1.19.0; load average 0.50 at start"
+        in lines
     )
-    lines = bench.format_report("cnn", 10.0, {"cores": 2, "platform": "Linux-test"}, raw, []).splitlines()
-    assert "raw batch 1 after 4 ms idle on a worker's session (idle threads sleep): p50 1.75 ms" in lines
-    no_worker_line = bench.format_report("cnn", 10.0, {"cores": 2, "platform": "Linux-test"}, RAW, [])
-    assert "worker's session" not in no_worker_line
+    assert any("batch 1: 1000, batch 8: 1600, batch 32: 2000 (best)" in line for line in lines)
+    assert "- raw batch 1 after a 4 ms idle gap (how a lone request finds it): p50 2.25 ms" in lines
+    assert not any("worker's session" in line for line in lines)
+    row = next(line for line in lines if line.startswith("| 32 |"))
+    assert row == "| 32 | 8 | 999 | 3.00 | 5.50 | 10 | 0.50 | +2.00 | +4.00 | 0.95 | 40.0 | 250 | 4000 |"
+    assert "- 32: errors UNAVAILABLE 10, answered in p50 2000.00 ms" in lines
+    assert "- 32: the client was CPU-bound: its figures are a lower bound" in lines
+
+
+def test_report_notes_a_busy_machine_and_the_worker_session() -> None:
+    raw = replace(RAW, worker_idle_p50_ms=1.75, other_cores=1.2)
+    lines = report.markdown(_result(raw=scenarios.raw_json(raw))).splitlines()
+    assert "- the same on a worker's session (idle threads sleep): p50 1.75 ms" in lines
+    assert any("other processes kept 1.2 cores busy" in line for line in lines)
+
+
+def test_report_of_overload_and_noisy_neighbor_states_the_verdict() -> None:
+    missed = replace(OVERLOAD, rss_end_kib=500 * 1024)
+    overload = report.markdown(
+        _result(scenario="overload", raw=None, points=[], overload=scenarios.overload_json(missed))
+    )
+    assert "**target missed: mesh RSS grew 25% (flat: <= 10%)**" in overload.splitlines()
+    phases = [_phase(tenants.ALONE, 4.0), _phase(tenants.AT_LIMIT, 4.4), _phase(tenants.FLOODED, 5.0)]
+    noisy = report.markdown(_result(scenario="noisy-neighbor", raw=None, **tenants.noisy_neighbor_json(phases)))
+    assert "| flooded | 0 | 500 | 2.00 | 5.00 | 0 | 0.50 | 0 | 0 | 0 | 0.05 | - | 0.80 |" in noisy
+    assert "**target met**" in noisy
+
+
+def test_the_report_command_reads_a_json_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_result()))
+    assert report.main([str(path)]) == 0
+    assert capsys.readouterr().out == report.markdown(_result())
 
 
 def test_the_worker_session_runs_the_real_model_unless_the_worker_spins(
@@ -135,24 +279,24 @@ def test_the_worker_session_runs_the_real_model_unless_the_worker_spins(
     """Real ONNX Runtime on the example mlp, through the worker's own session class."""
     model = load_model(model_repository / "mlp", 1)
     monkeypatch.delenv("MESHSERVE_INTRA_OP_SPINNING", raising=False)
-    runs_ns = bench._worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05)
+    runs_ns = worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05)
     assert runs_ns
     assert all(ns > 0 for ns in runs_ns)
     monkeypatch.setenv("MESHSERVE_INTRA_OP_SPINNING", "1")  # then the default session's figure is the worker's
-    assert bench._worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05) == []
+    assert worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05) == []
 
 
-@pytest.mark.parametrize("text", ["", "0", "1,x", "4,-1"])
-def test_concurrency_list_rejects_bad_values(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError):
-        bench._concurrency_list(text)
-
-
-def test_concurrency_list_parses_commas() -> None:
-    assert bench._concurrency_list("1,8,32") == (1, 8, 32)
-
-
-def test_report_notes_a_busy_machine() -> None:
-    machine = {"cores": 2, "platform": "Linux-test", "other_cores_during_raw": 1.2}
-    lines = bench.format_report("cnn", 10.0, machine, RAW, [_point(1, requests=5000)]).splitlines()
-    assert "note: other processes kept 1.2 cores busy during the raw run: figures are noisy" in lines
+def test_the_plot_is_written_or_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "latency.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match=r"pip install 'meshserve\[bench\]'"):
+            report.plot(_result(), path)
+    else:
+        report.plot(_result(), path)
+        assert path.read_bytes().startswith(b"\x89PNG")
+    for module in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(SystemExit, match=r"pip install 'meshserve\[bench\]'"):
+        report.plot(_result(), path)

@@ -1,15 +1,14 @@
-"""What a bench point cost Redis: the counters read from a real server, and the
-report's lines from given figures."""
+"""What a bench point cost Redis, from a real server's counters."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 from redis.asyncio import Redis
 
 from meshserve.devkit.redis_server import RedisServer
-from meshserve_bench import sweep as bench
-from meshserve_bench.redis_cost import RedisUsage, per_call_lines, snapshot
+from meshserve_bench.redis_cost import per_call, snapshot
 
 
 async def test_usage_counts_the_commands_scripts_run_and_not_its_own_snapshots() -> None:
@@ -19,25 +18,14 @@ async def test_usage_counts_the_commands_scripts_run_and_not_its_own_snapshots()
         try:
             before = await snapshot(redis)
             await redis.set("n", 1)
-            await redis.eval("redis.call('INCR', KEYS[1]); return redis.call('GET', KEYS[1])", 1, "n")
+            for _ in range(2):  # two calls, each an EVAL running two commands
+                await redis.eval("redis.call('INCR', KEYS[1]); return redis.call('GET', KEYS[1])", 1, "n")
             usage = (await snapshot(redis)).usage_since(before)
         finally:
             await redis.aclose()
-    assert usage.commands == 4  # SET, EVAL and the two commands the script ran
+    assert usage.commands == 7  # SET, and per EVAL the EVAL and the two commands the script ran
     assert usage.cpu_s >= 0
-
-
-def test_per_call_lines_divide_by_calls_and_say_what_one_core_carries() -> None:
-    rows = [(1, 1000, RedisUsage(commands=43_000, cpu_s=0.5)), (32, 0, RedisUsage(commands=0, cpu_s=0.0))]
-    assert per_call_lines(rows) == [
-        "redis per call (commands include those the queue scripts run; cpu is its main thread):",
-        "concurrency  commands  cpu us  calls/s one Redis core carries",
-        "1            43.0      500     2 000",
-    ]
-
-
-def test_the_sweep_report_ends_with_the_redis_lines_when_redis_was_read() -> None:
-    raw = bench.RawFigures(p50_ms=1.0, p99_ms=1.5, items_per_s_by_batch={1: 1000.0})
-    point = bench.PointFigures(1, 1, 10.0, 990, 3.0, 5.5, {"UNAVAILABLE": 10}, 1.0, RedisUsage(25_000, 0.25))
-    lines = bench.format_report("cnn", 10.0, {"cores": 2, "platform": "Linux-test"}, raw, [point]).splitlines()
-    assert lines[-1] == "1            25.0      250     4 000"  # per call: the 10 failed calls count too
+    figures = per_call(usage, calls=2)
+    assert figures["redis_commands_per_call"] == pytest.approx(3.5)
+    assert figures["redis_cpu_us_per_call"] == pytest.approx(usage.cpu_s / 2 * 1e6)
+    assert per_call(usage, calls=0) == {}

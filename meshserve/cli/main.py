@@ -139,9 +139,9 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from meshserve_bench.sweep import run_bench
+    from meshserve_bench.cli import run
 
-    return run_bench(args)
+    return run(args)
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     hash_key.set_defaults(func=cmd_hash_key)
 
     bench = sub.add_parser("bench", help="drive a mesh with concurrent gRPC clients, beside raw ONNX Runtime")
-    from meshserve_bench.sweep import add_arguments as add_bench_arguments
+    from meshserve_bench.cli import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)

@@ -1,0 +1,112 @@
+"""The baseline: the same ``model.onnx`` in this process on raw ONNX Runtime.
+
+It runs while the mesh idles (under load both would compete for the same CPUs):
+batch-1 latency back to back and after an idle gap, items/s at batch 1, 8 and the
+max batch, then batch 1 after the gap on the session a worker builds.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+from meshserve.models.repository import ModelInfo
+from meshserve.settings import env_default
+from meshserve_bench.load import cpu_s, machine_busy_s, percentile_ms, random_inputs
+from model_workers.session import LoadedModel
+
+IDLE_GAP_S = 0.004
+"""The sleep before each run of the idle-gap reference: about what a request spends
+outside the model at concurrency 1. A run that follows an idle gap finds cold caches
+and a core woken from idle, in ONNX Runtime alone, with no mesh involved."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawFigures:
+    """Batch-1 latency and items/s per batch size tried.
+
+    ``idle_p50_ms``: batch-1 p50 when every run follows ``IDLE_GAP_S`` of sleep, as a
+    worker at concurrency 1 runs it. ``worker_idle_p50_ms``: the same on the session a
+    worker builds (idle threads sleep unless the worker spins); None when the worker
+    spins like ONNX Runtime's default, whose figure is then ``idle_p50_ms``.
+    ``other_cores``: how many cores other processes kept busy meanwhile (None off Linux)."""
+
+    p50_ms: float
+    p99_ms: float
+    items_per_s_by_batch: dict[int, float]
+    idle_p50_ms: float
+    worker_idle_p50_ms: float | None
+    other_cores: float | None
+
+    def best_batch(self) -> int:
+        return max(self.items_per_s_by_batch, key=lambda batch: self.items_per_s_by_batch[batch])
+
+    def best_items_per_s(self) -> float:
+        return self.items_per_s_by_batch[self.best_batch()]
+
+
+def raw_batches(max_batch: int) -> list[int]:
+    """Batch sizes for the raw run: 1, 8 when below the max, and the max."""
+    return sorted({1, max_batch} | ({8} if 1 < 8 < max_batch else set()))
+
+
+def timed_runs_ns(run: Callable[[], object], duration_s: float, gap_s: float = 0.0) -> list[int]:
+    """Call ``run`` for ``duration_s``, back to back or after ``gap_s`` of sleep each time;
+    the latency of each call in ns."""
+    latencies_ns: list[int] = []
+    end_ns = time.perf_counter_ns() + int(duration_s * 1e9)
+    while time.perf_counter_ns() < end_ns:
+        if gap_s:
+            time.sleep(gap_s)
+        start_ns = time.perf_counter_ns()
+        run()
+        latencies_ns.append(time.perf_counter_ns() - start_ns)
+    return latencies_ns
+
+
+def measure_raw(model: ModelInfo, max_batch: int, warmup_s: float, duration_s: float) -> RawFigures:
+    """Run ``model`` on CPU (ONNX Runtime's default threads) at each of ``raw_batches(max_batch)``,
+    then batch 1 after idle gaps on a worker's session; counts what else kept the machine busy."""
+    machine_before_s, own_before_s, wall_before_s = machine_busy_s(), cpu_s(), time.perf_counter()
+    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    items_per_s: dict[int, float] = {}
+    batch1_ns: list[int] = []
+    for batch in raw_batches(max_batch):
+        run = functools.partial(session.run, None, random_inputs(model, batch))
+        timed_runs_ns(run, warmup_s)
+        latencies_ns = timed_runs_ns(run, duration_s)
+        items_per_s[batch] = batch * len(latencies_ns) / (sum(latencies_ns) / 1e9)
+        if batch == 1:
+            batch1_ns = latencies_ns
+            idle_ns = timed_runs_ns(run, duration_s / 2, IDLE_GAP_S)
+    del session  # its spinning threads would run beside the worker's session
+    worker_ns = worker_session_idle_runs_ns(model, warmup_s, duration_s / 2)
+    machine_after_s, own_after_s, wall_after_s = machine_busy_s(), cpu_s(), time.perf_counter()
+    other_cores = None
+    if machine_before_s is not None and machine_after_s is not None:
+        other_s = (machine_after_s - machine_before_s) - (own_after_s - own_before_s)
+        other_cores = max(0.0, other_s / (wall_after_s - wall_before_s))
+    return RawFigures(
+        p50_ms=percentile_ms(batch1_ns, 50),
+        p99_ms=percentile_ms(batch1_ns, 99),
+        items_per_s_by_batch=items_per_s,
+        idle_p50_ms=percentile_ms(idle_ns, 50),
+        worker_idle_p50_ms=percentile_ms(worker_ns, 50) if worker_ns else None,
+        other_cores=other_cores,
+    )
+
+
+def worker_session_idle_runs_ns(model: ModelInfo, warmup_s: float, duration_s: float) -> list[int]:
+    """Batch 1 after ``IDLE_GAP_S`` on the session a CPU worker of this environment builds
+    (``MESHSERVE_INTRA_OP_*``, as ``meshserve up`` passes them on): by default its idle
+    threads sleep and a lone request wakes them op by op. [] when the worker spins."""
+    if env_default("INTRA_OP_SPINNING", False):
+        return []
+    loaded = LoadedModel(model, device="cpu", intra_op_threads=env_default("INTRA_OP_THREADS", 0))
+    run = functools.partial(loaded.run, random_inputs(model, 1))
+    timed_runs_ns(run, warmup_s)
+    return timed_runs_ns(run, duration_s, IDLE_GAP_S)

@@ -1,0 +1,209 @@
+"""A dated Markdown report from a ``meshserve bench --json`` file, for docs/benchmarks/.
+
+    python -m meshserve_bench.report FILE.json [--plot FILE.png]
+
+``meshserve bench`` prints the same report at the end of a run. Only the JSON is read,
+so a report can be made again from a run's file, anywhere. ``--plot`` needs the
+``meshserve[bench]`` extra (matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+BUSY_MACHINE_CORES = 0.25  # other processes busier than this during the raw run make figures noisy
+CLIENT_BOUND_CPU_FRACTION = 0.9  # a client this busy measures itself as much as the mesh
+Figures = Mapping[str, Any]
+
+
+def num(value: float | None, spec: str = ".2f") -> str:
+    """A figure, or "-" where there is none (None, NaN)."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def codes(errors: Mapping[str, int]) -> str:
+    return ", ".join(f"{code} {count}" for code, count in sorted(errors.items())) or "0"
+
+
+def heading(result: Figures) -> list[str]:
+    machine, settings, model = result["machine"], result["settings"], result["model"]
+    where = f"`{settings['target']}`" if settings["target"] else "a mesh the bench started"
+    return [
+        f"# meshserve bench: {result['scenario']}, model {model['name']} (version {model['version']}),"
+        f" {result['date'][:10]}",
+        "",
+        f"- date: {result['date']} (UTC)",
+        f"- machine: {machine['cores']} cores, {machine['processor']}, {machine['platform']};"
+        f" Python {machine['python']}, ONNX Runtime {machine['onnxruntime']};"
+        f" load average {machine['load_average_1m']:.2f} at start",
+        f"- mesh: {where}; {settings['duration_s']:g} s measured per point after {settings['warmup_s']:g} s warm-up",
+    ]
+
+
+def raw_lines(raw: Figures | None) -> list[str]:
+    if raw is None:
+        return []
+    by_batch = ", ".join(
+        f"batch {batch}: {items_per_s:.0f}" + (" (best)" if int(batch) == raw["best_batch"] else "")
+        for batch, items_per_s in sorted(raw["items_per_s_by_batch"].items(), key=lambda item: int(item[0]))
+    )
+    lines = [
+        f"- raw ONNX Runtime, in the bench's process on the same model.onnx: batch 1 p50 {num(raw['p50_ms'])} ms,"
+        f" p99 {num(raw['p99_ms'])} ms; items/s {by_batch}",
+        f"- raw batch 1 after a 4 ms idle gap (how a lone request finds it): p50 {num(raw['idle_p50_ms'])} ms",
+    ]
+    if raw["worker_idle_p50_ms"] is not None:
+        lines.append(f"- the same on a worker's session (idle threads sleep): p50 {num(raw['worker_idle_p50_ms'])} ms")
+    if (raw["other_cores"] or 0.0) > BUSY_MACHINE_CORES:
+        lines.append(f"- note: other processes kept {raw['other_cores']:.1f} cores busy during the raw run: noisy")
+    return lines
+
+
+def points_table(result: Figures) -> list[str]:
+    open_loop = result["scenario"] == "open-loop"
+    header = ["rate/s" if open_loop else "concurrency", "channels", "ok/s", "p50 ms", "p99 ms", "errors"]
+    header += ["sent/s", "send lag p99 ms"] if open_loop else ["x raw best"]
+    header += ["+p50 ms", "+p99 ms", "client cpu", "redis cmds/call", "redis cpu µs/call", "calls/s per Redis core"]
+    rows, notes = [], []
+    for point in result["points"]:
+        calls = point["calls"]
+        row = [f"{point['offered']:g}", str(point["channels"]), f"{point['ok_per_s']:.0f}", num(calls["p50_ms"])]
+        row += [num(calls["p99_ms"]), str(sum(calls["errors"].values()))]
+        if open_loop:
+            row += [f"{point['sent'] / point['duration_s']:.0f}", num(point["send_lag_p99_ms"])]
+        else:
+            row.append(num(point.get("throughput_ratio")))
+        row += [num(point.get("added_p50_ms"), "+.2f"), num(point.get("added_p99_ms"), "+.2f")]
+        row += [num(point["client_cpu_fraction"]), num(point.get("redis_commands_per_call"), ".1f")]
+        row += [num(point.get("redis_cpu_us_per_call"), ".0f"), num(point.get("redis_core_calls_per_s"), ".0f")]
+        rows.append(row)
+        if calls["errors"]:
+            notes.append(
+                f"- {point['offered']:g}: errors {codes(calls['errors'])},"
+                f" answered in p50 {num(calls['error_p50_ms'])} ms"
+            )
+        if point["client_cpu_fraction"] > CLIENT_BOUND_CPU_FRACTION:
+            notes.append(f"- {point['offered']:g}: the client was CPU-bound: its figures are a lower bound")
+    return table(header, rows) + (["", *notes] if notes else [])
+
+
+def overload_lines(overload: Figures, deadline_s: float) -> list[str]:
+    load, calls, shed = overload["load"], overload["load"]["calls"], overload["shed"]
+    growth = overload["rss_growth"]
+    rss = "not measured (the mesh's processes are not this bench's)"
+    if growth is not None:
+        start_mib, end_mib = overload["rss_start_kib"] / 1024, overload["rss_end_kib"] / 1024
+        rss = f"{start_mib:.1f} MiB at start, {end_mib:.1f} MiB at end ({growth:+.1%})"
+    verdict = "target met" if overload["target_met"] else "target missed: " + "; ".join(overload["problems"])
+    return [
+        f"- sustainable: {overload['sustainable_per_s']:.0f} req/s (closed loop, concurrency 32,"
+        f" {overload['probe_duration_s']:g} s); sent {load['offered']:.0f}/s, deadline {deadline_s * 1e3:g} ms",
+        f"- accepted: {load['ok_per_s']:.0f}/s, p50 {num(calls['p50_ms'])} ms, p99 {num(calls['p99_ms'])} ms",
+        f"- shed: {codes(shed)}; answered in p50 {num(calls['error_p50_ms'], '.1f')} ms",
+        f"- mesh RSS: {rss}",
+        f"- client: send lag p99 {num(load['send_lag_p99_ms'])} ms, cpu {num(load['client_cpu_fraction'])};"
+        f" Redis per call: {num(load.get('redis_commands_per_call'), '.1f')} commands,"
+        f" {num(load.get('redis_cpu_us_per_call'), '.0f')} µs CPU",
+        "",
+        f"**{verdict}**",
+    ]
+
+
+def noisy_neighbor_lines(result: Figures) -> list[str]:
+    header = ["phase", "A sends/s", "B ok", "B p50 ms", "B p99 ms", "B errors", "B send lag p99 ms", "A ok"]
+    header += ["A refused", "A other", "client cpu B", "client cpu A", "machine busy cores"]
+    rows, details, duration_s = [], [], result["settings"]["duration_s"]
+    for name, phase in result["phases"].items():
+        steady, flood = phase["steady"], phase["flood"] or {"calls": {"ok": 0, "errors": {}, "error_details": {}}}
+        b_calls, a_calls, busy_s = steady["calls"], flood["calls"], steady["machine_busy_s"]
+        a_errors = dict(a_calls["errors"])
+        refused = a_errors.pop("RESOURCE_EXHAUSTED", 0)
+        row = [name, f"{phase['flood_rate_per_s']:g}", str(b_calls["ok"]), num(b_calls["p50_ms"])]
+        row += [num(b_calls["p99_ms"]), codes(b_calls["errors"]), num(steady["send_lag_p99_ms"]), str(a_calls["ok"])]
+        row += [
+            str(refused),
+            codes(a_errors),
+            num(steady["client_cpu_fraction"]),
+            num(flood.get("client_cpu_fraction")),
+        ]
+        rows.append([*row, num(busy_s and busy_s / duration_s)])
+        shown = {**a_calls["error_details"], **b_calls["error_details"]}
+        details += [
+            f"- {name}: first {code}: {text}" for code, text in sorted(shown.items()) if code != "RESOURCE_EXHAUSTED"
+        ]
+    settings = result["settings"]
+    verdict = "target met" if result["target_met"] else "target missed"
+    return [
+        f"- tenant B sends {settings['steady_rate_per_s']:g}/s;"
+        f" tenant A is limited to {settings['noisy_limit_per_s']:g}/s",
+        "",
+        *table(header, rows),
+        "",
+        *details,
+        f"- B's p99 beside A at its limit: {num(result['at_limit_p99_ratio'])}x alone;"
+        f" under the flood: {num(result['p99_ratio'])}x",
+        "",
+        f"**{verdict}** (B's p99 under the flood <= {result['target_p99_ratio']:g}x alone, no error for B)",
+    ]
+
+
+def markdown(result: Figures) -> str:
+    """The report of one run's JSON (what ``meshserve bench --json`` writes)."""
+    lines = heading(result) + raw_lines(result.get("raw")) + [""]
+    if result["scenario"] == "overload":
+        lines += overload_lines(result["overload"], result["settings"]["request_timeout_s"])
+    elif result["scenario"] == "noisy-neighbor":
+        lines += noisy_neighbor_lines(result)
+    else:
+        lines += points_table(result)
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: Figures, path: Path) -> None:
+    """p50 and p99 per point (log scales), with raw ONNX Runtime's batch-1 p50 flat."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SystemExit("bench: --plot needs matplotlib: pip install 'meshserve[bench]'") from None
+    points = result.get("points") or []
+    if not points:
+        raise SystemExit(f"bench: --plot draws the sweep and open-loop scenarios, not {result['scenario']}")
+    figure = Figure(figsize=(7.0, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    xs = [point["offered"] for point in points]
+    for percentile in ("p50_ms", "p99_ms"):
+        axes.plot(xs, [point["calls"][percentile] for point in points], marker="o", label=f"mesh {percentile[:3]}")
+    if result.get("raw"):
+        axes.axhline(result["raw"]["p50_ms"], linestyle=":", label="raw ONNX Runtime p50")
+    axes.set(xscale="log", yscale="log", xlabel="rate/s" if result["scenario"] == "open-loop" else "concurrency")
+    axes.set(ylabel="latency, ms", title=f"meshserve {result['scenario']}: {result['model']['name']}")
+    axes.set_xticks(xs, [f"{x:g}" for x in xs])
+    axes.set_xticks([], minor=True)
+    axes.legend()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meshserve_bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("json_file", type=Path, help="what meshserve bench --json wrote")
+    parser.add_argument("--plot", type=Path, help="also write a latency plot (PNG) here")
+    args = parser.parse_args(argv)
+    result = json.loads(args.json_file.read_text())
+    print(markdown(result), end="")
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
