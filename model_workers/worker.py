@@ -146,12 +146,15 @@ class Worker:
         await self.serve_loop.run()
 
     async def report_forever(self) -> None:
+        """The heartbeat to the router (``Reporter.report_forever``), until ``stop``."""
         await self.reporter.report_forever()
 
     async def reap_forever(self) -> None:
+        """The sweep of expired leases (``Leases.reap_forever``), until ``stop``."""
         await self.leases.reap_forever()
 
     async def canary_forever(self) -> None:
+        """The canaries (``ModelHealth.canary_forever``); the server cancels it on stop."""
         await self.health.canary_forever()
 
     # ------------------------------------------------------------ lifecycle
