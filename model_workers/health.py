@@ -1,8 +1,9 @@
-"""Model health: readiness, the canary, and counting failed batches.
+"""Model health: the canary, and counting failed batches.
 
 A model is in service while it is warm, healthy and not being dropped. Failed
 batches in a row or a failing canary take it out; only a passing canary brings it
-back. Each change updates the worker's health entries and is reported to the router.
+back. Each change calls the worker's ``on_change`` (health entries, a report to the
+router).
 """
 
 from __future__ import annotations
@@ -10,25 +11,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
+from meshserve.settings import WorkerSettings
+from model_workers.compute import Compute
+from model_workers.held import HeldModels
 from model_workers.served import Served
 from model_workers.session import SanityCheckFailed
-from model_workers.state import WorkerState
 
 log = logging.getLogger(__name__)
 
 FAILURES_BEFORE_NOT_READY = 3
 """Consecutive failed batches after which a model is reported not ready.
 
-Only a passing canary (``Worker.canary_forever``) brings it back."""
+Only a passing canary (``ModelHealth.canary_forever``) brings it back."""
 
 
-class Health(WorkerState):
-    """Readiness of each held model, and what puts it in or out of service."""
+class ModelHealth:
+    """What puts each held model in or out of service."""
 
-    def readiness(self) -> dict[tuple[str, int], bool]:
-        """Each held model version: whether it is in service (warm, healthy, not being dropped)."""
-        return {key: s.model.ready and self._claims(s) for key, s in self.served.items()}
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        held: HeldModels,
+        compute: Compute,
+        stopping: asyncio.Event,
+        on_change: Callable[[], None],
+    ) -> None:
+        self._canary_interval_s = settings.canary_interval_s
+        self._lease_ms = settings.lease_ms
+        self._held = held
+        self._compute = compute
+        self._stopping = stopping
+        self._on_change = on_change
 
     async def canary_forever(self) -> None:
         """Run every held model's known sample input each ``canary_interval_s``.
@@ -41,25 +56,24 @@ class Health(WorkerState):
         batch-1 run per model per interval. The task is owned by the worker's
         server, which cancels it on stop.
         """
-        interval_s = self.settings.canary_interval_s
+        interval_s = self._canary_interval_s
         if interval_s <= 0:
             return
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval_s)
-            for served in list(self.served.values()):
+            for served in list(self._held.served.values()):
                 if self._stopping.is_set():
                     return
-                if self._claims(served):  # not one being dropped
+                if self._held.claims(served):  # not one being dropped
                     await self._canary(served)
 
     async def _canary(self, served: Served) -> None:
         info = served.model.info
         try:
             # a canary slower than a lease is as dead as a batch that slow
-            async with asyncio.timeout(self.settings.lease_ms / 1000):
-                async with self._device:
-                    await asyncio.get_running_loop().run_in_executor(self._executor, served.model.canary)
+            async with asyncio.timeout(self._lease_ms / 1000):
+                await self._compute.run_canary(served)
         except Exception as exc:
             if not served.canary_failing:
                 log.error(
@@ -90,10 +104,9 @@ class Health(WorkerState):
         if served.model.ready == ready:
             return
         served.model.ready = ready
-        self.on_readiness_change()
-        self._track(asyncio.create_task(self._report_quietly()))
+        self._on_change()
 
-    def _count_failure(self, served: Served) -> None:
+    def batch_failed(self, served: Served) -> None:
         """A model failing batch after batch is taken out of service (not ready)."""
         served.consecutive_failures += 1
         if served.consecutive_failures == FAILURES_BEFORE_NOT_READY and served.model.ready:
@@ -106,3 +119,8 @@ class Health(WorkerState):
                 extra={"model": info.name, "version": info.version},
             )
             self._set_ready(served, False)
+
+    @staticmethod
+    def batch_succeeded(served: Served) -> None:
+        """A batch ran: the count of failures in a row starts again."""
+        served.consecutive_failures = 0

@@ -13,18 +13,41 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.errors import DeadlineExceeded, Internal
-from meshserve.queue import ClaimedBatch, finish_commands
+from meshserve.queue import ClaimedBatch, QueueProtocol, finish_commands
+from meshserve.settings import WorkerSettings
+from meshserve.store.link import RedisLink
 from meshserve.wire.envelope import failed_reply
 from model_workers.batches import Job, by_token
+from model_workers.held import HeldModels
 from model_workers.served import Served
-from model_workers.state import WorkerState
 from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
 
 
-class Leases(WorkerState):
-    """Lease keeping and the reply/ack writes; every write task is tracked (``_track``)."""
+class Leases:
+    """Lease keeping and the reply/ack writes; owns every write task until ``flushed``."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        redis: RedisLink,
+        queue: QueueProtocol,
+        held: HeldModels,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._lease_ms = settings.lease_ms
+        self._max_attempts = settings.max_attempts
+        self._redis = redis
+        self._queue = queue
+        self._held = held
+        self._stopping = stopping
+        self._writes: set[asyncio.Task[None]] = set()
+
+    async def flushed(self) -> None:
+        """Return once every reply and ack write started so far has finished."""
+        if self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
 
     async def reap_forever(self) -> None:
         """Sweep expired leases back onto their queues, every half lease.
@@ -32,9 +55,9 @@ class Leases(WorkerState):
         Every worker runs this; REAP is atomic and idempotent, so sweeps by many
         workers at once are safe, and any one live worker is enough.
         """
-        interval_s = self.settings.lease_ms / 2000
+        interval_s = self._lease_ms / 2000
         while not self._stopping.is_set():
-            for served in list(self.served.values()):
+            for served in list(self._held.served.values()):
                 try:
                     await self._reap(served)
                 except RedisError as exc:
@@ -43,7 +66,7 @@ class Leases(WorkerState):
                 await asyncio.wait_for(self._stopping.wait(), interval_s)
 
     async def _reap(self, served: Served) -> None:
-        reaped = await self.queue.reap(served.keys, max_attempts=self.settings.max_attempts)
+        reaped = await self._queue.reap(served.keys, max_attempts=self._max_attempts)
         if reaped.requeued:
             served.stats.redelivered += reaped.requeued
             log.warning("redelivering %d requests of %s from expired leases", reaped.requeued, served.keys.ready)
@@ -57,21 +80,21 @@ class Leases(WorkerState):
             blobs[reply_to].append(reply.SerializeToString())
         self._send_replies(served, blobs, {})
 
-    async def _heartbeat(self, served: Served, jobs: list[Job]) -> None:
+    async def extend_while_computing(self, served: Served, jobs: list[Job]) -> None:
         """Extend the leases of a computing batch every third of a lease, until cancelled."""
         while True:
-            await asyncio.sleep(self.settings.lease_ms / 3000)
+            await asyncio.sleep(self._lease_ms / 3000)
             for token, ids in by_token(jobs).items():
                 with contextlib.suppress(RedisError):
-                    await self.queue.extend(served.keys, token, ids, self.settings.lease_ms)
+                    await self._queue.extend(served.keys, token, ids, self._lease_ms)
 
-    async def _release(self, served: Served, jobs: list[Job]) -> None:
+    async def release(self, served: Served, jobs: list[Job]) -> None:
         """Stopping: give back jobs taken but not started, at once (not after the lease)."""
         for token, ids in by_token(jobs).items():
-            await self.queue.release(served.keys, token, ids)
+            await self._queue.release(served.keys, token, ids)
         log.info("released %d requests of %s on shutdown", len(jobs), served.keys.ready)
 
-    def _answer_expired(self, served: Served, claim: ClaimedBatch) -> None:
+    def answer_expired(self, served: Served, claim: ClaimedBatch) -> None:
         """Jobs the claim script found past their deadline: answer them, never compute them."""
         if not claim.expired:
             return
@@ -82,7 +105,8 @@ class Leases(WorkerState):
             blobs[reply_to].append(reply.SerializeToString())
         self._send_replies(served, blobs, {})
 
-    def _spawn_reply(self, served: Served, replies: list[tuple[Job, mpb.InferReply]]) -> None:
+    def reply_and_ack(self, served: Served, replies: list[tuple[Job, mpb.InferReply]]) -> None:
+        """Answer a batch's jobs and ack their leases (``_send_replies``)."""
         blobs: dict[str, list[bytes]] = defaultdict(list)
         for job, reply in replies:
             blobs[job.request.reply_to].append(reply.SerializeToString())
@@ -92,10 +116,11 @@ class Leases(WorkerState):
         """Write replies, then ack, in one pipelined round trip (replies first: an
         ack never precedes its reply). The write leaves now, not once the serve loop
         next yields: the callers hear back without waiting for the next claim to be
-        prepared. A tracked task reads the results (shielded from cancellation by
-        ``close``)."""
+        prepared. A task of this object's reads the results (``flushed`` waits for it)."""
         commands = finish_commands(served.keys, blobs, acks)
-        self._track(asyncio.create_task(self._check_written(served, self.redis.pipeline_now(commands), blobs, acks)))
+        task = asyncio.create_task(self._check_written(served, self._redis.pipeline_now(commands), blobs, acks))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     async def _check_written(
         self,
@@ -108,7 +133,7 @@ class Leases(WorkerState):
             results = await written
             if any(isinstance(result, NoScriptError) for result in results):
                 for token, ids in acks.items():  # Redis lost its scripts: ack again, loading it
-                    await self.queue.ack(served.keys, token, ids)
+                    await self._queue.ack(served.keys, token, ids)
             elif failed := next((r for r in results if isinstance(r, RedisError)), None):
                 raise failed
         except RedisError:

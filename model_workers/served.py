@@ -1,7 +1,7 @@
 """One held model version: its session, queue keys, counters and serving state.
 
-Shared by the worker's parts (serve loop, leases, health, placement); holds no logic
-beyond its own moving average of compute time.
+Shared by the worker's parts (serve loop, batch runner, leases, health, assignment
+follower, reporter); holds no logic beyond its own moving averages.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ COMPUTE_AVERAGE_WEIGHT = 0.2
 INLINE_COMPUTE_MS = 5.0
 """A model whose batches take under this long (moving average) runs them on the
 worker's event-loop thread instead of handing them to the ONNX Runtime thread.
-The hand-off there and back cost about 0.25 ms of a 1 ms model on the 2-core
-reference machine, while the loop has nothing to do during a batch that cannot
-wait a few ms: replies leave before the next batch starts, and leases last seconds."""
+The hand-off there and back is a sizeable share of a quick model's run, while the
+loop has nothing to do during a batch that cannot wait a few ms: replies leave
+before the next batch starts, and leases last seconds."""
 
 
 @dataclass(slots=True)
@@ -46,6 +46,7 @@ class Served:
     consecutive_failures: int = 0
     canary_failing: bool = False  # the last canary failed (logged at error once per outage)
     weights_bytes: int = 0
+    activation_bytes: int = 0  # measured at warm-up; 0: not measured
     idle: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))  # clear while a batch is in hand
     compute_ms_avg: float = 0.0  # moving average of a batch's ONNX Runtime time
     ms_per_job_avg: float = 0.0  # moving average of the worker's own time per job (claim to replies)

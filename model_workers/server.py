@@ -50,7 +50,7 @@ class WorkerServer:
         self.server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.health_port = add_port(self.server, f"{settings.health_host}:{settings.health_port}", settings.tls)
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks: dict[str, asyncio.Task[None]] = {}  # the core's long-running tasks, by name
         self._health_updates: set[asyncio.Task[None]] = set()
         self._health_lock = asyncio.Lock()  # updates in order: the last one sees the latest state
         self._model_entries: set[str] = set()
@@ -90,12 +90,12 @@ class WorkerServer:
                 )
             except OSError as exc:  # metrics must never take a serving worker down
                 log.error("metrics port %d unavailable (%s); serving without /metrics", self.settings.metrics_port, exc)
-        self._tasks = [
-            asyncio.create_task(self.worker.serve(), name="serve"),
-            asyncio.create_task(self.worker.report_forever(), name="report"),
-            asyncio.create_task(self.worker.reap_forever(), name="reaper"),
-            asyncio.create_task(self.worker.canary_forever(), name="canary"),
-        ]
+        self.tasks = {
+            "serve": asyncio.create_task(self.worker.serve(), name="serve"),
+            "report": asyncio.create_task(self.worker.report_forever(), name="report"),
+            "reaper": asyncio.create_task(self.worker.reap_forever(), name="reaper"),
+            "canary": asyncio.create_task(self.worker.canary_forever(), name="canary"),
+        }
         log.info(
             "worker %s serving %d model versions; health on %s",
             self.settings.worker_id,
@@ -104,18 +104,17 @@ class WorkerServer:
         )
 
     async def wait(self) -> None:
-        await asyncio.gather(*self._tasks)
+        await asyncio.gather(*self.tasks.values())
 
     async def stop(self) -> None:
         """NOT_SERVING first; then stop taking batches, give back any not started,
         flush replies and acks, and close."""
         await self.health.enter_graceful_shutdown()
         await self.worker.stop()
-        for task in self._tasks:
-            if task.get_name() == "canary":  # a canary in flight is not worth waiting for
-                task.cancel()
+        if (canary := self.tasks.get("canary")) is not None:  # a canary in flight is not worth waiting for
+            canary.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks)
+            await asyncio.gather(*self.tasks.values())
         await self.worker.close()
         await self.router_channel.close()
         await self.redis.aclose()

@@ -59,8 +59,8 @@ class LoadedModel:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         # ONNX Runtime's threads spin between runs by default. On a host shared with
-        # a gateway, Redis and other workers that spin takes the CPU they need: on a
-        # 2-core machine it cost the mesh ~0.5 ms per request at concurrency 1.
+        # a gateway, Redis and other workers that spin takes the CPU they need, and
+        # every request waits for it.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._options = options
@@ -80,6 +80,11 @@ class LoadedModel:
         if self._bound is not None:
             return self._run_bound(inputs)
         return [np.asarray(out) for out in self.session.run(self.output_names, inputs)]
+
+    @property
+    def io_bound(self) -> bool:
+        """Whether runs go through IO binding (``_run_bound``): a GPU session without BYTES tensors."""
+        return self._bound is not None
 
     def _run_bound(self, inputs: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         """Run on the GPU through IO binding: one copy in and one copy out per tensor.

@@ -167,7 +167,7 @@ async def hold_serving(worker: WorkerServer) -> None:
     Call only while the worker is idle (no request queued yet).
     """
     await worker.worker.idle.wait()  # blocked for work, not half-way through a claim
-    serve = worker._tasks[0]
+    serve = worker.tasks["serve"]
     serve.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await serve
@@ -175,8 +175,8 @@ async def hold_serving(worker: WorkerServer) -> None:
 
 def release_serving(worker: WorkerServer) -> None:
     """Restart the serve loop that hold_serving stopped."""
-    assert worker._tasks[0].done(), "the serve loop is still running"
-    worker._tasks[0] = asyncio.create_task(worker.worker.serve(), name="serve")
+    assert worker.tasks["serve"].done(), "the serve loop is still running"
+    worker.tasks["serve"] = asyncio.create_task(worker.worker.serve(), name="serve")
 
 
 async def wait_queued(redis: Redis, model: str, count: int, version: int = 1) -> None:

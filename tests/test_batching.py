@@ -218,8 +218,9 @@ async def test_a_wake_up_and_its_claim_are_one_round_trip(redis: Redis, redis_ur
     mesh = await start_mesh(redis_url, write_example_repository(tmp_path, ["mlp"]))
     try:
         worker = mesh.workers[0].worker
+        runner = worker.runner
         separate_claims = 0
-        plain_claim = worker._claim
+        plain_claim = runner.claim
 
         async def counted_claim(*args: object, **kwargs: object) -> object:
             nonlocal separate_claims
@@ -230,7 +231,7 @@ async def test_a_wake_up_and_its_claim_are_one_round_trip(redis: Redis, redis_ur
             stub = infer_stub(channel)
             for value in range(7):
                 if value == 2:  # past the start-up's own wake-ups (the model's assignment)
-                    worker._claim = counted_claim  # type: ignore[method-assign]
+                    runner.claim = counted_claim  # type: ignore[method-assign]
                 await worker.idle.wait()  # blocked in its pop: the next request wakes it
                 features = np.full((1, 64), value, np.float32)
                 response = await stub.ModelInfer(infer_request("mlp", {"features": features}), timeout=RPC_TIMEOUT_S)

@@ -291,7 +291,7 @@ def test_a_gpu_with_io_binding_matches_the_cpu(repo: Path, tmp_path: Path, provi
         pytest.skip(f"ONNX Runtime offers no {first} here")
     gpu = LoadedModel(info, device="cuda:0")
     assert gpu.providers[0] == first
-    assert gpu._bound is not None  # runs go through IO binding
+    assert gpu.io_bound  # runs go through IO binding
     gpu.warm_up()
     cpu = LoadedModel(info)
     for batch in (1, 5, info.max_batch_size):

@@ -185,7 +185,7 @@ async def test_no_canary_runs_when_the_interval_is_zero(redis: Redis, redis_url:
     repository = write_example_repository(tmp_path / "models", ["mlp"])
     mesh = await start_mesh(redis_url, repository, worker_overrides={"canary_interval_s": 0})
     try:
-        canary = next(task for task in mesh.workers[0]._tasks if task.get_name() == "canary")
+        canary = mesh.workers[0].tasks["canary"]
         async with asyncio.timeout(5):
             await canary  # returns at once: nothing to schedule
     finally:

@@ -163,7 +163,7 @@ async def test_a_model_moves_to_a_joining_gpu_and_back_without_losing_a_request(
     await infer_ok(mesh, "mlp", 8)
     assert gpu.worker.served[("mlp", 1)].stats.requests >= 8
     for worker in mesh.workers:
-        await asyncio.gather(*worker.worker._reply_tasks)
+        await worker.worker.leases.flushed()
     assert await queue_leftovers(redis) == []
 
     await stop_worker(mesh, gpu)  # the router moves mlp back as soon as the GPU drains
@@ -187,7 +187,7 @@ async def test_a_wake_token_taken_for_a_dropped_model_is_given_back(
         wake = ModelKeys.for_model("mlp", 1).wake
         token = await redis.lpop(wake)  # as the CPU worker's wait would, just after the drop
         assert token is not None
-        assert await cpu.worker._woken((wake.encode(), token)) == []
+        assert await cpu.worker.serve_loop.woken((wake.encode(), token)) == []
         assert await redis.llen(wake) == 1
         release_serving(gpu)
         await call
@@ -234,7 +234,7 @@ def gate_loads(worker: WorkerServer, load: Callable[[str, int], LoadedModel]) ->
         loop.call_soon_threadsafe(called.set)
         return load(name, version)
 
-    worker.worker._load = gated  # type: ignore[method-assign]
+    worker.worker.assignment.load = gated  # type: ignore[method-assign]
     return called
 
 
@@ -242,7 +242,7 @@ async def test_a_model_loading_is_not_ready_and_does_not_stall_the_others(moving
     mesh = moving_mesh
     cpu, gpu = mesh.workers[0], await join_gpu(mesh, redis_url)
     release = threading.Event()
-    original = cpu.worker._load
+    original = cpu.worker.assignment.load
 
     def slow(name: str, version: int) -> LoadedModel:
         assert release.wait(EVENT_TIMEOUT_S)
@@ -279,7 +279,7 @@ async def test_a_model_that_fails_to_load_is_not_retried_every_heartbeat(
         raise RuntimeError("no such luck")
 
     loading = gate_loads(cpu, broken)
-    router, reports, heard = cpu.worker.router, [0], asyncio.Event()
+    router, reports, heard = cpu.worker.reporter.router, [0], asyncio.Event()
 
     class Counting:  # the worker's router stub, counting its reports
         def ReportWorker(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
@@ -291,7 +291,7 @@ async def test_a_model_that_fails_to_load_is_not_retried_every_heartbeat(
     await stop_worker(mesh, gpu)
     async with asyncio.timeout(EVENT_TIMEOUT_S):
         await loading.wait()
-        cpu.worker.router = Counting()  # type: ignore[assignment]
+        cpu.worker.reporter.router = Counting()  # type: ignore[assignment]
         await heard.wait()  # four heartbeats later
     assert attempts == ["mlp"]
     assert ("mlp", 1) not in cpu.worker.served

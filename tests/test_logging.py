@@ -98,7 +98,7 @@ def json_lines() -> Iterator[io.StringIO]:
     handler.setFormatter(JsonFormatter("mesh"))
     loggers = {
         logging.getLogger("gateway.servicer"): logging.DEBUG,
-        logging.getLogger("model_workers.worker"): logging.DEBUG,
+        logging.getLogger("model_workers.runner"): logging.DEBUG,
     }
     levels = {logger: logger.level for logger in loggers}
     for logger, level in loggers.items():
@@ -133,7 +133,7 @@ async def test_one_line_per_request_and_per_batch_carry_their_trace_ids(
         provider.shutdown()
     lines = [json.loads(line) for line in json_lines.getvalue().splitlines()]
     requests = [line for line in lines if line["logger"] == "gateway.servicer" and line["level"] == "DEBUG"]
-    batches = [line for line in lines if line["logger"] == "model_workers.worker" and "batch_size" in line]
+    batches = [line for line in lines if line["logger"] == "model_workers.runner" and "batch_size" in line]
     spans = {
         (span.name, (span.attributes or {}).get("meshserve.model")): span for span in exporter.get_finished_spans()
     }

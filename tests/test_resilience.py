@@ -240,7 +240,7 @@ async def test_replies_and_acks_survive_a_flushed_script_cache(mesh: Mesh, redis
         response = await infer_stub(channel).ModelInfer(request, timeout=10)
     assert output_arrays(response)["logits"].shape == (1, 10)
     worker = mesh.workers[0].worker
-    await asyncio.gather(*worker._reply_tasks)  # the ack's second round trip, if any
+    await worker.leases.flushed()  # the ack's second round trip, if any
     assert await queue_leftovers(redis) == []  # acked: nothing leased or queued is left
 
 
@@ -255,14 +255,14 @@ async def test_a_worker_started_before_the_router_waits_for_it(redis_url: str, m
     worker = WorkerServer(
         WorkerSettings(redis_url=redis_url, router_address=f"127.0.0.1:{port}", model_repository=model_repository)
     )
-    stub, reported = worker.worker.router, asyncio.Event()
+    stub, reported = worker.worker.reporter.router, asyncio.Event()
 
     class Reporting:  # the worker's own router stub, noting when the first report leaves
         def ReportWorker(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
             reported.set()
             return stub.ReportWorker(*args, **kwargs)
 
-    worker.worker.router = Reporting()  # type: ignore[assignment]
+    worker.worker.reporter.router = Reporting()  # type: ignore[assignment]
     starting = asyncio.create_task(worker.start())
     channel = worker.router_channel
     async with asyncio.timeout(10):

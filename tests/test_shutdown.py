@@ -159,7 +159,7 @@ async def test_worker_stop_gives_back_the_batch_in_hand_and_another_worker_serve
                     release_serving(first)
                     await leased()  # the worker now holds the 3 mlp requests, waiting to fill the batch
             finally:
-                if first._tasks[0].done():  # still held: something above failed
+                if first.tasks["serve"].done():  # still held: something above failed
                     release_serving(first)
             await first.stop()
             mesh.workers.remove(first)

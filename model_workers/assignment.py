@@ -1,0 +1,157 @@
+"""Following the router's assignment: load what it adds, drain what it takes away.
+
+A newly assigned model loads and warms up in a loader thread of its own (serving
+the others goes on meanwhile) and is claimed from, and reported ready, only once
+warm. A model no longer assigned is drained: it is claimed from no more at once
+(its health entry and report say not ready), the batch in hand finishes and its
+replies are written, then the session goes. A model that fails to load is logged
+and tried again only after ``LOAD_RETRY_AFTER_S`` while it stays assigned, or at
+once when the router assigns it afresh after taking it away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from meshserve.models.repository import load_model
+from meshserve.queue import ModelKeys
+from meshserve.settings import WorkerSettings
+from model_workers.held import HeldModels, ModelKey
+from model_workers.leases import Leases
+from model_workers.memory import PeakMemoryProbe, warm_up_measured
+from model_workers.serve_loop import ServeLoop
+from model_workers.served import Served
+from model_workers.session import LoadedModel
+from protos import meshserve_pb2 as mpb
+
+log = logging.getLogger(__name__)
+
+LOAD_RETRY_AFTER_S = 60.0
+"""A model that failed to load is tried again after this long if still assigned,
+not at every heartbeat: a broken model file would otherwise load in a loop."""
+
+
+class AssignmentFollower:
+    """Owns the load and drop tasks an assignment starts, and the loader thread."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        held: HeldModels,
+        memory_probe: PeakMemoryProbe,
+        serve_loop: ServeLoop,
+        leases: Leases,
+        stopping: asyncio.Event,
+        on_change: Callable[[], None],
+        report: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._settings = settings
+        self._held = held
+        self._memory_probe = memory_probe
+        self._serve_loop = serve_loop
+        self._leases = leases
+        self._stopping = stopping
+        self._on_change = on_change  # readiness changed: the health entries follow
+        self._report = report  # report to the router, errors swallowed
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")  # loads never wait on batches
+        self._assigned: frozenset[ModelKey] = frozenset()
+        self._loading: dict[ModelKey, asyncio.Task[None]] = {}
+        self._dropping: dict[ModelKey, asyncio.Task[None]] = {}
+        self._load_failed_at_s: dict[ModelKey, float] = {}  # monotonic clock
+        self._activation_bytes: dict[ModelKey, int] = {}  # measured at warm-up, until the model is held
+
+    def follow(self, assignment: mpb.WorkerAssignment) -> None:
+        """Start loading what is newly assigned and draining what is no longer.
+
+        Only starts tasks (this object owns them; ``close`` ends them)."""
+        assigned = frozenset((spec.name, spec.version) for spec in assignment.models)
+        for key in self._assigned - assigned:
+            self._load_failed_at_s.pop(key, None)  # assigned afresh later: tried at once
+        self._assigned = assigned
+        now_s = time.monotonic()
+        for key in sorted(assigned):
+            failed_at_s = self._load_failed_at_s.get(key)
+            if key in self._held.served or key in self._loading:
+                continue
+            if failed_at_s is not None and now_s - failed_at_s < LOAD_RETRY_AFTER_S:
+                continue
+            self._load_failed_at_s.pop(key, None)
+            self._loading[key] = asyncio.create_task(self._load_and_serve(key), name=f"load {key[0]}/{key[1]}")
+        dropped = [(key, s) for key, s in self._held.served.items() if key not in assigned and self._held.claims(s)]
+        for key, served in dropped:
+            self._held.stop_claiming(served)  # no claim of it from now on
+            self._dropping[key] = asyncio.create_task(self._drop(key, served), name=f"drop {key[0]}/{key[1]}")
+        if dropped:
+            self._serve_loop.wake()
+            self._on_change()
+
+    async def loaded(self) -> None:
+        """Return once every load started so far has ended (served or failed)."""
+        while self._loading:
+            await asyncio.gather(*self._loading.values())
+
+    async def close(self) -> None:
+        """End loads and drops in progress; a load already in the loader thread ends on its own."""
+        changes = [*self._loading.values(), *self._dropping.values()]
+        for task in changes:
+            task.cancel()
+        await asyncio.gather(*changes, return_exceptions=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def load(self, name: str, version: int) -> LoadedModel:
+        """Read, load and warm up one model version; runs in the loader thread."""
+        info = load_model(self._settings.model_repository / name, version)
+        model = LoadedModel(
+            info,
+            device=self._settings.device,
+            intra_op_threads=self._settings.intra_op_threads,
+            spinning=self._settings.intra_op_spinning,
+        )
+        took_s, activation_bytes = warm_up_measured(model, self._memory_probe)
+        self._activation_bytes[(info.name, info.version)] = activation_bytes
+        log.info("loaded %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)
+        return model
+
+    async def _load_and_serve(self, key: ModelKey) -> None:
+        """Load and warm ``key`` up in the loader thread, then serve it and report it ready."""
+        name, version = key
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(self._loader, self.load, name, version)
+        except Exception:
+            log.exception(
+                "model %s version %d failed to load; not serving it (tried again in %.0f s if still assigned)",
+                name,
+                version,
+                LOAD_RETRY_AFTER_S,
+            )
+            self._load_failed_at_s[key] = time.monotonic()
+            return
+        finally:
+            self._loading.pop(key, None)
+        activation_bytes = self._activation_bytes.pop(key, 0)
+        if self._stopping.is_set() or key not in self._assigned:
+            log.info("model %s version %d loaded but no longer assigned; not serving it", name, version)
+            return
+        keys = ModelKeys.for_model(name, version)
+        served = Served(model, keys, weights_bytes=model.info.weights_bytes, activation_bytes=activation_bytes)
+        self._held.add(key, served)
+        self._serve_loop.models_added()  # jobs may have queued while it loaded
+        self._on_change()
+        await self._report()
+
+    async def _drop(self, key: ModelKey, served: Served) -> None:
+        """Drain a model no longer assigned (already claimed from no more): let the batch
+        in hand finish and its replies be written, then let the session go and report."""
+        try:
+            await served.idle.wait()
+            await self._leases.flushed()
+            self._held.remove(key)
+        finally:
+            self._dropping.pop(key, None)
+        log.info("dropped model %s version %d: the router placed it elsewhere", *key)
+        self._on_change()
+        await self._report()

@@ -1,0 +1,86 @@
+"""The model versions a worker holds, and which of them the serve loop claims from.
+
+A held model is claimed from from the moment it is added until ``stop_claiming``
+(the router placed it elsewhere); it stays held, and counted, until ``remove``,
+once the batch in hand has finished. Every other part asks here, never keeps a copy.
+"""
+
+from __future__ import annotations
+
+from meshserve.observe.metrics import ModelCounters
+from meshserve.queue import ModelKeys
+from model_workers.served import Served
+
+ModelKey = tuple[str, int]
+"""A model version: (name, version)."""
+
+
+class HeldModels:
+    """The held models by version, those claimed from by wake key, and every model's keys ever held."""
+
+    def __init__(self) -> None:
+        self.served: dict[ModelKey, Served] = {}
+        self._by_wake: dict[str, Served] = {}
+        self._known_keys: dict[str, ModelKeys] = {}  # wake key -> keys, of every model ever served
+
+    def add(self, key: ModelKey, served: Served) -> None:
+        """Hold ``served`` and claim from it from now on."""
+        self.served[key] = served
+        self._by_wake[served.keys.wake] = served
+        self._known_keys[served.keys.wake] = served.keys
+
+    def stop_claiming(self, served: Served) -> None:
+        """Claim from ``served`` no more; it stays held until ``remove``."""
+        del self._by_wake[served.keys.wake]
+
+    def remove(self, key: ModelKey) -> None:
+        del self.served[key]
+
+    def claims(self, served: Served) -> bool:
+        """Whether the serve loop takes work for ``served`` (False once it is being dropped)."""
+        return self._by_wake.get(served.keys.wake) is served
+
+    def claimed(self) -> list[Served]:
+        """The models claimed from, in the order they were added."""
+        return list(self._by_wake.values())
+
+    def only_claimed(self) -> Served | None:
+        """The model claimed from, if it is the only one."""
+        return next(iter(self._by_wake.values())) if len(self._by_wake) == 1 else None
+
+    def wake_keys(self) -> list[str]:
+        """The wake lists of the models claimed from."""
+        return list(self._by_wake)
+
+    def by_wake_key(self, wake: str) -> Served | None:
+        """The model claimed from whose wake list is ``wake``, if any."""
+        return self._by_wake.get(wake)
+
+    def keys_of(self, wake: str) -> ModelKeys:
+        """The keys of the model, held now or before, whose wake list is ``wake``."""
+        return self._known_keys[wake]
+
+    def readiness(self) -> dict[ModelKey, bool]:
+        """Each held model version: whether it is in service (warm, healthy, not being dropped)."""
+        return {key: s.model.ready and self.claims(s) for key, s in self.served.items()}
+
+    def counters(self) -> list[ModelCounters]:
+        """Every held model's counters, for the metrics endpoint."""
+        return [
+            ModelCounters(
+                name,
+                version,
+                s.stats.batches,
+                s.stats.items,
+                s.stats.requests,
+                s.stats.expired,
+                s.stats.failed,
+                s.stats.device_seconds,
+                s.weights_bytes,
+            )
+            for (name, version), s in self.served.items()
+        ]
+
+    def busy_seconds(self) -> float:
+        """Device time spent on the held models' batches, summed."""
+        return sum(s.stats.device_seconds for s in self.served.values())

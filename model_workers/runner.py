@@ -1,0 +1,275 @@
+"""One batch of one model: claim it, fill it, run it, account for it, reply.
+
+Batching policy: a lone request on an idle worker runs at once. When a claim
+finds several requests but fewer than the max batch, the runner waits up to the
+model's max queue delay, counted from the oldest request's arrival, for more
+same-shaped requests. Under load requests are already older than the delay, so
+batches form from what queued during the previous compute, with no added wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from contextlib import AbstractContextManager
+from functools import partial
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
+from redis.exceptions import RedisError
+
+from meshserve.errors import DeadlineExceeded, Internal
+from meshserve.models.repository import ModelInfo
+from meshserve.observe.metrics import LabelMemo, WorkerMetrics
+from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
+from meshserve.queue import ClaimOptions, QueueProtocol, wait_command
+from meshserve.settings import WorkerSettings
+from meshserve.store.link import RedisLink
+from meshserve.wire.envelope import envelope_signature, failed_reply
+from model_workers.batches import Job, decode, split, stack
+from model_workers.compute import Compute
+from model_workers.health import ModelHealth
+from model_workers.leases import Leases
+from model_workers.served import Served
+from protos import meshserve_pb2 as mpb
+
+log = logging.getLogger(__name__)
+
+
+class BatchRunner:
+    """Claims, fills and runs batches; owns the per-tenant device time it measures."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        queue: QueueProtocol,
+        blocking: RedisLink,
+        leases: Leases,
+        compute: Compute,
+        health: ModelHealth,
+        metrics: WorkerMetrics,
+        stopping: asyncio.Event,
+        tracer: trace.Tracer,
+    ) -> None:
+        self._settings = settings
+        self._worker_id = settings.worker_id
+        self._queue = queue
+        self._blocking = blocking
+        self._leases = leases
+        self._compute = compute
+        self._health = health
+        self._metrics = metrics
+        self._labelled = LabelMemo()
+        self._stopping = stopping
+        self._tracer = tracer
+        self._tracing = records(tracer)
+        self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
+        self._tenant_device_seconds: defaultdict[tuple[str, str], float] = defaultdict(float)  # (tenant, model)
+
+    def tenant_device_seconds(self) -> dict[tuple[str, str], float]:
+        """Device seconds by (tenant, model): a batch's time, shared by its items."""
+        return dict(self._tenant_device_seconds)
+
+    def claim_options(
+        self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True
+    ) -> ClaimOptions:
+        """This worker's claim of ``served``; ``first``: a batch's first claim, which
+        takes the lower tiers' turn (a fill's top-up claims do not)."""
+        share = self._settings.lower_tier_share
+        return ClaimOptions(
+            max_items=max_items or served.model.info.max_batch_size or 1,
+            lease_ms=self._settings.lease_ms,
+            worker_id=self._worker_id,
+            signature=signature,
+            lower_share_every=round(1 / share) if first and share > 0 else 0,
+            batch_ms=served.batch_ms(),
+            ms_per_job=served.ms_per_job_avg,
+        )
+
+    async def claim(self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True) -> list[Job]:
+        """Lease up to ``max_items`` of the model's jobs; answer those the claim expired."""
+        options = self.claim_options(served, max_items, signature=signature, first=first)
+        claim = await self._queue.claim(served.keys, **options)
+        self._leases.answer_expired(served, claim)
+        return decode(claim, served.model.info)
+
+    async def serve_batch(self, served: Served, claimed: list[Job] | None = None) -> None:
+        """One batch of ``served`` (``claimed``, or claimed now), marked busy while in hand."""
+        served.idle.clear()
+        try:
+            await self._take_and_run(served, claimed)
+        except RedisError as exc:
+            # Jobs it had claimed stay leased; the reaper redelivers them.
+            log.warning("redis error while serving %s: %s", served.keys.ready, exc)
+        finally:
+            served.idle.set()
+
+    async def _take_and_run(self, served: Served, claimed: list[Job] | None = None) -> None:
+        """Claim a batch (unless ``claimed`` holds one already), fill it, run it."""
+        info = served.model.info
+        max_items = info.max_batch_size or 1
+        started_s = time.perf_counter()
+        jobs = claimed if claimed is not None else await self.claim(served)
+        if not jobs:
+            return
+        filling_s = 0.0
+        if len(jobs) > 1 and sum(j.batch_size for j in jobs) < max_items and info.max_queue_delay_us > 0:
+            filling_s = time.perf_counter()
+            await self._fill(served, jobs, max_items)
+            filling_s = time.perf_counter() - filling_s
+        if self._stopping.is_set():
+            await self._leases.release(served, jobs)
+            return
+        await self._run(served, jobs)
+        served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, len(jobs))
+
+    async def _fill(self, served: Served, jobs: list[Job], max_items: int) -> None:
+        """Top a partial batch up with same-shaped jobs until the oldest has waited the max queue delay."""
+        oldest_ms = min(job.request.enqueued_ms for job in jobs)
+        fill_until_s = (oldest_ms + served.model.info.max_queue_delay_us / 1000) / 1000
+        signature = envelope_signature(jobs[0].request, served.model.info)
+        while (room := max_items - sum(j.batch_size for j in jobs)) > 0:
+            remaining_s = fill_until_s - time.time()
+            if remaining_s <= 0:
+                return
+            await self._blocking.execute(*wait_command([served.keys.wake], max(remaining_s, 0.001)))
+            more = await self.claim(served, room, signature=signature, first=False)
+            if more:
+                jobs.extend(more)
+                continue
+            # Woken with nothing of this shape: another shape's jobs keep the wake
+            # token coming back, so blocking again would spin. Wait out the window
+            # once, then take what arrived.
+            await asyncio.sleep(max(0.0, fill_until_s - time.time()))
+            room = max_items - sum(j.batch_size for j in jobs)
+            jobs.extend(await self.claim(served, room, signature=signature, first=False))
+            return
+
+    async def _run(self, served: Served, jobs: list[Job]) -> None:
+        claimed_ns = time.time_ns()
+        now_ms = claimed_ns // 1_000_000
+        live = [job for job in jobs if job.request.deadline_ms > now_ms]
+        replies: list[tuple[Job, mpb.InferReply]] = [
+            (job, failed_reply(job.job_id, DeadlineExceeded("deadline exceeded while queued")))
+            for job in jobs
+            if job.request.deadline_ms <= now_ms
+        ]
+        served.stats.expired += len(jobs) - len(live)
+        if live:
+            replies.extend(await self._compute_batch(served, live, claimed_ns))
+        self._leases.reply_and_ack(served, replies)
+
+    async def _compute_batch(
+        self, served: Served, jobs: list[Job], claimed_ns: int
+    ) -> list[tuple[Job, mpb.InferReply]]:
+        info = served.model.info
+        total = sum(job.batch_size for job in jobs)
+        with self._batch_span(info, jobs, total) if self._tracing else UNTRACED:
+            feed = stack(jobs)
+            try:
+                with self._tracer.start_as_current_span("compute") if self._tracing else UNTRACED:
+                    keep_leases = partial(self._leases.extend_while_computing, served, jobs)
+                    outputs, compute_us = await self._compute.run_batch(served, feed, keep_leases)
+            except Exception as exc:  # a model failure answers its requests, never kills the worker
+                log.exception("model %s failed on a batch of %d", info.name, total)
+                served.stats.failed += len(jobs)
+                self._health.batch_failed(served)
+                message = f"model '{info.name}' failed: {exc}"
+                return [(job, failed_reply(job.job_id, Internal(message))) for job in jobs]
+            self._health.batch_succeeded(served)
+            if log.isEnabledFor(logging.DEBUG):  # inside the batch span: the line carries its trace id
+                _log_batch(info, jobs, total, compute_us, claimed_ns)
+        self._account(served, jobs, total, compute_us, claimed_ns)
+        return split(served, jobs, outputs, compute_us, claimed_ns, self._worker_id)
+
+    def _account(self, served: Served, jobs: list[Job], total: int, compute_us: int, claimed_ns: int) -> None:
+        """A batch's figures: the model's counters, the metrics, each tenant's device time."""
+        info = served.model.info
+        version = str(info.version)
+        compute_s = compute_us / 1e6
+        served.observe_compute(compute_us / 1000)
+        labelled, metrics = self._labelled, self._metrics
+        labelled(metrics.batch_size, info.name, version).observe(total)
+        labelled(metrics.compute, info.name, version).observe(compute_s)
+        queue_wait = labelled(metrics.queue_wait, info.name, version)
+        stats = served.stats
+        for job in jobs:
+            wait_s = max(0.0, claimed_ns / 1e9 - job.request.enqueued_ms / 1000)
+            queue_wait.observe(wait_s)
+            stats.queue_wait_seconds += wait_s
+            # the batch's device time, shared by items: what each tenant costs
+            self._tenant_device_seconds[(job.request.tenant, info.name)] += compute_s * job.batch_size / total
+        stats.batches += 1
+        stats.items += total
+        stats.requests += len(jobs)
+        stats.largest_batch = max(stats.largest_batch, total)
+        stats.device_seconds += compute_s
+
+    def _batch_span(self, info: ModelInfo, jobs: list[Job], total: int) -> AbstractContextManager[trace.Span]:
+        """The batch's span, after a queue_wait span per request: a root of its own,
+        sampled iff a request it links was (``telemetry.downstream_sampler``)."""
+        links, tenants = self._request_spans(info.name, jobs)
+        attributes: dict[str, AttributeValue] = {
+            "meshserve.model": info.name,
+            "meshserve.version": info.version,
+            "meshserve.batch_size": total,
+            "meshserve.requests": len(jobs),
+            "meshserve.device": self._settings.device,
+            "meshserve.worker": self._worker_id,
+        }
+        if tenants:
+            attributes["meshserve.tenancy.tenants"] = tenants
+        return self._tracer.start_as_current_span(
+            "batch", links=links, attributes=attributes, context=otel_context.Context()
+        )
+
+    def _request_spans(self, model: str, jobs: list[Job]) -> tuple[list[trace.Link], list[str]]:
+        """A queue_wait span per request, in the request's own trace (its sampled flag
+        decides); returns the batch span's links and its distinct tenants as spans name them."""
+        links = []
+        tenants: set[str] = set()
+        for job in jobs:
+            ctx = extract(job.request.trace_context)
+            parent = trace.get_current_span(ctx).get_span_context()
+            if parent.is_valid:
+                links.append(trace.Link(parent))
+            with self._tracer.start_as_current_span(
+                "queue_wait", context=ctx, start_time=job.request.enqueued_ms * 1_000_000
+            ) as span:
+                span.set_attribute("meshserve.model", model)
+                if (traced := self._tenant_on_span(job.request.tenant)) is not None:
+                    span.set_attribute("meshserve.tenant", traced)
+                    tenants.add(traced)
+            # the span ends here, at claim time (roughly): its length is the queue wait
+        return links, sorted(tenants)
+
+
+def _log_batch(info: ModelInfo, jobs: list[Job], total: int, compute_us: int, claimed_ns: int) -> None:
+    """The per-batch DEBUG line; its fields ride as ``extra`` for the JSON log format.
+
+    DEBUG, not INFO: a line per batch is a write per request at low load, on the
+    critical path, and the metrics carry the same figures."""
+    oldest_wait_ms = max(0.0, claimed_ns / 1e6 - min(job.request.enqueued_ms for job in jobs))
+    ids = [job.request.client_request_id or job.request.id for job in jobs]  # the ids callers know
+    log.debug(
+        "batch of %d from %d requests for %s version %d: compute %.1f ms, oldest waited %.1f ms; requests %s",
+        total,
+        len(jobs),
+        info.name,
+        info.version,
+        compute_us / 1000,
+        oldest_wait_ms,
+        ",".join(ids),
+        extra={
+            "request_ids": ids,
+            "model": info.name,
+            "version": info.version,
+            "batch_size": total,
+            "requests": len(jobs),
+            "compute_ms": round(compute_us / 1000, 3),
+            "queue_wait_ms": round(oldest_wait_ms, 3),
+        },
+    )

@@ -1,0 +1,195 @@
+"""The serve loop: block on every claimed model's wake list (never poll), then let
+the batch runner take each woken model's work.
+
+The wait's key list is rebuilt before each wait, so models added or dropped are
+followed without a restart; a change pushes a token to the worker's own wake list
+(``wake``), which ends a wait in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from meshserve.queue import QueueProtocol, claim_command, parse_claim, wait_command, woken_key, worker_wake_key
+from meshserve.store.link import RedisLink
+from model_workers.batches import decode
+from model_workers.held import HeldModels
+from model_workers.leases import Leases
+from model_workers.runner import BatchRunner
+from model_workers.served import Served
+
+log = logging.getLogger(__name__)
+
+WAKE_SAFETY_TIMEOUT_S = 5.0
+"""Blocking waits re-check every queue after this long, in case a wake token was lost."""
+
+
+class ServeLoop:
+    """Owns the wait for work; ``run`` is the loop, ``interrupt`` ends a wait on stop."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        queue: QueueProtocol,
+        blocking: RedisLink,
+        held: HeldModels,
+        runner: BatchRunner,
+        leases: Leases,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._worker_id = worker_id
+        self._queue = queue
+        self._blocking = blocking
+        self._held = held
+        self._runner = runner
+        self._leases = leases
+        self._stopping = stopping
+        self._wake_self = worker_wake_key(worker_id)
+        self._rescan = False  # a model was added: look at every queue before waiting
+        self._last_woken: Served | None = None  # the model of the last wake-up: claimed for right after the next
+        self._blocked: asyncio.Task[Any] | None = None
+        self._wakes: set[asyncio.Task[None]] = set()
+        self.idle = asyncio.Event()  # set while the loop blocks for work
+
+    async def run(self) -> None:
+        """Block for work on every claimed model's wake list, take it, run it."""
+        if not self._held.wake_keys():
+            log.warning("worker %s holds no model; idle until the router assigns one", self._worker_id)
+        # First look at every queue: work may be waiting whose wake token another
+        # worker consumed (e.g. one that was stopped while blocked).
+        targets = self._held.claimed()
+        backoff_s = 0.1
+        while not self._stopping.is_set():
+            await self._take_from(targets)
+            if self._stopping.is_set():
+                break
+            if self._rescan:  # models were added while we worked: look at their queues first
+                self._rescan = False
+                targets = self._held.claimed()
+                continue
+            # The claim rides behind the blocking pop: Redis runs it the moment the pop
+            # returns, so a wake-up and its claim cost one round trip, not two.
+            ahead = self._claim_ahead()
+            wake_keys = self._held.wake_keys()
+            wake_keys.append(self._wake_self)
+            commands = [wait_command(wake_keys, WAKE_SAFETY_TIMEOUT_S)]
+            if ahead is not None:
+                commands.append(claim_command(ahead.keys, **self._runner.claim_options(ahead)))
+            self._blocked = asyncio.ensure_future(self._blocking.pipeline(commands))
+            self.idle.set()
+            replies: list[Any] = []
+            try:
+                replies = await self._blocked
+                if isinstance(replies[0], RedisError):
+                    raise replies[0]
+                popped = replies[0]
+                backoff_s = 0.1
+            except asyncio.CancelledError:
+                if self._stopping.is_set():
+                    break
+                raise
+            except RedisError as exc:
+                log.warning("redis unavailable while waiting for work (%s); retrying in %.1fs", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                popped = None
+            finally:
+                self._blocked = None
+                self.idle.clear()
+            targets = await self.woken(popped)
+            if ahead is not None and len(replies) > 1:
+                targets = await self._run_claimed_ahead(ahead, replies[1], targets)
+
+    def interrupt(self) -> None:
+        """Stopping: end the wait in progress, if any (``run`` then returns)."""
+        if self._blocked is not None:
+            self._blocked.cancel()
+
+    def models_added(self) -> None:
+        """Models were added: look at every queue before the next wait (jobs may have
+        queued while they loaded), and end a wait in progress."""
+        self._rescan = True
+        self.wake()
+
+    def wake(self) -> None:
+        """End the loop's wait, if it is waiting, so it waits on the current models.
+
+        Otherwise nothing is needed: it rebuilds its key list before the next wait.
+        A token that lands just as a wait ends for another reason costs one extra
+        turn of the loop; ``close`` deletes the list.
+        """
+        if self._blocked is not None:
+            task = asyncio.create_task(self._push_self_wake())
+            self._wakes.add(task)
+            task.add_done_callback(self._wakes.discard)
+
+    async def close(self) -> None:
+        """After ``run`` has returned: finish wake-ups in flight, delete the worker's wake list."""
+        if self._wakes:
+            await asyncio.gather(*list(self._wakes), return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            await self._queue.forget_worker(self._worker_id)
+
+    async def _push_self_wake(self) -> None:
+        try:
+            await self._queue.wake_worker(self._worker_id)
+        except RedisError as exc:
+            log.warning("could not wake the serve loop (%s); it looks again within %.0f s", exc, WAKE_SAFETY_TIMEOUT_S)
+
+    def _claim_ahead(self) -> Served | None:
+        """The model to claim for right after the next wake-up: the only one claimed
+        from, or the one woken last (a wrong guess costs one empty claim inside Redis)."""
+        if (only := self._held.only_claimed()) is not None:
+            return only
+        last = self._last_woken
+        return last if last is not None and self._held.claims(last) else None
+
+    async def _run_claimed_ahead(self, served: Served, reply: Any, targets: list[Served]) -> list[Served]:
+        """Run what the claim behind the wake-up took; the models still to look at."""
+        if isinstance(reply, RedisError):  # e.g. NOSCRIPT after a Redis restart: the plain claim loads it
+            log.debug("claim after wake-up for %s failed: %s", served.keys.ready, reply)
+            return targets
+        claim = parse_claim(reply)
+        self._leases.answer_expired(served, claim)
+        jobs = decode(claim, served.model.info)
+        if not self._held.claims(served):  # dropped while we waited: give them back at once
+            await self._leases.release(served, jobs)
+            return targets
+        if jobs:
+            await self._runner.serve_batch(served, jobs)
+        # Its queue was looked at after the wake-up; if work remains, the claim left a
+        # wake token, so the next wait returns at once.
+        return [t for t in targets if t is not served]
+
+    async def _take_from(self, targets: list[Served]) -> None:
+        for served in targets:
+            if self._held.claims(served):  # not dropped since it was woken
+                await self._runner.serve_batch(served)
+
+    async def woken(self, popped: Any) -> list[Served]:
+        """The models to look at after a wait that popped ``popped`` (a BLPOP answer,
+        None on timeout): the one woken, or every one. A token of a model no longer
+        claimed from is given back to its other workers."""
+        key = woken_key(popped)
+        if key is None or key == self._wake_self:
+            self._rescan = False
+            return self._held.claimed()
+        if (served := self._held.by_wake_key(key)) is not None:
+            self._last_woken = served
+            return [served]
+        # A token of a model dropped while we waited: give it back to its other workers.
+        try:
+            await self._queue.rewake(self._held.keys_of(key))
+        except RedisError as exc:
+            log.warning(
+                "could not give back the wake token of %s (%s); its workers look within %.0f s",
+                key,
+                exc,
+                WAKE_SAFETY_TIMEOUT_S,
+            )
+        return []
