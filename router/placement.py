@@ -24,7 +24,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshserve.models.repository import ModelInfo
-from meshserve.platform.inventory import Device
 from meshserve.platform.mig import parse_mig_profile
 
 ModelKey = tuple[str, int]
@@ -113,11 +112,6 @@ class Placement:
 
     def unplaceable_keys(self) -> frozenset[ModelKey]:
         return frozenset(entry.key for entry in self.unplaceable)
-
-
-def slot_of(device: Device) -> Slot:
-    """An inventory device (what a worker host has) as placement sees it."""
-    return Slot(device.id, device.kind, device.profile, device.memory_bytes)
 
 
 def estimate_bytes(info: ModelInfo, footprint: Footprint | None) -> int:
