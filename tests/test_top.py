@@ -1,13 +1,17 @@
-"""``meshserve top`` against real /metrics servers: rates and quantiles over the interval."""
+"""``meshserve top`` against real /metrics servers: rates and quantiles over the interval.
+
+The servers expose the services' own metric classes (GatewayMetrics, WorkerMetrics,
+RouterMetrics), fed through their real methods and collectors, so a metric renamed
+or relabelled in a service breaks these tests instead of leaving top blank."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from meshserve.cli.main import main
 from meshserve.cli.top import (
@@ -20,91 +24,56 @@ from meshserve.cli.top import (
     histogram_quantile,
     take_snapshot,
 )
-from meshserve.observe.metrics import MetricsServer
+from meshserve.observe.metrics import (
+    GatewayMetrics,
+    MetricsServer,
+    ModelCounters,
+    ModelKey,
+    RouterMetrics,
+    RouterReads,
+    WorkerMetrics,
+    WorkerReads,
+)
+from model_workers.devices import DeviceSample
+from router.core import LoadRate
 
-BUCKETS_S = (0.01, 0.02, 0.05, 0.1)
-BY_VERSION = ["model", "version"]
-
-
-@dataclass
-class Gateway:
-    registry: CollectorRegistry
-    requests: Counter
-    latency: Histogram
-    inflight: Gauge
-    rejections: Counter
-    tenant_requests: Counter
-    tenant_latency: Histogram
-
-    @classmethod
-    def create(cls) -> Gateway:
-        r = CollectorRegistry()
-        return cls(
-            r,
-            Counter("meshserve_requests_total", "", ["model", "code"], registry=r),
-            Histogram("meshserve_request_duration_seconds", "", ["model"], buckets=BUCKETS_S, registry=r),
-            Gauge("meshserve_inflight_requests", "", registry=r),
-            Counter("meshserve_rejections_total", "", ["tenant", "reason"], registry=r),
-            Counter("meshserve_tenant_requests_total", "", ["tenant", "code"], registry=r),
-            Histogram("meshserve_tenant_request_duration_seconds", "", ["tenant"], buckets=BUCKETS_S, registry=r),
-        )
+PRICE_PER_DEVICE_HOUR = 9.0  # 100 device seconds over 1000 requests: 0.25 per 1000 requests
 
 
 @dataclass
-class Worker:
-    registry: CollectorRegistry
-    batches: Counter
-    items: Counter
-    compute: Histogram
-    device_seconds: Counter
-    tenant_device_seconds: Counter
-    utilization: Gauge
-    memory_used: Gauge
-    memory_total: Gauge
-    cost: Gauge
+class WorkerState:
+    """The plain counters a worker's core keeps; its collector reads them at scrape time."""
 
-    @classmethod
-    def create(cls) -> Worker:
-        r = CollectorRegistry()
-        return cls(
-            r,
-            Counter("meshserve_worker_batches_total", "", BY_VERSION, registry=r),
-            Counter("meshserve_worker_items_total", "", BY_VERSION, registry=r),
-            Histogram("meshserve_worker_compute_seconds", "", BY_VERSION, buckets=BUCKETS_S, registry=r),
-            Counter("meshserve_device_seconds_total", "", [*BY_VERSION, "device"], registry=r),
-            Counter("meshserve_tenant_device_seconds_total", "", ["tenant", "model", "device"], registry=r),
-            Gauge("meshserve_device_utilization_ratio", "", ["device"], registry=r),
-            Gauge("meshserve_device_memory_used_bytes", "", ["device"], registry=r),
-            Gauge("meshserve_device_memory_total_bytes", "", ["device"], registry=r),
-            Gauge("meshserve_cost_per_1000_requests", "", BY_VERSION, registry=r),
-        )
+    batches: int = 0
+    items: int = 0
+    requests: int = 0
+    device_seconds: float = 0.0
+    tenant_device_seconds: dict[tuple[str, str], float] = field(default_factory=dict)
+    devices: list[DeviceSample] = field(default_factory=list)
+
+    def models(self) -> list[ModelCounters]:
+        if not self.batches:
+            return []
+        return [ModelCounters("cnn", 1, self.batches, self.items, self.requests, 0, 0, self.device_seconds, 0)]
 
 
 @dataclass
-class Router:
-    registry: CollectorRegistry
-    depth: Gauge
-    queue_wait: Gauge
-    backlog: Gauge
-    ready: Gauge
+class RouterState:
+    """What the router's collector reads at scrape time."""
 
-    @classmethod
-    def create(cls) -> Router:
-        r = CollectorRegistry()
-        return cls(
-            r,
-            Gauge("meshserve_queue_depth", "", [*BY_VERSION, "tier"], registry=r),
-            Gauge("meshserve_queue_wait_seconds", "", BY_VERSION, registry=r),
-            Gauge("meshserve_autoscale_backlog_seconds", "", BY_VERSION, registry=r),
-            Gauge("meshserve_model_ready", "", BY_VERSION, registry=r),
-        )
+    ready: dict[ModelKey, bool] = field(default_factory=dict)
+    depths: dict[ModelKey, Mapping[str, int]] = field(default_factory=dict)
+    loads: dict[ModelKey, LoadRate] = field(default_factory=dict)
 
 
 @dataclass
 class Mesh:
-    gateway: Gateway
-    worker: Worker
-    router: Router
+    """The services' real metric classes, each on its own registry and /metrics server."""
+
+    gateway: GatewayMetrics
+    worker: WorkerMetrics
+    worker_state: WorkerState
+    router_state: RouterState
     urls: list[str]  # gateway, worker, router
 
 
@@ -114,8 +83,24 @@ def _url(server: MetricsServer) -> str:
 
 @pytest.fixture
 def served() -> Iterator[Mesh]:
-    mesh = Mesh(Gateway.create(), Worker.create(), Router.create(), [])
-    servers = [MetricsServer(part.registry, 0, host="127.0.0.1") for part in (mesh.gateway, mesh.worker, mesh.router)]
+    worker_state, router_state = WorkerState(), RouterState()
+    worker = WorkerMetrics.create(
+        WorkerReads(
+            models=worker_state.models,
+            tenant_device_seconds=lambda: worker_state.tenant_device_seconds,
+            devices=lambda: worker_state.devices,
+            device="cpu",
+            price_per_device_hour=PRICE_PER_DEVICE_HOUR,
+        )
+    )
+    router = RouterMetrics.create(
+        RouterReads(
+            ready=lambda: router_state.ready, depths=lambda: router_state.depths, loads=lambda: router_state.loads
+        )
+    )
+    mesh = Mesh(GatewayMetrics.create(), worker, worker_state, router_state, [])
+    registries = (mesh.gateway.registry, worker.registry, router.registry)
+    servers = [MetricsServer(registry, 0, host="127.0.0.1") for registry in registries]
     mesh.urls.extend(_url(server) for server in servers)
     try:
         yield mesh
@@ -134,7 +119,7 @@ def down_url() -> str:
 
 def _history(mesh: Mesh) -> None:
     """What happened before the first scrape: none of it may show in the figures."""
-    g, w = mesh.gateway, mesh.worker
+    g, w, ws = mesh.gateway, mesh.worker, mesh.worker_state
     g.requests.labels("cnn", "OK").inc(1000)
     g.requests.labels("cnn", "UNAVAILABLE").inc(1000)
     g.tenant_requests.labels("acme", "OK").inc(1000)
@@ -143,15 +128,16 @@ def _history(mesh: Mesh) -> None:
         g.latency.labels("cnn").observe(5.0)
         g.tenant_latency.labels("acme").observe(5.0)
         w.compute.labels("cnn", "1").observe(0.09)
-    w.batches.labels("cnn", "1").inc(1000)
-    w.items.labels("cnn", "1").inc(1000)
-    w.device_seconds.labels("cnn", "1", "cpu").inc(100)
-    w.tenant_device_seconds.labels("acme", "cnn", "cpu").inc(100)
+    ws.batches += 1000
+    ws.items += 1000
+    ws.requests += 920
+    ws.device_seconds += 98.5
+    ws.tenant_device_seconds["acme", "cnn"] = 100.0
 
 
 def _interval(mesh: Mesh) -> None:
     """Two seconds of work between the scrapes."""
-    g, w, r = mesh.gateway, mesh.worker, mesh.router
+    g, w, ws, rs = mesh.gateway, mesh.worker, mesh.worker_state, mesh.router_state
     g.requests.labels("cnn", "OK").inc(90)
     g.requests.labels("cnn", "UNAVAILABLE").inc(10)
     for seconds in [0.005] * 90 + [0.03] * 10:  # ranks 91-100 in (0.02, 0.05]
@@ -162,23 +148,19 @@ def _interval(mesh: Mesh) -> None:
     g.rejections.labels("acme", "inflight").inc(1)
     g.rejections.labels("bulk", "tenant_queue_full").inc(6)
     g.requests.labels("resnet", "OK").inc(4)  # a series born in the interval counts from zero
-    g.inflight.set(7)
-    w.batches.labels("cnn", "1").inc(10)
-    w.items.labels("cnn", "1").inc(80)
+    g.inflight.labels("cnn").set(7)
+    ws.batches += 10
+    ws.items += 80
+    ws.requests += 80  # 1000 in all, over 100 device seconds: the cost figure
     for _ in range(10):
         w.compute.labels("cnn", "1").observe(0.015)
-    w.device_seconds.labels("cnn", "1", "cpu").inc(1.5)
-    w.tenant_device_seconds.labels("acme", "cnn", "cpu").inc(1.0)
-    w.utilization.labels("cpu").set(0.5)
-    w.memory_used.labels("cpu").set(2**30)
-    w.memory_total.labels("cpu").set(4 * 2**30)
-    w.cost.labels("cnn", "1").set(0.25)
-    for tier, depth in (("realtime", 3), ("standard", 0), ("batch", 12)):
-        r.depth.labels("cnn", "1", tier).set(depth)
-    r.queue_wait.labels("cnn", "1").set(0.4)
-    r.backlog.labels("cnn", "1").set(1.5)
-    r.ready.labels("cnn", "1").set(1)
-    r.ready.labels("mlp", "2").set(0)
+    ws.device_seconds += 1.5
+    ws.tenant_device_seconds["acme", "cnn"] += 1.0
+    ws.devices.append(DeviceSample("cpu", 0.5, 2**30, 4 * 2**30))
+    rs.depths["cnn", 1] = {"realtime": 3, "standard": 0, "batch": 12}
+    rs.loads["cnn", 1] = LoadRate(requests_per_s=10.0, mean_queue_wait_s=0.4)  # backlog: 15 queued / 10 per s
+    rs.ready["cnn", 1] = True
+    rs.ready["mlp", 2] = False
 
 
 def _scrape_around(mesh: Mesh, urls: list[str]) -> View:
@@ -205,7 +187,7 @@ def test_models_show_rates_and_quantiles_over_the_interval_only(served: Mesh) ->
     cnn = models["cnn"].gateway
     assert cnn.requests_per_s == pytest.approx(50.0)
     assert cnn.error_ratio == pytest.approx(0.1)
-    assert cnn.p50_s == pytest.approx(0.01 * 50 / 90)  # rank 50 of 90 in (0, 0.01]
+    assert cnn.p50_s == pytest.approx(0.002 + 0.003 * 50 / 90)  # rank 50 of 90 in (0.002, 0.005]
     assert cnn.p99_s == pytest.approx(0.02 + 0.03 * 9 / 10)  # rank 99: 9 of 10 into (0.02, 0.05]
     (version,) = models["cnn"].versions
     assert version.version == "1"
