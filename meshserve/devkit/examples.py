@@ -88,11 +88,9 @@ def build_cnn() -> onnx.ModelProto:
 
     Each block is Conv 3x3 / Relu / MaxPool 2x2, with 64, 192 and 384 channels.
 
-    "logits" is FP32 [batch, 10]. Sized to cost about 1 ms per item at batch 1
-    (about 73 M multiply-adds, 3.1 MB of weights). Measured with ONNX Runtime
-    1.32.0 on CPU, a 2-core AMD EPYC VM, intra_op_num_threads=2: median of 200
-    runs after 20 warm-up runs was 0.91 to 1.11 ms over six sessions (one noisy
-    outlier at 1.48 ms).
+    "logits" is FP32 [batch, 10]. Sized to cost about a millisecond per item at
+    batch 1 on a small CPU (about 73 M multiply-adds, 3.1 MB of weights), so that
+    the model's compute, not the mesh, dominates a request.
     """
     rng = np.random.default_rng(2)
     channels = (3, *_CNN_CHANNELS)
@@ -189,11 +187,10 @@ EXAMPLE_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
 
 
 EXAMPLE_CONFIGS: dict[str, str] = {
-    # ONNX Runtime's best batch for "cnn" on CPU is about 8 (2-core VM: 935 items/s
-    # at 8, 885 at 32). A larger batch adds no throughput, but every request that
-    # arrives while one runs waits for all of it: at 32 a batch is ~35 ms of
-    # head-of-line blocking for every other tenant (noisy-neighbor bench: B's p99
-    # 2.3-8x its p99 alone at max batch 32, 1.1x at 8).
+    # ONNX Runtime's best batch for "cnn" on CPU is about 8: a larger batch adds no
+    # throughput, but every request that arrives while one runs waits for all of it,
+    # so a batch of 32 is head-of-line blocking for every other tenant (see the
+    # noisy-neighbor scenario of `meshserve bench`).
     "cnn": "# the best batch on CPU; larger ones only lengthen the wait behind a running batch\nmax_batch_size: 8\n",
 }
 

@@ -73,8 +73,8 @@ class RedisServer:
 
     @property
     def socket_url(self) -> str:
-        """The same server over its Unix socket: cheaper than loopback TCP for
-        processes on this host (about 35 against 50 µs a round trip here)."""
+        """The same server over its Unix socket: a cheaper round trip than
+        loopback TCP for processes on this host."""
         assert self._dir is not None, "start() first"
         return f"unix://{Path(self._dir.name) / 'redis.sock'}?db=0"
 

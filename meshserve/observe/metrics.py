@@ -24,9 +24,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class LabelMemo:
     """``metric.labels(*values)``, each child looked up once.
 
-    ``labels()`` checks the values, builds a key and takes a lock on every call:
-    a few µs each, six per gateway call, and several times that in a running
-    service where each call finds cold caches. The request path's label values
+    ``labels()`` checks the values, builds a key and takes a lock on every call,
+    six times per gateway call, which matters most for refusals that do little
+    else. The request path's label values
     come from bounded sets (model names, tenant names from the tenants file,
     status codes and reasons), and Prometheus keeps every child anyway, so the
     memo grows no further than the metrics do."""

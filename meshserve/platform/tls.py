@@ -3,7 +3,7 @@
 One CA signs every certificate. A service given a :class:`TlsConfig` listens only
 for TLS clients that present a certificate the CA signed, and presents its own
 certificate on its channels, so each hop authenticates both ends. Without one,
-every port and channel is plaintext, as before.
+every port and channel is plaintext.
 
 A certificate's subject alternative names must cover the address its peers dial
 (``router`` for ``--router router:8003``; IP ``127.0.0.1`` for ``meshserve up``).

@@ -1,11 +1,10 @@
 """A lean Redis connection for the request path: one socket, many callers.
 
-redis-py's asyncio client costs about 110 µs of Python per command on the
-2-core reference machine (a connection checked out of a pool, retry and
-observability wrappers, two timeout scopes), against about 10 µs for the same
-round trip written straight to an asyncio transport. A request crosses Redis
-five times, so that difference was most of the gateway's and the worker's own
-CPU per request. ``RedisLink`` keeps what the hot path needs and nothing else:
+redis-py's asyncio client spends many times more Python per command than the
+round trip needs (a connection checked out of a pool, retry and observability
+wrappers, two timeout scopes). A request crosses Redis five times, so that cost
+would be most of the gateway's and the worker's own CPU per request.
+``RedisLink`` keeps what the hot path needs and nothing else:
 
 - one connection, multiplexed: every caller's command is written at once and
   the replies come back in order (Redis answers a connection in order), so
