@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from meshserve.cli.main import _serve_until_signal, build_parser, main
+from meshserve.cli.main import build_parser, main, serve_until_signal
 from meshserve.cli.supervisor import UP_GATEWAY_OWN, ChildSpec, plan_children
 from meshserve.platform.inventory import cpu_device
 from meshserve.settings import (
@@ -230,7 +230,7 @@ async def test_a_service_freezes_its_startup_heap_and_stops_on_sigterm() -> None
 
     try:
         async with asyncio.timeout(10):
-            await _serve_until_signal(start, stop)
+            await serve_until_signal(start, stop)
     finally:
         gc.unfreeze()
         loop = asyncio.get_running_loop()

@@ -38,7 +38,7 @@ from meshserve.settings import (
 log = logging.getLogger("meshserve")
 
 
-async def _serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
+async def serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
     """Start a service, wait for SIGINT/SIGTERM, then stop it (draining)."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -70,7 +70,7 @@ def cmd_router(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         server = RouterServer(settings)
-        await _serve_until_signal(server.start, server.stop)
+        await serve_until_signal(server.start, server.stop)
 
     _run(main())
     return 0
@@ -85,7 +85,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     async def main() -> None:
         server = GatewayServer(settings, make_tracer("meshserve-gateway"))
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reload_tenants)
-        await _serve_until_signal(server.start, server.stop)
+        await serve_until_signal(server.start, server.stop)
 
     _run(main())
     return 0
@@ -108,7 +108,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         server = WorkerServer(settings, make_tracer("meshserve-worker", downstream=True))
-        await _serve_until_signal(server.start, server.stop)
+        await serve_until_signal(server.start, server.stop)
 
     _run(main())
     return 0
