@@ -276,9 +276,22 @@ class Gateway:
         finally:
             self.pending.pop(job_id, None)
             self.queued.pop(job_id, None)
+        if reply.replied_unix_ns and self.tracing:  # set by the worker for a sampled request only
+            self._reply_span(reply)
         if (error := reply_error(reply)) is not None:
             raise error
         return reply
+
+    def _reply_span(self, reply: mpb.InferReply) -> None:
+        """The way back, in the call's trace: from the worker writing the reply (its
+        clock, so clamped to now against skew) to the call resuming with it."""
+        ended_ns = time.time_ns()
+        span = self.tracer.start_span(
+            "reply",
+            start_time=min(reply.replied_unix_ns, ended_ns),
+            attributes={"meshserve.model": reply.model, "meshserve.worker": reply.worker_id},
+        )
+        span.end(end_time=ended_ns)
 
     def _withdraw(self, keys: ModelKeys, job_id: str) -> None:
         """In the background: take an abandoned job off the queue unless a worker holds it."""

@@ -13,7 +13,9 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 
 from opentelemetry import context as otel_context
@@ -37,6 +39,24 @@ from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Traced:
+    """A batch's requests as tracing sees them (what the gateway decided, read off
+    each envelope's ``traceparent``). Empty when tracing is off or none was sampled:
+    then the batch has no span at all."""
+
+    links: list[trace.Link] = field(default_factory=list)
+    """Every request that brought a trace context, sampled or not: the batch span's links."""
+    sampled: dict[str, otel_context.Context] = field(default_factory=dict)
+    """Job id -> the context its request brought, for the sampled ones only."""
+
+    def __bool__(self) -> bool:
+        return bool(self.sampled)
+
+
+UNSAMPLED = Traced()
 
 
 class BatchRunner:
@@ -150,6 +170,7 @@ class BatchRunner:
 
     async def _run(self, served: Served, jobs: list[Job]) -> None:
         claimed_ns = time.time_ns()
+        traced = _traced(jobs) if self._tracing else UNSAMPLED
         now_ms = claimed_ns // 1_000_000
         live = [job for job in jobs if job.request.deadline_ms > now_ms]
         replies: list[tuple[Job, mpb.InferReply]] = [
@@ -159,18 +180,23 @@ class BatchRunner:
         ]
         served.stats.expired += len(jobs) - len(live)
         if live:
-            replies.extend(await self._compute_batch(served, live, claimed_ns))
+            replies.extend(await self._compute_batch(served, live, claimed_ns, traced))
+        if traced:  # the gateway's reply span starts here, when the reply leaves
+            replied_ns = time.time_ns()
+            for job, reply in replies:
+                if job.job_id in traced.sampled:
+                    reply.replied_unix_ns = replied_ns
         self._leases.reply_and_ack(served, replies)
 
     async def _compute_batch(
-        self, served: Served, jobs: list[Job], claimed_ns: int
+        self, served: Served, jobs: list[Job], claimed_ns: int, traced: Traced
     ) -> list[tuple[Job, mpb.InferReply]]:
         info = served.model.info
         total = sum(job.batch_size for job in jobs)
-        with self._batch_span(info, jobs, total) if self._tracing else UNTRACED:
+        with self._batch_span(info, jobs, total, traced) if traced else UNTRACED:
             feed = stack(jobs)
             try:
-                with self._tracer.start_as_current_span("compute") if self._tracing else UNTRACED:
+                with self._compute_spans(info.name, jobs, total, traced) if traced else UNTRACED:
                     keep_leases = partial(self._leases.extend_while_computing, served, jobs)
                     outputs, compute_us = await self._compute.run_batch(served, feed, keep_leases)
             except Exception as exc:  # a model failure answers its requests, never kills the worker
@@ -208,10 +234,12 @@ class BatchRunner:
         stats.largest_batch = max(stats.largest_batch, total)
         stats.device_seconds += compute_s
 
-    def _batch_span(self, info: ModelInfo, jobs: list[Job], total: int) -> AbstractContextManager[trace.Span]:
-        """The batch's span, after a queue_wait span per request: a root of its own,
-        sampled iff a request it links was (``telemetry.downstream_sampler``)."""
-        links, tenants = self._request_spans(info.name, jobs)
+    def _batch_span(
+        self, info: ModelInfo, jobs: list[Job], total: int, traced: Traced
+    ) -> AbstractContextManager[trace.Span]:
+        """The batch's span, after a queue_wait span per sampled request: a root of
+        its own that links them (so it is sampled: ``tracing.downstream_sampler``)."""
+        tenants = self._request_spans(info.name, jobs, traced)
         attributes: dict[str, AttributeValue] = {
             "meshserve.model": info.name,
             "meshserve.version": info.version,
@@ -223,28 +251,67 @@ class BatchRunner:
         if tenants:
             attributes["meshserve.tenancy.tenants"] = tenants
         return self._tracer.start_as_current_span(
-            "batch", links=links, attributes=attributes, context=otel_context.Context()
+            "batch", links=traced.links, attributes=attributes, context=otel_context.Context()
         )
 
-    def _request_spans(self, model: str, jobs: list[Job]) -> tuple[list[trace.Link], list[str]]:
-        """A queue_wait span per request, in the request's own trace (its sampled flag
-        decides); returns the batch span's links and its distinct tenants as spans name them."""
-        links = []
+    def _request_spans(self, model: str, jobs: list[Job], traced: Traced) -> list[str]:
+        """A queue_wait span per sampled request, in the request's own trace; returns
+        the batch's distinct tenants as spans name them."""
         tenants: set[str] = set()
         for job in jobs:
-            ctx = extract(job.request.trace_context)
-            parent = trace.get_current_span(ctx).get_span_context()
-            if parent.is_valid:
-                links.append(trace.Link(parent))
-            with self._tracer.start_as_current_span(
-                "queue_wait", context=ctx, start_time=job.request.enqueued_ms * 1_000_000
-            ) as span:
-                span.set_attribute("meshserve.model", model)
-                if (traced := self._tenant_on_span(job.request.tenant)) is not None:
-                    span.set_attribute("meshserve.tenant", traced)
-                    tenants.add(traced)
-            # the span ends here, at claim time (roughly): its length is the queue wait
-        return links, sorted(tenants)
+            if (named := self._tenant_on_span(job.request.tenant)) is not None:
+                tenants.add(named)
+            if (ctx := traced.sampled.get(job.job_id)) is None:
+                continue
+            span = self._tracer.start_span("queue_wait", context=ctx, start_time=job.request.enqueued_ms * 1_000_000)
+            span.set_attribute("meshserve.model", model)
+            if named is not None:
+                span.set_attribute("meshserve.tenant", named)
+            span.end()  # at claim time (roughly): its length is the queue wait
+        return sorted(tenants)
+
+    @contextmanager
+    def _compute_spans(self, model: str, jobs: list[Job], total: int, traced: Traced) -> Iterator[None]:
+        """Around a batch's run: the batch span's ``compute`` child, current while the
+        model runs, then a ``compute`` span per sampled request, in the request's own
+        trace, with the same start and end, the batch size, and a link to the batch span
+        (the current span on entry). A failure marks them all."""
+        batch = trace.Link(trace.get_current_span().get_span_context())
+        started_ns = time.time_ns()
+        span = self._tracer.start_span("compute", start_time=started_ns)
+        status = trace.Status(trace.StatusCode.UNSET)
+        try:
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                yield
+        except Exception as exc:
+            status = trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+            span.record_exception(exc)
+            raise
+        finally:
+            ended_ns = time.time_ns()
+            span.set_status(status)
+            span.end(end_time=ended_ns)
+            attributes: dict[str, AttributeValue] = {"meshserve.model": model, "meshserve.batch_size": total}
+            for job in jobs:
+                if (ctx := traced.sampled.get(job.job_id)) is not None:
+                    own = self._tracer.start_span(
+                        "compute", context=ctx, links=[batch], attributes=attributes, start_time=started_ns
+                    )
+                    own.set_status(status)
+                    own.end(end_time=ended_ns)
+
+
+def _traced(jobs: list[Job]) -> Traced:
+    """What each job's envelope says about its trace; ``UNSAMPLED`` when no job was sampled."""
+    traced = Traced()
+    for job in jobs:
+        ctx = extract(job.request.trace_context)
+        parent = trace.get_current_span(ctx).get_span_context()
+        if parent.is_valid:
+            traced.links.append(trace.Link(parent))
+            if parent.trace_flags.sampled:
+                traced.sampled[job.job_id] = ctx
+    return traced if traced.sampled else UNSAMPLED
 
 
 def _log_batch(info: ModelInfo, jobs: list[Job], total: int, compute_us: int, claimed_ns: int) -> None:

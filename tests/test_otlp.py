@@ -247,8 +247,21 @@ async def test_a_batch_exports_one_trace_per_request_and_links_them(
         "meshserve.worker": traced.mesh.workers[0].worker.worker_id,
         "meshserve.tenancy.tenants": [hashed],
     }
-    compute = receiver.only("compute")
+    (compute,) = (span for span in receiver.named("compute") if span.trace_id == batch.trace_id)
     assert (compute.trace_id, compute.parent_id) == (batch.trace_id, batch.span_id)
+    # each request's trace shows the batch's compute (linked to it) and the way back
+    for trace_id in trace_ids:
+        (own,) = (span for span in receiver.named("compute") if span.trace_id == trace_id)
+        (reply,) = (span for span in receiver.named("reply") if span.trace_id == trace_id)
+        assert (own.service, own.parent_id) == ("meshserve-worker", enqueues[trace_id].span_id)
+        assert own.links == {(batch.trace_id, batch.span_id)}
+        assert own.attributes["meshserve.batch_size"] == 3
+        assert (own.span.start_time_unix_nano, own.span.end_time_unix_nano) == (
+            compute.span.start_time_unix_nano,
+            compute.span.end_time_unix_nano,
+        )
+        assert (reply.service, reply.parent_id) == ("meshserve-gateway", servers[trace_id].span_id)
+        assert own.span.end_time_unix_nano <= reply.span.start_time_unix_nano
     assert not any(v == DEV_TENANT for span in receiver.spans for v in span.attributes.values())
 
 
@@ -276,14 +289,14 @@ async def test_the_gateway_samples_once_and_the_worker_follows(
         await traced.flush()
     await receiver.arrived.wait()
 
-    request_spans = [span for span in receiver.spans if span.name not in ("batch", "compute")]
-    assert sorted(span.name for span in request_spans) == ["ModelInfer", "enqueue", "queue_wait"]
-    assert {span.trace_id for span in request_spans} == {CLIENT_TRACE_ID}
     batch = receiver.only("batch")
+    request_spans = [span for span in receiver.spans if span.trace_id != batch.trace_id]
+    assert sorted(span.name for span in request_spans) == ["ModelInfer", "compute", "enqueue", "queue_wait", "reply"]
+    assert {span.trace_id for span in request_spans} == {CLIENT_TRACE_ID}
     assert batch.attributes["meshserve.requests"] == 3
     assert (CLIENT_TRACE_ID, receiver.only("enqueue").span_id) in batch.links
     assert len(batch.links) == 3  # the unsampled requests are linked as well
-    assert receiver.only("compute").parent_id == batch.span_id
+    assert [span.parent_id for span in receiver.named("compute") if span.trace_id == batch.trace_id] == [batch.span_id]
     assert not any("meshserve.tenant" in span.attributes for span in receiver.spans)  # trace_tenant off
     assert "meshserve.tenancy.tenants" not in batch.attributes
 

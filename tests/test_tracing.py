@@ -1,8 +1,9 @@
 """One trace per request across the hops (invariant 7), with an in-memory exporter.
 
-The gateway's server span and enqueue span, and the worker's queue-wait span,
-share the request's trace; the worker's batch span is a root of its own that
-links every request it served; compute is the batch's child.
+The gateway's server span and enqueue span, the worker's queue-wait and compute
+spans, and the gateway's reply span share the request's trace; the worker's
+batch span is a root of its own that links every request it served, with a
+compute child of its own; each request's compute span links the batch span.
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ def only(spans: tuple[ReadableSpan, ...], name: str) -> ReadableSpan:
     return span
 
 
+def in_trace(spans: tuple[ReadableSpan, ...], trace_id: int) -> tuple[ReadableSpan, ...]:
+    return tuple(span for span in spans if span.context.trace_id == trace_id)
+
+
+def batch_links(span: ReadableSpan, batch: ReadableSpan) -> bool:
+    """Whether ``span`` has exactly one link, to ``batch``."""
+    return [(link.context.trace_id, link.context.span_id) for link in span.links] == [
+        (batch.context.trace_id, batch.context.span_id)
+    ]
+
+
 async def test_one_request_is_one_trace_across_gateway_and_worker(
     stub: pb_grpc.GRPCInferenceServiceStub, exporter: InMemorySpanExporter
 ) -> None:
@@ -81,8 +93,8 @@ async def test_one_request_is_one_trace_across_gateway_and_worker(
     enqueue = only(spans, "enqueue")
     queue_wait = only(spans, "queue_wait")
     batch = only(spans, "batch")
-    compute = only(spans, "compute")
     trace_id = server.context.trace_id
+    compute = only(in_trace(spans, batch.context.trace_id), "compute")
 
     assert server.kind == SpanKind.SERVER
     assert server.parent is None  # no traceparent came in: the gateway starts the trace
@@ -154,4 +166,78 @@ async def test_a_batch_links_every_request_it_served(
     assert {link.context.trace_id: link.context.span_id for link in batch.links} == enqueue_spans
     assert sorted(span.context.trace_id for span in by_name(spans, "queue_wait")) == trace_ids
     assert sorted(span.context.trace_id for span in by_name(spans, "ModelInfer")) == trace_ids
-    assert only(spans, "compute").parent.span_id == batch.context.span_id
+    assert only(in_trace(spans, batch.context.trace_id), "compute").parent.span_id == batch.context.span_id
+
+
+async def test_a_request_trace_shows_its_compute_and_the_way_back(
+    stub: pb_grpc.GRPCInferenceServiceStub, exporter: InMemorySpanExporter
+) -> None:
+    response = await stub.ModelInfer(infer_request("mlp", features()), timeout=RPC_TIMEOUT_S)
+    assert output_arrays(response)["logits"].shape == (1, 10)
+
+    spans = exporter.get_finished_spans()
+    server = only(spans, "ModelInfer")
+    batch = only(spans, "batch")
+    request = in_trace(spans, server.context.trace_id)
+    assert sorted(span.name for span in request) == ["ModelInfer", "compute", "enqueue", "queue_wait", "reply"]
+    enqueue, queue_wait, compute, reply = (
+        only(request, name) for name in ("enqueue", "queue_wait", "compute", "reply")
+    )
+
+    # compute hangs off the context the request carried, like queue_wait; reply off the call's span
+    assert compute.parent.span_id == enqueue.context.span_id
+    assert reply.parent.span_id == server.context.span_id
+    assert compute.attributes["meshserve.batch_size"] == 1
+    assert compute.attributes["meshserve.model"] == "mlp"
+    assert batch_links(compute, batch)
+    # the batch's own compute and the request's cover the same run of the model
+    batch_compute = only(in_trace(spans, batch.context.trace_id), "compute")
+    assert (compute.start_time, compute.end_time) == (batch_compute.start_time, batch_compute.end_time)
+    # in order, each inside the call: enqueued, waited, computed, came back
+    ms = 1_000_000  # queue_wait starts at enqueued_ms: the call's arrival, to the millisecond
+    assert server.start_time < queue_wait.start_time + ms
+    assert server.start_time <= enqueue.start_time <= queue_wait.end_time <= compute.start_time
+    assert compute.start_time < compute.end_time <= reply.start_time
+    assert reply.start_time <= reply.end_time <= server.end_time
+    assert reply.attributes["meshserve.worker"] == batch.attributes["meshserve.worker"]
+
+
+async def test_each_request_of_a_batch_gets_a_compute_span_linked_to_the_one_batch(
+    mesh: Mesh, stub: pb_grpc.GRPCInferenceServiceStub, exporter: InMemorySpanExporter, redis: Redis
+) -> None:
+    count = 3
+    worker = mesh.workers[0]
+    await hold_serving(worker)
+    try:
+        gathered = asyncio.gather(
+            *(stub.ModelInfer(infer_request("mlp", features(i)), timeout=RPC_TIMEOUT_S) for i in range(count))
+        )
+        await wait_queued(redis, "mlp", count)
+    finally:
+        release_serving(worker)
+    await gathered
+
+    spans = exporter.get_finished_spans()
+    batch = only(spans, "batch")
+    assert batch.attributes["meshserve.requests"] == count
+    servers = by_name(spans, "ModelInfer")
+    assert len({server.context.trace_id for server in servers}) == count
+    for server in servers:
+        request = in_trace(spans, server.context.trace_id)
+        compute, reply = only(request, "compute"), only(request, "reply")
+        assert batch_links(compute, batch)
+        assert compute.attributes["meshserve.batch_size"] == count
+        assert compute.end_time <= reply.start_time <= reply.end_time <= server.end_time
+    assert len({(span.start_time, span.end_time) for span in by_name(spans, "compute")}) == 1
+
+
+async def test_an_unsampled_request_leaves_no_span(
+    stub: pb_grpc.GRPCInferenceServiceStub, exporter: InMemorySpanExporter
+) -> None:
+    traceparent = f"00-{CLIENT_TRACE_ID:032x}-{CLIENT_SPAN_ID:016x}-00"  # the caller chose not to sample
+
+    await stub.ModelInfer(
+        infer_request("mlp", features()), metadata=(("traceparent", traceparent),), timeout=RPC_TIMEOUT_S
+    )
+
+    assert exporter.get_finished_spans() == ()
