@@ -276,7 +276,7 @@ class Gateway:
         finally:
             self.pending.pop(job_id, None)
             self.queued.pop(job_id, None)
-        if reply.replied_unix_ns and self.tracing:  # set by the worker for a sampled request only
+        if self.tracing and reply.replied_unix_ns:  # set by the worker for a sampled request only
             self._reply_span(reply)
         if (error := reply_error(reply)) is not None:
             raise error

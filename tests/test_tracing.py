@@ -12,25 +12,29 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from redis.asyncio import Redis
 
+from meshserve.devkit.examples import write_example_repository
 from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.support import (
     Mesh,
     hold_serving,
     infer_request,
+    infer_stub,
     output_arrays,
     release_serving,
     start_mesh,
     stop_mesh,
     wait_queued,
 )
+from tests.test_resilience import write_gather_model
 
 RPC_TIMEOUT_S = 10
 CLIENT_TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
@@ -241,3 +245,32 @@ async def test_an_unsampled_request_leaves_no_span(
     )
 
     assert exporter.get_finished_spans() == ()
+
+
+async def test_a_failed_batch_marks_each_request_compute_span(
+    redis: Redis, redis_url: str, tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    repository = write_example_repository(tmp_path, ["mlp"])
+    write_gather_model(repository)  # idx 100 makes the model fail
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    mesh = await start_mesh(redis_url, repository, tracer=provider.get_tracer("meshserve-tests"))
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await infer_stub(channel).ModelInfer(
+                    infer_request("lookup", {"idx": np.array([100], np.int64)}), timeout=RPC_TIMEOUT_S
+                )
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+    finally:
+        await stop_mesh(mesh)
+        provider.shutdown()
+
+    spans = exporter.get_finished_spans()
+    batch = only(spans, "batch")
+    request = in_trace(spans, only(spans, "ModelInfer").context.trace_id)
+    compute = only(request, "compute")
+    assert batch_links(compute, batch)
+    assert compute.status.status_code == StatusCode.ERROR
+    assert only(in_trace(spans, batch.context.trace_id), "compute").status.status_code == StatusCode.ERROR
+    assert only(request, "reply").end_time <= only(request, "ModelInfer").end_time  # the error came back too

@@ -7,6 +7,11 @@ attribute test per site, and a gateway without tracing passes no trace context o
 OTLP/gRPC to that endpoint, under ``OTEL_SERVICE_NAME`` (default: the service's
 own name). The trace context of every request rides inside its queued envelope
 (``QueuedRequest.trace_context``): the gateway injects it, the worker extracts it.
+A request's trace holds the gateway's ``ModelInfer`` and ``enqueue`` spans, the
+worker's ``queue_wait`` and ``compute`` (the batch's run, linked to the batch
+span), and the gateway's ``reply``, which starts at the time the worker stamped
+on the reply (``InferReply.replied_unix_ns``, set for sampled requests only).
+Spans that cross the hop carry explicit start and end times.
 
 Sampling is decided once, at the gateway, by the SDK's standard
 ``OTEL_TRACES_SAMPLER`` and ``OTEL_TRACES_SAMPLER_ARG`` (unset: the SDK default,
