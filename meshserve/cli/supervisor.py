@@ -352,7 +352,7 @@ def _exposure(args: argparse.Namespace) -> str:
     """What the ready line says of who can call: loopback only unless chosen otherwise."""
     if args.host or args.tenants:
         return ""
-    return f", this machine only: no --tenants file; --host {ANY_HOST} to serve others"
+    return "; this machine only: no --tenants file"
 
 
 def _device_env(device: Device) -> dict[str, str]:
