@@ -26,6 +26,10 @@ GPU worker starts, else 0. :func:`plan_children` is the whole plan, as data.
 of the knobs it passes on (:func:`add_up_arguments`): a knob given to ``up`` reaches
 every child that has it as the same flag; one not given is left to each child, which
 reads its ``MESHSERVE_*`` variable from the environment it inherits, or its default.
+``up`` is one machine, so its sockets stay on loopback unless told otherwise: every
+child gets ``--metrics-host`` (``up``'s own default, 127.0.0.1), the router is dialed
+at 127.0.0.1, and the gateway gets ``--host`` only when given, so that without
+``--tenants`` (the open development tenant) it keeps to loopback by its own rule.
 """
 
 from __future__ import annotations
