@@ -16,7 +16,7 @@ from gateway.routing import RoutingView, RoutingWatch
 from gateway.servicer import InferenceServicer
 from meshserve.observe.metrics import GatewayMetrics, MetricsServer
 from meshserve.platform.tls import add_port, channel
-from meshserve.settings import GatewaySettings, instance_id
+from meshserve.settings import ANY_HOST, LOOPBACK_HOST, GatewaySettings, instance_id
 from meshserve.store.clients import blocking_link, command_link
 from meshserve.tenancy.tenants import TenantRegistry, dev_registry, load_tenants, reload_tenants
 from protos import grpc_service_pb2 as pb
@@ -63,7 +63,7 @@ class GatewayServer:
             self.server,
         )
         self._metrics_server: MetricsServer | None = None
-        self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
+        self.port = add_port(self.server, f"{settings.listen_host}:{settings.port}", settings.tls)
 
     def reload_tenants(self) -> bool:
         """Re-read the tenants file (SIGHUP); a bad file is logged and the old one stays."""
@@ -81,8 +81,9 @@ class GatewayServer:
 
     @property
     def address(self) -> str:
-        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "[::]") else self.settings.host
-        return f"{host}:{self.port}"
+        """Where a client on this machine dials the public port (loopback for a wildcard)."""
+        host = self.settings.listen_host
+        return f"{LOOPBACK_HOST if host in (ANY_HOST, '::', '[::]') else host}:{self.port}"
 
     def _update_health(self, view: RoutingView) -> None:
         """The overall entries follow server readiness; one entry per model version,
@@ -108,10 +109,13 @@ class GatewayServer:
                 self.metrics.registry, self.settings.metrics_port, self.settings.metrics_host
             )
         log.info(
-            "gateway %s listening on %s%s",
+            "gateway %s listening on %s:%d%s%s%s",
             self.settings.gateway_id,
-            self.address,
+            self.settings.listen_host,
+            self.port,
             " (mutual TLS)" if self.settings.tls else "",
+            _why_loopback(self.settings),
+            f"; /metrics on {self.settings.metrics_host}:{self.settings.metrics_port}" if self._metrics_server else "",
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -133,6 +137,13 @@ class GatewayServer:
         await self.blocking.aclose()
         if self._metrics_server is not None:
             self._metrics_server.stop()
+
+
+def _why_loopback(settings: GatewaySettings) -> str:
+    """Why the public port is on loopback, when the operator did not choose it."""
+    if settings.host or settings.tenants_path is not None:
+        return ""
+    return f" (loopback only, as there is no tenants file: --host {ANY_HOST} to serve other hosts)"
 
 
 def _registry(settings: GatewaySettings) -> TenantRegistry:

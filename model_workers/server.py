@@ -97,10 +97,11 @@ class WorkerServer:
             "canary": asyncio.create_task(self.worker.canary_forever(), name="canary"),
         }
         log.info(
-            "worker %s serving %d model versions; health on %s",
+            "worker %s serving %d model versions; health on %s%s",
             self.settings.worker_id,
             len(self.worker.served),
             self.health_address,
+            f"; /metrics on {self.settings.metrics_host}:{self.settings.metrics_port}" if self._metrics_server else "",
         )
 
     async def wait(self) -> None:

@@ -79,10 +79,11 @@ class RouterServer:
             )
         self._expiry = asyncio.create_task(self.core.run_expiry(self.settings.report_interval_ms / 1000))
         log.info(
-            "router listening on %s%s with %d model versions",
+            "router listening on %s%s with %d model versions%s",
             self.address,
             " (mutual TLS)" if self.settings.tls else "",
             len(self.core.models),
+            f"; /metrics on {self.settings.metrics_host}:{self.settings.metrics_port}" if self._metrics_server else "",
         )
 
     async def stop(self, grace_s: float = 1.0) -> None:

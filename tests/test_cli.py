@@ -171,11 +171,11 @@ def test_up_passes_its_knobs_to_the_services_that_have_them() -> None:
         [
             *("--max-message-bytes", "1024", "--default-timeout-ms", "900", "--lame-duck-s", "0"),
             *("--lease-ms", "750", "--max-attempts", "5", "--canary-interval-s", "0", "--intra-op-spinning"),
-            *("--trace-tenant", "off", "--metrics-host", "127.0.0.1", "--log-level", "DEBUG"),
+            *("--trace-tenant", "off", "--metrics-host", "0.0.0.0", "--log-level", "DEBUG"),
         ]
     )
     for spec in (router, worker, gateway):
-        assert settings_of(spec).metrics_host == "127.0.0.1"
+        assert settings_of(spec).metrics_host == "0.0.0.0"
         parsed = build_parser().parse_args([spec.role, *spec.args])
         assert (parsed.log_level, parsed.log_format) == ("DEBUG", "text")
     gateway_settings = settings_of(gateway)
@@ -197,6 +197,7 @@ def test_up_leaves_a_knob_not_given_to_the_child_and_its_environment(monkeypatch
         router_address="127.0.0.1:9",
         model_repository=Path("/m"),
         metrics_port=8003,
+        metrics_host="127.0.0.1",  # up's own default: one machine
     )
     monkeypatch.setenv("MESHSERVE_LEASE_MS", "750")  # what the child inherits from up
     assert settings_of(worker).lease_ms == 750
@@ -238,3 +239,39 @@ async def test_a_service_freezes_its_startup_heap_and_stops_on_sigterm() -> None
             loop.remove_signal_handler(sig)
     assert events == ["start", "stop"]
     assert frozen[0] > 0
+
+
+@pytest.mark.usefixtures("no_meshserve_variables")
+def test_a_gateway_without_tenants_file_defaults_to_loopback(tmp_path: Path) -> None:
+    def listen_host(flags: list[str]) -> str:
+        args = build_parser().parse_args(["gateway", "--redis-url", "r", *flags])
+        return from_args(GatewaySettings, args).listen_host
+
+    assert listen_host([]) == "127.0.0.1"
+    assert listen_host(["--host", "0.0.0.0"]) == "0.0.0.0"
+    # with a tenants file: every interface, as before
+    assert listen_host(["--tenants", str(tmp_path / "t.yaml")]) == "0.0.0.0"
+    assert listen_host(["--tenants", str(tmp_path / "t.yaml"), "--host", "10.0.0.7"]) == "10.0.0.7"
+
+
+@pytest.mark.usefixtures("no_meshserve_variables")
+def test_up_keeps_one_machine_on_loopback_unless_told() -> None:
+    router, worker, gateway = plan_up([])
+    assert "--host" not in gateway.args  # the gateway's own default for its tenancy
+    assert settings_of(gateway).listen_host == "127.0.0.1"
+    assert {settings_of(spec).metrics_host for spec in (router, worker, gateway)} == {"127.0.0.1"}
+    assert settings_of(worker).health_host == "127.0.0.1"
+    assert settings_of(router).host == "127.0.0.1"  # up dials it there; nothing else needs it
+
+    _, _, with_tenants = plan_up(["--tenants", "/etc/meshserve/tenants.yaml"])
+    assert settings_of(with_tenants).listen_host == "0.0.0.0"
+
+
+@pytest.mark.usefixtures("no_meshserve_variables")
+def test_up_passes_the_hosts_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    router, worker, gateway = plan_up(["--host", "0.0.0.0", "--metrics-host", "0.0.0.0", "--health-host", "0.0.0.0"])
+    assert settings_of(gateway).listen_host == "0.0.0.0"
+    assert {settings_of(spec).metrics_host for spec in (router, worker, gateway)} == {"0.0.0.0"}
+    assert settings_of(worker).health_host == "0.0.0.0"
+    monkeypatch.setenv("MESHSERVE_METRICS_HOST", "10.0.0.7")  # up's own default, passed as a flag
+    assert {settings_of(spec).metrics_host for spec in plan_up([])} == {"10.0.0.7"}

@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 from meshserve.devkit.redis_server import free_port
+from tests.listening import listening_hosts, loopback_only
 
 READY_TIMEOUT_S = 60
 
 
 def test_ctrl_c_to_the_process_group_drains_before_redis_stops(model_repository: Path, tmp_path: Path) -> None:
     log_path = tmp_path / "up.log"
+    grpc_port = free_port()
     with log_path.open("w") as log:
         up = subprocess.Popen(
             [
@@ -28,11 +30,10 @@ def test_ctrl_c_to_the_process_group_drains_before_redis_stops(model_repository:
                 "--model-repository",
                 str(model_repository),
                 "--grpc-port",
-                str(free_port()),
+                str(grpc_port),
                 "--metrics-port",
                 "0",
-                "--host",
-                "127.0.0.1",
+                # No --host and no --tenants: the open tenant, on loopback only.
                 # Knobs up passes on: every child must take what it is given.
                 *("--log-level", "INFO", "--lease-ms", "5000", "--max-message-bytes", str(8 * 1024 * 1024)),
             ],
@@ -51,6 +52,9 @@ def test_ctrl_c_to_the_process_group_drains_before_redis_stops(model_repository:
                 line = up.stdout.readline()
                 assert line, f"meshserve up exited before it was ready:\n{log_path.read_text()}"
             assert "meshserve ready" in line
+            assert f"at 127.0.0.1:{grpc_port}" in line
+            assert "this machine only" in line
+            assert loopback_only(grpc_port), listening_hosts(grpc_port)
             os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C does: every process in the group
             assert up.wait(timeout=60) == 0
         finally:

@@ -26,6 +26,10 @@ GPU worker starts, else 0. :func:`plan_children` is the whole plan, as data.
 of the knobs it passes on (:func:`add_up_arguments`): a knob given to ``up`` reaches
 every child that has it as the same flag; one not given is left to each child, which
 reads its ``MESHSERVE_*`` variable from the environment it inherits, or its default.
+``up`` is one machine, so its sockets stay on loopback unless told otherwise: every
+child gets ``--metrics-host`` (``up``'s own default, 127.0.0.1), the router is dialed
+at 127.0.0.1, and the gateway gets ``--host`` only when given, so that without
+``--tenants`` (the open development tenant) it keeps to loopback by its own rule.
 """
 
 from __future__ import annotations
@@ -49,13 +53,15 @@ from meshserve.devkit.redis_server import RedisServer, binary_from_env, free_por
 from meshserve.platform.inventory import Device, cpu_device, discover, inventory_table, visible_devices
 from meshserve.platform.tls import TlsConfig, sync_channel
 from meshserve.settings import (
+    ANY_HOST,
+    LOOPBACK_HOST,
     GatewaySettings,
     LogSettings,
-    RouterSettings,
     WorkerSettings,
     add_arguments,
     cli,
     forwarded_flags,
+    gateway_host,
     tls_cli,
 )
 
@@ -69,7 +75,7 @@ STABLE_AFTER_S = 60.0
 
 UP_GATEWAY_OWN = ("host", "port", "drain_grace_s", "tenants_path")
 """The gateway's settings ``up`` reads itself (its address, its stop) and passes on."""
-UP_GATEWAY_FORWARDED = ("max_message_bytes", "default_timeout_ms", "lame_duck_s", "trace_tenant", "metrics_host")
+UP_GATEWAY_FORWARDED = ("max_message_bytes", "default_timeout_ms", "lame_duck_s", "trace_tenant")
 UP_WORKER_FORWARDED = (
     "lease_ms",
     "max_attempts",
@@ -78,8 +84,9 @@ UP_WORKER_FORWARDED = (
     "intra_op_threads",
     "intra_op_spinning",
     "price_per_device_hour",
+    "health_host",
 )
-UP_SHARED_FORWARDED = ("trace_tenant", "metrics_host")
+UP_SHARED_FORWARDED = ("trace_tenant",)
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
 
@@ -93,6 +100,13 @@ class UpSettings:
     metrics_port: int = field(
         default=8002,
         metadata=cli("the gateway's /metrics port; worker i takes the port + 1 + i, the router the next (0: off)"),
+    )
+    metrics_host: str = field(
+        default=LOOPBACK_HOST,
+        metadata=cli(
+            "address every service's /metrics listens on (one machine: loopback, unlike a service run alone)",
+            env="METRICS_HOST",
+        ),
     )
     redis_url: str | None = field(default=None, metadata=cli("use this Redis instead of starting a private one"))
     workers: int | None = field(
@@ -240,13 +254,15 @@ def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
     try:
         for child in children:
             child.start()
-        models = _wait_ready(router_address, f"127.0.0.1:{args.grpc_port}", children, stop, tls)
+        host = gateway_host(args.host, args.tenants)
+        dial_host = LOOPBACK_HOST if host in (ANY_HOST, "::", "[::]") else host
+        models = _wait_ready(router_address, f"{dial_host}:{args.grpc_port}", children, stop, tls)
         if models is not None:
-            host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
             transport = "gRPC over mutual TLS" if tls else "gRPC"
+            metrics = f"{args.metrics_host}:{args.metrics_port}" if args.metrics_port else "off"
             print(
                 f"meshserve ready: {len(models)} models ({', '.join(models)}) at {host}:{args.grpc_port}"
-                f" ({transport}, KServe v2); metrics on :{args.metrics_port}; Ctrl-C to stop",
+                f" ({transport}, KServe v2{_exposure(args)}); metrics on {metrics}; Ctrl-C to stop",
                 flush=True,
             )
             _supervise_until_stop(children, stop)
@@ -280,9 +296,10 @@ def plan_children(
     def metrics_port(offset: int) -> str:
         return str(args.metrics_port + offset if args.metrics_port else 0)
 
-    # How to log goes to every child as flags: up's own level is theirs.
+    # How to log, and where /metrics listens, go to every child as flags: up's own are theirs.
     logging_args = ("--log-level", args.log_level, "--log-format", args.log_format)
-    common = ("--redis-url", redis_url, "--router", router_address, *tls_args, *logging_args)
+    metrics_args = ("--metrics-host", args.metrics_host)
+    common = ("--redis-url", redis_url, "--router", router_address, *tls_args, *logging_args, *metrics_args)
     router = ChildSpec(
         "router",
         (
@@ -296,7 +313,7 @@ def plan_children(
             metrics_port(1 + len(worker_devices)),
             *tls_args,
             *logging_args,
-            *forwarded_flags(RouterSettings, args, ("metrics_host",)),
+            *metrics_args,
         ),
     )
     workers = [
@@ -321,8 +338,7 @@ def plan_children(
         "gateway",
         (
             *common,
-            "--host",
-            args.host,
+            *(["--host", args.host] if args.host else []),  # else the gateway's default for its tenancy
             "--grpc-port",
             str(args.grpc_port),
             "--metrics-port",
@@ -334,6 +350,13 @@ def plan_children(
         ),
     )
     return [router, *workers, gateway]
+
+
+def _exposure(args: argparse.Namespace) -> str:
+    """What the ready line says of who can call: loopback only unless chosen otherwise."""
+    if args.host or args.tenants:
+        return ""
+    return "; this machine only: no --tenants file"
 
 
 def _device_env(device: Device) -> dict[str, str]:

@@ -19,16 +19,21 @@ from meshserve.settings.flags import (
     tls_from_args,
 )
 from meshserve.settings.services import (
+    ANY_HOST,
+    LOOPBACK_HOST,
     TRACE_TENANT_MODES,
     GatewaySettings,
     LogSettings,
     RouterSettings,
     WorkerSettings,
+    gateway_host,
     instance_id,
 )
 
 __all__ = [
+    "ANY_HOST",
     "ENV_PREFIX",
+    "LOOPBACK_HOST",
     "TRACE_TENANT_MODES",
     "GatewaySettings",
     "LogSettings",
@@ -40,6 +45,7 @@ __all__ = [
     "env_default",
     "forwarded_flags",
     "from_args",
+    "gateway_host",
     "instance_id",
     "options",
     "parse_bool",

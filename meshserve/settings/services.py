@@ -28,7 +28,9 @@ REDIS_URL = cli("redis:// or rediss://user:pass@host:port/db", required_at_parse
 """The queues' Redis: the gateway and workers need it, and say so when they start."""
 ROUTER_ADDRESS = cli("router host:port", flag="--router", env="ROUTER")
 DEFAULT_ROUTER_ADDRESS = "127.0.0.1:8003"
-METRICS_HOST = cli("address /metrics listens on", env="METRICS_HOST")
+METRICS_HOST = cli("address /metrics listens on, when --metrics-port is set", env="METRICS_HOST")
+LOOPBACK_HOST = "127.0.0.1"
+ANY_HOST = "0.0.0.0"
 TRACE_TENANT = cli(
     "the tenant on spans: its name, a hash (HMAC keyed by MESHSERVE_TRACE_TENANT_SECRET), or none",
     choices=TRACE_TENANT_MODES,
@@ -51,9 +53,14 @@ class LogSettings:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouterSettings:
     model_repository: Path = field(metadata=cli("the model repository directory"))
-    host: str = field(default="127.0.0.1", metadata=cli("address the router listens on", env="ROUTER_HOST"))
+    host: str = field(
+        default=LOOPBACK_HOST,
+        metadata=cli(
+            "address the router listens on; workers and gateways on other hosts need another", env="ROUTER_HOST"
+        ),
+    )
     port: int = field(default=8003, metadata=cli("the router's gRPC port", env="ROUTER_PORT"))
-    metrics_host: str = field(default="0.0.0.0", metadata=METRICS_HOST)
+    metrics_host: str = field(default=ANY_HOST, metadata=METRICS_HOST)
     metrics_port: int = field(default=0, metadata=cli("0: off", env="ROUTER_METRICS_PORT"))
     report_interval_ms: int = field(default=1000, metadata=SET_IN_CODE)
     worker_ttl_ms: int = field(default=5000, metadata=SET_IN_CODE)
@@ -71,9 +78,15 @@ class RouterSettings:
 class GatewaySettings:
     redis_url: str = field(metadata=REDIS_URL)
     router_address: str = field(default=DEFAULT_ROUTER_ADDRESS, metadata=ROUTER_ADDRESS)
-    host: str = field(default="0.0.0.0", metadata=cli("address the public port listens on"))
+    host: str | None = field(
+        default=None,
+        metadata=cli(
+            f"address the public port listens on; default {ANY_HOST} with --tenants, else {LOOPBACK_HOST} "
+            "(the open development tenant is not for other hosts)"
+        ),
+    )
     port: int = field(default=8001, metadata=cli("the public KServe v2 gRPC port", flag="--grpc-port", env="GRPC_PORT"))
-    metrics_host: str = field(default="0.0.0.0", metadata=METRICS_HOST)
+    metrics_host: str = field(default=ANY_HOST, metadata=METRICS_HOST)
     metrics_port: int = field(default=0, metadata=cli("0: off"))
     gateway_id: str = field(default="", metadata=SET_IN_CODE)
     max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=cli("largest gRPC message accepted or sent"))
@@ -92,6 +105,22 @@ class GatewaySettings:
     trace_tenant: str = field(default="clear", metadata=TRACE_TENANT)
     trace_tenant_secret: str = field(default="", repr=False, metadata=TRACE_TENANT_SECRET)
 
+    @property
+    def listen_host(self) -> str:
+        """The address the public port binds: ``host``, or its default for ``tenants_path``."""
+        return gateway_host(self.host, self.tenants_path)
+
+
+def gateway_host(host: str | None, tenants_path: Path | None) -> str:
+    """``host`` if given; else every interface with a tenants file, loopback without one.
+
+    Without a tenants file every caller is the open ``dev`` tenant (no key, no limits),
+    which only this machine should reach until someone chooses otherwise with ``--host``.
+    """
+    if host:
+        return host
+    return LOOPBACK_HOST if tenants_path is None else ANY_HOST
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerSettings:
@@ -106,9 +135,9 @@ class WorkerSettings:
         ),
     )
     worker_id: str = field(default="", metadata=SET_IN_CODE)
-    metrics_host: str = field(default="0.0.0.0", metadata=METRICS_HOST)
+    metrics_host: str = field(default=ANY_HOST, metadata=METRICS_HOST)
     metrics_port: int = field(default=0, metadata=cli("0: off", env="WORKER_METRICS_PORT"))
-    health_host: str = field(default="127.0.0.1", metadata=cli("address the grpc.health.v1 port listens on"))
+    health_host: str = field(default=LOOPBACK_HOST, metadata=cli("address the grpc.health.v1 port listens on"))
     health_port: int = field(default=0, metadata=cli("grpc.health.v1 port (0: a free one, logged at start)"))
     lease_ms: int = field(default=5_000, metadata=cli("a dead worker's requests are redelivered after this long"))
     max_attempts: int = field(default=3, metadata=cli("claims of one request before it is answered INTERNAL"))
