@@ -45,10 +45,15 @@ class Compute:
                     heartbeat.cancel()
             return outputs, (time.time_ns() - started_ns) // 1000
 
-    async def run_canary(self, served: Served) -> None:
-        """Run the model's canary on the ONNX Runtime thread, after the batch in hand."""
+    async def run_canary(self, served: Served, timeout_s: float) -> None:
+        """Run the model's canary on the ONNX Runtime thread, after the batch in hand.
+
+        TimeoutError if the run outlasts ``timeout_s``, counted once the device lock is
+        held: waiting for a batch longer than that (a slow model, its lease extended)
+        says nothing about the model's health."""
         async with self._device:
-            await asyncio.get_running_loop().run_in_executor(self._executor, served.model.canary)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.get_running_loop().run_in_executor(self._executor, served.model.canary)
 
     def close(self) -> None:
         """Wait for the run in progress, then end the thread."""

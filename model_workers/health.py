@@ -71,9 +71,9 @@ class ModelHealth:
     async def _canary(self, served: Served) -> None:
         info = served.model.info
         try:
-            # a canary slower than a lease is as dead as a batch that slow
-            async with asyncio.timeout(self._lease_ms / 1000):
-                await self._compute.run_canary(served)
+            # a canary slower than a lease is as dead as a batch that slow (its wait
+            # for the batch in hand not counted: that batch extends its lease)
+            await self._compute.run_canary(served, self._lease_ms / 1000)
         except Exception as exc:
             if not served.canary_failing:
                 log.error(
