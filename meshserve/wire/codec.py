@@ -106,7 +106,7 @@ def check_requested_outputs(request: pb.ModelInferRequest, model: ModelInfo) -> 
     for out in request.outputs:
         if out.name not in known:
             raise InvalidArgument(f"requested output '{out.name}' is not an output of model '{model.name}'")
-        if "class_count" in out.parameters and _parameter_value(out.parameters["class_count"]) not in (0, None):
+        if "class_count" in out.parameters and _parameter_value(out.parameters["class_count"]):  # 0: off
             raise InvalidArgument(
                 f"requested output '{out.name}': parameter 'class_count' (Triton's classification "
                 "extension) is not supported; request the output and take the top classes on the client"
