@@ -46,6 +46,9 @@ _CONTENTS_FIELD: dict[str, str] = {
     "BYTES": "bytes_contents",
 }
 
+# The length prefix of each BYTES element (tritonclient's serialize_byte_tensor).
+_LENGTH = struct.Struct("<I")
+
 # Typed in a wider proto field (int32 or uint32): range-checked before the cast.
 _NARROW_INTS = frozenset({"INT8", "INT16", "UINT8", "UINT16"})
 
@@ -175,9 +178,8 @@ def _tensor_bytes(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
 def _typed_bytes(name: str, datatype: str, values: Any) -> bytes:
     """Typed contents as the queue's bytes, one numpy conversion (BYTES: length-prefixed)."""
     if datatype == "BYTES":
-        for index, value in enumerate(values):
-            _check_utf8(name, index, value)
-        return b"".join(struct.pack("<I", len(v)) + bytes(v) for v in values)
+        _check_utf8(name, values)
+        return b"".join(_LENGTH.pack(len(v)) + v for v in values)
     dtype = NUMPY_BY_KSERVE[datatype]
     if datatype not in _NARROW_INTS:
         return np.asarray(values, dtype=dtype).tobytes()
@@ -215,29 +217,44 @@ def _check_raw_length(name: str, datatype: str, raw: bytes, count: int, shape: l
 def _count_bytes_elements(name: str, raw: bytes) -> int:
     """Walk the 4-byte little-endian length prefixes of a raw BYTES tensor, checking
     that each element is UTF-8."""
+    unpack = _LENGTH.unpack_from
     offset, count, end = 0, 0, len(raw)
     view = memoryview(raw)
+    # All-ASCII bytes (short elements of ASCII text) are valid UTF-8 wherever the cuts fall.
+    elements: list[memoryview] | None = None if raw.isascii() else []
     while offset < end:
         if offset + 4 > end:
             raise InvalidArgument(f"input '{name}': raw BYTES is truncated inside a length prefix")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        start, offset = offset + 4, offset + 4 + length
+        start = offset + 4
+        offset = start + unpack(raw, offset)[0]
         if offset > end:
             raise InvalidArgument(f"input '{name}': raw BYTES element {count} runs past the end")
-        _check_utf8(name, count, view[start:offset])
+        if elements is not None:
+            elements.append(view[start:offset])
         count += 1
+    if elements:
+        _check_utf8(name, elements)
     return count
 
 
-def _check_utf8(name: str, index: int, element: bytes | memoryview) -> None:
-    """ONNX string tensors hold UTF-8 text: anything else is refused, never mangled."""
+def _check_utf8(name: str, elements: Sequence[bytes | memoryview]) -> None:
+    """ONNX string tensors hold UTF-8 text: anything else is refused, never mangled.
+
+    One decode of the elements joined by NUL: an element cut inside a multi-byte
+    character cannot be completed by a NUL, so the join is valid exactly when every
+    element is. Only a refusal walks the elements, to name the first bad one.
+    """
     try:
-        str(element, "utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidArgument(
-            f"input '{name}': BYTES element {index} is not valid UTF-8 (byte {exc.start}); "
-            "ONNX string tensors hold UTF-8 text, so binary data must be encoded (e.g. base64) or sent as UINT8"
-        ) from None
+        str(b"\x00".join(elements), "utf-8")
+    except UnicodeDecodeError:
+        for index, element in enumerate(elements):
+            try:
+                str(element, "utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidArgument(
+                    f"input '{name}': BYTES element {index} is not valid UTF-8 (byte {exc.start}); ONNX string "
+                    "tensors hold UTF-8 text, so binary data must be encoded (e.g. base64) or sent as UINT8"
+                ) from None
 
 
 def batch_items(tensors: Sequence[mpb.Tensor], model: ModelInfo) -> int:
@@ -277,8 +294,8 @@ def _split_strings(name: str, raw: bytes) -> list[str]:
     items, offset = [], 0
     view = memoryview(raw)
     while offset < len(raw):
-        (length,) = struct.unpack_from("<I", raw, offset)
-        start, offset = offset + 4, offset + 4 + length
+        start = offset + 4
+        offset = start + _LENGTH.unpack_from(raw, offset)[0]
         try:
             items.append(str(view[start:offset], "utf-8"))
         except UnicodeDecodeError:
@@ -294,7 +311,7 @@ def from_array(name: str, datatype: str, array: np.ndarray[Any, Any]) -> mpb.Ten
     """
     if datatype == "BYTES":
         encoded = [v if isinstance(v, bytes) else str(v).encode() for v in array.flat]
-        data = b"".join(struct.pack("<I", len(v)) + v for v in encoded)
+        data = b"".join(_LENGTH.pack(len(v)) + v for v in encoded)
     else:
         data = np.ascontiguousarray(array, dtype=NUMPY_BY_KSERVE[datatype]).tobytes()
     return mpb.Tensor(name=name, datatype=datatype, shape=array.shape, data=data)
