@@ -227,6 +227,9 @@ async def test_class_count_is_refused_naming_it(dtype_stub: pb_grpc.GRPCInferenc
     assert "'y'" in (caught.value.details() or "")
     metadata = await dtype_stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=RPC_TIMEOUT_S)
     assert "classification" not in metadata.extensions
+    request.outputs[0].parameters["class_count"].int64_param = 0  # Triton's "off"
+    response = await dtype_stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+    assert output_of(response) == ("FP32", [1, 3], bytes(12))
 
 
 # ------------------------------------------------------------ the codec alone
