@@ -210,7 +210,7 @@ class LoadedModel:
                 shape[0] = batch
             dtype = NUMPY_BY_KSERVE[spec.datatype]
             if spec.datatype == "BYTES":
-                feed[spec.name] = np.full(shape, b"warmup", dtype=np.object_)
+                feed[spec.name] = np.full(shape, "warmup", dtype=np.object_)
             elif dtype.kind == "f":
                 feed[spec.name] = rng.standard_normal(shape).astype(dtype)
             elif dtype.kind == "b":

@@ -426,6 +426,12 @@ def _tensor_info(value: ValueInfoProto, role: str) -> TensorInfo:
     if datatype is None:
         elem = TensorProto.DataType.Name(tensor_type.elem_type)
         raise RepositoryError(f"{role} '{value.name}': unsupported element type {elem}")
+    if datatype == "BF16":
+        # The model would load, then fail every request: refuse it up front, with the way out.
+        raise RepositoryError(
+            f"{role} '{value.name}': BF16 is not served (ONNX Runtime's Python API has no bfloat16 "
+            "arrays); cast to FP16 or FP32 at the model's edge"
+        )
     if not tensor_type.HasField("shape"):
         raise RepositoryError(f"{role} '{value.name}': the graph gives no shape (unknown rank)")
     shape = tuple(

@@ -7,6 +7,11 @@ going through per-element Python objects (raw bytes are passed through; typed
 
 Worker side, :func:`to_array` views envelope bytes as numpy arrays (no copy) and
 :func:`from_array` turns outputs back into envelope tensors.
+
+BYTES is ONNX's ``tensor(string)``, which holds UTF-8 text: the gateway refuses an
+element that is not valid UTF-8 (naming the input and the element), the worker
+hands ONNX Runtime an object array of ``str`` (it would ``str()`` a ``bytes``
+object into ``"b'...'"``), and string outputs go back as their UTF-8 bytes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ _CONTENTS_FIELD: dict[str, str] = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
+
+# The length prefix of each BYTES element (tritonclient's serialize_byte_tensor).
+_LENGTH = struct.Struct("<I")
 
 # Typed in a wider proto field (int32 or uint32): range-checked before the cast.
 _NARROW_INTS = frozenset({"INT8", "INT16", "UINT8", "UINT16"})
@@ -91,13 +99,28 @@ def pack_inputs(request: pb.ModelInferRequest, model: ModelInfo) -> PackedInputs
 
 
 def check_requested_outputs(request: pb.ModelInferRequest, model: ModelInfo) -> list[str]:
-    """Names of the requested outputs (empty: all), each checked to exist."""
+    """Names of the requested outputs (empty: all), each checked to exist.
+
+    Refuses ``class_count`` (Triton's classification extension, not implemented)
+    rather than ignoring it: a client asking for top-k labels must not get logits.
+    """
     known = {spec.name for spec in model.outputs}
-    names = [out.name for out in request.outputs]
-    for name in names:
-        if name not in known:
-            raise InvalidArgument(f"requested output '{name}' is not an output of model '{model.name}'")
+    names = []
+    for out in request.outputs:
+        if out.name not in known:
+            raise InvalidArgument(f"requested output '{out.name}' is not an output of model '{model.name}'")
+        if "class_count" in out.parameters and _parameter_value(out.parameters["class_count"]):  # 0: off
+            raise InvalidArgument(
+                f"requested output '{out.name}': parameter 'class_count' (Triton's classification "
+                "extension) is not supported; request the output and take the top classes on the client"
+            )
+        names.append(out.name)
     return names
+
+
+def _parameter_value(param: pb.InferParameter) -> object:
+    kind = param.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(param, kind)
 
 
 def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorInfo, model: ModelInfo) -> list[int]:
@@ -155,7 +178,8 @@ def _tensor_bytes(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
 def _typed_bytes(name: str, datatype: str, values: Any) -> bytes:
     """Typed contents as the queue's bytes, one numpy conversion (BYTES: length-prefixed)."""
     if datatype == "BYTES":
-        return b"".join(struct.pack("<I", len(v)) + bytes(v) for v in values)
+        _check_utf8(name, values)
+        return b"".join(_LENGTH.pack(len(v)) + v for v in values)
     dtype = NUMPY_BY_KSERVE[datatype]
     if datatype not in _NARROW_INTS:
         return np.asarray(values, dtype=dtype).tobytes()
@@ -191,17 +215,46 @@ def _check_raw_length(name: str, datatype: str, raw: bytes, count: int, shape: l
 
 
 def _count_bytes_elements(name: str, raw: bytes) -> int:
-    """Walk the 4-byte little-endian length prefixes of a raw BYTES tensor."""
+    """Walk the 4-byte little-endian length prefixes of a raw BYTES tensor, checking
+    that each element is UTF-8."""
+    unpack = _LENGTH.unpack_from
     offset, count, end = 0, 0, len(raw)
+    view = memoryview(raw)
+    # All-ASCII bytes (short elements of ASCII text) are valid UTF-8 wherever the cuts fall.
+    elements: list[memoryview] | None = None if raw.isascii() else []
     while offset < end:
         if offset + 4 > end:
             raise InvalidArgument(f"input '{name}': raw BYTES is truncated inside a length prefix")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4 + length
+        start = offset + 4
+        offset = start + unpack(raw, offset)[0]
         if offset > end:
             raise InvalidArgument(f"input '{name}': raw BYTES element {count} runs past the end")
+        if elements is not None:
+            elements.append(view[start:offset])
         count += 1
+    if elements:
+        _check_utf8(name, elements)
     return count
+
+
+def _check_utf8(name: str, elements: Sequence[bytes | memoryview]) -> None:
+    """ONNX string tensors hold UTF-8 text: anything else is refused, never mangled.
+
+    One decode of the elements joined by NUL: an element cut inside a multi-byte
+    character cannot be completed by a NUL, so the join is valid exactly when every
+    element is. Only a refusal walks the elements, to name the first bad one.
+    """
+    try:
+        str(b"\x00".join(elements), "utf-8")
+    except UnicodeDecodeError:
+        for index, element in enumerate(elements):
+            try:
+                str(element, "utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidArgument(
+                    f"input '{name}': BYTES element {index} is not valid UTF-8 (byte {exc.start}); ONNX string "
+                    "tensors hold UTF-8 text, so binary data must be encoded (e.g. base64) or sent as UINT8"
+                ) from None
 
 
 def batch_items(tensors: Sequence[mpb.Tensor], model: ModelInfo) -> int:
@@ -228,29 +281,37 @@ def shape_signature(tensors: Sequence[mpb.Tensor], model: ModelInfo) -> str:
 
 
 def to_array(tensor: mpb.Tensor) -> np.ndarray[Any, Any]:
-    """A read-only numpy view of an envelope tensor (BYTES: an object array)."""
+    """A read-only numpy view of an envelope tensor (BYTES: an object array of str,
+    what ONNX Runtime takes for ``tensor(string)``)."""
     shape = tuple(tensor.shape)
     if tensor.datatype == "BYTES":
-        return np.array(_split_bytes(tensor.data), dtype=np.object_).reshape(shape)
+        return np.array(_split_strings(tensor.name, tensor.data), dtype=np.object_).reshape(shape)
     return np.frombuffer(tensor.data, dtype=NUMPY_BY_KSERVE[tensor.datatype]).reshape(shape)
 
 
-def _split_bytes(raw: bytes) -> list[bytes]:
+def _split_strings(name: str, raw: bytes) -> list[str]:
+    """Decode length-prefixed UTF-8 elements (the gateway has checked them)."""
     items, offset = [], 0
     view = memoryview(raw)
     while offset < len(raw):
-        (length,) = struct.unpack_from("<I", raw, offset)
-        items.append(bytes(view[offset + 4 : offset + 4 + length]))
-        offset += 4 + length
+        start = offset + 4
+        offset = start + _LENGTH.unpack_from(raw, offset)[0]
+        try:
+            items.append(str(view[start:offset], "utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"input '{name}': BYTES element {len(items)} is not valid UTF-8") from None
     return items
 
 
 def from_array(name: str, datatype: str, array: np.ndarray[Any, Any]) -> mpb.Tensor:
-    """Pack a numpy output into an envelope tensor (one copy, into the message)."""
+    """Pack a numpy output into an envelope tensor (one copy, into the message).
+
+    BYTES elements go out as their UTF-8 bytes (ONNX Runtime gives ``str``); a
+    ``bytes`` element is passed through as it is.
+    """
     if datatype == "BYTES":
-        data = b"".join(
-            struct.pack("<I", len(v)) + (v if isinstance(v, bytes) else str(v).encode()) for v in array.flat
-        )
+        encoded = [v if isinstance(v, bytes) else str(v).encode() for v in array.flat]
+        data = b"".join(_LENGTH.pack(len(v)) + v for v in encoded)
     else:
         data = np.ascontiguousarray(array, dtype=NUMPY_BY_KSERVE[datatype]).tobytes()
     return mpb.Tensor(name=name, datatype=datatype, shape=array.shape, data=data)

@@ -8,6 +8,7 @@ protobuf symbols share names with the gateway's generated code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import selectors
 import signal
@@ -29,6 +30,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from meshserve.devkit.redis_server import free_port
+from tests.dtype_models import IDENTITY_DATATYPES, LOWERCASE, identity_name, write_dtype_repository
 
 READY_TIMEOUT_S = 90
 
@@ -57,8 +59,9 @@ def _wait_for_ready_line(proc: subprocess.Popen[str]) -> str:
     raise RuntimeError("meshserve up printed no ready line in time")
 
 
-@pytest.fixture(scope="module")
-def mesh(model_repository: Path) -> Iterator[RunningMesh]:
+@contextlib.contextmanager
+def meshserve_up(repository: Path, models: int) -> Iterator[RunningMesh]:
+    """`meshserve up` on ``repository`` until the context ends (then SIGTERM, exit 0)."""
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -67,7 +70,7 @@ def mesh(model_repository: Path) -> Iterator[RunningMesh]:
             "meshserve",
             "up",
             "--model-repository",
-            str(model_repository),
+            str(repository),
             "--grpc-port",
             str(port),
             "--metrics-port",
@@ -82,13 +85,27 @@ def mesh(model_repository: Path) -> Iterator[RunningMesh]:
     try:
         line = _wait_for_ready_line(proc)
         assert f"127.0.0.1:{port}" in line
-        assert "4 models" in line
-        yield RunningMesh(f"127.0.0.1:{port}", model_repository, proc)
+        assert f"{models} models" in line
+        yield RunningMesh(f"127.0.0.1:{port}", repository, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, "meshserve up did not shut down cleanly"
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def mesh(model_repository: Path) -> Iterator[RunningMesh]:
+    with meshserve_up(model_repository, 4) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def dtype_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+    """One Identity model per datatype and a string model (tests/dtype_models.py)."""
+    repository = write_dtype_repository(tmp_path_factory.mktemp("dtypes"))
+    with meshserve_up(repository, len(IDENTITY_DATATYPES) + 1) as running:
+        yield running
 
 
 def reference(repository: Path, model: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -170,6 +187,46 @@ def test_errors_carry_grpc_status(mesh: RunningMesh) -> None:
     with pytest.raises(InferenceServerException) as streaming:
         client.get_inference_statistics("mlp")
     assert streaming.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_strings_as_tritonclient_sends_them(dtype_mesh: RunningMesh) -> None:
+    """Issue 16: "HeLLo" came back as b"b'hello'"; now what ONNX Runtime gives in-process."""
+    client = tc.InferenceServerClient(dtype_mesh.address)
+    words = ["HeLLo", "WORLD Été", "", "NUL\x00INSIDE", "ΑΒΓ Straße"]
+    text = np.array([w.encode() for w in words], dtype=np.object_)
+    inp = tc.InferInput("text", [len(words)], "BYTES")
+    inp.set_data_from_numpy(text)
+    got = client.infer(LOWERCASE, [inp]).as_numpy("lower")
+    (want,) = reference(dtype_mesh.repository, LOWERCASE, {"text": np.array(words, dtype=np.object_)})
+    assert got.tolist() == [str(s).encode() for s in want]
+    assert got.tolist()[:2] == [b"hello", "world été".encode()]
+    binary = tc.InferInput("text", [1], "BYTES")
+    binary.set_data_from_numpy(np.array([b"\xff\xfe"], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(LOWERCASE, [binary])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "input 'text': BYTES element 0 is not valid UTF-8" in refused.value.message()
+
+
+def test_every_datatype_as_tritonclient_sends_it(dtype_mesh: RunningMesh) -> None:
+    client = tc.InferenceServerClient(dtype_mesh.address)
+    rng = np.random.default_rng(3)
+    for datatype in IDENTITY_DATATYPES:
+        if datatype == "BYTES":
+            x = np.array([[b"a", b"", "é".encode()]] * 2, dtype=np.object_)
+            feed = np.array([["a", "", "é"]] * 2, dtype=np.object_)
+        else:
+            x = feed = (rng.integers(0, 100, (2, 3)) % (2 if datatype == "BOOL" else 100)).astype(
+                tc.triton_to_np_dtype(datatype)
+            )
+        inp = tc.InferInput("x", [2, 3], datatype)
+        inp.set_data_from_numpy(x)
+        got = client.infer(identity_name(datatype), [inp]).as_numpy("y")
+        (want,) = reference(dtype_mesh.repository, identity_name(datatype), {"x": feed})
+        if datatype == "BYTES":
+            want = np.vectorize(str.encode, otypes=[np.object_])(want)
+        assert got.dtype == x.dtype, datatype
+        np.testing.assert_array_equal(got, want, err_msg=datatype)
 
 
 def test_health_service_and_reflection(mesh: RunningMesh) -> None:

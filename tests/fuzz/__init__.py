@@ -1,8 +1,10 @@
 """Bad-input fuzzing of a live gateway (issue #4).
 
-Hypothesis builds ModelInferRequests for the example models, mostly malformed
+Hypothesis builds ModelInferRequests for the example models and a string model
+(``lowercase``, BYTES in and out, checked against in-process ONNX Runtime), mostly malformed
 (unknown models and versions, wrong datatypes, shapes, byte lengths, huge and
-negative dims, BYTES tensors with broken length prefixes, odd parameters,
+negative dims, BYTES tensors with broken length prefixes or non-UTF-8 elements,
+odd parameters (``class_count`` included),
 oversized messages) and some valid, and sends each over real gRPC to one mesh
 that serves the whole package. An oracle written from the models' declared
 inputs, independent of the codec, says which status each request must get:
@@ -17,7 +19,7 @@ short (they quote client-chosen names). Bugs found this way stay as explicit
 - ``harness``: the mesh on its own event loop in a thread, the checks on one call
 - ``strategies``: hypothesis strategies for requests, parameters, tensors, datatypes
 - ``test_requests``: fuzzed requests against the live gateway
-- ``test_codec``: the codec alone over every KServe datatype (no example model has
-  BYTES or narrow integer inputs)
+- ``test_codec``: the codec alone over every KServe datatype (no served model has
+  narrow integer inputs)
 - ``test_memory``: 10 000 deterministic malformed requests; the gateway's memory stays flat
 """

@@ -10,16 +10,19 @@ import asyncio
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 from redis.asyncio import Redis
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from tests.dtype_models import build_lowercase
 from tests.fuzz.oracle import (
     CONTENTS_FIELD,
     MAX_MESSAGE_BYTES,
@@ -29,6 +32,7 @@ from tests.fuzz.oracle import (
     Request,
     asks_tiny_timeout,
     expected_code,
+    strings_of,
 )
 from tests.support import Mesh, start_mesh, stop_mesh
 
@@ -120,8 +124,29 @@ def input_array(request: Request, name: str) -> np.ndarray[Any, Any]:
     return flat.reshape(tuple(tensor.shape))
 
 
+@cache
+def lowercase_session() -> ort.InferenceSession:
+    """In-process ONNX Runtime on the same ``lowercase`` model the mesh serves."""
+    return ort.InferenceSession(build_lowercase(), providers=["CPUExecutionProvider"])
+
+
+def check_strings(request: Request, response: pb.ModelInferResponse) -> None:
+    """The ``lowercase`` model's answer equals in-process ONNX Runtime's, byte for byte."""
+    tensor = request.inputs[0]
+    if request.raw_input_contents:
+        items = strings_of(request.raw_input_contents[0]) or []
+    else:
+        items = list(tensor.contents.bytes_contents)
+    feed = np.array([item.decode() for item in items], dtype=np.object_)
+    (expected,) = lowercase_session().run(None, {"text": feed})
+    (out,) = response.outputs
+    assert (out.datatype, list(out.shape)) == ("BYTES", list(tensor.shape))
+    assert strings_of(response.raw_output_contents[0]) == [str(s).encode() for s in expected]
+
+
 def check_response(request: Request, response: pb.ModelInferResponse) -> None:
-    """Outputs named as asked, shaped like the inputs, and right for the two arithmetic models."""
+    """Outputs named as asked, shaped like the inputs, and right for the two arithmetic
+    models and the string model."""
     model = MODELS[request.model_name]
     assert response.model_name == request.model_name
     assert response.model_version == "1"
@@ -129,6 +154,9 @@ def check_response(request: Request, response: pb.ModelInferResponse) -> None:
     wanted = {out.name for out in request.outputs} or set(model.outputs)
     assert {out.name for out in response.outputs} == wanted
     assert len(response.raw_output_contents) == len(response.outputs)
+    if request.model_name == "lowercase":
+        check_strings(request, response)
+        return
     outputs = {
         out.name: np.frombuffer(raw, dtype=NUMPY_DTYPE[out.datatype]).reshape(tuple(out.shape))
         for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)

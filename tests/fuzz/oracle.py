@@ -1,11 +1,13 @@
 """The fuzz oracle: which status a correct gateway gives each request.
 
-Written from the example models' declared inputs, independent of the codec: OK only
-for a valid request, else RESOURCE_EXHAUSTED, NOT_FOUND or INVALID_ARGUMENT.
+Written from the example models' declared inputs (and a string model,
+``lowercase``), independent of the codec: OK only for a valid request, else
+RESOURCE_EXHAUSTED, NOT_FOUND or INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from math import prod
 
@@ -41,6 +43,7 @@ MODELS: dict[str, Model] = {
     "cnn": Model({"image": ("FP32", (-1, 3, 32, 32))}, ("logits",), 8),
     "adder_fixed": Model({"a": ("INT64", (1, 4)), "b": ("INT64", (1, 4))}, ("sum", "diff"), 0),
     "scale_any": Model({"image": ("FP32", (-1, 1, -1, -1))}, ("scaled",), 32),
+    "lowercase": Model({"text": ("BYTES", (-1,))}, ("lower",), 32),  # tests/dtype_models.py
 }
 
 KSERVE_DATATYPES = (
@@ -110,6 +113,51 @@ def version_is_one(version: str) -> bool:
         return False
 
 
+def strings_of(raw: bytes) -> list[bytes] | None:
+    """The elements of a raw BYTES tensor (4-byte little-endian length, then the
+    bytes); None when a prefix is cut or an element runs past the end."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            return None
+        (length,) = struct.unpack_from("<I", raw, offset)
+        if offset + 4 + length > len(raw):
+            return None
+        items.append(raw[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    return items
+
+
+def is_utf8(item: bytes) -> bool:
+    try:
+        item.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def strings_are_valid(items: list[bytes] | None, count: int) -> bool:
+    """ONNX string tensors hold UTF-8 text: the right count, every element UTF-8."""
+    return items is not None and len(items) == count and all(is_utf8(item) for item in items)
+
+
+def raw_is_valid(datatype: str, raw: bytes, count: int) -> bool:
+    if datatype == "BYTES":
+        return strings_are_valid(strings_of(raw), count)
+    return len(raw) == count * ITEMSIZE[datatype]
+
+
+def asks_class_count(request: Request) -> bool:
+    """Triton's classification extension is refused, never ignored; zero or unset means off."""
+    for out in request.outputs:
+        if "class_count" in out.parameters:
+            param = out.parameters["class_count"]
+            kind = param.WhichOneof("parameter_choice")
+            if kind is not None and getattr(param, kind):
+                return True
+    return False
+
+
 def inputs_are_valid(request: Request, model: Model) -> bool:
     """The KServe v2 rules for the inputs of one of the example models."""
     raw = list(request.raw_input_contents)
@@ -128,11 +176,13 @@ def inputs_are_valid(request: Request, model: Model) -> bool:
             return False
         count, counts = prod(shape), contents_counts(tensor)
         if raw:
-            if any(counts.values()) or len(raw[index]) != count * ITEMSIZE[datatype]:
+            if any(counts.values()) or not raw_is_valid(datatype, raw[index], count):
                 return False
         else:
             field = CONTENTS_FIELD[datatype]
             if counts[field] != count or any(n for f, n in counts.items() if f != field):
+                return False
+            if datatype == "BYTES" and not strings_are_valid(list(tensor.contents.bytes_contents), count):
                 return False
     return True
 
@@ -145,5 +195,7 @@ def expected_code(request: Request) -> grpc.StatusCode:
     if model is None or not version_is_one(request.model_version):
         return grpc.StatusCode.NOT_FOUND
     if not inputs_are_valid(request, model) or any(out.name not in model.outputs for out in request.outputs):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if asks_class_count(request):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.OK

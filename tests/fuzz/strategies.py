@@ -39,7 +39,7 @@ BAD_VERSIONS = ("0", "2", "-1", "1.0", "1e0", "one", "latest", "0x1", "1 2", str
 ODD_VERSIONS = (" 1", "+1", "01", "1\n", "\u0661")  # int() takes these as 1
 GARBAGE_DATATYPES = ("", "fp32", "FLOAT", "FP32 ", " FP32", "TYPE_FP32", "INT", "STRING", "FP8", "FP32\x00", "INT64;")
 SPECIAL_DIMS = (-(2**63), -(2**31), -2, -1, 0, 1, 2, 3, 4, 31, 32, 33, 64, 2**31, 2**32, 2**40, 2**62, 2**63 - 1)
-PARAMETER_KEYS = ("priority", "timeout", "sequence_id", "binary_data_output", "", "Priority", "timeout ")
+PARAMETER_KEYS = ("priority", "timeout", "sequence_id", "binary_data_output", "", "Priority", "timeout ", "class_count")
 
 dims = st.one_of(st.sampled_from(SPECIAL_DIMS), st.integers(-(2**63), 2**63 - 1))
 short_text = st.text(max_size=24)
@@ -84,8 +84,21 @@ def parameters(draw: DrawFn) -> pb.InferParameter:
     return pb.InferParameter()
 
 
+STRING_EDGES = ("", "HeLLo", "WORLD Été", "NUL\x00INSIDE", "ΑΒΓ Straße", "😀", "x" * 300)
+"""Strings past 127 bytes have a length prefix with a byte >= 0x80 (not ASCII)."""
+
+
+def _strings(draw: DrawFn, count: int) -> list[bytes]:
+    """UTF-8 strings: any text (NUL and non-ASCII included) or the edge cases."""
+    text = st.one_of(st.sampled_from(STRING_EDGES), st.text(max_size=12))
+    return [s.encode() for s in draw(st.lists(text, min_size=count, max_size=count))]
+
+
 def _values(draw: DrawFn, datatype: str, shape: list[int]) -> np.ndarray[Any, Any]:
-    """Tensor values: random small ints (exact in FP32 too) or one edge value."""
+    """Tensor values: random small ints (exact in FP32 too) or one edge value;
+    BYTES: an object array of UTF-8 encoded strings."""
+    if datatype == "BYTES":
+        return np.array(_strings(draw, prod(shape)) or [], dtype=np.object_).reshape(shape)
     dtype = NUMPY_DTYPE[datatype]
     if draw(st.booleans()):
         seed = draw(st.integers(0, 2**32 - 1))
@@ -115,6 +128,8 @@ def valid_requests(draw: DrawFn) -> Request:
         tensor = request.inputs.add(name=input_name, datatype=datatype, shape=shape)
         if typed:
             getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(values.ravel().tolist())
+        elif datatype == "BYTES":
+            request.raw_input_contents.append(_encode_bytes(values.ravel().tolist()))
         else:
             request.raw_input_contents.append(values.tobytes())
     for output in draw(st.lists(st.sampled_from(model.outputs), max_size=2)):
@@ -217,7 +232,7 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "uint64_contents": uint64s,
     "fp32_contents": st.floats(width=32),
     "fp64_contents": st.floats(),
-    "bytes_contents": st.binary(max_size=8),
+    "bytes_contents": st.one_of(st.binary(max_size=8), st.text(max_size=8).map(str.encode)),
 }
 
 

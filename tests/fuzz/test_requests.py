@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 
 from hypothesis import HealthCheck, event, example, given, settings
@@ -31,6 +32,15 @@ def very_long_model_name() -> Case:
     return Case(request)
 
 
+def mixed_case_strings() -> Case:
+    """Regression (issue 16): the worker fed bytes to ONNX Runtime, which answered "b'hello'"."""
+    request = Request(model_name="lowercase")
+    request.inputs.add(name="text", datatype="BYTES", shape=[2])
+    words = [b"HeLLo", "WORLD Été".encode()]
+    request.raw_input_contents.append(b"".join(struct.pack("<I", len(word)) + word for word in words))
+    return Case(request)
+
+
 def oversized_request() -> Case:
     request = Request(model_name="mlp")
     request.inputs.add(name="features", datatype="FP32", shape=[1, 64])
@@ -50,6 +60,7 @@ def test_fuzzed_requests_get_the_right_status_never_a_crash_or_a_hang(live: Live
     @example(case=adder_with_stray_bool_contents())
     @example(case=very_long_model_name())
     @example(case=oversized_request())
+    @example(case=mixed_case_strings())
     def one_call(case: Case) -> None:
         outcome = check_call(live.stub, case.request, case.deadline_s)
         event(outcome)
