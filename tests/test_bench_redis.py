@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from redis.asyncio import Redis
 
-from meshserve.devkit.redis_server import RedisServer
+from meshserve.devkit.redis_server import RedisServer, suite_binary_from_env
 from meshserve_bench.redis_cost import per_call, snapshot
 
 
 async def test_usage_counts_the_commands_scripts_run_and_not_its_own_snapshots() -> None:
     # A server of its own: the session's server may still carry another test's stray traffic.
-    with RedisServer(os.environ.get("MESHSERVE_TEST_REDIS_BINARY") or None) as server:
+    with RedisServer(suite_binary_from_env()) as server:
         redis = Redis.from_url(server.url)
         try:
             before = await snapshot(redis)
