@@ -162,14 +162,16 @@ async def test_a_call_whose_job_redis_lost_is_answered_unavailable_not_left_to_i
         await hold_serving(mesh.workers[0])  # the job stays queued in Redis
         async with grpc.aio.insecure_channel(mesh.address) as channel, Redis.from_url(server.url) as redis:
             request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
-            call = asyncio.ensure_future(infer_stub(channel).ModelInfer(request, timeout=60))
+            call = asyncio.ensure_future(
+                infer_stub(channel).ModelInfer(request, timeout=30)
+            )  # long, yet within the test timeout
             await wait_queued(redis, "mlp", 1)
             port = server.port
             server.stop()
             server = RedisServer(suite_binary_from_env(), port=port).start()  # same address, no data
             with pytest.raises(grpc.aio.AioRpcError) as lost:
                 await call
-        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable, not DEADLINE_EXCEEDED at 60 s
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable, not DEADLINE_EXCEEDED at 30 s
         assert "Redis lost this request" in (lost.value.details() or "")
         assert mesh.gateway.metrics.registry.get_sample_value("meshserve_lost_requests_total") == 1
         assert mesh.gateway.gateway.queued == {}
