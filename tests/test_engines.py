@@ -29,6 +29,16 @@ GPU_RUNTIME = ort.get_device() == "GPU" or CUDA in ort.get_available_providers()
 """onnxruntime-gpu: it builds sessions on the GPU providers instead of ignoring them."""
 
 
+NO_GPU_BECAUSE = (
+    "ONNX Runtime offers no CUDA here"
+    if CUDA not in ort.get_available_providers()
+    else "onnxruntime-gpu, but no NVIDIA driver here"
+    if not Path("/dev/nvidiactl").exists()
+    else ""
+)
+"""Why the ``gpu`` test cannot run here; empty where it can."""
+
+
 def cpu_only_providers() -> list[str] | None:
     """What a CPU-only ONNX Runtime offers: None (its own list) where this is one,
     else this runtime's list without the GPU providers."""
@@ -294,7 +304,7 @@ def test_a_provider_that_does_not_build_is_dropped_for_the_next(
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason="ONNX Runtime offers no CUDA here")
+@pytest.mark.skipif(bool(NO_GPU_BECAUSE), reason=NO_GPU_BECAUSE)
 @pytest.mark.parametrize(("providers", "first"), [("[cuda, cpu]", CUDA), ("[tensorrt, cuda, cpu]", TENSORRT)])
 def test_a_gpu_with_io_binding_matches_the_cpu(repo: Path, tmp_path: Path, providers: str, first: str) -> None:
     info = _load(
