@@ -69,7 +69,15 @@ STABLE_AFTER_S = 60.0
 
 UP_GATEWAY_OWN = ("host", "port", "drain_grace_s", "tenants_path")
 """The gateway's settings ``up`` reads itself (its address, its stop) and passes on."""
-UP_GATEWAY_FORWARDED = ("max_message_bytes", "default_timeout_ms", "lame_duck_s", "trace_tenant", "metrics_host")
+UP_GATEWAY_FORWARDED = (
+    "max_message_bytes",
+    "default_timeout_ms",
+    "lame_duck_s",
+    "trace_tenant",
+    "metrics_host",
+    "allow_eviction",
+    "store_headroom_ratio",
+)
 UP_WORKER_FORWARDED = (
     "lease_ms",
     "max_attempts",
@@ -79,7 +87,7 @@ UP_WORKER_FORWARDED = (
     "intra_op_spinning",
     "price_per_device_hour",
 )
-UP_SHARED_FORWARDED = ("trace_tenant", "metrics_host")
+UP_SHARED_FORWARDED = ("trace_tenant", "metrics_host", "allow_eviction")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
 
@@ -296,7 +304,7 @@ def plan_children(
             metrics_port(1 + len(worker_devices)),
             *tls_args,
             *logging_args,
-            *forwarded_flags(RouterSettings, args, ("metrics_host",)),
+            *forwarded_flags(RouterSettings, args, ("metrics_host", "allow_eviction")),
         ),
     )
     workers = [
