@@ -60,6 +60,13 @@ REPLY_WAIT_S = 1.0
 """A blocking read for replies ends after this long with none, so that a reconnect
 (which the link's retry can hide inside the read) is looked at within it."""
 
+STRANDED_AFTER_S = 1.0
+"""Redis over its maxmemory this long (no worker can claim): queued calls are answered."""
+
+STRANDED_MESSAGE = (
+    "queue store out of memory: Redis is over its maxmemory, so no worker could take this request; retry later"
+)
+
 LOST_MESSAGE = "Redis lost this request (it restarted without it); it may not have run: retry it"
 """What a caller hears when its job is gone from Redis and no reply came."""
 
@@ -113,8 +120,10 @@ class Gateway:
             redis,
             interval_ms=settings.store_sample_ms,
             headroom_ratio=settings.store_headroom_ratio,
-            on_tick=self.refusals.flush,
+            on_tick=self._after_memory_reading,
         )
+        self._over_since_s: float | None = None  # monotonic s: Redis over its maxmemory since then
+        self.stranded_jobs = 0  # queued calls answered because Redis stayed over its maxmemory
 
     async def start(self) -> None:
         """Check Redis (its eviction policy: a refusal raises ``EvictionPolicyError``;
@@ -380,6 +389,42 @@ class Gateway:
             )
 
     # ------------------------------------------------------------ background tasks
+
+    async def _after_memory_reading(self) -> None:
+        """After each reading of Redis's memory: flush the refusal counts, and answer
+        the queued calls once Redis has stayed over its maxmemory for
+        ``STRANDED_AFTER_S``. Over it, every claim is refused (``OOM``), so a queued
+        job waits until memory is freed, or for its whole deadline if nothing frees
+        it; withdrawing needs no memory (it only deletes)."""
+        self.refusals.flush()
+        memory = self.store.latest
+        if memory is None or not memory.over:
+            self._over_since_s = None
+            return
+        now_s = time.monotonic()
+        if self._over_since_s is None:
+            self._over_since_s = now_s
+        if now_s - self._over_since_s < STRANDED_AFTER_S or not self.queued:
+            return
+        waiting = list(self.queued.items())
+        try:
+            withdrawn = await asyncio.gather(*(self.queue.withdraw(keys, job_id) for job_id, (keys, _) in waiting))
+        except RedisError as exc:
+            log.debug("could not withdraw queued requests: %s", exc)
+            return
+        answered = 0
+        for (job_id, _), taken in zip(waiting, withdrawn, strict=True):
+            future = self.pending.get(job_id)
+            if taken and future is not None and not future.done():
+                future.set_result(failed_reply(job_id, Unavailable(STRANDED_MESSAGE)))
+                answered += 1
+        if answered:
+            self.stranded_jobs += answered
+            log.warning(
+                "redis over its maxmemory for %.0f s: answered %d queued requests UNAVAILABLE",
+                now_s - self._over_since_s,
+                answered,
+            )
 
     async def _read_replies(self) -> None:
         """The one reply reader: drain the reply list, complete waiting futures.

@@ -36,6 +36,7 @@ from tests.support import (
     hold_serving,
     infer_request,
     infer_stub,
+    queue_leftovers,
     release_serving,
     start_mesh,
     stop_mesh,
@@ -257,7 +258,7 @@ async def test_a_full_redis_answers_every_accepted_request_within_seconds(
             async with asyncio.timeout(10):
                 await asyncio.to_thread(gate.entered.wait, 10)  # the batch is claimed and computing
             # Full until the claimed jobs are dropped: no result fits, the answers do.
-            await store.config_set("maxmemory", await used_bytes(store) - 32 * 1024)
+            await store.config_set("maxmemory", await used_bytes(store) - 128 * 1024)
             refused_s = time.monotonic()
             gate.open.set()
             results = await asyncio.gather(*calls)
@@ -286,4 +287,36 @@ async def test_a_full_redis_answers_every_accepted_request_within_seconds(
             assert reply.outputs[0].name == "scaled"
     finally:
         gate.open.set()
+        await stop_mesh(mesh)
+
+
+async def test_queued_requests_are_answered_when_redis_stays_over_its_maxmemory(
+    store: Redis, store_url: str, model_repository: Path
+) -> None:
+    mesh = await start_mesh(store_url, model_repository, store_sample_ms=100)
+    try:
+        image = np.ones((1, 1, 128, 128), dtype=np.float32)
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            await hold_serving(mesh.workers[0])  # queued, never claimed: as when every claim is refused
+            calls = [stub.ModelInfer(infer_request("scale_any", {"image": image}), timeout=15) for _ in range(2)]
+            await wait_queued(store, "scale_any", 2)
+            await store.config_set("maxmemory", await used_bytes(store) // 2)  # well over, whatever buffers come and go
+            over_s = time.monotonic()
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await call
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "queue store out of memory" in (failed.value.details() or "")
+            waited_s = time.monotonic() - over_s
+            print(f"queued calls answered {waited_s:.2f} s after Redis went over its maxmemory")
+            assert waited_s < 3.0  # the 1 s it must stay over, a reading's interval; never the 15 s deadline
+            assert mesh.gateway.gateway.stranded_jobs == 2
+            await store.config_set("maxmemory", 0)
+            await mesh.gateway.gateway.store.read()  # not to wait for the next reading
+            assert await queue_leftovers(store) == []  # withdrawn: never computed for nobody
+            release_serving(mesh.workers[0])
+            reply = await stub.ModelInfer(infer_request("scale_any", {"image": image}), timeout=15)
+            assert reply.outputs[0].name == "scaled"
+    finally:
         await stop_mesh(mesh)

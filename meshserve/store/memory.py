@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,12 @@ class StoreMemory:
     used_bytes: int
     maxmemory_bytes: int
     policy: str
+
+    @property
+    def over(self) -> bool:
+        """Whether Redis uses more than its ``maxmemory``: it refuses every write that
+        could grow it (``OOM``), a worker's claim included."""
+        return 0 < self.maxmemory_bytes < self.used_bytes
 
     def full(self, headroom_ratio: float) -> bool:
         """Whether less than ``headroom_ratio`` of ``maxmemory`` is left (never without a limit)."""
@@ -101,7 +107,8 @@ class MemoryWatch:
     """The latest ``INFO memory`` reading, refreshed every ``interval_ms`` by its own
     task (so the request path reads a field, never Redis). ``full`` is False until
     a first reading, and after a failed one: a Redis that cannot be read refuses
-    requests by itself. ``on_tick`` runs after each reading (e.g. flushing logs)."""
+    requests by itself. ``on_tick`` is awaited after each reading, in the watch's
+    task (it must not raise)."""
 
     def __init__(
         self,
@@ -109,7 +116,7 @@ class MemoryWatch:
         *,
         interval_ms: int,
         headroom_ratio: float,
-        on_tick: Callable[[], None] = lambda: None,
+        on_tick: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._redis = redis
         self._interval_s = interval_ms / 1000
@@ -149,5 +156,6 @@ class MemoryWatch:
     async def _watch(self) -> None:
         while True:
             await self.read()
-            self._on_tick()
+            if self._on_tick is not None:
+                await self._on_tick()
             await asyncio.sleep(self._interval_s)
