@@ -27,7 +27,7 @@ from redis.exceptions import NoScriptError, RedisError
 from meshserve.errors import Unavailable
 from meshserve.queue import ModelKeys, QueueProtocol, ack_command, push_commands
 from meshserve.store.link import RedisLink
-from meshserve.store.refusals import RefusalLog, refusal_kind, store_refusal_message
+from meshserve.store.refusals import LOG_INTERVAL_S, RefusalLog, refusal_kind, store_refusal_message
 from meshserve.wire.envelope import failed_reply
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class ReplyWriter:
         self.refusals = RefusalLog(log, "reply writes")
         self.dropped = 0
         """Jobs answered UNAVAILABLE because their reply could not be written."""
+        self._gave_up = 0  # such jobs since the last log line, and those whose answer failed too
+        self._untold = 0
+        self._gave_up_logged_s = -LOG_INTERVAL_S
 
     def send(self, keys: ModelKeys, model: str, outgoing: Sequence[Outgoing]) -> Coroutine[Any, Any, None]:
         """Start writing ``outgoing`` now (the pushes leave before this returns) and
@@ -140,6 +143,23 @@ class ReplyWriter:
             )
             for o in jobs
         ]
+        untold = await self._answer(answers)
+        self._gave_up += len(jobs)
+        self._untold += untold
+        if (now_s := time.monotonic()) - self._gave_up_logged_s >= LOG_INTERVAL_S:  # not once per batch
+            log.warning(
+                "redis refused the replies of %d requests of model '%s' for %.1f s each (%s): answered UNAVAILABLE%s",
+                self._gave_up,
+                model,
+                RETRY_BUDGET_S,
+                error,
+                f", {self._untold} of them could not be told" if self._untold else "",
+            )
+            self._gave_up_logged_s, self._gave_up, self._untold = now_s, 0, 0
+
+    async def _answer(self, answers: list[Outgoing]) -> int:
+        """Push short answers (nothing to ack), again with backoff until their deadline;
+        how many could not be pushed."""
         lists = _by_list(answers)
         backoff_s = FIRST_BACKOFF_S
         while lists:
@@ -158,14 +178,7 @@ class ReplyWriter:
                 break
             await asyncio.sleep(min(backoff_s, left_s))
             backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
-        log.warning(
-            "redis refused the replies of %d requests of model '%s' for %.1f s (%s): answered UNAVAILABLE%s",
-            len(jobs),
-            model,
-            RETRY_BUDGET_S,
-            error,
-            f", {sum(map(len, lists.values()))} of them could not be told" if lists else "",
-        )
+        return sum(map(len, lists.values()))
 
     async def _ack(self, keys: ModelKeys, jobs: Iterable[Outgoing]) -> None:
         """Ack these jobs' leases, in one pipeline (reloading the script after a Redis restart)."""
