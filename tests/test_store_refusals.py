@@ -31,6 +31,7 @@ from model_workers.reply_writer import Outgoing, ReplyWriter
 from model_workers.server import WorkerServer
 from model_workers.session import LoadedModel
 from protos import meshserve_pb2 as mpb
+from router.depths import QueueDepths
 from router.server import RouterServer
 from tests.support import (
     hold_serving,
@@ -320,3 +321,21 @@ async def test_queued_requests_are_answered_when_redis_stays_over_its_maxmemory(
             assert reply.outputs[0].name == "scaled"
     finally:
         await stop_mesh(mesh)
+
+
+async def test_the_routers_depth_reads_check_the_policy_on_every_connection(
+    store: Redis, store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    depths = QueueDepths(store_url)
+    try:
+        await asyncio.to_thread(depths.check)
+        assert await asyncio.to_thread(depths.read, [("m", 1)]) == {
+            ("m", 1): {"realtime": 0, "standard": 0, "batch": 0}
+        }
+        await store.config_set("maxmemory-policy", "allkeys-lfu")
+        await store.client_kill_filter(_type="normal", skipme=True)  # the router's next read reconnects
+        with caplog.at_level(logging.WARNING, logger="router.depths"):
+            assert await asyncio.to_thread(depths.read, [("m", 1)]) == {}
+        assert "maxmemory-policy is 'allkeys-lfu'" in caplog.text
+    finally:
+        depths.close()
