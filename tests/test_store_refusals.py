@@ -339,3 +339,29 @@ async def test_the_routers_depth_reads_check_the_policy_on_every_connection(
         assert "maxmemory-policy is 'allkeys-lfu'" in caplog.text
     finally:
         depths.close()
+
+
+async def test_a_refused_enqueue_says_so_and_the_gateway_logs_it_once_per_interval(
+    store: Redis, store_url: str, model_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mesh = await start_mesh(store_url, model_repository, store_sample_ms=0)  # no reading: the write itself fails
+    try:
+        image = np.ones((1, 1, 128, 128), dtype=np.float32)
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            await store.config_set("maxmemory", 1)
+            with caplog.at_level(logging.WARNING, logger="gateway.core"):
+                for _ in range(3):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.ModelInfer(infer_request("scale_any", {"image": image}), timeout=15)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert "queue store out of memory" in (refused.value.details() or "")
+            lines = [r.getMessage() for r in caplog.records if r.name == "gateway.core"]
+            assert len(lines) == 1  # the first refusal; the next two wait for the interval
+            assert lines[0].startswith("redis refused 1 requests with OOM")
+            assert mesh.gateway.gateway.refusals.totals == {"OOM": 3}
+            await store.config_set("maxmemory", 0)
+            reply = await stub.ModelInfer(infer_request("scale_any", {"image": image}), timeout=15)
+            assert reply.outputs[0].name == "scaled"
+    finally:
+        await stop_mesh(mesh)
