@@ -18,6 +18,7 @@ from meshserve.observe.metrics import GatewayMetrics, MetricsServer
 from meshserve.platform.tls import add_port, channel
 from meshserve.settings import ANY_HOST, LOOPBACK_HOST, GatewaySettings, instance_id
 from meshserve.store.clients import blocking_link, command_link
+from meshserve.store.memory import policy_check
 from meshserve.tenancy.tenants import TenantRegistry, dev_registry, load_tenants, reload_tenants
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -35,8 +36,9 @@ class GatewayServer:
         if not settings.gateway_id:
             settings = replace(settings, gateway_id=instance_id("gateway"))
         self.settings = settings
-        self.redis = command_link(settings.redis_url, name="meshserve-gateway")
-        self.blocking = blocking_link(settings.redis_url, name="meshserve-gateway-wait")
+        check = policy_check(allow_eviction=settings.allow_eviction, service="gateway")
+        self.redis = command_link(settings.redis_url, name="meshserve-gateway", check=check)
+        self.blocking = blocking_link(settings.redis_url, name="meshserve-gateway-wait", check=check)
         self.router_channel = channel(settings.router_address, settings.tls)
         self.health = health.aio.HealthServicer()
         self.routing = RoutingWatch(

@@ -43,7 +43,7 @@ class RouterServer:
         self._health_task: asyncio.Task[None] | None = None
         self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
         self._expiry: asyncio.Task[None] | None = None
-        self.depths = QueueDepths(settings.redis_url)
+        self.depths = QueueDepths(settings.redis_url, allow_eviction=settings.allow_eviction)
         self.metrics = RouterMetrics.create(
             RouterReads(
                 ready=self.core.readiness,
@@ -70,6 +70,7 @@ class RouterServer:
                 await self.health.set(f"{model.name}/{model.version}", serving if key in snap.ready else not_serving)
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.depths.check)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._health_task = asyncio.create_task(self._follow_health())
         await self.server.start()

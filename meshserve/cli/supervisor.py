@@ -57,6 +57,7 @@ from meshserve.settings import (
     LOOPBACK_HOST,
     GatewaySettings,
     LogSettings,
+    RouterSettings,
     WorkerSettings,
     add_arguments,
     cli,
@@ -75,7 +76,14 @@ STABLE_AFTER_S = 60.0
 
 UP_GATEWAY_OWN = ("host", "port", "drain_grace_s", "tenants_path")
 """The gateway's settings ``up`` reads itself (its address, its stop) and passes on."""
-UP_GATEWAY_FORWARDED = ("max_message_bytes", "default_timeout_ms", "lame_duck_s", "trace_tenant")
+UP_GATEWAY_FORWARDED = (
+    "max_message_bytes",
+    "default_timeout_ms",
+    "lame_duck_s",
+    "trace_tenant",
+    "allow_eviction",
+    "store_headroom_ratio",
+)
 UP_WORKER_FORWARDED = (
     "lease_ms",
     "max_attempts",
@@ -86,7 +94,7 @@ UP_WORKER_FORWARDED = (
     "price_per_device_hour",
     "health_host",
 )
-UP_SHARED_FORWARDED = ("trace_tenant",)
+UP_SHARED_FORWARDED = ("trace_tenant", "allow_eviction")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
 
@@ -314,6 +322,7 @@ def plan_children(
             *tls_args,
             *logging_args,
             *metrics_args,
+            *forwarded_flags(RouterSettings, args, ("allow_eviction",)),
         ),
     )
     workers = [

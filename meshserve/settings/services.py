@@ -36,6 +36,9 @@ TRACE_TENANT = cli(
     choices=TRACE_TENANT_MODES,
 )
 TRACE_TENANT_SECRET = cli("HMAC key for --trace-tenant hash; a variable only, as a flag would show in ps", flag=None)
+ALLOW_EVICTION = cli(
+    "run against a Redis whose maxmemory-policy may evict keys (queued requests may vanish); logged loudly"
+)
 SET_IN_CODE = cli("", flag=None, env=None)
 """Neither flag nor variable: set by the server at start, or shortened by tests."""
 
@@ -72,6 +75,7 @@ class RouterSettings:
         default=None,
         metadata=cli("the queues' Redis, for queue depths and the autoscaling signal on /metrics; none: not exported"),
     )
+    allow_eviction: bool = field(default=False, metadata=ALLOW_EVICTION)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +108,17 @@ class GatewaySettings:
     tls: TlsConfig | None = field(default=None, metadata=tls_cli("clients must present a certificate signed by the CA"))
     trace_tenant: str = field(default="clear", metadata=TRACE_TENANT)
     trace_tenant_secret: str = field(default="", repr=False, metadata=TRACE_TENANT_SECRET)
+    allow_eviction: bool = field(default=False, metadata=ALLOW_EVICTION)
+    store_headroom_ratio: float = field(
+        default=0.05,
+        metadata=cli(
+            "refuse new requests (RESOURCE_EXHAUSTED, store_full) once less than this share of Redis's"
+            " maxmemory is left"
+        ),
+    )
+    store_sample_ms: int = field(
+        default=200, metadata=cli("how often the gateway reads Redis's memory use (INFO memory; 0: never)")
+    )
 
     @property
     def listen_host(self) -> str:
@@ -164,3 +179,4 @@ class WorkerSettings:
     tls: TlsConfig | None = field(default=None, metadata=tls_cli("for the router channel and the health port"))
     trace_tenant: str = field(default="clear", metadata=TRACE_TENANT)
     trace_tenant_secret: str = field(default="", repr=False, metadata=TRACE_TENANT_SECRET)
+    allow_eviction: bool = field(default=False, metadata=ALLOW_EVICTION)
