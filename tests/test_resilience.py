@@ -193,6 +193,11 @@ async def test_a_broken_redis_connection_alone_fails_no_waiting_call(model_repos
             request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
             call = asyncio.ensure_future(infer_stub(channel).ModelInfer(request, timeout=RPC_TIMEOUT_S))
             await wait_queued(redis, "mlp", 1)
+            # The job is in Redis before the enqueue's answer reaches the gateway:
+            # let the gateway record it (a bounded look, a loop tick at a time).
+            async with asyncio.timeout(5):
+                while not gateway.queued:  # noqa: ASYNC110 - no event marks the record
+                    await asyncio.sleep(0.001)
             assert len(gateway.queued) == 1
             await redis.client_kill_filter(_type="normal", skipme=True)  # every other connection
             async with asyncio.timeout(10):
