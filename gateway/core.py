@@ -124,7 +124,8 @@ class Gateway:
     # ------------------------------------------------------------ readiness
 
     def server_ready(self) -> bool:
-        return self.routing.view.all_ready()
+        """Every model that could load serves (every model, with ``strict_readiness``)."""
+        return self.routing.server_ready(strict=self.settings.strict_readiness)
 
     def knows_model(self, name: str) -> bool:
         """Whether the routing table has a model of this name (any version)."""

@@ -50,6 +50,7 @@ class RouterServer:
                 depths=self._queue_depths,
                 loads=self.core.load_rates,
                 unplaceable=self.core.unplaceable,
+                load_failures=self.core.load_failures,
             )
         )
         self._metrics_server: MetricsServer | None = None
