@@ -7,7 +7,11 @@ becomes ready in a mesh."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -19,8 +23,10 @@ from redis.asyncio import Redis
 
 from gateway.routing import RoutingView
 from meshserve.cli.top import build_view, render, take_snapshot
+from meshserve.devkit.redis_server import free_port
 from model_workers.assignment import LOAD_RETRY_FIRST_S, LOAD_RETRY_MAX_S, retry_delay_s
 from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.support import Mesh, infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
 from tests.warmup_models import write_fixed_area_model, write_stride32_model
 
@@ -120,3 +126,48 @@ def test_a_failed_load_is_retried_with_a_bounded_backoff() -> None:
     assert delays[1] == 2 * LOAD_RETRY_FIRST_S
     assert delays == sorted(delays)
     assert delays[-1] == LOAD_RETRY_MAX_S
+
+
+@pytest.mark.timeout(60)
+def test_up_names_the_models_that_failed_and_stays_up(redis_url: str, model_repository: Path, tmp_path: Path) -> None:
+    repository = _repository(model_repository, tmp_path)
+    port = free_port()
+    args = ["--model-repository", str(repository), "--redis-url", redis_url, "--grpc-port", str(port)]
+    args += ["--metrics-port", "0", "--host", "127.0.0.1", "--workers", "1", "--gpu-workers", "none"]
+    args += ["--intra-op-threads", "1", "--canary-interval-s", "0"]
+    log_path = tmp_path / "up.log"
+    with log_path.open("w") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "meshserve", "up", *args],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        assert up.stdout is not None
+        line = ""
+        while "meshserve ready" not in line:  # bounded by the test's timeout
+            line = up.stdout.readline()
+            assert line, f"meshserve up exited before it was ready:\n{log_path.read_text()}"
+        assert f"1 failed to load: {BROKEN} version 1" in line
+        assert "detector" in line
+        reason = up.stdout.readline()
+        assert reason.startswith(f"  {BROKEN} version 1: ")
+        assert "Reshape" in reason
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            ready = infer_stub_sync(channel).ModelReady(pb.ModelReadyRequest(name="detector"), timeout=10)
+            assert ready.ready
+        assert up.poll() is None  # still up, serving the rest
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(30) == 0
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+        up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+
+
+def infer_stub_sync(channel: grpc.Channel) -> pb_grpc.GRPCInferenceServiceStub:
+    return pb_grpc.GRPCInferenceServiceStub(channel)

@@ -265,7 +265,8 @@ def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
             print(
                 f"meshserve ready: {len(models)} models ({', '.join(models)}) at {host}:{args.grpc_port}"
                 f" ({transport}, KServe v2{_exposure(args)}); metrics on {metrics}; Ctrl-C to stop"
-                + "".join(f"\n  failed to load, not served: {name}: {reason}" for name, reason in failed),
+                + (f"; {len(failed)} failed to load: {', '.join(name for name, _ in failed)}" if failed else "")
+                + "".join(f"\n  {name}: {reason}" for name, reason in failed),
                 flush=True,
             )
             _supervise_until_stop(children, stop)
