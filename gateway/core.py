@@ -175,7 +175,9 @@ class Gateway:
         self.authorize(tenant, call.model_name)
         model = self.resolve(call.model_name, call.model_version)
         if not self.model_ready(model):
-            raise Unavailable(f"model '{model.name}' version {model.version} is not ready")
+            failed = self.routing.view.failed.get((model.name, model.version))
+            why = f": it failed to load ({failed})" if failed else ""
+            raise Unavailable(f"model '{model.name}' version {model.version} is not ready{why}")
         now_ms = time.time() * 1000
         timeout_ms = call.timeout_ms
         if timeout_ms is not None:

@@ -87,8 +87,12 @@ class RouterCore:
         worker_ttl_ms: int = 5000,
         clock: Callable[[], float] = time.monotonic,
         headroom_ratio: float = DEFAULT_HEADROOM_RATIO,
+        unservable: Mapping[ModelKey, str] | None = None,
     ) -> None:
+        """``unservable``: versions in ``models`` that the repository could not read,
+        with the problem: listed, never placed, always failed."""
         self._clock = clock
+        self._unservable = dict(unservable or {})
         self.headroom_ratio = headroom_ratio
         self.footprints: dict[ModelKey, Footprint] = {}  # latest reported, per model version
         self.placement = Placement()  # replaced whole, never mutated: the metrics thread reads it
@@ -98,7 +102,7 @@ class RouterCore:
         self.workers: dict[str, WorkerRecord] = {}
         self._generation = 0
         self._ready: frozenset[ModelKey] = frozenset()
-        self._failed: dict[ModelKey, str] = {}  # not ready, and why: replaced whole, never mutated
+        self._failed: dict[ModelKey, str] = dict(self._unservable)  # not ready, and why: replaced whole
         self._logged_failures: dict[ModelKey, str] = {}  # the reasons logged, while they last
         self._changed = asyncio.Condition()
 
@@ -189,7 +193,11 @@ class RouterCore:
             if record.draining:
                 continue
             slots.setdefault(record.device, record.slot or slot_from_id(record.device))
-        demands = tuple(demand_for(info, self.footprints.get(key)) for key, info in sorted(self.models.items()))
+        demands = tuple(
+            demand_for(info, self.footprints.get(key))
+            for key, info in sorted(self.models.items())
+            if key not in self._unservable
+        )
         inputs = (tuple(slots.values()), demands)
         if inputs == self._placed_from:
             return
@@ -245,6 +253,7 @@ class RouterCore:
         """Models not ready that failed to load on a live worker, or that fit no device;
         each new reason logged once (the placement logs its own)."""
         failed = {entry.key: f"no device has room: {entry.message()}" for entry in self.placement.unplaceable}
+        failed.update(self._unservable)  # logged by the router's server as it read the repository
         for worker_id in sorted(self.workers):
             record = self.workers[worker_id]
             for key, reason in record.failed.items():
@@ -253,7 +262,9 @@ class RouterCore:
                 if key not in failed and self._logged_failures.get(key) != reason:
                     log.error("model %s version %d failed to load on worker %s: %s", *key, worker_id, reason)
                 failed.setdefault(key, reason)
-        self._logged_failures = {key: reason for key, reason in failed.items() if key not in unplaceable}
+        self._logged_failures = {
+            key: reason for key, reason in failed.items() if key not in unplaceable and key not in self._unservable
+        }
         return failed
 
     async def watch(self) -> AsyncIterator[TableSnapshot]:

@@ -31,6 +31,7 @@ from tests.support import Mesh, infer_request, infer_stub, output_arrays, start_
 from tests.warmup_models import write_fixed_area_model, write_stride32_model
 
 BROKEN = "broken"
+TYPO = "typo"
 BROKEN_CONFIG = "warmup:\n  - inputs:\n      image: {dims: [3, 32, 32]}\n"  # the Reshape needs H * W == 1000
 
 
@@ -41,6 +42,8 @@ def _repository(model_repository: Path, tmp_path: Path) -> Path:
     write_stride32_model(repository)
     write_fixed_area_model(repository, BROKEN)
     (repository / BROKEN / "config.yaml").write_text(BROKEN_CONFIG)
+    write_stride32_model(repository, TYPO)
+    (repository / TYPO / "config.yaml").write_text("model_warmup: []\n")  # Triton's key: not ours
     return repository
 
 
@@ -67,10 +70,19 @@ async def test_a_model_that_fails_to_load_leaves_the_rest_ready(
             assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
             assert not (await stub.ModelReady(pb.ModelReadyRequest(name=BROKEN))).ready  # not NOT_FOUND
             assert (await stub.ModelReady(pb.ModelReadyRequest(name="detector"))).ready
+            assert not (await stub.ModelReady(pb.ModelReadyRequest(name=TYPO))).ready  # a bad config: known, failed
             serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
             assert await _health(channel, "") == serving
             assert await _health(channel, f"{BROKEN}/1") == not_serving
             assert await _health(channel, "detector/1") == serving
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ModelInfer(infer_request(BROKEN, {"image": np.ones((1, 3, 25, 40), np.float32)}), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "failed to load (Fail: [ONNXRuntimeError]" in str(refused.value.details())
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ModelInfer(infer_request(TYPO, {"image": np.ones((1, 3, 32, 32), np.float32)}), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "unknown key 'model_warmup'" in str(refused.value.details())
             # the detector (symbolic H and W, multiples of 32) serves what fits it
             image = np.ones((1, 3, 64, 96), dtype=np.float32)
             response = await stub.ModelInfer(infer_request("detector", {"image": image}), timeout=10)
@@ -150,7 +162,7 @@ def test_up_names_the_models_that_failed_and_stays_up(redis_url: str, model_repo
         while "meshserve ready" not in line:  # bounded by the test's timeout
             line = up.stdout.readline()
             assert line, f"meshserve up exited before it was ready:\n{log_path.read_text()}"
-        assert f"1 failed to load: {BROKEN} version 1" in line
+        assert f"2 failed to load: {BROKEN} version 1, {TYPO} version 1" in line
         assert "detector" in line
         reason = up.stdout.readline()
         assert reason.startswith(f"  {BROKEN} version 1: ")

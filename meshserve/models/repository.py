@@ -162,19 +162,39 @@ def scan_repository(root: Path) -> tuple[list[ModelInfo], list[str]]:
     A bad model or version is skipped and described in the second list; only an
     unreadable ``root`` raises RepositoryError. Hidden directories are ignored.
     """
+    scan = scan_repository_failures(root)
+    return scan.models, scan.problems
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryScan:
+    """What :func:`scan_repository_failures` found: servable versions, every problem,
+    and the versions that exist but cannot be served, each with its problem."""
+
+    models: list[ModelInfo]
+    problems: list[str]
+    unservable: dict[tuple[str, int], str]  # (model, version) -> the problem
+
+
+def scan_repository_failures(root: Path) -> RepositoryScan:
+    """:func:`scan_repository`, plus the version directories that failed: the router
+    lists them as failed to load (ModelReady false, with the reason) rather than
+    letting a typo in config.yaml make a model unknown."""
     if not root.is_dir():
         raise RepositoryError(f"{root}: model repository is not a directory")
     models: list[ModelInfo] = []
     problems: list[str] = []
+    unservable: dict[tuple[str, int], str] = {}
     for model_dir in sorted(root.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
             continue
+        versions = _version_dirs(model_dir)
         try:
             config = _read_config(model_dir)
         except RepositoryError as exc:
             problems.append(str(exc))
+            unservable.update(((model_dir.name, version), str(exc)) for version in versions)
             continue
-        versions = _version_dirs(model_dir)
         if config.versions is not None:
             missing = sorted(config.versions - set(versions))
             if missing:
@@ -189,7 +209,24 @@ def scan_repository(root: Path) -> tuple[list[ModelInfo], list[str]]:
                 models.append(_load_version(model_dir, version, config))
             except RepositoryError as exc:
                 problems.append(str(exc))
-    return models, problems
+                unservable[model_dir.name, version] = str(exc)
+    return RepositoryScan(models, problems, unservable)
+
+
+def unservable_info(root: Path, name: str, version: int) -> ModelInfo:
+    """A stand-in for a version that exists but cannot be served: known by name and
+    version (so it is reported not ready, never unknown), no tensors, never placed."""
+    return ModelInfo(
+        name=name,
+        version=version,
+        path=root.absolute() / name / str(version) / MODEL_FILENAME,
+        inputs=(),
+        outputs=(),
+        max_batch_size=0,
+        max_queue_delay_us=0,
+        preferred_batch_sizes=(),
+        max_queue_size=0,
+    )
 
 
 def _version_dirs(model_dir: Path) -> list[int]:
