@@ -42,6 +42,7 @@ def _repository(model_repository: Path, tmp_path: Path) -> Path:
     write_stride32_model(repository)
     write_fixed_area_model(repository, BROKEN)
     (repository / BROKEN / "config.yaml").write_text(BROKEN_CONFIG)
+    write_fixed_area_model(repository)  # no guessed size fits it: served without warm-up
     write_stride32_model(repository, TYPO)
     (repository / TYPO / "config.yaml").write_text("model_warmup: []\n")  # Triton's key: not ours
     return repository
@@ -70,6 +71,7 @@ async def test_a_model_that_fails_to_load_leaves_the_rest_ready(
             assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
             assert not (await stub.ModelReady(pb.ModelReadyRequest(name=BROKEN))).ready  # not NOT_FOUND
             assert (await stub.ModelReady(pb.ModelReadyRequest(name="detector"))).ready
+            assert (await stub.ModelReady(pb.ModelReadyRequest(name="area"))).ready
             assert not (await stub.ModelReady(pb.ModelReadyRequest(name=TYPO))).ready  # a bad config: known, failed
             serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
             assert await _health(channel, "") == serving
@@ -93,6 +95,10 @@ async def test_a_model_that_fails_to_load_leaves_the_rest_ready(
             r.getMessage() for r in caplog.records if r.name == "router.core" and "failed to load" in r.getMessage()
         ]
         assert len(logged) == 1, logged
+        tried = [
+            r for r in caplog.records if r.name == "model_workers.assignment" and "failed to load" in r.getMessage()
+        ]
+        assert len(tried) == 1  # not tried again at each report: after a backoff
         assert f"model {BROKEN} version 1" in logged[0]
         assert "Reshape" in logged[0]
         # the reason in the router's metrics, and so in `meshserve top`

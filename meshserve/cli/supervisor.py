@@ -386,8 +386,8 @@ def _wait_ready(
     stop: threading.Event,
     tls: TlsConfig | None = None,
 ) -> tuple[list[str], list[tuple[str, str]]] | None:
-    """Block until the router says every model has loaded or failed to, some model
-    is ready and the gateway serves those; the names of the models served, and each
+    """Block until the router says every model has loaded or failed to (workers
+    retry the failed ones) and the gateway serves those that loaded; their names, and each
     failed "<model> version <v>" with its reason. None when a child died first or
     the mesh did not settle within ``READY_TIMEOUT_S``."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -406,7 +406,7 @@ def _wait_ready(
                 stub = mpb_grpc.RouterStub(channel)
                 for table in stub.WatchRoutingTable(mpb.WatchRequest(gateway_id="up"), timeout=2):
                     ready = [m for m in table.models if m.ready]
-                    if ready and all(m.ready or m.load_error for m in table.models):
+                    if table.models and all(m.ready or m.load_error for m in table.models):
                         break
                 else:
                     continue
