@@ -153,7 +153,8 @@ class Gateway:
     # ------------------------------------------------------------ readiness
 
     def server_ready(self) -> bool:
-        return self.routing.view.all_ready()
+        """Every model that could load serves (every model, with ``strict_readiness``)."""
+        return self.routing.server_ready(strict=self.settings.strict_readiness)
 
     def knows_model(self, name: str) -> bool:
         """Whether the routing table has a model of this name (any version)."""
@@ -203,7 +204,9 @@ class Gateway:
         self.authorize(tenant, call.model_name)
         model = self.resolve(call.model_name, call.model_version)
         if not self.model_ready(model):
-            raise Unavailable(f"model '{model.name}' version {model.version} is not ready")
+            failed = self.routing.view.failed.get((model.name, model.version))
+            why = f": it failed to load ({failed})" if failed else ""
+            raise Unavailable(f"model '{model.name}' version {model.version} is not ready{why}")
         if self.store.full:
             raise self._store_full()
         now_ms = time.time() * 1000

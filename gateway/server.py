@@ -88,11 +88,12 @@ class GatewayServer:
         return f"{LOOPBACK_HOST if host in (ANY_HOST, '::', '[::]') else host}:{self.port}"
 
     def _update_health(self, view: RoutingView) -> None:
-        """The overall entries follow server readiness; one entry per model version,
-        "<model>/<version>", follows the routing table (as on the workers)."""
+        """The overall entries follow server readiness (a model that failed to load
+        does not take them down unless ``strict_readiness``); one entry per model
+        version, "<model>/<version>", follows the routing table (as on the workers)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        status = serving if view.all_ready() else not_serving
+        status = serving if self.routing.server_ready(strict=self.settings.strict_readiness) else not_serving
         entries = {name: status for name in ("", SERVICE_NAME)}
         for name, version in view.models:
             entries[f"{name}/{version}"] = serving if (name, version) in view.ready else not_serving

@@ -126,8 +126,9 @@ class Worker:
         return self._stopping.is_set()
 
     def readiness(self) -> dict[ModelKey, bool]:
-        """Each held model version: whether it is in service (warm, healthy, not being dropped)."""
-        return self.held.readiness()
+        """Each held model version: whether it is in service (warm, healthy, not being
+        dropped); an assigned one whose load failed: False."""
+        return {**dict.fromkeys(self.assignment.failures(), False), **self.held.readiness()}
 
     # ------------------------------------------------------------ the server's tasks
 

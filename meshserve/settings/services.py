@@ -99,6 +99,13 @@ class GatewaySettings:
     lame_duck_s: float = field(
         default=1.0, metadata=cli("on SIGTERM: seconds NOT_SERVING but still answering, before the drain")
     )
+    strict_readiness: bool = field(
+        default=False,
+        metadata=cli(
+            'server ready (ServerReady, health "") only while every model is ready, as Triton\'s default;'
+            " off: once every model has loaded or failed to, and one serves (docs/models.md#readiness)"
+        ),
+    )
     tenants_path: Path | None = field(
         default=None,
         metadata=cli(
