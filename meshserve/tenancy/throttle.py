@@ -16,6 +16,7 @@ are decided by Redis each time.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -52,7 +53,7 @@ class RateRefusals:
 
     def check(self, tenant: Tenant) -> None:
         """Raise the rate refusal Redis would answer while ``tenant``'s last retry-after
-        runs, with the time left (at least 1 ms); nothing once it has ended."""
+        runs, with the time left (whole ms, rounded up); nothing once it has ended."""
         until_s = self._until_s.get(tenant.name)
         if until_s is None:
             return
@@ -60,7 +61,7 @@ class RateRefusals:
         if wait_s <= 0:
             del self._until_s[tenant.name]  # ended: the next call asks Redis
             return
-        retry_after_ms = max(1, int(wait_s * 1000))
+        retry_after_ms = max(1, math.ceil(wait_s * 1000))  # rounded up, as the script does
         raise ResourceExhausted(
             rate_refusal_message(tenant, retry_after_ms), reason="rate", retry_after_ms=retry_after_ms
         )
