@@ -69,18 +69,23 @@ clients with grpc's default limits fail the call with RESOURCE_EXHAUSTED instead
 
 
 async def _abort(context: Context, error: MeshError) -> NoReturn:
-    set_status(context, error)
+    _set_retry_after(context, error)
     await context.abort(error.code, _details(error.message))
     raise AssertionError("unreachable")  # context.abort always raises
 
 
 def set_status(context: Context, error: MeshError) -> None:
-    """The call's answer for ``error``: status, details and the retry-after trailer.
-    A handler that returns after this answers it without the cost of ``abort``'s exception."""
-    if isinstance(error, ResourceExhausted) and error.retry_after_ms > 0:
-        context.set_trailing_metadata(((RETRY_AFTER_TRAILER, str(error.retry_after_ms)),))
+    """The call's answer for ``error``, as ``_abort`` gives it: status, details and the
+    retry-after trailer. A handler that returns after this answers without the cost of
+    ``abort``'s exception."""
+    _set_retry_after(context, error)
     context.set_code(error.code)
     context.set_details(_details(error.message))
+
+
+def _set_retry_after(context: Context, error: MeshError) -> None:
+    if isinstance(error, ResourceExhausted) and error.retry_after_ms > 0:
+        context.set_trailing_metadata(((RETRY_AFTER_TRAILER, str(error.retry_after_ms)),))
 
 
 def _log_request(model: str, tenant: str, code: grpc.StatusCode, started_s: float) -> None:
