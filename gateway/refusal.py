@@ -77,15 +77,16 @@ class RefusalInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
 
 async def _one_request(context: Context) -> pb.ModelInferRequest | None:
     """The call's message, parsed; None (with the status set) when there is none or it
-    does not parse, the answers gRPC gives a unary method in those cases."""
+    does not parse: INVALID_ARGUMENT, where a unary handler left gRPC to answer
+    UNKNOWN with the parser's exception."""
     raw: Any = await context.read()
     if raw is grpc.aio.EOF:
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details("ModelInfer takes exactly one request message, got none")
+        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        context.set_details("ModelInfer takes one ModelInferRequest message; the call sent none")
         return None
     try:
         return pb.ModelInferRequest.FromString(raw)
-    except DecodeError:
-        context.set_code(grpc.StatusCode.INTERNAL)
-        context.set_details("Exception deserializing request!")
+    except DecodeError as exc:
+        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        context.set_details(f"the call's message is not a valid ModelInferRequest: {exc}")
         return None

@@ -32,7 +32,7 @@ tenants:
 
 NOT_PROTOBUF = b"\xff\xff\xff\xff this is not a ModelInferRequest"
 """A body protobuf refuses to parse (field 0 with an invalid wire type): an answer other
-than INTERNAL to it proves the gateway answered without parsing it."""
+than INVALID_ARGUMENT to it proves the gateway answered without parsing it."""
 
 
 TENANT = Tenant(
@@ -90,9 +90,10 @@ async def test_an_unknown_key_is_refused_without_parsing_the_message(mesh: Mesh,
     for key, details in ((None, f"{asked}, and no verified client certificate names a tenant"), ("wrong", asked)):
         refused = await raw_infer(channel, NOT_PROTOBUF, key)
         assert (refused.code(), refused.details()) == (grpc.StatusCode.UNAUTHENTICATED, details)
-    # The same body from a valid key is parsed, and fails as gRPC answers a bad message:
+    # The same body from a valid key is parsed, and refused as a bad message:
     parsed = await raw_infer(channel, NOT_PROTOBUF, "open-key")
-    assert parsed.code() == grpc.StatusCode.INTERNAL
+    assert parsed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (parsed.details() or "").startswith("the call's message is not a valid ModelInferRequest")
     labels = {"tenant": "<unauthenticated>", "reason": "unauthenticated"}
     assert sample(mesh, "meshserve_rejections_total", labels) == 2
     requests = {"model": "<unread>", "code": "UNAUTHENTICATED"}
@@ -124,7 +125,7 @@ async def test_a_tenant_over_its_rate_is_refused_without_parsing_until_its_retry
     assert sample(mesh, "meshserve_rejections_total", {"tenant": "metered", "reason": "rate"}) == 2
     assert sample(mesh, "meshserve_requests_total", {"model": "<unread>", "code": "RESOURCE_EXHAUSTED"}) == 1
     # Another tenant is not held back by it, and its bad body is parsed (and refused as such).
-    assert (await raw_infer(channel, NOT_PROTOBUF, "open-key")).code() == grpc.StatusCode.INTERNAL
+    assert (await raw_infer(channel, NOT_PROTOBUF, "open-key")).code() == grpc.StatusCode.INVALID_ARGUMENT
     await mesh.gateway.gateway.settle()
     assert await redis.zcard("ms:{t:metered}:inflight") == 0
 
@@ -151,3 +152,11 @@ def test_a_cached_rate_refusal_ends_at_its_retry_after() -> None:
     cache.remember(tenant, 500)
     cache.clear()
     cache.check(tenant)
+
+
+async def test_a_call_with_no_message_is_invalid(channel: grpc.aio.Channel) -> None:
+    infer = channel.stream_unary(MODEL_INFER)  # a client may half-close without a message
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await infer(iter(()), metadata=auth("open-key"), timeout=5)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the call sent none" in (failed.value.details() or "")
