@@ -47,6 +47,7 @@ from meshserve.store.memory import EvictionPolicyError, MemoryWatch
 from meshserve.store.refusals import RefusalLog, store_refusal_message
 from meshserve.tenancy.admission import Admission
 from meshserve.tenancy.tenants import Tenant, TenantRegistry, dev_registry
+from meshserve.tenancy.throttle import RateRefusals
 from meshserve.wire.codec import PackedInputs, check_requested_outputs, pack_inputs
 from meshserve.wire.envelope import failed_reply, reply_error
 from protos import meshserve_pb2 as mpb
@@ -114,7 +115,7 @@ class Gateway:
         self.looked_for_lost = asyncio.Event()  # set after each look for lost jobs (a reconnect)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self._throttled_until: dict[str, float] = {}  # tenant -> monotonic s: over its rate until then
+        self.throttle = RateRefusals()  # tenants over their rate until their retry-after (read by gateway.refusal)
         self.refusals = RefusalLog(log, "requests")  # Redis refusing enqueues, by kind, once per interval
         self.store = MemoryWatch(
             redis,
@@ -245,15 +246,7 @@ class Gateway:
         gateway already knows the tenant is over its rate: GCRA admits nothing
         before its retry hint, so until then the answer is the same without the
         round trip (or a job id)."""
-        wait_s = self._throttled_until.get(tenant.name, 0.0) - time.monotonic()
-        if wait_s > 0:
-            retry_after_ms = max(1, int(wait_s * 1000))
-            raise ResourceExhausted(
-                f"tenant '{tenant.name}' is over its rate limit of {tenant.rate_per_s:g} requests/s"
-                f" (burst {tenant.burst}); retry after {retry_after_ms} ms",
-                reason="rate",
-                retry_after_ms=retry_after_ms,
-            )
+        self.throttle.check(tenant)
         job_id = uuid.uuid4().hex
         try:
             decision = await self.admission.admit(tenant, job_id, deadline_ms=deadline_ms)
@@ -262,8 +255,8 @@ class Gateway:
                 raise Unavailable(store_refusal_message(exc, "the request's admission")) from exc
             raise Unavailable(f"admission unavailable: {exc}") from exc
         if not decision.ok:
-            if decision.reason == "rate" and decision.retry_after_ms > 0:
-                self._throttled_until[tenant.name] = time.monotonic() + decision.retry_after_ms / 1000
+            if decision.reason == "rate":
+                self.throttle.remember(tenant, decision.retry_after_ms)
             raise ResourceExhausted(
                 decision.describe(tenant), reason=decision.reason, retry_after_ms=decision.retry_after_ms
             )
@@ -471,6 +464,7 @@ class Gateway:
             future = self.pending.get(reply.id)
             if future is None or future.done():
                 self.late_replies += 1  # the caller gave up, or a duplicate
+                log.debug("late reply for job %s (status %s): nobody waits for it", reply.id, reply.code)
                 continue
             future.set_result(reply)
 

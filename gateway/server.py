@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from gateway.core import Gateway
+from gateway.refusal import RefusalInterceptor
 from gateway.routing import RoutingView, RoutingWatch
 from gateway.servicer import InferenceServicer
 from meshserve.observe.metrics import GatewayMetrics, MetricsServer
@@ -45,20 +46,21 @@ class GatewayServer:
             mpb_grpc.RouterStub(self.router_channel), settings.gateway_id, on_change=self._update_health
         )
         self.gateway = Gateway(settings, self.redis, self.blocking, self.routing, tracer, _registry(settings))
+        self.metrics = GatewayMetrics.create(
+            late_replies=lambda: self.gateway.late_replies, lost_requests=lambda: self.gateway.lost_jobs
+        )
+        servicer = InferenceServicer(self.gateway, tracer, self.metrics)
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
+            # ModelInfer refuses unknown keys and tenants over their rate before it reads the message
+            interceptors=[RefusalInterceptor(self.gateway, servicer)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
-        self.metrics = GatewayMetrics.create(
-            late_replies=lambda: self.gateway.late_replies, lost_requests=lambda: self.gateway.lost_jobs
-        )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.gateway, tracer, self.metrics), self.server
-        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -78,6 +80,7 @@ class GatewayServer:
             log.error("tenants file rejected, keeping the previous one: %s", error)
             return False
         self.gateway.tenants = registry
+        self.gateway.throttle.clear()  # a limit may have been raised: ask Redis again
         log.info("tenants reloaded from %s: %d tenants", path, len(registry))
         return True
 

@@ -38,6 +38,9 @@ RETRY_BUDGET_S = 1.0
 FIRST_BACKOFF_S = 0.02
 MAX_BACKOFF_S = 0.2
 
+ACK_RETRY_BUDGET_S = 3.0
+"""How long an ack whose reply is written is retried (a Redis restart's outage)."""
+
 DEADLINE_MARGIN_MS = 100
 """Give up this long before the request's deadline: the caller must hear the refusal
 before its own timer answers DEADLINE_EXCEEDED."""
@@ -87,6 +90,9 @@ class ReplyWriter:
         pending, error = await self._ack_landed(keys, lists, results)
         if pending:
             assert error is not None
+            if refusal_kind(error) is None:  # a lost connection: the lease stays, for redelivery
+                await self._give_up(keys, model, [o for group in pending.values() for o in group], error)
+                return
             await self._retry(keys, model, pending, error)
 
     async def _ack_landed(
@@ -121,6 +127,8 @@ class ReplyWriter:
                 results = [exc] * len(commands)
             pending, retried_error = await self._ack_landed(keys, pending, results)
             error = retried_error or error
+            if retried_error is not None and refusal_kind(retried_error) is None:
+                break  # the connection went: pushing once it is back could race a redelivery
         if pending:
             await self._give_up(keys, model, [o for group in pending.values() for o in group], error)
 
@@ -181,23 +189,43 @@ class ReplyWriter:
         return sum(map(len, lists.values()))
 
     async def _ack(self, keys: ModelKeys, jobs: Iterable[Outgoing]) -> None:
-        """Ack these jobs' leases, in one pipeline (reloading the script after a Redis restart)."""
+        """Ack these jobs' leases, in one pipeline (reloading the script after a Redis
+        restart). Their replies are written, so a failed ack is retried with backoff
+        for up to ``ACK_RETRY_BUDGET_S``: across a Redis restart the lease (and its
+        token) comes back from the AOF, and an ack in time spares the job a second run
+        whose reply the gateway would drop as late. A stale token's ack is a no-op."""
         acks: dict[int, list[str]] = defaultdict(list)
         for job in jobs:
             if job.token is not None:
                 acks[job.token].append(job.job_id)
-        if not acks:
-            return
-        try:
-            results = await self._redis.pipeline([ack_command(keys, token, ids) for token, ids in acks.items()])
+        give_up_s = time.monotonic() + ACK_RETRY_BUDGET_S
+        backoff_s = FIRST_BACKOFF_S
+        while acks:
+            try:
+                results = await self._redis.pipeline([ack_command(keys, token, ids) for token, ids in acks.items()])
+            except RedisError as exc:
+                results = [exc] * len(acks)
+            failed: dict[int, list[str]] = {}
             for (token, ids), result in zip(acks.items(), results, strict=True):
                 if isinstance(result, NoScriptError):  # Redis lost its scripts: ack again, loading it
-                    await self._queue.ack(keys, token, ids)
-                elif isinstance(result, RedisError):
-                    raise result
-        except RedisError as exc:  # the replies are written; a redelivery's duplicate is dropped by the gateway
-            count = sum(map(len, acks.values()))
-            log.warning("could not ack %d requests of %s (%s): they will be redelivered", count, keys.ready, exc)
+                    result = await self._ack_loading(keys, token, ids)
+                if isinstance(result, RedisError):
+                    failed[token], error = ids, result
+            acks = failed
+            if acks and (left_s := give_up_s - time.monotonic()) <= 0:
+                count = sum(map(len, acks.values()))
+                log.warning("could not ack %d requests of %s (%s): they will be redelivered", count, keys.ready, error)
+                return
+            if acks:
+                await asyncio.sleep(min(backoff_s, left_s))
+                backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
+
+    async def _ack_loading(self, keys: ModelKeys, token: int, ids: list[str]) -> RedisError | None:
+        try:
+            await self._queue.ack(keys, token, ids)
+        except RedisError as exc:
+            return exc
+        return None
 
 
 def _by_list(outgoing: Iterable[Outgoing]) -> dict[str, list[Outgoing]]:
