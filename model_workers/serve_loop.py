@@ -116,6 +116,12 @@ class ServeLoop:
         self._rescan = True
         self.wake()
 
+    def batch_ended(self) -> None:
+        """A batch computing on a task of its own was answered: its model may have work
+        whose wake token the loop took while the model was at capacity, so look at
+        every queue before the next wait."""
+        self.models_added()
+
     def wake(self) -> None:
         """End the loop's wait, if it is waiting, so it waits on the current models.
 
@@ -145,9 +151,9 @@ class ServeLoop:
         """The model to claim for right after the next wake-up: the only one claimed
         from, or the one woken last (a wrong guess costs one empty claim inside Redis)."""
         if (only := self._held.only_claimed()) is not None:
-            return only
+            return None if only.at_capacity() else only
         last = self._last_woken
-        return last if last is not None and self._held.claims(last) else None
+        return last if last is not None and self._held.claims(last) and not last.at_capacity() else None
 
     async def _run_claimed_ahead(self, served: Served, reply: Any, targets: list[Served]) -> list[Served]:
         """Run what the claim behind the wake-up took; the models still to look at."""
@@ -168,7 +174,8 @@ class ServeLoop:
 
     async def _take_from(self, targets: list[Served]) -> None:
         for served in targets:
-            if self._held.claims(served):  # not dropped since it was woken
+            # not dropped since it was woken, nor computing all it may (``batch_ended`` looks again)
+            if self._held.claims(served) and not served.at_capacity():
                 await self._runner.serve_batch(served)
 
     async def woken(self, popped: Any) -> list[Served]:

@@ -78,6 +78,8 @@ UP_GATEWAY_OWN = ("host", "port", "drain_grace_s", "tenants_path")
 UP_GATEWAY_FORWARDED = ("max_message_bytes", "default_timeout_ms", "lame_duck_s", "trace_tenant")
 UP_WORKER_FORWARDED = (
     "lease_ms",
+    "canary_timeout_ms",
+    "compute_slots",
     "max_attempts",
     "lower_tier_share",
     "canary_interval_s",
