@@ -118,6 +118,9 @@ class Compute:
             self._watchdog.arm(stop, time.monotonic() + timeout_s, CANARY_TIMEOUT)
             try:
                 await asyncio.get_running_loop().run_in_executor(self._executor, served.model.canary, stop.options)
+            except asyncio.CancelledError:  # the worker is stopping: its thread need not finish the canary
+                stop.options.terminate = True
+                raise
             except Exception as exc:
                 if stop.reason == CANARY_TIMEOUT:
                     raise TimeoutError(f"stopped after {timeout_s:.1f} s") from exc
