@@ -149,3 +149,26 @@ async def test_after_one_slow_batch_a_call_with_a_shorter_deadline_is_still_trie
     assert [output_arrays(r)["done"].tolist() for r in replies] == [[[1.0]]] * 10
     assert served.batch_ms() < estimate_after_slow_ms / 4  # it follows the recent past
     assert served.stats.expired == 0
+
+
+@pytest.mark.timeout(45)
+async def test_instances_let_batches_of_one_model_compute_at_once(redis: Redis, redis_url: str, tmp_path: Path) -> None:
+    repository = write_slow(tmp_path, "max_batch_size: 1\ninstances: 2\nexecution_timeout_ms: 20000\n")
+    iterations = iterations_for(2.0, repository)
+    async for mesh in mesh_of(redis_url, repository):
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            calls = [
+                asyncio.ensure_future(
+                    stub.ModelInfer(infer_request(NAME, slow_request_inputs(iterations)), timeout=RPC_TIMEOUT_S)
+                )
+                for _ in range(2)
+            ]
+            async with asyncio.timeout(10):  # both leased at once: two batches computing
+                while await redis.zcard(SLOW.inflight) < 2:  # noqa: ASYNC110 (bounded poll: no event for it)
+                    await asyncio.sleep(0.01)
+            replies = await asyncio.gather(*calls)
+        batches = slow_served(mesh).stats.batches
+
+    assert [output_arrays(r)["done"].tolist() for r in replies] == [[[float(iterations)]]] * 2
+    assert batches == 2
