@@ -75,7 +75,9 @@ class ServeLoop:
             # The claim rides behind the blocking pop: Redis runs it the moment the pop
             # returns, so a wake-up and its claim cost one round trip, not two.
             ahead = self._claim_ahead()
-            wake_keys = self._held.wake_keys()
+            # Not the wake lists of models at capacity: their tokens are for other
+            # workers now (``batch_ended`` makes this loop look again).
+            wake_keys = [served.keys.wake for served in self._held.claimed() if not served.at_capacity()]
             wake_keys.append(self._wake_self)
             commands = [wait_command(wake_keys, WAKE_SAFETY_TIMEOUT_S)]
             if ahead is not None:
