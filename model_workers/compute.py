@@ -4,8 +4,8 @@ Up to ``slots`` runs at once on the ONNX Runtime threads, across models, and at 
 ``info.instances`` of one model (a batch or its canary): a slow model holds its own
 instances, never the whole device. A quick model's batches run on the event loop's
 own thread instead (``Served.runs_inline``; the hand-off there and back would cost
-more than the run), stopped after ``INLINE_LIMIT_MS`` and run again on a thread if
-the model turned slow. Every run on a thread is stopped (ONNX Runtime's
+more than the run), stopped after ``INLINE_LIMIT_MS`` if the model turned slow (the
+runner then runs the batch again on a task and thread of its own). Every run on a thread is stopped (ONNX Runtime's
 ``RunOptions.terminate``) at the model's execution timeout, or when every request of
 its batch has passed its deadline.
 """
@@ -27,6 +27,11 @@ EXECUTION_TIMEOUT = "execution timeout"
 DEADLINE = "deadline"
 INLINE_LIMIT = "inline limit"
 CANARY_TIMEOUT = "canary timeout"
+
+
+class TurnedSlow(Exception):
+    """A quick model's run on the event loop's thread was stopped at ``INLINE_LIMIT_MS``:
+    run the batch again off the loop (it is no longer counted as quick)."""
 
 
 def default_slots() -> int:
@@ -53,7 +58,7 @@ class Compute:
     ) -> tuple[list[Any], int]:
         """Run one batch whose last request is due at ``deadline_ms`` (Unix ms).
 
-        Inline if the model is quick, else on an ONNX Runtime thread with
+        Inline if the model is quick (TurnedSlow if stopped there), else on an ONNX Runtime thread with
         ``keep_leases()`` running beside it (cancelled when the run ends). Returns the
         outputs and the run's time in µs, timed once the model's instance and a pool
         slot are held (a canary in progress finishes first; its time is not the batch's).
@@ -66,12 +71,15 @@ class Compute:
                 self._watchdog.arm(stop, time.monotonic() + INLINE_LIMIT_MS / 1000, INLINE_LIMIT)
                 try:
                     return served.model.run(feed, stop.options), (time.time_ns() - started_ns) // 1000
-                except Exception:
+                except Exception as exc:
                     if stop.reason != INLINE_LIMIT:
                         raise
+                    served.observe_compute(INLINE_LIMIT_MS)  # at least: its next runs go to a thread
+                    raise TurnedSlow(
+                        f"model '{served.model.info.name}' ran past {INLINE_LIMIT_MS:.0f} ms inline"
+                    ) from exc
                 finally:
                     self._watchdog.disarm(stop)
-                # Stopped: the model turned slow. Run again off the loop, counted from here.
             async with self._slots:
                 started_ns = time.time_ns()
                 heartbeat = asyncio.create_task(keep_leases())

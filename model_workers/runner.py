@@ -32,7 +32,7 @@ from meshserve.settings import WorkerSettings
 from meshserve.store.link import RedisLink
 from meshserve.wire.envelope import envelope_signature, failed_reply
 from model_workers.batches import Job, decode, split, stack
-from model_workers.compute import Compute
+from model_workers.compute import Compute, TurnedSlow
 from model_workers.health import ModelHealth
 from model_workers.leases import Leases
 from model_workers.served import Served
@@ -137,9 +137,12 @@ class BatchRunner:
                 await self._leases.release(served, jobs)
                 return
             if served.runs_inline():
-                await self._run(served, jobs)
-                served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, len(jobs))
-                return
+                try:
+                    await self._run(served, jobs)
+                    served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, len(jobs))
+                    return
+                except TurnedSlow:  # stopped on the loop: run again off it, the serve loop going on
+                    pass
             task = asyncio.create_task(self._run_detached(served, jobs, started_s, filling_s))
             self._detached.add(task)
             task.add_done_callback(self._detached.discard)
@@ -153,7 +156,10 @@ class BatchRunner:
 
     async def _run_detached(self, served: Served, jobs: list[Job], started_s: float, filling_s: float) -> None:
         try:
-            await self._run(served, jobs)
+            try:
+                await self._run(served, jobs)
+            except TurnedSlow:  # decided inline here (another batch's time came in): now it is not
+                await self._run(served, jobs)
             served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, len(jobs))
         except RedisError as exc:
             log.warning("redis error while serving %s: %s", served.keys.ready, exc)
@@ -199,18 +205,27 @@ class BatchRunner:
             return
 
     async def _run(self, served: Served, jobs: list[Job]) -> None:
+        """Answer the jobs past their deadline, compute the rest, answer them.
+
+        TurnedSlow (a quick model's inline run was stopped) leaves ``jobs`` holding
+        the live jobs only, the others answered, for the caller to run again off the
+        serve loop."""
         claimed_ns = time.time_ns()
         traced = _traced(jobs) if self._tracing else UNSAMPLED
         now_ms = claimed_ns // 1_000_000
         live = [job for job in jobs if job.request.deadline_ms > now_ms]
-        replies: list[tuple[Job, mpb.InferReply]] = [
-            (job, failed_reply(job.job_id, DeadlineExceeded("deadline exceeded while queued")))
-            for job in jobs
-            if job.request.deadline_ms <= now_ms
-        ]
-        served.stats.expired += len(jobs) - len(live)
+        if len(live) < len(jobs):
+            served.stats.expired += len(jobs) - len(live)
+            queued_too_long = DeadlineExceeded("deadline exceeded while queued")
+            expired = [
+                (job, failed_reply(job.job_id, queued_too_long)) for job in jobs if job.request.deadline_ms <= now_ms
+            ]
+            self._reply(served, expired, traced)
+            jobs[:] = live
         if live:
-            replies.extend(await self._compute_batch(served, live, claimed_ns, traced))
+            self._reply(served, await self._compute_batch(served, live, claimed_ns, traced), traced)
+
+    def _reply(self, served: Served, replies: list[tuple[Job, mpb.InferReply]], traced: Traced) -> None:
         if traced:  # the gateway's reply span starts here, when the reply leaves
             replied_ns = time.time_ns()
             for job, reply in replies:
@@ -230,6 +245,8 @@ class BatchRunner:
                     keep_leases = partial(self._leases.extend_while_computing, served, jobs)
                     last_deadline_ms = max(job.request.deadline_ms for job in jobs)
                     outputs, compute_us = await self._compute.run_batch(served, feed, keep_leases, last_deadline_ms)
+            except TurnedSlow:
+                raise
             except (DeadlineExceeded, Unavailable) as exc:  # stopped at a time limit: not the model's failure
                 log.warning("%s (a batch of %d)", exc, total, extra={"model": info.name, "version": info.version})
                 served.stats.stopped += len(jobs)

@@ -284,8 +284,9 @@ async def test_a_quick_model_that_turns_slow_holds_the_event_loop_for_the_inline
     """Issue 16, seen 4: a model that used to be quick (so it ran on the event loop's
     thread) turned slow and froze the worker. The inline run is stopped after
     ``INLINE_LIMIT_MS`` and the batch runs again on an ONNX Runtime thread, answered
-    right; the loop stays free meanwhile, and the model no longer runs inline."""
-    repository = write_slow(tmp_path)
+    right; the loop and the serve loop stay free meanwhile (another model answers), and
+    the model no longer runs inline."""
+    repository = write_example_repository(write_slow(tmp_path), ["mlp"])
     iterations = iterations_for(1.5, repository)
     mesh = await start_mesh(redis_url, repository, worker_overrides={"intra_op_threads": 1})
     loop_thread = threading.get_ident()
@@ -310,8 +311,17 @@ async def test_a_quick_model_that_turns_slow_holds_the_event_loop_for_the_inline
         served.compute_ms_avg = served.last_compute_ms = INLINE_COMPUTE_MS / 2  # it was quick
         ticking = asyncio.create_task(tick())
         async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
             request = infer_request(SLOW, slow_request_inputs(iterations))
-            response = await infer_stub(channel).ModelInfer(request, timeout=RPC_TIMEOUT_S)
+            slow_call = asyncio.ensure_future(stub.ModelInfer(request, timeout=RPC_TIMEOUT_S))
+            async with asyncio.timeout(10):  # until it runs again on a thread
+                while threads != ["loop", "ort"]:  # noqa: ASYNC110 (bounded poll: no event for it)
+                    await asyncio.sleep(0.005)
+            # the serve loop is free too: another model on the worker answers meanwhile
+            fast_request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
+            fast = await stub.ModelInfer(fast_request, timeout=2)
+            still_computing = not slow_call.done()
+            response = await slow_call
         ticking.cancel()
     finally:
         await stop_mesh(mesh)
@@ -320,3 +330,5 @@ async def test_a_quick_model_that_turns_slow_holds_the_event_loop_for_the_inline
     assert threads == ["loop", "ort"]  # stopped on the loop, run again off it
     assert not served.runs_inline()  # its time now says slow
     assert ticks > 10  # the loop turned while the 1.5 s batch ran (frozen, it would not have)
+    assert output_arrays(fast)["logits"].shape == (1, 10)
+    assert still_computing
