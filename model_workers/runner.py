@@ -136,14 +136,15 @@ class BatchRunner:
             if self._stopping.is_set():
                 await self._leases.release(served, jobs)
                 return
+            taken = len(jobs)  # expired ones included: they cost the claim too (``_run`` drops them from jobs)
             if served.runs_inline():
                 try:
                     await self._run(served, jobs)
-                    served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, len(jobs))
+                    served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, taken)
                     return
                 except TurnedSlow:  # stopped on the loop: run again off it, the serve loop going on
                     pass
-            task = asyncio.create_task(self._run_detached(served, jobs, started_s, filling_s))
+            task = asyncio.create_task(self._run_detached(served, jobs, taken, started_s, filling_s))
             self._detached.add(task)
             task.add_done_callback(self._detached.discard)
             detached = True
@@ -154,15 +155,19 @@ class BatchRunner:
             if not detached:
                 served.ended()
 
-    async def _run_detached(self, served: Served, jobs: list[Job], started_s: float, filling_s: float) -> None:
+    async def _run_detached(
+        self, served: Served, jobs: list[Job], taken: int, started_s: float, filling_s: float
+    ) -> None:
         try:
             try:
                 await self._run(served, jobs)
             except TurnedSlow:  # decided inline here (another batch's time came in): now it is not
                 await self._run(served, jobs)
-            served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, len(jobs))
+            served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, taken)
         except RedisError as exc:
             log.warning("redis error while serving %s: %s", served.keys.ready, exc)
+        except Exception:  # a task's error would go unseen: the leases redeliver its jobs
+            log.exception("batch of %s failed outside the model run", served.keys.ready)
         finally:
             served.ended()
             self.on_batch_ended()
