@@ -27,9 +27,10 @@ run, while the loop has nothing to do during a batch that cannot wait a few ms:
 replies leave before the next batch starts, and leases last seconds."""
 
 INLINE_LIMIT_MS = 20.0
-"""An inline run still going after this long is stopped (``stops.Watchdog``) and run
-again on an ONNX Runtime thread: a quick model that turns slow holds the event loop
-(every other model's replies, the leases, the reports) for this long at most, once."""
+"""An inline run still going after this long is stopped (``stops.Watchdog``) and its
+batch runs again on a task and ONNX Runtime thread of its own: a quick model that
+turns slow holds the event loop (every other model's batches and replies, the
+leases, the reports) for this long at most, once."""
 
 EXECUTION_TIMEOUT_FLOOR_MS = 10_000
 EXECUTION_TIMEOUT_WARMUP_MULTIPLE = 100
