@@ -95,6 +95,7 @@ class AssignmentFollower:
         self._dropping: dict[ModelKey, asyncio.Task[None]] = {}
         self._failed: dict[ModelKey, LoadFailure] = {}  # kept while a retry loads: still failed until it succeeds
         self._activation_bytes: dict[ModelKey, int] = {}  # measured at warm-up, until the model is held
+        self._warmup_ms: dict[ModelKey, float] = {}  # likewise: the served model's time limits derive from it
 
     def follow(self, assignment: mpb.WorkerAssignment) -> None:
         """Start loading what is newly assigned and draining what is no longer.
@@ -148,6 +149,7 @@ class AssignmentFollower:
         )
         took_s, activation_bytes = warm_up_measured(model, self._memory_probe)
         self._activation_bytes[(info.name, info.version)] = activation_bytes
+        self._warmup_ms[(info.name, info.version)] = took_s * 1000
         log.info("loaded %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)
         return model
 
@@ -164,11 +166,14 @@ class AssignmentFollower:
         self._loading.pop(key, None)
         self._failed.pop(key, None)
         activation_bytes = self._activation_bytes.pop(key, 0)
+        warmup_ms = self._warmup_ms.pop(key, 0.0)
         if self._stopping.is_set() or key not in self._assigned:
             log.info("model %s version %d loaded but no longer assigned; not serving it", name, version)
             return
         keys = ModelKeys.for_model(name, version)
-        served = Served(model, keys, weights_bytes=model.info.weights_bytes, activation_bytes=activation_bytes)
+        served = Served(
+            model, keys, weights_bytes=model.info.weights_bytes, activation_bytes=activation_bytes, warmup_ms=warmup_ms
+        )
         self._held.add(key, served)
         self._serve_loop.models_added()  # jobs may have queued while it loaded
         self._on_change()

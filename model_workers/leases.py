@@ -84,12 +84,14 @@ class Leases:
         self._send_replies(served, outgoing)
 
     async def extend_while_computing(self, served: Served, jobs: list[Job]) -> None:
-        """Extend the leases of a computing batch every third of a lease, until cancelled."""
+        """Extend the leases of a computing batch every third of a lease (the model's
+        own, ``Served.lease_ms``), until cancelled."""
+        lease_ms = served.lease_ms(self._lease_ms)
         while True:
-            await asyncio.sleep(self._lease_ms / 3000)
+            await asyncio.sleep(lease_ms / 3000)
             for token, ids in by_token(jobs).items():
                 with contextlib.suppress(RedisError):
-                    await self._queue.extend(served.keys, token, ids, self._lease_ms)
+                    await self._queue.extend(served.keys, token, ids, lease_ms)
 
     async def release(self, served: Served, jobs: list[Job]) -> None:
         """Stopping: give back jobs taken but not started, at once (not after the lease)."""

@@ -32,7 +32,9 @@ class EngineUnavailable(RuntimeError):
 
 
 class InferenceSession(Protocol):
-    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any]) -> list[Any]: ...
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any = None
+    ) -> list[Any]: ...
 
 
 class LoadedModel:
@@ -75,18 +77,24 @@ class LoadedModel:
         self._canary_feed: dict[str, np.ndarray[Any, Any]] | None = None
         self._warmup: warmup.WarmupInputs | None = None  # what warm-up ran; None: not warmed
 
-    def run(self, inputs: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-        """Run one batch; returns every output, in the model's output order."""
+    def run(
+        self, inputs: dict[str, np.ndarray[Any, Any]], options: ort.RunOptions | None = None
+    ) -> list[np.ndarray[Any, Any]]:
+        """Run one batch; returns every output, in the model's output order.
+
+        ``options``: the run's own, whose ``terminate`` another thread may set to stop it."""
         if self._bound is not None:
-            return self._run_bound(inputs)
-        return [np.asarray(out) for out in self.session.run(self.output_names, inputs)]
+            return self._run_bound(inputs, options)
+        return [np.asarray(out) for out in self.session.run(self.output_names, inputs, options)]
 
     @property
     def io_bound(self) -> bool:
         """Whether runs go through IO binding (``_run_bound``): a GPU session without BYTES tensors."""
         return self._bound is not None
 
-    def _run_bound(self, inputs: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+    def _run_bound(
+        self, inputs: dict[str, np.ndarray[Any, Any]], options: ort.RunOptions | None
+    ) -> list[np.ndarray[Any, Any]]:
         """Run on the GPU through IO binding: one copy in and one copy out per tensor.
 
         Inputs are bound in host memory and ONNX Runtime copies each to the device once.
@@ -100,7 +108,7 @@ class LoadedModel:
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name in self.output_names:
             binding.bind_output(name, "cuda")
-        self._bound.run_with_iobinding(binding)
+        self._bound.run_with_iobinding(binding, options)
         outputs: list[np.ndarray[Any, Any]] = binding.copy_outputs_to_cpu()
         return outputs
 
@@ -227,7 +235,7 @@ class LoadedModel:
         for batch in sorted(sizes):
             self._check(self.run(inputs.feed(batch, batching)), batch)
 
-    def canary(self) -> None:
+    def canary(self, options: ort.RunOptions | None = None) -> None:
         """Run the known sample input at batch 1 and check the answer, as warm-up does
         (nothing when the model is served without warm-up: no input is known to fit).
 
@@ -238,7 +246,7 @@ class LoadedModel:
             return  # served without warm-up: no input is known to fit
         if self._canary_feed is None:
             self._canary_feed = self.sample_inputs(1)
-        self._check(self.run(self._canary_feed), 1)
+        self._check(self.run(self._canary_feed, options), 1)
 
     def _check(self, outputs: list[np.ndarray[Any, Any]], batch: int) -> None:
         for spec, out in zip(self.info.outputs, outputs, strict=True):

@@ -213,10 +213,10 @@ async def test_a_dropped_model_finishes_its_batch_in_hand_first(moving_mesh: Mes
     running, release, original = asyncio.Event(), threading.Event(), model.run
     loop = asyncio.get_running_loop()
 
-    def held(inputs: dict[str, Any]) -> list[Any]:  # runs in the worker's compute thread
+    def held(inputs: dict[str, Any], options: Any = None) -> list[Any]:  # runs in the worker's compute thread
         loop.call_soon_threadsafe(running.set)
         assert release.wait(EVENT_TIMEOUT_S)
-        return original(inputs)
+        return original(inputs, options)
 
     model.run = held  # type: ignore[method-assign]
     async with grpc.aio.insecure_channel(mesh.address) as channel:

@@ -288,6 +288,18 @@ async def test_a_job_due_before_the_batch_could_finish_is_expired_not_taken(queu
     assert [job_id for job_id, _ in batch.expired] == ["soon"]
 
 
+async def test_a_stale_estimate_still_tries_one_job_that_has_not_passed_its_deadline(queue: QueueProtocol) -> None:
+    # One 32 s batch once: the estimate says no 30 s job can finish. Without a batch
+    # that runs, the estimate would never come down (issue 16, seen 3): one is tried.
+    now_ms = int(time.time() * 1000)
+    await put(queue, "first", deadline_ms=now_ms + 30_000)
+    await put(queue, "second", deadline_ms=now_ms + 30_000)
+    await put(queue, "gone", deadline_ms=now_ms - 1)
+    batch = await queue.claim(KEYS, max_items=8, lease_ms=60_000, worker_id="w", batch_ms=32_000)
+    assert [job_id for job_id, _ in batch.jobs] == ["first"]
+    assert sorted(job_id for job_id, _ in batch.expired) == ["gone", "second"]
+
+
 async def test_a_fast_batch_takes_a_job_close_to_its_deadline(queue: QueueProtocol) -> None:
     await put(queue, "soon", deadline_ms=int(time.time() * 1000) + 30_000)
     batch = await queue.claim(KEYS, max_items=8, lease_ms=60_000, worker_id="w", batch_ms=5)

@@ -224,18 +224,18 @@ class _Gate:
         self.open = threading.Event()
         self.real = LoadedModel.run
 
-    def run(self, model: LoadedModel, inputs: dict[str, Any]) -> list[Any]:
+    def run(self, model: LoadedModel, inputs: dict[str, Any], options: Any = None) -> list[Any]:
         if model.info.name == "scale_any" and self.armed.is_set() and not self.entered.is_set():
             self.entered.set()
             self.open.wait(20)
-        return self.real(model, inputs)
+        return self.real(model, inputs, options)
 
 
 async def test_a_full_redis_answers_every_accepted_request_within_seconds(
     store: Redis, store_url: str, model_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = _Gate()
-    monkeypatch.setattr(LoadedModel, "run", lambda model, inputs: gate.run(model, inputs))
+    monkeypatch.setattr(LoadedModel, "run", lambda model, inputs, options=None: gate.run(model, inputs, options))
     mesh = await start_mesh(store_url, model_repository, default_timeout_ms=15_000)
     gate.armed.set()
     try:

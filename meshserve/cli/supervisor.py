@@ -88,6 +88,8 @@ UP_GATEWAY_FORWARDED = (
 )
 UP_WORKER_FORWARDED = (
     "lease_ms",
+    "canary_timeout_ms",
+    "compute_slots",
     "max_attempts",
     "lower_tier_share",
     "canary_interval_s",

@@ -19,6 +19,8 @@ restrict the served versions and name the platform::
       device: any                 # gpu | cpu | any (the default: a GPU or MIG slice first)
       min_mig_profile: 2g.20gb    # no smaller MIG slice; whole GPUs are always allowed
       memory_mb: 2048             # device memory in MiB; default: estimated
+    execution_timeout_ms: 20000   # a batch running longer is stopped; default: from warm-up
+    instances: 1                  # batches of this model computing at once on a worker
     warmup:                       # warm-up inputs, as Triton's model_warmup (meshserve/models/warmup.py)
       - inputs: {images: {dims: [3, 640, 640], data: random}}
 
@@ -70,7 +72,17 @@ _MAX_PROTOBUF_BYTES = 2**31 - 1
 
 _VERSION_DIR = re.compile(r"[1-9][0-9]*")
 _TOP_LEVEL_KEYS = frozenset(
-    {"max_batch_size", "dynamic_batching", "versions", "platform", "placement", "execution", "warmup"}
+    {
+        "max_batch_size",
+        "dynamic_batching",
+        "versions",
+        "platform",
+        "placement",
+        "execution",
+        "execution_timeout_ms",
+        "instances",
+        "warmup",
+    }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
 
@@ -127,6 +139,8 @@ class ModelInfo:
     weights_bytes: int = 0  # files in the version directory: model.onnx plus external data
     execution: ExecutionConfig = DEFAULT_EXECUTION
     warmup: tuple[WarmupSample, ...] = ()  # from config.yaml; (): the worker picks the inputs
+    execution_timeout_ms: int = 0  # 0: derived from the warm-up time (model_workers/served.py)
+    instances: int = 1  # batches computing at once per worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +156,8 @@ class _Config:
     placement: PlacementConfig = DEFAULT_PLACEMENT
     execution: ExecutionConfig = DEFAULT_EXECUTION
     warmup: tuple[WarmupSample, ...] = ()
+    execution_timeout_ms: int = 0
+    instances: int = 1
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -283,7 +299,19 @@ def _read_config(model_dir: Path) -> _Config:
         placement=_placement(raw.get("placement"), path),
         execution=_execution(raw.get("execution"), model_dir, path),
         warmup=_warmup(raw.get("warmup"), model_dir, path),
+        execution_timeout_ms=_optional_int(raw, "execution_timeout_ms", path, "") or 0,
+        instances=_instances(raw, path),
     )
+
+
+def _instances(raw: dict[Any, Any], path: Path) -> int:
+    """``instances``: at least 1 (a model with none could never run)."""
+    instances = _optional_int(raw, "instances", path, "")
+    if instances is None:
+        return 1
+    if instances < 1:
+        raise RepositoryError(f"{path}: 'instances' must be an integer >= 1, got {instances}")
+    return instances
 
 
 def _queue_delay_us(batching: dict[Any, Any], path: Path) -> int | None:
@@ -468,6 +496,8 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         weights_bytes=sum(file.stat().st_size for file in path.parent.iterdir() if file.is_file()),
         execution=config.execution,
         warmup=config.warmup,
+        execution_timeout_ms=config.execution_timeout_ms,
+        instances=config.instances,
     )
 
 

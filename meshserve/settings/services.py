@@ -161,7 +161,27 @@ class WorkerSettings:
     metrics_port: int = field(default=0, metadata=cli("0: off", env="WORKER_METRICS_PORT"))
     health_host: str = field(default=LOOPBACK_HOST, metadata=cli("address the grpc.health.v1 port listens on"))
     health_port: int = field(default=0, metadata=cli("grpc.health.v1 port (0: a free one, logged at start)"))
-    lease_ms: int = field(default=5_000, metadata=cli("a dead worker's requests are redelivered after this long"))
+    lease_ms: int = field(
+        default=5_000,
+        metadata=cli(
+            "a dead worker's requests are redelivered after this long, or after 3 of the model's recent batch"
+            " times if longer (leases of a computing batch are extended)"
+        ),
+    )
+    canary_timeout_ms: int = field(
+        default=5_000,
+        metadata=cli(
+            "a canary may run this long, or 4 times the model's own measured time if longer (at most its"
+            " execution timeout); counted once it holds the device"
+        ),
+    )
+    compute_slots: int = field(
+        default=0,
+        metadata=cli(
+            "model runs at once on this worker, across models (each model also at most its config.yaml"
+            " instances); 0: the CPU count, within 2 to 8"
+        ),
+    )
     max_attempts: int = field(default=3, metadata=cli("claims of one request before it is answered INTERNAL"))
     lower_tier_share: float = field(
         default=0.1, metadata=cli("fraction of batches kept for lower tiers while they have work (0: strict tiers)")
