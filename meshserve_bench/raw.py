@@ -2,7 +2,8 @@
 
 It runs while the mesh idles (under load both would compete for the same CPUs):
 batch-1 latency back to back and after an idle gap, items/s at batch 1, 8 and the
-max batch, then batch 1 after the gap on the session a worker builds.
+max batch, batch 1 after the gap on a one-thread session, then on the session a
+worker builds (its engine setting chosen as a worker chooses it, model_workers/tuning.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 import onnxruntime as ort
 
 from meshserve.models.repository import ModelInfo
-from meshserve.settings import env_default
+from meshserve.settings import env_default, parse_bool
 from meshserve_bench.load import cpu_s, machine_busy_s, percentile_ms, random_inputs
 from model_workers.session import LoadedModel
+from model_workers.tuning import choose_engine, fixed_setting
 
 IDLE_GAP_S = 0.004
 """The sleep before each run of the idle-gap reference: about what a request spends
@@ -30,16 +32,18 @@ class RawFigures:
     """Batch-1 latency and items/s per batch size tried.
 
     ``idle_p50_ms``: batch-1 p50 when every run follows ``IDLE_GAP_S`` of sleep, as a
-    worker at concurrency 1 runs it. ``worker_idle_p50_ms``: the same on the session a
-    worker builds (idle threads sleep unless the worker spins); None when the worker
-    spins like ONNX Runtime's default, whose figure is then ``idle_p50_ms``.
+    worker at concurrency 1 runs it; ``one_thread_idle_p50_ms`` the same on a session
+    of one thread. ``worker_idle_p50_ms``: the same on the session a worker builds,
+    under ``worker_engine`` (its setting, and how it was chosen).
     ``other_cores``: how many cores other processes kept busy meanwhile (None off Linux)."""
 
     p50_ms: float
     p99_ms: float
     items_per_s_by_batch: dict[int, float]
     idle_p50_ms: float
-    worker_idle_p50_ms: float | None
+    one_thread_idle_p50_ms: float
+    worker_idle_p50_ms: float
+    worker_engine: str
     other_cores: float | None
 
     def best_batch(self) -> int:
@@ -84,7 +88,8 @@ def measure_raw(model: ModelInfo, max_batch: int, warmup_s: float, duration_s: f
             batch1_ns = latencies_ns
             idle_ns = timed_runs_ns(run, duration_s / 2, IDLE_GAP_S)
     del session  # its spinning threads would run beside the worker's session
-    worker_ns = worker_session_idle_runs_ns(model, warmup_s, duration_s / 2)
+    one_thread_ns = one_thread_idle_runs_ns(model, warmup_s, duration_s / 2)
+    worker_ns, worker_engine = worker_session_idle_runs_ns(model, warmup_s, duration_s / 2)
     machine_after_s, own_after_s, wall_after_s = machine_busy_s(), cpu_s(), time.perf_counter()
     other_cores = None
     if machine_before_s is not None and machine_after_s is not None:
@@ -95,18 +100,33 @@ def measure_raw(model: ModelInfo, max_batch: int, warmup_s: float, duration_s: f
         p99_ms=percentile_ms(batch1_ns, 99),
         items_per_s_by_batch=items_per_s,
         idle_p50_ms=percentile_ms(idle_ns, 50),
-        worker_idle_p50_ms=percentile_ms(worker_ns, 50) if worker_ns else None,
+        one_thread_idle_p50_ms=percentile_ms(one_thread_ns, 50),
+        worker_idle_p50_ms=percentile_ms(worker_ns, 50),
+        worker_engine=worker_engine,
         other_cores=other_cores,
     )
 
 
-def worker_session_idle_runs_ns(model: ModelInfo, warmup_s: float, duration_s: float) -> list[int]:
-    """Batch 1 after ``IDLE_GAP_S`` on the session a CPU worker of this environment builds
-    (``MESHSERVE_INTRA_OP_*``, as ``meshserve up`` passes them on): by default its idle
-    threads sleep and a lone request wakes them op by op. [] when the worker spins."""
-    if env_default("INTRA_OP_SPINNING", False):
-        return []
-    loaded = LoadedModel(model, device="cpu", intra_op_threads=env_default("INTRA_OP_THREADS", 0))
-    run = functools.partial(loaded.run, random_inputs(model, 1))
+def one_thread_idle_runs_ns(model: ModelInfo, warmup_s: float, duration_s: float) -> list[int]:
+    """Batch 1 after ``IDLE_GAP_S`` on a one-thread session: no pool threads to wake."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model.path), sess_options=options, providers=["CPUExecutionProvider"])
+    run = functools.partial(session.run, None, random_inputs(model, 1))
     timed_runs_ns(run, warmup_s)
     return timed_runs_ns(run, duration_s, IDLE_GAP_S)
+
+
+def worker_session_idle_runs_ns(model: ModelInfo, warmup_s: float, duration_s: float) -> tuple[list[int], str]:
+    """Batch 1 after ``IDLE_GAP_S`` on the session a CPU worker of this environment builds
+    (``MESHSERVE_INTRA_OP_*``, as ``meshserve up`` passes them on, else the model's
+    config.yaml, else measured as a worker measures it), and that setting's label."""
+    spinning = env_default("INTRA_OP_SPINNING", None)  # None, or the variable's text
+    flags = (env_default("INTRA_OP_THREADS", 0), None if spinning is None else parse_bool(spinning))
+    threads, spin = fixed_setting(*flags, model.engine)
+    loaded = LoadedModel(model, device="cpu")
+    loaded.warm_up()
+    choose_engine(loaded, threads, spin, source="flags" if flags != (0, None) else "config.yaml")
+    run = functools.partial(loaded.run, random_inputs(model, 1))
+    timed_runs_ns(run, warmup_s)
+    return timed_runs_ns(run, duration_s, IDLE_GAP_S), f"{loaded.engine.label}, {loaded.engine_source}"

@@ -15,6 +15,9 @@ restrict the served versions and name the platform::
     platform: onnxruntime_onnx
     execution:                    # ONNX Runtime providers on a GPU (meshserve/execution.py)
       providers: [tensorrt, cuda, cpu]
+    engine:                       # ONNX Runtime's CPU threads; default: measured at warm-up
+      intra_op_threads: 1         # (model_workers/tuning.py)
+      spinning: false             # true | false | bounded
     placement:                    # where the router may put it (router/placement.py)
       device: any                 # gpu | cpu | any (the default: a GPU or MIG slice first)
       min_mig_profile: 2g.20gb    # no smaller MIG slice; whole GPUs are always allowed
@@ -53,7 +56,14 @@ from onnx import (
     ValueInfoProto,
 )
 
-from meshserve.models.execution import DEFAULT_EXECUTION, ExecutionConfig, parse_execution
+from meshserve.models.execution import (
+    DEFAULT_ENGINE,
+    DEFAULT_EXECUTION,
+    EngineConfig,
+    ExecutionConfig,
+    parse_engine,
+    parse_execution,
+)
 from meshserve.platform.mig import parse_mig_profile
 from meshserve.wire.dtypes import KSERVE_BY_ONNX
 
@@ -66,7 +76,9 @@ ANY_DIM = -1
 _MAX_PROTOBUF_BYTES = 2**31 - 1
 
 _VERSION_DIR = re.compile(r"[1-9][0-9]*")
-_TOP_LEVEL_KEYS = frozenset({"max_batch_size", "dynamic_batching", "versions", "platform", "placement", "execution"})
+_TOP_LEVEL_KEYS = frozenset(
+    {"max_batch_size", "dynamic_batching", "versions", "platform", "placement", "execution", "engine"}
+)
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
 
 
@@ -121,6 +133,7 @@ class ModelInfo:
     placement: PlacementConfig = DEFAULT_PLACEMENT
     weights_bytes: int = 0  # files in the version directory: model.onnx plus external data
     execution: ExecutionConfig = DEFAULT_EXECUTION
+    engine: EngineConfig = DEFAULT_ENGINE  # CPU thread settings config.yaml fixes
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +148,7 @@ class _Config:
     platform: str = DEFAULT_PLATFORM
     placement: PlacementConfig = DEFAULT_PLACEMENT
     execution: ExecutionConfig = DEFAULT_EXECUTION
+    engine: EngineConfig = DEFAULT_ENGINE
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -238,6 +252,7 @@ def _read_config(model_dir: Path) -> _Config:
         platform=platform,
         placement=_placement(raw.get("placement"), path),
         execution=_execution(raw.get("execution"), model_dir, path),
+        engine=_engine(raw.get("engine"), path),
     )
 
 
@@ -288,6 +303,14 @@ def _execution(value: object, model_dir: Path, path: Path) -> ExecutionConfig:
     """The ``execution`` section, validated; absent means the defaults."""
     try:
         return parse_execution(value, model_dir)
+    except ValueError as exc:
+        raise RepositoryError(f"{path}: {exc}") from exc
+
+
+def _engine(value: object, path: Path) -> EngineConfig:
+    """The ``engine`` section, validated; absent means nothing fixed."""
+    try:
+        return parse_engine(value)
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
 
@@ -413,6 +436,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         placement=config.placement,
         weights_bytes=sum(file.stat().st_size for file in path.parent.iterdir() if file.is_file()),
         execution=config.execution,
+        engine=config.engine,
     )
 
 
