@@ -18,6 +18,7 @@ has passed.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -64,10 +65,11 @@ def fixed_setting(flag_threads: int, flag_spinning: bool | None, config: EngineC
 def candidates(threads: int | None, spin: str | None, budget: int, bounded: bool) -> list[EngineSetting]:
     """The settings to try, cheapest for the host first; ``threads``/``spin`` None: try both ways.
 
-    Threads: 1 or ``budget`` (the CPUs this worker may use). Spinning: off, or on
+    Threads: 1 or ``budget`` (the CPUs this worker may use; 0: ONNX Runtime's own
+    choice, for a worker that may use the whole machine). Spinning: off, or on
     (bounded when ``bounded``, this ONNX Runtime's spin limit). One thread has no
     pool to spin, so it is tried once."""
-    thread_counts = [threads] if threads is not None else sorted({1, budget})
+    thread_counts = [threads] if threads is not None else [1] if budget == 1 else [1, budget]
     spins = [spin] if spin is not None else [SPIN_OFF, SPIN_BOUNDED if bounded else SPIN_ON]
     found: list[EngineSetting] = []
     for count in thread_counts:
@@ -138,7 +140,7 @@ def choose_engine(
     ``model.engine_source`` and ``model.engine_trials`` how; logs one INFO line.
 
     ``threads``/``spin`` fixed (``fixed_setting``; ``source`` says by what) are not
-    tried. ``budget`` (default: ``cpu_budget()``), ``bounded`` (default: whether this
+    tried. ``budget`` (default: ``cpu_budget()``, or 0 when that is every CPU), ``bounded`` (default: whether this
     ONNX Runtime bounds spinning) and ``measure`` are seams for tests. A trial that
     raises leaves the setting the model warmed up under, with a warning."""
     info = model.info
@@ -146,7 +148,10 @@ def choose_engine(
     if not model.on_cpu:
         model.engine_source = "gpu"  # CPU threads only feed the device: nothing worth trying
         return
-    budget = cpu_budget() if budget is None else budget
+    if budget is None:
+        budget = cpu_budget()
+        if budget >= (os.cpu_count() or 1):
+            budget = 0  # the whole machine: ONNX Runtime's own choice (a thread per physical core, pinned)
     bounded = bounded_spin_supported() if bounded is None else bounded
     settings = candidates(threads, spin, budget, bounded)
     if len(settings) == 1:

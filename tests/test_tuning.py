@@ -36,6 +36,8 @@ def test_candidates_are_one_thread_or_the_budget_sleeping_or_spinning_cheapest_f
     assert candidates(None, None, budget=4, bounded=True) == [ONE, ALL_SLEEP, ALL_SPIN]
     assert candidates(None, None, budget=4, bounded=False) == [ONE, ALL_SLEEP, EngineSetting(4, SPIN_ON)]
     assert candidates(None, None, budget=1, bounded=True) == [ONE]  # one thread has no pool to spin
+    auto = [ONE, EngineSetting(0, SPIN_OFF), EngineSetting(0, SPIN_BOUNDED)]
+    assert candidates(None, None, budget=0, bounded=True) == auto  # 0: ONNX Runtime's choice
 
 
 def test_what_is_fixed_is_not_tried() -> None:
