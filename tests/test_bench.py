@@ -34,7 +34,7 @@ from meshserve_bench.load import (
     percentile_ms,
     random_inputs,
 )
-from meshserve_bench.raw import RawFigures, raw_batches, worker_session_idle_runs_ns
+from meshserve_bench.raw import RawFigures, interleaved_idle_runs_ns, raw_batches, worker_session
 from meshserve_bench.redis_cost import RedisUsage
 
 MS = 1_000_000  # ns
@@ -285,17 +285,18 @@ def test_the_worker_session_runs_the_real_model_under_the_setting_a_worker_would
 ) -> None:
     """Real ONNX Runtime on the example mlp, through the worker's own session class and choice."""
     model = load_model(model_repository / "mlp", 1)
+    feed = random_inputs(model, 1)
     monkeypatch.setenv("MESHSERVE_INTRA_OP_THREADS", "1")  # as `up --intra-op-threads 1` passes it on
     monkeypatch.setenv("MESHSERVE_INTRA_OP_SPINNING", "0")
-    runs_ns, engine = worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05)
-    assert runs_ns
-    assert all(ns > 0 for ns in runs_ns)
+    run, engine = worker_session(model)
     assert engine == "threads=1,spin=off, flags"
     monkeypatch.delenv("MESHSERVE_INTRA_OP_THREADS")
     monkeypatch.delenv("MESHSERVE_INTRA_OP_SPINNING")
-    runs_ns, engine = worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05)
-    assert runs_ns
+    measured_run, engine = worker_session(model)
     assert engine.endswith((", measured", ", a CPU budget of 1"))
+    idle = interleaved_idle_runs_ns({"fixed": lambda: run(feed), "measured": lambda: measured_run(feed)}, 0.05, 2)
+    assert all(idle.values())
+    assert all(ns > 0 for runs in idle.values() for ns in runs)
 
 
 def test_the_plot_is_written_or_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
