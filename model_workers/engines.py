@@ -1,6 +1,7 @@
-"""Which ONNX Runtime execution providers run a model on one device, with which options.
+"""Which ONNX Runtime execution providers run a model on one device, with which options,
+and how the CPU thread pool runs it (``EngineSetting``; chosen in ``tuning.py``).
 
-Pure: the caller passes what ONNX Runtime offers (``ort.get_available_providers()``),
+The provider choice is pure: the caller passes what ONNX Runtime offers (``ort.get_available_providers()``),
 so the choice is testable on a CPU-only host. A GPU worker process sees only its own
 device (``CUDA_VISIBLE_DEVICES``), so inside it the CUDA device id is always 0.
 Option names are ONNX Runtime's ("TensorRT Execution Provider" and "CUDA Execution
