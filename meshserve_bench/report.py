@@ -62,8 +62,12 @@ def raw_lines(raw: Figures | None) -> list[str]:
         f" p99 {num(raw['p99_ms'])} ms; items/s {by_batch}",
         f"- raw batch 1 after a 4 ms idle gap (how a lone request finds it): p50 {num(raw['idle_p50_ms'])} ms",
     ]
-    if raw["worker_idle_p50_ms"] is not None:
-        lines.append(f"- the same on a worker's session (idle threads sleep): p50 {num(raw['worker_idle_p50_ms'])} ms")
+    best_raw_ms = min(raw["idle_p50_ms"], raw["one_thread_idle_p50_ms"])
+    lines += [
+        f"- the same on one thread (no pool threads to wake): p50 {num(raw['one_thread_idle_p50_ms'])} ms",
+        f"- the same on a worker's session ({raw['worker_engine']}): p50 {num(raw['worker_idle_p50_ms'])} ms,"
+        f" x{raw['worker_idle_p50_ms'] / best_raw_ms:.2f} the best raw setting",
+    ]
     if (raw["other_cores"] or 0.0) > BUSY_MACHINE_CORES:
         lines.append(f"- note: other processes kept {raw['other_cores']:.1f} cores busy during the raw run: noisy")
     return lines

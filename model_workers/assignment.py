@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from meshserve.models.repository import load_model
 from meshserve.queue import ModelKeys
 from meshserve.settings import WorkerSettings
+from model_workers.engines import SPIN_OFF, EngineSetting
 from model_workers.held import HeldModels, ModelKey
 from model_workers.leases import Leases
 from model_workers.memory import PeakMemoryProbe, warm_up_measured
 from model_workers.serve_loop import ServeLoop
 from model_workers.served import Served
 from model_workers.session import LoadedModel
+from model_workers.tuning import choose_engine, fixed_setting
 from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
@@ -141,13 +143,12 @@ class AssignmentFollower:
     def load(self, name: str, version: int) -> LoadedModel:
         """Read, load and warm up one model version; runs in the loader thread."""
         info = load_model(self._settings.model_repository / name, version)
-        model = LoadedModel(
-            info,
-            device=self._settings.device,
-            intra_op_threads=self._settings.intra_op_threads,
-            spinning=self._settings.intra_op_spinning,
-        )
+        flags = (self._settings.intra_op_threads, self._settings.intra_op_spinning)
+        threads, spin = fixed_setting(*flags, info.engine)
+        model = LoadedModel(info, device=self._settings.device, engine=EngineSetting(threads or 0, spin or SPIN_OFF))
         took_s, activation_bytes = warm_up_measured(model, self._memory_probe)
+        source = "flags" if flags != (0, None) else "config.yaml"
+        choose_engine(model, threads, spin, source=source)
         self._activation_bytes[(info.name, info.version)] = activation_bytes
         self._warmup_ms[(info.name, info.version)] = took_s * 1000
         log.info("loaded %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)

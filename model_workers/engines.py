@@ -1,6 +1,7 @@
-"""Which ONNX Runtime execution providers run a model on one device, with which options.
+"""Which ONNX Runtime execution providers run a model on one device, with which options,
+and how the CPU thread pool runs it (``EngineSetting``; chosen in ``tuning.py``).
 
-Pure: the caller passes what ONNX Runtime offers (``ort.get_available_providers()``),
+The provider choice is pure: the caller passes what ONNX Runtime offers (``ort.get_available_providers()``),
 so the choice is testable on a CPU-only host. A GPU worker process sees only its own
 device (``CUDA_VISIBLE_DEVICES``), so inside it the CUDA device id is always 0.
 Option names are ONNX Runtime's ("TensorRT Execution Provider" and "CUDA Execution
@@ -10,8 +11,12 @@ Provider" pages of its documentation); every value is a string.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import onnxruntime as ort
 
 from meshserve.models.execution import ExecutionConfig
 from meshserve.models.repository import ModelInfo
@@ -27,6 +32,73 @@ ORT_NAMES = {"tensorrt": TENSORRT, "cuda": CUDA, "cpu": CPU}
 ProviderChain = list[tuple[str, dict[str, str]]]
 
 _warned_unavailable: set[str] = set()
+
+SPIN_OFF = "off"
+SPIN_BOUNDED = "bounded"
+SPIN_ON = "on"
+BOUNDED_SPIN_US = 100
+"""How long an idle intra-op thread spins before it sleeps, under bounded spinning:
+about the gap between two small ops of one run, far less than between requests."""
+SPIN_DURATION_SINCE = (1, 32)
+"""The first ONNX Runtime release known here to honour ``session.intra_op.spin_duration_us``
+(unknown config keys are ignored silently, so support cannot be probed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSetting:
+    """How ONNX Runtime's CPU thread pool runs one session.
+
+    ``intra_op_threads``: 0 is ONNX Runtime's choice (one per physical core).
+    ``spin``: what idle pool threads do between ops: ``SPIN_OFF`` sleep (they leave
+    the CPU to the rest of the host, and each op wakes them), ``SPIN_BOUNDED`` spin
+    ``BOUNDED_SPIN_US`` then sleep, ``SPIN_ON`` ONNX Runtime's default spinning.
+    """
+
+    intra_op_threads: int = 0
+    spin: str = SPIN_OFF
+
+    @property
+    def label(self) -> str:
+        """``threads=N,spin=S``: the metric label and the log's name for it."""
+        threads = self.intra_op_threads or "auto"
+        return f"threads={threads},spin={self.spin}"
+
+    def apply(self, options: ort.SessionOptions) -> None:
+        """Set these on ``options``; with one thread there is no pool, and nothing spins."""
+        if self.intra_op_threads:
+            options.intra_op_num_threads = self.intra_op_threads
+        spinning = self.spin != SPIN_OFF and self.intra_op_threads != 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if spinning and self.spin == SPIN_BOUNDED:
+            options.add_session_config_entry("session.intra_op.spin_duration_us", str(BOUNDED_SPIN_US))
+
+
+@dataclass(frozen=True, slots=True)
+class Trial:
+    """One setting's timings at warm-up: batch 1 after an idle gap, and the max batch
+    (None when the model is not batchable or its max batch is 1)."""
+
+    setting: EngineSetting
+    batch1_s: float
+    max_batch_s: float | None
+
+
+def bounded_spin_supported(version: str | None = None) -> bool:
+    """Whether this ONNX Runtime (``version``, default the installed one) bounds spinning."""
+    parts = (version or ort.__version__).split(".")[:2]
+    try:
+        return (int(parts[0]), int(parts[1])) >= SPIN_DURATION_SINCE
+    except (ValueError, IndexError):
+        return False
+
+
+def cpu_budget() -> int:
+    """The CPUs this worker may use: its affinity set (what ``taskset`` or a cgroup
+    cpuset leaves it), so its threads never outnumber them."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def provider_chain(

@@ -7,7 +7,7 @@ once the batch in hand has finished. Every other part asks here, never keeps a c
 
 from __future__ import annotations
 
-from meshserve.observe.metrics import ModelCounters
+from meshserve.observe.metrics import EngineFigures, ModelCounters
 from meshserve.queue import ModelKeys
 from model_workers.served import Served
 
@@ -77,6 +77,19 @@ class HeldModels:
                 s.stats.failed,
                 s.stats.device_seconds,
                 s.weights_bytes,
+            )
+            for (name, version), s in self.served.items()
+        ]
+
+    def engines(self) -> list[EngineFigures]:
+        """Every held model's engine setting and the trials it was chosen by, for the metrics endpoint."""
+        return [
+            EngineFigures(
+                name,
+                version,
+                s.model.engine.label,
+                s.model.engine_source,
+                tuple((t.setting.label, t.batch1_s, t.max_batch_s) for t in s.model.engine_trials),
             )
             for (name, version), s in self.served.items()
         ]

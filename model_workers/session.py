@@ -31,6 +31,19 @@ class EngineUnavailable(RuntimeError):
     """ONNX Runtime built the session without the provider it was asked to use first."""
 
 
+DEFAULT_ENGINE = engines.EngineSetting()
+
+
+def _session_options(engine: engines.EngineSetting) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    # ONNX Runtime's threads spin between runs by default. On a host shared with a
+    # gateway, Redis and other workers that spin takes the CPU they need, so it is
+    # on only where a model's trials (model_workers/tuning.py) or its config say so.
+    engine.apply(options)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
 class InferenceSession(Protocol):
     def run(
         self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any = None
@@ -45,26 +58,22 @@ class LoadedModel:
         info: ModelInfo,
         *,
         device: str = "cpu",
-        intra_op_threads: int = 0,
-        spinning: bool = False,
+        engine: engines.EngineSetting = DEFAULT_ENGINE,
         available: Sequence[str] | None = None,
     ) -> None:
         """Build the session for ``device`` ("cpu", "cuda:N" or a MIG UUID).
 
+        ``engine``: ONNX Runtime's thread pool settings; the default lets idle threads
+        sleep (``model_workers.tuning`` measures which setting a model runs fastest on).
         ``available`` stands in for ``ort.get_available_providers()`` (tests only).
         Blocking: a TensorRT engine build can take minutes the first time.
         """
         self.info = info
         self.device = device
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        # ONNX Runtime's threads spin between runs by default. On a host shared with
-        # a gateway, Redis and other workers that spin takes the CPU they need, and
-        # every request waits for it.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._options = options
+        self.engine = engine
+        self.engine_source = "default"  # how ``engine`` was chosen: measured, config.yaml, flags, default
+        self.engine_trials: tuple[engines.Trial, ...] = ()  # the timings it was chosen by
+        self._options = _session_options(engine)
         if available is None:
             available = ort.get_available_providers()
         self._chain = engines.provider_chain(info.execution, device, available, info)
@@ -76,6 +85,20 @@ class LoadedModel:
         self.ready = False
         self._canary_feed: dict[str, np.ndarray[Any, Any]] | None = None
         self._warmup: warmup.WarmupInputs | None = None  # what warm-up ran; None: not warmed
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the session runs on ONNX Runtime's CPU provider alone (thread settings matter)."""
+        return self.providers == (engines.CPU,)
+
+    def use_engine(self, engine: engines.EngineSetting) -> None:
+        """Rebuild the session under ``engine``; only before the model is served
+        (nothing may run it meanwhile). Blocking, like the constructor."""
+        if engine == self.engine:
+            return
+        self.engine = engine
+        self._options = _session_options(engine)
+        self.session = self._open()
 
     def run(
         self, inputs: dict[str, np.ndarray[Any, Any]], options: ort.RunOptions | None = None

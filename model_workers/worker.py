@@ -73,6 +73,7 @@ class Worker:
                 models=self.held.counters,
                 tenant_device_seconds=lambda: self.runner.tenant_device_seconds(),
                 devices=lambda: (self.reporter.device_sample,),
+                engines=self.held.engines,
                 device=settings.device,
                 price_per_device_hour=settings.price_per_device_hour,
             )

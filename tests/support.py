@@ -86,7 +86,9 @@ async def start_mesh(
     for _ in range(workers):
         worker = WorkerServer(
             WorkerSettings(
-                **(worker_overrides or {}),
+                # One thread fixed: engine trials (tests/test_tuning.py) would add up to
+                # half a second per model to every mesh a test starts.
+                **{"intra_op_threads": 1, **(worker_overrides or {})},
                 redis_url=redis_url,
                 router_address=router.address,
                 model_repository=repository,

@@ -34,11 +34,11 @@ from meshserve_bench.load import (
     percentile_ms,
     random_inputs,
 )
-from meshserve_bench.raw import RawFigures, raw_batches, worker_session_idle_runs_ns
+from meshserve_bench.raw import RawFigures, interleaved_idle_runs_ns, raw_batches, worker_session
 from meshserve_bench.redis_cost import RedisUsage
 
 MS = 1_000_000  # ns
-RAW = RawFigures(1.0, 1.5, {1: 1000.0, 8: 1600.0, 32: 2000.0}, 2.25, None, 0.1)
+RAW = RawFigures(1.0, 1.5, {1: 1000.0, 8: 1600.0, 32: 2000.0}, 2.25, 2.0, 2.2, "threads=1,spin=off, measured", 0.1)
 CONFIG = BenchConfig(
     scenario="sweep", target=None, model="cnn", repository=Path("/nonexistent"), duration_s=10.0, warmup_s=2.0
 )
@@ -272,7 +272,11 @@ def test_report_is_dated_and_tabulates_every_point() -> None:
     )
     assert any("batch 1: 1000, batch 8: 1600, batch 32: 2000 (best)" in line for line in lines)
     assert "- raw batch 1 after a 4 ms idle gap (how a lone request finds it): p50 2.25 ms" in lines
-    assert not any("worker's session" in line for line in lines)
+    assert "- the same on one thread (no pool threads to wake): p50 2.00 ms" in lines
+    assert (
+        "- the same on a worker's session (threads=1,spin=off, measured): p50 2.20 ms, x1.10 the best raw setting"
+        in lines
+    )
     row = next(line for line in lines if line.startswith("| 32 |"))
     assert row == "| 32 | 8 | 999 | 3.00 | 5.50 | 10 | 0.50 | +2.00 | +4.00 | 0.95 | 40.0 | 250 | 4000 |"
     assert "- 32: errors UNAVAILABLE 10, answered in p50 2000.00 ms" in lines
@@ -280,9 +284,12 @@ def test_report_is_dated_and_tabulates_every_point() -> None:
 
 
 def test_report_notes_a_busy_machine_and_the_worker_session() -> None:
-    raw = replace(RAW, worker_idle_p50_ms=1.75, other_cores=1.2)
+    raw = replace(RAW, worker_idle_p50_ms=1.8, other_cores=1.2)
     lines = report.markdown(_result(raw=scenarios.raw_json(raw))).splitlines()
-    assert "- the same on a worker's session (idle threads sleep): p50 1.75 ms" in lines
+    assert (
+        "- the same on a worker's session (threads=1,spin=off, measured): p50 1.80 ms, x0.90 the best raw setting"
+        in lines
+    )
     assert any("other processes kept 1.2 cores busy" in line for line in lines)
 
 
@@ -305,17 +312,23 @@ def test_the_report_command_reads_a_json_file(tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().out == report.markdown(_result())
 
 
-def test_the_worker_session_runs_the_real_model_unless_the_worker_spins(
+def test_the_worker_session_runs_the_real_model_under_the_setting_a_worker_would_use(
     model_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Real ONNX Runtime on the example mlp, through the worker's own session class."""
+    """Real ONNX Runtime on the example mlp, through the worker's own session class and choice."""
     model = load_model(model_repository / "mlp", 1)
-    monkeypatch.delenv("MESHSERVE_INTRA_OP_SPINNING", raising=False)
-    runs_ns = worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05)
-    assert runs_ns
-    assert all(ns > 0 for ns in runs_ns)
-    monkeypatch.setenv("MESHSERVE_INTRA_OP_SPINNING", "1")  # then the default session's figure is the worker's
-    assert worker_session_idle_runs_ns(model, warmup_s=0.0, duration_s=0.05) == []
+    feed = random_inputs(model, 1)
+    monkeypatch.setenv("MESHSERVE_INTRA_OP_THREADS", "1")  # as `up --intra-op-threads 1` passes it on
+    monkeypatch.setenv("MESHSERVE_INTRA_OP_SPINNING", "0")
+    run, engine = worker_session(model)
+    assert engine == "threads=1,spin=off, flags"
+    monkeypatch.delenv("MESHSERVE_INTRA_OP_THREADS")
+    monkeypatch.delenv("MESHSERVE_INTRA_OP_SPINNING")
+    measured_run, engine = worker_session(model)
+    assert engine.endswith((", measured", ", a CPU budget of 1"))
+    idle = interleaved_idle_runs_ns({"fixed": lambda: run(feed), "measured": lambda: measured_run(feed)}, 0.05, 2)
+    assert all(idle.values())
+    assert all(ns > 0 for runs in idle.values() for ns in runs)
 
 
 def test_the_plot_is_written_or_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

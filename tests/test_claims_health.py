@@ -39,6 +39,6 @@ async def test_every_per_model_entry_turns_not_serving_before_the_worker_stops_t
     worker.worker.stop = observed_stop  # type: ignore[method-assign]
     await worker.stop()
 
-    assert len(entries) == 5  # "" and the four example models
+    assert len(entries) == 6  # "" and the five example models
     assert before == dict.fromkeys(entries, SERVING)
     assert at_stop == dict.fromkeys(entries, NOT_SERVING)

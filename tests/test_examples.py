@@ -17,6 +17,7 @@ from meshserve.devkit.examples import (
     build_cnn,
     build_fixed_adder,
     build_mlp,
+    build_mobilenet,
     default_repository_dir,
     write_example_repository,
 )
@@ -149,3 +150,24 @@ def test_default_repository_dir_follows_xdg(tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_repository_dir() == expected_home
+
+
+def test_mobilenet_is_many_small_ops_and_its_batch_equals_items_one_by_one() -> None:
+    model = build_mobilenet()
+    ops = [node.op_type for node in model.graph.node]
+    depthwise = [
+        n for n in model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    ]
+    assert len(ops) > 90
+    assert len(depthwise) == 9
+    assert {"HardSwish", "HardSigmoid", "GlobalAveragePool", "Mul", "Add"} <= set(ops)  # hard-swish, squeeze-excite
+    session = _session(model)
+    images = np.random.default_rng(6).standard_normal((3, 3, 96, 96)).astype(np.float32)
+
+    (batched,) = session.run(["logits"], {"image": images})
+    one_by_one = [session.run(["logits"], {"image": img[None]})[0] for img in images]
+
+    assert batched.shape == (3, 100)
+    assert np.isfinite(batched).all()
+    assert batched.std() > 1e-3  # activations keep a sane scale through the blocks
+    np.testing.assert_allclose(batched, np.concatenate(one_by_one), rtol=1e-4, atol=1e-4)

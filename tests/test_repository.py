@@ -43,7 +43,7 @@ def _write_config(model_dir: Path, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelInfo]:
-    """The four example models, scanned once for the module."""
+    """The example models, scanned once for the module."""
     root = write_example_repository(tmp_path_factory.mktemp("examples"))
     models, problems = scan_repository(root)
     assert problems == []
@@ -54,7 +54,7 @@ def examples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelInfo]:
 
 
 def test_scan_returns_examples_sorted(examples: dict[str, ModelInfo]) -> None:
-    assert list(examples) == ["adder_fixed", "cnn", "mlp", "scale_any"]
+    assert list(examples) == ["adder_fixed", "cnn", "mlp", "mobilenet", "scale_any"]
     for info in examples.values():
         assert info.version == 1
         assert info.path.is_absolute()

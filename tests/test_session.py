@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from meshserve.models.repository import load_model
+from model_workers.engines import BOUNDED_SPIN_US, SPIN_BOUNDED, SPIN_OFF, SPIN_ON, EngineSetting
 from model_workers.session import LoadedModel
 
 
@@ -18,15 +19,27 @@ def _options(model: LoadedModel) -> ort.SessionOptions:
     return session.get_session_options()
 
 
-@pytest.mark.parametrize(("spinning", "entry"), [(False, "0"), (True, "1")])
-def test_idle_threads_spin_only_when_asked(model_repository: Path, spinning: bool, entry: str) -> None:
-    model = LoadedModel(load_model(model_repository / "cnn", 1), spinning=spinning)
-    assert _options(model).get_session_config_entry("session.intra_op.allow_spinning") == entry
+@pytest.mark.parametrize(("spin", "entry"), [(SPIN_OFF, "0"), (SPIN_ON, "1"), (SPIN_BOUNDED, "1")])
+def test_idle_threads_spin_only_when_asked(model_repository: Path, spin: str, entry: str) -> None:
+    model = LoadedModel(load_model(model_repository / "cnn", 1), engine=EngineSetting(2, spin))
+    options = _options(model)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+    if spin == SPIN_BOUNDED:
+        assert options.get_session_config_entry("session.intra_op.spin_duration_us") == str(BOUNDED_SPIN_US)
+    else:
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            options.get_session_config_entry("session.intra_op.spin_duration_us")
 
 
 def test_intra_op_threads_are_passed_to_onnx_runtime(model_repository: Path) -> None:
-    model = LoadedModel(load_model(model_repository / "cnn", 1), intra_op_threads=1)
+    model = LoadedModel(load_model(model_repository / "cnn", 1), engine=EngineSetting(intra_op_threads=1))
     assert _options(model).intra_op_num_threads == 1
+
+
+def test_use_engine_rebuilds_the_session_under_the_new_setting(model_repository: Path) -> None:
+    model = LoadedModel(load_model(model_repository / "cnn", 1))
+    model.use_engine(EngineSetting(1, SPIN_OFF))
+    assert (_options(model).intra_op_num_threads, model.engine) == (1, EngineSetting(1, SPIN_OFF))
 
 
 def test_warm_up_marks_ready_and_runs_every_output(model_repository: Path) -> None:

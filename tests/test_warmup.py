@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from meshserve.models.repository import RepositoryError, load_model
+from model_workers.engines import EngineSetting
 from model_workers.session import LoadedModel
 from model_workers.warmup import GUESSED_SIZES
 from tests.warmup_models import write_fixed_area_model, write_stride32_model
@@ -21,7 +22,7 @@ def _config(repository: Path, model: str, text: str) -> None:
 
 def test_a_stride_32_detector_warms_up_at_a_guessed_size(tmp_path: Path) -> None:
     write_stride32_model(tmp_path)
-    model = LoadedModel(load_model(tmp_path / "detector", 1), intra_op_threads=1)
+    model = LoadedModel(load_model(tmp_path / "detector", 1), engine=EngineSetting(intra_op_threads=1))
     model.warm_up()
     assert model.ready
     assert model.warmed
@@ -34,7 +35,7 @@ def test_a_model_no_guess_fits_is_ready_without_warm_up_and_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_fixed_area_model(tmp_path)
-    model = LoadedModel(load_model(tmp_path / "area", 1), intra_op_threads=1)
+    model = LoadedModel(load_model(tmp_path / "area", 1), engine=EngineSetting(intra_op_threads=1))
     with caplog.at_level(logging.INFO, logger="model_workers.session"):
         model.warm_up()
     assert model.ready
@@ -55,7 +56,7 @@ def test_the_config_warm_up_inputs_are_used(tmp_path: Path, caplog: pytest.LogCa
     _config(
         tmp_path, "area", "warmup:\n  - name: letterbox\n    inputs:\n      image: {dims: [3, 25, 40], data: zeros}\n"
     )
-    model = LoadedModel(load_model(tmp_path / "area", 1), intra_op_threads=1)
+    model = LoadedModel(load_model(tmp_path / "area", 1), engine=EngineSetting(intra_op_threads=1))
     with caplog.at_level(logging.WARNING):
         model.warm_up()
     assert model.warmed
@@ -73,7 +74,7 @@ def test_a_config_warm_up_file_holds_one_item(tmp_path: Path) -> None:
     _config(
         tmp_path, "area", "warmup:\n  - batch_size: 3\n    inputs:\n      image: {dims: [3, 25, 40], file: image.bin}\n"
     )
-    model = LoadedModel(load_model(tmp_path / "area", 1), intra_op_threads=1)
+    model = LoadedModel(load_model(tmp_path / "area", 1), engine=EngineSetting(intra_op_threads=1))
     model.warm_up()
     np.testing.assert_array_equal(model.sample_inputs(3)["image"], np.stack([item] * 3))
 
@@ -81,7 +82,7 @@ def test_a_config_warm_up_file_holds_one_item(tmp_path: Path) -> None:
 def test_config_warm_up_inputs_that_do_not_run_fail_the_load(tmp_path: Path) -> None:
     write_fixed_area_model(tmp_path)
     _config(tmp_path, "area", "warmup:\n  - inputs:\n      image: {dims: [3, 32, 32]}\n")
-    model = LoadedModel(load_model(tmp_path / "area", 1), intra_op_threads=1)
+    model = LoadedModel(load_model(tmp_path / "area", 1), engine=EngineSetting(intra_op_threads=1))
     with pytest.raises(Exception, match=r"(?i)reshape"):
         model.warm_up()  # the operator's own sizes: a real failure, reported
     assert not model.ready

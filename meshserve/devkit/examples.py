@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -178,11 +179,104 @@ def build_any_size() -> onnx.ModelProto:
     return _model(graph)
 
 
+# MobileNetV3-small-like blocks: (expanded channels, output channels, stride, squeeze-excite).
+_MOBILENET_BLOCKS = (
+    (16, 16, 2, True),
+    (72, 24, 2, False),
+    (88, 24, 1, False),
+    (96, 40, 2, True),
+    (240, 40, 1, True),
+    (120, 48, 1, True),
+    (144, 48, 1, True),
+    (288, 96, 2, True),
+    (576, 96, 1, True),
+)
+_MOBILENET_CLASSES = 100
+
+
+class _GraphBuilder:
+    """Appends nodes and He-initialised weights, naming each tensor once."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._count = 0
+
+    def name(self, kind: str) -> str:
+        self._count += 1
+        return f"{kind}{self._count}"
+
+    def node(self, op: str, inputs: list[str], **attributes: Any) -> str:
+        output = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [output], **attributes))
+        return output
+
+    def conv(self, current: str, c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> str:
+        """A Conv with bias (batch norm folded in, as exported networks have it)."""
+        weight, bias = self.name("w"), self.name("b")
+        fan_in = c_in // groups * kernel * kernel
+        self.initializers += [
+            _weight(self.rng, weight, (c_out, c_in // groups, kernel, kernel), fan_in=fan_in),
+            _bias(self.rng, bias, c_out),
+        ]
+        pad = kernel // 2
+        return self.node("Conv", [current, weight, bias], pads=[pad] * 4, strides=[stride, stride], group=groups)
+
+    def squeeze_excite(self, current: str, channels: int) -> str:
+        """Global pool, 1x1 reduce / Relu / 1x1 expand / HardSigmoid, times the input."""
+        squeezed = self.node("GlobalAveragePool", [current])
+        reduced = self.node("Relu", [self.conv(squeezed, channels, max(8, channels // 4))])
+        gate = self.node("HardSigmoid", [self.conv(reduced, max(8, channels // 4), channels)], alpha=1 / 6)
+        return self.node("Mul", [current, gate])
+
+
+def build_mobilenet() -> onnx.ModelProto:
+    """Build "mobilenet": image FP32 [batch, 3, 96, 96] -> MobileNetV3-small-like -> logits.
+
+    A stem conv, nine inverted-residual blocks (1x1 expand, 3x3 depthwise,
+    squeeze-excite, 1x1 project, residual add where shapes allow) with hard-swish,
+    then global pooling and a Gemm: "logits" FP32 [batch, 100]. Many small ops
+    (about 100) of little compute each, so that the cost of waking ONNX Runtime's
+    threads per op, not arithmetic, decides its batch-1 latency: the kind of model
+    the worker's engine-settings trials are for (docs/models.md).
+    """
+    g = _GraphBuilder(seed=5)
+    current = g.node("HardSwish", [g.conv("image", 3, 16, kernel=3, stride=2)])
+    c_in = 16
+    for expanded, c_out, stride, se in _MOBILENET_BLOCKS:
+        block_input = current
+        x = g.node("HardSwish", [g.conv(current, c_in, expanded)])
+        x = g.node("HardSwish", [g.conv(x, expanded, expanded, kernel=3, stride=stride, groups=expanded)])
+        if se:
+            x = g.squeeze_excite(x, expanded)
+        x = g.conv(x, expanded, c_out)
+        if stride == 1 and c_in == c_out:
+            x = g.node("Add", [x, block_input])
+        current, c_in = x, c_out
+    current = g.node("HardSwish", [g.conv(current, c_in, 576)])
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [current])], axis=1)
+    g.initializers += [
+        _weight(g.rng, "fc_w", (576, _MOBILENET_CLASSES), fan_in=576),
+        _bias(g.rng, "fc_b", _MOBILENET_CLASSES),
+    ]
+    g.nodes.append(helper.make_node("Gemm", [flat, "fc_w", "fc_b"], ["logits"]))
+    graph = helper.make_graph(
+        g.nodes,
+        "mobilenet",
+        inputs=[helper.make_tensor_value_info("image", TensorProto.FLOAT, [BATCH, 3, 96, 96])],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, [BATCH, _MOBILENET_CLASSES])],
+        initializer=g.initializers,
+    )
+    return _model(graph)
+
+
 EXAMPLE_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
     "adder_fixed": build_fixed_adder,
     "scale_any": build_any_size,
+    "mobilenet": build_mobilenet,
 }
 
 
@@ -192,6 +286,9 @@ EXAMPLE_CONFIGS: dict[str, str] = {
     # so a batch of 32 is head-of-line blocking for every other tenant (see the
     # noisy-neighbor scenario of `meshserve bench`).
     "cnn": "# the best batch on CPU; larger ones only lengthen the wait behind a running batch\nmax_batch_size: 8\n",
+    # Same for "mobilenet": at batch 32 its activations leave the caches, and items/s
+    # fall to about half of batch 8's.
+    "mobilenet": "# the best batch on CPU; at 32 items/s fall to about half\nmax_batch_size: 8\n",
 }
 
 

@@ -14,7 +14,14 @@ In ``<model>/config.yaml``; every key is optional::
         memory_limit_mb: 2048             # arena limit per session; default: none
         cudnn_conv_algo_search: EXHAUSTIVE  # | HEURISTIC | DEFAULT
 
-The section only says what a model wants on a GPU; ``model_workers/engines.py`` turns
+A model's ``engine`` section (also optional) fixes ONNX Runtime's CPU thread pool
+instead of letting the worker measure the fastest setting at warm-up::
+
+    engine:
+      intra_op_threads: 1                 # 0: ONNX Runtime's choice; absent: measured
+      spinning: false                     # true | false | bounded; absent: measured
+
+The execution section only says what a model wants on a GPU; ``model_workers/engines.py`` turns
 it into ONNX Runtime provider options for one device, and a CPU worker ignores it.
 Parsing raises ``ValueError`` with the key at fault; the repository adds the file.
 """
@@ -56,6 +63,40 @@ class ExecutionConfig:
 
 
 DEFAULT_EXECUTION = ExecutionConfig()
+
+SPINNING = {False: "off", True: "on", "bounded": "bounded"}
+"""``engine.spinning`` values (YAML booleans) to ``model_workers.engines`` spin names."""
+_ENGINE_KEYS = frozenset({"intra_op_threads", "spinning"})
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What config.yaml fixes of ONNX Runtime's CPU threads; None: the worker measures it."""
+
+    intra_op_threads: int | None = None
+    spin: str | None = None  # "off", "on" or "bounded"
+
+
+DEFAULT_ENGINE = EngineConfig()
+
+
+def parse_engine(value: object) -> EngineConfig:
+    """The ``engine`` section of config.yaml; None means nothing fixed.
+
+    Raises ValueError naming the key, e.g. "'engine.spinning' must be ...".
+    """
+    if value is None:
+        return DEFAULT_ENGINE
+    section = _mapping(value, "engine", _ENGINE_KEYS)
+    threads = section.get("intra_op_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ValueError(
+            f"'engine.intra_op_threads' must be an integer >= 0 (0: ONNX Runtime's choice), got {threads!r}"
+        )
+    spinning = section.get("spinning")
+    if spinning is not None and (not isinstance(spinning, bool | str) or spinning not in SPINNING):
+        raise ValueError(f"'engine.spinning' must be true, false or bounded, got {spinning!r}")
+    return EngineConfig(intra_op_threads=threads, spin=None if spinning is None else SPINNING[spinning])
 
 
 def parse_execution(value: object, model_dir: Path) -> ExecutionConfig:

@@ -15,6 +15,9 @@ restrict the served versions and name the platform::
     platform: onnxruntime_onnx
     execution:                    # ONNX Runtime providers on a GPU (meshserve/execution.py)
       providers: [tensorrt, cuda, cpu]
+    engine:                       # ONNX Runtime's CPU threads; default: measured at warm-up
+      intra_op_threads: 1         # (model_workers/tuning.py)
+      spinning: false             # true | false | bounded
     placement:                    # where the router may put it (router/placement.py)
       device: any                 # gpu | cpu | any (the default: a GPU or MIG slice first)
       min_mig_profile: 2g.20gb    # no smaller MIG slice; whole GPUs are always allowed
@@ -57,7 +60,14 @@ from onnx import (
     ValueInfoProto,
 )
 
-from meshserve.models.execution import DEFAULT_EXECUTION, ExecutionConfig, parse_execution
+from meshserve.models.execution import (
+    DEFAULT_ENGINE,
+    DEFAULT_EXECUTION,
+    EngineConfig,
+    ExecutionConfig,
+    parse_engine,
+    parse_execution,
+)
 from meshserve.models.warmup import WarmupSample, parse_warmup
 from meshserve.platform.mig import parse_mig_profile
 from meshserve.wire.dtypes import KSERVE_BY_ONNX
@@ -82,6 +92,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "execution_timeout_ms",
         "instances",
         "warmup",
+        "engine",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -141,6 +152,7 @@ class ModelInfo:
     warmup: tuple[WarmupSample, ...] = ()  # from config.yaml; (): the worker picks the inputs
     execution_timeout_ms: int = 0  # 0: derived from the warm-up time (model_workers/served.py)
     instances: int = 1  # batches computing at once per worker
+    engine: EngineConfig = DEFAULT_ENGINE  # CPU thread settings config.yaml fixes
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +170,7 @@ class _Config:
     warmup: tuple[WarmupSample, ...] = ()
     execution_timeout_ms: int = 0
     instances: int = 1
+    engine: EngineConfig = DEFAULT_ENGINE
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -301,6 +314,7 @@ def _read_config(model_dir: Path) -> _Config:
         warmup=_warmup(raw.get("warmup"), model_dir, path),
         execution_timeout_ms=_optional_int(raw, "execution_timeout_ms", path, "") or 0,
         instances=_instances(raw, path),
+        engine=_engine(raw.get("engine"), path),
     )
 
 
@@ -369,6 +383,14 @@ def _warmup(value: object, model_dir: Path, path: Path) -> tuple[WarmupSample, .
     """The ``warmup`` section, validated on its own; the graph's checks come later."""
     try:
         return parse_warmup(value, model_dir)
+    except ValueError as exc:
+        raise RepositoryError(f"{path}: {exc}") from exc
+
+
+def _engine(value: object, path: Path) -> EngineConfig:
+    """The ``engine`` section, validated; absent means nothing fixed."""
+    try:
+        return parse_engine(value)
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
 
@@ -498,6 +520,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         warmup=config.warmup,
         execution_timeout_ms=config.execution_timeout_ms,
         instances=config.instances,
+        engine=config.engine,
     )
 
 

@@ -158,6 +158,18 @@ class ModelCounters:
     weights_bytes: int
 
 
+@dataclass(frozen=True)
+class EngineFigures:
+    """One model version's ONNX Runtime thread setting, how it was chosen, and the
+    warm-up trials it was chosen by: (setting label, batch-1 s, max-batch s or None)."""
+
+    model: str
+    version: int
+    setting: str
+    source: str  # measured, config.yaml, flags, gpu, default
+    trials: tuple[tuple[str, float, float | None], ...] = ()
+
+
 class DeviceFigures(Protocol):
     """A device sample (``model_workers.devices.DeviceSample``)."""
 
@@ -178,6 +190,7 @@ class WorkerReads:
     models: Callable[[], Iterable[ModelCounters]]
     tenant_device_seconds: Callable[[], Mapping[tuple[str, str], float]] = lambda: {}  # (tenant, model) -> s
     devices: Callable[[], Iterable[DeviceFigures]] = lambda: ()
+    engines: Callable[[], Iterable[EngineFigures]] = lambda: ()
     device: str = "cpu"
     price_per_device_hour: float = 0.0  # 0: no cost figures
 
@@ -257,6 +270,29 @@ class WorkerStatsCollector(Collector):
             used.add_metric([sample.device], sample.memory_used_bytes)
             total.add_metric([sample.device], sample.memory_total_bytes)
         yield from (utilization, used, total)
+        yield from engine_families(self.reads.engines())
+
+
+def engine_families(figures: Iterable[EngineFigures]) -> tuple[Metric, Metric]:
+    """The chosen engine setting per model version, and the warm-up trial times behind it."""
+    chosen = GaugeMetricFamily(
+        "meshserve_engine_setting",
+        "1 for the ONNX Runtime thread setting each model version runs under; source: how it was chosen.",
+        labels=["model", "version", "setting", "source"],
+    )
+    trials = GaugeMetricFamily(
+        "meshserve_engine_trial_seconds",
+        "Warm-up time of one run per engine setting tried: batch 1 (after an idle gap) and the max batch.",
+        labels=["model", "version", "setting", "batch"],
+    )
+    for engine in figures:
+        labels = [engine.model, str(engine.version)]
+        chosen.add_metric([*labels, engine.setting, engine.source], 1)
+        for setting, batch1_s, max_batch_s in engine.trials:
+            trials.add_metric([*labels, setting, "1"], batch1_s)
+            if max_batch_s is not None:
+                trials.add_metric([*labels, setting, "max"], max_batch_s)
+    return chosen, trials
 
 
 @dataclass(frozen=True)

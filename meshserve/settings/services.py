@@ -187,12 +187,17 @@ class WorkerSettings:
         default=0.1, metadata=cli("fraction of batches kept for lower tiers while they have work (0: strict tiers)")
     )
     intra_op_threads: int = field(
-        default=0, metadata=cli("ONNX Runtime threads per session (0: ONNX Runtime's choice, one per physical core)")
-    )
-    intra_op_spinning: bool = field(
-        default=False,
+        default=0,
         metadata=cli(
-            "let idle ONNX Runtime threads busy-wait (off: they sleep, leaving the CPU to the rest of the host)"
+            "ONNX Runtime threads per CPU session, for every model (0: the model's config.yaml, else measured"
+            " at warm-up: 1 or the CPUs this worker may use)"
+        ),
+    )
+    intra_op_spinning: bool | None = field(
+        default=None,
+        metadata=cli(
+            "let idle ONNX Runtime threads busy-wait, for every model (off: they sleep, leaving the CPU to the"
+            " rest of the host; unset: the model's config.yaml, else measured at warm-up)"
         ),
     )
     price_per_device_hour: float = field(

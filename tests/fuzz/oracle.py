@@ -43,6 +43,7 @@ MODELS: dict[str, Model] = {
     "cnn": Model({"image": ("FP32", (-1, 3, 32, 32))}, ("logits",), 8),
     "adder_fixed": Model({"a": ("INT64", (1, 4)), "b": ("INT64", (1, 4))}, ("sum", "diff"), 0),
     "scale_any": Model({"image": ("FP32", (-1, 1, -1, -1))}, ("scaled",), 32),
+    "mobilenet": Model({"image": ("FP32", (-1, 3, 96, 96))}, ("logits",), 8),
     "lowercase": Model({"text": ("BYTES", (-1,))}, ("lower",), 32),  # tests/dtype_models.py
 }
 
