@@ -22,11 +22,12 @@ from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.errors import Unavailable
 from meshserve.queue import ModelKeys, QueueProtocol, ack_command, push_commands
-from meshserve.store.link import RedisLink
+from meshserve.store.link import Command, RedisLink, as_redis_error
 from meshserve.store.refusals import LOG_INTERVAL_S, RefusalLog, refusal_kind, store_refusal_message
 from meshserve.wire.envelope import failed_reply
 
@@ -74,10 +75,10 @@ class ReplyWriter:
         self._gave_up_logged_s = -LOG_INTERVAL_S
 
     def send(self, keys: ModelKeys, model: str, outgoing: Sequence[Outgoing]) -> Coroutine[Any, Any, None]:
-        """Start writing ``outgoing`` now (the pushes leave before this returns) and
-        return what finishes the job: confirm, ack, retry, or give up."""
+        """Start writing ``outgoing`` now (the transaction leaves before this returns)
+        and return what finishes the job: confirm, retry, or give up."""
         lists = _by_list(outgoing)
-        written = self._redis.pipeline_now(push_commands({to: [o.blob for o in group] for to, group in lists.items()}))
+        written = self._redis.pipeline_now(_transaction(keys, lists))
         return self._finish(keys, model, lists, written)
 
     async def _finish(
@@ -86,8 +87,8 @@ class ReplyWriter:
         try:
             results = await written
         except RedisError as exc:  # connection lost: everything is still to write
-            results = [exc] * (2 * len(lists))
-        pending, error = await self._ack_landed(keys, lists, results)
+            results = [exc]
+        pending, error = await self._settle(keys, lists, results)
         if pending:
             assert error is not None
             if refusal_kind(error) is None:  # a lost connection: the lease stays, for redelivery
@@ -95,40 +96,47 @@ class ReplyWriter:
                 return
             await self._retry(keys, model, pending, error)
 
-    async def _ack_landed(
+    async def _settle(
         self, keys: ModelKeys, lists: dict[str, list[Outgoing]], results: list[Any]
     ) -> tuple[dict[str, list[Outgoing]], RedisError | None]:
-        """Ack the jobs whose list took its push (each list's RPUSH is its even
-        result); the others, and the last refusal, are returned."""
-        pending: dict[str, list[Outgoing]] = {}
-        error: RedisError | None = None
-        landed: list[Outgoing] = []
-        for (reply_to, group), pushed in zip(lists.items(), results[::2], strict=True):
-            if isinstance(pushed, RedisError):
-                pending[reply_to] = group
-                error = pushed
-                self.refusals.note(pushed)
-            else:
-                landed.extend(group)
-        await self._ack(keys, landed)
-        return pending, error
+        """Read one transaction's results: ``({}, None)`` when its replies and acks
+        went in together, else every list still to write and what Redis said.
+
+        Redis checks ``maxmemory`` as each command is queued, and a refused command
+        makes EXEC discard the whole transaction (EXECABORT): a reply is never acked
+        without being written, and a worker killed between the two leaves neither."""
+        exec_reply = results[-1]
+        if isinstance(exec_reply, list):
+            await self._ack_reloading(keys, lists, exec_reply[2 * len(lists) :])
+            return {}, None
+        refused = [r for r in results[:-1] if isinstance(r, RedisError)]
+        error = refused[0] if refused else exec_reply
+        if not isinstance(error, RedisError):
+            error = RedisError(f"unexpected transaction result: {exec_reply!r}")
+        self.refusals.note(error)
+        return dict(lists), error
+
+    async def _ack_reloading(self, keys: ModelKeys, lists: dict[str, list[Outgoing]], results: list[Any]) -> None:
+        """Acks that found Redis without the script (after a restart): again, loading it."""
+        errors = [as_redis_error(r) for r in results if isinstance(r, hiredis.ReplyError)]
+        if any(isinstance(error, NoScriptError) for error in errors):
+            await self._ack(keys, [o for group in lists.values() for o in group])
 
     async def _retry(self, keys: ModelKeys, model: str, pending: dict[str, list[Outgoing]], error: RedisError) -> None:
-        """Push again with backoff until the budget or the earliest deadline is spent."""
+        """Write again with backoff until the budget or the earliest deadline is spent."""
         give_up_s = time.monotonic() + _budget_s(pending.values())
         backoff_s = FIRST_BACKOFF_S
         while pending and (left_s := give_up_s - time.monotonic()) > 0:
             await asyncio.sleep(min(backoff_s, left_s))
             backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
-            commands = push_commands({to: [o.blob for o in group] for to, group in pending.items()})
             try:
-                results = await self._redis.pipeline(commands)
+                results = await self._redis.pipeline(_transaction(keys, pending))
             except RedisError as exc:
-                results = [exc] * len(commands)
-            pending, retried_error = await self._ack_landed(keys, pending, results)
+                results = [exc]
+            pending, retried_error = await self._settle(keys, pending, results)
             error = retried_error or error
             if retried_error is not None and refusal_kind(retried_error) is None:
-                break  # the connection went: pushing once it is back could race a redelivery
+                break  # the connection went: writing once it is back could race a redelivery
         if pending:
             await self._give_up(keys, model, [o for group in pending.values() for o in group], error)
 
@@ -233,6 +241,21 @@ def _by_list(outgoing: Iterable[Outgoing]) -> dict[str, list[Outgoing]]:
     for o in outgoing:
         lists[o.reply_to].append(o)
     return dict(lists)
+
+
+def _transaction(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Command]:
+    """MULTI, each list's RPUSH and EXPIRE, one ack per lease token, EXEC."""
+    acks: dict[int, list[str]] = defaultdict(list)
+    for group in lists.values():
+        for job in group:
+            if job.token is not None:
+                acks[job.token].append(job.job_id)
+    return [
+        ("MULTI",),
+        *push_commands({to: [o.blob for o in group] for to, group in lists.items()}),
+        *(ack_command(keys, token, ids) for token, ids in acks.items()),
+        ("EXEC",),
+    ]
 
 
 def _budget_s(groups: Iterable[list[Outgoing]]) -> float:

@@ -69,7 +69,11 @@ class Script:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
-def _error(reply: hiredis.ReplyError) -> RedisError:
+def as_redis_error(reply: hiredis.ReplyError) -> RedisError:
+    """An error reply as redis-py's exception class for it (NOSCRIPT, auth, the rest).
+
+    Replies are converted in place at the top level; a transaction's EXEC array
+    holds its commands' errors unconverted, for the caller to pass through this."""
     message = str(reply)
     if message.startswith("NOSCRIPT"):
         return NoScriptError(message)
@@ -109,7 +113,7 @@ class _Protocol(asyncio.Protocol):
                 self.abort(ConnectionError("unexpected reply from Redis"))
                 return
             waiter = pending[0]
-            waiter.replies.append(_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+            waiter.replies.append(as_redis_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
             if len(waiter.replies) == waiter.count:
                 pending.popleft()
                 if not waiter.future.done():  # a cancelled caller's replies are read and dropped
