@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
@@ -15,9 +15,9 @@ from redis.exceptions import NoScriptError, RedisError
 from meshserve.errors import DeadlineExceeded, Internal
 from meshserve.queue import ClaimedBatch, QueueProtocol, finish_commands
 from meshserve.settings import WorkerSettings
-from meshserve.store.link import RedisLink
+from meshserve.store.link import Chunks, RedisLink
 from meshserve.wire.envelope import failed_reply
-from model_workers.batches import Job, by_token
+from model_workers.batches import Job, by_token, serialize_reply
 from model_workers.held import HeldModels
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
@@ -107,12 +107,14 @@ class Leases:
 
     def reply_and_ack(self, served: Served, replies: list[tuple[Job, mpb.InferReply]]) -> None:
         """Answer a batch's jobs and ack their leases (``_send_replies``)."""
-        blobs: dict[str, list[bytes]] = defaultdict(list)
+        blobs: dict[str, list[bytes | Chunks]] = defaultdict(list)
         for job, reply in replies:
-            blobs[job.request.reply_to].append(reply.SerializeToString())
+            blobs[job.request.reply_to].append(serialize_reply(job, reply))
         self._send_replies(served, blobs, by_token([job for job, _ in replies]))
 
-    def _send_replies(self, served: Served, blobs: dict[str, list[bytes]], acks: dict[int, list[str]]) -> None:
+    def _send_replies(
+        self, served: Served, blobs: Mapping[str, Sequence[bytes | Chunks]], acks: dict[int, list[str]]
+    ) -> None:
         """Write replies, then ack, in one pipelined round trip (replies first: an
         ack never precedes its reply). The write leaves now, not once the serve loop
         next yields: the callers hear back without waiting for the next claim to be
@@ -126,7 +128,7 @@ class Leases:
         self,
         served: Served,
         written: Awaitable[list[Any]],
-        blobs: dict[str, list[bytes]],
+        blobs: Mapping[str, Sequence[bytes | Chunks]],
         acks: dict[int, list[str]],
     ) -> None:
         try:

@@ -30,8 +30,8 @@ from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribu
 from meshserve.queue import ClaimOptions, QueueProtocol, wait_command
 from meshserve.settings import WorkerSettings
 from meshserve.store.link import RedisLink
-from meshserve.wire.envelope import envelope_signature, failed_reply
-from model_workers.batches import Job, decode, split, stack
+from meshserve.wire.envelope import OFF_LOOP_BYTES, envelope_signature, failed_reply
+from model_workers.batches import Job, batch_bytes, decode, split, stack
 from model_workers.compute import Compute
 from model_workers.health import ModelHealth
 from model_workers.leases import Leases
@@ -194,7 +194,9 @@ class BatchRunner:
         info = served.model.info
         total = sum(job.batch_size for job in jobs)
         with self._batch_span(info, jobs, total, traced) if traced else UNTRACED:
-            feed = stack(jobs)
+            # A large batch is stacked and split on a thread: the loop keeps renewing
+            # leases, reporting and claiming meanwhile (OFF_LOOP_BYTES).
+            feed = await asyncio.to_thread(stack, jobs) if batch_bytes(jobs) > OFF_LOOP_BYTES else stack(jobs)
             try:
                 with self._compute_spans(info.name, jobs, total, traced) if traced else UNTRACED:
                     keep_leases = partial(self._leases.extend_while_computing, served, jobs)
@@ -209,7 +211,8 @@ class BatchRunner:
             if log.isEnabledFor(logging.DEBUG):  # inside the batch span: the line carries its trace id
                 _log_batch(info, jobs, total, compute_us, claimed_ns)
         self._account(served, jobs, total, compute_us, claimed_ns)
-        return split(served, jobs, outputs, compute_us, claimed_ns, self._worker_id)
+        cut = partial(split, served, jobs, outputs, compute_us, claimed_ns, self._worker_id)
+        return await asyncio.to_thread(cut) if sum(out.nbytes for out in outputs) > OFF_LOOP_BYTES else cut()
 
     def _account(self, served: Served, jobs: list[Job], total: int, compute_us: int, claimed_ns: int) -> None:
         """A batch's figures: the model's counters, the metrics, each tenant's device time."""

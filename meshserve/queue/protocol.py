@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 from meshserve.queue.keys import ModelKeys, worker_wake_key
 from meshserve.queue.replies import push_commands
 from meshserve.queue.scripts import ACK, CLAIM, ENQUEUE, EXTEND, REAP, RELEASE, REWAKE, WITHDRAW
-from meshserve.store.link import Command, RedisLink
+from meshserve.store.link import Chunks, Command, RedisLink
 
 JOB_TTL_GRACE_MS = 60_000
 """A job hash outlives its deadline by this much, so a lost one is reclaimed."""
@@ -117,7 +117,7 @@ class QueueProtocol:
         job_id: str,
         *,
         tier: int,
-        payload: bytes,
+        payload: bytes | Chunks,
         deadline_ms: int,
         tenant: str,
         reply_to: str,
@@ -274,7 +274,7 @@ def ack_command(keys: ModelKeys, token: int, job_ids: list[str]) -> Command:
 
 
 def finish_commands(
-    keys: ModelKeys, replies: Mapping[str, Sequence[bytes]], acks: Mapping[int, Sequence[str]]
+    keys: ModelKeys, replies: Mapping[str, Sequence[bytes | Chunks]], acks: Mapping[int, Sequence[str]]
 ) -> list[Command]:
     """Write replies (reply list -> serialized replies), then ack leases (token ->
     job ids), as commands for one pipeline. Replies come first: an ack never
