@@ -98,7 +98,6 @@ def test_a_round_trip_costs_each_process_at_most_one_copy_of_the_payload(
 
     queued, gateway_in = traced(gateway_enqueue)
     claimed = ClaimedBatch(token=1, now_ms=0, jobs=[("j", wire(queued))], expired=[])
-    del queued
 
     def worker_batch() -> bytes | Chunks:
         jobs = decode(claimed, scale_any)
@@ -109,7 +108,6 @@ def test_a_round_trip_costs_each_process_at_most_one_copy_of_the_payload(
 
     replied, worker = traced(worker_batch)
     reply_blob = wire(replied)
-    del replied, claimed
 
     def gateway_respond() -> bytes:
         answer = unframe(reply_blob, mpb.InferReply)
@@ -169,7 +167,8 @@ async def test_a_request_over_max_message_bytes_is_refused_naming_the_flag(
     assert output_arrays(small)["scaled"].shape == (1, 1, 64, 64)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = caught.value.details() or ""
-    assert f"limit of {limit} bytes" in details and "--max-message-bytes" in details, details
+    assert f"limit of {limit} bytes" in details, details
+    assert "--max-message-bytes" in details, details
     assert counted == 1
     assert await queue_leftovers(redis) == []
 
