@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCENARIOS,
         default=env_default("BENCH_SCENARIO", "sweep"),
         help="sweep: concurrencies beside raw ONNX Runtime; open-loop: fixed rates (--rates);"
-        " overload: twice the sustainable rate; noisy-neighbor: one tenant floods, another is timed",
+        " overload: twice the sustainable rate; noisy-neighbor: one tenant floods, another is timed;"
+        " large: requests of --sizes MiB, latency beside raw ONNX Runtime and each process's peak memory",
     )
     flag("--target", None, help="HOST:PORT of a running mesh (default: start one)")
     flag("--redis-url", None, help="with --target: that mesh's Redis, to report what each call cost it")
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--noisy-limit-per-s", 40.0, float, "noisy-neighbor: tenant A's rate limit")
     flag("--flood-rate-per-s", None, float, "noisy-neighbor: what tenant A sends (default: 10x its limit)")
     flag("--flood-channels", 8, int, "noisy-neighbor: tenant A's connections")
+    flag("--sizes", "1,16,64", positive_list(float), "large: request sizes, MiB")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -89,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         noisy_limit_per_s=args.noisy_limit_per_s,
         flood_rate_per_s=args.flood_rate_per_s or 10.0 * args.noisy_limit_per_s,
         flood_channels=args.flood_channels,
+        sizes_mib=args.sizes,
     )
 
 
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     failed (errors are what the other scenarios measure, and their verdicts are reported)."""
     # Every `meshserve` command builds this module's flags: gRPC, the protos and ONNX
     # Runtime are loaded only when the bench runs, not in a gateway's process.
-    from meshserve_bench import mesh, report, scenarios, tenants
+    from meshserve_bench import large, mesh, report, scenarios, tenants
 
     config = config_from_args(args)
     signal.signal(signal.SIGTERM, mesh.exit_on_sigterm)
@@ -105,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     machine = mesh.machine_info()  # the load average before the bench adds its own
     if config.scenario == "noisy-neighbor":
         figures = tenants.run_noisy_neighbor(config)
+    elif config.scenario == "large":
+        figures = large.run_large(config)
     else:
         figures = scenarios.run_mesh_scenario(config)
     result = {"scenario": config.scenario, "date": started, "machine": machine, **figures}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("sweep", "open-loop", "overload", "noisy-neighbor")
+SCENARIOS = ("sweep", "open-loop", "overload", "noisy-neighbor", "large")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,3 +32,5 @@ class BenchConfig:
     noisy_limit_per_s: float = 40.0  # tenant A's rate limit (and burst)
     flood_rate_per_s: float = 400.0  # what tenant A sends
     flood_channels: int = 8
+    # large
+    sizes_mib: tuple[float, ...] = (1.0, 16.0, 64.0)  # one request of each size, MiB
