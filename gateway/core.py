@@ -189,9 +189,9 @@ class Gateway:
         job_id = await self._admit(tenant, int(deadline_ms)) if limited else uuid.uuid4().hex
         try:
             if declared_bytes(call.message) > OFF_LOOP_BYTES:
-                packed = await asyncio.to_thread(pack_inputs, call.message, model)
+                packed = await asyncio.to_thread(pack_inputs, call.message, model, call.raw)
             else:
-                packed = pack_inputs(call.message, model)
+                packed = pack_inputs(call.message, model, call.raw)
             outputs = check_requested_outputs(call.message, model)
             waiting = self._queue_and_wait(call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
             del packed  # the wait lets go of the request's bytes once they are queued

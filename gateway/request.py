@@ -8,6 +8,7 @@ as ``message`` for the codec.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meshserve.queue import NUM_TIERS
@@ -24,9 +25,11 @@ class InferCall:
     tier: int | None  # the queue tier the ``priority`` parameter asks for; None: none asked
     timeout_ms: float | None  # the ``timeout`` parameter; None: none given
     message: pb.ModelInferRequest  # inputs and requested outputs, for the codec
+    raw: Sequence[memoryview] | None = None
+    """The raw contents, read in place (:mod:`meshserve.wire.rawfields`); None: in ``message``."""
 
 
-def infer_call(request: pb.ModelInferRequest) -> InferCall:
+def infer_call(request: pb.ModelInferRequest, raw: Sequence[memoryview] | None = None) -> InferCall:
     """The request's plain values."""
     return InferCall(
         request.model_name,
@@ -35,6 +38,7 @@ def infer_call(request: pb.ModelInferRequest) -> InferCall:
         requested_tier(request),
         timeout_ms_of(request),
         request,
+        raw,
     )
 
 

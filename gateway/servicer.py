@@ -29,6 +29,7 @@ from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribu
 from meshserve.tenancy.tenants import Tenant, bearer_key
 from meshserve.wire.codec import encode_infer_response
 from meshserve.wire.envelope import OFF_LOOP_BYTES
+from meshserve.wire.rawfields import ReceivedRequest, parse_infer_request
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
@@ -112,15 +113,16 @@ class Oversized:
         )
 
 
-def request_parser(limit_bytes: int) -> Callable[[bytes], pb.ModelInferRequest | Oversized]:
-    """ModelInfer's request deserializer: the message, or :class:`Oversized` past
+def request_parser(limit_bytes: int) -> Callable[[bytes], ReceivedRequest | Oversized]:
+    """ModelInfer's request deserializer: the message with its raw contents left in
+    the received bytes (:mod:`meshserve.wire.rawfields`), or :class:`Oversized` past
     ``limit_bytes``. gRPC's own limit is set above it (twice), so that a request a
     little over is answered with a message naming the setting, not gRPC's."""
 
-    def parse(data: bytes) -> pb.ModelInferRequest | Oversized:
+    def parse(data: bytes) -> ReceivedRequest | Oversized:
         if len(data) > limit_bytes:
             return Oversized(len(data), limit_bytes)
-        return pb.ModelInferRequest.FromString(data)
+        return parse_infer_request(data)
 
     return parse
 
@@ -216,10 +218,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -------------------------------------------------------------- inference
 
-    async def ModelInfer(self, request: pb.ModelInferRequest | Oversized, context: Context) -> bytes:  # noqa: N802
+    async def ModelInfer(self, request: ReceivedRequest | Oversized, context: Context) -> bytes:  # noqa: N802
         started_s = time.perf_counter()
         metrics = self.metrics
-        name = "" if isinstance(request, Oversized) else request.model_name
+        name = "" if isinstance(request, Oversized) else request.message.model_name
         label = name if self.gateway.knows_model(name) else UNKNOWN_MODEL_LABEL
         labelled = self._labelled
         inflight = labelled(metrics.inflight, label)
@@ -264,10 +266,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         self._labelled(self.metrics.rejections, label, reason).inc()
 
-    async def _infer(self, request: pb.ModelInferRequest, context: Context, tenant: Tenant) -> bytes:
+    async def _infer(self, received: ReceivedRequest, context: Context, tenant: Tenant) -> bytes:
         """The call without error mapping: a MeshError propagates to ModelInfer. The
         response comes encoded (see :func:`serialize_infer_response`), a large one
         encoded on a thread."""
+        request = received.message
         started_s = time.perf_counter()
         remaining_s = context.time_remaining()
         default_s = self.gateway.settings.default_timeout_ms / 1000
@@ -281,7 +284,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if (traced := self._tenant_on_span(tenant.name)) is not None:
                     span.set_attribute("meshserve.tenant", traced)
-                answer = await self.gateway.infer(infer_call(request), deadline_ms=deadline_ms, tenant=tenant)
+                call = infer_call(request, received.raw)
+                answer = await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant)
                 code = grpc.StatusCode.OK
             except MeshError as error:
                 code = error.code

@@ -63,7 +63,7 @@ class PackedInputs:
     tensors: list[mpb.Tensor]  # ``data`` empty, ``data_bytes`` set: the bytes are in ``data``
     batch_size: int  # 1 for a model that does not batch
     signature: str  # non-batch dims of every input: only equal signatures share a batch
-    data: list[bytes]  # each input's bytes, in the order of ``tensors``
+    data: list[bytes | memoryview]  # each input's bytes, in the order of ``tensors``
 
     @property
     def data_bytes(self) -> int:
@@ -74,21 +74,27 @@ def shape_str(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def pack_inputs(request: pb.ModelInferRequest, model: ModelInfo) -> PackedInputs:
+def pack_inputs(
+    request: pb.ModelInferRequest, model: ModelInfo, raw_contents: Sequence[bytes | memoryview] | None = None
+) -> PackedInputs:
     """Validate a request's inputs against ``model`` and pack them for the queue.
+
+    ``raw_contents``: the raw contents read in place from the received bytes
+    (:mod:`meshserve.wire.rawfields`), passed through without a copy; None: the
+    message's own ``raw_input_contents``.
 
     Raises InvalidArgument naming the input at fault for: unknown, duplicate or
     missing inputs, wrong datatype, rank or fixed dim, byte length that does not
     match the shape, mixed raw/typed contents, or a batch over the model's max.
     """
-    raw = request.raw_input_contents
+    raw = request.raw_input_contents if raw_contents is None else raw_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
             "there must be one per input, in the same order"
         )
     expected = {spec.name: spec for spec in model.inputs}
-    seen: dict[str, tuple[mpb.Tensor, bytes]] = {}
+    seen: dict[str, tuple[mpb.Tensor, bytes | memoryview]] = {}
     for index, tensor in enumerate(request.inputs):
         spec = expected.get(tensor.name)
         if spec is None:
@@ -175,8 +181,12 @@ def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorInfo
     return shape
 
 
-def _tensor_bytes(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: list[int]) -> bytes:
+def _tensor_bytes(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | memoryview | None, shape: list[int]
+) -> bytes | memoryview:
     count = prod(shape)
+    if isinstance(raw, memoryview) and tensor.datatype == "BYTES":
+        raw = bytes(raw)  # walked element by element: text, not a bulk of numbers
     has_contents = tensor.HasField("contents")
     if raw is not None:
         if has_contents and _contents_len(tensor) > 0:
@@ -217,14 +227,14 @@ def _contents_len(tensor: pb.ModelInferRequest.InferInputTensor) -> int:
     return sum(len(getattr(tensor.contents, field)) for field in set(_CONTENTS_FIELD.values()))
 
 
-def _check_raw_length(name: str, datatype: str, raw: bytes, count: int, shape: list[int]) -> None:
+def _check_raw_length(name: str, datatype: str, raw: bytes | memoryview, count: int, shape: list[int]) -> None:
     if datatype == "BYTES":
         if count > len(raw) // 4:  # each element needs its 4-byte prefix: refuse before walking
             raise InvalidArgument(
                 f"input '{name}': shape {shape_str(shape)} has {count} elements, "
                 f"raw BYTES holds at most {len(raw) // 4}"
             )
-        found = _count_bytes_elements(name, raw)
+        found = _count_bytes_elements(name, bytes(raw))  # the same object: BYTES come as bytes
         if found != count:
             raise InvalidArgument(
                 f"input '{name}': shape {shape_str(shape)} has {count} elements, raw BYTES has {found}"
