@@ -3,7 +3,7 @@
 The model is ``scale_any`` (an FP32 [batch, 1, height, width] image, times 2 plus 1),
 sent as one square image per request. For each size: in-process ONNX Runtime's p50
 on the same input, then calls through the mesh one after another (at least
-``MIN_CALLS``, for ``--duration-s``) and their p50 and p99, and each process's peak
+``MIN_CALLS``, for ``--duration-s``, each with a 30 s timeout) and their p50 and p99, and each process's peak
 resident memory during them (Linux's VmHWM, reset before each size through
 ``/proc/PID/clear_refs``), beside its resident memory before them: the gateway's,
 the worker's and Redis's. The mesh gets ``--max-message-bytes`` for the largest size.
@@ -28,7 +28,7 @@ import onnxruntime as ort
 from meshserve.devkit.redis_server import RedisServer, binary_from_env
 from meshserve.models.repository import ModelInfo
 from meshserve_bench.config import BenchConfig
-from meshserve_bench.load import percentile_ms
+from meshserve_bench.load import REQUEST_TIMEOUT_S, percentile_ms
 from meshserve_bench.mesh import find_model, model_json, own_mesh, progress, require_ready
 from meshserve_bench.scenarios import descendants, rss_kib
 from protos import grpc_service_pb2 as pb
@@ -122,12 +122,12 @@ async def mesh_calls(target: str, request: pb.ModelInferRequest, config: BenchCo
     errors = 0
     async with grpc.aio.insecure_channel(target, options=UNLIMITED) as channel:
         infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        await infer(request, timeout=config.request_timeout_s)  # warm: connection, first allocation
+        await infer(request, timeout=REQUEST_TIMEOUT_S)  # warm: connection, first allocation
         end_s = time.perf_counter() + config.duration_s
         while time.perf_counter() < end_s or len(latencies_ns) + errors < MIN_CALLS:
             start_ns = time.perf_counter_ns()
             try:
-                await infer(request, timeout=config.request_timeout_s)
+                await infer(request, timeout=REQUEST_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 errors += 1
                 progress(f"call failed: {exc.code().name}: {exc.details()}")

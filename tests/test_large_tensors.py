@@ -9,6 +9,7 @@ records which thread did payload-sized work.
 
 from __future__ import annotations
 
+import platform
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ import gateway.servicer
 import model_workers.runner
 from meshserve.devkit.examples import write_example_repository
 from meshserve.models.repository import ModelInfo, scan_repository
+from meshserve.platform.heap import return_large_buffers
 from meshserve.queue import ClaimedBatch
 from meshserve.store.link import Chunks
 from meshserve.wire.codec import encode_infer_response, pack_inputs
@@ -248,3 +250,8 @@ def test_a_cut_request_is_refused_as_protobuf_refuses_it(cut: int) -> None:
         pb.ModelInferRequest.FromString(serialized)
     with pytest.raises(DecodeError):
         parse_infer_request(serialized)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_services_fix_glibcs_mmap_threshold_so_freed_tensors_leave_the_process() -> None:
+    assert return_large_buffers()
