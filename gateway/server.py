@@ -51,7 +51,7 @@ class GatewayServer:
                 # Over the limit, the core refuses a request naming the flag; gRPC's own
                 # refusal (its text names no setting) only past twice the limit.
                 ("grpc.max_receive_message_length", min(2 * limit, GRPC_MAX_MESSAGE_BYTES)),
-                ("grpc.max_send_message_length", limit),
+                ("grpc.max_send_message_length", min(2 * limit, GRPC_MAX_MESSAGE_BYTES)),  # outputs: the workers' limit
                 ("grpc.so_reuseport", 0),
             ]
         )

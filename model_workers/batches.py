@@ -40,6 +40,10 @@ class Job:
     def payload_bytes(self) -> int:
         return sum(len(d) for d in self.data)
 
+    def reply_bytes(self) -> int:
+        """The outputs' bytes of the reply :func:`split` made (a plain reply's are inside it: 0)."""
+        return sum(memoryview(d).nbytes for d in self.reply_data)
+
 
 def decode(claim: ClaimedBatch, model: ModelInfo) -> list[Job]:
     jobs = []

@@ -23,7 +23,7 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 from redis.exceptions import RedisError
 
-from meshserve.errors import DeadlineExceeded, Internal
+from meshserve.errors import DeadlineExceeded, Internal, ResourceExhausted
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import LabelMemo, WorkerMetrics
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
@@ -212,7 +212,22 @@ class BatchRunner:
                 _log_batch(info, jobs, total, compute_us, claimed_ns)
         self._account(served, jobs, total, compute_us, claimed_ns)
         cut = partial(split, served, jobs, outputs, compute_us, claimed_ns, self._worker_id)
-        return await asyncio.to_thread(cut) if sum(out.nbytes for out in outputs) > OFF_LOOP_BYTES else cut()
+        replies = await asyncio.to_thread(cut) if sum(out.nbytes for out in outputs) > OFF_LOOP_BYTES else cut()
+        return [self._within_limit(info, job, reply) for job, reply in replies]
+
+    def _within_limit(self, info: ModelInfo, job: Job, reply: mpb.InferReply) -> tuple[Job, mpb.InferReply]:
+        """The reply, or RESOURCE_EXHAUSTED when its outputs pass ``max_message_bytes``:
+        the gateway could not send it, and Redis should not hold it."""
+        size = job.reply_bytes()
+        limit = self._settings.max_message_bytes
+        if size <= limit:
+            return job, reply
+        job.reply_data = []
+        message = (
+            f"model '{info.name}' answered {size} bytes of outputs, over the limit of {limit} bytes"
+            " (--max-message-bytes, MESHSERVE_MAX_MESSAGE_BYTES); request fewer outputs or smaller inputs"
+        )
+        return job, failed_reply(job.job_id, ResourceExhausted(message, reason="message_size"))
 
     def _account(self, served: Served, jobs: list[Job], total: int, compute_us: int, claimed_ns: int) -> None:
         """A batch's figures: the model's counters, the metrics, each tenant's device time."""

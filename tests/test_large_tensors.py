@@ -255,3 +255,26 @@ def test_a_cut_request_is_refused_as_protobuf_refuses_it(cut: int) -> None:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_services_fix_glibcs_mmap_threshold_so_freed_tensors_leave_the_process() -> None:
     assert return_large_buffers()
+
+
+async def test_a_reply_over_the_workers_max_message_bytes_is_refused_not_written(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A model whose outputs pass the worker's limit: its caller hears RESOURCE_EXHAUSTED
+    naming the model, the size and the flag; the outputs never reach Redis."""
+    repository = write_example_repository(tmp_path, ["scale_any"])
+    mesh = await start_mesh(redis_url, repository, worker_overrides={"max_message_bytes": 4096})
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            small = await stub.ModelInfer(infer_request("scale_any", {"image": image(16)}), timeout=RPC_TIMEOUT_S)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ModelInfer(infer_request("scale_any", {"image": image(40)}), timeout=RPC_TIMEOUT_S)
+    finally:
+        await stop_mesh(mesh)
+    assert output_arrays(small)["scaled"].shape == (1, 1, 16, 16)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = caught.value.details() or ""
+    assert "model 'scale_any' answered 6400 bytes of outputs, over the limit of 4096 bytes" in details, details
+    assert "--max-message-bytes" in details
+    assert await queue_leftovers(redis) == []

@@ -86,7 +86,7 @@ UP_WORKER_FORWARDED = (
     "price_per_device_hour",
     "health_host",
 )
-UP_SHARED_FORWARDED = ("trace_tenant",)
+UP_SHARED_FORWARDED = ("trace_tenant", "max_message_bytes")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
 
