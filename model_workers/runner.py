@@ -112,7 +112,7 @@ class BatchRunner:
     async def claim(self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True) -> list[Job]:
         """Lease up to ``max_items`` of the model's jobs; answer those the claim expired."""
         options = self.claim_options(served, max_items, signature=signature, first=first)
-        claim = await self._queue.claim(served.keys, **options)
+        claim = await self._queue.fetch_bulk(served.keys, await self._queue.claim(served.keys, **options))
         self._leases.answer_expired(served, claim)
         return decode(claim, served.model.info)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,8 +30,9 @@ import model_workers.runner
 from meshserve.devkit.examples import write_example_repository
 from meshserve.models.repository import ModelInfo, scan_repository
 from meshserve.platform.heap import return_large_buffers
-from meshserve.queue import ClaimedBatch
-from meshserve.store.link import Chunks
+from meshserve.queue import ClaimedBatch, Enqueued, ModelKeys, QueueProtocol
+from meshserve.queue.protocol import LUA_PAYLOAD_BYTES
+from meshserve.store.link import Chunks, RedisLink
 from meshserve.wire.codec import encode_infer_response, pack_inputs
 from meshserve.wire.envelope import OFF_LOOP_BYTES, frame, unframe
 from meshserve.wire.rawfields import parse_infer_request
@@ -278,3 +280,40 @@ async def test_a_reply_over_the_workers_max_message_bytes_is_refused_not_written
     assert "model 'scale_any' answered 6400 bytes of outputs, over the limit of 4096 bytes" in details, details
     assert "--max-message-bytes" in details
     assert await queue_leftovers(redis) == []
+
+
+async def test_a_large_payload_goes_beside_the_enqueue_script_and_a_refusal_leaves_nothing(
+    redis: Redis, redis_url: str
+) -> None:
+    """Over LUA_PAYLOAD_BYTES a payload is written with a plain HSET (Redis keeps no Lua
+    copies of it) and read back with a plain HGET after the claim; a refused one
+    leaves no job behind; a retried enqueue is still a duplicate."""
+    link = RedisLink(redis_url)
+    queue = QueueProtocol(link)
+    keys = ModelKeys.for_model("big", 1)
+    payload = Chunks.of([b"\x00head", np.arange(LUA_PAYLOAD_BYTES, dtype=np.uint8)])
+    far_ms = int(time.time() * 1000) + 60_000
+    common: dict[str, Any] = {
+        "tier": 1,
+        "deadline_ms": far_ms,
+        "tenant": "t",
+        "reply_to": "r",
+        "signature": "",
+    }
+    try:
+        assert (await queue.enqueue(keys, "a", payload=payload, max_queue_size=0, **common)).code == Enqueued.ENQUEUED
+        assert (await queue.enqueue(keys, "a", payload=payload, max_queue_size=0, **common)).code == Enqueued.DUPLICATE
+        refused = await queue.enqueue(keys, "a", payload=payload, max_queue_size=1, **common)
+        assert refused.code == Enqueued.MODEL_QUEUE_FULL  # a retry refused: the queued job stays
+        assert await redis.hexists(keys.job("a"), "d")
+        assert await redis.hget(keys.job("a"), "p") == b""
+        assert await redis.hstrlen(keys.job("a"), "b") == payload.nbytes
+        assert (
+            await queue.enqueue(keys, "b", payload=payload, max_queue_size=1, **common)
+        ).code == Enqueued.MODEL_QUEUE_FULL
+        assert not await redis.exists(keys.job("b"))
+        claim = await queue.fetch_bulk(keys, await queue.claim(keys, max_items=1, lease_ms=5000, worker_id="w"))
+    finally:
+        await link.aclose()
+    assert [(job_id, len(blob)) for job_id, blob in claim.jobs] == [("a", payload.nbytes)]
+    assert claim.jobs[0][1] == wire(payload)
