@@ -35,7 +35,7 @@ from meshserve.queue.protocol import LUA_PAYLOAD_BYTES
 from meshserve.store.link import Chunks, RedisLink
 from meshserve.wire.codec import encode_infer_response, pack_inputs
 from meshserve.wire.envelope import OFF_LOOP_BYTES, frame, unframe
-from meshserve.wire.rawfields import parse_infer_request
+from meshserve.wire.rawfields import IN_PLACE_BYTES, parse_infer_request
 from model_workers.batches import decode, serialize_reply, split, stack
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
@@ -228,8 +228,9 @@ async def test_payload_sized_work_runs_off_the_event_loop_and_small_requests_sta
 
 
 def received_request() -> pb.ModelInferRequest:
-    """Raw contents between and after other fields, parameters, typed contents, outputs."""
-    request = infer_request("m", {"a": image(3), "b": np.arange(5, dtype=np.int64)}, outputs=["y"], priority=2)
+    """Raw contents between and after other fields, parameters, typed contents, outputs;
+    over IN_PLACE_BYTES."""
+    request = infer_request("m", {"a": image(160), "b": np.arange(5, dtype=np.int64)}, outputs=["y"], priority=2)
     request.inputs.add(name="c", datatype="INT32", shape=[2]).contents.int_contents.extend([7, -7])
     request.id = "req"
     return request
@@ -237,12 +238,21 @@ def received_request() -> pb.ModelInferRequest:
 
 def test_raw_contents_are_read_in_place_and_the_rest_as_protobuf_reads_it() -> None:
     serialized = received_request().SerializeToString()
+    assert len(serialized) >= IN_PLACE_BYTES
     received = parse_infer_request(serialized)
     whole = pb.ModelInferRequest.FromString(serialized)
+    assert received.raw is not None
     assert [bytes(view) for view in received.raw] == list(whole.raw_input_contents)
     assert all(view.obj is serialized for view in received.raw)  # views, no copy
     del whole.raw_input_contents[:]
     assert received.message == whole
+
+
+def test_a_small_request_is_parsed_by_protobuf_alone() -> None:
+    serialized = infer_request("m", {"a": image(3)}).SerializeToString()
+    received = parse_infer_request(serialized)
+    assert received.raw is None
+    assert received.message == pb.ModelInferRequest.FromString(serialized)
 
 
 @pytest.mark.parametrize("cut", [1, 7, 40, -3])

@@ -17,6 +17,9 @@ from protos import grpc_service_pb2 as pb
 RAW_INPUT_CONTENTS = 7
 """The field number of ``ModelInferRequest.raw_input_contents`` (protos/grpc_service.proto)."""
 
+IN_PLACE_BYTES = 64 * 1024
+"""Requests of at least this many bytes have their raw contents read in place."""
+
 _LENGTH_DELIMITED = 2
 
 
@@ -26,18 +29,21 @@ class ReceivedRequest:
     those as views of the received bytes, in order."""
 
     message: pb.ModelInferRequest
-    raw: list[memoryview]
+    raw: list[memoryview] | None  # None: left in ``message`` (a small request)
 
 
 def parse_infer_request(data: bytes) -> ReceivedRequest:
     """Parse a serialized ModelInferRequest, its raw contents left in place.
 
     Raises ``google.protobuf.message.DecodeError`` for bytes that are not a message,
-    as protobuf's own parse does (a walk that fails is handed to it to say why)."""
+    as protobuf's own parse does (a walk that fails is handed to it to say why). A
+    small request is parsed by protobuf alone: its copies cost less than the walk."""
+    if len(data) < IN_PLACE_BYTES:
+        return ReceivedRequest(pb.ModelInferRequest.FromString(data), None)
     try:
         rest, raw = _split_raw(data)
     except (IndexError, ValueError):
-        return ReceivedRequest(pb.ModelInferRequest.FromString(data), [])  # raises DecodeError
+        return ReceivedRequest(pb.ModelInferRequest.FromString(data), None)  # raises DecodeError
     return ReceivedRequest(pb.ModelInferRequest.FromString(rest), raw)
 
 
