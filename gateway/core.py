@@ -272,6 +272,8 @@ class Gateway:
             async with asyncio.timeout((deadline_ms - now_ms) / 1000):
                 await self._enqueue(keys, model, envelope, packed, tenant)
                 del packed  # written to Redis: not held while the reply is awaited
+                if call.raw is not None:
+                    call.raw.clear()  # nor are the received bytes they were views of
                 self.queued[job_id] = (keys, envelope.deadline_ms)
                 answer = await future
         except TimeoutError:
