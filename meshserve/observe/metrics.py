@@ -110,7 +110,8 @@ class GatewayMetrics:
             rejections=Counter(
                 "meshserve_rejections",
                 "Calls refused before enqueue, by tenant and reason (unauthenticated, permission_denied, "
-                "rate, inflight, tenant_queue_full, model_queue_full, deadline: the queue ahead would outlast it).",
+                "rate, inflight, tenant_queue_full, model_queue_full, deadline: the queue ahead would outlast it, "
+                "message_size: over --max-message-bytes).",
                 ["tenant", "reason"],
                 registry=registry,
             ),
