@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 PROTO_SRC := protos/model_config.proto protos/grpc_service.proto protos/meshserve.proto
 
-.PHONY: install run test test-unit test-compat chaos bench protos protos-check lint format clean
+.PHONY: install run test test-fast test-unit test-compat chaos bench protos protos-check lint format clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or set PYTHON=...)"; exit 1; }
@@ -26,6 +26,12 @@ run: $(STAMP) ## run the whole mesh on the example models (Ctrl-C to stop)
 test: $(STAMP) protos-check ## run the whole suite
 	$(PY) -m pytest tests --ignore=tests/compat
 	$(PY) -m pytest tests/compat
+
+# The same without the tests marked slow (the short chaos run, the 10 000-request
+# memory test): for a quick loop while editing. CI runs `make test`.
+test-fast: $(STAMP) ## the suite without the tests marked slow
+	$(PY) -m pytest tests --ignore=tests/compat -m "not slow"
+	$(PY) -m pytest tests/compat -m "not slow"
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests --ignore=tests/compat

@@ -43,8 +43,11 @@ from meshserve.queue import (
 )
 from meshserve.settings import GatewaySettings
 from meshserve.store.link import RedisLink
+from meshserve.store.memory import EvictionPolicyError, MemoryWatch
+from meshserve.store.refusals import RefusalLog, store_refusal_message
 from meshserve.tenancy.admission import Admission
 from meshserve.tenancy.tenants import Tenant, TenantRegistry, dev_registry
+from meshserve.tenancy.throttle import RateRefusals
 from meshserve.wire.codec import PackedInputs, check_requested_outputs, declared_bytes, pack_inputs
 from meshserve.wire.envelope import OFF_LOOP_BYTES, Unframed, failed_reply, frame, reply_error, unframe
 from protos import meshserve_pb2 as mpb
@@ -57,6 +60,13 @@ REPLY_BATCH = 512
 REPLY_WAIT_S = 1.0
 """A blocking read for replies ends after this long with none, so that a reconnect
 (which the link's retry can hide inside the read) is looked at within it."""
+
+STRANDED_AFTER_S = 1.0
+"""Redis over its maxmemory this long (no worker can claim): queued calls are answered."""
+
+STRANDED_MESSAGE = (
+    "queue store out of memory: Redis is over its maxmemory, so no worker could take this request; retry later"
+)
 
 LOST_MESSAGE = "Redis lost this request (it restarted without it); it may not have run: retry it"
 """What a caller hears when its job is gone from Redis and no reply came."""
@@ -105,13 +115,33 @@ class Gateway:
         self.looked_for_lost = asyncio.Event()  # set after each look for lost jobs (a reconnect)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self._throttled_until: dict[str, float] = {}  # tenant -> monotonic s: over its rate until then
+        self.throttle = RateRefusals()  # tenants over their rate until their retry-after (read by gateway.refusal)
+        self.refusals = RefusalLog(log, "requests")  # Redis refusing enqueues, by kind, once per interval
+        self.store = MemoryWatch(
+            redis,
+            interval_ms=settings.store_sample_ms,
+            headroom_ratio=settings.store_headroom_ratio,
+            on_tick=self._after_memory_reading,
+        )
+        self._over_since_s: float | None = None  # monotonic s: Redis over its maxmemory since then
+        self.stranded_jobs = 0  # queued calls answered because Redis stayed over its maxmemory
 
     async def start(self) -> None:
+        """Check Redis (its eviction policy: a refusal raises ``EvictionPolicyError``;
+        an unreachable Redis is only logged, the links reconnect), then start the
+        reply reader and the memory watch."""
+        try:
+            await self.redis.execute("PING")
+        except EvictionPolicyError:
+            raise
+        except RedisError as exc:
+            log.warning("redis unavailable at start (%s): requests are refused until it is back", exc)
         self._tasks = [asyncio.create_task(self._read_replies(), name="reply-reader")]
+        self.store.start()
 
     async def stop(self) -> None:
         await self.settle()
+        await self.store.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -124,7 +154,8 @@ class Gateway:
     # ------------------------------------------------------------ readiness
 
     def server_ready(self) -> bool:
-        return self.routing.view.all_ready()
+        """Every model that could load serves (every model, with ``strict_readiness``)."""
+        return self.routing.server_ready(strict=self.settings.strict_readiness)
 
     def knows_model(self, name: str) -> bool:
         """Whether the routing table has a model of this name (any version)."""
@@ -175,7 +206,11 @@ class Gateway:
         self.authorize(tenant, call.model_name)
         model = self.resolve(call.model_name, call.model_version)
         if not self.model_ready(model):
-            raise Unavailable(f"model '{model.name}' version {model.version} is not ready")
+            failed = self.routing.view.failed.get((model.name, model.version))
+            why = f": it failed to load ({failed})" if failed else ""
+            raise Unavailable(f"model '{model.name}' version {model.version} is not ready{why}")
+        if self.store.full:
+            raise self._store_full()
         now_ms = time.time() * 1000
         timeout_ms = call.timeout_ms
         if timeout_ms is not None:
@@ -200,28 +235,34 @@ class Gateway:
             if limited:
                 self._release(tenant, job_id)
 
+    def _store_full(self) -> ResourceExhausted:
+        """The refusal of a request while Redis is within its headroom of ``maxmemory``:
+        refused whole, before any write, rather than failing half-way through."""
+        memory = self.store.latest
+        assert memory is not None
+        return ResourceExhausted(
+            f"queue store full: Redis uses {memory.used_bytes} of its {memory.maxmemory_bytes} bytes of maxmemory"
+            f" (new requests are refused with less than {self.store.headroom_ratio:.0%} left); retry later",
+            reason="store_full",
+            retry_after_ms=max(1, self.settings.store_sample_ms),
+        )
+
     async def _admit(self, tenant: Tenant, deadline_ms: int) -> str:
         """Admit a new job of ``tenant``; its id. One Redis script, unless this
         gateway already knows the tenant is over its rate: GCRA admits nothing
         before its retry hint, so until then the answer is the same without the
         round trip (or a job id)."""
-        wait_s = self._throttled_until.get(tenant.name, 0.0) - time.monotonic()
-        if wait_s > 0:
-            retry_after_ms = max(1, int(wait_s * 1000))
-            raise ResourceExhausted(
-                f"tenant '{tenant.name}' is over its rate limit of {tenant.rate_per_s:g} requests/s"
-                f" (burst {tenant.burst}); retry after {retry_after_ms} ms",
-                reason="rate",
-                retry_after_ms=retry_after_ms,
-            )
+        self.throttle.check(tenant)
         job_id = uuid.uuid4().hex
         try:
             decision = await self.admission.admit(tenant, job_id, deadline_ms=deadline_ms)
         except RedisError as exc:
+            if self.refusals.note(exc):
+                raise Unavailable(store_refusal_message(exc, "the request's admission")) from exc
             raise Unavailable(f"admission unavailable: {exc}") from exc
         if not decision.ok:
-            if decision.reason == "rate" and decision.retry_after_ms > 0:
-                self._throttled_until[tenant.name] = time.monotonic() + decision.retry_after_ms / 1000
+            if decision.reason == "rate":
+                self.throttle.remember(tenant, decision.retry_after_ms)
             raise ResourceExhausted(
                 decision.describe(tenant), reason=decision.reason, retry_after_ms=decision.retry_after_ms
             )
@@ -343,6 +384,8 @@ class Gateway:
                     tenant_max_queued=tenant.max_queued,
                 )
             except RedisError as exc:
+                if self.refusals.note(exc):  # Redis is up but refuses writes: say what it said
+                    raise Unavailable(store_refusal_message(exc, "the request")) from exc
                 raise Unavailable(f"request queue unavailable: {exc}") from exc
         if result.code == Enqueued.MODEL_QUEUE_FULL:
             raise ResourceExhausted(
@@ -364,6 +407,42 @@ class Gateway:
             )
 
     # ------------------------------------------------------------ background tasks
+
+    async def _after_memory_reading(self) -> None:
+        """After each reading of Redis's memory: flush the refusal counts, and answer
+        the queued calls once Redis has stayed over its maxmemory for
+        ``STRANDED_AFTER_S``. Over it, every claim is refused (``OOM``), so a queued
+        job waits until memory is freed, or for its whole deadline if nothing frees
+        it; withdrawing needs no memory (it only deletes)."""
+        self.refusals.flush()
+        memory = self.store.latest
+        if memory is None or not memory.over:
+            self._over_since_s = None
+            return
+        now_s = time.monotonic()
+        if self._over_since_s is None:
+            self._over_since_s = now_s
+        if now_s - self._over_since_s < STRANDED_AFTER_S or not self.queued:
+            return
+        waiting = list(self.queued.items())
+        try:
+            withdrawn = await asyncio.gather(*(self.queue.withdraw(keys, job_id) for job_id, (keys, _) in waiting))
+        except RedisError as exc:
+            log.debug("could not withdraw queued requests: %s", exc)
+            return
+        answered = 0
+        for (job_id, _), taken in zip(waiting, withdrawn, strict=True):
+            future = self.pending.get(job_id)
+            if taken and future is not None and not future.done():
+                future.set_result(Unframed(failed_reply(job_id, Unavailable(STRANDED_MESSAGE)), [], framed=False))
+                answered += 1
+        if answered:
+            self.stranded_jobs += answered
+            log.warning(
+                "redis over its maxmemory for %.0f s: answered %d queued requests UNAVAILABLE",
+                now_s - self._over_since_s,
+                answered,
+            )
 
     async def _read_replies(self) -> None:
         """The one reply reader: drain the reply list, complete waiting futures.
@@ -394,6 +473,9 @@ class Gateway:
             future = self.pending.get(answer.message.id)
             if future is None or future.done():
                 self.late_replies += 1  # the caller gave up, or a duplicate
+                log.debug(
+                    "late reply for job %s (status %s): nobody waits for it", answer.message.id, answer.message.code
+                )
                 continue
             future.set_result(answer)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -25,13 +25,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RoutingView:
-    """One routing-table generation: every model version, which are ready, the
-    latest version of each model name."""
+    """One routing-table generation: every model version, which are ready, which
+    failed to load (and why), the latest version of each model name."""
 
     generation: int
     models: dict[tuple[str, int], ModelInfo]
     ready: frozenset[tuple[str, int]]
     latest: dict[str, int]
+    failed: dict[tuple[str, int], str] = field(default_factory=dict)
 
     @classmethod
     def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
@@ -40,11 +41,17 @@ class RoutingView:
         for name, version in models:
             latest[name] = max(version, latest.get(name, 0))
         ready = frozenset((s.name, s.version) for s in table.models if s.ready)
-        return cls(table.generation, models, ready, latest)
+        failed = {(s.name, s.version): s.load_error for s in table.models if s.load_error and not s.ready}
+        return cls(table.generation, models, ready, latest, failed)
 
     def all_ready(self) -> bool:
-        """Whether there are models and every one of them is ready (server readiness)."""
+        """Whether there are models and every one of them is ready (strict readiness)."""
         return bool(self.models) and self.ready == frozenset(self.models)
+
+    def settled(self) -> bool:
+        """Whether some model is ready and every other one failed to load: the mesh
+        serves every model that loaded."""
+        return bool(self.ready) and all(key in self.ready or key in self.failed for key in self.models)
 
 
 EMPTY_VIEW = RoutingView(-1, {}, frozenset(), {})
@@ -68,8 +75,19 @@ class RoutingWatch:
         self.gateway_id = gateway_id
         self.on_change = on_change
         self.view = EMPTY_VIEW
+        self.settled_once = False  # some view was settled (every model loaded or failed to): latched
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+
+    def server_ready(self, *, strict: bool) -> bool:
+        """Server readiness. ``strict``: every model is ready (Triton's meaning). Else:
+        every model has loaded or failed to at least once since this gateway started,
+        and some model is ready now; a model that goes unready later (a worker
+        restarting, a failing canary) shows in its own readiness, not here, so that a
+        readiness probe never takes the healthy models out with it."""
+        if strict:
+            return self.view.all_ready()
+        return self.settled_once and bool(self.view.ready)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="routing-watch")
@@ -93,6 +111,7 @@ class RoutingWatch:
                 stream = self.router.WatchRoutingTable(mpb.WatchRequest(gateway_id=self.gateway_id))
                 async for table in stream:
                     self.view = view = RoutingView.from_table(table)
+                    self.settled_once = self.settled_once or view.settled()
                     async with self._changed:
                         self._changed.notify_all()
                     self.on_change(view)

@@ -12,12 +12,14 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from gateway.core import Gateway
+from gateway.refusal import RefusalInterceptor
 from gateway.routing import RoutingView, RoutingWatch
 from gateway.servicer import InferenceServicer, add_to_server
 from meshserve.observe.metrics import GatewayMetrics, MetricsServer
 from meshserve.platform.tls import add_port, channel
 from meshserve.settings import ANY_HOST, LOOPBACK_HOST, GatewaySettings, instance_id
 from meshserve.store.clients import blocking_link, command_link
+from meshserve.store.memory import policy_check
 from meshserve.tenancy.tenants import TenantRegistry, dev_registry, load_tenants, reload_tenants
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -37,28 +39,32 @@ class GatewayServer:
         if not settings.gateway_id:
             settings = replace(settings, gateway_id=instance_id("gateway"))
         self.settings = settings
-        self.redis = command_link(settings.redis_url, name="meshserve-gateway")
-        self.blocking = blocking_link(settings.redis_url, name="meshserve-gateway-wait")
+        check = policy_check(allow_eviction=settings.allow_eviction, service="gateway")
+        self.redis = command_link(settings.redis_url, name="meshserve-gateway", check=check)
+        self.blocking = blocking_link(settings.redis_url, name="meshserve-gateway-wait", check=check)
         self.router_channel = channel(settings.router_address, settings.tls)
         self.health = health.aio.HealthServicer()
         self.routing = RoutingWatch(
             mpb_grpc.RouterStub(self.router_channel), settings.gateway_id, on_change=self._update_health
         )
         self.gateway = Gateway(settings, self.redis, self.blocking, self.routing, tracer, _registry(settings))
+        self.metrics = GatewayMetrics.create(
+            late_replies=lambda: self.gateway.late_replies, lost_requests=lambda: self.gateway.lost_jobs
+        )
+        servicer = InferenceServicer(self.gateway, tracer, self.metrics)
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
+            # ModelInfer refuses unknown keys and tenants over their rate before it reads the message
+            interceptors=[RefusalInterceptor(self.gateway, servicer)],
             options=[
                 # Over the limit, the core refuses a request naming the flag; gRPC's own
                 # refusal (its text names no setting) only past twice the limit.
                 ("grpc.max_receive_message_length", min(2 * limit, GRPC_MAX_MESSAGE_BYTES)),
                 ("grpc.max_send_message_length", min(2 * limit, GRPC_MAX_MESSAGE_BYTES)),  # outputs: the workers' limit
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
-        self.metrics = GatewayMetrics.create(
-            late_replies=lambda: self.gateway.late_replies, lost_requests=lambda: self.gateway.lost_jobs
-        )
-        add_to_server(InferenceServicer(self.gateway, tracer, self.metrics), self.server)
+        add_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -78,6 +84,7 @@ class GatewayServer:
             log.error("tenants file rejected, keeping the previous one: %s", error)
             return False
         self.gateway.tenants = registry
+        self.gateway.throttle.clear()  # a limit may have been raised: ask Redis again
         log.info("tenants reloaded from %s: %d tenants", path, len(registry))
         return True
 
@@ -88,11 +95,12 @@ class GatewayServer:
         return f"{LOOPBACK_HOST if host in (ANY_HOST, '::', '[::]') else host}:{self.port}"
 
     def _update_health(self, view: RoutingView) -> None:
-        """The overall entries follow server readiness; one entry per model version,
-        "<model>/<version>", follows the routing table (as on the workers)."""
+        """The overall entries follow server readiness (a model that failed to load
+        does not take them down unless ``strict_readiness``); one entry per model
+        version, "<model>/<version>", follows the routing table (as on the workers)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        status = serving if view.all_ready() else not_serving
+        status = serving if self.routing.server_ready(strict=self.settings.strict_readiness) else not_serving
         entries = {name: status for name in ("", SERVICE_NAME)}
         for name, version in view.models:
             entries[f"{name}/{version}"] = serving if (name, version) in view.ready else not_serving

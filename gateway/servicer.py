@@ -55,6 +55,11 @@ UNKNOWN_MODEL_LABEL = "<unknown>"
 names, and a label per name would grow the registry without bound."""
 
 
+UNREAD_MODEL_LABEL = "<unread>"
+"""The metrics' model label for a call refused before its message was read (unknown
+key, or a tenant over its rate): the model's name is in that message."""
+
+
 DEADLINE_MARGIN_S = 0.005
 """The gateway gives up this long before the client's gRPC deadline, so that its
 DEADLINE_EXCEEDED reaches a call that is still open."""
@@ -67,10 +72,23 @@ clients with grpc's default limits fail the call with RESOURCE_EXHAUSTED instead
 
 
 async def _abort(context: Context, error: MeshError) -> NoReturn:
-    if isinstance(error, ResourceExhausted) and error.retry_after_ms > 0:
-        context.set_trailing_metadata(((RETRY_AFTER_TRAILER, str(error.retry_after_ms)),))
+    _set_retry_after(context, error)
     await context.abort(error.code, _details(error.message))
     raise AssertionError("unreachable")  # context.abort always raises
+
+
+def set_status(context: Context, error: MeshError) -> None:
+    """The call's answer for ``error``, as ``_abort`` gives it: status, details and the
+    retry-after trailer. A handler that returns after this answers without the cost of
+    ``abort``'s exception."""
+    _set_retry_after(context, error)
+    context.set_code(error.code)
+    context.set_details(_details(error.message))
+
+
+def _set_retry_after(context: Context, error: MeshError) -> None:
+    if isinstance(error, ResourceExhausted) and error.retry_after_ms > 0:
+        context.set_trailing_metadata(((RETRY_AFTER_TRAILER, str(error.retry_after_ms)),))
 
 
 def _log_request(model: str, tenant: str, code: grpc.StatusCode, started_s: float) -> None:
@@ -219,6 +237,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -------------------------------------------------------------- inference
 
     async def ModelInfer(self, request: ReceivedRequest | Oversized, context: Context) -> bytes:  # noqa: N802
+        return await self.answer(request, context)
+
+    async def answer(
+        self, request: ReceivedRequest | Oversized, context: Context, tenant: Tenant | None = None
+    ) -> bytes:
+        """ModelInfer with its metrics and error mapping; ``tenant`` when the caller
+        (:mod:`gateway.refusal`) has authenticated the call already. The response
+        comes encoded (see :func:`serialize_infer_response`)."""
         started_s = time.perf_counter()
         metrics = self.metrics
         name = "" if isinstance(request, Oversized) else request.message.model_name
@@ -227,9 +253,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         inflight = labelled(metrics.inflight, label)
         inflight.inc()
         code = grpc.StatusCode.OK
-        tenant: Tenant | None = None
         try:
-            tenant = self._authenticate(context)
+            if tenant is None:
+                tenant = self.authenticate(context)
             if isinstance(request, Oversized):
                 raise request.error()
             return await self._infer(request, context, tenant)
@@ -254,6 +280,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             labelled(metrics.tenant_requests, tenant_label, code.name).inc()
             if tenant is not None:
                 labelled(metrics.tenant_latency, tenant_label).observe(duration_s)
+
+    def count_unread_refusal(self, error: MeshError, tenant: Tenant | None, started_s: float) -> None:
+        """The metrics of a call refused before its message was read (:mod:`gateway.refusal`):
+        as any refusal, under the model label ``UNREAD_MODEL_LABEL`` (the name is in the
+        unread message); no span, and the DEBUG line when enabled."""
+        metrics, labelled = self.metrics, self._labelled
+        duration_s = time.perf_counter() - started_s
+        self._count_rejection(error, tenant)
+        labelled(metrics.requests, UNREAD_MODEL_LABEL, error.code.name).inc()
+        labelled(metrics.latency, UNREAD_MODEL_LABEL).observe(duration_s)
+        tenant_label = tenant.name if tenant is not None else UNAUTHENTICATED_LABEL
+        labelled(metrics.tenant_requests, tenant_label, error.code.name).inc()
+        if tenant is not None:
+            labelled(metrics.tenant_latency, tenant_label).observe(duration_s)
+        if log.isEnabledFor(logging.DEBUG):
+            _log_request(UNREAD_MODEL_LABEL, tenant_label, error.code, started_s)
 
     def _count_rejection(self, error: MeshError, tenant: Tenant | None) -> None:
         """Admission refusals by tenant and reason; tenants come only from the file (bounded)."""
@@ -362,7 +404,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return bearer_key(value)
         return None
 
-    def _authenticate(self, context: Context) -> Tenant:
+    def authenticate(self, context: Context) -> Tenant:
         """The tenant of a call: from ``authorization: Bearer <key>`` when the call
         sends one (the key decides alone), else from the names of the client
         certificate mutual TLS verified (``mtls_identities`` in the tenants file)."""
@@ -383,7 +425,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _resolve_for_tenant(self, name: str, version: str, context: Context) -> ModelInfo:
         """A model-level RPC: authenticate, authorize the model, then resolve it."""
         try:
-            self.gateway.authorize(self._authenticate(context), name)
+            self.gateway.authorize(self.authenticate(context), name)
             return self.gateway.resolve(name, version)
         except MeshError as error:
             await _abort(context, error)

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env_default("BENCH_SCENARIO", "sweep"),
         help="sweep: concurrencies beside raw ONNX Runtime; open-loop: fixed rates (--rates);"
         " overload: twice the sustainable rate; noisy-neighbor: one tenant floods, another is timed;"
-        " large: requests of --sizes MiB, latency beside raw ONNX Runtime and each process's peak memory",
+        " large: requests of --sizes MiB, latency beside raw ONNX Runtime and each process's peak memory;"
+        " retry-storm: one tenant over its limit retries after each refusal, another is timed",
     )
     flag("--target", None, help="HOST:PORT of a running mesh (default: start one)")
     flag("--redis-url", None, help="with --target: that mesh's Redis, to report what each call cost it")
@@ -58,20 +59,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--json", None, help="write every figure to this file (see python -m meshserve_bench.report)")
     flag("--rates", "50,100,200", positive_list(float), "open-loop: calls per second per point")
     flag("--request-timeout-s", 2.0, float, "open-loop calls' gRPC timeout; overload's deadline")
-    flag("--steady-rate-per-s", 50.0, float, "noisy-neighbor: what tenant B sends")
+    flag("--steady-rate-per-s", None, float, "noisy-neighbor, retry-storm: what tenant B sends (default: 50, 40)")
     flag("--noisy-limit-per-s", 40.0, float, "noisy-neighbor: tenant A's rate limit")
     flag("--flood-rate-per-s", None, float, "noisy-neighbor: what tenant A sends (default: 10x its limit)")
     flag("--flood-channels", 8, int, "noisy-neighbor: tenant A's connections")
     flag("--sizes", "1,16,64", positive_list(float), "large: request sizes, MiB")
+    flag("--storm-connections", 48, int, "retry-storm: tenant A's connections, one retrying client each")
+    flag("--storm-pause-ms", 20.0, float, "retry-storm: tenant A's pause after each refusal")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     # onnx builds the example models: loaded when the bench runs, not by every `meshserve` command
     from meshserve.devkit.examples import default_repository_dir, write_example_repository
 
-    positive = (args.duration_s, args.request_timeout_s, args.steady_rate_per_s, args.noisy_limit_per_s)
+    steady_rate_per_s = args.steady_rate_per_s or (40.0 if args.scenario == "retry-storm" else 50.0)
+    positive = (args.duration_s, args.request_timeout_s, steady_rate_per_s, args.noisy_limit_per_s)
     if min(positive) <= 0 or (args.flood_rate_per_s or 1.0) <= 0 or args.flood_channels < 1 or args.warmup_s < 0:
         raise SystemExit("bench: durations, rates and timeouts must be > 0, --flood-channels >= 1")
+    if args.storm_connections < 1 or args.storm_pause_ms < 0:
+        raise SystemExit("bench: --storm-connections must be >= 1 and --storm-pause-ms >= 0")
     repository = Path(args.model_repository) if args.model_repository else None
     return BenchConfig(
         scenario=args.scenario,
@@ -87,11 +93,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_batch=args.max_batch,
         rates_per_s=args.rates,
         request_timeout_s=args.request_timeout_s,
-        steady_rate_per_s=args.steady_rate_per_s,
+        steady_rate_per_s=steady_rate_per_s,
         noisy_limit_per_s=args.noisy_limit_per_s,
         flood_rate_per_s=args.flood_rate_per_s or 10.0 * args.noisy_limit_per_s,
         flood_channels=args.flood_channels,
         sizes_mib=args.sizes,
+        storm_connections=args.storm_connections,
+        storm_pause_ms=args.storm_pause_ms,
     )
 
 
@@ -100,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     failed (errors are what the other scenarios measure, and their verdicts are reported)."""
     # Every `meshserve` command builds this module's flags: gRPC, the protos and ONNX
     # Runtime are loaded only when the bench runs, not in a gateway's process.
-    from meshserve_bench import large, mesh, report, scenarios, tenants
+    from meshserve_bench import large, mesh, report, scenarios, storm, tenants
 
     config = config_from_args(args)
     signal.signal(signal.SIGTERM, mesh.exit_on_sigterm)
@@ -110,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         figures = tenants.run_noisy_neighbor(config)
     elif config.scenario == "large":
         figures = large.run_large(config)
+    elif config.scenario == "retry-storm":
+        figures = storm.run_retry_storm(config)
     else:
         figures = scenarios.run_mesh_scenario(config)
     result = {"scenario": config.scenario, "date": started, "machine": machine, **figures}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("sweep", "open-loop", "overload", "noisy-neighbor", "large")
+SCENARIOS = ("sweep", "open-loop", "overload", "noisy-neighbor", "retry-storm", "large")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +27,13 @@ class BenchConfig:
     # open-loop and overload
     rates_per_s: tuple[float, ...] = (50.0, 100.0, 200.0)
     request_timeout_s: float = 2.0  # each open-loop call's gRPC timeout; overload's deadline
-    # noisy-neighbor
-    steady_rate_per_s: float = 50.0  # what tenant B sends
+    # noisy-neighbor and retry-storm
+    steady_rate_per_s: float = 50.0  # what tenant B sends (retry-storm's default: 40)
     noisy_limit_per_s: float = 40.0  # tenant A's rate limit (and burst)
     flood_rate_per_s: float = 400.0  # what tenant A sends
     flood_channels: int = 8
     # large
     sizes_mib: tuple[float, ...] = (1.0, 16.0, 64.0)  # one request of each size, MiB
+    # retry-storm: A retries from this many connections, pausing after each refusal
+    storm_connections: int = 48
+    storm_pause_ms: float = 20.0

@@ -155,10 +155,12 @@ async def call(
 
 async def timed_call(
     infer: Infer, request: pb.ModelInferRequest, timeout_s: float, tally: Tally, metadata: Metadata = ()
-) -> None:
+) -> str:
+    """One call, recorded in ``tally``; its status code name."""
     start_ns = time.perf_counter_ns()
     code, details = await call(infer, request, timeout_s, metadata)
     tally.record(code, details, start_ns, time.perf_counter_ns())
+    return code
 
 
 @contextlib.asynccontextmanager
@@ -198,6 +200,25 @@ def cpu_s() -> float:
     """This process's user + system CPU seconds, every thread (gRPC's included)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid``, every thread (/proc/<pid>/stat);
+    None when it cannot be read (off Linux, or the process is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def process_cpu_during(window: Window, pid: int | None) -> float | None:
+    """CPU seconds process ``pid`` spent inside ``window``; None when it cannot be read."""
+    await sleep_until(window.start_ns)
+    before_s = None if pid is None else process_cpu_s(pid)
+    await sleep_until(window.end_ns)
+    after_s = None if pid is None else process_cpu_s(pid)
+    return None if before_s is None or after_s is None else after_s - before_s
 
 
 def machine_busy_s() -> float | None:
@@ -263,8 +284,10 @@ async def measure_point(
     timeout_s: float = REQUEST_TIMEOUT_S,
     metadata: Metadata = (),
     redis: Redis | None = None,
+    pause_after_error_s: float = 0.0,
 ) -> LoadPoint:
-    """Open loop at ``rate_per_s`` when given, else ``concurrency`` closed-loop clients,
+    """Open loop at ``rate_per_s`` when given, else ``concurrency`` closed-loop clients
+    (each pausing ``pause_after_error_s`` after a failed call, as a retrying client does),
     over ``channels`` fresh connections to ``target``; Redis read when ``redis`` is given."""
     tally, lags_ns = Tally(window), None
     bound_s = (window.end_ns - time.perf_counter_ns()) / 1e9 + timeout_s + 2 * CONNECT_TIMEOUT_S
@@ -282,7 +305,9 @@ async def measure_point(
 
             async def client(infer: Infer) -> None:  # the next call when the last returns
                 while time.perf_counter_ns() < window.end_ns:
-                    await timed_call(infer, request, timeout_s, tally, metadata)
+                    code = await timed_call(infer, request, timeout_s, tally, metadata)
+                    if code != OK and pause_after_error_s > 0:
+                        await asyncio.sleep(pause_after_error_s)
 
             for _ in range(concurrency):
                 group.create_task(client(next(turns)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import platform
 import signal
@@ -105,6 +106,26 @@ def own_mesh(repository: Path, up_args: Sequence[str] = ()) -> Iterator[str]:
             progress(f"the mesh did not stop within {MESH_STOP_TIMEOUT_S:.0f} s; killing it")
             proc.kill()
             proc.wait()
+
+
+def gateway_pid(target: str) -> int | None:
+    """The process of the gateway ``own_mesh`` started for ``target`` (``meshserve up``'s
+    child with its gRPC port), from /proc; None when none is found (off Linux)."""
+    port = target.rsplit(":", 1)[1]
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "gateway" in argv and ("--grpc-port", port) in itertools.pairwise(argv):
+            return int(entry.name)
+    return None
 
 
 def exit_on_sigterm(signum: int, frame: FrameType | None) -> None:

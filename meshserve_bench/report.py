@@ -119,9 +119,10 @@ def overload_lines(overload: Figures, deadline_s: float) -> list[str]:
     ]
 
 
-def noisy_neighbor_lines(result: Figures) -> list[str]:
+def tenant_phase_lines(result: Figures) -> list[str]:
+    """The table of B and A in each phase (noisy-neighbor, retry-storm), with error details."""
     header = ["phase", "A sends/s", "B ok", "B p50 ms", "B p99 ms", "B errors", "B send lag p99 ms", "A ok"]
-    header += ["A refused", "A other", "client cpu B", "client cpu A", "machine busy cores"]
+    header += ["A refused", "A other", "client cpu B", "client cpu A", "gateway cpu", "machine busy cores"]
     rows, details, duration_s = [], [], result["settings"]["duration_s"]
     for name, phase in result["phases"].items():
         steady, flood = phase["steady"], phase["flood"] or {"calls": {"ok": 0, "errors": {}, "error_details": {}}}
@@ -136,13 +137,13 @@ def noisy_neighbor_lines(result: Figures) -> list[str]:
             num(steady["client_cpu_fraction"]),
             num(flood.get("client_cpu_fraction")),
         ]
-        rows.append([*row, num(busy_s and busy_s / duration_s)])
+        gateway_s = phase.get("gateway_cpu_s")
+        rows.append([*row, num(gateway_s and gateway_s / duration_s), num(busy_s and busy_s / duration_s)])
         shown = {**a_calls["error_details"], **b_calls["error_details"]}
         details += [
             f"- {name}: first {code}: {text}" for code, text in sorted(shown.items()) if code != "RESOURCE_EXHAUSTED"
         ]
     settings = result["settings"]
-    verdict = "target met" if result["target_met"] else "target missed"
     return [
         f"- tenant B sends {settings['steady_rate_per_s']:g}/s;"
         f" tenant A is limited to {settings['noisy_limit_per_s']:g}/s",
@@ -150,6 +151,15 @@ def noisy_neighbor_lines(result: Figures) -> list[str]:
         *table(header, rows),
         "",
         *details,
+        f"- gateway CPU per refusal: {num(result.get('gateway_cpu_per_refusal_ms'), '.3f')} ms"
+        " (beyond what its admitted calls cost at the alone phase's rate)",
+    ]
+
+
+def noisy_neighbor_lines(result: Figures) -> list[str]:
+    verdict = "target met" if result["target_met"] else "target missed"
+    return [
+        *tenant_phase_lines(result),
         f"- B's p99 beside A at its limit: {num(result['at_limit_p99_ratio'])}x alone;"
         f" under the flood: {num(result['p99_ratio'])}x",
         "",
@@ -177,6 +187,19 @@ def large_lines(result: Figures) -> list[str]:
     return [*table(header, rows), "", note]
 
 
+def retry_storm_lines(result: Figures) -> list[str]:
+    settings, verdict = result["settings"], "target met" if result["target_met"] else "target missed"
+    return [
+        *tenant_phase_lines(result),
+        f"- A: {settings['storm_connections']} connections, each retrying {settings['storm_pause_ms']:g} ms"
+        f" after a refusal: {num(result['a_refused_per_s'], '.0f')} refusals/s",
+        f"- B's p99 alone {num(result['p99_alone_ms'])} ms, under the storm {num(result['p99_storm_ms'])} ms:"
+        f" {num(result['p99_ratio'])}x; B's errors: {codes(result['b_errors'])}",
+        "",
+        f"**{verdict}** (B's p99 under the storm <= {result['target_p99_ratio']:g}x alone, no error for B)",
+    ]
+
+
 def markdown(result: Figures) -> str:
     """The report of one run's JSON (what ``meshserve bench --json`` writes)."""
     lines = heading(result) + raw_lines(result.get("raw")) + [""]
@@ -186,6 +209,8 @@ def markdown(result: Figures) -> str:
         lines += noisy_neighbor_lines(result)
     elif result["scenario"] == "large":
         lines += large_lines(result)
+    elif result["scenario"] == "retry-storm":
+        lines += retry_storm_lines(result)
     else:
         lines += points_table(result)
     return "\n".join(lines) + "\n"

@@ -4,9 +4,11 @@ A newly assigned model loads and warms up in a loader thread of its own (serving
 the others goes on meanwhile) and is claimed from, and reported ready, only once
 warm. A model no longer assigned is drained: it is claimed from no more at once
 (its health entry and report say not ready), the batch in hand finishes and its
-replies are written, then the session goes. A model that fails to load is logged
-and tried again only after ``LOAD_RETRY_AFTER_S`` while it stays assigned, or at
-once when the router assigns it afresh after taking it away.
+replies are written, then the session goes. A model that fails to load is logged,
+reported to the router with its reason (``failures``), and tried again while it
+stays assigned after a delay that doubles with each failure, from
+``LOAD_RETRY_FIRST_S`` up to ``LOAD_RETRY_MAX_S`` (:func:`retry_delay_s`); at once
+when the router assigns it afresh after taking it away.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from meshserve.models.repository import load_model
 from meshserve.queue import ModelKeys
@@ -30,9 +33,38 @@ from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
 
-LOAD_RETRY_AFTER_S = 60.0
-"""A model that failed to load is tried again after this long if still assigned,
-not at every heartbeat: a broken model file would otherwise load in a loop."""
+LOAD_RETRY_FIRST_S = 15.0
+LOAD_RETRY_MAX_S = 600.0
+"""A model that failed to load is tried again, while still assigned, after
+``LOAD_RETRY_FIRST_S``, then twice as long after each failure up to
+``LOAD_RETRY_MAX_S``: not at every heartbeat (a broken model file would load in a
+loop, taking the loader thread and the CPU), never given up for good (a failure can
+be passing: memory taken by another process, a file being copied)."""
+
+MAX_REASON_CHARS = 500
+"""A failure's reason is cut to this length: it travels in every report and shows
+in the router's log, its metrics and ``meshserve top``."""
+
+
+def retry_delay_s(failures: int) -> float:
+    """How long after its ``failures``-th failure in a row a model is tried again."""
+    return min(LOAD_RETRY_FIRST_S * 2.0 ** max(0, failures - 1), LOAD_RETRY_MAX_S)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a load failure: the exception's type and its first line, cut."""
+    lines = str(exc).strip().splitlines()
+    reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailure:
+    """The last failed load of an assigned model, until a load succeeds or it is unassigned."""
+
+    reason: str
+    failures: int  # in a row
+    retry_at_s: float  # monotonic clock
 
 
 class AssignmentFollower:
@@ -61,8 +93,9 @@ class AssignmentFollower:
         self._assigned: frozenset[ModelKey] = frozenset()
         self._loading: dict[ModelKey, asyncio.Task[None]] = {}
         self._dropping: dict[ModelKey, asyncio.Task[None]] = {}
-        self._load_failed_at_s: dict[ModelKey, float] = {}  # monotonic clock
+        self._failed: dict[ModelKey, LoadFailure] = {}  # kept while a retry loads: still failed until it succeeds
         self._activation_bytes: dict[ModelKey, int] = {}  # measured at warm-up, until the model is held
+        self._warmup_ms: dict[ModelKey, float] = {}  # likewise: the served model's time limits derive from it
 
     def follow(self, assignment: mpb.WorkerAssignment) -> None:
         """Start loading what is newly assigned and draining what is no longer.
@@ -70,16 +103,15 @@ class AssignmentFollower:
         Only starts tasks (this object owns them; ``close`` ends them)."""
         assigned = frozenset((spec.name, spec.version) for spec in assignment.models)
         for key in self._assigned - assigned:
-            self._load_failed_at_s.pop(key, None)  # assigned afresh later: tried at once
+            self._failed.pop(key, None)  # assigned afresh later: tried at once
         self._assigned = assigned
         now_s = time.monotonic()
         for key in sorted(assigned):
-            failed_at_s = self._load_failed_at_s.get(key)
+            failed = self._failed.get(key)
             if key in self._held.served or key in self._loading:
                 continue
-            if failed_at_s is not None and now_s - failed_at_s < LOAD_RETRY_AFTER_S:
+            if failed is not None and now_s < failed.retry_at_s:
                 continue
-            self._load_failed_at_s.pop(key, None)
             self._loading[key] = asyncio.create_task(self._load_and_serve(key), name=f"load {key[0]}/{key[1]}")
         dropped = [(key, s) for key, s in self._held.served.items() if key not in assigned and self._held.claims(s)]
         for key, served in dropped:
@@ -88,6 +120,10 @@ class AssignmentFollower:
         if dropped:
             self._serve_loop.wake()
             self._on_change()
+
+    def failures(self) -> dict[ModelKey, str]:
+        """Assigned models whose last load failed, with the reason (what the report says)."""
+        return {key: failed.reason for key, failed in self._failed.items() if key in self._assigned}
 
     async def loaded(self) -> None:
         """Return once every load started so far has ended (served or failed)."""
@@ -113,6 +149,7 @@ class AssignmentFollower:
         )
         took_s, activation_bytes = warm_up_measured(model, self._memory_probe)
         self._activation_bytes[(info.name, info.version)] = activation_bytes
+        self._warmup_ms[(info.name, info.version)] = took_s * 1000
         log.info("loaded %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)
         return model
 
@@ -121,27 +158,41 @@ class AssignmentFollower:
         name, version = key
         try:
             model = await asyncio.get_running_loop().run_in_executor(self._loader, self.load, name, version)
-        except Exception:
-            log.exception(
-                "model %s version %d failed to load; not serving it (tried again in %.0f s if still assigned)",
-                name,
-                version,
-                LOAD_RETRY_AFTER_S,
-            )
-            self._load_failed_at_s[key] = time.monotonic()
-            return
-        finally:
+        except Exception as exc:
             self._loading.pop(key, None)
+            self._record_failure(key, exc)
+            await self._report()
+            return
+        self._loading.pop(key, None)
+        self._failed.pop(key, None)
         activation_bytes = self._activation_bytes.pop(key, 0)
+        warmup_ms = self._warmup_ms.pop(key, 0.0)
         if self._stopping.is_set() or key not in self._assigned:
             log.info("model %s version %d loaded but no longer assigned; not serving it", name, version)
             return
         keys = ModelKeys.for_model(name, version)
-        served = Served(model, keys, weights_bytes=model.info.weights_bytes, activation_bytes=activation_bytes)
+        served = Served(
+            model, keys, weights_bytes=model.info.weights_bytes, activation_bytes=activation_bytes, warmup_ms=warmup_ms
+        )
         self._held.add(key, served)
         self._serve_loop.models_added()  # jobs may have queued while it loaded
         self._on_change()
         await self._report()
+
+    def _record_failure(self, key: ModelKey, exc: Exception) -> None:
+        """Remember why ``key`` failed and when to try again; report it to the router."""
+        before = self._failed.get(key)
+        reason = failure_reason(exc)
+        failures = 1 if before is None else before.failures + 1
+        delay_s = retry_delay_s(failures)
+        self._failed[key] = LoadFailure(reason, failures, time.monotonic() + delay_s)
+        message = (
+            "model %s version %d failed to load (%d in a row); not serving it, tried again in %.0f s if still assigned"
+        )
+        if before is None or before.reason != reason:  # the traceback once per reason
+            log.error(message, *key, failures, delay_s, exc_info=exc)
+        else:
+            log.warning(message + ": %s", *key, failures, delay_s, reason)
 
     async def _drop(self, key: ModelKey, served: Served) -> None:
         """Drain a model no longer assigned (already claimed from no more): let the batch

@@ -39,7 +39,7 @@ class ModelHealth:
         on_change: Callable[[], None],
     ) -> None:
         self._canary_interval_s = settings.canary_interval_s
-        self._lease_ms = settings.lease_ms
+        self._canary_timeout_ms = settings.canary_timeout_ms
         self._held = held
         self._compute = compute
         self._stopping = stopping
@@ -48,11 +48,12 @@ class ModelHealth:
     async def canary_forever(self) -> None:
         """Run every held model's known sample input each ``canary_interval_s``.
 
-        A canary that raises, outlasts a lease or answers NaN or Inf takes its model
+        A canary that raises, runs past its limit (``Served.canary_timeout_s``: a
+        multiple of the model's measured time) or answers NaN or Inf takes its model
         out of service; a later one that passes brings it back, which is also the
-        only way back for a model taken out by failed batches. Canaries run in the
-        worker's ONNX Runtime thread under the device lock that every batch holds,
-        so they queue behind a computing batch and never run beside one: one
+        only way back for a model taken out by failed batches. Canaries run on the
+        worker's ONNX Runtime threads holding one of the model's instances and a
+        pool slot, so they queue behind the model's own computing batches: one
         batch-1 run per model per interval. The task is owned by the worker's
         server, which cancels it on stop.
         """
@@ -71,9 +72,9 @@ class ModelHealth:
     async def _canary(self, served: Served) -> None:
         info = served.model.info
         try:
-            # a canary slower than a lease is as dead as a batch that slow (its wait
-            # for the batch in hand not counted: that batch extends its lease)
-            await self._compute.run_canary(served, self._lease_ms / 1000)
+            # a canary far slower than the model's own measured time is a sick model
+            # (its wait for batches, its own or other models', not counted)
+            await self._compute.run_canary(served, served.canary_timeout_s(self._canary_timeout_ms))
         except Exception as exc:
             if not served.canary_failing:
                 log.error(

@@ -6,23 +6,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
-from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any
+import time
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from meshserve.errors import DeadlineExceeded, Internal
-from meshserve.queue import ClaimedBatch, QueueProtocol, finish_commands
+from meshserve.queue import ClaimedBatch, QueueProtocol
 from meshserve.settings import WorkerSettings
-from meshserve.store.link import Chunks, RedisLink
+from meshserve.store.link import RedisLink
 from meshserve.wire.envelope import failed_reply
 from model_workers.batches import Job, by_token, serialize_reply
 from model_workers.held import HeldModels
+from model_workers.reply_writer import Outgoing, ReplyWriter
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
+
+ANSWER_DEAD_WITHIN_MS = 2_000
+"""A request out of attempts is answered within this long, or given up on."""
 
 
 class Leases:
@@ -38,11 +40,11 @@ class Leases:
     ) -> None:
         self._lease_ms = settings.lease_ms
         self._max_attempts = settings.max_attempts
-        self._redis = redis
         self._queue = queue
         self._held = held
         self._stopping = stopping
         self._writes: set[asyncio.Task[None]] = set()
+        self.writer = ReplyWriter(redis, queue)
 
     async def flushed(self) -> None:
         """Return once every reply and ack write started so far has finished."""
@@ -73,20 +75,23 @@ class Leases:
         if not reaped.dead:
             return
         served.stats.failed += len(reaped.dead)
-        blobs: dict[str, list[bytes]] = defaultdict(list)
+        answer_by_ms = int(time.time() * 1000) + ANSWER_DEAD_WITHIN_MS  # their deadlines are not at hand
+        outgoing = []
         for job_id, reply_to, attempts in reaped.dead:
             message = f"model '{served.model.info.name}' crashed on this input {attempts} times"
-            reply = failed_reply(job_id, Internal(message))
-            blobs[reply_to].append(reply.SerializeToString())
-        self._send_replies(served, blobs, {})
+            blob = failed_reply(job_id, Internal(message)).SerializeToString()
+            outgoing.append(Outgoing(job_id, reply_to, blob, answer_by_ms, None))
+        self._send_replies(served, outgoing)
 
     async def extend_while_computing(self, served: Served, jobs: list[Job]) -> None:
-        """Extend the leases of a computing batch every third of a lease, until cancelled."""
+        """Extend the leases of a computing batch every third of a lease (the model's
+        own, ``Served.lease_ms``), until cancelled."""
+        lease_ms = served.lease_ms(self._lease_ms)
         while True:
-            await asyncio.sleep(self._lease_ms / 3000)
+            await asyncio.sleep(lease_ms / 3000)
             for token, ids in by_token(jobs).items():
                 with contextlib.suppress(RedisError):
-                    await self._queue.extend(served.keys, token, ids, self._lease_ms)
+                    await self._queue.extend(served.keys, token, ids, lease_ms)
 
     async def release(self, served: Served, jobs: list[Job]) -> None:
         """Stopping: give back jobs taken but not started, at once (not after the lease)."""
@@ -99,45 +104,25 @@ class Leases:
         if not claim.expired:
             return
         served.stats.expired += len(claim.expired)
-        blobs: dict[str, list[bytes]] = defaultdict(list)
+        outgoing = []
         for job_id, reply_to in claim.expired:
-            reply = failed_reply(job_id, DeadlineExceeded("deadline exceeded while queued"))
-            blobs[reply_to].append(reply.SerializeToString())
-        self._send_replies(served, blobs, {})
+            blob = failed_reply(job_id, DeadlineExceeded("deadline exceeded while queued")).SerializeToString()
+            outgoing.append(Outgoing(job_id, reply_to, blob, claim.now_ms, None))  # past its deadline already
+        self._send_replies(served, outgoing)
 
     def reply_and_ack(self, served: Served, replies: list[tuple[Job, mpb.InferReply]]) -> None:
-        """Answer a batch's jobs and ack their leases (``_send_replies``)."""
-        blobs: dict[str, list[bytes | Chunks]] = defaultdict(list)
-        for job, reply in replies:
-            blobs[job.request.reply_to].append(serialize_reply(job, reply))
-        self._send_replies(served, blobs, by_token([job for job, _ in replies]))
+        """Answer a batch's jobs and ack their leases once written (``_send_replies``)."""
+        outgoing = [
+            Outgoing(job.job_id, job.request.reply_to, serialize_reply(job, reply), job.request.deadline_ms, job.token)
+            for job, reply in replies
+        ]
+        self._send_replies(served, outgoing)
 
-    def _send_replies(
-        self, served: Served, blobs: Mapping[str, Sequence[bytes | Chunks]], acks: dict[int, list[str]]
-    ) -> None:
-        """Write replies, then ack, in one pipelined round trip (replies first: an
-        ack never precedes its reply). The write leaves now, not once the serve loop
-        next yields: the callers hear back without waiting for the next claim to be
-        prepared. A task of this object's reads the results (``flushed`` waits for it)."""
-        commands = finish_commands(served.keys, blobs, acks)
-        task = asyncio.create_task(self._check_written(served, self._redis.pipeline_now(commands), blobs, acks))
+    def _send_replies(self, served: Served, outgoing: list[Outgoing]) -> None:
+        """Write replies, then ack the jobs whose reply was written (``ReplyWriter``).
+        The pushes leave now, not once the serve loop next yields: the callers hear
+        back without waiting for the next claim to be prepared. A task of this
+        object's finishes the write (``flushed`` waits for it)."""
+        task = asyncio.create_task(self.writer.send(served.keys, served.model.info.name, outgoing))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
-
-    async def _check_written(
-        self,
-        served: Served,
-        written: Awaitable[list[Any]],
-        blobs: Mapping[str, Sequence[bytes | Chunks]],
-        acks: dict[int, list[str]],
-    ) -> None:
-        try:
-            results = await written
-            if any(isinstance(result, NoScriptError) for result in results):
-                for token, ids in acks.items():  # Redis lost its scripts: ack again, loading it
-                    await self._queue.ack(served.keys, token, ids)
-            elif failed := next((r for r in results if isinstance(r, RedisError)), None):
-                raise failed
-        except RedisError:
-            # The lease stays in Redis; the reaper redelivers (TODO(#4)).
-            log.exception("could not write %d replies for %s", sum(map(len, blobs.values())), served.keys.ready)

@@ -116,7 +116,7 @@ def warm_up_measured(model: LoadedModel, probe: PeakMemoryProbe) -> tuple[float,
     growth = probe.peak_growth_bytes()
     if growth is None:
         return took_s, 0
-    inputs = model.sample_inputs(max(1, model.info.max_batch_size))
+    inputs = model.sample_inputs(max(1, model.info.max_batch_size)) if model.warmed else {}
     return took_s, max(growth, sum(array.nbytes for array in inputs.values()))
 
 

@@ -120,5 +120,10 @@ class Reporter:
                     activation_bytes=s.activation_bytes,
                 )
                 for (name, version), s in held.served.items()
+            ]
+            + [
+                mpb.ModelState(name=name, version=version, ready=False, load_error=reason)
+                for (name, version), reason in self._follower.failures().items()
+                if (name, version) not in held.served
             ],
         )

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +23,7 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 from redis.exceptions import RedisError
 
-from meshserve.errors import DeadlineExceeded, Internal, ResourceExhausted
+from meshserve.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import LabelMemo, WorkerMetrics
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
@@ -32,7 +32,7 @@ from meshserve.settings import WorkerSettings
 from meshserve.store.link import RedisLink
 from meshserve.wire.envelope import OFF_LOOP_BYTES, envelope_signature, failed_reply
 from model_workers.batches import Job, batch_bytes, decode, split, stack
-from model_workers.compute import Compute
+from model_workers.compute import Compute, TurnedSlow
 from model_workers.health import ModelHealth
 from model_workers.leases import Leases
 from model_workers.served import Served
@@ -88,6 +88,8 @@ class BatchRunner:
         self._tracing = records(tracer)
         self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self._tenant_device_seconds: defaultdict[tuple[str, str], float] = defaultdict(float)  # (tenant, model)
+        self._detached: set[asyncio.Task[None]] = set()  # batches computing off the serve loop
+        self.on_batch_ended: Callable[[], None] = lambda: None  # set by the worker: the serve loop looks again
 
     def tenant_device_seconds(self) -> dict[tuple[str, str], float]:
         """Device seconds by (tenant, model): a batch's time, shared by its items."""
@@ -101,7 +103,7 @@ class BatchRunner:
         share = self._settings.lower_tier_share
         return ClaimOptions(
             max_items=max_items or served.model.info.max_batch_size or 1,
-            lease_ms=self._settings.lease_ms,
+            lease_ms=served.lease_ms(self._settings.lease_ms),
             worker_id=self._worker_id,
             signature=signature,
             lower_share_every=round(1 / share) if first and share > 0 else 0,
@@ -117,34 +119,73 @@ class BatchRunner:
         return decode(claim, served.model.info)
 
     async def serve_batch(self, served: Served, claimed: list[Job] | None = None) -> None:
-        """One batch of ``served`` (``claimed``, or claimed now), marked busy while in hand."""
-        served.idle.clear()
+        """One batch of ``served`` (``claimed``, or claimed now), counted in hand until answered.
+
+        A quick model's batch runs here; any other's runs on a task of its own once
+        claimed and filled, so the serve loop goes on to other models while it
+        computes (``Served.at_capacity`` bounds a model's batches in hand, and
+        ``on_batch_ended`` tells the loop when one ends)."""
+        served.began()
+        detached = False
         try:
-            await self._take_and_run(served, claimed)
+            started_s = time.perf_counter()
+            jobs = claimed if claimed is not None else await self.claim(served)
+            if not jobs:
+                return
+            filling_s = await self._fill_if_partial(served, jobs)
+            if self._stopping.is_set():
+                await self._leases.release(served, jobs)
+                return
+            taken = len(jobs)  # expired ones included: they cost the claim too (``_run`` drops them from jobs)
+            if served.runs_inline():
+                try:
+                    await self._run(served, jobs)
+                    served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, taken)
+                    return
+                except TurnedSlow:  # stopped on the loop: run again off it, the serve loop going on
+                    pass
+            task = asyncio.create_task(self._run_detached(served, jobs, taken, started_s, filling_s))
+            self._detached.add(task)
+            task.add_done_callback(self._detached.discard)
+            detached = True
         except RedisError as exc:
             # Jobs it had claimed stay leased; the reaper redelivers them.
             log.warning("redis error while serving %s: %s", served.keys.ready, exc)
         finally:
-            served.idle.set()
+            if not detached:
+                served.ended()
 
-    async def _take_and_run(self, served: Served, claimed: list[Job] | None = None) -> None:
-        """Claim a batch (unless ``claimed`` holds one already), fill it, run it."""
+    async def _run_detached(
+        self, served: Served, jobs: list[Job], taken: int, started_s: float, filling_s: float
+    ) -> None:
+        try:
+            try:
+                await self._run(served, jobs)
+            except TurnedSlow:  # decided inline here (another batch's time came in): now it is not
+                await self._run(served, jobs)
+            served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, taken)
+        except RedisError as exc:
+            log.warning("redis error while serving %s: %s", served.keys.ready, exc)
+        except Exception:  # a task's error would go unseen: the leases redeliver its jobs
+            log.exception("batch of %s failed outside the model run", served.keys.ready)
+        finally:
+            served.ended()
+            self.on_batch_ended()
+
+    async def running(self) -> None:
+        """Return once every batch running on a task of its own has been answered."""
+        while self._detached:
+            await asyncio.gather(*list(self._detached), return_exceptions=True)
+
+    async def _fill_if_partial(self, served: Served, jobs: list[Job]) -> float:
+        """Fill a partial batch (``_fill``); returns the seconds spent filling."""
         info = served.model.info
         max_items = info.max_batch_size or 1
-        started_s = time.perf_counter()
-        jobs = claimed if claimed is not None else await self.claim(served)
-        if not jobs:
-            return
-        filling_s = 0.0
         if len(jobs) > 1 and sum(j.batch_size for j in jobs) < max_items and info.max_queue_delay_us > 0:
             filling_s = time.perf_counter()
             await self._fill(served, jobs, max_items)
-            filling_s = time.perf_counter() - filling_s
-        if self._stopping.is_set():
-            await self._leases.release(served, jobs)
-            return
-        await self._run(served, jobs)
-        served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, len(jobs))
+            return time.perf_counter() - filling_s
+        return 0.0
 
     async def _fill(self, served: Served, jobs: list[Job], max_items: int) -> None:
         """Top a partial batch up with same-shaped jobs until the oldest has waited the max queue delay."""
@@ -169,18 +210,27 @@ class BatchRunner:
             return
 
     async def _run(self, served: Served, jobs: list[Job]) -> None:
+        """Answer the jobs past their deadline, compute the rest, answer them.
+
+        TurnedSlow (a quick model's inline run was stopped) leaves ``jobs`` holding
+        the live jobs only, the others answered, for the caller to run again off the
+        serve loop."""
         claimed_ns = time.time_ns()
         traced = _traced(jobs) if self._tracing else UNSAMPLED
         now_ms = claimed_ns // 1_000_000
         live = [job for job in jobs if job.request.deadline_ms > now_ms]
-        replies: list[tuple[Job, mpb.InferReply]] = [
-            (job, failed_reply(job.job_id, DeadlineExceeded("deadline exceeded while queued")))
-            for job in jobs
-            if job.request.deadline_ms <= now_ms
-        ]
-        served.stats.expired += len(jobs) - len(live)
+        if len(live) < len(jobs):
+            served.stats.expired += len(jobs) - len(live)
+            queued_too_long = DeadlineExceeded("deadline exceeded while queued")
+            expired = [
+                (job, failed_reply(job.job_id, queued_too_long)) for job in jobs if job.request.deadline_ms <= now_ms
+            ]
+            self._reply(served, expired, traced)
+            jobs[:] = live
         if live:
-            replies.extend(await self._compute_batch(served, live, claimed_ns, traced))
+            self._reply(served, await self._compute_batch(served, live, claimed_ns, traced), traced)
+
+    def _reply(self, served: Served, replies: list[tuple[Job, mpb.InferReply]], traced: Traced) -> None:
         if traced:  # the gateway's reply span starts here, when the reply leaves
             replied_ns = time.time_ns()
             for job, reply in replies:
@@ -200,7 +250,14 @@ class BatchRunner:
             try:
                 with self._compute_spans(info.name, jobs, total, traced) if traced else UNTRACED:
                     keep_leases = partial(self._leases.extend_while_computing, served, jobs)
-                    outputs, compute_us = await self._compute.run_batch(served, feed, keep_leases)
+                    last_deadline_ms = max(job.request.deadline_ms for job in jobs)
+                    outputs, compute_us = await self._compute.run_batch(served, feed, keep_leases, last_deadline_ms)
+            except TurnedSlow:
+                raise
+            except (DeadlineExceeded, Unavailable) as exc:  # stopped at a time limit: not the model's failure
+                log.warning("%s (a batch of %d)", exc, total, extra={"model": info.name, "version": info.version})
+                served.stats.stopped += len(jobs)
+                return [(job, failed_reply(job.job_id, exc)) for job in jobs]
             except Exception as exc:  # a model failure answers its requests, never kills the worker
                 log.exception("model %s failed on a batch of %d", info.name, total)
                 served.stats.failed += len(jobs)

@@ -75,7 +75,9 @@ class ServeLoop:
             # The claim rides behind the blocking pop: Redis runs it the moment the pop
             # returns, so a wake-up and its claim cost one round trip, not two.
             ahead = self._claim_ahead()
-            wake_keys = self._held.wake_keys()
+            # Not the wake lists of models at capacity: their tokens are for other
+            # workers now (``batch_ended`` makes this loop look again).
+            wake_keys = [served.keys.wake for served in self._held.claimed() if not served.at_capacity()]
             wake_keys.append(self._wake_self)
             commands = [wait_command(wake_keys, WAKE_SAFETY_TIMEOUT_S)]
             if ahead is not None:
@@ -116,6 +118,12 @@ class ServeLoop:
         self._rescan = True
         self.wake()
 
+    def batch_ended(self) -> None:
+        """A batch computing on a task of its own was answered: its model may have work
+        whose wake token the loop took while the model was at capacity, so look at
+        every queue before the next wait."""
+        self.models_added()
+
     def wake(self) -> None:
         """End the loop's wait, if it is waiting, so it waits on the current models.
 
@@ -145,9 +153,9 @@ class ServeLoop:
         """The model to claim for right after the next wake-up: the only one claimed
         from, or the one woken last (a wrong guess costs one empty claim inside Redis)."""
         if (only := self._held.only_claimed()) is not None:
-            return only
+            return None if only.at_capacity() else only
         last = self._last_woken
-        return last if last is not None and self._held.claims(last) else None
+        return last if last is not None and self._held.claims(last) and not last.at_capacity() else None
 
     async def _run_claimed_ahead(self, served: Served, reply: Any, targets: list[Served]) -> list[Served]:
         """Run what the claim behind the wake-up took; the models still to look at."""
@@ -168,7 +176,8 @@ class ServeLoop:
 
     async def _take_from(self, targets: list[Served]) -> None:
         for served in targets:
-            if self._held.claims(served):  # not dropped since it was woken
+            # not dropped since it was woken, nor computing all it may (``batch_ended`` looks again)
+            if self._held.claims(served) and not served.at_capacity():
                 await self._runner.serve_batch(served)
 
     async def woken(self, popped: Any) -> list[Served]:

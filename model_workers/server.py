@@ -23,11 +23,13 @@ from dataclasses import replace
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
+from redis.exceptions import RedisError
 
 from meshserve.observe.metrics import MetricsServer
 from meshserve.platform.tls import add_port, channel
 from meshserve.settings import WorkerSettings, instance_id
 from meshserve.store.clients import blocking_link, command_link
+from meshserve.store.memory import EvictionPolicyError, policy_check
 from model_workers.worker import Worker
 from protos import meshserve_pb2_grpc as mpb_grpc
 
@@ -41,8 +43,9 @@ class WorkerServer:
         if not settings.worker_id:
             settings = replace(settings, worker_id=instance_id(f"worker-{settings.device}"))
         self.settings = settings
-        self.redis = command_link(settings.redis_url, name="meshserve-worker")
-        self.blocking = blocking_link(settings.redis_url, name="meshserve-worker-wait")
+        check = policy_check(allow_eviction=settings.allow_eviction, service="worker")
+        self.redis = command_link(settings.redis_url, name="meshserve-worker", check=check)
+        self.blocking = blocking_link(settings.redis_url, name="meshserve-worker-wait", check=check)
         self.router_channel = channel(settings.router_address, settings.tls)
         self.worker = Worker(settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer)
         self.worker.on_readiness_change = self._schedule_health_update
@@ -79,6 +82,7 @@ class WorkerServer:
             await self.health.set("", serving if overall else not_serving)
 
     async def start(self) -> None:
+        await self._check_redis()
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         await self.worker.load_assigned()
@@ -103,6 +107,16 @@ class WorkerServer:
             self.health_address,
             f"; /metrics on {self.settings.metrics_host}:{self.settings.metrics_port}" if self._metrics_server else "",
         )
+
+    async def _check_redis(self) -> None:
+        """Refuse to start on a Redis that may evict (``EvictionPolicyError``); an
+        unreachable one is only logged: the links reconnect, checking it again."""
+        try:
+            await self.redis.execute("PING")
+        except EvictionPolicyError:
+            raise
+        except RedisError as exc:
+            log.warning("redis unavailable at start (%s): serving once it is back", exc)
 
     async def wait(self) -> None:
         await asyncio.gather(*self.tasks.values())

@@ -18,8 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from meshserve.models.repository import ModelInfo
-from meshserve.wire.dtypes import NUMPY_BY_KSERVE
-from model_workers import engines
+from model_workers import engines, warmup
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,9 @@ class EngineUnavailable(RuntimeError):
 
 
 class InferenceSession(Protocol):
-    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any]) -> list[Any]: ...
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any = None
+    ) -> list[Any]: ...
 
 
 class LoadedModel:
@@ -74,19 +75,26 @@ class LoadedModel:
         log.info("%s version %d on %s runs on %s", info.name, info.version, device, ", ".join(self.providers))
         self.ready = False
         self._canary_feed: dict[str, np.ndarray[Any, Any]] | None = None
+        self._warmup: warmup.WarmupInputs | None = None  # what warm-up ran; None: not warmed
 
-    def run(self, inputs: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-        """Run one batch; returns every output, in the model's output order."""
+    def run(
+        self, inputs: dict[str, np.ndarray[Any, Any]], options: ort.RunOptions | None = None
+    ) -> list[np.ndarray[Any, Any]]:
+        """Run one batch; returns every output, in the model's output order.
+
+        ``options``: the run's own, whose ``terminate`` another thread may set to stop it."""
         if self._bound is not None:
-            return self._run_bound(inputs)
-        return [np.asarray(out) for out in self.session.run(self.output_names, inputs)]
+            return self._run_bound(inputs, options)
+        return [np.asarray(out) for out in self.session.run(self.output_names, inputs, options)]
 
     @property
     def io_bound(self) -> bool:
         """Whether runs go through IO binding (``_run_bound``): a GPU session without BYTES tensors."""
         return self._bound is not None
 
-    def _run_bound(self, inputs: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+    def _run_bound(
+        self, inputs: dict[str, np.ndarray[Any, Any]], options: ort.RunOptions | None
+    ) -> list[np.ndarray[Any, Any]]:
         """Run on the GPU through IO binding: one copy in and one copy out per tensor.
 
         Inputs are bound in host memory and ONNX Runtime copies each to the device once.
@@ -100,7 +108,7 @@ class LoadedModel:
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name in self.output_names:
             binding.bind_output(name, "cuda")
-        self._bound.run_with_iobinding(binding)
+        self._bound.run_with_iobinding(binding, options)
         outputs: list[np.ndarray[Any, Any]] = binding.copy_outputs_to_cpu()
         return outputs
 
@@ -156,20 +164,22 @@ class LoadedModel:
         return True
 
     def warm_up(self) -> float:
-        """Run a generated input at batch 1 and at max batch; check outputs are sane.
+        """Run the warm-up inputs (``model_workers/warmup.py``) at batch 1 and at max
+        batch; check outputs are sane.
 
-        Returns the warm-up time in seconds. Raises :class:`SanityCheckFailed` if the
-        model answers with the wrong batch size or with NaN or infinite floats, and
-        whatever ONNX Runtime raises if it fails: such a model never reports ready.
-        On a GPU provider such a failure first drops that provider, rebuilds the
-        session on the next one (with a warning) and warms up again.
+        Returns the warm-up time in seconds. Inputs from the config or from the
+        graph's fixed shapes must run: otherwise this raises :class:`SanityCheckFailed`
+        (wrong batch size, NaN or infinite floats) or whatever ONNX Runtime raises,
+        and such a model never reports ready. Guessed sizes for symbolic dims are
+        tried in turn; when none runs, the model is ready without warm-up (one
+        WARNING, ``warmed`` stays False and the canary has no input to run). On a
+        GPU provider a failure first drops that provider, rebuilds the session on
+        the next one (with a warning) and warms up again.
         """
         started = time.perf_counter()
-        sizes = [1] if self.info.max_batch_size == 0 else sorted({1, self.info.max_batch_size})
         while True:
             try:
-                for batch in sizes:
-                    self._check(self.run(self.sample_inputs(batch)), batch)
+                self._warmup = self._warm_up_once()
                 break
             except Exception as exc:
                 # e.g. a TensorRT engine that builds but answers Inf in fp16: try the next provider
@@ -179,15 +189,64 @@ class LoadedModel:
         self.ready = True
         return time.perf_counter() - started
 
-    def canary(self) -> None:
-        """Run the known sample input at batch 1 and check the answer, as warm-up does.
+    @property
+    def warmed(self) -> bool:
+        """Whether warm-up ran an input (False: ready without warm-up, no guess fitted)."""
+        return self._warmup is not None
+
+    def _warm_up_once(self) -> warmup.WarmupInputs | None:
+        """The inputs the warm-up ran; None when only guesses were possible and none ran."""
+        options = warmup.candidates(self.info)
+        if not options[0].guessed:
+            for inputs in options:  # the config's samples, or the graph's shapes: each must run
+                self._run_sizes(inputs)
+            return options[0]
+        tried: list[tuple[warmup.WarmupInputs, str]] = []
+        for inputs in options:
+            try:
+                self._check(self.run(inputs.feed(1, self.info.max_batch_size > 0)), 1)
+            # A guess that does not fit (a Reshape, a Concat of strides) says nothing of the model.
+            except Exception as exc:
+                log.debug(
+                    "%s version %d: warm-up with %s failed: %s", self.info.name, self.info.version, inputs.label, exc
+                )
+                tried.append((inputs, f"{type(exc).__name__}: {exc}"))
+                continue
+            log.info("%s version %d: warm-up with %s", self.info.name, self.info.version, inputs.label)
+            try:
+                self._run_sizes(inputs)
+            except Exception as exc:  # a guessed size too big at max batch: ready all the same
+                log.warning(
+                    "%s version %d: warm-up at max batch with %s failed (%s: %s); serving it warmed at batch 1",
+                    self.info.name,
+                    self.info.version,
+                    inputs.label,
+                    type(exc).__name__,
+                    exc,
+                )
+            return inputs
+        log.warning(warmup.no_fit_warning(self.info, [(i, why.splitlines()[0]) for i, why in tried]))
+        return None
+
+    def _run_sizes(self, inputs: warmup.WarmupInputs) -> None:
+        """Run ``inputs`` at batch 1, at the max batch and at its own batch size; check each."""
+        batching = self.info.max_batch_size > 0
+        sizes = {1, self.info.max_batch_size, inputs.batch_size or 1} if batching else {1}
+        for batch in sorted(sizes):
+            self._check(self.run(inputs.feed(batch, batching)), batch)
+
+    def canary(self, options: ort.RunOptions | None = None) -> None:
+        """Run the known sample input at batch 1 and check the answer, as warm-up does
+        (nothing when the model is served without warm-up: no input is known to fit).
 
         Blocking (runs the model): call it in the worker's executor. Raises like
         ``warm_up``; leaves ``ready`` to the caller, which owns the model's health.
         """
+        if self._warmup is None:
+            return  # served without warm-up: no input is known to fit
         if self._canary_feed is None:
             self._canary_feed = self.sample_inputs(1)
-        self._check(self.run(self._canary_feed), 1)
+        self._check(self.run(self._canary_feed, options), 1)
 
     def _check(self, outputs: list[np.ndarray[Any, Any]], batch: int) -> None:
         for spec, out in zip(self.info.outputs, outputs, strict=True):
@@ -201,20 +260,9 @@ class LoadedModel:
                 )
 
     def sample_inputs(self, batch: int) -> dict[str, np.ndarray[Any, Any]]:
-        """Deterministic inputs of the right dtype and shape; symbolic dims become 8."""
-        rng = np.random.default_rng(0)
-        feed: dict[str, np.ndarray[Any, Any]] = {}
-        for spec in self.info.inputs:
-            shape = [d if d >= 0 else 8 for d in spec.shape]
-            if self.info.max_batch_size:
-                shape[0] = batch
-            dtype = NUMPY_BY_KSERVE[spec.datatype]
-            if spec.datatype == "BYTES":
-                feed[spec.name] = np.full(shape, "warmup", dtype=np.object_)
-            elif dtype.kind == "f":
-                feed[spec.name] = rng.standard_normal(shape).astype(dtype)
-            elif dtype.kind == "b":
-                feed[spec.name] = np.zeros(shape, dtype=dtype)
-            else:
-                feed[spec.name] = rng.integers(0, 8, shape).astype(dtype)
-        return feed
+        """The warm-up's inputs at ``batch`` items (the canary's at batch 1).
+
+        Before warm-up, or when no guess fitted, the first candidate's (for a model
+        with symbolic dims, a guess that may not run)."""
+        inputs = self._warmup or warmup.candidates(self.info)[0]
+        return inputs.feed(batch, self.info.max_batch_size > 0)

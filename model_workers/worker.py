@@ -3,12 +3,13 @@
 One worker process serves one device. It holds every model the router assigns it,
 blocks on the models' wake lists (never polls), claims a batch with one atomic
 script, runs it on ONNX Runtime (on the event loop's own thread when the model is
-quick, else on a thread of its own while the loop extends the batch's leases),
+quick, else on a task and thread of its own while the loop serves other models and
+extends the batch's leases),
 then writes replies and acks the lease in one pipelined round trip.
 
 The parts, each owning its state: ``held`` (the models held and claimed from),
 ``serve_loop`` (the wait for work), ``runner`` (claim, fill, run one batch),
-``compute`` (the device lock and ONNX Runtime thread), ``leases`` (extend, release,
+``compute`` (the run pool, its ONNX Runtime threads and time limits), ``leases`` (extend, release,
 reply and ack, reap), ``health`` (canary, failure counting), ``assignment``
 (loads and drains what the router assigns) and ``reporter`` (reports to the router).
 ``Worker`` builds them, wires their callbacks and owns the stop.
@@ -64,7 +65,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._queue = QueueProtocol(redis)
         self.held = HeldModels()
-        self.compute = Compute()
+        self.compute = Compute(settings.compute_slots)
         self.leases = Leases(settings, redis, self._queue, self.held, self._stopping)
         self.health = ModelHealth(settings, self.held, self.compute, self._stopping, self._health_changed)
         self.metrics = WorkerMetrics.create(
@@ -90,6 +91,7 @@ class Worker:
         self.serve_loop = ServeLoop(
             self.worker_id, self._queue, blocking_redis, self.held, self.runner, self.leases, self._stopping
         )
+        self.runner.on_batch_ended = self.serve_loop.batch_ended
         self.assignment = AssignmentFollower(
             settings,
             self.held,
@@ -126,8 +128,9 @@ class Worker:
         return self._stopping.is_set()
 
     def readiness(self) -> dict[ModelKey, bool]:
-        """Each held model version: whether it is in service (warm, healthy, not being dropped)."""
-        return self.held.readiness()
+        """Each held model version: whether it is in service (warm, healthy, not being
+        dropped); an assigned one whose load failed: False."""
+        return {**dict.fromkeys(self.assignment.failures(), False), **self.held.readiness()}
 
     # ------------------------------------------------------------ the server's tasks
 
@@ -142,8 +145,12 @@ class Worker:
         await self.reporter.report()
 
     async def serve(self) -> None:
-        """The serve loop (``ServeLoop.run``), until ``stop``."""
-        await self.serve_loop.run()
+        """The serve loop (``ServeLoop.run``), until ``stop``; then the batches still
+        computing on tasks of their own, until answered."""
+        try:
+            await self.serve_loop.run()
+        finally:
+            await self.runner.running()
 
     async def report_forever(self) -> None:
         """The heartbeat to the router (``Reporter.report_forever``), until ``stop``."""

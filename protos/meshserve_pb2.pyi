@@ -132,7 +132,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size")
+    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class ModelSpec(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     platform: str
@@ -155,7 +156,8 @@ class ModelSpec(_message.Message):
     ready: bool
     path: str
     max_queue_size: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
+    load_error: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ...) -> None: ...
 
 class RoutingTable(_message.Message):
     __slots__ = ("generation", "models")
@@ -172,7 +174,7 @@ class WatchRequest(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ...) -> None: ...
 
 class ModelState(_message.Message):
-    __slots__ = ("name", "version", "ready", "items_total", "requests_total", "device_seconds_total", "queue_wait_seconds_total", "weights_bytes", "activation_bytes")
+    __slots__ = ("name", "version", "ready", "items_total", "requests_total", "device_seconds_total", "queue_wait_seconds_total", "weights_bytes", "activation_bytes", "load_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +184,7 @@ class ModelState(_message.Message):
     QUEUE_WAIT_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     ready: bool
@@ -191,7 +194,8 @@ class ModelState(_message.Message):
     queue_wait_seconds_total: float
     weights_bytes: int
     activation_bytes: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., items_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., device_seconds_total: _Optional[float] = ..., queue_wait_seconds_total: _Optional[float] = ..., weights_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ...) -> None: ...
+    load_error: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., items_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., device_seconds_total: _Optional[float] = ..., queue_wait_seconds_total: _Optional[float] = ..., weights_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., load_error: _Optional[str] = ...) -> None: ...
 
 class WorkerReport(_message.Message):
     __slots__ = ("worker_id", "device", "models", "draining", "device_kind", "device_profile", "device_memory_bytes")

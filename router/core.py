@@ -14,6 +14,11 @@ has reported there is nothing to place on, and nothing is called unplaceable.
 A draining worker's device is left out of the placement (its models move while
 it drains) unless another worker on that device is not draining.
 
+A model that fails to load is reported by its worker with the reason; while no live
+worker serves it, the table carries that reason (``TableSnapshot.failed``; a model
+placement found no room for carries the placement's), and the router logs it once
+per reason. Gateways count a failed model as settled for server readiness.
+
 A model that moves is handed over make-before-break: a worker that reports it
 ready keeps it in its assignment until a worker on the device it is placed on
 reports it ready, so it never goes unready just because it moved.
@@ -60,15 +65,18 @@ class WorkerRecord:
     loads: dict[ModelKey, ModelLoad] = field(default_factory=dict)
     rates: dict[ModelKey, tuple[float, float, float]] = field(default_factory=dict)  # Δrequests, Δwait_s, Δt_s
     slot: Slot | None = None  # None: not described yet (see slot_from_id)
+    failed: dict[ModelKey, str] = field(default_factory=dict)  # its last load failed: why
 
 
 @dataclass(frozen=True, slots=True)
 class TableSnapshot:
-    """One generation of the routing table: every model and whether it is ready."""
+    """One generation of the routing table: every model, whether it is ready, and
+    why one that is not ready failed to load (absent: not failed, maybe loading)."""
 
     generation: int
     models: tuple[ModelInfo, ...]
     ready: frozenset[ModelKey]
+    failed: Mapping[ModelKey, str] = field(default_factory=dict)
 
 
 class RouterCore:
@@ -79,8 +87,12 @@ class RouterCore:
         worker_ttl_ms: int = 5000,
         clock: Callable[[], float] = time.monotonic,
         headroom_ratio: float = DEFAULT_HEADROOM_RATIO,
+        unservable: Mapping[ModelKey, str] | None = None,
     ) -> None:
+        """``unservable``: versions in ``models`` that the repository could not read,
+        with the problem: listed, never placed, always failed."""
         self._clock = clock
+        self._unservable = dict(unservable or {})
         self.headroom_ratio = headroom_ratio
         self.footprints: dict[ModelKey, Footprint] = {}  # latest reported, per model version
         self.placement = Placement()  # replaced whole, never mutated: the metrics thread reads it
@@ -90,10 +102,12 @@ class RouterCore:
         self.workers: dict[str, WorkerRecord] = {}
         self._generation = 0
         self._ready: frozenset[ModelKey] = frozenset()
+        self._failed: dict[ModelKey, str] = dict(self._unservable)  # not ready, and why: replaced whole
+        self._logged_failures: dict[ModelKey, str] = {}  # the reasons logged, while they last
         self._changed = asyncio.Condition()
 
     def snapshot(self) -> TableSnapshot:
-        return TableSnapshot(self._generation, tuple(self.models.values()), self._ready)
+        return TableSnapshot(self._generation, tuple(self.models.values()), self._ready, self._failed)
 
     async def report(
         self,
@@ -105,11 +119,13 @@ class RouterCore:
         loads: dict[ModelKey, tuple[int, float]] | None = None,
         slot: Slot | None = None,
         footprints: Mapping[ModelKey, Footprint] | None = None,
+        failures: Mapping[ModelKey, str] | None = None,
     ) -> list[ModelInfo]:
         """Record a worker's state; returns the models placed on its device.
 
         ``slot`` describes the device (default: guessed from ``device``, memory
-        unknown); ``footprints`` are the worker's measurements per model version.
+        unknown); ``footprints`` are the worker's measurements per model version;
+        ``failures`` the models whose last load there failed, and why.
         """
         record = self.workers.get(worker_id)
         if record is None:
@@ -120,6 +136,7 @@ class RouterCore:
             if key in self.models and footprint.weights_bytes > 0 and not self._unmeasured(key, footprint):
                 self.footprints[key] = footprint
         record.ready = ready & set(self.models)
+        record.failed = {key: reason for key, reason in (failures or {}).items() if key in self.models}
         record.draining = draining
         record.last_seen_s = now_s = self._clock()
         for key, (requests, wait_s) in (loads or {}).items():
@@ -159,6 +176,10 @@ class RouterCore:
         snap = self.snapshot()
         return {(m.name, m.version): (m.name, m.version) in snap.ready for m in snap.models}
 
+    def load_failures(self) -> dict[ModelKey, str]:
+        """Models that failed to load (or fit no device), with the reason; the rest absent."""
+        return dict(self._failed)
+
     def unplaceable(self) -> dict[ModelKey, bool]:
         """Every model version: whether the current placement found no room for it."""
         keys = self.placement.unplaceable_keys()
@@ -172,7 +193,11 @@ class RouterCore:
             if record.draining:
                 continue
             slots.setdefault(record.device, record.slot or slot_from_id(record.device))
-        demands = tuple(demand_for(info, self.footprints.get(key)) for key, info in sorted(self.models.items()))
+        demands = tuple(
+            demand_for(info, self.footprints.get(key))
+            for key, info in sorted(self.models.items())
+            if key not in self._unservable
+        )
         inputs = (tuple(slots.values()), demands)
         if inputs == self._placed_from:
             return
@@ -217,11 +242,30 @@ class RouterCore:
         ready = frozenset(
             key for rec in self.workers.values() if not rec.draining for key in rec.ready if key not in unplaceable
         )
-        if ready != self._ready:
+        failed = self._failures(ready, unplaceable)
+        if ready != self._ready or failed != self._failed:
             async with self._changed:
-                self._ready = ready
+                self._ready, self._failed = ready, failed
                 self._generation += 1
                 self._changed.notify_all()
+
+    def _failures(self, ready: frozenset[ModelKey], unplaceable: frozenset[ModelKey]) -> dict[ModelKey, str]:
+        """Models not ready that failed to load on a live worker, or that fit no device;
+        each new reason logged once (the placement logs its own)."""
+        failed = {entry.key: f"no device has room: {entry.message()}" for entry in self.placement.unplaceable}
+        failed.update(self._unservable)  # logged by the router's server as it read the repository
+        for worker_id in sorted(self.workers):
+            record = self.workers[worker_id]
+            for key, reason in record.failed.items():
+                if key in ready or key in unplaceable or record.draining:
+                    continue
+                if key not in failed and self._logged_failures.get(key) != reason:
+                    log.error("model %s version %d failed to load on worker %s: %s", *key, worker_id, reason)
+                failed.setdefault(key, reason)
+        self._logged_failures = {
+            key: reason for key, reason in failed.items() if key not in unplaceable and key not in self._unservable
+        }
+        return failed
 
     async def watch(self) -> AsyncIterator[TableSnapshot]:
         """The current table, then every new generation, until cancelled."""

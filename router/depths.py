@@ -11,9 +11,11 @@ import logging
 from collections.abc import Collection
 
 from redis import Redis as SyncRedis
+from redis.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from meshserve.queue import queue_depths
+from meshserve.store.memory import EvictionPolicyError, check_policy, parse_info_memory
 from router.placement import ModelKey
 
 log = logging.getLogger(__name__)
@@ -25,8 +27,33 @@ READ_TIMEOUT_S = 2.0
 class QueueDepths:
     """Jobs waiting in each model version's ready queue, by tier name."""
 
-    def __init__(self, redis_url: str | None) -> None:
-        self._redis = SyncRedis.from_url(redis_url, socket_timeout=READ_TIMEOUT_S) if redis_url else None
+    def __init__(self, redis_url: str | None, *, allow_eviction: bool = False) -> None:
+        self._allow_eviction = allow_eviction
+        self._redis = (
+            SyncRedis.from_url(redis_url, socket_timeout=READ_TIMEOUT_S, redis_connect_func=self._on_connect)
+            if redis_url
+            else None
+        )
+
+    def _on_connect(self, connection: AbstractConnection) -> None:
+        """Every connection opened (at start, and after Redis came back) reads the
+        eviction policy first: ``EvictionPolicyError`` unless it is noeviction."""
+        connection.on_connect()  # type: ignore[no-untyped-call]  # redis-py leaves these untyped
+        connection.send_command("INFO", "memory")  # type: ignore[no-untyped-call]
+        reply = connection.read_response()
+        check_policy(parse_info_memory(reply), allow_eviction=self._allow_eviction, service="router")
+
+    def check(self) -> None:
+        """At start: raise ``EvictionPolicyError`` for a Redis that may evict; one that
+        cannot be reached is only logged (the next scrape tries again)."""
+        if self._redis is None:
+            return
+        try:
+            self._redis.ping()
+        except EvictionPolicyError:
+            raise
+        except RedisError as exc:
+            log.warning("queue depths: redis unavailable at start (%s)", exc)
 
     def read(self, models: Collection[ModelKey]) -> dict[ModelKey, dict[str, int]]:
         """One pipelined round trip; {} without Redis or while it is unavailable."""

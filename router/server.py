@@ -8,7 +8,7 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshserve.models.repository import scan_repository
+from meshserve.models.repository import scan_repository_failures, unservable_info
 from meshserve.observe.metrics import MetricsServer, RouterMetrics, RouterReads
 from meshserve.platform.tls import add_port
 from meshserve.settings import RouterSettings
@@ -26,11 +26,16 @@ class RouterServer:
 
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
-        models, problems = scan_repository(settings.model_repository)
-        for problem in problems:
+        scan = scan_repository_failures(settings.model_repository)
+        for problem in scan.problems:
             log.error("model repository: %s", problem)
+        # a version that exists but cannot be served stays known, reported failed with its problem
+        unservable = [unservable_info(settings.model_repository, *key) for key in sorted(scan.unservable)]
         self.core = RouterCore(
-            models, worker_ttl_ms=settings.worker_ttl_ms, headroom_ratio=settings.placement_headroom_ratio
+            scan.models + unservable,
+            worker_ttl_ms=settings.worker_ttl_ms,
+            headroom_ratio=settings.placement_headroom_ratio,
+            unservable=scan.unservable,
         )
         self.server = grpc.aio.server()
         mpb_grpc.add_RouterServicer_to_server(
@@ -43,13 +48,14 @@ class RouterServer:
         self._health_task: asyncio.Task[None] | None = None
         self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
         self._expiry: asyncio.Task[None] | None = None
-        self.depths = QueueDepths(settings.redis_url)
+        self.depths = QueueDepths(settings.redis_url, allow_eviction=settings.allow_eviction)
         self.metrics = RouterMetrics.create(
             RouterReads(
                 ready=self.core.readiness,
                 depths=self._queue_depths,
                 loads=self.core.load_rates,
                 unplaceable=self.core.unplaceable,
+                load_failures=self.core.load_failures,
             )
         )
         self._metrics_server: MetricsServer | None = None
@@ -70,6 +76,7 @@ class RouterServer:
                 await self.health.set(f"{model.name}/{model.version}", serving if key in snap.ready else not_serving)
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.depths.check)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._health_task = asyncio.create_task(self._follow_health())
         await self.server.start()

@@ -28,7 +28,12 @@ class RouterServicer(mpb_grpc.RouterServicer):
         return mpb.RoutingTable(
             generation=snap.generation,
             models=[
-                spec_from_info(m, ready=(m.name, m.version) in snap.ready, repository=self.repository)
+                spec_from_info(
+                    m,
+                    ready=(m.name, m.version) in snap.ready,
+                    repository=self.repository,
+                    load_error=snap.failed.get((m.name, m.version), ""),
+                )
                 for m in snap.models
             ],
         )
@@ -45,6 +50,7 @@ class RouterServicer(mpb_grpc.RouterServicer):
         ready = {(m.name, m.version) for m in request.models if m.ready}
         loads = {(m.name, m.version): (m.requests_total, m.queue_wait_seconds_total) for m in request.models}
         footprints = {(m.name, m.version): Footprint(m.weights_bytes, m.activation_bytes) for m in request.models}
+        failures = {(m.name, m.version): m.load_error for m in request.models if m.load_error and not m.ready}
         models = await self.core.report(
             request.worker_id,
             request.device,
@@ -53,6 +59,7 @@ class RouterServicer(mpb_grpc.RouterServicer):
             loads=loads,
             slot=_slot(request),
             footprints=footprints,
+            failures=failures,
         )
         snap = self.core.snapshot()
         return mpb.WorkerAssignment(

@@ -5,7 +5,6 @@ Nothing here imports the generated protos: tests/compat loads tritonclient, whos
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from meshserve.devkit.examples import write_example_repository
-from meshserve.devkit.redis_server import RedisServer
+from meshserve.devkit.redis_server import RedisServer, suite_binary_from_env
 from meshserve.store.link import RedisLink
 
 
@@ -22,7 +21,7 @@ from meshserve.store.link import RedisLink
 def redis_url() -> Iterator[str]:
     """A private server for the session: MESHSERVE_TEST_REDIS_BINARY picks one
     (e.g. Debian's redis-server), else the bundled Valkey."""
-    with RedisServer(os.environ.get("MESHSERVE_TEST_REDIS_BINARY") or None) as server:
+    with RedisServer(suite_binary_from_env()) as server:
         yield server.url
 
 

@@ -48,6 +48,7 @@ async def start_mesh(
     tls: TlsConfig | None = None,
     worker_overrides: dict[str, Any] | None = None,
     router_overrides: dict[str, Any] | None = None,
+    until: Callable[[RoutingView], bool] = RoutingView.all_ready,
     **gateway_overrides: Any,
 ) -> Mesh:
     """The mesh, ready; with ``tls`` every port and channel is mutual TLS with that one identity.
@@ -55,6 +56,8 @@ async def start_mesh(
     ``worker_overrides`` and ``router_overrides`` are extra settings fields for every
     worker and for the router; the rest of the keyword arguments are the gateway's.
     ``tracer`` goes to the gateway, and to the workers too unless ``worker_tracer`` is given.
+    ``until``: what "ready" means (default every model ready; ``RoutingView.settled``
+    for a repository with models that fail to load).
     """
     router = RouterServer(
         RouterSettings(
@@ -94,7 +97,8 @@ async def start_mesh(
         await worker.start()
         started.append(worker)
     mesh = Mesh(router, gateway, started)
-    await wait_ready(mesh)
+    async with asyncio.timeout(20):
+        await mesh.gateway.routing.wait_for(until)
     return mesh
 
 

@@ -24,6 +24,8 @@ from model_workers.served import INLINE_COMPUTE_MS
 from model_workers.worker import ModelStats
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from tests.slow_model import NAME as SLOW
+from tests.slow_model import iterations_for, slow_request_inputs, write_slow
 from tests.support import (
     Mesh,
     hold_serving,
@@ -254,9 +256,9 @@ async def test_a_quick_model_runs_on_the_event_loop_thread_a_slow_one_beside_it(
     served = mesh.workers[0].worker.served[("mlp", 1)]
     run = served.model.run
 
-    def recorded(feed: dict[str, Any]) -> Any:
+    def recorded(feed: dict[str, Any], options: Any = None) -> Any:
         threads.append("loop" if threading.get_ident() == loop_thread else threading.current_thread().name)
-        return run(feed)
+        return run(feed, options)
 
     served.model.run = recorded  # type: ignore[method-assign]
     try:
@@ -266,7 +268,7 @@ async def test_a_quick_model_runs_on_the_event_loop_thread_a_slow_one_beside_it(
             await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
             # the first batch's time is the estimate, not a fifth of it
             assert served.compute_ms_avg == pytest.approx(served.stats.device_seconds * 1000)
-            served.compute_ms_avg = INLINE_COMPUTE_MS / 2  # a quick model
+            served.compute_ms_avg = served.last_compute_ms = INLINE_COMPUTE_MS / 2  # a quick model
             await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
             served.compute_ms_avg = INLINE_COMPUTE_MS * 2  # a slow one
             await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
@@ -274,3 +276,59 @@ async def test_a_quick_model_runs_on_the_event_loop_thread_a_slow_one_beside_it(
         await stop_mesh(mesh)
 
     assert [t if t == "loop" else t.split("_")[0] for t in threads] == ["ort", "loop", "ort"]
+
+
+async def test_a_quick_model_that_turns_slow_holds_the_event_loop_for_the_inline_limit_only(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Issue 16, seen 4: a model that used to be quick (so it ran on the event loop's
+    thread) turned slow and froze the worker. The inline run is stopped after
+    ``INLINE_LIMIT_MS`` and the batch runs again on an ONNX Runtime thread, answered
+    right; the loop and the serve loop stay free meanwhile (another model answers), and
+    the model no longer runs inline."""
+    repository = write_example_repository(write_slow(tmp_path), ["mlp"])
+    iterations = iterations_for(1.5, repository)
+    mesh = await start_mesh(redis_url, repository, worker_overrides={"intra_op_threads": 1})
+    loop_thread = threading.get_ident()
+    threads: list[str] = []
+    served = mesh.workers[0].worker.served[(SLOW, 1)]
+    run = served.model.run
+
+    def recorded(feed: dict[str, Any], options: Any = None) -> Any:
+        threads.append("loop" if threading.get_ident() == loop_thread else "ort")
+        return run(feed, options)
+
+    served.model.run = recorded  # type: ignore[method-assign]
+    ticks = 0
+
+    async def tick() -> None:  # counts while the loop is free
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    try:
+        served.compute_ms_avg = served.last_compute_ms = INLINE_COMPUTE_MS / 2  # it was quick
+        ticking = asyncio.create_task(tick())
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            request = infer_request(SLOW, slow_request_inputs(iterations))
+            slow_call = asyncio.ensure_future(stub.ModelInfer(request, timeout=RPC_TIMEOUT_S))
+            async with asyncio.timeout(10):  # until it runs again on a thread
+                while threads != ["loop", "ort"]:  # noqa: ASYNC110 (bounded poll: no event for it)
+                    await asyncio.sleep(0.005)
+            # the serve loop is free too: another model on the worker answers meanwhile
+            fast_request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
+            fast = await stub.ModelInfer(fast_request, timeout=2)
+            still_computing = not slow_call.done()
+            response = await slow_call
+        ticking.cancel()
+    finally:
+        await stop_mesh(mesh)
+
+    assert output_arrays(response)["done"].tolist() == [[float(iterations)]]
+    assert threads == ["loop", "ort"]  # stopped on the loop, run again off it
+    assert not served.runs_inline()  # its time now says slow
+    assert ticks > 10  # the loop turned while the 1.5 s batch ran (frozen, it would not have)
+    assert output_arrays(fast)["logits"].shape == (1, 10)
+    assert still_computing

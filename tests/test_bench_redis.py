@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
-import os
+import time
 
 import pytest
 from redis.asyncio import Redis
 
-from meshserve.devkit.redis_server import RedisServer
+from meshserve.devkit.redis_server import RedisServer, suite_binary_from_env
 from meshserve_bench.redis_cost import per_call, snapshot
+
+# A loop of tens of milliseconds: Redis's CPU counters may move in 4 ms ticks.
+BUSY_SCRIPT = """
+for i = 1, 3000000 do end
+redis.call('INCR', KEYS[1])
+return redis.call('GET', KEYS[1])
+"""
 
 
 async def test_usage_counts_the_commands_scripts_run_and_not_its_own_snapshots() -> None:
     # A server of its own: the session's server may still carry another test's stray traffic.
-    with RedisServer(os.environ.get("MESHSERVE_TEST_REDIS_BINARY") or None) as server:
+    with RedisServer(suite_binary_from_env()) as server:
         redis = Redis.from_url(server.url)
         try:
+            started_s = time.monotonic()
             before = await snapshot(redis)
             await redis.set("n", 1)
-            for _ in range(2):  # two calls, each an EVAL running two commands
-                await redis.eval("redis.call('INCR', KEYS[1]); return redis.call('GET', KEYS[1])", 1, "n")
+            for _ in range(2):  # two calls, each an EVAL running two commands, and a loop that costs CPU
+                await redis.eval(BUSY_SCRIPT, 1, "n")
             usage = (await snapshot(redis)).usage_since(before)
+            window_s = time.monotonic() - started_s
         finally:
             await redis.aclose()
     assert usage.commands == 7  # SET, and per EVAL the EVAL and the two commands the script ran
-    assert usage.cpu_s >= 0
+    # Seconds of the main thread: some (the loops), and no more than the window's wall time.
+    assert 0 < usage.cpu_s <= window_s
     figures = per_call(usage, calls=2)
     assert figures["redis_commands_per_call"] == pytest.approx(3.5)
     assert figures["redis_cpu_us_per_call"] == pytest.approx(usage.cpu_s / 2 * 1e6)

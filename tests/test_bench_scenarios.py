@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from meshserve.devkit.redis_server import free_port
 from meshserve_bench import scenarios, tenants
-from meshserve_bench.load import Window, build_request, measure_point
-from meshserve_bench.mesh import find_model
+from meshserve_bench.load import Window, build_request, measure_point, process_cpu_s
+from meshserve_bench.mesh import find_model, gateway_pid
 
 
 async def test_closed_and_open_loop_against_the_mesh_with_redis_cost(
@@ -49,11 +50,22 @@ async def test_the_noisy_tenants_flood_runs_in_a_spawned_process(mesh: Any, mode
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as flooder:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(flooder, tenants.warm_flooder)
-        plan = tenants.FloodPlan(mesh.address, request.SerializeToString(), (), 40.0, 2, Window.after(0.1, 1.0))
+        flood = tenants.Flood(40.0, 2)
+        plan = tenants.FloodPlan(mesh.address, request.SerializeToString(), (), flood, Window.after(0.1, 1.0))
         point = await loop.run_in_executor(flooder, tenants.flood_process, plan)
     assert point.calls.ok > 0
     assert point.calls.errors == {}  # the open development tenant: nothing refused
     assert point.client_cpu_s > 0  # the child's own CPU, not this process's
+
+
+async def test_a_retrying_client_pauses_after_each_failed_call(mesh: Any, model_repository: Path) -> None:
+    request = build_request(find_model(model_repository, "mlp"))
+    request.model_name = "no_such_model"  # every call fails at once, NOT_FOUND
+    window = Window.after(0.0, 0.5)
+    point = await measure_point(mesh.address, request, window, channels=2, concurrency=2, pause_after_error_s=0.1)
+    assert point.calls.ok == 0
+    # two clients, a call then 100 ms of pause: at most 6 calls each end inside 0.5 s
+    assert 0 < point.calls.errors["NOT_FOUND"] <= 12
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
@@ -67,3 +79,19 @@ def test_descendants_and_rss_from_proc() -> None:
         child.stdin.close()
         child.wait(timeout=30)
     assert scenarios.rss_kib([child.pid]) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_the_gateway_process_is_found_by_its_port_and_its_cpu_read() -> None:
+    port = str(free_port())
+    argv = [sys.executable, "-c", "import sys; sys.stdin.read()", "gateway", "--grpc-port", port]
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE)
+    try:
+        assert gateway_pid(f"127.0.0.1:{port}") == child.pid
+        assert gateway_pid(f"127.0.0.1:{free_port()}") is None
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert process_cpu_s(child.pid) is None  # gone
+    assert (process_cpu_s(os.getpid()) or 0.0) > 0

@@ -40,3 +40,28 @@ def test_the_check_sees_a_private_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("from meshserve.queue.protocol import _secret\nfrom os import path\nfrom x import __version__\n")
     assert private_imports(module, tmp_path) == ["m.py:1 _secret from meshserve.queue.protocol"]
+
+
+def servers_without_the_suite_binary(path: Path, root: Path = ROOT) -> list[str]:
+    """``file:line`` of each ``RedisServer(...)`` call in ``path`` that names no binary:
+    such a server is the bundled one even in CI's pass against stock Redis."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "RedisServer"):
+            continue
+        if not node.args and not any(keyword.arg == "binary" for keyword in node.keywords):
+            found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_every_redis_a_test_starts_honours_the_suite_binary() -> None:
+    found = [hit for path in sorted((ROOT / "tests").rglob("*.py")) for hit in servers_without_the_suite_binary(path)]
+    assert found == []
+
+
+def test_the_check_sees_a_server_without_a_binary(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text(
+        "RedisServer()\nRedisServer(port=1)\nRedisServer(suite_binary_from_env())\nRedisServer(binary=b)\n"
+    )
+    assert servers_without_the_suite_binary(module, tmp_path) == ["m.py:1", "m.py:2"]

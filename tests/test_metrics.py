@@ -168,6 +168,7 @@ tenants:
             release_serving(worker)
             await asyncio.gather(*waiting)
         gateway_samples = parse(generate_latest(mesh.gateway.metrics.registry).decode())
+        device_sample = worker.worker.reporter.device_sample  # no await before the scrape: no heartbeat between
         worker_samples = parse(generate_latest(worker.worker.metrics.registry).decode())
     finally:
         await stop_mesh(mesh)
@@ -204,8 +205,17 @@ tenants:
     assert worker_samples[("meshserve_cost_per_1000_requests", mlp)] == pytest.approx(
         device_s / 9 * 1000 * price / 3600
     )
-    assert 0 <= worker_samples[("meshserve_device_utilization_ratio", labels(device=device))] <= 1
-    assert worker_samples[("meshserve_device_memory_used_bytes", labels(device=device))] > 0
+    # The device gauges show the worker's latest sample (how a sample is taken: test_devices.py).
+    assert device_sample.memory_used_bytes > 0
+    assert worker_samples[("meshserve_device_utilization_ratio", labels(device=device))] == pytest.approx(
+        device_sample.utilization_ratio
+    )
+    assert worker_samples[("meshserve_device_memory_used_bytes", labels(device=device))] == pytest.approx(
+        device_sample.memory_used_bytes
+    )
+    assert worker_samples[("meshserve_device_memory_total_bytes", labels(device=device))] == pytest.approx(
+        device_sample.memory_total_bytes
+    )
     weights = (model_repository / "mlp" / "1" / "model.onnx").stat().st_size
     assert worker_samples[("meshserve_model_memory_bytes", labels(model="mlp", version="1", device=device))] == weights
 

@@ -80,8 +80,9 @@ async def test_request_expiring_in_the_queue_is_answered_and_never_computed(
     stats = worker.worker.served[("mlp", 1)].stats
     await hold_serving(worker)
     try:
-        # the timeout parameter (int64 microseconds) cuts the 10 s gRPC deadline to 0.2 s
-        short = infer_request("mlp", features(), timeout_us=200_000)
+        # the timeout parameter (int64 microseconds) cuts the 10 s gRPC deadline to 1 s:
+        # room for a loaded machine to enqueue it, and for wait_queued to see it, in time
+        short = infer_request("mlp", features(), timeout_us=1_000_000)
         call = asyncio.ensure_future(stub.ModelInfer(short, timeout=RPC_TIMEOUT_S))
         await wait_queued(redis, "mlp", 1)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -107,7 +108,9 @@ async def test_grpc_deadline_travels_with_the_queued_request(
     await hold_serving(worker)
     try:
         sent_ms = time.time() * 1000
-        call = asyncio.ensure_future(stub.ModelInfer(infer_request("mlp", features()), timeout=0.3))
+        # 2 s: the client cancels then and the gateway withdraws the job, so wait_queued
+        # and the look at its hash below must come first, even on a loaded machine
+        call = asyncio.ensure_future(stub.ModelInfer(infer_request("mlp", features()), timeout=2.0))
         await wait_queued(redis, "mlp", 1)
         (job_id,) = await redis.zrange(keys.ready, 0, -1)
         deadline_ms = int(await redis.hget(keys.job(job_id.decode()), "d"))
@@ -118,8 +121,8 @@ async def test_grpc_deadline_travels_with_the_queued_request(
 
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "deadline exceeded" in (caught.value.details() or "").lower()
-    # the queued deadline is the call's 0.3 s (plus transit: grpc-timeout is relative), not the 30 s default
-    assert sent_ms < deadline_ms < sent_ms + 1_300
+    # the queued deadline is the call's 2 s (plus transit: grpc-timeout is relative), not the 30 s default
+    assert sent_ms + 1_000 < deadline_ms < sent_ms + 3_000
     response = await stub.ModelInfer(infer_request("mlp", features()), timeout=RPC_TIMEOUT_S)
     assert output_arrays(response)["logits"].shape == (1, 10)
     # Never computed: the expired job was either withdrawn by the gateway (the client's
@@ -137,7 +140,7 @@ async def test_expired_jobs_do_not_block_live_ones_behind_them(
     await hold_serving(worker)
     try:
         doomed = [
-            asyncio.ensure_future(stub.ModelInfer(infer_request("mlp", features(), timeout_us=100_000), timeout=10))
+            asyncio.ensure_future(stub.ModelInfer(infer_request("mlp", features(), timeout_us=1_000_000), timeout=10))
             for _ in range(5)
         ]
         await wait_queued(redis, "mlp", 5)
@@ -158,10 +161,11 @@ async def test_request_expiring_while_its_batch_fills_is_not_computed(
     redis: Redis, redis_url: str, tmp_path: Path
 ) -> None:
     # The worker claims both requests at once, then holds the partial batch for up
-    # to 1 s: the short one's 0.3 s deadline passes before compute (or, on a slow
-    # machine, before the claim). Either way it is dropped, never run.
+    # to 3 s: the short one's 1 s deadline passes before compute (or, on a slow
+    # machine, before the claim). Either way it is dropped, never run. 1 s leaves a
+    # loaded machine time to enqueue both before it passes.
     repository = write_example_repository(tmp_path, ["mlp"])
-    (repository / "mlp" / "config.yaml").write_text("dynamic_batching:\n  max_queue_delay_ms: 1000\n")
+    (repository / "mlp" / "config.yaml").write_text("dynamic_batching:\n  max_queue_delay_ms: 3000\n")
     mesh = await start_mesh(redis_url, repository)
     worker = mesh.workers[0]
     stats = worker.worker.served[("mlp", 1)].stats
@@ -171,7 +175,7 @@ async def test_request_expiring_while_its_batch_fills_is_not_computed(
             await hold_serving(worker)
             try:
                 short = asyncio.ensure_future(
-                    stub.ModelInfer(infer_request("mlp", features(), timeout_us=300_000), timeout=RPC_TIMEOUT_S)
+                    stub.ModelInfer(infer_request("mlp", features(), timeout_us=1_000_000), timeout=RPC_TIMEOUT_S)
                 )
                 long = asyncio.ensure_future(stub.ModelInfer(infer_request("mlp", features()), timeout=RPC_TIMEOUT_S))
                 await wait_queued(redis, "mlp", 2)
@@ -200,12 +204,13 @@ async def test_a_request_the_queue_cannot_serve_in_time_is_refused_at_once(
     try:
         seconds, micros = await redis.time()
         await redis.delete(keys.drain)
-        await redis.hset(keys.drain, "slow", f"1000 {seconds * 1000 + micros // 1000}")  # one job a second
+        # one job each 5 s: 15 s of work ahead of a 1.5 s call, far past it however slow this runs
+        await redis.hset(keys.drain, "slow", f"5000 {seconds * 1000 + micros // 1000}")
         for index in range(2):
             calls.append(asyncio.ensure_future(stub.ModelInfer(adder_request(index, None), timeout=RPC_TIMEOUT_S)))
             await wait_queued(redis, "adder_fixed", index + 1)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.ModelInfer(adder_request(7, None), timeout=1.5)  # 3 s of work would be ahead of it
+            await stub.ModelInfer(adder_request(7, None), timeout=1.5)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "cannot answer within the deadline" in (refused.value.details() or "")
         trailers = dict(refused.value.trailing_metadata() or ())

@@ -19,9 +19,9 @@ from meshserve.queue import (
     TIER_SPAN,
     ModelKeys,
     QueueProtocol,
-    finish_commands,
     pop_replies,
     pop_replies_now,
+    push_commands,
     queue_depths,
     reply_key,
     wait_command,
@@ -288,6 +288,18 @@ async def test_a_job_due_before_the_batch_could_finish_is_expired_not_taken(queu
     assert [job_id for job_id, _ in batch.expired] == ["soon"]
 
 
+async def test_a_stale_estimate_still_tries_one_job_that_has_not_passed_its_deadline(queue: QueueProtocol) -> None:
+    # One 32 s batch once: the estimate says no 30 s job can finish. Without a batch
+    # that runs, the estimate would never come down (issue 16, seen 3): one is tried.
+    now_ms = int(time.time() * 1000)
+    await put(queue, "first", deadline_ms=now_ms + 30_000)
+    await put(queue, "second", deadline_ms=now_ms + 30_000)
+    await put(queue, "gone", deadline_ms=now_ms - 1)
+    batch = await queue.claim(KEYS, max_items=8, lease_ms=60_000, worker_id="w", batch_ms=32_000)
+    assert [job_id for job_id, _ in batch.jobs] == ["first"]
+    assert sorted(job_id for job_id, _ in batch.expired) == ["gone", "second"]
+
+
 async def test_a_fast_batch_takes_a_job_close_to_its_deadline(queue: QueueProtocol) -> None:
     await put(queue, "soon", deadline_ms=int(time.time() * 1000) + 30_000)
     batch = await queue.claim(KEYS, max_items=8, lease_ms=60_000, worker_id="w", batch_ms=5)
@@ -388,16 +400,13 @@ async def test_redis_commands_per_job_do_not_grow_with_queue_depth_or_tenants(
 # ------------------------------------------------------------ replies, depth, waking
 
 
-async def test_replies_are_written_before_the_ack_and_popped_in_order(
+async def test_replies_are_pushed_with_an_expiry_and_popped_in_order(
     queue: QueueProtocol, link: RedisLink, redis: Redis, redis_url: str
 ) -> None:
-    await put(queue, "a")
-    await put(queue, "b")
-    batch = await queue.claim(KEYS, max_items=2, lease_ms=60_000, worker_id="w")
     replies = reply_key("g1")
-    commands = finish_commands(KEYS, {replies: [b"reply-a", b"reply-b"]}, {batch.token: ["a", "b"]})
-    assert [c[0] for c in commands] == ["RPUSH", "EXPIRE", "EVALSHA"]  # the ack last: never before its reply
-    assert (await link.pipeline(commands))[-1] == 2
+    commands = push_commands({replies: [b"reply-a", b"reply-b"]})
+    assert [c[0] for c in commands] == ["RPUSH", "EXPIRE"]
+    assert (await link.pipeline(commands))[0] == 2
     assert 0 < await redis.ttl(replies) <= REPLY_TTL_S  # a dead gateway's list goes away
     blocking = RedisLink(redis_url, command_timeout_s=None)
     try:

@@ -23,7 +23,11 @@ USER, PASSWORD = "meshserve", "s3cret-for-tests"
 async def acl_url(redis: Redis, redis_url: str) -> AsyncIterator[str]:
     # Everything but administration, on meshserve's keys only.
     await redis.acl_setuser(
-        USER, enabled=True, passwords=[f"+{PASSWORD}"], keys=["ms:*"], commands=["+@all", "-@admin", "-@dangerous"]
+        USER,
+        enabled=True,
+        passwords=[f"+{PASSWORD}"],
+        keys=["ms:*"],
+        commands=["+@all", "-@admin", "-@dangerous", "+info"],
     )
     parts = urlsplit(redis_url)
     yield urlunsplit(parts._replace(netloc=f"{USER}:{PASSWORD}@{parts.hostname}:{parts.port}"))

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-from meshserve.devkit.redis_server import RedisServer
+from meshserve.devkit.redis_server import RedisServer, suite_binary_from_env
 from meshserve.store.link import RedisLink, Script
 
 COUNT = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
@@ -126,7 +126,7 @@ async def test_a_server_that_is_not_there_is_a_connection_error() -> None:
 
 
 async def test_the_private_server_is_reachable_over_its_unix_socket() -> None:
-    with RedisServer() as server:
+    with RedisServer(suite_binary_from_env()) as server:
         link = RedisLink(server.socket_url)
         tcp = Redis.from_url(server.url)
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import socket
 import ssl
@@ -30,7 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError
 
 from meshserve.devkit.examples import write_example_repository
-from meshserve.devkit.redis_server import RedisServerError, bundled_server_binary, free_port
+from meshserve.devkit.redis_server import RedisServerError, bundled_server_binary, free_port, suite_binary_from_env
 from meshserve.platform.tls import TlsConfig
 from meshserve.store.link import RedisLink, Script
 from tests.pki import Authority
@@ -122,7 +121,7 @@ class TlsRedisServer:
 
 
 def candidate_binaries() -> list[Path]:
-    names = [os.environ.get("MESHSERVE_TEST_REDIS_BINARY") or "", "redis-server", "valkey-server"]
+    names = [suite_binary_from_env() or "", "redis-server", "valkey-server"]
     found = [Path(path) for name in names if name and (path := shutil.which(name))]
     with contextlib.suppress(ImportError, RedisServerError):
         found.append(bundled_server_binary())

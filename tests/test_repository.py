@@ -170,6 +170,17 @@ def test_config_overrides_batching_and_platform(tmp_path: Path) -> None:
     assert info.max_queue_size == 100
 
 
+def test_config_sets_the_execution_timeout_and_instances(tmp_path: Path) -> None:
+    write_example_repository(tmp_path, ["mlp", "cnn"])
+    _write_config(tmp_path / "mlp", "execution_timeout_ms: 1500\ninstances: 3\n")
+
+    info = load_model(tmp_path / "mlp", 1)
+    default = load_model(tmp_path / "cnn", 1)
+
+    assert (info.execution_timeout_ms, info.instances) == (1500, 3)
+    assert (default.execution_timeout_ms, default.instances) == (0, 1)  # 0: derived from the warm-up
+
+
 def test_partial_config_keeps_defaults(tmp_path: Path) -> None:
     write_example_repository(tmp_path, ["mlp"])
     _write_config(tmp_path / "mlp", "dynamic_batching:\n  max_queue_size: 7\n")
@@ -236,6 +247,9 @@ def test_unknown_key_is_named(tmp_path: Path, text: str, key: str) -> None:
         "versions: one\n",
         "platform: 3\n",
         "- max_batch_size\n",
+        "instances: 0\n",
+        "instances: two\n",
+        "execution_timeout_ms: -5\n",
     ],
 )
 def test_invalid_values_are_rejected(tmp_path: Path, text: str) -> None:

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from redis.asyncio import Redis
 
 from meshserve.devkit.examples import write_example_repository
-from meshserve.devkit.redis_server import RedisServer, free_port
+from meshserve.devkit.redis_server import RedisServer, free_port, suite_binary_from_env
 from protos import grpc_service_pb2 as pb
 from tests.support import (
     Mesh,
@@ -115,7 +115,7 @@ async def test_the_data_path_keeps_serving_while_the_router_is_down(
 async def test_redis_outage_fails_fast_then_service_resumes_without_restarts(
     model_repository: Path,
 ) -> None:
-    server = RedisServer().start()
+    server = RedisServer(suite_binary_from_env()).start()
     port = server.port
     mesh = await start_mesh(server.url, model_repository)
     request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
@@ -133,7 +133,9 @@ async def test_redis_outage_fails_fast_then_service_resumes_without_restarts(
             assert failed_after_s < 5  # fails fast, well before the call's 10 s deadline
 
             retry_codes: set[grpc.StatusCode] = set()
-            server = RedisServer(port=port).start()  # same address, empty: what a failover without data looks like
+            server = RedisServer(
+                suite_binary_from_env(), port=port
+            ).start()  # same address, empty: what a failover without data looks like
             async with asyncio.timeout(30):
                 while True:  # no meshserve process is restarted; each retry is a real call
                     try:
@@ -154,20 +156,22 @@ async def test_a_call_whose_job_redis_lost_is_answered_unavailable_not_left_to_i
 ) -> None:
     """Redis comes back empty (no persistence, a lagging replica, or everysec's last
     writes) while a call waits: the gateway finds its job gone and answers at once."""
-    server = RedisServer().start()
+    server = RedisServer(suite_binary_from_env()).start()
     mesh = await start_mesh(server.url, model_repository)
     try:
         await hold_serving(mesh.workers[0])  # the job stays queued in Redis
         async with grpc.aio.insecure_channel(mesh.address) as channel, Redis.from_url(server.url) as redis:
             request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
-            call = asyncio.ensure_future(infer_stub(channel).ModelInfer(request, timeout=60))
+            call = asyncio.ensure_future(
+                infer_stub(channel).ModelInfer(request, timeout=30)
+            )  # long, yet within the test timeout
             await wait_queued(redis, "mlp", 1)
             port = server.port
             server.stop()
-            server = RedisServer(port=port).start()  # same address, no data
+            server = RedisServer(suite_binary_from_env(), port=port).start()  # same address, no data
             with pytest.raises(grpc.aio.AioRpcError) as lost:
                 await call
-        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable, not DEADLINE_EXCEEDED at 60 s
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable, not DEADLINE_EXCEEDED at 30 s
         assert "Redis lost this request" in (lost.value.details() or "")
         assert mesh.gateway.metrics.registry.get_sample_value("meshserve_lost_requests_total") == 1
         assert mesh.gateway.gateway.queued == {}
@@ -179,7 +183,7 @@ async def test_a_call_whose_job_redis_lost_is_answered_unavailable_not_left_to_i
 async def test_a_broken_redis_connection_alone_fails_no_waiting_call(model_repository: Path) -> None:
     """The reply reader's connection drops but Redis keeps its data: the look for lost
     jobs finds the waiting one, leaves it, and the call is answered once work resumes."""
-    server = RedisServer().start()
+    server = RedisServer(suite_binary_from_env()).start()
     mesh = await start_mesh(server.url, model_repository)
     gateway = mesh.gateway.gateway
     try:
@@ -189,6 +193,11 @@ async def test_a_broken_redis_connection_alone_fails_no_waiting_call(model_repos
             request = infer_request("mlp", {"features": np.ones((1, 64), np.float32)})
             call = asyncio.ensure_future(infer_stub(channel).ModelInfer(request, timeout=RPC_TIMEOUT_S))
             await wait_queued(redis, "mlp", 1)
+            # The job is in Redis before the enqueue's answer reaches the gateway:
+            # let the gateway record it (a bounded look, a loop tick at a time).
+            async with asyncio.timeout(5):
+                while not gateway.queued:  # noqa: ASYNC110 - no event marks the record
+                    await asyncio.sleep(0.001)
             assert len(gateway.queued) == 1
             await redis.client_kill_filter(_type="normal", skipme=True)  # every other connection
             async with asyncio.timeout(10):

@@ -1,7 +1,8 @@
 """``meshserve up``: start the whole mesh as child processes and stop it cleanly.
 
 Order on the way up: Redis (private, unless ``--redis-url``), router, workers,
-gateway; then one line when every model is ready. On the way down (Ctrl-C or
+gateway; then one line when every model has loaded or failed to (naming those that
+failed, and why; ``up`` stays up to serve the others). On the way down (Ctrl-C or
 SIGTERM) the reverse, each child drained by SIGTERM first: the gateway answers
 its in-flight calls, workers finish their batch and ack, then Redis stops.
 
@@ -57,6 +58,7 @@ from meshserve.settings import (
     LOOPBACK_HOST,
     GatewaySettings,
     LogSettings,
+    RouterSettings,
     WorkerSettings,
     add_arguments,
     cli,
@@ -75,9 +77,19 @@ STABLE_AFTER_S = 60.0
 
 UP_GATEWAY_OWN = ("host", "port", "drain_grace_s", "tenants_path")
 """The gateway's settings ``up`` reads itself (its address, its stop) and passes on."""
-UP_GATEWAY_FORWARDED = ("max_message_bytes", "default_timeout_ms", "lame_duck_s", "trace_tenant")
+UP_GATEWAY_FORWARDED = (
+    "max_message_bytes",
+    "default_timeout_ms",
+    "lame_duck_s",
+    "trace_tenant",
+    "strict_readiness",
+    "allow_eviction",
+    "store_headroom_ratio",
+)
 UP_WORKER_FORWARDED = (
     "lease_ms",
+    "canary_timeout_ms",
+    "compute_slots",
     "max_attempts",
     "lower_tier_share",
     "canary_interval_s",
@@ -86,7 +98,7 @@ UP_WORKER_FORWARDED = (
     "price_per_device_hour",
     "health_host",
 )
-UP_SHARED_FORWARDED = ("trace_tenant", "max_message_bytes")
+UP_SHARED_FORWARDED = ("trace_tenant", "allow_eviction", "max_message_bytes")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
 
@@ -256,13 +268,16 @@ def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
             child.start()
         host = gateway_host(args.host, args.tenants)
         dial_host = LOOPBACK_HOST if host in (ANY_HOST, "::", "[::]") else host
-        models = _wait_ready(router_address, f"{dial_host}:{args.grpc_port}", children, stop, tls)
-        if models is not None:
+        settled = _wait_ready(router_address, f"{dial_host}:{args.grpc_port}", children, stop, tls)
+        if settled is not None:
+            models, failed = settled
             transport = "gRPC over mutual TLS" if tls else "gRPC"
             metrics = f"{args.metrics_host}:{args.metrics_port}" if args.metrics_port else "off"
             print(
                 f"meshserve ready: {len(models)} models ({', '.join(models)}) at {host}:{args.grpc_port}"
-                f" ({transport}, KServe v2{_exposure(args)}); metrics on {metrics}; Ctrl-C to stop",
+                f" ({transport}, KServe v2{_exposure(args)}); metrics on {metrics}; Ctrl-C to stop"
+                + (f"; {len(failed)} failed to load: {', '.join(name for name, _ in failed)}" if failed else "")
+                + "".join(f"\n  {name}: {reason}" for name, reason in failed),
                 flush=True,
             )
             _supervise_until_stop(children, stop)
@@ -314,6 +329,7 @@ def plan_children(
             *tls_args,
             *logging_args,
             *metrics_args,
+            *forwarded_flags(RouterSettings, args, ("allow_eviction",)),
         ),
     )
     workers = [
@@ -381,8 +397,11 @@ def _wait_ready(
     children: list[Child],
     stop: threading.Event,
     tls: TlsConfig | None = None,
-) -> list[str] | None:
-    """Block until the router says every model is ready and the gateway serves."""
+) -> tuple[list[str], list[tuple[str, str]]] | None:
+    """Block until the router says every model has loaded or failed to (workers
+    retry the failed ones) and the gateway serves those that loaded; their names, and each
+    failed "<model> version <v>" with its reason. None when a child died first or
+    the mesh did not settle within ``READY_TIMEOUT_S``."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from protos import meshserve_pb2 as mpb
@@ -398,16 +417,22 @@ def _wait_ready(
             with sync_channel(router_address, tls) as channel:
                 stub = mpb_grpc.RouterStub(channel)
                 for table in stub.WatchRoutingTable(mpb.WatchRequest(gateway_id="up"), timeout=2):
-                    if table.models and all(m.ready for m in table.models):
-                        models = sorted({m.name for m in table.models})
+                    ready = [m for m in table.models if m.ready]
+                    if table.models and all(m.ready or m.load_error for m in table.models):
                         break
                 else:
                     continue
             with sync_channel(gateway_address, tls) as channel:
+                # each served model's own entry: SERVING once the gateway's table has it
+                # ready, whatever its server readiness means (--strict-readiness)
                 health = health_pb2_grpc.HealthStub(channel)
-                for status in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5):
-                    if status.status == health_pb2.HealthCheckResponse.SERVING:
-                        return models
+                for model in ready:
+                    request = health_pb2.HealthCheckRequest(service=f"{model.name}/{model.version}")
+                    for status in health.Watch(request, timeout=5):
+                        if status.status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                failed = [(f"{m.name} version {m.version}", m.load_error) for m in table.models if not m.ready]
+                return sorted({m.name for m in ready}), failed
         except grpc.RpcError:
             time.sleep(0.1)  # start-up only: the child is not listening yet
     log.error("the mesh did not become ready within %.0fs", READY_TIMEOUT_S)

@@ -151,6 +151,7 @@ class VersionRow:
     compute_p99_s: float | None
     device_seconds_per_s: float | None
     cost_per_1000_requests: float | None
+    load_error: str | None = None  # why it failed to load (the router's); None: it did not fail
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +311,10 @@ def _versions(window: _Window) -> dict[Key, VersionRow]:
     items = window.rates("meshserve_worker_items_total", by)
     compute = window.quantiles("meshserve_worker_compute_seconds", by, 0.99)
     device = window.rates("meshserve_device_seconds_total", by)
-    keys = {*ready, *queue_wait, *backlog, *cost, *batches, *compute, *device, *(key[:2] for key in depth)}
+    failed: dict[Key, str] = {
+        key[:2]: key[2] for key, value in window.gauges("meshserve_model_load_failed", (*by, "reason")).items() if value
+    }
+    keys = {*ready, *failed, *queue_wait, *backlog, *cost, *batches, *compute, *device, *(key[:2] for key in depth)}
     return {
         key: VersionRow(
             version=key[1],
@@ -322,6 +326,7 @@ def _versions(window: _Window) -> dict[Key, VersionRow]:
             compute_p99_s=compute.get(key),
             device_seconds_per_s=device.get(key),
             cost_per_1000_requests=cost.get(key),
+            load_error=failed.get(key),
         )
         for key in keys
     }
@@ -380,7 +385,7 @@ def _devices(window: _Window) -> tuple[DeviceRow, ...]:
 
 def render(view: View) -> RenderableType:
     """The tables of one frame; a figure nobody exports shows as "-"."""
-    return Group(_models_table(view), _tenants_table(view), _devices_table(view), _footer(view))
+    return Group(_models_table(view), _failures(view), _tenants_table(view), _devices_table(view), _footer(view))
 
 
 def _models_table(view: View) -> Table:
@@ -418,7 +423,7 @@ def _version_cells(row: VersionRow | None) -> list[str]:
     depth = row.queue_depth_by_tier
     return [
         row.version,
-        "-" if row.ready is None else "yes" if row.ready else "no",
+        "failed" if row.load_error else "-" if row.ready is None else "yes" if row.ready else "no",
         "/".join(_number(depth.get(tier), "{:.0f}") for tier in TIER_NAMES) if depth else "-",
         _duration(row.queue_wait_s),
         _duration(row.backlog_s),
@@ -427,6 +432,17 @@ def _version_cells(row: VersionRow | None) -> list[str]:
         _number(row.device_seconds_per_s, "{:.2f}"),
         _number(row.cost_per_1000_requests, "{:.4f}"),
     ]
+
+
+def _failures(view: View) -> Text:
+    """Why each failed model version failed, one line each (nothing when none failed)."""
+    text = Text()
+    for model in view.models:
+        for row in model.versions:
+            if row.load_error:
+                text.append(f"{chr(10) if text.plain else ''}failed to load: {model.model} version {row.version}: ")
+                text.append(row.load_error, style="red")
+    return text
 
 
 def _tenants_table(view: View) -> Table:

@@ -162,3 +162,13 @@ class RedisServer:
 def binary_from_env() -> str | None:
     """``MESHSERVE_REDIS_SERVER``: a server binary to use instead of the bundled one."""
     return os.environ.get("MESHSERVE_REDIS_SERVER") or None
+
+
+def suite_binary_from_env() -> str | None:
+    """``MESHSERVE_TEST_REDIS_BINARY``: the server every test that starts one runs
+    (CI's second pass sets Debian's ``redis-server``); None for the bundled one.
+
+    Tests pass it to :class:`RedisServer` (tests/test_layout.py checks that each does),
+    so that pass covers the servers tests start on their own, not only the session's.
+    """
+    return os.environ.get("MESHSERVE_TEST_REDIS_BINARY") or None

@@ -19,6 +19,10 @@ restrict the served versions and name the platform::
       device: any                 # gpu | cpu | any (the default: a GPU or MIG slice first)
       min_mig_profile: 2g.20gb    # no smaller MIG slice; whole GPUs are always allowed
       memory_mb: 2048             # device memory in MiB; default: estimated
+    execution_timeout_ms: 20000   # a batch running longer is stopped; default: from warm-up
+    instances: 1                  # batches of this model computing at once on a worker
+    warmup:                       # warm-up inputs, as Triton's model_warmup (meshserve/models/warmup.py)
+      - inputs: {images: {dims: [3, 640, 640], data: random}}
 
 A batchable graph (every input's and output's dim 0 symbolic) defaults to
 max_batch_size 32 and a 2 ms queue delay; any other graph gets max_batch_size 0,
@@ -54,6 +58,7 @@ from onnx import (
 )
 
 from meshserve.models.execution import DEFAULT_EXECUTION, ExecutionConfig, parse_execution
+from meshserve.models.warmup import WarmupSample, parse_warmup
 from meshserve.platform.mig import parse_mig_profile
 from meshserve.wire.dtypes import KSERVE_BY_ONNX
 
@@ -66,7 +71,19 @@ ANY_DIM = -1
 _MAX_PROTOBUF_BYTES = 2**31 - 1
 
 _VERSION_DIR = re.compile(r"[1-9][0-9]*")
-_TOP_LEVEL_KEYS = frozenset({"max_batch_size", "dynamic_batching", "versions", "platform", "placement", "execution"})
+_TOP_LEVEL_KEYS = frozenset(
+    {
+        "max_batch_size",
+        "dynamic_batching",
+        "versions",
+        "platform",
+        "placement",
+        "execution",
+        "execution_timeout_ms",
+        "instances",
+        "warmup",
+    }
+)
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
 
 
@@ -121,6 +138,9 @@ class ModelInfo:
     placement: PlacementConfig = DEFAULT_PLACEMENT
     weights_bytes: int = 0  # files in the version directory: model.onnx plus external data
     execution: ExecutionConfig = DEFAULT_EXECUTION
+    warmup: tuple[WarmupSample, ...] = ()  # from config.yaml; (): the worker picks the inputs
+    execution_timeout_ms: int = 0  # 0: derived from the warm-up time (model_workers/served.py)
+    instances: int = 1  # batches computing at once per worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +155,9 @@ class _Config:
     platform: str = DEFAULT_PLATFORM
     placement: PlacementConfig = DEFAULT_PLACEMENT
     execution: ExecutionConfig = DEFAULT_EXECUTION
+    warmup: tuple[WarmupSample, ...] = ()
+    execution_timeout_ms: int = 0
+    instances: int = 1
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -155,19 +178,39 @@ def scan_repository(root: Path) -> tuple[list[ModelInfo], list[str]]:
     A bad model or version is skipped and described in the second list; only an
     unreadable ``root`` raises RepositoryError. Hidden directories are ignored.
     """
+    scan = scan_repository_failures(root)
+    return scan.models, scan.problems
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryScan:
+    """What :func:`scan_repository_failures` found: servable versions, every problem,
+    and the versions that exist but cannot be served, each with its problem."""
+
+    models: list[ModelInfo]
+    problems: list[str]
+    unservable: dict[tuple[str, int], str]  # (model, version) -> the problem
+
+
+def scan_repository_failures(root: Path) -> RepositoryScan:
+    """:func:`scan_repository`, plus the version directories that failed: the router
+    lists them as failed to load (ModelReady false, with the reason) rather than
+    letting a typo in config.yaml make a model unknown."""
     if not root.is_dir():
         raise RepositoryError(f"{root}: model repository is not a directory")
     models: list[ModelInfo] = []
     problems: list[str] = []
+    unservable: dict[tuple[str, int], str] = {}
     for model_dir in sorted(root.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
             continue
+        versions = _version_dirs(model_dir)
         try:
             config = _read_config(model_dir)
         except RepositoryError as exc:
             problems.append(str(exc))
+            unservable.update(((model_dir.name, version), str(exc)) for version in versions)
             continue
-        versions = _version_dirs(model_dir)
         if config.versions is not None:
             missing = sorted(config.versions - set(versions))
             if missing:
@@ -182,7 +225,24 @@ def scan_repository(root: Path) -> tuple[list[ModelInfo], list[str]]:
                 models.append(_load_version(model_dir, version, config))
             except RepositoryError as exc:
                 problems.append(str(exc))
-    return models, problems
+                unservable[model_dir.name, version] = str(exc)
+    return RepositoryScan(models, problems, unservable)
+
+
+def unservable_info(root: Path, name: str, version: int) -> ModelInfo:
+    """A stand-in for a version that exists but cannot be served: known by name and
+    version (so it is reported not ready, never unknown), no tensors, never placed."""
+    return ModelInfo(
+        name=name,
+        version=version,
+        path=root.absolute() / name / str(version) / MODEL_FILENAME,
+        inputs=(),
+        outputs=(),
+        max_batch_size=0,
+        max_queue_delay_us=0,
+        preferred_batch_sizes=(),
+        max_queue_size=0,
+    )
 
 
 def _version_dirs(model_dir: Path) -> list[int]:
@@ -238,7 +298,20 @@ def _read_config(model_dir: Path) -> _Config:
         platform=platform,
         placement=_placement(raw.get("placement"), path),
         execution=_execution(raw.get("execution"), model_dir, path),
+        warmup=_warmup(raw.get("warmup"), model_dir, path),
+        execution_timeout_ms=_optional_int(raw, "execution_timeout_ms", path, "") or 0,
+        instances=_instances(raw, path),
     )
+
+
+def _instances(raw: dict[Any, Any], path: Path) -> int:
+    """``instances``: at least 1 (a model with none could never run)."""
+    instances = _optional_int(raw, "instances", path, "")
+    if instances is None:
+        return 1
+    if instances < 1:
+        raise RepositoryError(f"{path}: 'instances' must be an integer >= 1, got {instances}")
+    return instances
 
 
 def _queue_delay_us(batching: dict[Any, Any], path: Path) -> int | None:
@@ -288,6 +361,14 @@ def _execution(value: object, model_dir: Path, path: Path) -> ExecutionConfig:
     """The ``execution`` section, validated; absent means the defaults."""
     try:
         return parse_execution(value, model_dir)
+    except ValueError as exc:
+        raise RepositoryError(f"{path}: {exc}") from exc
+
+
+def _warmup(value: object, model_dir: Path, path: Path) -> tuple[WarmupSample, ...]:
+    """The ``warmup`` section, validated on its own; the graph's checks come later."""
+    try:
+        return parse_warmup(value, model_dir)
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
 
@@ -396,6 +477,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
     too_big = [size for size in config.preferred_batch_sizes if size > max_batch_size]
     if too_big:
         raise RepositoryError(f"{config_path}: preferred_batch_sizes {too_big} exceed max_batch_size {max_batch_size}")
+    _check_warmup(config.warmup, signature.inputs, max_batch_size, config_path)
     delay_us = 0
     if max_batch_size > 0:
         delay_us = DEFAULT_MAX_QUEUE_DELAY_US if config.max_queue_delay_us is None else config.max_queue_delay_us
@@ -413,7 +495,40 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         placement=config.placement,
         weights_bytes=sum(file.stat().st_size for file in path.parent.iterdir() if file.is_file()),
         execution=config.execution,
+        warmup=config.warmup,
+        execution_timeout_ms=config.execution_timeout_ms,
+        instances=config.instances,
     )
+
+
+def _check_warmup(
+    samples: tuple[WarmupSample, ...], inputs: tuple[TensorInfo, ...], max_batch_size: int, config_path: Path
+) -> None:
+    """Each sample names every graph input once, with dims that fit the graph's."""
+    expected = {t.name: t for t in inputs}
+    for index, sample in enumerate(samples):
+        where = f"warmup[{index}]"
+        if sample.batch_size > max(1, max_batch_size):
+            raise RepositoryError(
+                f"{config_path}: '{where}.batch_size' {sample.batch_size} exceeds max_batch_size {max_batch_size}"
+            )
+        names = {i.name for i in sample.inputs}
+        if names != set(expected):
+            missing, unknown = sorted(set(expected) - names), sorted(names - set(expected))
+            raise RepositoryError(
+                f"{config_path}: '{where}.inputs' must name every graph input: missing {missing}, unknown {unknown}"
+            )
+        for item in sample.inputs:
+            graph = expected[item.name].shape[1 if max_batch_size else 0 :]
+            fits = len(graph) == len(item.dims) and all(
+                g in (ANY_DIM, d) for g, d in zip(graph, item.dims, strict=True)
+            )
+            if not fits:
+                shown = [g if g != ANY_DIM else "?" for g in graph]
+                raise RepositoryError(
+                    f"{config_path}: '{where}.inputs.{item.name}.dims' {list(item.dims)} do not fit the graph's"
+                    f" {shown}{' (batch dim excluded)' if max_batch_size else ''}"
+                )
 
 
 def _tensor_info(value: ValueInfoProto, role: str) -> TensorInfo:

@@ -111,7 +111,7 @@ class GatewayMetrics:
                 "meshserve_rejections",
                 "Calls refused before enqueue, by tenant and reason (unauthenticated, permission_denied, "
                 "rate, inflight, tenant_queue_full, model_queue_full, deadline: the queue ahead would outlast it, "
-                "message_size: over --max-message-bytes).",
+                "store_full: Redis is nearly at its maxmemory, message_size: over --max-message-bytes).",
                 ["tenant", "reason"],
                 registry=registry,
             ),
@@ -316,6 +316,7 @@ class RouterReads:
     depths: Callable[[], Mapping[ModelKey, Mapping[str, int]]]  # tier name -> queued requests
     loads: Callable[[], Mapping[ModelKey, LoadFigures]]
     unplaceable: Callable[[], Mapping[ModelKey, bool]] = lambda: {}  # no device has room for it
+    load_failures: Callable[[], Mapping[ModelKey, str]] = lambda: {}  # failed to load (or to fit): why
 
 
 MIN_RATE_FOR_BACKLOG_PER_S = 1.0
@@ -362,6 +363,13 @@ class RouterCollector(Collector):
             "1 when placement found no allowed device with room for it (see the router's log for the numbers).",
             labels=labels,
         )
+        failed = GaugeMetricFamily(
+            "meshserve_model_load_failed",
+            "1 while it is not served because its load failed (or it fits no device); the reason label says why.",
+            labels=[*labels, "reason"],
+        )
+        for (name, version), reason in sorted(self.reads.load_failures().items()):
+            failed.add_metric([name, str(version), reason], 1.0)
         depths, loads, stuck = self.reads.depths(), self.reads.loads(), self.reads.unplaceable()
         for key, is_ready in sorted(self.reads.ready().items()):
             names = [key[0], str(key[1])]
@@ -374,7 +382,7 @@ class RouterCollector(Collector):
             rate.add_metric(names, load.requests_per_s if load else 0.0)
             backlog.add_metric(names, backlog_seconds(sum(tiers.values()), load))
             unplaceable.add_metric(names, 1.0 if stuck.get(key, False) else 0.0)
-        yield from (ready, depth, wait, rate, backlog, unplaceable)
+        yield from (ready, depth, wait, rate, backlog, unplaceable, failed)
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,13 @@ milliseconds set by the gateway (hosts are assumed NTP-synchronised).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Required, TypedDict, Unpack
 
 from redis.exceptions import RedisError
 
 from meshserve.queue.keys import ModelKeys, worker_wake_key
-from meshserve.queue.replies import push_commands
 from meshserve.queue.scripts import ACK, CLAIM, ENQUEUE, EXTEND, REAP, RELEASE, REWAKE, WITHDRAW
 from meshserve.store.link import Chunks, Command, RedisLink
 
@@ -308,17 +307,6 @@ def ack_command(keys: ModelKeys, token: int, job_ids: list[str]) -> Command:
     ``NoScriptError`` if Redis lost its script cache (a restart); the caller then
     acks with :meth:`QueueProtocol.ack`, which loads the script."""
     return ACK.call(*_ack_keys_args(keys, token, job_ids))
-
-
-def finish_commands(
-    keys: ModelKeys, replies: Mapping[str, Sequence[bytes | Chunks]], acks: Mapping[int, Sequence[str]]
-) -> list[Command]:
-    """Write replies (reply list -> serialized replies), then ack leases (token ->
-    job ids), as commands for one pipeline. Replies come first: an ack never
-    precedes its reply, so a job is never acked unless its reply was written."""
-    commands = push_commands(replies)
-    commands.extend(ack_command(keys, token, list(ids)) for token, ids in acks.items() if ids)
-    return commands
 
 
 def wait_command(wake_keys: Iterable[str], timeout_s: float) -> Command:

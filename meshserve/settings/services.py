@@ -39,6 +39,9 @@ TRACE_TENANT_SECRET = cli("HMAC key for --trace-tenant hash; a variable only, as
 MAX_MESSAGE_BYTES = cli(
     "largest request (gateway) or reply (worker) in bytes: over it, RESOURCE_EXHAUSTED; nothing larger reaches Redis"
 )
+ALLOW_EVICTION = cli(
+    "run against a Redis whose maxmemory-policy may evict keys (queued requests may vanish); logged loudly"
+)
 SET_IN_CODE = cli("", flag=None, env=None)
 """Neither flag nor variable: set by the server at start, or shortened by tests."""
 
@@ -75,6 +78,7 @@ class RouterSettings:
         default=None,
         metadata=cli("the queues' Redis, for queue depths and the autoscaling signal on /metrics; none: not exported"),
     )
+    allow_eviction: bool = field(default=False, metadata=ALLOW_EVICTION)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,6 +102,13 @@ class GatewaySettings:
     lame_duck_s: float = field(
         default=1.0, metadata=cli("on SIGTERM: seconds NOT_SERVING but still answering, before the drain")
     )
+    strict_readiness: bool = field(
+        default=False,
+        metadata=cli(
+            'server ready (ServerReady, health "") only while every model is ready, as Triton\'s default;'
+            " off: once every model has loaded or failed to, and one serves (docs/models.md#readiness)"
+        ),
+    )
     tenants_path: Path | None = field(
         default=None,
         metadata=cli(
@@ -107,6 +118,17 @@ class GatewaySettings:
     tls: TlsConfig | None = field(default=None, metadata=tls_cli("clients must present a certificate signed by the CA"))
     trace_tenant: str = field(default="clear", metadata=TRACE_TENANT)
     trace_tenant_secret: str = field(default="", repr=False, metadata=TRACE_TENANT_SECRET)
+    allow_eviction: bool = field(default=False, metadata=ALLOW_EVICTION)
+    store_headroom_ratio: float = field(
+        default=0.05,
+        metadata=cli(
+            "refuse new requests (RESOURCE_EXHAUSTED, store_full) once less than this share of Redis's"
+            " maxmemory is left"
+        ),
+    )
+    store_sample_ms: int = field(
+        default=200, metadata=cli("how often the gateway reads Redis's memory use (INFO memory; 0: never)")
+    )
 
     @property
     def listen_host(self) -> str:
@@ -143,7 +165,27 @@ class WorkerSettings:
     health_host: str = field(default=LOOPBACK_HOST, metadata=cli("address the grpc.health.v1 port listens on"))
     health_port: int = field(default=0, metadata=cli("grpc.health.v1 port (0: a free one, logged at start)"))
     max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=MAX_MESSAGE_BYTES)
-    lease_ms: int = field(default=5_000, metadata=cli("a dead worker's requests are redelivered after this long"))
+    lease_ms: int = field(
+        default=5_000,
+        metadata=cli(
+            "a dead worker's requests are redelivered after this long, or after 3 of the model's recent batch"
+            " times if longer (leases of a computing batch are extended)"
+        ),
+    )
+    canary_timeout_ms: int = field(
+        default=5_000,
+        metadata=cli(
+            "a canary may run this long, or 4 times the model's own measured time if longer (at most its"
+            " execution timeout); counted once it holds the device"
+        ),
+    )
+    compute_slots: int = field(
+        default=0,
+        metadata=cli(
+            "model runs at once on this worker, across models (each model also at most its config.yaml"
+            " instances); 0: the CPU count, within 2 to 8"
+        ),
+    )
     max_attempts: int = field(default=3, metadata=cli("claims of one request before it is answered INTERNAL"))
     lower_tier_share: float = field(
         default=0.1, metadata=cli("fraction of batches kept for lower tiers while they have work (0: strict tiers)")
@@ -168,3 +210,4 @@ class WorkerSettings:
     tls: TlsConfig | None = field(default=None, metadata=tls_cli("for the router channel and the health port"))
     trace_tenant: str = field(default="clear", metadata=TRACE_TENANT)
     trace_tenant_secret: str = field(default="", repr=False, metadata=TRACE_TENANT_SECRET)
+    allow_eviction: bool = field(default=False, metadata=ALLOW_EVICTION)

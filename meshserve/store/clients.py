@@ -7,13 +7,13 @@ and pipelines, and one per blocking reader (BLPOP/BLMPOP hold their connection).
 
 from __future__ import annotations
 
-from meshserve.store.link import RedisLink
+from meshserve.store.link import ConnectCheck, RedisLink
 
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 
 
-def command_link(url: str, name: str = "") -> RedisLink:
+def command_link(url: str, name: str = "", check: ConnectCheck | None = None) -> RedisLink:
     """For scripts and pipelines; a call fails after ``COMMAND_TIMEOUT_S`` without a reply.
 
     One quick retry when the connection is found dead: after a Redis restart the
@@ -22,9 +22,12 @@ def command_link(url: str, name: str = "") -> RedisLink:
     gateway, and a claim whose answer was lost leaves a lease that expires and is
     redelivered.
     """
-    return RedisLink(url, connect_timeout_s=CONNECT_TIMEOUT_S, command_timeout_s=COMMAND_TIMEOUT_S, name=name)
+    return RedisLink(
+        url, connect_timeout_s=CONNECT_TIMEOUT_S, command_timeout_s=COMMAND_TIMEOUT_S, name=name, check=check
+    )
 
 
-def blocking_link(url: str, name: str = "") -> RedisLink:
-    """For one task's blocking reads: no read timeout (the command's own applies)."""
-    return RedisLink(url, connect_timeout_s=CONNECT_TIMEOUT_S, command_timeout_s=None, name=name)
+def blocking_link(url: str, name: str = "", check: ConnectCheck | None = None) -> RedisLink:
+    """For one task's blocking reads: no read timeout (the command's own applies).
+    ``check`` (both kinds): run on every connection opened, e.g. the eviction policy's."""
+    return RedisLink(url, connect_timeout_s=CONNECT_TIMEOUT_S, command_timeout_s=None, name=name, check=check)

@@ -32,7 +32,7 @@ import asyncio
 import collections
 import hashlib
 import ssl
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -67,6 +67,9 @@ class Chunks:
 
 Arg: TypeAlias = bytes | str | int | float | Chunks
 Command: TypeAlias = Sequence[Arg]
+ConnectCheck: TypeAlias = tuple[Command, Callable[[Any], None]]
+"""A command run on every new connection, in its handshake, and a function given its
+reply (an error reply as a ``RedisError`` value) that raises to refuse the connection."""
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,10 @@ class RedisLink:
         connect_timeout_s: float = 2.0,
         command_timeout_s: float | None = 5.0,
         name: str = "",
+        check: ConnectCheck | None = None,
     ) -> None:
         self.url = url
+        self._check = check
         self._options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
@@ -330,7 +335,9 @@ class RedisLink:
         return protocol
 
     async def _handshake(self, protocol: _Protocol) -> None:
-        """AUTH, SELECT and CLIENT SETNAME, pipelined, before anyone else may use it."""
+        """AUTH, SELECT, CLIENT SETNAME and the link's check, pipelined, before anyone
+        else may use it; the check's error refuses the connection (every call fails
+        with it until a connection passes)."""
         options = self._options
         commands: list[tuple[Arg, ...]] = []
         if options.get("password") is not None:
@@ -340,16 +347,27 @@ class RedisLink:
             commands.append(("SELECT", int(options["db"])))
         if self.name:
             commands.append(("CLIENT", "SETNAME", self.name))
+        if self._check is not None:
+            commands.append(tuple(self._check[0]))
         if not commands:
             return
         assert protocol.transport is not None
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         protocol.pending.append(_Pending(future, len(commands)))
         protocol.transport.writelines(_pack_all(commands))
-        for reply in await future:
+        replies = await future
+        if self._check is not None:
+            *replies, checked = replies
+        for reply in replies:
             if isinstance(reply, RedisError):
                 protocol.abort(reply)
                 raise reply
+        if self._check is not None:
+            try:
+                self._check[1](checked)
+            except RedisError as exc:
+                protocol.abort(exc)
+                raise
 
     def _where(self) -> str:
         options = self._options

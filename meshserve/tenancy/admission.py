@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from meshserve.store.link import RedisLink, Script
 from meshserve.tenancy.tenants import Tenant
+from meshserve.tenancy.throttle import rate_refusal_message
 
 INFLIGHT_GRACE_MS = 1_000
 """An in-flight entry outlives its request's deadline by this much (clock skew between
@@ -118,10 +119,7 @@ class Decision:
     def describe(self, tenant: Tenant) -> str:
         """A message for the RESOURCE_EXHAUSTED answer, naming the limit."""
         if self.reason == "rate":
-            return (
-                f"tenant '{tenant.name}' is over its rate limit of {tenant.rate_per_s:g} requests/s"
-                f" (burst {tenant.burst}); retry after {self.retry_after_ms} ms"
-            )
+            return rate_refusal_message(tenant, self.retry_after_ms)
         if self.reason == "inflight":
             return f"tenant '{tenant.name}' has {tenant.max_inflight} requests in flight, its limit"
         return "admitted"

@@ -8,7 +8,7 @@ from meshserve.models.repository import ModelInfo, TensorInfo
 from protos import meshserve_pb2 as mpb
 
 
-def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path) -> mpb.ModelSpec:
+def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path, load_error: str = "") -> mpb.ModelSpec:
     try:
         relative = str(model.path.relative_to(repository))
     except ValueError:
@@ -25,6 +25,7 @@ def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path) -> mpb.Mo
         max_queue_size=model.max_queue_size,
         ready=ready,
         path=relative,
+        load_error=load_error,
     )
 
 

@@ -28,7 +28,9 @@ from protos import meshserve_pb2 as mpb
 from tests.chaos.harness import GatewayFigures, Mesh, Service, gateway_figures, text
 
 LEASE_HUNT_S = 1.0
-"""How long an aimed fault looks for its moment (a lease held, a job queued) before it strikes anyway."""
+"""How long an aimed worker kill looks for its moment (a lease held) before it strikes anyway."""
+QUEUED_HUNT_S = 2.0
+"""How long the Redis kill looks for jobs in Redis: the test requires it to catch one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,9 +164,9 @@ class Faults:
         self.events.append(FaultEvent("redis_restart", at_s, time.monotonic(), detail, tuple(caught)))
 
     async def _hunt_queued_jobs(self) -> list[str]:
-        """Client ids of the jobs in Redis, found within LEASE_HUNT_S, with every worker
+        """Client ids of the jobs in Redis, found within QUEUED_HUNT_S, with every worker
         left frozen (SIGSTOP) so that the list stays true until Redis dies."""
-        deadline_s = time.monotonic() + LEASE_HUNT_S
+        deadline_s = time.monotonic() + QUEUED_HUNT_S
         while time.monotonic() < deadline_s:
             if await self._queued(self._redis):
                 self._freeze_workers(True)

@@ -28,7 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from meshserve.devkit.redis_server import bundled_server_binary, free_port
+from meshserve.devkit.redis_server import free_port, server_binary, suite_binary_from_env
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -127,7 +127,7 @@ class AofRedis:
     def _spawn(self) -> subprocess.Popen[bytes]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            str(bundled_server_binary()),
+            str(server_binary(suite_binary_from_env())),
             *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir)),
             *("--appendonly", "yes", "--appendfsync", "always", "--save", ""),
             *("--loglevel", "warning", "--logfile", str(self.data_dir / "server.log")),

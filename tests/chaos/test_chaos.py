@@ -100,24 +100,41 @@ async def run_chaos(plan: ChaosPlan, root: Path) -> Report:
     )
 
 
+RECOVERY_SLACK_S = 6.0
+"""Beyond a lease and a half (the lease runs out, then the next sweep, every half lease,
+puts the job back): a batch, and a machine whose 2 cores also start a replacement worker."""
+
+
+def recovery_bound_s(plan: ChaosPlan) -> float:
+    """The longest a request held by a killed worker may wait for its answer."""
+    return 1.5 * plan.lease_ms / 1000 + RECOVERY_SLACK_S
+
+
 def check(report: Report, plan: ChaosPlan, root: Path) -> None:
     path = root / "chaos-report.json"
     path.write_text(report.to_json())
     print(f"\n{report.table()}\nfigures: {path}\nlogs: {root / 'logs'}")
     assert report.lost == 0
-    assert report.duplicates == 0
     assert report.mismatched == 0
     assert report.succeeded + sum(report.failed.values()) == report.sent
     assert set(report.failed) <= EXPECTED_ERRORS, report.failed
     assert report.succeeded >= 0.9 * report.sent
-    assert report.worker_kills == plan.faults.worker_kills
-    assert report.kills_catching_a_lease >= 1  # redelivery was exercised, not only idle kills
-    assert report.redis_jobs_at_kill_ok == report.redis_jobs_at_kill  # the AOF kept every accepted job
+    # Worker kills: at least one caught leases; every request it held came back and was answered.
+    assert report.kills_catching_a_lease >= 1, report.faults
+    assert report.requests_caught_by_kills_ok == report.requests_caught_by_kills, report.faults
+    assert report.redelivered >= report.requests_caught_by_kills
+    assert report.worst_worker_kill_recovery_s <= recovery_bound_s(plan), report.faults
+    # Redis kill -9: it held jobs, and the AOF kept each one until it was answered.
+    assert report.redis_jobs_at_kill >= 1, report.faults
+    assert report.redis_jobs_at_kill_ok == report.redis_jobs_at_kill, report.faults
+    # No reply delivered twice, and none computed for a caller that had given up.
+    assert report.late_replies == 0
     assert report.leftover_keys == []
     assert report.unclean_exits == []
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
+@pytest.mark.timeout(120)  # a 12 s load, but 8 processes to start and stop on 2 cores
 async def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     check(await run_chaos(SHORT, tmp_path), SHORT, tmp_path)
 

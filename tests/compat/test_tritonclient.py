@@ -32,7 +32,11 @@ from tritonclient.utils import InferenceServerException
 from meshserve.devkit.redis_server import free_port
 from tests.dtype_models import IDENTITY_DATATYPES, LOWERCASE, identity_name, write_dtype_repository
 
-READY_TIMEOUT_S = 90
+# Budgets within the 60 s per-test timeout, which counts the module fixture's start
+# against the first test and its stop against the last (about 2 s each alone here).
+READY_TIMEOUT_S = 40
+STOP_TIMEOUT_S = 15
+REQUEUED_CALL_TIMEOUT_S = 30  # the last test's call: a worker restart, then the call
 
 
 @dataclass
@@ -89,7 +93,7 @@ def meshserve_up(repository: Path, models: int) -> Iterator[RunningMesh]:
         yield RunningMesh(f"127.0.0.1:{port}", repository, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, "meshserve up did not shut down cleanly"
+        assert proc.wait(timeout=STOP_TIMEOUT_S) == 0, "meshserve up did not shut down cleanly"
         assert proc.stdout is not None
         proc.stdout.close()
 
@@ -275,7 +279,7 @@ def test_a_killed_worker_is_restarted_and_queued_work_is_served(mesh: RunningMes
     x = np.ones((1, 64), dtype=np.float32)
     inp = tc.InferInput("features", [1, 64], "FP32")
     inp.set_data_from_numpy(x)
-    result = client.infer("mlp", [inp], client_timeout=60)  # queued until the new worker takes it
+    result = client.infer("mlp", [inp], client_timeout=REQUEUED_CALL_TIMEOUT_S)  # queued until the new worker takes it
     np.testing.assert_allclose(
         result.as_numpy("logits"), reference(mesh.repository, "mlp", {"features": x})[0], rtol=1e-5, atol=1e-6
     )

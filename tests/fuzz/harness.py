@@ -44,6 +44,11 @@ MAX_DETAILS_CHARS = 1024
 CRASH_CODES = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 
 
+START_TIMEOUT_S = 20.0  # well under a second alone: it counts against the first test's 60 s
+STOP_TIMEOUT_S = 15.0  # and this against the last test's
+JOIN_TIMEOUT_S = 5.0
+
+
 class MeshThread:
     """A mesh on its own event loop in a daemon thread; ``call`` runs a coroutine there."""
 
@@ -56,14 +61,14 @@ class MeshThread:
 
     def start(self, redis_url: str, repository: Path) -> Mesh:
         self.thread.start()
-        return self.call(_start(redis_url, repository), timeout_s=60)
+        return self.call(_start(redis_url, repository), timeout_s=START_TIMEOUT_S)
 
     def stop(self, mesh: Mesh) -> None:
         try:
-            self.call(_stop(mesh), timeout_s=30)
+            self.call(_stop(mesh), timeout_s=STOP_TIMEOUT_S)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=10)
+            self.thread.join(timeout=JOIN_TIMEOUT_S)
             self.loop.close()
 
 

@@ -8,6 +8,8 @@ import random
 import tracemalloc
 from collections.abc import Callable
 
+import pytest
+
 from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.fuzz.harness import LiveMesh, check_still_serving
 from tests.fuzz.oracle import KSERVE_DATATYPES, RPC_TIMEOUT_S, Request, expected_code
@@ -125,6 +127,8 @@ def send_all(stub: pb_grpc.GRPCInferenceServiceStub, requests: list[Request], wi
             assert error.code() == expected_code(request), f"{request.id}: {error.code().name}: {error.details()}"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)  # 10 000 calls, about 15 s alone; the package's mesh may start in this test's time
 def test_memory_stays_flat_over_ten_thousand_malformed_requests(live: LiveMesh) -> None:
     """Warm up untraced, then trace: what is still allocated at the end is growth."""
     requests = malformed_requests(MEMORY_REQUESTS, seed=4)

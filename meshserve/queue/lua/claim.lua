@@ -11,7 +11,9 @@
 -- Walks the ready set in score order (highest tier, then lowest virtual start).
 -- Jobs past their deadline, or due before the batch could finish, are removed and
 -- returned as expired (never computed: under overload the worker spends itself on
--- requests that can still make it, not on answers nobody waits for).
+-- requests that can still make it, not on answers nobody waits for). But when no job
+-- would be taken, the first one still before its deadline is taken anyway: the
+-- estimate may be stale (one slow batch), and only a batch that runs can correct it.
 -- Jobs whose shape signature differs from the batch's stay queued, and so do jobs
 -- whose items would overflow the batch (the sum of dim 0 never exceeds max items).
 -- Taken jobs move to inflight with a lease, get a fencing token, and count an
@@ -51,30 +53,44 @@ if every > 0 then
 end
 if ids == nil then ids = redis.call('ZRANGE', KEYS[1], 0, scan - 1) end
 local taken, expired, clocks = {}, {}, {}
+local probe, probe_meta = nil, nil  -- due before the batch could finish, not yet past its deadline
+local function expire(id, meta)
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('DEL', prefix .. id)
+  unqueue(meta[5])
+  expired[#expired + 1] = id
+  expired[#expired + 1] = meta[3]
+end
+local function take(id, meta)
+  taken[#taken + 1] = id
+  unqueue(meta[5])
+  local score = tonumber(meta[6]) or 0
+  local tier = math.floor(score / TIER_SPAN)
+  clocks[tier] = math.max(clocks[tier] or 0, score - tier * TIER_SPAN)
+  room = room - (tonumber(meta[4]) or 1)
+end
 for _, id in ipairs(ids) do
   local jk = prefix .. id
   local meta = redis.call('HMGET', jk, 'd', 's', 'r', 'n', 't', 'q')
   if not meta[1] then
     redis.call('ZREM', KEYS[1], id)
   elseif tonumber(meta[1]) <= due then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('DEL', jk)
-    unqueue(meta[5])
-    expired[#expired + 1] = id
-    expired[#expired + 1] = meta[3]
+    if probe == nil and tonumber(meta[1]) > now and (sig == nil or meta[2] == sig)
+        and (tonumber(meta[4]) or 1) <= room then
+      probe, probe_meta = id, meta
+    else
+      expire(id, meta)
+    end
   else
     if sig == nil then sig = meta[2] end
-    local items = tonumber(meta[4]) or 1
-    if meta[2] == sig and items <= room then
-      taken[#taken + 1] = id
-      unqueue(meta[5])
-      local score = tonumber(meta[6]) or 0
-      local tier = math.floor(score / TIER_SPAN)
-      clocks[tier] = math.max(clocks[tier] or 0, score - tier * TIER_SPAN)
-      room = room - items
+    if meta[2] == sig and (tonumber(meta[4]) or 1) <= room then
+      take(id, meta)
       if room <= 0 then break end
     end
   end
+end
+if probe ~= nil then
+  if #taken == 0 then take(probe, probe_meta) else expire(probe, probe_meta) end
 end
 for tier, clock in pairs(clocks) do
   if clock > (tonumber(redis.call('HGET', KEYS[5], 'c' .. tier)) or 0) then
