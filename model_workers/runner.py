@@ -137,7 +137,7 @@ class BatchRunner:
                 await self._leases.release(served, jobs)
                 return
             taken = len(jobs)  # expired ones included: they cost the claim too (``_run`` drops them from jobs)
-            if served.runs_inline():
+            if served.runs_inline() and batch_bytes(jobs) <= OFF_LOOP_BYTES:  # a large one: the loop goes on
                 try:
                     await self._run(served, jobs)
                     served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, taken)

@@ -37,6 +37,7 @@ from meshserve.wire.codec import encode_infer_response, pack_inputs
 from meshserve.wire.envelope import OFF_LOOP_BYTES, frame, unframe
 from meshserve.wire.rawfields import IN_PLACE_BYTES, parse_infer_request
 from model_workers.batches import decode, serialize_reply, split, stack
+from model_workers.served import INLINE_COMPUTE_MS
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 from tests.support import infer_request, infer_stub, output_arrays, queue_leftovers, start_mesh, stop_mesh
@@ -225,6 +226,40 @@ async def test_payload_sized_work_runs_off_the_event_loop_and_small_requests_sta
     on_loop = [name for name in stages if loop_thread in threads[name]]
     assert on_loop == [], f"ran on the event loop's thread for a large request: {on_loop}"
     assert await queue_leftovers(redis) == []
+
+
+async def test_a_quick_models_large_batch_runs_off_the_event_loop(redis: Redis, redis_url: str, tmp_path: Path) -> None:
+    """A model quick enough to run on the event loop's thread (``Served.runs_inline``)
+    still runs a batch over OFF_LOOP_BYTES on an ONNX Runtime thread: its run takes
+    time that grows with the payload, which every other call would wait behind."""
+    mesh = await start_mesh(redis_url, write_example_repository(tmp_path, ["scale_any"]))
+    loop_thread = threading.get_ident()
+    threads: list[str] = []
+    served = mesh.workers[0].worker.served[("scale_any", 1)]
+    run = served.model.run
+
+    def recorded(feed: dict[str, Any], options: Any = None) -> Any:
+        threads.append("loop" if threading.get_ident() == loop_thread else "ort")
+        return run(feed, options)
+
+    served.model.run = recorded  # type: ignore[method-assign]
+    large_side = 1024  # 4 MiB
+    assert 4 * large_side**2 > OFF_LOOP_BYTES
+    try:
+        async with grpc.aio.insecure_channel(mesh.address, options=[("grpc.max_receive_message_length", -1)]) as ch:
+            stub = infer_stub(ch)
+            served.compute_ms_avg = served.last_compute_ms = INLINE_COMPUTE_MS / 2  # a quick model
+            small = await stub.ModelInfer(infer_request("scale_any", {"image": image(8)}), timeout=RPC_TIMEOUT_S)
+            served.compute_ms_avg = served.last_compute_ms = INLINE_COMPUTE_MS / 2  # still quick
+            assert served.runs_inline()
+            large = await stub.ModelInfer(
+                infer_request("scale_any", {"image": image(large_side)}), timeout=RPC_TIMEOUT_S
+            )
+    finally:
+        await stop_mesh(mesh)
+    assert np.array_equal(output_arrays(small)["scaled"], image(8) * 2 + 1)
+    assert np.array_equal(output_arrays(large)["scaled"], image(large_side) * 2 + 1)
+    assert threads == ["loop", "ort"]
 
 
 def received_request() -> pb.ModelInferRequest:
