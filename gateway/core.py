@@ -48,8 +48,8 @@ from meshserve.store.refusals import RefusalLog, store_refusal_message
 from meshserve.tenancy.admission import Admission
 from meshserve.tenancy.tenants import Tenant, TenantRegistry, dev_registry
 from meshserve.tenancy.throttle import RateRefusals
-from meshserve.wire.codec import PackedInputs, check_requested_outputs, pack_inputs
-from meshserve.wire.envelope import failed_reply, reply_error
+from meshserve.wire.codec import PackedInputs, check_requested_outputs, declared_bytes, pack_inputs
+from meshserve.wire.envelope import OFF_LOOP_BYTES, Unframed, failed_reply, frame, reply_error, unframe
 from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Gateway:
         self.tracer = tracer or trace.NoOpTracer()
         self.tracing = records(self.tracer)
         self.reply_to = reply_key(self.gateway_id)
-        self.pending: dict[str, asyncio.Future[mpb.InferReply]] = {}
+        self.pending: dict[str, asyncio.Future[Unframed]] = {}
         self.queued: dict[str, tuple[ModelKeys, int]] = {}  # job id -> (its keys, deadline ms): enqueued, unanswered
         self.late_replies = 0
         self.lost_jobs = 0  # waiting calls answered UNAVAILABLE: Redis no longer held their job
@@ -194,9 +194,10 @@ class Gateway:
         if not tenant.may_use(model_name):
             raise PermissionDenied(f"model '{model_name}' is not available to tenant '{tenant.name}'")
 
-    async def infer(self, call: InferCall, *, deadline_ms: float, tenant: Tenant) -> mpb.InferReply:
+    async def infer(self, call: InferCall, *, deadline_ms: float, tenant: Tenant) -> Unframed:
         """Authorize, validate, admit, enqueue and await one request; raises a
-        MeshError on failure.
+        MeshError on failure. The answer is the worker's reply (an ``InferReply``)
+        and its outputs' bytes.
 
         ``deadline_ms`` is absolute (epoch ms), already the earlier of the gRPC
         deadline and the gateway's default; the call's ``timeout_ms`` may
@@ -222,9 +223,14 @@ class Gateway:
         limited = tenant.rate_per_s > 0 or tenant.max_inflight > 0
         job_id = await self._admit(tenant, int(deadline_ms)) if limited else uuid.uuid4().hex
         try:
-            packed = pack_inputs(call.message, model)
+            if declared_bytes(call.message) > OFF_LOOP_BYTES:
+                packed = await asyncio.to_thread(pack_inputs, call.message, model, call.raw)
+            else:
+                packed = pack_inputs(call.message, model, call.raw)
             outputs = check_requested_outputs(call.message, model)
-            return await self._queue_and_wait(call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
+            waiting = self._queue_and_wait(call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
+            del packed  # the wait lets go of the request's bytes once they are queued
+            return await waiting
         finally:
             if limited:
                 self._release(tenant, job_id)
@@ -284,7 +290,7 @@ class Gateway:
         job_id: str,
         deadline_ms: float,
         now_ms: float,
-    ) -> mpb.InferReply:
+    ) -> Unframed:
         envelope = mpb.QueuedRequest(
             id=job_id,
             model=model.name,
@@ -301,13 +307,16 @@ class Gateway:
             shape_signature=packed.signature,
         )
         keys = ModelKeys.for_model(model.name, model.version)
-        future: asyncio.Future[mpb.InferReply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Unframed] = asyncio.get_running_loop().create_future()
         self.pending[job_id] = future
         try:
             async with asyncio.timeout((deadline_ms - now_ms) / 1000):
-                await self._enqueue(keys, model, envelope, packed.signature, packed.batch_size, tenant)
+                await self._enqueue(keys, model, envelope, packed, tenant)
+                del packed  # written to Redis: not held while the reply is awaited
+                if call.raw is not None:
+                    call.raw.clear()  # nor are the received bytes they were views of
                 self.queued[job_id] = (keys, envelope.deadline_ms)
-                reply = await future
+                answer = await future
         except TimeoutError:
             # No withdraw: the job's deadline has passed too, so no worker will run it.
             raise DeadlineExceeded(f"deadline exceeded waiting for model '{model.name}'") from None
@@ -317,11 +326,12 @@ class Gateway:
         finally:
             self.pending.pop(job_id, None)
             self.queued.pop(job_id, None)
+        reply = answer.message
         if self.tracing and reply.replied_unix_ns:  # set by the worker for a sampled request only
             self._reply_span(reply)
         if (error := reply_error(reply)) is not None:
             raise error
-        return reply
+        return answer
 
     def _reply_span(self, reply: mpb.InferReply) -> None:
         """The way back, in the call's trace: from the worker writing the reply (its
@@ -351,8 +361,7 @@ class Gateway:
         keys: ModelKeys,
         model: ModelInfo,
         envelope: mpb.QueuedRequest,
-        signature: str,
-        items: int,
+        packed: PackedInputs,
         tenant: Tenant,
     ) -> None:
         with self.tracer.start_as_current_span("enqueue") if self.tracing else UNTRACED as span:
@@ -364,13 +373,13 @@ class Gateway:
                     keys,
                     envelope.id,
                     tier=envelope.priority,
-                    payload=envelope.SerializeToString(),
+                    payload=frame(envelope, packed.data),
                     deadline_ms=envelope.deadline_ms,
                     tenant=envelope.tenant,
                     reply_to=envelope.reply_to,
-                    signature=signature,
+                    signature=packed.signature,
                     max_queue_size=model.max_queue_size,
-                    items=items,
+                    items=packed.batch_size,
                     weight=tenant.weight,
                     tenant_max_queued=tenant.max_queued,
                 )
@@ -425,7 +434,7 @@ class Gateway:
         for (job_id, _), taken in zip(waiting, withdrawn, strict=True):
             future = self.pending.get(job_id)
             if taken and future is not None and not future.done():
-                future.set_result(failed_reply(job_id, Unavailable(STRANDED_MESSAGE)))
+                future.set_result(Unframed(failed_reply(job_id, Unavailable(STRANDED_MESSAGE)), [], framed=False))
                 answered += 1
         if answered:
             self.stranded_jobs += answered
@@ -460,13 +469,15 @@ class Gateway:
 
     def _deliver(self, blobs: list[bytes]) -> None:
         for blob in blobs:
-            reply = mpb.InferReply.FromString(blob)
-            future = self.pending.get(reply.id)
+            answer = unframe(blob, mpb.InferReply)  # views of the blob: no copy
+            future = self.pending.get(answer.message.id)
             if future is None or future.done():
                 self.late_replies += 1  # the caller gave up, or a duplicate
-                log.debug("late reply for job %s (status %s): nobody waits for it", reply.id, reply.code)
+                log.debug(
+                    "late reply for job %s (status %s): nobody waits for it", answer.message.id, answer.message.code
+                )
                 continue
-            future.set_result(reply)
+            future.set_result(answer)
 
     async def _answer_lost(self) -> None:
         """Answer UNAVAILABLE every waiting call whose job Redis no longer holds.
@@ -504,7 +515,7 @@ class Gateway:
         for job_id, deadline_ms in gone:
             future = self.pending.get(job_id)
             if future is not None and not future.done() and deadline_ms > soon_ms:
-                future.set_result(failed_reply(job_id, Unavailable(LOST_MESSAGE)))
+                future.set_result(Unframed(failed_reply(job_id, Unavailable(LOST_MESSAGE)), [], framed=False))
                 lost += 1
         if lost:
             self.lost_jobs += lost

@@ -31,10 +31,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from gateway.core import Gateway
-from gateway.servicer import Context, InferenceServicer, set_status
+from gateway.servicer import Context, InferenceServicer, Oversized, request_parser, serialize_infer_response, set_status
 from meshserve.errors import MeshError
 from meshserve.tenancy.tenants import Tenant
-from protos import grpc_service_pb2 as pb
+from meshserve.wire.rawfields import ReceivedRequest
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -47,8 +47,11 @@ class RefusalInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
     def __init__(self, gateway: Gateway, servicer: InferenceServicer) -> None:
         self.gateway = gateway
         self.servicer = servicer
+        # the message as the unary handler reads it: raw contents left in the received
+        # bytes, or Oversized past --max-message-bytes (never parsed)
+        self.parse = request_parser(gateway.settings.max_message_bytes)
         self.handler = grpc.stream_unary_rpc_method_handler(
-            self.model_infer, response_serializer=pb.ModelInferResponse.SerializeToString
+            self.model_infer, response_serializer=serialize_infer_response
         )
 
     async def intercept_service(
@@ -58,7 +61,7 @@ class RefusalInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
             return self.handler
         return await continuation(handler_call_details)
 
-    async def model_infer(self, requests: AsyncIterator[bytes], context: Context) -> pb.ModelInferResponse | None:
+    async def model_infer(self, requests: AsyncIterator[bytes], context: Context) -> bytes | None:
         """Refuse from the metadata when it says enough; else read, parse and answer the call."""
         started_s = time.perf_counter()
         tenant: Tenant | None = None
@@ -69,13 +72,15 @@ class RefusalInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
             self.servicer.count_unread_refusal(error, tenant, started_s)
             set_status(context, error)
             return None  # a non-OK code: gRPC sends no message, only the status
-        request = await _one_request(context)
+        request = await _one_request(context, self.parse)
         if request is None:
             return None
         return await self.servicer.answer(request, context, tenant)
 
 
-async def _one_request(context: Context) -> pb.ModelInferRequest | None:
+async def _one_request(
+    context: Context, parse: Callable[[bytes], ReceivedRequest | Oversized]
+) -> ReceivedRequest | Oversized | None:
     """The call's message, parsed; None (with the status set) when there is none or it
     does not parse: INVALID_ARGUMENT, where a unary handler left gRPC to answer
     UNKNOWN with the parser's exception."""
@@ -85,7 +90,7 @@ async def _one_request(context: Context) -> pb.ModelInferRequest | None:
         context.set_details("ModelInfer takes one ModelInferRequest message; the call sent none")
         return None
     try:
-        return pb.ModelInferRequest.FromString(raw)
+        return parse(raw)
     except DecodeError as exc:
         context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
         context.set_details(f"the call's message is not a valid ModelInferRequest: {exc}")

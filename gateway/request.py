@@ -24,9 +24,13 @@ class InferCall:
     tier: int | None  # the queue tier the ``priority`` parameter asks for; None: none asked
     timeout_ms: float | None  # the ``timeout`` parameter; None: none given
     message: pb.ModelInferRequest  # inputs and requested outputs, for the codec
+    raw: list[memoryview] | None = None
+    """The raw contents, read in place (:mod:`meshserve.wire.rawfields`); None: in
+    ``message``. The core empties the list once they are queued, so that the call
+    does not keep the received bytes alive while it waits for the reply."""
 
 
-def infer_call(request: pb.ModelInferRequest) -> InferCall:
+def infer_call(request: pb.ModelInferRequest, raw: list[memoryview] | None = None) -> InferCall:
     """The request's plain values."""
     return InferCall(
         request.model_name,
@@ -35,6 +39,7 @@ def infer_call(request: pb.ModelInferRequest) -> InferCall:
         requested_tier(request),
         timeout_ms_of(request),
         request,
+        raw,
     )
 
 

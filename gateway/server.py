@@ -14,7 +14,7 @@ from opentelemetry import trace
 from gateway.core import Gateway
 from gateway.refusal import RefusalInterceptor
 from gateway.routing import RoutingView, RoutingWatch
-from gateway.servicer import InferenceServicer
+from gateway.servicer import InferenceServicer, add_to_server
 from meshserve.observe.metrics import GatewayMetrics, MetricsServer
 from meshserve.platform.tls import add_port, channel
 from meshserve.settings import ANY_HOST, LOOPBACK_HOST, GatewaySettings, instance_id
@@ -22,10 +22,12 @@ from meshserve.store.clients import blocking_link, command_link
 from meshserve.store.memory import policy_check
 from meshserve.tenancy.tenants import TenantRegistry, dev_registry, load_tenants, reload_tenants
 from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import meshserve_pb2_grpc as mpb_grpc
 
 log = logging.getLogger(__name__)
+
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+"""gRPC's message size options are C ints."""
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -55,12 +57,14 @@ class GatewayServer:
             # ModelInfer refuses unknown keys and tenants over their rate before it reads the message
             interceptors=[RefusalInterceptor(self.gateway, servicer)],
             options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
+                # Over the limit, the core refuses a request naming the flag; gRPC's own
+                # refusal (its text names no setting) only past twice the limit.
+                ("grpc.max_receive_message_length", min(2 * limit, GRPC_MAX_MESSAGE_BYTES)),
+                ("grpc.max_send_message_length", min(2 * limit, GRPC_MAX_MESSAGE_BYTES)),  # outputs: the workers' limit
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)
+        add_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

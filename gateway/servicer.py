@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
@@ -26,7 +27,9 @@ from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import GatewayMetrics, LabelMemo
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
 from meshserve.tenancy.tenants import Tenant, bearer_key
-from meshserve.wire.codec import to_infer_response
+from meshserve.wire.codec import encode_infer_response
+from meshserve.wire.envelope import OFF_LOOP_BYTES
+from meshserve.wire.rawfields import ReceivedRequest, parse_infer_request
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
@@ -112,6 +115,76 @@ def _details(message: str) -> str:
     return message[: MAX_DETAILS_CHARS - 14] + "...(truncated)"
 
 
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """What ModelInfer receives instead of a request over ``--max-message-bytes``:
+    its size, read off the bytes gRPC received; the message is never parsed."""
+
+    message_bytes: int
+    limit_bytes: int
+
+    def error(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"request message of {self.message_bytes} bytes is over the gateway's limit of {self.limit_bytes}"
+            " bytes (--max-message-bytes, MESHSERVE_MAX_MESSAGE_BYTES)",
+            reason="message_size",
+        )
+
+
+def request_parser(limit_bytes: int) -> Callable[[bytes], ReceivedRequest | Oversized]:
+    """ModelInfer's request deserializer: the message with its raw contents left in
+    the received bytes (:mod:`meshserve.wire.rawfields`), or :class:`Oversized` past
+    ``limit_bytes``. gRPC's own limit is set above it (twice), so that a request a
+    little over is answered with a message naming the setting, not gRPC's."""
+
+    def parse(data: bytes) -> ReceivedRequest | Oversized:
+        if len(data) > limit_bytes:
+            return Oversized(len(data), limit_bytes)
+        return parse_infer_request(data)
+
+    return parse
+
+
+def serialize_infer_response(response: bytes | pb.ModelInferResponse) -> bytes:
+    """ModelInfer's response serializer: the servicer answers with the response
+    already encoded (:func:`meshserve.wire.codec.encode_infer_response`: the outputs'
+    bytes copied once, not into a message and out again); a message is serialized."""
+    if isinstance(response, bytes):
+        return response
+    return response.SerializeToString()
+
+
+def add_to_server(servicer: InferenceServicer, server: Any) -> None:
+    """Register the servicer as the generated code does, ModelInfer with
+    :func:`serialize_infer_response`."""
+    recorded = _Recorder()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, recorded)
+    handlers = dict(recorded.handlers)
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=request_parser(servicer.gateway.settings.max_message_bytes),
+        response_serializer=serialize_infer_response,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class _Recorder:
+    """Stands in for a server to read the generated code's method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = handlers
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self, gateway: Gateway, tracer: trace.Tracer | None = None, metrics: GatewayMetrics | None = None
@@ -163,17 +236,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -------------------------------------------------------------- inference
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # noqa: N802
+    async def ModelInfer(self, request: ReceivedRequest | Oversized, context: Context) -> bytes:  # noqa: N802
         return await self.answer(request, context)
 
     async def answer(
-        self, request: pb.ModelInferRequest, context: Context, tenant: Tenant | None = None
-    ) -> pb.ModelInferResponse:
+        self, request: ReceivedRequest | Oversized, context: Context, tenant: Tenant | None = None
+    ) -> bytes:
         """ModelInfer with its metrics and error mapping; ``tenant`` when the caller
-        (:mod:`gateway.refusal`) has authenticated the call already."""
+        (:mod:`gateway.refusal`) has authenticated the call already. The response
+        comes encoded (see :func:`serialize_infer_response`)."""
         started_s = time.perf_counter()
         metrics = self.metrics
-        label = request.model_name if self.gateway.knows_model(request.model_name) else UNKNOWN_MODEL_LABEL
+        name = "" if isinstance(request, Oversized) else request.message.model_name
+        label = name if self.gateway.knows_model(name) else UNKNOWN_MODEL_LABEL
         labelled = self._labelled
         inflight = labelled(metrics.inflight, label)
         inflight.inc()
@@ -181,6 +256,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             if tenant is None:
                 tenant = self.authenticate(context)
+            if isinstance(request, Oversized):
+                raise request.error()
             return await self._infer(request, context, tenant)
         except MeshError as error:
             code = error.code
@@ -191,7 +268,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
-            log.exception("unexpected error in ModelInfer for model %r", request.model_name)
+            log.exception("unexpected error in ModelInfer for model %r", name)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway")
             raise
         finally:
@@ -231,8 +308,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         self._labelled(self.metrics.rejections, label, reason).inc()
 
-    async def _infer(self, request: pb.ModelInferRequest, context: Context, tenant: Tenant) -> pb.ModelInferResponse:
-        """The call without error mapping: a MeshError propagates to ModelInfer."""
+    async def _infer(self, received: ReceivedRequest, context: Context, tenant: Tenant) -> bytes:
+        """The call without error mapping: a MeshError propagates to ModelInfer. The
+        response comes encoded (see :func:`serialize_infer_response`), a large one
+        encoded on a thread."""
+        request = received.message
         started_s = time.perf_counter()
         remaining_s = context.time_remaining()
         default_s = self.gateway.settings.default_timeout_ms / 1000
@@ -246,7 +326,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if (traced := self._tenant_on_span(tenant.name)) is not None:
                     span.set_attribute("meshserve.tenant", traced)
-                reply = await self.gateway.infer(infer_call(request), deadline_ms=deadline_ms, tenant=tenant)
+                call = infer_call(request, received.raw)
+                answer = await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant)
                 code = grpc.StatusCode.OK
             except MeshError as error:
                 code = error.code
@@ -258,7 +339,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
-            return to_infer_response(reply, request.model_name, request.id)
+        encode = (answer.message, answer.data, request.model_name, request.id)
+        if sum(len(d) for d in answer.data) > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(encode_infer_response, *encode)
+        return encode_infer_response(*encode)
 
     def _server_span(self, context: Context) -> AbstractContextManager[trace.Span]:
         """The call's span, in the caller's trace if its metadata names one."""

@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env_default("BENCH_SCENARIO", "sweep"),
         help="sweep: concurrencies beside raw ONNX Runtime; open-loop: fixed rates (--rates);"
         " overload: twice the sustainable rate; noisy-neighbor: one tenant floods, another is timed;"
+        " large: requests of --sizes MiB, latency beside raw ONNX Runtime and each process's peak memory;"
         " retry-storm: one tenant over its limit retries after each refusal, another is timed",
     )
     flag("--target", None, help="HOST:PORT of a running mesh (default: start one)")
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--noisy-limit-per-s", 40.0, float, "noisy-neighbor: tenant A's rate limit")
     flag("--flood-rate-per-s", None, float, "noisy-neighbor: what tenant A sends (default: 10x its limit)")
     flag("--flood-channels", 8, int, "noisy-neighbor: tenant A's connections")
+    flag("--sizes", "1,16,64", positive_list(float), "large: request sizes, MiB")
     flag("--storm-connections", 48, int, "retry-storm: tenant A's connections, one retrying client each")
     flag("--storm-pause-ms", 20.0, float, "retry-storm: tenant A's pause after each refusal")
 
@@ -95,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         noisy_limit_per_s=args.noisy_limit_per_s,
         flood_rate_per_s=args.flood_rate_per_s or 10.0 * args.noisy_limit_per_s,
         flood_channels=args.flood_channels,
+        sizes_mib=args.sizes,
         storm_connections=args.storm_connections,
         storm_pause_ms=args.storm_pause_ms,
     )
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     failed (errors are what the other scenarios measure, and their verdicts are reported)."""
     # Every `meshserve` command builds this module's flags: gRPC, the protos and ONNX
     # Runtime are loaded only when the bench runs, not in a gateway's process.
-    from meshserve_bench import mesh, report, scenarios, storm, tenants
+    from meshserve_bench import large, mesh, report, scenarios, storm, tenants
 
     config = config_from_args(args)
     signal.signal(signal.SIGTERM, mesh.exit_on_sigterm)
@@ -113,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     machine = mesh.machine_info()  # the load average before the bench adds its own
     if config.scenario == "noisy-neighbor":
         figures = tenants.run_noisy_neighbor(config)
+    elif config.scenario == "large":
+        figures = large.run_large(config)
     elif config.scenario == "retry-storm":
         figures = storm.run_retry_storm(config)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("sweep", "open-loop", "overload", "noisy-neighbor", "retry-storm")
+SCENARIOS = ("sweep", "open-loop", "overload", "noisy-neighbor", "retry-storm", "large")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,8 @@ class BenchConfig:
     noisy_limit_per_s: float = 40.0  # tenant A's rate limit (and burst)
     flood_rate_per_s: float = 400.0  # what tenant A sends
     flood_channels: int = 8
+    # large
+    sizes_mib: tuple[float, ...] = (1.0, 16.0, 64.0)  # one request of each size, MiB
     # retry-storm: A retries from this many connections, pausing after each refusal
     storm_connections: int = 48
     storm_pause_ms: float = 20.0

@@ -171,6 +171,26 @@ def noisy_neighbor_lines(result: Figures) -> list[str]:
     ]
 
 
+def large_lines(result: Figures) -> list[str]:
+    """The large scenario's table: latency beside raw ONNX Runtime, each process's peak."""
+    roles = list(result["sizes"][0]["peak_kib"]) if result["sizes"] else []
+    header = ["MiB", "calls", "errors", "p50 ms", "p99 ms", "raw p50 ms", "added p50 ms"]
+    header += [f"{role} peak MiB (growth, payloads)" for role in roles]
+    rows = []
+    for size in result["sizes"]:
+        row = [f"{size['size_mib']:g}", str(size["calls"]), str(size["errors"])]
+        row += [num(size[key], ".1f") for key in ("p50_ms", "p99_ms", "raw_p50_ms", "added_p50_ms")]
+        for role in roles:
+            peak = size["peak_kib"][role]
+            row.append(f"{peak / 1024:.0f} ({size['peak_over_payload'][role]:.1f}x)" if peak else "-")
+        rows.append(row)
+    note = (
+        "Peak: a process's highest resident memory during the size's calls (VmHWM, reset before them);"
+        " growth: that peak over its resident memory before them, in payloads. One call at a time."
+    )
+    return [*table(header, rows), "", note]
+
+
 def retry_storm_lines(result: Figures) -> list[str]:
     settings, verdict = result["settings"], "target met" if result["target_met"] else "target missed"
     return [
@@ -191,6 +211,8 @@ def markdown(result: Figures) -> str:
         lines += overload_lines(result["overload"], result["settings"]["request_timeout_s"])
     elif result["scenario"] == "noisy-neighbor":
         lines += noisy_neighbor_lines(result)
+    elif result["scenario"] == "large":
+        lines += large_lines(result)
     elif result["scenario"] == "retry-storm":
         lines += retry_storm_lines(result)
     else:

@@ -1,18 +1,25 @@
 """Batches as data: decode claimed jobs, stack their inputs into one feed, and cut
-the outputs back into one reply per request. Pure functions, no I/O."""
+the outputs back into one reply per request. Pure functions, no I/O.
+
+No tensor is copied on the way, except where a batch of several jobs is stacked
+(``np.concatenate``) and where a model's output is not contiguous: inputs are views
+of the claimed payloads, and each reply's outputs are views of the batch's outputs
+(:attr:`Job.reply_data`), written to Redis as they are
+(:func:`meshserve.wire.envelope.frame`)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from meshserve.models.repository import ModelInfo
 from meshserve.queue import ClaimedBatch
-from meshserve.wire.codec import from_array, to_array
-from meshserve.wire.envelope import envelope_items
+from meshserve.store.link import Chunks
+from meshserve.wire.codec import from_array, to_array, to_plain_tensor
+from meshserve.wire.envelope import envelope_items, frame, unframe
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 
@@ -23,14 +30,42 @@ class Job:
     token: int
     request: mpb.QueuedRequest
     batch_size: int
+    data: list[memoryview] = field(default_factory=list)
+    """The inputs' bytes, views of the claimed payload; [] for a plain envelope
+    (an older gateway's), whose tensors hold their bytes."""
+    framed: bool = False  # the gateway frames: answer it with a framed reply
+    reply_data: list[Any] = field(default_factory=list)
+    """The reply's outputs' bytes (views of the batch's outputs), set by :func:`split`."""
+
+    def payload_bytes(self) -> int:
+        return sum(len(d) for d in self.data)
+
+    def reply_bytes(self) -> int:
+        """The outputs' bytes of the reply :func:`split` made (a plain reply's are inside it: 0)."""
+        return sum(memoryview(d).nbytes for d in self.reply_data)
 
 
 def decode(claim: ClaimedBatch, model: ModelInfo) -> list[Job]:
     jobs = []
     for job_id, payload in claim.jobs:
-        request = mpb.QueuedRequest.FromString(payload)
-        jobs.append(Job(job_id, claim.token, request, envelope_items(request, model)))
+        read = unframe(payload, mpb.QueuedRequest)
+        request = read.message
+        jobs.append(Job(job_id, claim.token, request, envelope_items(request, model), read.data, read.framed))
     return jobs
+
+
+def serialize_reply(job: Job, reply: mpb.InferReply) -> bytes | Chunks:
+    """A reply as the job's gateway reads it: framed with its outputs' buffers, or
+    plain for a gateway that sent a plain envelope."""
+    if job.framed and reply.outputs:
+        return frame(reply, job.reply_data)
+    return reply.SerializeToString()
+
+
+def batch_bytes(jobs: list[Job]) -> int:
+    """The inputs' bytes of a batch (plain envelopes count 0: they come from small
+    gateways' requests only in a mesh being upgraded)."""
+    return sum(job.payload_bytes() for job in jobs)
 
 
 def by_token(jobs: list[Job]) -> dict[int, list[str]]:
@@ -44,9 +79,16 @@ def by_token(jobs: list[Job]) -> dict[int, list[str]]:
 def stack(jobs: list[Job]) -> dict[str, np.ndarray[Any, Any]]:
     """One feed for the batch: inputs concatenated along dim 0 (a view for one job)."""
     if len(jobs) == 1:
-        return {t.name: to_array(t) for t in jobs[0].request.inputs}
+        return {t.name: to_array(t, _data(jobs[0], i)) for i, t in enumerate(jobs[0].request.inputs)}
     names = [t.name for t in jobs[0].request.inputs]
-    return {name: np.concatenate([to_array(job.request.inputs[i]) for job in jobs]) for i, name in enumerate(names)}
+    return {
+        name: np.concatenate([to_array(job.request.inputs[i], _data(job, i)) for job in jobs])
+        for i, name in enumerate(names)
+    }
+
+
+def _data(job: Job, index: int) -> memoryview | None:
+    return job.data[index] if job.framed else None
 
 
 def split(
@@ -57,7 +99,8 @@ def split(
     claimed_ns: int,
     worker_id: str,
 ) -> list[tuple[Job, mpb.InferReply]]:
-    """Cut batch outputs back into one reply per request (views, one copy into bytes)."""
+    """Cut batch outputs back into one reply per request: views of the outputs, in
+    each job's ``reply_data`` (a plain envelope's job gets them copied into its reply)."""
     info = served.model.info
     specs = info.outputs
     replies = []
@@ -73,11 +116,17 @@ def split(
             queue_wait_us=max(0, claimed_ns // 1000 - job.request.enqueued_ms * 1000),
             worker_id=worker_id,
         )
+        job.reply_data = []
         for spec, out in zip(specs, outputs, strict=True):
             if wanted and spec.name not in wanted:
                 continue
             part = out[start:end] if info.max_batch_size else out
-            reply.outputs.append(from_array(spec.name, spec.datatype, part))
+            tensor, data = from_array(spec.name, spec.datatype, part)
+            if job.framed:
+                reply.outputs.append(tensor)
+                job.reply_data.append(data)
+            else:
+                reply.outputs.append(to_plain_tensor(tensor, data))
         replies.append((job, reply))
         start = end
     return replies

@@ -4,8 +4,9 @@ Up to ``slots`` runs at once on the ONNX Runtime threads, across models, and at 
 ``info.instances`` of one model (a batch or its canary): a slow model holds its own
 instances, never the whole device. A quick model's batches run on the event loop's
 own thread instead (``Served.runs_inline``; the hand-off there and back would cost
-more than the run), stopped after ``INLINE_LIMIT_MS`` if the model turned slow (the
-runner then runs the batch again on a task and thread of its own). Every run on a thread is stopped (ONNX Runtime's
+more than the run), unless its inputs pass ``OFF_LOOP_BYTES``, stopped after
+``INLINE_LIMIT_MS`` if the model turned slow (the runner then runs the batch again
+on a task and thread of its own). Every run on a thread is stopped (ONNX Runtime's
 ``RunOptions.terminate``) at the model's execution timeout, or when every request of
 its batch has passed its deadline.
 """
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from meshserve.errors import DeadlineExceeded, Unavailable
+from meshserve.wire.envelope import OFF_LOOP_BYTES
 from model_workers.served import INLINE_LIMIT_MS, Served
 from model_workers.stops import Stop, Watchdog
 
@@ -65,7 +67,8 @@ class Compute:
         Raises DeadlineExceeded when every request's deadline passed mid-run, and
         Unavailable when the run outlasted the model's execution timeout."""
         async with served.instances:
-            if served.runs_inline():
+            # a large batch never runs on the loop, however quick its model (OFF_LOOP_BYTES)
+            if served.runs_inline() and sum(array.nbytes for array in feed.values()) <= OFF_LOOP_BYTES:
                 started_ns = time.time_ns()
                 stop = Stop()
                 self._watchdog.arm(stop, time.monotonic() + INLINE_LIMIT_MS / 1000, INLINE_LIMIT)

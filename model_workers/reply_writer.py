@@ -27,7 +27,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.errors import Unavailable
 from meshserve.queue import ModelKeys, QueueProtocol, ack_command, push_commands
-from meshserve.store.link import Command, RedisLink, as_redis_error
+from meshserve.store.link import Chunks, Command, RedisLink, as_redis_error
 from meshserve.store.refusals import LOG_INTERVAL_S, RefusalLog, refusal_kind, store_refusal_message
 from meshserve.wire.envelope import failed_reply
 
@@ -55,7 +55,7 @@ class Outgoing:
 
     job_id: str
     reply_to: str
-    blob: bytes
+    blob: bytes | Chunks  # Chunks: framed with the outputs' buffers, not joined
     deadline_ms: int
     token: int | None
 

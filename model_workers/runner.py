@@ -23,15 +23,15 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 from redis.exceptions import RedisError
 
-from meshserve.errors import DeadlineExceeded, Internal, Unavailable
+from meshserve.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import LabelMemo, WorkerMetrics
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
 from meshserve.queue import ClaimOptions, QueueProtocol, wait_command
 from meshserve.settings import WorkerSettings
 from meshserve.store.link import RedisLink
-from meshserve.wire.envelope import envelope_signature, failed_reply
-from model_workers.batches import Job, decode, split, stack
+from meshserve.wire.envelope import OFF_LOOP_BYTES, envelope_signature, failed_reply
+from model_workers.batches import Job, batch_bytes, decode, split, stack
 from model_workers.compute import Compute, TurnedSlow
 from model_workers.health import ModelHealth
 from model_workers.leases import Leases
@@ -114,7 +114,7 @@ class BatchRunner:
     async def claim(self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True) -> list[Job]:
         """Lease up to ``max_items`` of the model's jobs; answer those the claim expired."""
         options = self.claim_options(served, max_items, signature=signature, first=first)
-        claim = await self._queue.claim(served.keys, **options)
+        claim = await self._queue.fetch_bulk(served.keys, await self._queue.claim(served.keys, **options))
         self._leases.answer_expired(served, claim)
         return decode(claim, served.model.info)
 
@@ -137,7 +137,7 @@ class BatchRunner:
                 await self._leases.release(served, jobs)
                 return
             taken = len(jobs)  # expired ones included: they cost the claim too (``_run`` drops them from jobs)
-            if served.runs_inline():
+            if served.runs_inline() and batch_bytes(jobs) <= OFF_LOOP_BYTES:  # a large one: the loop goes on
                 try:
                     await self._run(served, jobs)
                     served.observe_batch((time.perf_counter() - started_s - filling_s) * 1000, taken)
@@ -244,7 +244,9 @@ class BatchRunner:
         info = served.model.info
         total = sum(job.batch_size for job in jobs)
         with self._batch_span(info, jobs, total, traced) if traced else UNTRACED:
-            feed = stack(jobs)
+            # A large batch is stacked and split on a thread: the loop keeps renewing
+            # leases, reporting and claiming meanwhile (OFF_LOOP_BYTES).
+            feed = await asyncio.to_thread(stack, jobs) if batch_bytes(jobs) > OFF_LOOP_BYTES else stack(jobs)
             try:
                 with self._compute_spans(info.name, jobs, total, traced) if traced else UNTRACED:
                     keep_leases = partial(self._leases.extend_while_computing, served, jobs)
@@ -266,7 +268,23 @@ class BatchRunner:
             if log.isEnabledFor(logging.DEBUG):  # inside the batch span: the line carries its trace id
                 _log_batch(info, jobs, total, compute_us, claimed_ns)
         self._account(served, jobs, total, compute_us, claimed_ns)
-        return split(served, jobs, outputs, compute_us, claimed_ns, self._worker_id)
+        cut = partial(split, served, jobs, outputs, compute_us, claimed_ns, self._worker_id)
+        replies = await asyncio.to_thread(cut) if sum(out.nbytes for out in outputs) > OFF_LOOP_BYTES else cut()
+        return [self._within_limit(info, job, reply) for job, reply in replies]
+
+    def _within_limit(self, info: ModelInfo, job: Job, reply: mpb.InferReply) -> tuple[Job, mpb.InferReply]:
+        """The reply, or RESOURCE_EXHAUSTED when its outputs pass ``max_message_bytes``:
+        the gateway could not send it, and Redis should not hold it."""
+        size = job.reply_bytes()
+        limit = self._settings.max_message_bytes
+        if size <= limit:
+            return job, reply
+        job.reply_data = []
+        message = (
+            f"model '{info.name}' answered {size} bytes of outputs, over the limit of {limit} bytes"
+            " (--max-message-bytes, MESHSERVE_MAX_MESSAGE_BYTES); request fewer outputs or smaller inputs"
+        )
+        return job, failed_reply(job.job_id, ResourceExhausted(message, reason="message_size"))
 
     def _account(self, served: Served, jobs: list[Job], total: int, compute_us: int, claimed_ns: int) -> None:
         """A batch's figures: the model's counters, the metrics, each tenant's device time."""

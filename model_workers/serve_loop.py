@@ -162,7 +162,7 @@ class ServeLoop:
         if isinstance(reply, RedisError):  # e.g. NOSCRIPT after a Redis restart: the plain claim loads it
             log.debug("claim after wake-up for %s failed: %s", served.keys.ready, reply)
             return targets
-        claim = parse_claim(reply)
+        claim = await self._queue.fetch_bulk(served.keys, parse_claim(reply))
         self._leases.answer_expired(served, claim)
         jobs = decode(claim, served.model.info)
         if not self._held.claims(served):  # dropped while we waited: give them back at once

@@ -45,16 +45,18 @@ DATA_LOSS: Code
 UNAUTHENTICATED: Code
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "datatype", "shape", "data")
+    __slots__ = ("name", "datatype", "shape", "data", "data_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DATATYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     datatype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    data_bytes: int
+    def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., data_bytes: _Optional[int] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
     __slots__ = ("id", "model", "version", "tenant", "deadline_ms", "reply_to", "client_request_id", "inputs", "outputs", "trace_context", "enqueued_ms", "priority", "items", "shape_signature")

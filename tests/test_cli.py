@@ -185,6 +185,7 @@ def test_up_passes_its_knobs_to_the_services_that_have_them() -> None:
     assert (worker_settings.lease_ms, worker_settings.max_attempts) == (750, 5)
     assert (worker_settings.canary_interval_s, worker_settings.intra_op_spinning) == (0.0, True)
     assert worker_settings.trace_tenant == "off"
+    assert worker_settings.max_message_bytes == 1024  # the workers refuse replies over it too
 
 
 @pytest.mark.usefixtures("no_meshserve_variables")

@@ -23,7 +23,7 @@ from gateway.server import GatewayServer
 from meshserve.devkit.redis_server import RedisServer
 from meshserve.queue import ModelKeys, QueueProtocol, reply_key
 from meshserve.settings import GatewaySettings, RouterSettings, WorkerSettings
-from meshserve.store.link import RedisLink
+from meshserve.store.link import Chunks, RedisLink
 from meshserve.store.memory import EvictionPolicyError, policy_check
 from meshserve.store.refusals import RefusalLog
 from meshserve.wire.envelope import reply_error
@@ -90,13 +90,20 @@ async def claimed_job(queue: QueueProtocol, job_id: str) -> int:
 # ------------------------------------------------------------ the worker's reply writes
 
 
-async def test_a_refused_reply_is_not_acked_and_lands_once_memory_is_freed(store: Redis, link: RedisLink) -> None:
+@pytest.mark.parametrize(
+    "blob",
+    [b"result", Chunks.of([b"res", np.frombuffer(b"ult", np.uint8)])],  # Chunks: a framed reply's buffers
+    ids=["plain", "framed"],
+)
+async def test_a_refused_reply_is_not_acked_and_lands_once_memory_is_freed(
+    store: Redis, link: RedisLink, blob: bytes | Chunks
+) -> None:
     queue = QueueProtocol(link)
     token = await claimed_job(queue, "a")
     writer = ReplyWriter(link, queue)
     replies = reply_key("g")
     await store.config_set("maxmemory", 1)  # below what it uses: every write is refused
-    write = asyncio.create_task(writer.send(KEYS, "m", [Outgoing("a", replies, b"result", FAR_MS, token)]))
+    write = asyncio.create_task(writer.send(KEYS, "m", [Outgoing("a", replies, blob, FAR_MS, token)]))
     await link.execute("PING")  # replies come in order: the push's refusal is in
     assert await store.exists(KEYS.job("a"))
     assert await store.zscore(KEYS.inflight, "a") is not None

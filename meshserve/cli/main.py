@@ -23,7 +23,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from meshserve.observe.logs import configure_logging
-from meshserve.platform.heap import freeze_startup_heap
+from meshserve.platform.heap import freeze_startup_heap, return_large_buffers
 from meshserve.settings import (
     GatewaySettings,
     LogSettings,
@@ -46,6 +46,8 @@ async def serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callabl
         loop.add_signal_handler(sig, stopping.set)
     await start()
     freeze_startup_heap()
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        return_large_buffers()
     await stopping.wait()
     log.info("signal received; draining")
     await stop()

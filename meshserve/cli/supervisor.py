@@ -98,7 +98,7 @@ UP_WORKER_FORWARDED = (
     "price_per_device_hour",
     "health_host",
 )
-UP_SHARED_FORWARDED = ("trace_tenant", "allow_eviction")
+UP_SHARED_FORWARDED = ("trace_tenant", "allow_eviction", "max_message_bytes")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
 

@@ -111,7 +111,7 @@ class GatewayMetrics:
                 "meshserve_rejections",
                 "Calls refused before enqueue, by tenant and reason (unauthenticated, permission_denied, "
                 "rate, inflight, tenant_queue_full, model_queue_full, deadline: the queue ahead would outlast it, "
-                "store_full: Redis is nearly at its maxmemory).",
+                "store_full: Redis is nearly at its maxmemory, message_size: over --max-message-bytes).",
                 ["tenant", "reason"],
                 registry=registry,
             ),

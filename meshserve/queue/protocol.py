@@ -37,10 +37,15 @@ from redis.exceptions import RedisError
 
 from meshserve.queue.keys import ModelKeys, worker_wake_key
 from meshserve.queue.scripts import ACK, CLAIM, ENQUEUE, EXTEND, REAP, RELEASE, REWAKE, WITHDRAW
-from meshserve.store.link import Command, RedisLink
+from meshserve.store.link import Chunks, Command, RedisLink
 
 JOB_TTL_GRACE_MS = 60_000
 """A job hash outlives its deadline by this much, so a lost one is reclaimed."""
+
+LUA_PAYLOAD_BYTES = 1 << 20
+"""A payload larger than this goes into its job hash's field ``b`` with a plain HSET
+before ENQUEUE, and a worker reads it with HGET after CLAIM: handed to Lua, Redis
+would hold copies of it in the script's heap until Lua's collector ran."""
 
 DRAIN_FRESH_MS = 5_000
 """A worker's drain figure counts for shedding this long after its last claim."""
@@ -116,7 +121,7 @@ class QueueProtocol:
         job_id: str,
         *,
         tier: int,
-        payload: bytes,
+        payload: bytes | Chunks,
         deadline_ms: int,
         tenant: str,
         reply_to: str,
@@ -129,8 +134,24 @@ class QueueProtocol:
         """Put one job on a model's ready set, or refuse it (see :class:`Enqueued`).
 
         ``items`` is the request's batch size: claims fill batches by items, not
-        jobs, and fair queuing charges a tenant ``items / weight`` per job.
+        jobs, and fair queuing charges a tenant ``items / weight`` per job. A
+        payload over ``LUA_PAYLOAD_BYTES`` costs one more round trip: written
+        beside the script, with the job's time to live, in one transaction.
         """
+        bulk = isinstance(payload, Chunks) and payload.nbytes > LUA_PAYLOAD_BYTES
+        if bulk:
+            job_key = keys.job(job_id)
+            written = await self.redis.pipeline(
+                [
+                    ("MULTI",),
+                    ("HSET", job_key, "b", payload),
+                    ("PEXPIREAT", job_key, deadline_ms + JOB_TTL_GRACE_MS),
+                    ("EXEC",),
+                ]
+            )
+            if failed := next((r for r in written if isinstance(r, RedisError)), None):
+                raise failed
+            payload = b""
         code, wait_ms = await self.redis.script(
             ENQUEUE,
             keys=[keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued, keys.drain],
@@ -148,6 +169,7 @@ class QueueProtocol:
                 weight,
                 tenant_max_queued,
                 DRAIN_FRESH_MS,
+                1 if bulk else 0,
             ],
         )
         return Enqueued(int(code), int(wait_ms))
@@ -156,6 +178,21 @@ class QueueProtocol:
         """Lease up to ``max_items`` same-shaped jobs from the head of the queue
         (the options are :class:`ClaimOptions`)."""
         return parse_claim(await self.redis.script(CLAIM, *_claim_keys_args(keys, **options)))
+
+    async def fetch_bulk(self, keys: ModelKeys, claim: ClaimedBatch) -> ClaimedBatch:
+        """``claim`` with the payloads that wait in their job's field ``b`` (large
+        ones, see :meth:`enqueue`) read in, in one round trip; nothing to read: the
+        same claim. A job whose hash is gone meanwhile (withdrawn, expired) is left
+        out: there is nothing to run, and its lease lapses."""
+        missing = [job_id for job_id, payload in claim.jobs if not payload]
+        if not missing:
+            return claim
+        found = await self.redis.pipeline([("HGET", keys.job(job_id), "b") for job_id in missing])
+        if failed := next((r for r in found if isinstance(r, RedisError)), None):
+            raise failed
+        bulks = dict(zip(missing, found, strict=True))
+        jobs = [(job_id, payload or bulks[job_id]) for job_id, payload in claim.jobs]
+        return ClaimedBatch(claim.token, claim.now_ms, [(i, p) for i, p in jobs if p], claim.expired)
 
     async def ack(self, keys: ModelKeys, token: int, job_ids: list[str]) -> int:
         """Remove finished jobs of the lease ``token``; returns how many were still held."""

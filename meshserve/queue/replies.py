@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from meshserve.store.link import Command, RedisLink
+from meshserve.store.link import Chunks, Command, RedisLink
 
 REPLY_TTL_S = 120
 """A gateway's reply list expires this long after the last write (dead gateway)."""
 
 
-def push_commands(replies: Mapping[str, Sequence[bytes]]) -> list[Command]:
+def push_commands(replies: Mapping[str, Sequence[bytes | Chunks]]) -> list[Command]:
     """The commands that write ``replies`` (reply list -> serialized replies), for a
     pipeline: one RPUSH and one EXPIRE per list."""
     commands: list[Command] = []

@@ -36,6 +36,9 @@ TRACE_TENANT = cli(
     choices=TRACE_TENANT_MODES,
 )
 TRACE_TENANT_SECRET = cli("HMAC key for --trace-tenant hash; a variable only, as a flag would show in ps", flag=None)
+MAX_MESSAGE_BYTES = cli(
+    "largest request (gateway) or reply (worker) in bytes: over it, RESOURCE_EXHAUSTED; nothing larger reaches Redis"
+)
 ALLOW_EVICTION = cli(
     "run against a Redis whose maxmemory-policy may evict keys (queued requests may vanish); logged loudly"
 )
@@ -93,7 +96,7 @@ class GatewaySettings:
     metrics_host: str = field(default=ANY_HOST, metadata=METRICS_HOST)
     metrics_port: int = field(default=0, metadata=cli("0: off"))
     gateway_id: str = field(default="", metadata=SET_IN_CODE)
-    max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=cli("largest gRPC message accepted or sent"))
+    max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=MAX_MESSAGE_BYTES)
     default_timeout_ms: int = field(default=30_000, metadata=cli("deadline for a call that sets none"))
     drain_grace_s: float = field(default=10.0, metadata=cli("on stop: how long in-flight calls may finish"))
     lame_duck_s: float = field(
@@ -161,6 +164,7 @@ class WorkerSettings:
     metrics_port: int = field(default=0, metadata=cli("0: off", env="WORKER_METRICS_PORT"))
     health_host: str = field(default=LOOPBACK_HOST, metadata=cli("address the grpc.health.v1 port listens on"))
     health_port: int = field(default=0, metadata=cli("grpc.health.v1 port (0: a free one, logged at start)"))
+    max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=MAX_MESSAGE_BYTES)
     lease_ms: int = field(
         default=5_000,
         metadata=cli(

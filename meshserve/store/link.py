@@ -12,6 +12,8 @@ would be most of the gateway's and the worker's own CPU per request.
 - commands packed and replies parsed by hiredis (C), the parser redis-py itself
   uses when it is installed;
 - pipelines (several commands, one write, replies in place, errors as values);
+- a large argument as :class:`Chunks` (buffers that make one bulk string), written
+  as they are, never joined or copied into a packed command;
 - Lua scripts by SHA with a load-and-retry on NOSCRIPT (a restarted Redis);
 - a lost connection fails the calls in flight with redis-py's ``ConnectionError``
   and the next call reconnects; a reply later than ``command_timeout_s`` means
@@ -47,7 +49,23 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-Arg: TypeAlias = bytes | str | int | float
+
+@dataclass(frozen=True, slots=True)
+class Chunks:
+    """One argument made of several buffers (bytes, memoryviews, numpy arrays: anything
+    contiguous with the buffer protocol), sent as one bulk string without joining them:
+    a request's tensors go to Redis from the buffers they arrived in."""
+
+    buffers: tuple[Any, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, buffers: Sequence[Any]) -> Chunks:
+        views = tuple(memoryview(b).cast("B") for b in buffers)
+        return cls(views, sum(len(v) for v in views))
+
+
+Arg: TypeAlias = bytes | str | int | float | Chunks
 Command: TypeAlias = Sequence[Arg]
 ConnectCheck: TypeAlias = tuple[Command, Callable[[Any], None]]
 """A command run on every new connection, in its handshake, and a function given its
@@ -257,9 +275,13 @@ class RedisLink:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         protocol.pending.append(_Pending(future, len(commands)))
         if len(commands) == 1:
-            protocol.transport.write(_pack(commands[0]))
+            packed = _pack(commands[0])
+            if isinstance(packed, bytes):
+                protocol.transport.write(packed)
+            else:
+                protocol.transport.writelines(packed)
         else:
-            protocol.transport.writelines([_pack(c) for c in commands])
+            protocol.transport.writelines(_pack_all(commands))
         return future
 
     async def _wait(self, protocol: _Protocol, future: asyncio.Future[list[Any]]) -> list[Any]:
@@ -336,7 +358,7 @@ class RedisLink:
         assert protocol.transport is not None
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         protocol.pending.append(_Pending(future, len(commands)))
-        protocol.transport.writelines([_pack(c) for c in commands])
+        protocol.transport.writelines(_pack_all(commands))
         replies = await future
         if self._check is not None:
             *replies, checked = replies
@@ -356,9 +378,46 @@ class RedisLink:
         return options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
 
 
-def _pack(command: Command) -> bytes:
-    packed: bytes = hiredis.pack_command(tuple(command))  # type: ignore[arg-type]  # the stub wants a 1-tuple
+def _pack(command: Command) -> bytes | list[Any]:
+    """The command in RESP: one bytes object (hiredis), or a list of buffers when an
+    argument is :class:`Chunks` (hiredis refuses those, so plain commands pay nothing)."""
+    try:
+        packed: bytes = hiredis.pack_command(tuple(command))  # type: ignore[arg-type]  # the stub wants a 1-tuple
+    except TypeError:
+        if not any(isinstance(arg, Chunks) for arg in command):
+            raise
+        return _pack_chunked(command)
     return packed
+
+
+def _pack_all(commands: Sequence[Command]) -> list[Any]:
+    buffers: list[Any] = []
+    for command in commands:
+        packed = _pack(command)
+        if isinstance(packed, bytes):
+            buffers.append(packed)
+        else:
+            buffers.extend(packed)
+    return buffers
+
+
+def _pack_chunked(command: Command) -> list[Any]:
+    """RESP for a command with :class:`Chunks` arguments: their buffers are passed
+    through between the framing bytes (a transport's ``writelines`` sends them as
+    they are on uvloop; asyncio's own loop joins them once)."""
+    buffers: list[Any] = []
+    head = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        if isinstance(arg, Chunks):
+            head.append(b"$%d\r\n" % arg.nbytes)
+            buffers.append(b"".join(head))
+            buffers.extend(arg.buffers)
+            head = [b"\r\n"]
+            continue
+        packed: bytes = hiredis.pack_command((arg,))
+        head.append(packed[packed.index(b"\n") + 1 :])  # drop its "*1" header
+    buffers.append(b"".join(head))
+    return buffers
 
 
 def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext:

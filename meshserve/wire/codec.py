@@ -6,7 +6,10 @@ going through per-element Python objects (raw bytes are passed through; typed
 ``contents`` are converted once with numpy).
 
 Worker side, :func:`to_array` views envelope bytes as numpy arrays (no copy) and
-:func:`from_array` turns outputs back into envelope tensors.
+:func:`from_array` turns outputs back into envelope tensors. Tensor bytes travel
+beside the envelope, never inside it (:func:`meshserve.wire.envelope.frame`), so
+neither side copies them into a protobuf message: a request costs its gateway and
+its worker about twice its payload, not ten times.
 
 BYTES is ONNX's ``tensor(string)``, which holds UTF-8 text: the gateway refuses an
 element that is not valid UTF-8 (naming the input and the element), the worker
@@ -57,30 +60,41 @@ _NARROW_INTS = frozenset({"INT8", "INT16", "UINT8", "UINT16"})
 class PackedInputs:
     """Validated inputs of one request, ready for the queue."""
 
-    tensors: list[mpb.Tensor]
+    tensors: list[mpb.Tensor]  # ``data`` empty, ``data_bytes`` set: the bytes are in ``data``
     batch_size: int  # 1 for a model that does not batch
     signature: str  # non-batch dims of every input: only equal signatures share a batch
+    data: list[bytes | memoryview]  # each input's bytes, in the order of ``tensors``
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(len(d) for d in self.data)
 
 
 def shape_str(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def pack_inputs(request: pb.ModelInferRequest, model: ModelInfo) -> PackedInputs:
+def pack_inputs(
+    request: pb.ModelInferRequest, model: ModelInfo, raw_contents: Sequence[bytes | memoryview] | None = None
+) -> PackedInputs:
     """Validate a request's inputs against ``model`` and pack them for the queue.
+
+    ``raw_contents``: the raw contents read in place from the received bytes
+    (:mod:`meshserve.wire.rawfields`), passed through without a copy; None: the
+    message's own ``raw_input_contents``.
 
     Raises InvalidArgument naming the input at fault for: unknown, duplicate or
     missing inputs, wrong datatype, rank or fixed dim, byte length that does not
     match the shape, mixed raw/typed contents, or a batch over the model's max.
     """
-    raw = request.raw_input_contents
+    raw = request.raw_input_contents if raw_contents is None else raw_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
             "there must be one per input, in the same order"
         )
     expected = {spec.name: spec for spec in model.inputs}
-    seen: dict[str, mpb.Tensor] = {}
+    seen: dict[str, tuple[mpb.Tensor, bytes | memoryview]] = {}
     for index, tensor in enumerate(request.inputs):
         spec = expected.get(tensor.name)
         if spec is None:
@@ -90,12 +104,27 @@ def pack_inputs(request: pb.ModelInferRequest, model: ModelInfo) -> PackedInputs
             raise InvalidArgument(f"input '{tensor.name}' is given more than once")
         shape = _check_shape(tensor, spec, model)
         data = _tensor_bytes(tensor, raw[index] if raw else None, shape)
-        seen[tensor.name] = mpb.Tensor(name=tensor.name, datatype=tensor.datatype, shape=shape, data=data)
+        header = mpb.Tensor(name=tensor.name, datatype=tensor.datatype, shape=shape, data_bytes=len(data))
+        seen[tensor.name] = (header, data)
     missing = [name for name in expected if name not in seen]
     if missing:
         raise InvalidArgument(f"input '{missing[0]}' of model '{model.name}' is missing")
-    tensors = [seen[spec.name] for spec in model.inputs]
-    return PackedInputs(tensors, batch_items(tensors, model), shape_signature(tensors, model))
+    tensors = [seen[spec.name][0] for spec in model.inputs]
+    buffers = [seen[spec.name][1] for spec in model.inputs]
+    return PackedInputs(tensors, batch_items(tensors, model), shape_signature(tensors, model), buffers)
+
+
+def declared_bytes(request: pb.ModelInferRequest) -> int:
+    """The bytes a request's input shapes call for (BYTES: 4 per element, their
+    least), read off the shapes alone: no tensor is touched, so it is cheap enough
+    to decide, before decoding, whether a request is large enough to decode off the
+    event loop. A claim, not a measure: the codec checks the bytes against it."""
+    total = 0
+    for tensor in request.inputs:
+        known = tensor.datatype in NUMPY_BY_KSERVE or tensor.datatype == "BF16"
+        size = (itemsize(tensor.datatype) or 4) if known else 1  # BYTES: its prefixes; unknown: refused later
+        total += prod(max(0, d) for d in tensor.shape) * size
+    return total
 
 
 def check_requested_outputs(request: pb.ModelInferRequest, model: ModelInfo) -> list[str]:
@@ -152,8 +181,12 @@ def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorInfo
     return shape
 
 
-def _tensor_bytes(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: list[int]) -> bytes:
+def _tensor_bytes(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | memoryview | None, shape: list[int]
+) -> bytes | memoryview:
     count = prod(shape)
+    if isinstance(raw, memoryview) and tensor.datatype == "BYTES":
+        raw = bytes(raw)  # walked element by element: text, not a bulk of numbers
     has_contents = tensor.HasField("contents")
     if raw is not None:
         if has_contents and _contents_len(tensor) > 0:
@@ -194,14 +227,14 @@ def _contents_len(tensor: pb.ModelInferRequest.InferInputTensor) -> int:
     return sum(len(getattr(tensor.contents, field)) for field in set(_CONTENTS_FIELD.values()))
 
 
-def _check_raw_length(name: str, datatype: str, raw: bytes, count: int, shape: list[int]) -> None:
+def _check_raw_length(name: str, datatype: str, raw: bytes | memoryview, count: int, shape: list[int]) -> None:
     if datatype == "BYTES":
         if count > len(raw) // 4:  # each element needs its 4-byte prefix: refuse before walking
             raise InvalidArgument(
                 f"input '{name}': shape {shape_str(shape)} has {count} elements, "
                 f"raw BYTES holds at most {len(raw) // 4}"
             )
-        found = _count_bytes_elements(name, raw)
+        found = _count_bytes_elements(name, bytes(raw))  # the same object: BYTES come as bytes
         if found != count:
             raise InvalidArgument(
                 f"input '{name}': shape {shape_str(shape)} has {count} elements, raw BYTES has {found}"
@@ -280,16 +313,18 @@ def shape_signature(tensors: Sequence[mpb.Tensor], model: ModelInfo) -> str:
 # ---------------------------------------------------------------- worker side
 
 
-def to_array(tensor: mpb.Tensor) -> np.ndarray[Any, Any]:
-    """A read-only numpy view of an envelope tensor (BYTES: an object array of str,
-    what ONNX Runtime takes for ``tensor(string)``)."""
+def to_array(tensor: mpb.Tensor, data: bytes | memoryview | None = None) -> np.ndarray[Any, Any]:
+    """A read-only numpy view of an envelope tensor's bytes: ``data`` (a framed
+    envelope's, :func:`meshserve.wire.envelope.unframe`), else its ``data`` field.
+    BYTES: an object array of str, what ONNX Runtime takes for ``tensor(string)``."""
     shape = tuple(tensor.shape)
+    raw = tensor.data if data is None else data
     if tensor.datatype == "BYTES":
-        return np.array(_split_strings(tensor.name, tensor.data), dtype=np.object_).reshape(shape)
-    return np.frombuffer(tensor.data, dtype=NUMPY_BY_KSERVE[tensor.datatype]).reshape(shape)
+        return np.array(_split_strings(tensor.name, raw), dtype=np.object_).reshape(shape)
+    return np.frombuffer(raw, dtype=NUMPY_BY_KSERVE[tensor.datatype]).reshape(shape)
 
 
-def _split_strings(name: str, raw: bytes) -> list[str]:
+def _split_strings(name: str, raw: bytes | memoryview) -> list[str]:
     """Decode length-prefixed UTF-8 elements (the gateway has checked them)."""
     items, offset = [], 0
     view = memoryview(raw)
@@ -303,24 +338,67 @@ def _split_strings(name: str, raw: bytes) -> list[str]:
     return items
 
 
-def from_array(name: str, datatype: str, array: np.ndarray[Any, Any]) -> mpb.Tensor:
-    """Pack a numpy output into an envelope tensor (one copy, into the message).
+def from_array(name: str, datatype: str, array: np.ndarray[Any, Any]) -> tuple[mpb.Tensor, Any]:
+    """A numpy output as an envelope tensor (``data_bytes`` set) and its bytes: a
+    view of ``array`` when it is contiguous and of its dtype (a slice of a batch's
+    output along dim 0 is), else one copy.
 
     BYTES elements go out as their UTF-8 bytes (ONNX Runtime gives ``str``); a
     ``bytes`` element is passed through as it is.
     """
+    data: Any
     if datatype == "BYTES":
         encoded = [v if isinstance(v, bytes) else str(v).encode() for v in array.flat]
         data = b"".join(_LENGTH.pack(len(v)) + v for v in encoded)
+        nbytes = len(data)
     else:
-        data = np.ascontiguousarray(array, dtype=NUMPY_BY_KSERVE[datatype]).tobytes()
-    return mpb.Tensor(name=name, datatype=datatype, shape=array.shape, data=data)
+        flat = np.ascontiguousarray(array, dtype=NUMPY_BY_KSERVE[datatype]).reshape(-1)
+        data = flat.view(np.uint8).data  # a memoryview of the array's bytes
+        nbytes = flat.nbytes
+    return mpb.Tensor(name=name, datatype=datatype, shape=array.shape, data_bytes=nbytes), data
 
 
-def to_infer_response(reply: mpb.InferReply, model_name: str, request_id: str) -> pb.ModelInferResponse:
-    """The KServe response for a successful reply; outputs go in raw_output_contents."""
+def to_plain_tensor(tensor: mpb.Tensor, data: Any) -> mpb.Tensor:
+    """``tensor`` with its bytes inside (``data``), for a peer that reads plain envelopes."""
+    return mpb.Tensor(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape, data=bytes(data))
+
+
+# Field numbers of ModelInferResponse (protos/grpc_service.proto), for the hand-built
+# encoding of its raw_output_contents below.
+_RAW_OUTPUT_CONTENTS_TAG = b"\x32"  # field 6, length-delimited
+
+
+def encode_infer_response(
+    reply: mpb.InferReply, data: Sequence[bytes | memoryview], model_name: str, request_id: str
+) -> bytes:
+    """The serialized KServe response for a successful reply (outputs in
+    raw_output_contents), built with one copy of the outputs' bytes: ``data`` (a
+    framed reply's views, in output order; empty: the bytes are in each output's
+    ``data``) is appended as encoded fields after the small message, which protobuf
+    reads as one message (repeated fields of concatenated encodings append)."""
     response = pb.ModelInferResponse(model_name=model_name, model_version=str(reply.version), id=request_id)
     for tensor in reply.outputs:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        response.raw_output_contents.append(tensor.data)
-    return response
+    parts: list[bytes | memoryview] = [response.SerializeToString()]
+    for index, tensor in enumerate(reply.outputs):
+        raw = data[index] if data else tensor.data
+        parts.append(_RAW_OUTPUT_CONTENTS_TAG + _varint(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def to_infer_response(
+    reply: mpb.InferReply, model_name: str, request_id: str, data: Sequence[bytes | memoryview] = ()
+) -> pb.ModelInferResponse:
+    """The KServe response as a message (tests and tools; the gateway sends
+    :func:`encode_infer_response`'s bytes, which cost one copy less)."""
+    return pb.ModelInferResponse.FromString(encode_infer_response(reply, data, model_name, request_id))

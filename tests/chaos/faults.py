@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from meshserve.queue import ModelKeys
+from meshserve.wire.envelope import unframe
 from protos import meshserve_pb2 as mpb
 from tests.chaos.harness import GatewayFigures, Mesh, Service, gateway_figures, text
 
@@ -143,7 +144,7 @@ class Faults:
                 pipe.hmget(self.keys.job(job_id), ["w", "p"])
             jobs = await pipe.execute()
         return [
-            (text(worker or b""), mpb.QueuedRequest.FromString(payload).client_request_id)
+            (text(worker or b""), unframe(payload, mpb.QueuedRequest).message.client_request_id)
             for worker, payload in jobs
             if payload
         ]

@@ -24,19 +24,21 @@ def check_packed(model: ModelInfo, request: Request) -> None:
     except InvalidArgument:
         return
     (tensor,) = packed.tensors
+    (data,) = packed.data
+    assert tensor.data_bytes == len(data)
     count = prod(tensor.shape)
     if tensor.datatype == "BYTES":
         offset, found = 0, 0
-        while offset < len(tensor.data):
-            offset += 4 + struct.unpack_from("<I", tensor.data, offset)[0]
+        while offset < len(data):
+            offset += 4 + struct.unpack_from("<I", data, offset)[0]
             found += 1
-        assert (offset, found) == (len(tensor.data), count)
+        assert (offset, found) == (len(data), count)
         return
-    assert len(tensor.data) == count * ITEMSIZE[tensor.datatype]
+    assert len(data) == count * ITEMSIZE[tensor.datatype]
     field = CONTENTS_FIELD.get(tensor.datatype)
     values = getattr(request.inputs[0].contents, field) if field else []
     if not request.raw_input_contents and tensor.datatype not in ("BOOL", "FP32", "FP64"):
-        decoded = np.frombuffer(tensor.data, dtype=NUMPY_BY_KSERVE[tensor.datatype])
+        decoded = np.frombuffer(data, dtype=NUMPY_BY_KSERVE[tensor.datatype])
         assert decoded.tolist() == list(values), "typed integer contents changed on the way to the queue"
 
 

@@ -7,16 +7,23 @@
 --   ARGV[11] the tenant's weight in its tier (> 0)
 --   ARGV[12] the tenant's max queued requests for this model (0 = unbounded)
 --   ARGV[13] how long a drain figure stays fresh, ms
+--   ARGV[14] '1': the payload is large and already in the job hash's field 'b' (with
+--            ARGV[3] empty), written outside Lua so that Redis holds no Lua copies
+--            of it; a refusal deletes that field's hash unless the job was queued.
 --   TIER_SPAN (score distance between tiers) comes from the loader's prelude.
 -- Returns {code, estimated wait ms}: code 1 enqueued, 0 duplicate id (idempotent
 -- retry), -1 model queue full, -2 the tenant's queue full, -3 it would wait past its
--- deadline (the wait is the estimate). A refusal writes nothing.
+-- deadline (the wait is the estimate). A refusal writes nothing (and removes ARGV[14]'s bulk).
+local function refuse(code, wait)
+  if ARGV[14] == '1' and redis.call('HEXISTS', KEYS[2], 'd') == 0 then redis.call('DEL', KEYS[2]) end
+  return {code, wait}
+end
 local max_queue = tonumber(ARGV[8])
-if max_queue > 0 and redis.call('ZCARD', KEYS[1]) >= max_queue then return {-1, 0} end
+if max_queue > 0 and redis.call('ZCARD', KEYS[1]) >= max_queue then return refuse(-1, 0) end
 local tenant = ARGV[5]
 local max_mine = tonumber(ARGV[12])
-if max_mine > 0 and (tonumber(redis.call('HGET', KEYS[5], tenant)) or 0) >= max_mine then return {-2, 0} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {0, 0} end
+if max_mine > 0 and (tonumber(redis.call('HGET', KEYS[5], tenant)) or 0) >= max_mine then return refuse(-2, 0) end
+if redis.call('HEXISTS', KEYS[2], 'd') == 1 then return {0, 0} end  -- 'd': set below, by an enqueue only
 local tier = tonumber(ARGV[2])
 local finish = 'f' .. tier .. ':' .. tenant
 local start = math.max(tonumber(redis.call('HGET', KEYS[4], 'c' .. tier)) or 0,
@@ -35,7 +42,7 @@ if ahead > 0 then
   end
   if rate > 0 then
     wait = math.floor((ahead + 1) / rate)
-    if now + wait > tonumber(ARGV[4]) then return {-3, wait} end
+    if now + wait > tonumber(ARGV[4]) then return refuse(-3, wait) end
   end
 end
 redis.call('HSET', KEYS[4], finish, string.format('%.17g', start + tonumber(ARGV[10]) / tonumber(ARGV[11])))
