@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from meshserve.devkit.examples import EXAMPLE_MODELS
 from meshserve.devkit.redis_server import free_port
 from tests.dtype_models import IDENTITY_DATATYPES, LOWERCASE, identity_name, write_dtype_repository
 
@@ -100,7 +101,7 @@ def meshserve_up(repository: Path, models: int) -> Iterator[RunningMesh]:
 
 @pytest.fixture(scope="module")
 def mesh(model_repository: Path) -> Iterator[RunningMesh]:
-    with meshserve_up(model_repository, 4) as running:
+    with meshserve_up(model_repository, len(EXAMPLE_MODELS)) as running:
         yield running
 
 
