@@ -78,20 +78,26 @@ def test_descendants_and_rss_from_proc() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(timeout=30)
+        assert child.stdout is not None
+        child.stdout.close()
     assert scenarios.rss_kib([child.pid]) == 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_the_gateway_process_is_found_by_its_port_and_its_cpu_read() -> None:
     port = str(free_port())
-    argv = [sys.executable, "-c", "import sys; sys.stdin.read()", "gateway", "--grpc-port", port]
-    child = subprocess.Popen(argv, stdin=subprocess.PIPE)
+    argv = [sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()", "gateway", "--grpc-port", port]
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert child.stdout is not None
+        child.stdout.readline()  # it runs its own command line now (until exec, /proc shows pytest's)
         assert gateway_pid(f"127.0.0.1:{port}") == child.pid
         assert gateway_pid(f"127.0.0.1:{free_port()}") is None
     finally:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(timeout=30)
+        assert child.stdout is not None
+        child.stdout.close()
     assert process_cpu_s(child.pid) is None  # gone
     assert (process_cpu_s(os.getpid()) or 0.0) > 0
