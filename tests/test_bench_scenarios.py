@@ -78,8 +78,6 @@ def test_descendants_and_rss_from_proc() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(timeout=30)
-        assert child.stdout is not None
-        child.stdout.close()
     assert scenarios.rss_kib([child.pid]) == 0
 
 
