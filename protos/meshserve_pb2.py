@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from protos import grpc_service_pb2 as protos_dot_grpc__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/meshserve.proto\x12\x0cmeshserve.v1\"Y\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x12\n\ndata_bytes\x18\x05 \x01(\x04\"\x8e\x03\n\rQueuedRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\x03\x12\x10\n\x08reply_to\x18\x06 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\x12$\n\x06inputs\x18\x08 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\t \x03(\t\x12\x44\n\rtrace_context\x18\n \x03(\x0b\x32-.meshserve.v1.QueuedRequest.TraceContextEntry\x12\x13\n\x0b\x65nqueued_ms\x18\x0b \x01(\x03\x12\x10\n\x08priority\x18\x0c \x01(\r\x12\r\n\x05items\x18\r \x01(\r\x12\x17\n\x0fshape_signature\x18\x0e \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe9\x01\n\nInferReply\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x04\x63ode\x18\x02 \x01(\x0e\x32\x12.meshserve.v1.Code\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x15\n\rqueue_wait_us\x18\x07 \x01(\x03\x12\x12\n\ncompute_us\x18\x08 \x01(\x03\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x17\n\x0freplied_unix_ns\x18\n \x01(\x03\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xad\x02\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08platform\x18\x03 \x01(\t\x12(\n\x06inputs\x18\x04 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12)\n\x07outputs\x18\x05 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x1a\n\x12max_queue_delay_us\x18\x07 \x01(\x03\x12\x1d\n\x15preferred_batch_sizes\x18\x08 \x03(\x05\x12\r\n\x05ready\x18\t \x01(\x08\x12\x0c\n\x04path\x18\n \x01(\t\x12\x16\n\x0emax_queue_size\x18\x0b \x01(\x05\x12\x12\n\nload_error\x18\x0c \x01(\t\"K\n\x0cRoutingTable\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.meshserve.v1.ModelSpec\"\"\n\x0cWatchRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"\xfa\x01\n\nModelState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x13\n\x0bitems_total\x18\x05 \x01(\x04\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x1c\n\x14\x64\x65vice_seconds_total\x18\x07 \x01(\x01\x12 \n\x18queue_wait_seconds_total\x18\x08 \x01(\x01\x12\x15\n\rweights_bytes\x18\t \x01(\x04\x12\x18\n\x10\x61\x63tivation_bytes\x18\n \x01(\x04\x12\x12\n\nload_error\x18\x0b \x01(\tJ\x04\x08\x04\x10\x05R\x06reason\"\xb7\x01\n\x0cWorkerReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.ModelState\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65vice_kind\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65vice_profile\x18\x06 \x01(\t\x12\x1b\n\x13\x64\x65vice_memory_bytes\x18\x07 \x01(\x04\"i\n\x10WorkerAssignment\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.ModelSpec\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x03J\x04\x08\x03\x10\x04R\ngeneration*\xb7\x02\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\r\n\tCANCELLED\x10\x01\x12\x0b\n\x07UNKNOWN\x10\x02\x12\x14\n\x10INVALID_ARGUMENT\x10\x03\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x04\x12\r\n\tNOT_FOUND\x10\x05\x12\x12\n\x0e\x41LREADY_EXISTS\x10\x06\x12\x15\n\x11PERMISSION_DENIED\x10\x07\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x08\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\t\x12\x0b\n\x07\x41\x42ORTED\x10\n\x12\x10\n\x0cOUT_OF_RANGE\x10\x0b\x12\x11\n\rUNIMPLEMENTED\x10\x0c\x12\x0c\n\x08INTERNAL\x10\r\x12\x0f\n\x0bUNAVAILABLE\x10\x0e\x12\r\n\tDATA_LOSS\x10\x0f\x12\x13\n\x0fUNAUTHENTICATED\x10\x10\x32\xa3\x01\n\x06Router\x12M\n\x11WatchRoutingTable\x12\x1a.meshserve.v1.WatchRequest\x1a\x1a.meshserve.v1.RoutingTable0\x01\x12J\n\x0cReportWorker\x12\x1a.meshserve.v1.WorkerReport\x1a\x1e.meshserve.v1.WorkerAssignmentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/meshserve.proto\x12\x0cmeshserve.v1\x1a\x19protos/grpc_service.proto\"Y\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x12\n\ndata_bytes\x18\x05 \x01(\x04\"\x8e\x03\n\rQueuedRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\x03\x12\x10\n\x08reply_to\x18\x06 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\x12$\n\x06inputs\x18\x08 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\t \x03(\t\x12\x44\n\rtrace_context\x18\n \x03(\x0b\x32-.meshserve.v1.QueuedRequest.TraceContextEntry\x12\x13\n\x0b\x65nqueued_ms\x18\x0b \x01(\x03\x12\x10\n\x08priority\x18\x0c \x01(\r\x12\r\n\x05items\x18\r \x01(\r\x12\x17\n\x0fshape_signature\x18\x0e \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe9\x01\n\nInferReply\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x04\x63ode\x18\x02 \x01(\x0e\x32\x12.meshserve.v1.Code\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x15\n\rqueue_wait_us\x18\x07 \x01(\x03\x12\x12\n\ncompute_us\x18\x08 \x01(\x03\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x17\n\x0freplied_unix_ns\x18\n \x01(\x03\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xee\x02\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08platform\x18\x03 \x01(\t\x12(\n\x06inputs\x18\x04 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12)\n\x07outputs\x18\x05 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x1a\n\x12max_queue_delay_us\x18\x07 \x01(\x03\x12\x1d\n\x15preferred_batch_sizes\x18\x08 \x03(\x05\x12\r\n\x05ready\x18\t \x01(\x08\x12\x0c\n\x04path\x18\n \x01(\t\x12\x16\n\x0emax_queue_size\x18\x0b \x01(\x05\x12\x12\n\nload_error\x18\x0c \x01(\t\x12\r\n\x05state\x18\r \x01(\t\x12\x0e\n\x06pinned\x18\x0e \x01(\x08\x12\x0f\n\x07\x65victed\x18\x0f \x01(\x08\x12\x0f\n\x07load_ms\x18\x10 \x01(\x03\"\xc8\x01\n\x0cTrafficSplit\x12\r\n\x05model\x18\x01 \x01(\t\x12\x38\n\x07weights\x18\x02 \x03(\x0b\x32\'.meshserve.v1.TrafficSplit.WeightsEntry\x12\x11\n\tsticky_by\x18\x03 \x01(\t\x12\x16\n\x0eshadow_version\x18\x04 \x01(\x03\x12\x14\n\x0cshadow_share\x18\x05 \x01(\x01\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"w\n\x0cRoutingTable\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.meshserve.v1.ModelSpec\x12*\n\x06splits\x18\x03 \x03(\x0b\x32\x1a.meshserve.v1.TrafficSplit\"\"\n\x0cWatchRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"\xaa\x02\n\nModelState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x13\n\x0bitems_total\x18\x05 \x01(\x04\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x1c\n\x14\x64\x65vice_seconds_total\x18\x07 \x01(\x01\x12 \n\x18queue_wait_seconds_total\x18\x08 \x01(\x01\x12\x15\n\rweights_bytes\x18\t \x01(\x04\x12\x18\n\x10\x61\x63tivation_bytes\x18\n \x01(\x04\x12\x12\n\nload_error\x18\x0b \x01(\t\x12.\n\nstatistics\x18\x0c \x01(\x0b\x32\x1a.inference.ModelStatisticsJ\x04\x08\x04\x10\x05R\x06reason\"\xb7\x01\n\x0cWorkerReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.ModelState\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65vice_kind\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65vice_profile\x18\x06 \x01(\t\x12\x1b\n\x13\x64\x65vice_memory_bytes\x18\x07 \x01(\x04\"i\n\x10WorkerAssignment\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.ModelSpec\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x03J\x04\x08\x03\x10\x04R\ngeneration\"A\n\x0bModelDemand\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\ngateway_id\x18\x03 \x01(\t\"G\n\x10ModelDemandReply\x12\x0e\n\x06placed\x18\x01 \x01(\x08\x12\x13\n\x0b\x65xpected_ms\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t*\xb7\x02\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\r\n\tCANCELLED\x10\x01\x12\x0b\n\x07UNKNOWN\x10\x02\x12\x14\n\x10INVALID_ARGUMENT\x10\x03\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x04\x12\r\n\tNOT_FOUND\x10\x05\x12\x12\n\x0e\x41LREADY_EXISTS\x10\x06\x12\x15\n\x11PERMISSION_DENIED\x10\x07\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x08\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\t\x12\x0b\n\x07\x41\x42ORTED\x10\n\x12\x10\n\x0cOUT_OF_RANGE\x10\x0b\x12\x11\n\rUNIMPLEMENTED\x10\x0c\x12\x0c\n\x08INTERNAL\x10\r\x12\x0f\n\x0bUNAVAILABLE\x10\x0e\x12\r\n\tDATA_LOSS\x10\x0f\x12\x13\n\x0fUNAUTHENTICATED\x10\x10\x32\xbe\x05\n\x06Router\x12M\n\x11WatchRoutingTable\x12\x1a.meshserve.v1.WatchRequest\x1a\x1a.meshserve.v1.RoutingTable0\x01\x12J\n\x0cReportWorker\x12\x1a.meshserve.v1.WorkerReport\x1a\x1e.meshserve.v1.WorkerAssignment\x12X\n\x0fRepositoryIndex\x12!.inference.RepositoryIndexRequest\x1a\".inference.RepositoryIndexResponse\x12\x64\n\x13RepositoryModelLoad\x12%.inference.RepositoryModelLoadRequest\x1a&.inference.RepositoryModelLoadResponse\x12j\n\x15RepositoryModelUnload\x12\'.inference.RepositoryModelUnloadRequest\x1a(.inference.RepositoryModelUnloadResponse\x12X\n\x0fModelStatistics\x12!.inference.ModelStatisticsRequest\x1a\".inference.ModelStatisticsResponse\x12I\n\x0fSetTrafficSplit\x12\x1a.meshserve.v1.TrafficSplit\x1a\x1a.meshserve.v1.TrafficSplit\x12H\n\x0b\x44\x65mandModel\x12\x19.meshserve.v1.ModelDemand\x1a\x1e.meshserve.v1.ModelDemandReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +34,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_CODE']._serialized_start=1793
-  _globals['_CODE']._serialized_end=2104
-  _globals['_TENSOR']._serialized_start=40
-  _globals['_TENSOR']._serialized_end=129
-  _globals['_QUEUEDREQUEST']._serialized_start=132
-  _globals['_QUEUEDREQUEST']._serialized_end=530
-  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_start=479
-  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_end=530
-  _globals['_INFERREPLY']._serialized_start=533
-  _globals['_INFERREPLY']._serialized_end=766
-  _globals['_TENSORSPEC']._serialized_start=768
-  _globals['_TENSORSPEC']._serialized_end=827
-  _globals['_MODELSPEC']._serialized_start=830
-  _globals['_MODELSPEC']._serialized_end=1131
-  _globals['_ROUTINGTABLE']._serialized_start=1133
-  _globals['_ROUTINGTABLE']._serialized_end=1208
-  _globals['_WATCHREQUEST']._serialized_start=1210
-  _globals['_WATCHREQUEST']._serialized_end=1244
-  _globals['_MODELSTATE']._serialized_start=1247
-  _globals['_MODELSTATE']._serialized_end=1497
-  _globals['_WORKERREPORT']._serialized_start=1500
-  _globals['_WORKERREPORT']._serialized_end=1683
-  _globals['_WORKERASSIGNMENT']._serialized_start=1685
-  _globals['_WORKERASSIGNMENT']._serialized_end=1790
-  _globals['_ROUTER']._serialized_start=2107
-  _globals['_ROUTER']._serialized_end=2270
+  _globals['_TRAFFICSPLIT_WEIGHTSENTRY']._loaded_options = None
+  _globals['_TRAFFICSPLIT_WEIGHTSENTRY']._serialized_options = b'8\001'
+  _globals['_CODE']._serialized_start=2320
+  _globals['_CODE']._serialized_end=2631
+  _globals['_TENSOR']._serialized_start=67
+  _globals['_TENSOR']._serialized_end=156
+  _globals['_QUEUEDREQUEST']._serialized_start=159
+  _globals['_QUEUEDREQUEST']._serialized_end=557
+  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_start=506
+  _globals['_QUEUEDREQUEST_TRACECONTEXTENTRY']._serialized_end=557
+  _globals['_INFERREPLY']._serialized_start=560
+  _globals['_INFERREPLY']._serialized_end=793
+  _globals['_TENSORSPEC']._serialized_start=795
+  _globals['_TENSORSPEC']._serialized_end=854
+  _globals['_MODELSPEC']._serialized_start=857
+  _globals['_MODELSPEC']._serialized_end=1223
+  _globals['_TRAFFICSPLIT']._serialized_start=1226
+  _globals['_TRAFFICSPLIT']._serialized_end=1426
+  _globals['_TRAFFICSPLIT_WEIGHTSENTRY']._serialized_start=1380
+  _globals['_TRAFFICSPLIT_WEIGHTSENTRY']._serialized_end=1426
+  _globals['_ROUTINGTABLE']._serialized_start=1428
+  _globals['_ROUTINGTABLE']._serialized_end=1547
+  _globals['_WATCHREQUEST']._serialized_start=1549
+  _globals['_WATCHREQUEST']._serialized_end=1583
+  _globals['_MODELSTATE']._serialized_start=1586
+  _globals['_MODELSTATE']._serialized_end=1884
+  _globals['_WORKERREPORT']._serialized_start=1887
+  _globals['_WORKERREPORT']._serialized_end=2070
+  _globals['_WORKERASSIGNMENT']._serialized_start=2072
+  _globals['_WORKERASSIGNMENT']._serialized_end=2177
+  _globals['_MODELDEMAND']._serialized_start=2179
+  _globals['_MODELDEMAND']._serialized_end=2244
+  _globals['_MODELDEMANDREPLY']._serialized_start=2246
+  _globals['_MODELDEMANDREPLY']._serialized_end=2317
+  _globals['_ROUTER']._serialized_start=2634
+  _globals['_ROUTER']._serialized_end=3336
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from protos import grpc_service_pb2 as protos_dot_grpc__service__pb2
 from protos import meshserve_pb2 as protos_dot_meshserve__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -26,9 +27,7 @@ if _version_not_supported:
 
 
 class RouterStub:
-    """The control plane. Gateways watch the routing table; workers report what they
-    hold and learn what to load.
-    """
+    """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
         """Constructor.
@@ -46,12 +45,40 @@ class RouterStub:
                 request_serializer=protos_dot_meshserve__pb2.WorkerReport.SerializeToString,
                 response_deserializer=protos_dot_meshserve__pb2.WorkerAssignment.FromString,
                 _registered_method=True)
+        self.RepositoryIndex = channel.unary_unary(
+                '/meshserve.v1.Router/RepositoryIndex',
+                request_serializer=protos_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=protos_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
+        self.RepositoryModelLoad = channel.unary_unary(
+                '/meshserve.v1.Router/RepositoryModelLoad',
+                request_serializer=protos_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+                response_deserializer=protos_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+                _registered_method=True)
+        self.RepositoryModelUnload = channel.unary_unary(
+                '/meshserve.v1.Router/RepositoryModelUnload',
+                request_serializer=protos_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
+                response_deserializer=protos_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
+                _registered_method=True)
+        self.ModelStatistics = channel.unary_unary(
+                '/meshserve.v1.Router/ModelStatistics',
+                request_serializer=protos_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=protos_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+                _registered_method=True)
+        self.SetTrafficSplit = channel.unary_unary(
+                '/meshserve.v1.Router/SetTrafficSplit',
+                request_serializer=protos_dot_meshserve__pb2.TrafficSplit.SerializeToString,
+                response_deserializer=protos_dot_meshserve__pb2.TrafficSplit.FromString,
+                _registered_method=True)
+        self.DemandModel = channel.unary_unary(
+                '/meshserve.v1.Router/DemandModel',
+                request_serializer=protos_dot_meshserve__pb2.ModelDemand.SerializeToString,
+                response_deserializer=protos_dot_meshserve__pb2.ModelDemandReply.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
-    """The control plane. Gateways watch the routing table; workers report what they
-    hold and learn what to load.
-    """
+    """Missing associated documentation comment in .proto file."""
 
     def WatchRoutingTable(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -60,6 +87,46 @@ class RouterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportWorker(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryIndex(self, request, context):
+        """The model repository, behind the gateways' Triton RPCs of the same names
+        (which check the caller's tenant first and filter what it may see).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryModelLoad(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryModelUnload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelStatistics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTrafficSplit(self, request, context):
+        """Replace the split of one model (weights empty: back to the configured one);
+        answers the split now in force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DemandModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +145,36 @@ def add_RouterServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_meshserve__pb2.WorkerReport.FromString,
                     response_serializer=protos_dot_meshserve__pb2.WorkerAssignment.SerializeToString,
             ),
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=protos_dot_grpc__service__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=protos_dot_grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+            'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryModelLoad,
+                    request_deserializer=protos_dot_grpc__service__pb2.RepositoryModelLoadRequest.FromString,
+                    response_serializer=protos_dot_grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
+            ),
+            'RepositoryModelUnload': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryModelUnload,
+                    request_deserializer=protos_dot_grpc__service__pb2.RepositoryModelUnloadRequest.FromString,
+                    response_serializer=protos_dot_grpc__service__pb2.RepositoryModelUnloadResponse.SerializeToString,
+            ),
+            'ModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelStatistics,
+                    request_deserializer=protos_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=protos_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
+            ),
+            'SetTrafficSplit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrafficSplit,
+                    request_deserializer=protos_dot_meshserve__pb2.TrafficSplit.FromString,
+                    response_serializer=protos_dot_meshserve__pb2.TrafficSplit.SerializeToString,
+            ),
+            'DemandModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DemandModel,
+                    request_deserializer=protos_dot_meshserve__pb2.ModelDemand.FromString,
+                    response_serializer=protos_dot_meshserve__pb2.ModelDemandReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'meshserve.v1.Router', rpc_method_handlers)
@@ -87,9 +184,7 @@ def add_RouterServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Router:
-    """The control plane. Gateways watch the routing table; workers report what they
-    hold and learn what to load.
-    """
+    """Missing associated documentation comment in .proto file."""
 
     @staticmethod
     def WatchRoutingTable(request,
@@ -135,6 +230,168 @@ class Router:
             '/meshserve.v1.Router/ReportWorker',
             protos_dot_meshserve__pb2.WorkerReport.SerializeToString,
             protos_dot_meshserve__pb2.WorkerAssignment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Router/RepositoryIndex',
+            protos_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+            protos_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryModelLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Router/RepositoryModelLoad',
+            protos_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+            protos_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryModelUnload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Router/RepositoryModelUnload',
+            protos_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
+            protos_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Router/ModelStatistics',
+            protos_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+            protos_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrafficSplit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Router/SetTrafficSplit',
+            protos_dot_meshserve__pb2.TrafficSplit.SerializeToString,
+            protos_dot_meshserve__pb2.TrafficSplit.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DemandModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Router/DemandModel',
+            protos_dot_meshserve__pb2.ModelDemand.SerializeToString,
+            protos_dot_meshserve__pb2.ModelDemandReply.FromString,
             options,
             channel_credentials,
             insecure,
