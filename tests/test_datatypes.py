@@ -164,6 +164,18 @@ async def test_fp16_typed_contents_are_refused_naming_the_input(dtype_stub: pb_g
     assert "input 'x'" in (caught.value.details() or "")
 
 
+async def test_raw_bool_bytes_other_than_0_or_1_are_refused(dtype_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = request_for(identity_name("BOOL"), "x", "BOOL", np.zeros((1, 3), np.bool_), [1, 3], typed=False)
+    request.raw_input_contents[0] = bytes([1, 0, 2])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dtype_stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'x': BOOL element 2 is byte 2" in (caught.value.details() or "")
+    request.raw_input_contents[0] = bytes([1, 0, 1])
+    response = await dtype_stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+    assert output_of(response) == ("BOOL", [1, 3], bytes([1, 0, 1]))
+
+
 def test_a_bf16_model_is_refused_by_the_repository_naming_the_tensor(tmp_path: Path) -> None:
     """ONNX Runtime's Python API has no bfloat16 arrays: such a model could load but
     never answer, so the repository refuses it with a reason instead."""
@@ -217,17 +229,19 @@ async def test_bytes_that_are_not_utf8_are_refused_naming_the_input(
 # ------------------------------------------------------------ class_count
 
 
-async def test_class_count_is_refused_naming_it(dtype_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+@pytest.mark.parametrize("key", ["classification", "class_count"])  # tritonclient's name, and the hand-written one
+async def test_class_count_is_refused_naming_it(dtype_stub: pb_grpc.GRPCInferenceServiceStub, key: str) -> None:
     request = request_for(identity_name("FP32"), "x", "FP32", np.zeros((1, 3), np.float32), [1, 3], typed=False)
-    request.outputs.add(name="y").parameters["class_count"].int64_param = 2
+    request.outputs.add(name="y").parameters[key].int64_param = 2
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await dtype_stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "class_count" in (caught.value.details() or "")
+    assert f"'{key}'" in (caught.value.details() or "")
     assert "'y'" in (caught.value.details() or "")
     metadata = await dtype_stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=RPC_TIMEOUT_S)
     assert "classification" not in metadata.extensions
-    request.outputs[0].parameters["class_count"].int64_param = 0  # Triton's "off"
+    request.outputs[0].parameters[key].int64_param = 0  # Triton's "off"
     response = await dtype_stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
     assert output_of(response) == ("FP32", [1, 3], bytes(12))
 

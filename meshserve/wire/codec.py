@@ -127,22 +127,29 @@ def declared_bytes(request: pb.ModelInferRequest) -> int:
     return total
 
 
+CLASSIFICATION_PARAMETERS = ("classification", "class_count")
+"""The output parameters that ask for Triton's classification extension (refused)."""
+
+
 def check_requested_outputs(request: pb.ModelInferRequest, model: ModelInfo) -> list[str]:
     """Names of the requested outputs (empty: all), each checked to exist.
 
-    Refuses ``class_count`` (Triton's classification extension, not implemented)
-    rather than ignoring it: a client asking for top-k labels must not get logits.
+    Refuses Triton's classification extension rather than ignoring it: a client
+    asking for top-k labels must not get logits. tritonclient sends it as the
+    output parameter ``classification`` (its ``class_count`` argument); the name
+    ``class_count`` is refused too, as clients writing the request by hand use it.
     """
     known = {spec.name for spec in model.outputs}
     names = []
     for out in request.outputs:
         if out.name not in known:
             raise InvalidArgument(f"requested output '{out.name}' is not an output of model '{model.name}'")
-        if "class_count" in out.parameters and _parameter_value(out.parameters["class_count"]):  # 0: off
-            raise InvalidArgument(
-                f"requested output '{out.name}': parameter 'class_count' (Triton's classification "
-                "extension) is not supported; request the output and take the top classes on the client"
-            )
+        for key in CLASSIFICATION_PARAMETERS:
+            if key in out.parameters and _parameter_value(out.parameters[key]):  # 0: off
+                raise InvalidArgument(
+                    f"requested output '{out.name}': parameter '{key}' (class_count, Triton's classification "
+                    "extension) is not supported; request the output and take the top classes on the client"
+                )
         names.append(out.name)
     return names
 
@@ -245,6 +252,11 @@ def _check_raw_length(name: str, datatype: str, raw: bytes | memoryview, count: 
         raise InvalidArgument(
             f"input '{name}': shape {shape_str(shape)} {datatype} needs {count * size} bytes, got {len(raw)}"
         )
+    if datatype == "BOOL" and raw and np.frombuffer(raw, np.uint8).max() > 1:
+        # one byte per element, 0 or 1: any other byte is a bool no reader agrees on
+        # (ONNX Runtime's kernels and numpy's comparisons disagree on byte 2)
+        index = int(np.argmax(np.frombuffer(raw, np.uint8) > 1))
+        raise InvalidArgument(f"input '{name}': BOOL element {index} is byte {raw[index]}; raw BOOL bytes are 0 or 1")
 
 
 def _count_bytes_elements(name: str, raw: bytes) -> int:

@@ -144,6 +144,12 @@ def test_sync_infer_matches_onnxruntime(mesh: RunningMesh) -> None:
     np.testing.assert_allclose(
         result.as_numpy("logits"), reference(mesh.repository, "cnn", {"image": image})[0], rtol=1e-5, atol=1e-5
     )
+    # class_count (Triton's classification extension) is refused, never ignored: a
+    # client asking for top-k classes must not get logits back
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("cnn", [inp], outputs=[tc.InferRequestedOutput("logits", class_count=2)])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "class_count" in refused.value.message()
 
 
 def test_fixed_batch_model_and_requested_outputs(mesh: RunningMesh) -> None:
