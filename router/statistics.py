@@ -51,15 +51,15 @@ class StatisticsBook:
         """Triton's message per version in ``keys`` (in that order): summed over
         workers, the retired figures included; zeros for one never served."""
         wanted = {key: pb.ModelStatistics(name=key[0], version=str(key[1])) for key in keys}
-        for total in wanted.values():  # present even when zero, as Triton answers
+        for zero in wanted.values():  # present even when zero, as Triton answers
             for name in DURATIONS:
-                getattr(total.inference_stats, name).SetInParent()
+                getattr(zero.inference_stats, name).SetInParent()
         for per_worker in (self._retired, *self._last.values()):
             for key, figures in per_worker.items():
-                if (total := wanted.get(key)) is not None:
-                    add(total, figures)
-        for total in wanted.values():
-            by_size(total)
+                if (summed := wanted.get(key)) is not None:
+                    add(summed, figures)
+        for summed in wanted.values():
+            by_size(summed)
         return list(wanted.values())
 
 
