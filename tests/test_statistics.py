@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
+from meshserve.cli.main import main as cli_main
 from meshserve.devkit.examples import write_example_repository
 from meshserve.tenancy.tenants import hash_key
 from protos import grpc_service_pb2 as pb
@@ -35,7 +36,9 @@ def features(items: int) -> np.ndarray:
     return np.random.default_rng(items).standard_normal((items, 64)).astype(np.float32)
 
 
-async def test_counts_match_what_was_sent(redis: Redis, redis_url: str, tmp_path: Path) -> None:
+async def test_counts_match_what_was_sent(
+    redis: Redis, redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     repository = write_example_repository(tmp_path, ["mlp", "adder_fixed"])
     mesh = await start_mesh(redis_url, repository)
     try:
@@ -58,6 +61,10 @@ async def test_counts_match_what_was_sent(redis: Redis, redis_url: str, tmp_path
             with pytest.raises(grpc.aio.AioRpcError) as unknown_version:
                 await stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp", version="7"), timeout=RPC_TIMEOUT_S)
             metadata = await stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=RPC_TIMEOUT_S)
+            capsys.readouterr()
+            # the command's call is synchronous: on a thread, the mesh serves it meanwhile
+            exit_code = await asyncio.to_thread(cli_main, ["models", "stats", "mlp", "--target", mesh.address])
+            table = capsys.readouterr().out
     finally:
         await stop_mesh(mesh)
 
@@ -89,6 +96,12 @@ async def test_counts_match_what_was_sent(redis: Redis, redis_url: str, tmp_path
     assert unknown_version.value.code() == grpc.StatusCode.NOT_FOUND
     assert "unknown version '7' of model 'mlp'" in (unknown_version.value.details() or "")
     assert "statistics" in metadata.extensions
+
+    assert exit_code == 0
+    lines = table.splitlines()
+    assert lines[0].split()[:6] == ["MODEL", "VERSION", "REQUESTS", "FAILED", "ITEMS", "BATCHES"]
+    assert lines[1].split()[:6] == ["mlp", "1", str(requests), "0", str(sum(BATCH_SIZES)), str(stats.execution_count)]
+    assert [line.split()[1] for line in lines[2:]] == [str(b.batch_size) for b in by_size]
 
 
 async def test_a_request_the_model_fails_is_counted_as_failed(redis: Redis, redis_url: str, tmp_path: Path) -> None:
