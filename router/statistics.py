@@ -20,7 +20,10 @@ path: a report costs a dict per worker, a query sums messages.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from meshserve.errors import NotFound
 from protos import grpc_service_pb2 as pb
@@ -31,6 +34,8 @@ DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "comp
 
 BATCH_DURATIONS = ("compute_input", "compute_infer", "compute_output")
 
+PHASES = ("queue", *BATCH_DURATIONS)
+
 
 class StatisticsBook:
     """Owns every worker's last statistics and the retired totals."""
@@ -40,11 +45,22 @@ class StatisticsBook:
         self._retired: dict[ModelKey, pb.ModelStatistics] = {}
 
     def record(self, worker_id: str, reported: Mapping[ModelKey, pb.ModelStatistics]) -> None:
-        """A worker's report: its cumulative figures per model version it holds."""
+        """A worker's report: its cumulative figures per model version it holds.
+
+        Every dict and message published here is replaced whole, never changed, so
+        the metrics thread (``StatisticsCollector``) reads them without a lock."""
+        retired: dict[ModelKey, pb.ModelStatistics] | None = None
         for key, old in self._last.get(worker_id, {}).items():
             new = reported.get(key)
             if new is None or went_back(old, new):
-                add(self._retired.setdefault(key, pb.ModelStatistics()), old)
+                retired = dict(self._retired) if retired is None else retired
+                summed = pb.ModelStatistics()
+                if (before := retired.get(key)) is not None:
+                    summed.CopyFrom(before)
+                add(summed, old)
+                retired[key] = summed
+        if retired is not None:
+            self._retired = retired
         self._last[worker_id] = dict(reported)
 
     def totals(self, keys: Iterable[ModelKey]) -> list[pb.ModelStatistics]:
@@ -54,13 +70,52 @@ class StatisticsBook:
         for zero in wanted.values():  # present even when zero, as Triton answers
             for name in DURATIONS:
                 getattr(zero.inference_stats, name).SetInParent()
-        for per_worker in (self._retired, *self._last.values()):
+        for per_worker in (self._retired, *list(self._last.values())):
             for key, figures in per_worker.items():
                 if (summed := wanted.get(key)) is not None:
                     add(summed, figures)
         for summed in wanted.values():
             by_size(summed)
         return list(wanted.values())
+
+
+class StatisticsCollector(Collector):
+    """The book's totals as Prometheus counters, mesh-wide (a worker's own figures
+    are its ``meshserve_worker_*`` metrics); read in the metrics thread at scrape."""
+
+    def __init__(self, book: StatisticsBook, models: Callable[[], Iterable[ModelKey]]) -> None:
+        self.book = book
+        self.models = models
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        items = CounterMetricFamily(
+            "meshserve_model_inferences", "Batch items computed, all workers (Triton's inference_count).", labels=labels
+        )
+        batches = CounterMetricFamily(
+            "meshserve_model_executions", "Batches run, all workers (Triton's execution_count).", labels=labels
+        )
+        requests = CounterMetricFamily(
+            "meshserve_model_requests",
+            "Requests workers answered, by outcome: success, or fail (answered with an error).",
+            labels=[*labels, "outcome"],
+        )
+        phases = CounterMetricFamily(
+            "meshserve_model_phase_seconds",
+            "Summed over successful requests: queue, compute_input, compute_infer, compute_output"
+            " (a batch's compute time counts once per request of it, as in Triton).",
+            labels=[*labels, "phase"],
+        )
+        for stats in self.book.totals(sorted(self.models())):
+            names = [stats.name, stats.version]
+            infer = stats.inference_stats
+            items.add_metric(names, stats.inference_count)
+            batches.add_metric(names, stats.execution_count)
+            requests.add_metric([*names, "success"], infer.success.count)
+            requests.add_metric([*names, "fail"], infer.fail.count)
+            for phase in PHASES:
+                phases.add_metric([*names, phase], getattr(infer, phase).ns / 1e9)
+        yield from (items, batches, requests, phases)
 
 
 def requested(known: Iterable[ModelKey], name: str, version: str) -> list[ModelKey]:

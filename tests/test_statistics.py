@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from redis.asyncio import Redis
 
 from meshserve.cli.main import main as cli_main
@@ -61,6 +62,7 @@ async def test_counts_match_what_was_sent(
             with pytest.raises(grpc.aio.AioRpcError) as unknown_version:
                 await stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp", version="7"), timeout=RPC_TIMEOUT_S)
             metadata = await stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=RPC_TIMEOUT_S)
+            exported = generate_latest(mesh.router.metrics.registry).decode()
             capsys.readouterr()
             # the command's call is synchronous: on a thread, the mesh serves it meanwhile
             exit_code = await asyncio.to_thread(cli_main, ["models", "stats", "mlp", "--target", mesh.address])
@@ -96,6 +98,13 @@ async def test_counts_match_what_was_sent(
     assert unknown_version.value.code() == grpc.StatusCode.NOT_FOUND
     assert "unknown version '7' of model 'mlp'" in (unknown_version.value.details() or "")
     assert "statistics" in metadata.extensions
+
+    mlp = 'model="mlp",version="1"'
+    assert f"meshserve_model_inferences_total{{{mlp}}} {sum(BATCH_SIZES)}.0" in exported
+    assert f"meshserve_model_executions_total{{{mlp}}} {stats.execution_count}.0" in exported
+    assert f'meshserve_model_requests_total{{model="mlp",outcome="success",version="1"}} {requests}.0' in exported
+    assert 'meshserve_model_requests_total{model="mlp",outcome="fail",version="1"} 0.0' in exported
+    assert 'meshserve_model_phase_seconds_total{model="mlp",phase="compute_infer",version="1"}' in exported
 
     assert exit_code == 0
     lines = table.splitlines()
