@@ -139,6 +139,35 @@ async def test_a_request_the_model_fails_is_counted_as_failed(redis: Redis, redi
     assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(2, 1)]
 
 
+async def test_the_sum_over_workers_outlives_a_worker(redis: Redis, redis_url: str, tmp_path: Path) -> None:
+    repository = write_example_repository(tmp_path, ["mlp"])
+    mesh = await start_mesh(redis_url, repository, workers=2)
+    first, second = mesh.workers
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            calls = [
+                stub.ModelInfer(infer_request("mlp", {"features": features(n)}), timeout=RPC_TIMEOUT_S)
+                for n in BATCH_SIZES
+            ]
+            await asyncio.gather(*calls)
+            await report_now(mesh)
+            served_by = [w.worker.served[("mlp", 1)].statistics.inference_count for w in mesh.workers]
+            both = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"), timeout=RPC_TIMEOUT_S)
+            await first.stop()  # reported while stopping: its figures stay in the sum
+            mesh.workers = [second]
+            await stub.ModelInfer(infer_request("mlp", {"features": features(5)}), timeout=RPC_TIMEOUT_S)
+            await report_now(mesh)
+            after = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"), timeout=RPC_TIMEOUT_S)
+    finally:
+        await stop_mesh(mesh)
+
+    assert sum(served_by) == sum(BATCH_SIZES)
+    assert both.model_stats[0].inference_count == sum(BATCH_SIZES)
+    assert after.model_stats[0].inference_count == sum(BATCH_SIZES) + 5
+    assert after.model_stats[0].inference_stats.success.count == len(BATCH_SIZES) + 1
+
+
 TENANTS = f"""
 tenants:
   - name: narrow
