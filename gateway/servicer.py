@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from gateway.core import Gateway
 from gateway.request import infer_call
+from gateway.statistics import model_statistics
 from meshserve import __version__
 from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.models.repository import ModelInfo
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
 
-EXTENSIONS = ["model_configuration", "parameters"]
+EXTENSIONS = ["model_configuration", "parameters", "statistics"]
 
 UNAUTHENTICATED_LABEL = "<unauthenticated>"
 """The rejections metric's tenant label for a call with no valid credential."""
@@ -359,8 +360,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await _unimplemented(context, "ModelStreamInfer")
         yield pb.ModelStreamInferResponse()  # pragma: no cover (makes this an async generator)
 
-    async def ModelStatistics(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unimplemented(context, "ModelStatistics")
+    async def ModelStatistics(  # noqa: N802
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        """The router's statistics (:mod:`gateway.statistics`), only of the models the
+        tenant may use."""
+        try:
+            tenant = self.authenticate(context)
+            return await model_statistics(self.gateway, tenant, request, context.time_remaining())
+        except MeshError as error:
+            await _abort(context, error)
 
     async def RepositoryIndex(self, request: Any, context: Context) -> Any:  # noqa: N802
         await _unimplemented(context, "RepositoryIndex")

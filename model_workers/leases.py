@@ -104,6 +104,7 @@ class Leases:
         if not claim.expired:
             return
         served.stats.expired += len(claim.expired)
+        served.statistics.expired_unread(len(claim.expired), claim.now_ms)
         outgoing = []
         for job_id, reply_to in claim.expired:
             blob = failed_reply(job_id, DeadlineExceeded("deadline exceeded while queued")).SerializeToString()

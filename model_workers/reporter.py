@@ -118,6 +118,7 @@ class Reporter:
                     queue_wait_seconds_total=s.stats.queue_wait_seconds,
                     weights_bytes=s.weights_bytes,
                     activation_bytes=s.activation_bytes,
+                    statistics=s.statistics.to_proto(name, version),
                 )
                 for (name, version), s in held.served.items()
             ]

@@ -225,6 +225,7 @@ class BatchRunner:
             expired = [
                 (job, failed_reply(job.job_id, queued_too_long)) for job in jobs if job.request.deadline_ms <= now_ms
             ]
+            _count_failed(served, [job for job, _ in expired], claimed_ns)
             self._reply(served, expired, traced)
             jobs[:] = live
         if live:
@@ -247,6 +248,7 @@ class BatchRunner:
             # A large batch is stacked and split on a thread: the loop keeps renewing
             # leases, reporting and claiming meanwhile (OFF_LOOP_BYTES).
             feed = await asyncio.to_thread(stack, jobs) if batch_bytes(jobs) > OFF_LOOP_BYTES else stack(jobs)
+            stacked_ns = time.time_ns()
             try:
                 with self._compute_spans(info.name, jobs, total, traced) if traced else UNTRACED:
                     keep_leases = partial(self._leases.extend_while_computing, served, jobs)
@@ -257,20 +259,39 @@ class BatchRunner:
             except (DeadlineExceeded, Unavailable) as exc:  # stopped at a time limit: not the model's failure
                 log.warning("%s (a batch of %d)", exc, total, extra={"model": info.name, "version": info.version})
                 served.stats.stopped += len(jobs)
+                _count_failed(served, jobs, time.time_ns())
                 return [(job, failed_reply(job.job_id, exc)) for job in jobs]
             except Exception as exc:  # a model failure answers its requests, never kills the worker
                 log.exception("model %s failed on a batch of %d", info.name, total)
                 served.stats.failed += len(jobs)
+                _count_failed(served, jobs, time.time_ns())
                 self._health.batch_failed(served)
                 message = f"model '{info.name}' failed: {exc}"
                 return [(job, failed_reply(job.job_id, Internal(message))) for job in jobs]
             self._health.batch_succeeded(served)
             if log.isEnabledFor(logging.DEBUG):  # inside the batch span: the line carries its trace id
                 _log_batch(info, jobs, total, compute_us, claimed_ns)
-        self._account(served, jobs, total, compute_us, claimed_ns)
+        queue_ns = self._account(served, jobs, total, compute_us, claimed_ns)
+        cutting_ns = time.time_ns()
         cut = partial(split, served, jobs, outputs, compute_us, claimed_ns, self._worker_id)
         replies = await asyncio.to_thread(cut) if sum(out.nbytes for out in outputs) > OFF_LOOP_BYTES else cut()
-        return [self._within_limit(info, job, reply) for job, reply in replies]
+        answered = [self._within_limit(info, job, reply) for job, reply in replies]
+        ended_ns = time.time_ns()
+        over_limit = [job for job, reply in answered if reply.code != mpb.OK]  # rare: answered with an error
+        if over_limit:
+            _count_failed(served, over_limit, ended_ns)
+            queue_ns -= sum(max(0, claimed_ns - job.request.enqueued_ms * 1_000_000) for job in over_limit)
+        served.statistics.batch_succeeded(
+            total,
+            len(jobs) - len(over_limit),
+            queue_ns=queue_ns,
+            input_ns=stacked_ns - claimed_ns,
+            infer_ns=compute_us * 1000,
+            output_ns=ended_ns - cutting_ns,
+            ended_ns=ended_ns,
+            claimed_ns=claimed_ns,
+        )
+        return answered
 
     def _within_limit(self, info: ModelInfo, job: Job, reply: mpb.InferReply) -> tuple[Job, mpb.InferReply]:
         """The reply, or RESOURCE_EXHAUSTED when its outputs pass ``max_message_bytes``:
@@ -286,8 +307,9 @@ class BatchRunner:
         )
         return job, failed_reply(job.job_id, ResourceExhausted(message, reason="message_size"))
 
-    def _account(self, served: Served, jobs: list[Job], total: int, compute_us: int, claimed_ns: int) -> None:
-        """A batch's figures: the model's counters, the metrics, each tenant's device time."""
+    def _account(self, served: Served, jobs: list[Job], total: int, compute_us: int, claimed_ns: int) -> int:
+        """A batch's figures: the model's counters, the metrics, each tenant's device time;
+        returns the requests' summed queue time (ns, enqueue to claim)."""
         info = served.model.info
         version = str(info.version)
         compute_s = compute_us / 1e6
@@ -297,8 +319,11 @@ class BatchRunner:
         labelled(metrics.compute, info.name, version).observe(compute_s)
         queue_wait = labelled(metrics.queue_wait, info.name, version)
         stats = served.stats
+        queue_ns = 0
         for job in jobs:
-            wait_s = max(0.0, claimed_ns / 1e9 - job.request.enqueued_ms / 1000)
+            wait_ns = max(0, claimed_ns - job.request.enqueued_ms * 1_000_000)
+            queue_ns += wait_ns
+            wait_s = wait_ns / 1e9
             queue_wait.observe(wait_s)
             stats.queue_wait_seconds += wait_s
             # the batch's device time, shared by items: what each tenant costs
@@ -308,6 +333,7 @@ class BatchRunner:
         stats.requests += len(jobs)
         stats.largest_batch = max(stats.largest_batch, total)
         stats.device_seconds += compute_s
+        return queue_ns
 
     def _batch_span(
         self, info: ModelInfo, jobs: list[Job], total: int, traced: Traced
@@ -374,6 +400,11 @@ class BatchRunner:
                     )
                     own.set_status(status)
                     own.end(end_time=ended_ns)
+
+
+def _count_failed(served: Served, jobs: list[Job], now_ns: int) -> None:
+    """Triton's fail figures for requests answered with an error at ``now_ns``."""
+    served.statistics.requests_failed(len(jobs), sum(job.request.enqueued_ms for job in jobs), now_ns)
 
 
 def _traced(jobs: list[Job]) -> Traced:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from meshserve.queue import ModelKeys
 from model_workers.session import LoadedModel
+from model_workers.statistics import ModelStatistics
 
 COMPUTE_HALF_LIFE_BATCHES = 3.0
 """A batch's weight in a model's moving averages halves after this many newer batches:
@@ -70,6 +71,7 @@ class Served:
     model: LoadedModel
     keys: ModelKeys
     stats: ModelStats = field(default_factory=ModelStats)
+    statistics: ModelStatistics = field(default_factory=ModelStatistics)  # Triton's, for the report
     consecutive_failures: int = 0
     canary_failing: bool = False  # the last canary failed (logged at error once per outage)
     weights_bytes: int = 0

@@ -17,6 +17,7 @@ from router.core import RouterCore
 from router.depths import QueueDepths
 from router.placement import ModelKey
 from router.servicer import RouterServicer
+from router.statistics import StatisticsCollector
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,8 @@ class RouterServer:
             unservable=scan.unservable,
         )
         self.server = grpc.aio.server()
-        mpb_grpc.add_RouterServicer_to_server(
-            RouterServicer(self.core, settings.model_repository, settings.report_interval_ms), self.server
-        )
+        servicer = RouterServicer(self.core, settings.model_repository, settings.report_interval_ms)
+        mpb_grpc.add_RouterServicer_to_server(servicer, self.server)
         # grpc.health.v1: "" for the router itself, "<model>/<version>" for whether any
         # live worker serves that model version (the routing table's readiness).
         self.health = health.aio.HealthServicer()
@@ -58,6 +58,7 @@ class RouterServer:
                 load_failures=self.core.load_failures,
             )
         )
+        self.metrics.registry.register(StatisticsCollector(servicer.statistics, lambda: list(self.core.models)))
         self._metrics_server: MetricsServer | None = None
 
     def _queue_depths(self) -> dict[ModelKey, dict[str, int]]:

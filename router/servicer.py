@@ -11,11 +11,14 @@ from pathlib import Path
 
 import grpc
 
+from meshserve.errors import MeshError
 from meshserve.wire.routing import spec_from_info
+from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
 from router.core import RouterCore, TableSnapshot, slot_from_id
 from router.placement import Footprint, Slot
+from router.statistics import StatisticsBook, requested
 
 
 class RouterServicer(mpb_grpc.RouterServicer):
@@ -23,6 +26,7 @@ class RouterServicer(mpb_grpc.RouterServicer):
         self.core = core
         self.repository = repository
         self.report_interval_ms = report_interval_ms
+        self.statistics = StatisticsBook()
 
     def _table(self, snap: TableSnapshot) -> mpb.RoutingTable:
         return mpb.RoutingTable(
@@ -51,6 +55,9 @@ class RouterServicer(mpb_grpc.RouterServicer):
         loads = {(m.name, m.version): (m.requests_total, m.queue_wait_seconds_total) for m in request.models}
         footprints = {(m.name, m.version): Footprint(m.weights_bytes, m.activation_bytes) for m in request.models}
         failures = {(m.name, m.version): m.load_error for m in request.models if m.load_error and not m.ready}
+        self.statistics.record(
+            request.worker_id, {(m.name, m.version): m.statistics for m in request.models if m.HasField("statistics")}
+        )
         models = await self.core.report(
             request.worker_id,
             request.device,
@@ -68,6 +75,18 @@ class RouterServicer(mpb_grpc.RouterServicer):
             ],
             report_interval_ms=self.report_interval_ms,
         )
+
+    async def ModelStatistics(  # noqa: N802
+        self,
+        request: pb.ModelStatisticsRequest,
+        context: grpc.aio.ServicerContext[pb.ModelStatisticsRequest, pb.ModelStatisticsResponse],
+    ) -> pb.ModelStatisticsResponse:
+        """Triton's statistics, summed over workers (:mod:`router.statistics`)."""
+        try:
+            keys = requested(self.core.models, request.name, request.version)
+        except MeshError as error:
+            await context.abort(error.code, error.message)
+        return pb.ModelStatisticsResponse(model_stats=self.statistics.totals(keys))
 
 
 def _slot(request: mpb.WorkerReport) -> Slot:

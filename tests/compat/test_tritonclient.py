@@ -195,9 +195,46 @@ def test_errors_carry_grpc_status(mesh: RunningMesh) -> None:
     with pytest.raises(InferenceServerException) as unknown:
         client.infer("no_such_model", [inp])
     assert unknown.value.status() == "StatusCode.NOT_FOUND"
-    with pytest.raises(InferenceServerException) as streaming:
-        client.get_inference_statistics("mlp")
-    assert streaming.value.status() == "StatusCode.UNIMPLEMENTED"
+    with pytest.raises(InferenceServerException) as unimplemented:
+        client.get_trace_settings()
+    assert unimplemented.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_statistics_as_tritonclient_reads_them(mesh: RunningMesh) -> None:
+    """The wire of ModelStatistics (exact counts: tests/test_statistics.py, in process)."""
+    client = tc.InferenceServerClient(mesh.address)
+    before = client.get_inference_statistics("mlp").model_stats
+    x = np.ones((2, 64), dtype=np.float32)
+    inp = tc.InferInput("features", [2, 64], "FP32")
+    inp.set_data_from_numpy(x)
+    client.infer("mlp", [inp])
+    after = client.get_inference_statistics("mlp", "1").model_stats
+    every = client.get_inference_statistics(as_json=True)["model_stats"]
+    with pytest.raises(InferenceServerException) as unknown:
+        client.get_inference_statistics("no_such_model")
+
+    assert [(s.name, s.version) for s in before] == [("mlp", "1")]
+    assert [(s.name, s.version) for s in after] == [("mlp", "1")]
+    for field in ("inference_count", "execution_count", "last_inference"):
+        assert getattr(after[0], field) >= getattr(before[0], field), field
+    assert after[0].inference_stats.success.count >= before[0].inference_stats.success.count
+    assert sorted(s["name"] for s in every) == sorted(EXAMPLE_MODELS)
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
+    assert "statistics" in client.get_server_metadata().extensions
+
+
+async def test_statistics_with_the_asyncio_client(mesh: RunningMesh) -> None:
+    client = tc_aio.InferenceServerClient(mesh.address)
+    try:
+        answer = await client.get_inference_statistics("mlp", as_json=True)
+        with pytest.raises(InferenceServerException) as unknown:
+            await client.get_inference_statistics("mlp", "9")
+    finally:
+        await client.close()
+    (stats,) = answer["model_stats"]
+    assert (stats["name"], stats["version"]) == ("mlp", "1")
+    assert "inference_stats" in stats
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
 
 
 def test_strings_as_tritonclient_sends_them(dtype_mesh: RunningMesh) -> None:
