@@ -20,6 +20,7 @@ import grpc
 from opentelemetry import trace
 
 from gateway.core import Gateway
+from gateway.repository import RepositoryForwarder
 from gateway.request import infer_call
 from meshserve import __version__
 from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
 
-EXTENSIONS = ["model_configuration", "parameters"]
+EXTENSIONS = ["model_configuration", "model_repository", "parameters"]
 
 UNAUTHENTICATED_LABEL = "<unauthenticated>"
 """The rejections metric's tenant label for a call with no valid credential."""
@@ -196,6 +197,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self.metrics = metrics or GatewayMetrics.create()
         self._labelled = LabelMemo()
+        self.repository = RepositoryForwarder(gateway.routing.router)
 
     # ----------------------------------------------------------------- health
 
@@ -362,14 +364,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: Any, context: Context) -> Any:  # noqa: N802
         await _unimplemented(context, "ModelStatistics")
 
-    async def RepositoryIndex(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unimplemented(context, "RepositoryIndex")
+    # ------------------------------------------------- the repository API (gateway/repository.py)
 
-    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unimplemented(context, "RepositoryModelLoad")
+    async def RepositoryIndex(  # noqa: N802
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        try:
+            return await self.repository.index(request, self.authenticate(context), context.time_remaining())
+        except MeshError as error:
+            await _abort(context, error)
 
-    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unimplemented(context, "RepositoryModelUnload")
+    async def RepositoryModelLoad(  # noqa: N802
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        try:
+            await self.repository.load(request, self.authenticate(context), context.time_remaining())
+        except MeshError as error:
+            await _abort(context, error)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(  # noqa: N802
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            await self.repository.unload(request, self.authenticate(context), context.time_remaining())
+        except MeshError as error:
+            await _abort(context, error)
+        return pb.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:  # noqa: N802
         await _unsupported(context, "system shared memory")

@@ -98,6 +98,14 @@ UP_WORKER_FORWARDED = (
     "price_per_device_hour",
     "health_host",
 )
+UP_ROUTER_FORWARDED = (
+    "model_control_mode",
+    "repository_poll_s",
+    "load_model",
+    "managed_repository",
+    "max_upload_bytes",
+    "unload_drain_s",
+)
 UP_SHARED_FORWARDED = ("trace_tenant", "allow_eviction", "max_message_bytes")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
@@ -143,6 +151,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, GatewaySettings, only=UP_GATEWAY_OWN)
     add_arguments(parser, GatewaySettings, only=UP_GATEWAY_FORWARDED, given_only=True)
     add_arguments(parser, WorkerSettings, only=UP_WORKER_FORWARDED, given_only=True)
+    add_arguments(parser, RouterSettings, only=UP_ROUTER_FORWARDED, given_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +338,7 @@ def plan_children(
             *tls_args,
             *logging_args,
             *metrics_args,
-            *forwarded_flags(RouterSettings, args, ("allow_eviction",)),
+            *forwarded_flags(RouterSettings, args, ("allow_eviction", *UP_ROUTER_FORWARDED)),
         ),
     )
     workers = [
