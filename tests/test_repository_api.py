@@ -351,3 +351,41 @@ async def test_model_files_sent_in_the_request_are_validated_and_served(
         assert (repository / ".managed" / "uploaded" / "1" / "model.onnx").read_bytes() == model
     finally:
         await stop_mesh(mesh)
+
+
+@pytest.mark.timeout(60)
+async def test_the_models_command_lists_loads_and_unloads(
+    redis: Redis, redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from meshserve.cli.main import main
+
+    repository = _repository(tmp_path, extra=("extra",))
+    mesh = await _mesh(redis_url, repository, RoutingView.all_ready, model_control_mode="explicit", load_model=("mlp",))
+    try:
+        base = ["models", "--address", mesh.address]
+        assert await asyncio.to_thread(main, [*base, "list"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].split() == ["MODEL", "VERSION", "STATE", "REASON"]
+        assert lines[1].split() == ["extra", "-", "UNAVAILABLE", "not", "loaded"]
+        assert lines[2].split() == ["mlp", "1", "READY"]
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"max_batch_size": 2}))
+        model = repository / "mlp" / "1" / "model.onnx"
+        assert (
+            await asyncio.to_thread(
+                main, [*base, "load", "sent", "--config", str(config), "--file", f"1/model.onnx={model}"]
+            )
+            == 0
+        )
+        assert capsys.readouterr().out == "loaded sent\n"
+        await _wait(mesh, lambda view: ("sent", 1) in view.ready)
+        assert mesh.gateway.routing.view.models[("sent", 1)].max_batch_size == 2
+        assert await asyncio.to_thread(main, [*base, "list", "--ready"]) == 0
+        listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+        assert listed == ["mlp", "sent"]
+        assert await asyncio.to_thread(main, [*base, "unload", "sent"]) == 0
+        assert await asyncio.to_thread(main, [*base, "unload", "nosuch"]) == 1
+        assert "NOT_FOUND" in capsys.readouterr().err
+        assert await asyncio.to_thread(main, [*base, "load", "x", "--file", "1/model.onnx"]) == 2
+    finally:
+        await stop_mesh(mesh)

@@ -8,6 +8,7 @@
     meshserve bench     load generator, beside raw ONNX Runtime in-process
     meshserve hash-key  the sha256 form of an API key, for the tenants file
     meshserve top       live view of models, tenants, queues and devices from /metrics
+    meshserve models    list, load and unload models (the repository API)
 
 Every flag has a ``MESHSERVE_<NAME>`` environment variable; the flag wins.
 """
@@ -154,6 +155,12 @@ def cmd_top(args: argparse.Namespace) -> int:
     return run_top(args.endpoint or DEFAULT_ENDPOINTS, args.interval_s, once=args.once)
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from meshserve.cli.models import run_models
+
+    return run_models(args)
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -203,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval-s", type=float, default=env_default("TOP_INTERVAL_S", 1.0), help="between scrapes")
     top.add_argument("--once", action="store_true", help="print one frame (two scrapes --interval-s apart) and exit")
     top.set_defaults(func=cmd_top)
+
+    models = sub.add_parser("models", help="list, load and unload models through the gateway (repository API)")
+    from meshserve.cli.models import add_models_arguments
+
+    add_models_arguments(models)
+    models.set_defaults(func=cmd_models)
     return parser
 
 
