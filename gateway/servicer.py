@@ -197,7 +197,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self.metrics = metrics or GatewayMetrics.create()
         self._labelled = LabelMemo()
-        self.repository = RepositoryForwarder(gateway.routing.router)
+        self.repository = RepositoryForwarder(gateway.routing)
 
     # ----------------------------------------------------------------- health
 

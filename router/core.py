@@ -145,6 +145,18 @@ class RouterCore:
         self._placed_from = None  # the demands changed: place again
         await self._recompute(force=True)
 
+    async def wait_settled(self, keys: Collection[ModelKey], timeout_s: float) -> TableSnapshot | None:
+        """The first table where each of ``keys`` is READY or UNAVAILABLE (failed);
+        None when ``timeout_s`` passed first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for snap in self.watch():
+                    if all(snap.state(key) in (READY, UNAVAILABLE) for key in keys):
+                        return snap
+        except TimeoutError:
+            pass
+        return None
+
     def held_anywhere(self, key: ModelKey) -> bool:
         """Whether a live worker last reported ``key`` ready (still holds it)."""
         return any(key in record.held for record in self.workers.values())

@@ -66,6 +66,8 @@ NOT_LOADED = "not loaded"
 DRAIN_CHECK_S = 0.05
 """How often a drain reads the queue depth: an unload is rare and bounded, and the
 depth lives in Redis, which has no "queue empty" event to wait on."""
+LOAD_WAIT_S = 300.0
+"""A load without a deadline answers within this long: READY, failed, or still loading."""
 RELEASE_TIMEOUT_S = 10.0
 """A reload waits this long at most for workers to let the old version go."""
 
@@ -158,14 +160,23 @@ class RepositoryManager:
 
     # ------------------------------------------------------------ load / unload
 
-    async def load(self, name: str, *, config: str | None = None, files: Mapping[str, bytes] | None = None) -> None:
+    async def load(
+        self,
+        name: str,
+        *,
+        config: str | None = None,
+        files: Mapping[str, bytes] | None = None,
+        timeout_s: float | None = None,
+    ) -> int:
         """Load or reload ``name``: from the repository, or (with a ``config`` override
-        or ``files``) from what the managed directory is given. Returns once the table
-        has it (LOADING; READY follows when a worker has warmed it up).
+        or ``files``) from what the managed directory is given. Returns, as Triton's
+        load does, once every version is READY (or raises when one failed): the table
+        generation that says so, for gateways to wait for.
 
-        Raises Unavailable outside explicit mode, NotFound for a model the repository
-        lacks, InvalidArgument for a bad name, config or file, ResourceExhausted for
-        files over the limit."""
+        Raises Unavailable outside explicit mode, when a version failed to load (the
+        reason), or when none settled within ``timeout_s`` (default ``LOAD_WAIT_S``);
+        NotFound for a model the repository lacks; InvalidArgument for a bad name,
+        config or file; ResourceExhausted for files over the limit."""
         self._explicit_only("load")
         _check_name(name)
         async with self._lock:
@@ -173,8 +184,19 @@ class RepositoryManager:
             scan = await asyncio.to_thread(self._scan, model_dir)
             await self._apply(name, scan, model_dir)
         log.info("model %s loaded from %s: %d version(s)", name, model_dir, len(scan.models))
+        keys = [(m.name, m.version) for m in scan.models]
+        wait_s = LOAD_WAIT_S if timeout_s is None else timeout_s
+        snap = await self._bound().wait_settled([*keys, *scan.unservable], wait_s)
+        if snap is None:
+            raise Unavailable(f"model '{name}' is still LOADING after {wait_s:.0f} s (RepositoryIndex shows its state)")
+        failed = [
+            f"version {key[1]}: {snap.failed[key]}" for key in sorted([*keys, *scan.unservable]) if key in snap.failed
+        ]
+        if failed or not keys:
+            raise Unavailable(f"load failed for model '{name}': " + ("; ".join(failed) or "no version to serve"))
+        return snap.generation
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str) -> int:
         """Drain every version of ``name``, then take it out of the table (UNAVAILABLE
         "unloaded"). A model known but not loaded: nothing to do. Raises Unavailable
         outside explicit mode, NotFound for a model the router never knew."""
@@ -185,6 +207,7 @@ class RepositoryManager:
                 raise NotFound(f"unknown model '{name}'")
             await self._apply(name, RepositoryScan([], [], {}), self.repository / name)
         log.info("model %s unloaded", name)
+        return self._bound().snapshot().generation
 
     async def run_poll(self, interval_s: float) -> None:
         """Owned by the router's server in poll mode: rescan every ``interval_s``."""

@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from meshserve.errors import InvalidArgument, MeshError
-from meshserve.wire.routing import spec_from_info
+from meshserve.wire.routing import GENERATION_TRAILER, spec_from_info
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -101,11 +101,13 @@ class RouterServicer(mpb_grpc.RouterServicer):
         request: pb.RepositoryModelLoadRequest,
         context: grpc.aio.ServicerContext[pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse],
     ) -> pb.RepositoryModelLoadResponse:
-        async def load() -> None:
+        async def load() -> int:
             config, files = load_arguments(request)
-            await self._models().load(request.model_name, config=config, files=files)
+            timeout_s = context.time_remaining()
+            return await self._models().load(request.model_name, config=config, files=files, timeout_s=timeout_s)
 
-        await answer(context, load())
+        generation = await answer(context, load())
+        context.set_trailing_metadata(((GENERATION_TRAILER, str(generation)),))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(  # noqa: N802
@@ -113,7 +115,8 @@ class RouterServicer(mpb_grpc.RouterServicer):
         request: pb.RepositoryModelUnloadRequest,
         context: grpc.aio.ServicerContext[pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse],
     ) -> pb.RepositoryModelUnloadResponse:
-        await answer(context, self._models().unload(request.model_name))
+        generation = await answer(context, self._models().unload(request.model_name))
+        context.set_trailing_metadata(((GENERATION_TRAILER, str(generation)),))
         return pb.RepositoryModelUnloadResponse()
 
     def _models(self) -> RepositoryManager:

@@ -126,12 +126,23 @@ async def test_index_lists_states_and_reasons_and_mode_none_refuses_changes(
 async def test_explicit_load_serves_and_unload_drains_what_is_queued(
     redis: Redis, redis_url: str, tmp_path: Path, channel_for: Any
 ) -> None:
-    repository = _repository(tmp_path, extra=("extra",))
+    repository = _repository(tmp_path, extra=("extra",), broken=True)
     mesh = await _mesh(redis_url, repository, RoutingView.all_ready, model_control_mode="explicit", load_model=("mlp",))
     try:
         stub = channel_for(mesh)
         index = _index(await stub.RepositoryIndex(pb.RepositoryIndexRequest()))
-        assert index == {("mlp", "1"): ("READY", ""), ("extra", ""): ("UNAVAILABLE", "not loaded")}
+        assert index == {
+            ("mlp", "1"): ("READY", ""),
+            ("extra", ""): ("UNAVAILABLE", "not loaded"),
+            ("broken", ""): ("UNAVAILABLE", "not loaded"),
+        }
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.RepositoryModelLoad(_load("broken"))
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "load failed for model 'broken': version 1:" in (failed.value.details() or "")
+        assert "model_warmup" in (failed.value.details() or "")
+        state, reason = _index(await stub.RepositoryIndex(pb.RepositoryIndexRequest()))[("broken", "1")]
+        assert state == "UNAVAILABLE" and "model_warmup" in reason
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
             await stub.RepositoryModelLoad(_load("nosuch"))
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
@@ -140,8 +151,8 @@ async def test_explicit_load_serves_and_unload_drains_what_is_queued(
             await stub.RepositoryModelLoad(_load("../mlp"))
         assert bad_name.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-        await stub.RepositoryModelLoad(_load("extra"))
-        await _wait(mesh, lambda view: ("extra", 1) in view.ready)
+        await stub.RepositoryModelLoad(_load("extra"))  # as Triton's: answers once the model is READY
+        assert ("extra", 1) in mesh.gateway.routing.view.ready
         assert (await stub.ModelInfer(mlp_request("extra"))).model_name == "extra"
 
         # unload while three requests wait in the queue: they complete, new ones are refused
@@ -164,11 +175,11 @@ async def test_explicit_load_serves_and_unload_drains_what_is_queued(
         answers = await asyncio.gather(*queued)
         assert [a.model_name for a in answers] == ["extra"] * 3
         await unloading
+        assert ("extra", 1) not in mesh.gateway.routing.view.models
         assert _index(await stub.RepositoryIndex(pb.RepositoryIndexRequest()))[("extra", "1")] == (
             "UNAVAILABLE",
             "unloaded",
         )
-        await _wait(mesh, lambda view: ("extra", 1) not in view.models)
         with pytest.raises(grpc.aio.AioRpcError) as gone:
             await stub.ModelInfer(mlp_request("extra"))
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND

@@ -277,7 +277,8 @@ def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
             child.start()
         host = gateway_host(args.host, args.tenants)
         dial_host = LOOPBACK_HOST if host in (ANY_HOST, "::", "[::]") else host
-        settled = _wait_ready(router_address, f"{dial_host}:{args.grpc_port}", children, stop, tls)
+        explicit = getattr(args, "model_control_mode", "none") == "explicit"  # may start with no model
+        settled = _wait_ready(router_address, f"{dial_host}:{args.grpc_port}", children, stop, tls, empty_ok=explicit)
         if settled is not None:
             models, failed = settled
             transport = "gRPC over mutual TLS" if tls else "gRPC"
@@ -406,11 +407,14 @@ def _wait_ready(
     children: list[Child],
     stop: threading.Event,
     tls: TlsConfig | None = None,
+    *,
+    empty_ok: bool = False,
 ) -> tuple[list[str], list[tuple[str, str]]] | None:
     """Block until the router says every model has loaded or failed to (workers
     retry the failed ones) and the gateway serves those that loaded; their names, and each
     failed "<model> version <v>" with its reason. None when a child died first or
-    the mesh did not settle within ``READY_TIMEOUT_S``."""
+    the mesh did not settle within ``READY_TIMEOUT_S``. ``empty_ok``: a table with no
+    model is settled (explicit control mode, where models come with the repository API)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from protos import meshserve_pb2 as mpb
@@ -427,7 +431,7 @@ def _wait_ready(
                 stub = mpb_grpc.RouterStub(channel)
                 for table in stub.WatchRoutingTable(mpb.WatchRequest(gateway_id="up"), timeout=2):
                     ready = [m for m in table.models if m.ready]
-                    if table.models and all(m.ready or m.load_error for m in table.models):
+                    if (table.models or empty_ok) and all(m.ready or m.load_error for m in table.models):
                         break
                 else:
                     continue
