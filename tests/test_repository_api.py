@@ -142,7 +142,8 @@ async def test_explicit_load_serves_and_unload_drains_what_is_queued(
         assert "load failed for model 'broken': version 1:" in (failed.value.details() or "")
         assert "model_warmup" in (failed.value.details() or "")
         state, reason = _index(await stub.RepositoryIndex(pb.RepositoryIndexRequest()))[("broken", "1")]
-        assert state == "UNAVAILABLE" and "model_warmup" in reason
+        assert state == "UNAVAILABLE"
+        assert "model_warmup" in reason
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
             await stub.RepositoryModelLoad(_load("nosuch"))
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
