@@ -215,8 +215,8 @@ class RepositoryManager:
             await asyncio.sleep(interval_s)
             try:
                 await self.rescan()
-            except RepositoryError as exc:  # the repository itself unreadable: keep what is served
-                log.error("repository poll: %s", exc)
+            except (RepositoryError, OSError) as exc:  # unreadable, or changing under the scan: keep what is served
+                log.error("repository poll: %s; trying again in %.0f s", exc, interval_s)
 
     async def rescan(self) -> None:
         """Read the whole repository again and apply what changed, model by model."""
