@@ -45,6 +45,7 @@ from typing import Protocol
 import yaml
 
 from meshserve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from meshserve.models.remote import sync_repository
 from meshserve.models.repository import (
     CONFIG_FILENAME,
     ModelInfo,
@@ -104,9 +105,13 @@ class RepositoryManager:
         depths: PendingJobs | None = None,
         drain_s: float = 30.0,
         max_upload_bytes: int = 256 * 1024 * 1024,
+        remote: str = "",
     ) -> None:
-        """Reads the repository (all of it, or in explicit mode the ``load`` models)."""
+        """Reads the repository (all of it, or in explicit mode the ``load`` models);
+        ``remote``: an object store URI mirrored into ``repository`` before each read
+        (meshserve/models/remote.py)."""
         self.repository = repository
+        self.remote = remote
         self.mode = mode
         self.managed = managed if managed is not None else repository / ".managed"
         self._depths = depths
@@ -120,6 +125,8 @@ class RepositoryManager:
         self._unloaded: dict[ModelKey, str] = {}
         self._problems: set[str] = set()
         self._lock = asyncio.Lock()
+        if remote:
+            self._sync()
         names = model_names(repository) if mode != EXPLICIT else sorted(set(load))
         for name in names:
             model_dir = repository / name
@@ -180,6 +187,8 @@ class RepositoryManager:
         self._explicit_only("load")
         _check_name(name)
         async with self._lock:
+            if self.remote and not files:
+                await asyncio.to_thread(self._sync, name)
             model_dir = await asyncio.to_thread(self._materialize, name, config, dict(files or {}))
             scan = await asyncio.to_thread(self._scan, model_dir)
             await self._apply(name, scan, model_dir)
@@ -215,12 +224,14 @@ class RepositoryManager:
             await asyncio.sleep(interval_s)
             try:
                 await self.rescan()
-            except (RepositoryError, OSError) as exc:  # unreadable, or changing under the scan: keep what is served
+            except (RepositoryError, OSError, Unavailable) as exc:  # unreadable, changing under the scan, store away
                 log.error("repository poll: %s; trying again in %.0f s", exc, interval_s)
 
     async def rescan(self) -> None:
         """Read the whole repository again and apply what changed, model by model."""
         async with self._lock:
+            if self.remote:
+                await asyncio.to_thread(self._sync)
             names = await asyncio.to_thread(model_names, self.repository)
             loaded = {key[0] for key in [*self._infos, *self._unservable]}
             for name in sorted(set(names) | loaded):
@@ -307,6 +318,23 @@ class RepositoryManager:
         )
 
     # ------------------------------------------------------------ files
+
+    def _sync(self, prefix: str = "") -> None:
+        """Mirror the object store (or one model of it) into the repository directory."""
+        try:
+            result = sync_repository(self.remote, self.repository, prefix=prefix)
+        # the store's client raises its own errors (botocore's, google's, fsspec's)
+        except Exception as exc:
+            raise Unavailable(f"object store {self.remote}: {type(exc).__name__}: {exc}") from exc
+        if result.fetched or result.removed:
+            log.info(
+                "object store %s%s: %d file(s) fetched, %d kept, %d removed",
+                self.remote,
+                f" ({prefix})" if prefix else "",
+                result.fetched,
+                result.kept,
+                result.removed,
+            )
 
     def _scan(self, model_dir: Path) -> RepositoryScan:
         """One model directory, its new problems logged once."""

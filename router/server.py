@@ -37,6 +37,7 @@ class RouterServer:
             depths=self.depths,
             drain_s=settings.unload_drain_s,
             max_upload_bytes=settings.max_upload_bytes,
+            remote=settings.repository_uri,
         )
         self.core = RouterCore(
             self.repository.table_models(),

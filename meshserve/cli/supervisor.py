@@ -105,6 +105,7 @@ UP_ROUTER_FORWARDED = (
     "managed_repository",
     "max_upload_bytes",
     "unload_drain_s",
+    "repository_uri",
 )
 UP_SHARED_FORWARDED = ("trace_tenant", "allow_eviction", "max_message_bytes")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""

@@ -101,6 +101,13 @@ class RouterSettings:
             " default: .managed inside the model repository (hidden from its scans)"
         ),
     )
+    repository_uri: str = field(
+        default="",
+        metadata=cli(
+            "an object store (s3://, gs://, memory://; fsspec, with s3fs or gcsfs installed) mirrored into"
+            " --model-repository before every read, files cached by content hash"
+        ),
+    )
     max_upload_bytes: int = field(
         default=256 * 1024 * 1024, metadata=cli("RepositoryModelLoad: most bytes of model files in one request")
     )
