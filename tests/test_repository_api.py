@@ -401,3 +401,26 @@ async def test_the_models_command_lists_loads_and_unloads(
         assert await asyncio.to_thread(main, [*base, "load", "x", "--file", "1/model.onnx"]) == 2
     finally:
         await stop_mesh(mesh)
+
+
+@pytest.mark.timeout(60)
+async def test_model_files_larger_than_grpc_s_default_message_reach_the_router(
+    redis: Redis, redis_url: str, tmp_path: Path, channel_for: Any
+) -> None:
+    from onnx import numpy_helper
+
+    from meshserve.devkit.examples import EXAMPLE_MODELS
+
+    model = EXAMPLE_MODELS["mlp"]()
+    padding = np.zeros(6 * 1024 * 1024 // 4, np.float32)  # 6 MiB: over gRPC's 4 MiB default
+    model.graph.initializer.append(numpy_helper.from_array(padding, "padding"))
+    data = model.SerializeToString()
+    mesh = await _mesh(
+        redis_url, _repository(tmp_path), RoutingView.all_ready, model_control_mode="explicit", load_model=("mlp",)
+    )
+    try:
+        stub = channel_for(mesh)
+        await stub.RepositoryModelLoad(_load("big", **{"1_model.onnx": data}))
+        assert (await stub.ModelInfer(mlp_request("big"))).model_name == "big"
+    finally:
+        await stop_mesh(mesh)
