@@ -294,3 +294,17 @@ def test_load_model_reads_a_comma_separated_variable(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("MESHSERVE_LOAD_MODEL", "mlp, cnn")
     args = build_parser().parse_args(["router", "--model-repository", "/m"])
     assert from_args(RouterSettings, args).load_model == ("mlp", "cnn")
+
+
+@pytest.mark.usefixtures("no_meshserve_variables")
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model-control-mode", "poll", "--repository-poll-s", "0"], "--repository-poll-s must be > 0"),
+        (["--load-model", "mlp"], "--load-model needs --model-control-mode explicit"),
+    ],
+)
+def test_the_router_refuses_control_flags_that_cannot_work(flags: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as refused:
+        main(["router", "--model-repository", str(tmp_path), *flags])
+    assert message in str(refused.value)

@@ -70,6 +70,10 @@ def cmd_router(args: argparse.Namespace) -> int:
     from router.server import RouterServer
 
     settings = from_args(RouterSettings, args)
+    if settings.repository_poll_s <= 0 or settings.unload_drain_s < 0 or settings.max_upload_bytes < 0:
+        raise SystemExit("--repository-poll-s must be > 0; --unload-drain-s and --max-upload-bytes >= 0")
+    if settings.load_model and settings.model_control_mode != "explicit":
+        raise SystemExit("--load-model needs --model-control-mode explicit (the other modes load every model)")
 
     async def main() -> None:
         server = RouterServer(settings)
