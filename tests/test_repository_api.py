@@ -224,6 +224,11 @@ async def test_poll_mode_picks_up_a_new_version_and_deletions(
         # a changed config.yaml is a reload: the new batch size reaches the gateway
         (repository / "mlp" / "config.yaml").write_text("max_batch_size: 4\n")
         await _wait(mesh, lambda view: ("mlp", 2) in view.ready and view.models[("mlp", 2)].max_batch_size == 4)
+        # a config that no longer reads leaves the version serving, as Triton's failed reload
+        (repository / "mlp" / "config.yaml").write_text("max_batch_size: [\n")
+        await mesh.router.repository.rescan()
+        assert _index(await stub.RepositoryIndex(pb.RepositoryIndexRequest()))[("mlp", "2")] == ("READY", "")
+        assert (await stub.ModelInfer(mlp_request(version="2"))).model_version == "2"
     finally:
         await stop_mesh(mesh)
 
