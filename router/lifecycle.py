@@ -24,7 +24,7 @@ reloaded the same way: drained, its workers let it go, then loaded afresh.
 A load with a ``config`` override or with files sent in the request writes the model
 whole into the managed directory (``--managed-repository``; default ``.managed``
 inside the repository, which scans skip), validated before it replaces what was
-there; workers load it from the path the routing table gives them.
+there (router/managed.py); workers load it from the path the routing table gives them.
 
 One change at a time (a lock): an RPC waits for a poll's rescan and vice versa.
 """
@@ -33,21 +33,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import shutil
-import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import yaml
-
-from meshserve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from meshserve.errors import InvalidArgument, NotFound, Unavailable
 from meshserve.models.remote import sync_repository
 from meshserve.models.repository import (
-    CONFIG_FILENAME,
     ModelInfo,
     RepositoryError,
     RepositoryScan,
@@ -56,7 +50,7 @@ from meshserve.models.repository import (
     unservable_info,
 )
 from router.core import UNAVAILABLE, RouterCore
-from router.model_config import TritonConfig, check_tensors, parse_triton_config
+from router.managed import ManagedRepository
 from router.placement import ModelKey
 
 log = logging.getLogger(__name__)
@@ -73,7 +67,6 @@ RELEASE_TIMEOUT_S = 10.0
 """A reload waits this long at most for workers to let the old version go."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_FILE = re.compile(r"([1-9][0-9]*)/([A-Za-z0-9_][A-Za-z0-9._-]*)")
 
 
 class PendingJobs(Protocol):
@@ -113,10 +106,13 @@ class RepositoryManager:
         self.repository = repository
         self.remote = remote
         self.mode = mode
-        self.managed = managed if managed is not None else repository / ".managed"
+        self.managed = ManagedRepository(
+            repository,
+            managed if managed is not None else repository / ".managed",
+            max_upload_bytes=max_upload_bytes,
+        )
         self._depths = depths
         self._drain_s = drain_s
-        self._max_upload_bytes = max_upload_bytes
         self._core: RouterCore | None = None
         self._infos: dict[ModelKey, ModelInfo] = {}
         self._unservable: dict[ModelKey, str] = {}
@@ -189,7 +185,7 @@ class RepositoryManager:
         async with self._lock:
             if self.remote and not files:
                 await asyncio.to_thread(self._sync, name)
-            model_dir = await asyncio.to_thread(self._materialize, name, config, dict(files or {}))
+            model_dir = await asyncio.to_thread(self.managed.materialize, name, config, dict(files or {}))
             scan = await asyncio.to_thread(self._scan, model_dir)
             await self._apply(name, scan, model_dir)
         log.info("model %s loaded from %s: %d version(s)", name, model_dir, len(scan.models))
@@ -347,45 +343,6 @@ class RepositoryManager:
         )
         return scan
 
-    def _materialize(self, name: str, config: str | None, files: dict[str, bytes]) -> Path:
-        """The directory to load ``name`` from: the repository's, or a managed copy with
-        the override and files, validated before it replaces the managed one."""
-        source = self.repository / name
-        if not files and not source.is_dir():
-            raise NotFound(f"unknown model '{name}': no directory '{name}' in the model repository")
-        if not files and config is None:
-            return source
-        override = parse_triton_config(config, name) if config is not None else None
-        size_bytes = sum(len(data) for data in files.values())
-        if size_bytes > self._max_upload_bytes:
-            raise ResourceExhausted(
-                f"model files: {size_bytes} bytes, over the router's --max-upload-bytes {self._max_upload_bytes}"
-            )
-        staging_root = self.managed / f".staging-{uuid.uuid4().hex}"
-        staging = staging_root / name
-        try:
-            staging.mkdir(parents=True)
-            if files:
-                _write_files(staging, files)
-            else:
-                shutil.copytree(source, staging, dirs_exist_ok=True, copy_function=_link_or_copy, symlinks=False)
-            if override is not None:
-                _write_config(staging, override)
-            scan = scan_model_dir(staging)
-            problems = scan.problems or list(scan.unservable.values())
-            if problems or not scan.models:
-                raise InvalidArgument(f"model '{name}': " + ("; ".join(problems) or "no version to serve"))
-            if override is not None:
-                check_tensors(override, scan.models)
-            final = self.managed / name
-            if final.exists():
-                retired = staging_root / f"{name}.retired"
-                final.rename(retired)  # workers hold what they loaded in memory
-            staging.rename(final)
-            return final
-        finally:
-            shutil.rmtree(staging_root, ignore_errors=True)
-
     # ------------------------------------------------------------ helpers
 
     def _explicit_only(self, what: str) -> None:
@@ -406,35 +363,3 @@ def _check_name(name: str) -> None:
         raise InvalidArgument(
             f"model name {name!r}: 1-128 of letters, digits, '.', '_', '-', starting with a letter or digit"
         )
-
-
-def _write_files(model_dir: Path, files: Mapping[str, bytes]) -> None:
-    """``file:<version>/<name>`` parameters into ``model_dir``; names checked, no paths."""
-    for path, data in files.items():
-        match = _FILE.fullmatch(path)
-        if match is None:
-            raise InvalidArgument(
-                f"parameter 'file:{path}': expected file:<version>/<file name> (a positive version, a plain file name)"
-            )
-        version_dir = model_dir / match[1]
-        version_dir.mkdir(exist_ok=True)
-        (version_dir / match[2]).write_bytes(data)
-
-
-def _write_config(model_dir: Path, override: TritonConfig) -> None:
-    """The override as config.yaml, ``version_policy.latest`` made a version list."""
-    config = dict(override.yaml)
-    path = model_dir / CONFIG_FILENAME
-    path.unlink(missing_ok=True)  # maybe a hard link to the repository's own: never written through
-    if override.latest_versions is not None:
-        versions = sorted(int(child.name) for child in model_dir.iterdir() if child.name.isdigit())
-        config["versions"] = versions[-override.latest_versions :]
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """A hard link where the file system allows (no bytes copied), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
