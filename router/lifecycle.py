@@ -49,7 +49,7 @@ from meshserve.models.repository import (
     scan_model_dir,
     unservable_info,
 )
-from router.core import UNAVAILABLE, RouterCore
+from router.core import LOADING, UNAVAILABLE, RouterCore
 from router.managed import ManagedRepository
 from router.placement import ModelKey
 
@@ -148,10 +148,12 @@ class RepositoryManager:
         """Every model and version the router knows, with its state and reason."""
         core = self._bound()
         snap = core.snapshot()
+        placed = {key: device for device, keys in core.placement.assignments for key in keys}
         entries = [
-            IndexEntry(m.name, m.version, snap.state(key), snap.failed.get(key, ""))
+            IndexEntry(m.name, m.version, state, snap.failed.get(key, "") or _loading_reason(state, placed.get(key)))
             for m in snap.models
             for key in [(m.name, m.version)]
+            for state in [snap.state(key)]
         ]
         entries += [IndexEntry(name, version, UNAVAILABLE, why) for (name, version), why in self._unloaded.items()]
         if self.mode == EXPLICIT:
@@ -356,6 +358,13 @@ class RepositoryManager:
     def _bound(self) -> RouterCore:
         assert self._core is not None, "RepositoryManager.bind(core) first"
         return self._core
+
+
+def _loading_reason(state: str, device: str | None) -> str:
+    """Why a LOADING version is not ready yet: no device placed it, or one is loading it."""
+    if state != LOADING:
+        return ""
+    return f"loading on {device}" if device else "waiting for a device"
 
 
 def _check_name(name: str) -> None:

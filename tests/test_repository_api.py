@@ -429,3 +429,17 @@ async def test_model_files_larger_than_grpc_s_default_message_reach_the_router(
         assert (await stub.ModelInfer(mlp_request("big"))).model_name == "big"
     finally:
         await stop_mesh(mesh)
+
+
+@pytest.mark.timeout(60)
+async def test_a_version_no_device_holds_yet_is_loading_waiting_for_a_device(
+    redis: Redis, redis_url: str, tmp_path: Path, channel_for: Any
+) -> None:
+    mesh = await start_mesh(redis_url, _repository(tmp_path), workers=0, until=lambda view: view.generation >= 0)
+    try:
+        stub = channel_for(mesh)
+        index = _index(await stub.RepositoryIndex(pb.RepositoryIndexRequest()))
+        assert index == {("mlp", "1"): ("LOADING", "waiting for a device")}
+        assert not (await stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models
+    finally:
+        await stop_mesh(mesh)
