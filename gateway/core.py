@@ -208,6 +208,8 @@ class Gateway:
         if not self.model_ready(model):
             failed = self.routing.view.failed.get((model.name, model.version))
             why = f": it failed to load ({failed})" if failed else ""
+            if (model.name, model.version) in self.routing.view.unloading:
+                why = ": it is UNLOADING (RepositoryModelUnload)"
             raise Unavailable(f"model '{model.name}' version {model.version} is not ready{why}")
         if self.store.full:
             raise self._store_full()

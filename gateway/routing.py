@@ -33,6 +33,7 @@ class RoutingView:
     ready: frozenset[tuple[str, int]]
     latest: dict[str, int]
     failed: dict[tuple[str, int], str] = field(default_factory=dict)
+    unloading: frozenset[tuple[str, int]] = frozenset()  # draining: refused, naming the state
 
     @classmethod
     def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
@@ -42,7 +43,8 @@ class RoutingView:
             latest[name] = max(version, latest.get(name, 0))
         ready = frozenset((s.name, s.version) for s in table.models if s.ready)
         failed = {(s.name, s.version): s.load_error for s in table.models if s.load_error and not s.ready}
-        return cls(table.generation, models, ready, latest, failed)
+        unloading = frozenset((s.name, s.version) for s in table.models if s.state == "UNLOADING")
+        return cls(table.generation, models, ready, latest, failed, unloading)
 
     def all_ready(self) -> bool:
         """Whether there are models and every one of them is ready (strict readiness)."""

@@ -20,6 +20,7 @@ import grpc
 from opentelemetry import trace
 
 from gateway.core import Gateway
+from gateway.repository import RepositoryForwarder
 from gateway.request import infer_call
 from gateway.statistics import model_statistics
 from meshserve import __version__
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
 
-EXTENSIONS = ["model_configuration", "parameters", "statistics"]
+EXTENSIONS = ["model_configuration", "model_repository", "parameters", "statistics"]
 
 UNAUTHENTICATED_LABEL = "<unauthenticated>"
 """The rejections metric's tenant label for a call with no valid credential."""
@@ -197,6 +198,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self.metrics = metrics or GatewayMetrics.create()
         self._labelled = LabelMemo()
+        self.repository = RepositoryForwarder(gateway.routing)
 
     # ----------------------------------------------------------------- health
 
@@ -371,14 +373,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except MeshError as error:
             await _abort(context, error)
 
-    async def RepositoryIndex(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unimplemented(context, "RepositoryIndex")
+    # ------------------------------------------------- the repository API (gateway/repository.py)
 
-    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unimplemented(context, "RepositoryModelLoad")
+    async def RepositoryIndex(  # noqa: N802
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        try:
+            return await self.repository.index(request, self.authenticate(context), context.time_remaining())
+        except MeshError as error:
+            await _abort(context, error)
 
-    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unimplemented(context, "RepositoryModelUnload")
+    async def RepositoryModelLoad(  # noqa: N802
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        try:
+            await self.repository.load(request, self.authenticate(context), context.time_remaining())
+        except MeshError as error:
+            await _abort(context, error)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(  # noqa: N802
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            await self.repository.unload(request, self.authenticate(context), context.time_remaining())
+        except MeshError as error:
+            await _abort(context, error)
+        return pb.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:  # noqa: N802
         await _unsupported(context, "system shared memory")

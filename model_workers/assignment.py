@@ -93,6 +93,7 @@ class AssignmentFollower:
         self._report = report  # report to the router, errors swallowed
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")  # loads never wait on batches
         self._assigned: frozenset[ModelKey] = frozenset()
+        self._paths: dict[ModelKey, str] = {}  # model file as the router gave it, relative to the repository
         self._loading: dict[ModelKey, asyncio.Task[None]] = {}
         self._dropping: dict[ModelKey, asyncio.Task[None]] = {}
         self._failed: dict[ModelKey, LoadFailure] = {}  # kept while a retry loads: still failed until it succeeds
@@ -104,6 +105,9 @@ class AssignmentFollower:
 
         Only starts tasks (this object owns them; ``close`` ends them)."""
         assigned = frozenset((spec.name, spec.version) for spec in assignment.models)
+        # where the router read each: a model loaded with an override or files sent in
+        # the request lives in the router's managed directory, not <repository>/<name>
+        self._paths = {(spec.name, spec.version): spec.path for spec in assignment.models if spec.path}
         for key in self._assigned - assigned:
             self._failed.pop(key, None)  # assigned afresh later: tried at once
         self._assigned = assigned
@@ -142,7 +146,10 @@ class AssignmentFollower:
 
     def load(self, name: str, version: int) -> LoadedModel:
         """Read, load and warm up one model version; runs in the loader thread."""
-        info = load_model(self._settings.model_repository / name, version)
+        path = self._paths.get((name, version))
+        repository = self._settings.model_repository
+        model_dir = (repository / path).parent.parent if path else repository / name
+        info = load_model(model_dir, version)
         flags = (self._settings.intra_op_threads, self._settings.intra_op_spinning)
         threads, spin = fixed_setting(*flags, info.engine)
         model = LoadedModel(info, device=self._settings.device, engine=EngineSetting(threads or 0, spin or SPIN_OFF))

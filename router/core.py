@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from meshserve.models.repository import ModelInfo
@@ -66,6 +66,7 @@ class WorkerRecord:
     rates: dict[ModelKey, tuple[float, float, float]] = field(default_factory=dict)  # Δrequests, Δwait_s, Δt_s
     slot: Slot | None = None  # None: not described yet (see slot_from_id)
     failed: dict[ModelKey, str] = field(default_factory=dict)  # its last load failed: why
+    held: set[ModelKey] = field(default_factory=set)  # ready as reported, known to the table or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,19 @@ class TableSnapshot:
     models: tuple[ModelInfo, ...]
     ready: frozenset[ModelKey]
     failed: Mapping[ModelKey, str] = field(default_factory=dict)
+    unloading: frozenset[ModelKey] = frozenset()  # draining: still placed, refused at gateways
+
+    def state(self, key: ModelKey) -> str:
+        """Triton's name for a version's state: READY, UNLOADING, UNAVAILABLE (failed), else LOADING."""
+        if key in self.unloading:
+            return UNLOADING
+        if key in self.ready:
+            return READY
+        return UNAVAILABLE if key in self.failed else LOADING
+
+
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+"""A version's states, Triton's names (``ModelSpec.state``, ``RepositoryIndex``)."""
 
 
 class RouterCore:
@@ -105,9 +119,57 @@ class RouterCore:
         self._failed: dict[ModelKey, str] = dict(self._unservable)  # not ready, and why: replaced whole
         self._logged_failures: dict[ModelKey, str] = {}  # the reasons logged, while they last
         self._changed = asyncio.Condition()
+        self._unloading: frozenset[ModelKey] = frozenset()
+        self._reported = asyncio.Condition()  # a worker reported, or was forgotten
 
     def snapshot(self) -> TableSnapshot:
-        return TableSnapshot(self._generation, tuple(self.models.values()), self._ready, self._failed)
+        return TableSnapshot(self._generation, tuple(self.models.values()), self._ready, self._failed, self._unloading)
+
+    async def set_models(
+        self,
+        models: list[ModelInfo],
+        *,
+        unservable: Mapping[ModelKey, str] | None = None,
+        unloading: frozenset[ModelKey] = frozenset(),
+    ) -> None:
+        """Replace the model set (router/lifecycle.py): recompute the placement and
+        publish a new table generation. ``unloading``: versions still placed (workers
+        drain their queues) but never ready in the table, so gateways refuse them."""
+        self.models = {(m.name, m.version): m for m in models}
+        self._unservable = dict(unservable or {})
+        self._unloading = unloading & frozenset(self.models)
+        self.footprints = {key: f for key, f in self.footprints.items() if key in self.models}
+        for record in self.workers.values():
+            record.ready &= set(self.models)
+            record.failed = {key: why for key, why in record.failed.items() if key in self.models}
+        self._placed_from = None  # the demands changed: place again
+        await self._recompute(force=True)
+
+    async def wait_settled(self, keys: Collection[ModelKey], timeout_s: float) -> TableSnapshot | None:
+        """The first table where each of ``keys`` is READY or UNAVAILABLE (failed);
+        None when ``timeout_s`` passed first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for snap in self.watch():
+                    if all(snap.state(key) in (READY, UNAVAILABLE) for key in keys):
+                        return snap
+        except TimeoutError:
+            pass
+        return None
+
+    def held_anywhere(self, key: ModelKey) -> bool:
+        """Whether a live worker last reported ``key`` ready (still holds it)."""
+        return any(key in record.held for record in self.workers.values())
+
+    async def wait_released(self, keys: Collection[ModelKey], timeout_s: float) -> bool:
+        """Until no live worker holds any of ``keys`` (their reports say so); False
+        when ``timeout_s`` passed first."""
+        try:
+            async with asyncio.timeout(timeout_s), self._reported:
+                await self._reported.wait_for(lambda: not any(self.held_anywhere(key) for key in keys))
+        except TimeoutError:
+            return False
+        return True
 
     async def report(
         self,
@@ -136,6 +198,7 @@ class RouterCore:
             if key in self.models and footprint.weights_bytes > 0 and not self._unmeasured(key, footprint):
                 self.footprints[key] = footprint
         record.ready = ready & set(self.models)
+        record.held = set(ready)
         record.failed = {key: reason for key, reason in (failures or {}).items() if key in self.models}
         record.draining = draining
         record.last_seen_s = now_s = self._clock()
@@ -145,6 +208,8 @@ class RouterCore:
             if before is not None and now_s > before.at_s and requests >= before.requests:
                 record.rates[key] = (requests - before.requests, wait_s - before.queue_wait_s, now_s - before.at_s)
         await self._recompute()
+        async with self._reported:
+            self._reported.notify_all()
         return [self.models[key] for key in sorted(set(self.placement.on(device)) | self._handing_over(record))]
 
     def _handing_over(self, record: WorkerRecord) -> set[ModelKey]:
@@ -235,15 +300,21 @@ class RouterCore:
             log.warning("worker %s stopped reporting; its models are no longer served by it", worker_id)
             del self.workers[worker_id]
         await self._recompute()
+        async with self._reported:
+            self._reported.notify_all()
 
-    async def _recompute(self) -> None:
+    async def _recompute(self, *, force: bool = False) -> None:
         self._replace()
         unplaceable = self.placement.unplaceable_keys()
         ready = frozenset(
-            key for rec in self.workers.values() if not rec.draining for key in rec.ready if key not in unplaceable
+            key
+            for rec in self.workers.values()
+            if not rec.draining
+            for key in rec.ready
+            if key not in unplaceable and key not in self._unloading
         )
         failed = self._failures(ready, unplaceable)
-        if ready != self._ready or failed != self._failed:
+        if force or ready != self._ready or failed != self._failed:
             async with self._changed:
                 self._ready, self._failed = ready, failed
                 self._generation += 1

@@ -14,7 +14,7 @@ from redis import Redis as SyncRedis
 from redis.connection import AbstractConnection
 from redis.exceptions import RedisError
 
-from meshserve.queue import queue_depths
+from meshserve.queue import pending_jobs, queue_depths
 from meshserve.store.memory import EvictionPolicyError, check_policy, parse_info_memory
 from router.placement import ModelKey
 
@@ -64,6 +64,17 @@ class QueueDepths:
         except RedisError as exc:  # a scrape during a Redis outage: no depths, the rest still exported
             log.warning("queue depths unavailable: %s", exc)
             return {}
+
+    def pending(self, models: Collection[ModelKey]) -> dict[ModelKey, int] | None:
+        """Jobs queued or in flight per model version (an unload drains them to 0);
+        None without Redis or while it is unavailable. Blocking: call it in a thread."""
+        if self._redis is None:
+            return None
+        try:
+            return pending_jobs(self._redis, list(models))
+        except RedisError as exc:
+            log.warning("queue depths unavailable while draining: %s", exc)
+            return None
 
     def close(self) -> None:
         if self._redis is not None:

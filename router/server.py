@@ -8,13 +8,13 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshserve.models.repository import scan_repository_failures, unservable_info
 from meshserve.observe.metrics import MetricsServer, RouterMetrics, RouterReads
 from meshserve.platform.tls import add_port
 from meshserve.settings import RouterSettings
 from protos import meshserve_pb2_grpc as mpb_grpc
 from router.core import RouterCore
 from router.depths import QueueDepths
+from router.lifecycle import POLL, RepositoryManager
 from router.placement import ModelKey
 from router.servicer import RouterServicer
 from router.statistics import StatisticsCollector
@@ -27,19 +27,30 @@ class RouterServer:
 
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
-        scan = scan_repository_failures(settings.model_repository)
-        for problem in scan.problems:
-            log.error("model repository: %s", problem)
-        # a version that exists but cannot be served stays known, reported failed with its problem
-        unservable = [unservable_info(settings.model_repository, *key) for key in sorted(scan.unservable)]
+        self.depths = QueueDepths(settings.redis_url, allow_eviction=settings.allow_eviction)
+        # what is served, by control mode; a version that exists but cannot be served
+        # stays known, reported failed with its problem
+        self.repository = RepositoryManager(
+            settings.model_repository,
+            mode=settings.model_control_mode,
+            load=settings.load_model,
+            managed=settings.managed_repository,
+            depths=self.depths,
+            drain_s=settings.unload_drain_s,
+            max_upload_bytes=settings.max_upload_bytes,
+            remote=settings.repository_uri,
+        )
         self.core = RouterCore(
-            scan.models + unservable,
+            self.repository.table_models(),
             worker_ttl_ms=settings.worker_ttl_ms,
             headroom_ratio=settings.placement_headroom_ratio,
-            unservable=scan.unservable,
+            unservable=self.repository.unservable(),
         )
-        self.server = grpc.aio.server()
-        servicer = RouterServicer(self.core, settings.model_repository, settings.report_interval_ms)
+        self.repository.bind(self.core)
+        # RepositoryModelLoad carries model files: room for them, and for the rest of the message
+        limit = settings.max_upload_bytes + 1024 * 1024
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+        servicer = RouterServicer(self.core, settings.model_repository, settings.report_interval_ms, self.repository)
         mpb_grpc.add_RouterServicer_to_server(servicer, self.server)
         # grpc.health.v1: "" for the router itself, "<model>/<version>" for whether any
         # live worker serves that model version (the routing table's readiness).
@@ -48,7 +59,7 @@ class RouterServer:
         self._health_task: asyncio.Task[None] | None = None
         self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
         self._expiry: asyncio.Task[None] | None = None
-        self.depths = QueueDepths(settings.redis_url, allow_eviction=settings.allow_eviction)
+        self._poll: asyncio.Task[None] | None = None
         self.metrics = RouterMetrics.create(
             RouterReads(
                 ready=self.core.readiness,
@@ -86,6 +97,8 @@ class RouterServer:
                 self.metrics.registry, self.settings.metrics_port, self.settings.metrics_host
             )
         self._expiry = asyncio.create_task(self.core.run_expiry(self.settings.report_interval_ms / 1000))
+        if self.settings.model_control_mode == POLL:
+            self._poll = asyncio.create_task(self.repository.run_poll(self.settings.repository_poll_s))
         log.info(
             "router listening on %s%s with %d model versions%s",
             self.address,
@@ -97,6 +110,8 @@ class RouterServer:
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._poll is not None:
+            self._poll.cancel()
         if self._health_task is not None:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()

@@ -6,41 +6,50 @@ core's snapshots into routing tables and assignments.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from meshserve.errors import MeshError
-from meshserve.wire.routing import spec_from_info
+from meshserve.errors import InvalidArgument, MeshError
+from meshserve.wire.routing import GENERATION_TRAILER, spec_from_info
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
 from router.core import RouterCore, TableSnapshot, slot_from_id
+from router.lifecycle import RepositoryManager
 from router.placement import Footprint, Slot
 from router.statistics import StatisticsBook, requested
 
+T = TypeVar("T")
+FILE_PREFIX = "file:"
+
 
 class RouterServicer(mpb_grpc.RouterServicer):
-    def __init__(self, core: RouterCore, repository: Path, report_interval_ms: int) -> None:
+    def __init__(
+        self,
+        core: RouterCore,
+        repository: Path,
+        report_interval_ms: int,
+        models: RepositoryManager | None = None,
+    ) -> None:
         self.core = core
         self.repository = repository
         self.report_interval_ms = report_interval_ms
         self.statistics = StatisticsBook()
+        self.models = models
 
     def _table(self, snap: TableSnapshot) -> mpb.RoutingTable:
-        return mpb.RoutingTable(
-            generation=snap.generation,
-            models=[
-                spec_from_info(
-                    m,
-                    ready=(m.name, m.version) in snap.ready,
-                    repository=self.repository,
-                    load_error=snap.failed.get((m.name, m.version), ""),
-                )
-                for m in snap.models
-            ],
-        )
+        table = mpb.RoutingTable(generation=snap.generation)
+        for m in snap.models:
+            key = (m.name, m.version)
+            spec = spec_from_info(
+                m, ready=key in snap.ready, repository=self.repository, load_error=snap.failed.get(key, "")
+            )
+            spec.state = snap.state(key)
+            table.models.append(spec)
+        return table
 
     async def WatchRoutingTable(  # noqa: N802 (gRPC method name)
         self, request: mpb.WatchRequest, context: grpc.aio.ServicerContext[mpb.WatchRequest, mpb.RoutingTable]
@@ -88,9 +97,84 @@ class RouterServicer(mpb_grpc.RouterServicer):
             await context.abort(error.code, error.message)
         return pb.ModelStatisticsResponse(model_stats=self.statistics.totals(keys))
 
+    # -------------------------------------------------- the repository API (router/lifecycle.py)
+
+    async def RepositoryIndex(  # noqa: N802
+        self,
+        request: pb.RepositoryIndexRequest,
+        context: grpc.aio.ServicerContext[pb.RepositoryIndexRequest, pb.RepositoryIndexResponse],
+    ) -> pb.RepositoryIndexResponse:
+        entries = await answer(context, self._models().index(ready_only=request.ready))
+        model = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                model(name=e.name, version="" if e.version is None else str(e.version), state=e.state, reason=e.reason)
+                for e in entries
+            ]
+        )
+
+    async def RepositoryModelLoad(  # noqa: N802
+        self,
+        request: pb.RepositoryModelLoadRequest,
+        context: grpc.aio.ServicerContext[pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse],
+    ) -> pb.RepositoryModelLoadResponse:
+        async def load() -> int:
+            config, files = load_arguments(request)
+            timeout_s = context.time_remaining()
+            return await self._models().load(request.model_name, config=config, files=files, timeout_s=timeout_s)
+
+        generation = await answer(context, load())
+        context.set_trailing_metadata(((GENERATION_TRAILER, str(generation)),))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(  # noqa: N802
+        self,
+        request: pb.RepositoryModelUnloadRequest,
+        context: grpc.aio.ServicerContext[pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse],
+    ) -> pb.RepositoryModelUnloadResponse:
+        generation = await answer(context, self._models().unload(request.model_name))
+        context.set_trailing_metadata(((GENERATION_TRAILER, str(generation)),))
+        return pb.RepositoryModelUnloadResponse()
+
+    def _models(self) -> RepositoryManager:
+        assert self.models is not None, "a router serving the repository API is given its RepositoryManager"
+        return self.models
+
 
 def _slot(request: mpb.WorkerReport) -> Slot:
     """The worker's device; an older worker that does not describe it: guessed from its id."""
     if not request.device_kind:
         return slot_from_id(request.device)
     return Slot(request.device, request.device_kind, request.device_profile, request.device_memory_bytes)
+
+
+async def answer(context: grpc.aio.ServicerContext[Any, Any], work: Awaitable[T]) -> T:
+    """``work``'s result, or the call aborted with the MeshError's status and message."""
+    try:
+        return await work
+    except MeshError as error:
+        await _abort(context, error)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: MeshError) -> NoReturn:
+    await context.abort(error.code, error.message)
+    raise AssertionError("abort returns only by raising")
+
+
+def load_arguments(request: pb.RepositoryModelLoadRequest) -> tuple[str | None, dict[str, bytes]]:
+    """Triton's load parameters: ``config`` (JSON text) and ``file:<version>/<name>`` (bytes)."""
+    config: str | None = None
+    files: dict[str, bytes] = {}
+    for key, value in request.parameters.items():
+        kind = value.WhichOneof("parameter_choice")
+        if key == "config":
+            if kind != "string_param":
+                raise InvalidArgument("parameter 'config': expected a string (Triton's JSON model config)")
+            config = value.string_param
+        elif key.startswith(FILE_PREFIX):
+            if kind != "bytes_param":
+                raise InvalidArgument(f"parameter '{key}': expected bytes (the file's content)")
+            files[key.removeprefix(FILE_PREFIX)] = value.bytes_param
+        else:
+            raise InvalidArgument(f"parameter '{key}': not supported (config, file:<version>/<name>)")
+    return config, files

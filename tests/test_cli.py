@@ -276,3 +276,35 @@ def test_up_passes_the_hosts_it_is_given(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings_of(worker).health_host == "0.0.0.0"
     monkeypatch.setenv("MESHSERVE_METRICS_HOST", "10.0.0.7")  # up's own default, passed as a flag
     assert {settings_of(spec).metrics_host for spec in plan_up([])} == {"10.0.0.7"}
+
+
+@pytest.mark.usefixtures("no_meshserve_variables")
+def test_up_passes_the_control_mode_and_repeated_load_model_to_the_router() -> None:
+    flags = ["--model-control-mode", "explicit", "--load-model", "mlp", "--load-model", "cnn"]
+    router = next(spec for spec in plan_up([*flags, "--unload-drain-s", "5"]) if spec.role == "router")
+    settings = settings_of(router)
+    assert settings.model_control_mode == "explicit"
+    assert settings.load_model == ("mlp", "cnn")
+    assert settings.unload_drain_s == 5.0
+    default = settings_of(next(spec for spec in plan_up([]) if spec.role == "router"))
+    assert (default.model_control_mode, default.load_model) == ("none", ())
+
+
+def test_load_model_reads_a_comma_separated_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHSERVE_LOAD_MODEL", "mlp, cnn")
+    args = build_parser().parse_args(["router", "--model-repository", "/m"])
+    assert from_args(RouterSettings, args).load_model == ("mlp", "cnn")
+
+
+@pytest.mark.usefixtures("no_meshserve_variables")
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model-control-mode", "poll", "--repository-poll-s", "0"], "--repository-poll-s must be > 0"),
+        (["--load-model", "mlp"], "--load-model needs --model-control-mode explicit"),
+    ],
+)
+def test_the_router_refuses_control_flags_that_cannot_work(flags: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as refused:
+        main(["router", "--model-repository", str(tmp_path), *flags])
+    assert message in str(refused.value)

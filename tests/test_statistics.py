@@ -65,7 +65,7 @@ async def test_counts_match_what_was_sent(
             exported = generate_latest(mesh.router.metrics.registry).decode()
             capsys.readouterr()
             # the command's call is synchronous: on a thread, the mesh serves it meanwhile
-            exit_code = await asyncio.to_thread(cli_main, ["models", "stats", "mlp", "--target", mesh.address])
+            exit_code = await asyncio.to_thread(cli_main, ["models", "--address", mesh.address, "stats", "mlp"])
             table = capsys.readouterr().out
     finally:
         await stop_mesh(mesh)

@@ -589,3 +589,23 @@ def test_reload_replaces_a_good_file_and_keeps_the_old_on_a_bad_one(tmp_path: Pa
     kept, error = reload_tenants(path, reloaded)
     assert kept is reloaded
     assert error is not None
+
+
+def test_admin_is_off_unless_set_true_and_must_be_a_boolean(tmp_path: Path) -> None:
+    text = f"""\
+    tenants:
+      - name: ops
+        api_keys: ["{hash_key("k1")}"]
+        models: ["*"]
+        admin: true
+      - name: user
+        api_keys: ["{hash_key("k2")}"]
+        models: ["*"]
+    """
+    registry = load_tenants(write(tmp_path, text))
+    assert registry.tenants["ops"].admin
+    assert not registry.tenants["user"].admin
+    assert dev_registry().tenants["dev"].admin  # open development mode: all allowed
+    with pytest.raises(TenantsFileError) as caught:
+        load_tenants(write(tmp_path, text.replace("admin: true", 'admin: "yes"')))
+    assert "tenant 'ops': 'admin' must be true or false, got 'yes'" in str(caught.value)

@@ -8,7 +8,7 @@
     meshserve bench     load generator, beside raw ONNX Runtime in-process
     meshserve hash-key  the sha256 form of an API key, for the tenants file
     meshserve top       live view of models, tenants, queues and devices from /metrics
-    meshserve models stats [NAME]   Triton's model statistics, as a table
+    meshserve models    list, load and unload models (the repository API); stats: Triton's statistics
 
 Every flag has a ``MESHSERVE_<NAME>`` environment variable; the flag wins.
 """
@@ -70,6 +70,10 @@ def cmd_router(args: argparse.Namespace) -> int:
     from router.server import RouterServer
 
     settings = from_args(RouterSettings, args)
+    if settings.repository_poll_s <= 0 or settings.unload_drain_s < 0 or settings.max_upload_bytes < 0:
+        raise SystemExit("--repository-poll-s must be > 0; --unload-drain-s and --max-upload-bytes >= 0")
+    if settings.load_model and settings.model_control_mode != "explicit":
+        raise SystemExit("--load-model needs --model-control-mode explicit (the other modes load every model)")
 
     async def main() -> None:
         server = RouterServer(settings)
@@ -155,6 +159,12 @@ def cmd_top(args: argparse.Namespace) -> int:
     return run_top(args.endpoint or DEFAULT_ENDPOINTS, args.interval_s, once=args.once)
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from meshserve.cli.models import run_models
+
+    return run_models(args)
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -205,10 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one frame (two scrapes --interval-s apart) and exit")
     top.set_defaults(func=cmd_top)
 
-    models = sub.add_parser("models", help="the models the mesh serves").add_subparsers(dest="action", required=True)
-    from meshserve.cli.model_stats import add_stats_arguments
+    models = sub.add_parser("models", help="list, load, unload models (the repository API) and read their statistics")
+    from meshserve.cli.models import add_models_arguments
 
-    add_stats_arguments(models.add_parser("stats", help="Triton's model statistics: counts and mean times"))
+    add_models_arguments(models)
+    models.set_defaults(func=cmd_models)
     return parser
 
 

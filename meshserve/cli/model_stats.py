@@ -1,7 +1,7 @@
 """``meshserve models stats [NAME]``: Triton's ModelStatistics as a table.
 
-Asks a gateway (``--target``, plaintext gRPC) what tritonclient's
-``get_inference_statistics`` asks, and prints one line per model version: requests
+``meshserve models`` (meshserve/cli/models.py) asks a gateway what tritonclient's
+``get_inference_statistics`` asks; this module prints one line per model version: requests
 answered and failed, items and batches, mean queue and infer time per request,
 then one line per batch size with its mean compute times per batch. The figures
 are cumulative, summed over workers (docs/lifecycle.md#statistics).
@@ -9,44 +9,9 @@ are cumulative, summed over workers (docs/lifecycle.md#statistics).
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-import grpc
-
-from meshserve.settings import env_default
 from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-
-DEFAULT_TARGET = "127.0.0.1:8001"
-"""`meshserve up`'s gateway."""
 
 HEADER = ("MODEL", "VERSION", "REQUESTS", "FAILED", "ITEMS", "BATCHES", "QUEUE MS", "INFER MS", "LAST (UNIX MS)")
-
-
-def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
-    """``models stats``'s flags (``MESHSERVE_TARGET``, ``MESHSERVE_API_KEY``)."""
-    parser.add_argument("name", nargs="?", default="", help="one model (default: every model the key may use)")
-    parser.add_argument("--model-version", default="", help="one version of NAME (default: all)")
-    parser.add_argument("--target", default=env_default("TARGET", DEFAULT_TARGET), help="the gateway's HOST:PORT")
-    parser.add_argument("--api-key", default=env_default("API_KEY", None), help="sent as 'authorization: Bearer'")
-    parser.add_argument("--timeout-s", type=float, default=10.0, help="the call's deadline")
-    parser.set_defaults(func=cmd_models_stats)
-
-
-def cmd_models_stats(args: argparse.Namespace) -> int:
-    request = pb.ModelStatisticsRequest(name=args.name, version=args.model_version)
-    metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
-    with grpc.insecure_channel(args.target) as channel:
-        try:
-            answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-                request, metadata=metadata, timeout=args.timeout_s
-            )
-        except grpc.RpcError as exc:
-            print(f"meshserve models stats: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    print(format_table(answer))
-    return 0
 
 
 def format_table(answer: pb.ModelStatisticsResponse) -> str:

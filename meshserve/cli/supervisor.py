@@ -98,6 +98,15 @@ UP_WORKER_FORWARDED = (
     "price_per_device_hour",
     "health_host",
 )
+UP_ROUTER_FORWARDED = (
+    "model_control_mode",
+    "repository_poll_s",
+    "load_model",
+    "managed_repository",
+    "max_upload_bytes",
+    "unload_drain_s",
+    "repository_uri",
+)
 UP_SHARED_FORWARDED = ("trace_tenant", "allow_eviction", "max_message_bytes")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
@@ -143,6 +152,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, GatewaySettings, only=UP_GATEWAY_OWN)
     add_arguments(parser, GatewaySettings, only=UP_GATEWAY_FORWARDED, given_only=True)
     add_arguments(parser, WorkerSettings, only=UP_WORKER_FORWARDED, given_only=True)
+    add_arguments(parser, RouterSettings, only=UP_ROUTER_FORWARDED, given_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +278,8 @@ def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
             child.start()
         host = gateway_host(args.host, args.tenants)
         dial_host = LOOPBACK_HOST if host in (ANY_HOST, "::", "[::]") else host
-        settled = _wait_ready(router_address, f"{dial_host}:{args.grpc_port}", children, stop, tls)
+        explicit = getattr(args, "model_control_mode", "none") == "explicit"  # may start with no model
+        settled = _wait_ready(router_address, f"{dial_host}:{args.grpc_port}", children, stop, tls, empty_ok=explicit)
         if settled is not None:
             models, failed = settled
             transport = "gRPC over mutual TLS" if tls else "gRPC"
@@ -329,7 +340,7 @@ def plan_children(
             *tls_args,
             *logging_args,
             *metrics_args,
-            *forwarded_flags(RouterSettings, args, ("allow_eviction",)),
+            *forwarded_flags(RouterSettings, args, ("allow_eviction", *UP_ROUTER_FORWARDED)),
         ),
     )
     workers = [
@@ -397,11 +408,14 @@ def _wait_ready(
     children: list[Child],
     stop: threading.Event,
     tls: TlsConfig | None = None,
+    *,
+    empty_ok: bool = False,
 ) -> tuple[list[str], list[tuple[str, str]]] | None:
     """Block until the router says every model has loaded or failed to (workers
     retry the failed ones) and the gateway serves those that loaded; their names, and each
     failed "<model> version <v>" with its reason. None when a child died first or
-    the mesh did not settle within ``READY_TIMEOUT_S``."""
+    the mesh did not settle within ``READY_TIMEOUT_S``. ``empty_ok``: a table with no
+    model is settled (explicit control mode, where models come with the repository API)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from protos import meshserve_pb2 as mpb
@@ -418,7 +432,7 @@ def _wait_ready(
                 stub = mpb_grpc.RouterStub(channel)
                 for table in stub.WatchRoutingTable(mpb.WatchRequest(gateway_id="up"), timeout=2):
                     ready = [m for m in table.models if m.ready]
-                    if table.models and all(m.ready or m.load_error for m in table.models):
+                    if (table.models or empty_ok) and all(m.ready or m.load_error for m in table.models):
                         break
                 else:
                     continue

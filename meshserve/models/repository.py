@@ -211,34 +211,51 @@ def scan_repository_failures(root: Path) -> RepositoryScan:
     letting a typo in config.yaml make a model unknown."""
     if not root.is_dir():
         raise RepositoryError(f"{root}: model repository is not a directory")
-    models: list[ModelInfo] = []
-    problems: list[str] = []
-    unservable: dict[tuple[str, int], str] = {}
+    scan = RepositoryScan([], [], {})
     for model_dir in sorted(root.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
             continue
-        versions = _version_dirs(model_dir)
+        one = scan_model_dir(model_dir)
+        scan.models.extend(one.models)
+        scan.problems.extend(one.problems)
+        scan.unservable.update(one.unservable)
+    return scan
+
+
+def model_names(root: Path) -> list[str]:
+    """The model directories under ``root`` (hidden ones ignored), sorted; nothing read."""
+    if not root.is_dir():
+        raise RepositoryError(f"{root}: model repository is not a directory")
+    return sorted(child.name for child in root.iterdir() if not child.name.startswith(".") and child.is_dir())
+
+
+def scan_model_dir(model_dir: Path) -> RepositoryScan:
+    """One model directory, as :func:`scan_repository_failures` reads each: its servable
+    versions, its problems, the versions that exist but cannot be served."""
+    models: list[ModelInfo] = []
+    problems: list[str] = []
+    unservable: dict[tuple[str, int], str] = {}
+    versions = _version_dirs(model_dir)
+    try:
+        config = _read_config(model_dir)
+    except RepositoryError as exc:
+        unservable.update(((model_dir.name, version), str(exc)) for version in versions)
+        return RepositoryScan(models, [str(exc)], unservable)
+    if config.versions is not None:
+        missing = sorted(config.versions - set(versions))
+        if missing:
+            problems.append(
+                f"{model_dir / CONFIG_FILENAME}: 'versions' lists {missing} but there is no such version directory"
+            )
+        versions = [v for v in versions if v in config.versions]
+    elif not versions:
+        problems.append(f"{model_dir}: no version directories (positive integers)")
+    for version in versions:
         try:
-            config = _read_config(model_dir)
+            models.append(_load_version(model_dir, version, config))
         except RepositoryError as exc:
             problems.append(str(exc))
-            unservable.update(((model_dir.name, version), str(exc)) for version in versions)
-            continue
-        if config.versions is not None:
-            missing = sorted(config.versions - set(versions))
-            if missing:
-                problems.append(
-                    f"{model_dir / CONFIG_FILENAME}: 'versions' lists {missing} but there is no such version directory"
-                )
-            versions = [v for v in versions if v in config.versions]
-        elif not versions:
-            problems.append(f"{model_dir}: no version directories (positive integers)")
-        for version in versions:
-            try:
-                models.append(_load_version(model_dir, version, config))
-            except RepositoryError as exc:
-                problems.append(str(exc))
-                unservable[model_dir.name, version] = str(exc)
+            unservable[model_dir.name, version] = str(exc)
     return RepositoryScan(models, problems, unservable)
 
 

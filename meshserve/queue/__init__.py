@@ -12,7 +12,7 @@ request path names a Redis key or command.
 - :mod:`~meshserve.queue.depth`: queue depth by tier, for the router's metrics
 """
 
-from meshserve.queue.depth import queue_depths
+from meshserve.queue.depth import pending_jobs, queue_depths
 from meshserve.queue.keys import ModelKeys, reply_key, worker_wake_key
 from meshserve.queue.protocol import (
     ClaimedBatch,
@@ -45,6 +45,7 @@ __all__ = [
     "ack_command",
     "claim_command",
     "parse_claim",
+    "pending_jobs",
     "pop_replies",
     "pop_replies_now",
     "push_commands",

@@ -27,3 +27,16 @@ def queue_depths(client: Redis, models: Sequence[tuple[str, int]]) -> dict[tuple
         model: dict(zip(TIER_NAMES, (int(c) for c in counts[i * NUM_TIERS : (i + 1) * NUM_TIERS]), strict=True))
         for i, model in enumerate(models)
     }
+
+
+def pending_jobs(client: Redis, models: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """Jobs not yet answered for each model version: waiting in its ready set plus
+    leased to a worker (in flight), in one pipelined round trip. What an unload
+    drains to zero. Raises redis-py's errors."""
+    with client.pipeline(transaction=False) as pipe:
+        for name, version in models:
+            keys = ModelKeys.for_model(name, version)
+            pipe.zcard(keys.ready)
+            pipe.zcard(keys.inflight)
+        counts = pipe.execute()
+    return {model: int(counts[2 * i]) + int(counts[2 * i + 1]) for i, model in enumerate(models)}

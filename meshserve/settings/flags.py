@@ -92,6 +92,7 @@ class Option:
     help: str
     choices: tuple[str, ...] | None
     required_at_parse: bool
+    repeated: bool = False  # a ``tuple[str, ...]`` field: the flag may be given again; the variable is comma-separated
 
     @property
     def dest(self) -> str:
@@ -110,6 +111,8 @@ class Option:
             return dataclasses.MISSING
         if self.is_bool:
             return parse_bool(raw)
+        if self.repeated:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
         try:
             return self.convert(raw)
         except ValueError:
@@ -125,6 +128,9 @@ def options(cls: type[Any]) -> dict[str, Option]:
         if "help" not in meta or meta.get("tls"):
             continue
         kind = _unoptional(hints[f.name])
+        repeated = typing.get_origin(kind) is tuple
+        if repeated:
+            kind = typing.get_args(kind)[0]
         flag = meta["flag"]
         env = meta["env"]
         found[f.name] = Option(
@@ -137,6 +143,7 @@ def options(cls: type[Any]) -> dict[str, Option]:
             help=meta["help"],
             choices=meta["choices"],
             required_at_parse=meta["required_at_parse"],
+            repeated=repeated,
         )
     return found
 
@@ -201,11 +208,24 @@ def _add_option(parser: argparse.ArgumentParser, option: Option, env: Mapping[st
         kwargs["required"] = option.required_at_parse
     if option.is_bool:
         kwargs["action"] = argparse.BooleanOptionalAction
+    elif option.repeated:
+        kwargs.update(action=RepeatAction, type=option.convert)
     else:
         kwargs["type"] = option.convert
     if option.choices is not None:
         kwargs["choices"] = option.choices
     parser.add_argument(option.flag, **kwargs)
+
+
+class RepeatAction(argparse.Action):
+    """A flag given again adds to a tuple (argparse's "append" needs a list default;
+    a settings field holds a tuple)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, (*(before or ()), values))
 
 
 def _add_tls(parser: argparse.ArgumentParser, what: str, env: Mapping[str, str], given_only: bool) -> None:
@@ -264,6 +284,9 @@ def forwarded_flags(cls: type[Any], args: argparse.Namespace, names: Collection[
         value = getattr(args, option.dest)
         if option.is_bool:
             argv.append(option.flag if value else "--no-" + option.flag.removeprefix("--"))
+        elif option.repeated:
+            for item in value:
+                argv += [option.flag, str(item)]
         else:
             argv += [option.flag, str(value)]
     return argv

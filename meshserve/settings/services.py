@@ -16,6 +16,8 @@ from meshserve.platform.tls import TlsConfig
 from meshserve.settings.flags import cli, tls_cli
 
 TRACE_TENANT_MODES = ("clear", "hash", "off")
+CONTROL_MODES = ("none", "poll", "explicit")
+"""Values of ``model_control_mode``, Triton's names (router/lifecycle.py)."""
 """Values of ``trace_tenant``: how spans name a tenant (see meshserve.observe.tracing)."""
 
 
@@ -79,6 +81,39 @@ class RouterSettings:
         metadata=cli("the queues' Redis, for queue depths and the autoscaling signal on /metrics; none: not exported"),
     )
     allow_eviction: bool = field(default=False, metadata=ALLOW_EVICTION)
+    # The repository API and control modes (router/lifecycle.py, docs/lifecycle.md)
+    model_control_mode: str = field(
+        default="none",
+        metadata=cli(
+            "none: serve the repository as read at start; poll: rescan it every --repository-poll-s;"
+            " explicit: only --load-model and the RepositoryModelLoad/Unload RPCs change what is served",
+            choices=CONTROL_MODES,
+        ),
+    )
+    repository_poll_s: float = field(default=15.0, metadata=cli("poll mode: seconds between rescans of the repository"))
+    load_model: tuple[str, ...] = field(
+        default=(), metadata=cli("explicit mode: a model to load at start (repeat the flag; none: nothing loads)")
+    )
+    managed_repository: Path | None = field(
+        default=None,
+        metadata=cli(
+            "where models loaded with a config override or files sent in the request are written;"
+            " default: .managed inside the model repository (hidden from its scans)"
+        ),
+    )
+    repository_uri: str = field(
+        default="",
+        metadata=cli(
+            "an object store (s3://, gs://, memory://; fsspec, with s3fs or gcsfs installed) mirrored into"
+            " --model-repository before every read, files cached by content hash"
+        ),
+    )
+    max_upload_bytes: int = field(
+        default=256 * 1024 * 1024, metadata=cli("RepositoryModelLoad: most bytes of model files in one request")
+    )
+    unload_drain_s: float = field(
+        default=30.0, metadata=cli("RepositoryModelUnload: longest wait for a version's queued requests to finish")
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

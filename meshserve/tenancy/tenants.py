@@ -13,6 +13,7 @@ A tenants file (YAML, ``--tenants FILE`` / ``MESHSERVE_TENANTS``) declares every
         max_queued: 256             # waiting in queues; 0 = no limit (default 0)
         models: ["*"]               # fnmatch patterns, case-sensitive
         mtls_identities: ["spiffe://acme.example/orders"]  # client certificate names
+        admin: false                # may load and unload models (RepositoryModelLoad/Unload)
 
 ``name`` and ``models`` are required, and ``api_keys`` or ``mtls_identities`` (or
 both). The file holds only SHA-256 hashes of keys (``hash_key`` makes one); a plain
@@ -68,6 +69,7 @@ _FIELDS = (
     "max_inflight",
     "max_queued",
     "models",
+    "admin",
 )
 _REQUIRED = ("name", "models")
 
@@ -89,6 +91,8 @@ class Tenant:
     """Glob patterns (``fnmatch``, case-sensitive) of the model names it may use."""
     identities: frozenset[str] = frozenset()
     """Client certificate names (``mtls_identities``) that authenticate as this tenant."""
+    admin: bool = False
+    """May change what the mesh serves (the repository API's Load and Unload)."""
 
     def may_use(self, model_name: str) -> bool:
         """True if any pattern matches. Check this before looking the model up, so a
@@ -220,6 +224,7 @@ def dev_registry() -> TenantRegistry:
         max_inflight=0,
         max_queued=0,
         models=("*",),
+        admin=True,
     )
     return TenantRegistry([dev], open=True)
 
@@ -353,6 +358,7 @@ class _Parser:
             identities=self.mtls_identities(name, fields["mtls_identities"][1])
             if "mtls_identities" in fields
             else frozenset(),
+            admin=self.flag(fields, "admin", what),
         )
 
     def name(self, node: Node, fields: _Fields) -> str:
@@ -370,6 +376,15 @@ class _Parser:
             self.fail(name_node, f"duplicate tenant name '{name}' (first at line {self.names[name]})")
         self.names[name] = _line(name_node)
         return name
+
+    def flag(self, fields: _Fields, key: str, what: str) -> bool:
+        if key not in fields:
+            return False
+        node = fields[key][1]
+        value = self.value(node) if isinstance(node, ScalarNode) else None
+        if not isinstance(value, bool):
+            self.fail(node, f"{what}: '{key}' must be true or false, got {value!r}")
+        return value
 
     def number(self, fields: _Fields, key: str, what: str, *, default: float) -> float:
         if key not in fields:

@@ -7,6 +7,11 @@ from pathlib import Path
 from meshserve.models.repository import ModelInfo, TensorInfo
 from protos import meshserve_pb2 as mpb
 
+GENERATION_TRAILER = "meshserve-table-generation"
+"""The router's Load and Unload answer with the routing-table generation that has the
+change (trailing metadata): a gateway waits for its copy of the table to reach it
+before it answers its client, so that a call right after a load finds the model."""
+
 
 def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path, load_error: str = "") -> mpb.ModelSpec:
     try:

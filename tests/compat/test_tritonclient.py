@@ -65,8 +65,8 @@ def _wait_for_ready_line(proc: subprocess.Popen[str]) -> str:
 
 
 @contextlib.contextmanager
-def meshserve_up(repository: Path, models: int) -> Iterator[RunningMesh]:
-    """`meshserve up` on ``repository`` until the context ends (then SIGTERM, exit 0)."""
+def meshserve_up(repository: Path, models: int, extra: tuple[str, ...] = ()) -> Iterator[RunningMesh]:
+    """`meshserve up` on ``repository`` (and ``extra`` flags) until the context ends (then SIGTERM, exit 0)."""
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -82,6 +82,7 @@ def meshserve_up(repository: Path, models: int) -> Iterator[RunningMesh]:
             str(free_port()),
             "--host",
             "127.0.0.1",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         text=True,
