@@ -33,7 +33,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from meshserve.models.repository import ModelInfo
+from meshserve.models.traffic import TrafficSplit
 from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, ModelKey, Placement, Slot, demand_for, place
+from router.splits import Splits
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class TableSnapshot:
     models: tuple[ModelInfo, ...]
     ready: frozenset[ModelKey]
     failed: Mapping[ModelKey, str] = field(default_factory=dict)
+    splits: tuple[TrafficSplit, ...] = ()  # in force, by model (router/splits.py)
 
 
 class RouterCore:
@@ -105,9 +108,38 @@ class RouterCore:
         self._failed: dict[ModelKey, str] = dict(self._unservable)  # not ready, and why: replaced whole
         self._logged_failures: dict[ModelKey, str] = {}  # the reasons logged, while they last
         self._changed = asyncio.Condition()
+        self.splits = Splits()
 
     def snapshot(self) -> TableSnapshot:
-        return TableSnapshot(self._generation, tuple(self.models.values()), self._ready, self._failed)
+        return TableSnapshot(
+            self._generation, tuple(self.models.values()), self._ready, self._failed, self.splits.effective(self.models)
+        )
+
+    async def set_split(self, split: TrafficSplit) -> TrafficSplit:
+        """Override a model's traffic split at run time (no weights: back to its
+        configured one) and publish it in a new table generation; the split now in
+        force. Raises NotFound / InvalidArgument (router/splits.py), changing nothing."""
+        current = self.splits.set(split, self.models)
+        await self._publish()
+        return current
+
+    async def set_models(self, models: list[ModelInfo], *, unservable: Mapping[ModelKey, str] | None = None) -> None:
+        """Replace the model set (a version added or removed), place again and publish
+        a new table generation; what workers report of the others is kept."""
+        self.models = {(m.name, m.version): m for m in models}
+        self._unservable = dict(unservable or {})
+        for record in self.workers.values():
+            record.ready &= set(self.models)
+            record.failed = {key: why for key, why in record.failed.items() if key in self.models}
+        self._placed_from = None
+        await self._recompute()
+        await self._publish()
+
+    async def _publish(self) -> None:
+        """A new generation whatever changed (a split is not part of readiness)."""
+        async with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
 
     async def report(
         self,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import grpc
 
-from meshserve.wire.routing import spec_from_info
+from meshserve.errors import MeshError
+from meshserve.wire.routing import spec_from_info, split_from_pb, split_to_pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
 from router.core import RouterCore, TableSnapshot, slot_from_id
@@ -36,7 +37,18 @@ class RouterServicer(mpb_grpc.RouterServicer):
                 )
                 for m in snap.models
             ],
+            splits=[split_to_pb(split) for split in snap.splits],
         )
+
+    async def SetTrafficSplit(  # noqa: N802
+        self, request: mpb.TrafficSplit, context: grpc.aio.ServicerContext[mpb.TrafficSplit, mpb.TrafficSplit]
+    ) -> mpb.TrafficSplit:
+        """Override a model's split until the router restarts (no weights: back to config.yaml's)."""
+        try:
+            return split_to_pb(await self.core.set_split(split_from_pb(request)))
+        except MeshError as error:
+            await context.abort(error.code, error.message)
+            raise
 
     async def WatchRoutingTable(  # noqa: N802 (gRPC method name)
         self, request: mpb.WatchRequest, context: grpc.aio.ServicerContext[mpb.WatchRequest, mpb.RoutingTable]
