@@ -169,6 +169,12 @@ class ClosedLoop:
         """Every call in flight began in the current epoch (none from before a change)."""
         return all(epoch == self.epoch for epoch in self.in_flight.values())
 
+    def phase_done(self, calls: int) -> Callable[[], bool]:
+        """Whether the current phase has ``calls`` answers and no call from before it is in flight."""
+        phase = self.phase
+        assert phase is not None
+        return lambda: sum(phase.versions.values()) >= calls and self.settled()
+
     async def drain(self) -> None:
         """Until no call begun before now is in flight."""
         self.epoch += 1
@@ -199,7 +205,7 @@ async def drive_rollout(
             loop.phase = phase
             loop.epoch += 1
             async with asyncio.timeout(phase_timeout_s):
-                await loop.wait_for(lambda p=phase: sum(p.versions.values()) >= calls_per_phase and loop.settled())
+                await loop.wait_for(loop.phase_done(calls_per_phase))
     finally:
         loop.stopping = True
         await asyncio.gather(runner, return_exceptions=True)
