@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -313,7 +313,8 @@ async def _rollout(target: str, router_address: str, config: BenchConfig) -> dic
             call, rollout_steps(mpb_grpc.RouterStub(router_channel), ROLLOUT_MODEL), calls_per_phase=calls_per_phase
         )
     return {
-        "model": {"name": ROLLOUT_MODEL, "versions": [1, 2]},
+        "model": {"name": ROLLOUT_MODEL, "version": "1 and 2", "max_batch_size": 32},
+        "settings": asdict(config),
         "concurrency": ROLLOUT_CONCURRENCY,
         "calls_per_phase": calls_per_phase,
         "cores": os.cpu_count(),
