@@ -259,3 +259,23 @@ async def test_shadow_copies_are_compared_never_returned(stub: Any, mesh: Any) -
     assert samples("meshserve_version_requests_total", {"model": MODEL, "version": "2"}) is None
     assert {await answered_by(stub, request("2")) for _ in range(3)} == {2}  # pinned: no shadow
     assert counts.total(MODEL, 2) == 12
+
+
+async def test_cli_split_sets_shows_and_resets(mesh: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from meshserve.cli.main import main
+
+    router = ("--router", mesh.router.address)
+    args = ["models", "split", MODEL, "1=1", "2=3", "--sticky-by", "user", "--shadow", "2:0.25", *router]
+    assert await asyncio.to_thread(main, args) == 0
+    assert capsys.readouterr().out == f"{MODEL}: v1 1 (25%), v2 3 (75%); sticky by user; shadow 25% to v2\n"
+    split = (await mesh.gateway.routing.wait_for(lambda v: MODEL in v.splits)).splits[MODEL]
+    assert split == TrafficSplit(MODEL, ((1, 1), (2, 3)), "user", 2, 0.25)
+
+    assert await asyncio.to_thread(main, ["models", "split", MODEL, "3=1", *router]) == 1
+    assert "INVALID_ARGUMENT: weights: model 'offset' has no version 3" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["models", "split", MODEL, "2=x", *router]) == 2
+    assert "expected VERSION=WEIGHT" in capsys.readouterr().err
+
+    assert await asyncio.to_thread(main, ["models", "split", MODEL, *router]) == 0
+    assert "no split" in capsys.readouterr().out
+    await mesh.gateway.routing.wait_for(lambda v: MODEL not in v.splits)

@@ -8,6 +8,7 @@
     meshserve bench     load generator, beside raw ONNX Runtime in-process
     meshserve hash-key  the sha256 form of an API key, for the tenants file
     meshserve top       live view of models, tenants, queues and devices from /metrics
+    meshserve models split NAME 1=95 2=5   a model's traffic split between its versions
 
 Every flag has a ``MESHSERVE_<NAME>`` environment variable; the flag wins.
 """
@@ -203,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval-s", type=float, default=env_default("TOP_INTERVAL_S", 1.0), help="between scrapes")
     top.add_argument("--once", action="store_true", help="print one frame (two scrapes --interval-s apart) and exit")
     top.set_defaults(func=cmd_top)
+
+    models = sub.add_parser("models", help="the models the mesh serves").add_subparsers(dest="action", required=True)
+    from meshserve.cli.split import add_split_parser
+
+    add_split_parser(models)
     return parser
 
 
