@@ -394,7 +394,11 @@ class Gateway:
         span = self.tracer.start_span(
             "reply",
             start_time=min(reply.replied_unix_ns, ended_ns),
-            attributes={"meshserve.model": reply.model, "meshserve.worker": reply.worker_id},
+            attributes={
+                "meshserve.model": reply.model,
+                "meshserve.version": reply.version,
+                "meshserve.worker": reply.worker_id,
+            },
         )
         span.end(end_time=ended_ns)
 
@@ -420,6 +424,7 @@ class Gateway:
     ) -> None:
         with self.tracer.start_as_current_span("enqueue") if self.tracing else UNTRACED as span:
             span.set_attribute("meshserve.model", model.name)
+            span.set_attribute("meshserve.version", model.version)
             if self.tracing:
                 inject(envelope.trace_context)
             try:

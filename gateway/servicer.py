@@ -332,7 +332,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 version = answer.message.version
                 self._labelled(self.metrics.version_requests, request.model_name, str(version)).inc()
                 if self.tracing:
-                    span.set_attribute("meshserve.model_version", version)
+                    span.set_attribute("meshserve.version", version)
             except MeshError as error:
                 code = error.code
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
