@@ -213,7 +213,8 @@ def rollout_lines(result: Figures) -> list[str]:
     verdict = "no call failed" if not rollout["failed_calls"] else f"{rollout['failed_calls']} calls FAILED"
     return [
         f"- closed loop of {result['concurrency']}, {result['calls_per_phase']} calls per phase,"
-        f" {rollout['calls']} calls in all: **{verdict}** {codes(rollout['failures']) if rollout['failures'] else ''}",
+        f" {rollout['calls']} calls in all: **{verdict}**"
+        + (f" {codes(rollout['failures'])}" if rollout["failures"] else ""),
         f"- p99 steady {num(rollout['p99_steady_ms'])} ms, during the rollout {num(rollout['p99_rollout_ms'])} ms"
         f" (p50 {num(rollout['p50_steady_ms'])} / {num(rollout['p50_rollout_ms'])} ms)",
         "",
