@@ -87,3 +87,22 @@ async def test_rollout_under_load_drops_no_call(redis_url: str, tmp_path: Path) 
 def _weights(view: RoutingView) -> dict[int, int]:
     split = view.splits.get(MODEL)
     return dict(split.weights) if split else {}
+
+
+def test_the_share_check_catches_a_stray_version_and_a_skewed_split() -> None:
+    from collections import Counter
+
+    from meshserve_bench.rollout import PhaseFigures, RolloutFigures
+
+    all_v2 = PhaseFigures("v2 at 100%", {2: 1.0}, Counter({2: 199, 1: 1}))
+    assert all_v2.problems() == [
+        "v2 at 100%: version 1 answered 0.5% of calls, expected 0%",
+        "v2 at 100%: version 2 answered 99.5% of calls, expected 100%",
+    ]
+    half = PhaseFigures("50/50", {1: 0.5, 2: 0.5}, Counter({1: 140, 2: 60}))
+    assert len(half.problems()) == 2
+    assert PhaseFigures("50/50", {1: 0.5, 2: 0.5}, Counter({1: 110, 2: 90})).problems() == []
+    figures = RolloutFigures([PhaseFigures("steady", {1: 1.0}, Counter({1: 5}), [1_000_000] * 5)])
+    figures.failures["UNAVAILABLE"] += 1
+    assert figures.summary()["failed_calls"] == 1
+    assert figures.problems()[0].startswith("1 calls failed")
