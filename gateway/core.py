@@ -17,12 +17,16 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
+from dataclasses import replace
 
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from gateway.request import InferCall
 from gateway.routing import RoutingWatch
+from gateway.shadow import ShadowCounts, shadow_and_compare
+from gateway.versions import VersionChooser
 from meshserve.errors import (
     DeadlineExceeded,
     NotFound,
@@ -34,6 +38,7 @@ from meshserve.models.repository import ModelInfo
 from meshserve.observe.tracing import UNTRACED, inject, records
 from meshserve.queue import (
     DEFAULT_TIER,
+    NUM_TIERS,
     Enqueued,
     ModelKeys,
     QueueProtocol,
@@ -72,6 +77,19 @@ LOST_MESSAGE = "Redis lost this request (it restarted without it); it may not ha
 """What a caller hears when its job is gone from Redis and no reply came."""
 
 
+async def _handing_to(shadow: asyncio.Future[Unframed], waiting: Awaitable[Unframed]) -> Unframed:
+    """The caller's answer, handed on to its shadow copy for comparison (cancelled:
+    the caller got none)."""
+    try:
+        answer = await waiting
+    except BaseException:
+        shadow.cancel()
+        raise
+    if not shadow.done():
+        shadow.set_result(answer)
+    return answer
+
+
 def tier_of(asked: int | None, tenant: Tenant, *, open_registry: bool) -> int:
     """The queue tier of a request that asks for tier ``asked`` (None: asks none).
 
@@ -105,6 +123,9 @@ class Gateway:
         self.blocking = blocking_redis
         self.queue = QueueProtocol(redis)
         self.routing = routing
+        self.versions_chooser = VersionChooser(lambda: self.routing.view)
+        self.shadow_counts = ShadowCounts()
+        self._shadows: set[asyncio.Task[None]] = set()  # shadow copies in flight: cancelled at stop
         self.tracer = tracer or trace.NoOpTracer()
         self.tracing = records(self.tracer)
         self.reply_to = reply_key(self.gateway_id)
@@ -141,6 +162,9 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.settle()
+        for task in self._shadows:
+            task.cancel()
+        await asyncio.gather(*self._shadows, return_exceptions=True)
         await self.store.stop()
         for task in self._tasks:
             task.cancel()
@@ -165,14 +189,16 @@ class Gateway:
         """The versions of model ``name`` in the routing table, in ascending order."""
         return sorted(v for (model, v) in self.routing.view.models if model == name)
 
-    def resolve(self, name: str, version: str) -> ModelInfo:
-        """The model a request names; raises NotFound for an unknown model or version."""
+    def resolve(self, name: str, version: str, call: InferCall | None = None) -> ModelInfo:
+        """The model a request names; raises NotFound for an unknown model or version.
+        No version: the one the model's split picks for ``call``, else the latest ready
+        (gateway/versions.py)."""
         view = self.routing.view
         if not version:
-            latest = view.latest.get(name)
-            if latest is None:
+            chosen = self.versions_chooser.choose(name, call)
+            if chosen is None:
                 raise NotFound(f"unknown model '{name}'")
-            return view.models[(name, latest)]
+            return view.models[(name, chosen)]
         try:
             model = view.models.get((name, int(version)))
         except ValueError:
@@ -204,7 +230,7 @@ class Gateway:
         shorten it further. The tenant comes from the verified credential.
         """
         self.authorize(tenant, call.model_name)
-        model = self.resolve(call.model_name, call.model_version)
+        model = self.resolve(call.model_name, call.model_version, call)
         if not self.model_ready(model):
             failed = self.routing.view.failed.get((model.name, model.version))
             why = f": it failed to load ({failed})" if failed else ""
@@ -231,11 +257,39 @@ class Gateway:
                 packed = pack_inputs(call.message, model, call.raw)
             outputs = check_requested_outputs(call.message, model)
             waiting = self._queue_and_wait(call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
+            shadow = None if call.model_version else self._shadow(call, model, packed, outputs, tenant, deadline_ms)
             del packed  # the wait lets go of the request's bytes once they are queued
-            return await waiting
+            if shadow is None:
+                return await waiting
+            return await _handing_to(shadow, waiting)
         finally:
             if limited:
                 self._release(tenant, job_id)
+
+    def _shadow(
+        self,
+        call: InferCall,
+        model: ModelInfo,
+        packed: PackedInputs,
+        outputs: list[str],
+        tenant: Tenant,
+        deadline_ms: float,
+    ) -> asyncio.Future[Unframed] | None:
+        """When the model's split copies this request to a shadow version: start the
+        copy (gateway/shadow.py) and return the future the caller's answer goes to."""
+        version = self.versions_chooser.shadow(model.name, model.version)
+        candidate = self.routing.view.models.get((model.name, version)) if version else None
+        if candidate is None:
+            return None
+        primary: asyncio.Future[Unframed] = asyncio.get_running_loop().create_future()
+        copy = replace(call, tier=NUM_TIERS - 1, request_id="")  # the lowest tier: behind every caller
+        waiting = self._queue_and_wait(
+            copy, candidate, packed, outputs, tenant, uuid.uuid4().hex, deadline_ms, time.time() * 1000
+        )
+        task = asyncio.create_task(shadow_and_compare(waiting, primary, model.name, version, self.shadow_counts))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+        return primary
 
     def _store_full(self) -> ResourceExhausted:
         """The refusal of a request while Redis is within its headroom of ``maxmemory``:
@@ -342,7 +396,11 @@ class Gateway:
         span = self.tracer.start_span(
             "reply",
             start_time=min(reply.replied_unix_ns, ended_ns),
-            attributes={"meshserve.model": reply.model, "meshserve.worker": reply.worker_id},
+            attributes={
+                "meshserve.model": reply.model,
+                "meshserve.version": reply.version,
+                "meshserve.worker": reply.worker_id,
+            },
         )
         span.end(end_time=ended_ns)
 
@@ -368,6 +426,7 @@ class Gateway:
     ) -> None:
         with self.tracer.start_as_current_span("enqueue") if self.tracing else UNTRACED as span:
             span.set_attribute("meshserve.model", model.name)
+            span.set_attribute("meshserve.version", model.version)
             if self.tracing:
                 inject(envelope.trace_context)
             try:

@@ -8,7 +8,9 @@ as ``message`` for the codec.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from meshserve.queue import NUM_TIERS
 from protos import grpc_service_pb2 as pb
@@ -28,9 +30,12 @@ class InferCall:
     """The raw contents, read in place (:mod:`meshserve.wire.rawfields`); None: in
     ``message``. The core empties the list once they are queued, so that the call
     does not keep the received bytes alive while it waits for the reply."""
+    metadata: Sequence[tuple[str, Any]] = ()  # the call's gRPC metadata, for a split's sticky_by
 
 
-def infer_call(request: pb.ModelInferRequest, raw: list[memoryview] | None = None) -> InferCall:
+def infer_call(
+    request: pb.ModelInferRequest, raw: list[memoryview] | None = None, metadata: Sequence[tuple[str, Any]] = ()
+) -> InferCall:
     """The request's plain values."""
     return InferCall(
         request.model_name,
@@ -40,6 +45,7 @@ def infer_call(request: pb.ModelInferRequest, raw: list[memoryview] | None = Non
         timeout_ms_of(request),
         request,
         raw,
+        metadata,
     )
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from meshserve.models.repository import ModelInfo
-from meshserve.wire.routing import info_from_spec
+from meshserve.models.traffic import TrafficSplit
+from meshserve.wire.routing import info_from_spec, split_from_pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
 
@@ -34,6 +35,7 @@ class RoutingView:
     latest: dict[str, int]
     failed: dict[tuple[str, int], str] = field(default_factory=dict)
     unloading: frozenset[tuple[str, int]] = frozenset()  # draining: refused, naming the state
+    splits: dict[str, TrafficSplit] = field(default_factory=dict)  # by model (gateway/versions.py)
 
     @classmethod
     def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
@@ -44,7 +46,8 @@ class RoutingView:
         ready = frozenset((s.name, s.version) for s in table.models if s.ready)
         failed = {(s.name, s.version): s.load_error for s in table.models if s.load_error and not s.ready}
         unloading = frozenset((s.name, s.version) for s in table.models if s.state == "UNLOADING")
-        return cls(table.generation, models, ready, latest, failed, unloading)
+        splits = {s.model: split_from_pb(s) for s in table.splits}
+        return cls(table.generation, models, ready, latest, failed, unloading, splits)
 
     def all_ready(self) -> bool:
         """Whether there are models and every one of them is ready (strict readiness)."""

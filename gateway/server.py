@@ -49,7 +49,9 @@ class GatewayServer:
         )
         self.gateway = Gateway(settings, self.redis, self.blocking, self.routing, tracer, _registry(settings))
         self.metrics = GatewayMetrics.create(
-            late_replies=lambda: self.gateway.late_replies, lost_requests=lambda: self.gateway.lost_jobs
+            late_replies=lambda: self.gateway.late_replies,
+            lost_requests=lambda: self.gateway.lost_jobs,
+            shadow=self.gateway.shadow_counts,
         )
         servicer = InferenceServicer(self.gateway, tracer, self.metrics)
         limit = settings.max_message_bytes

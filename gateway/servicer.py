@@ -329,9 +329,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if (traced := self._tenant_on_span(tenant.name)) is not None:
                     span.set_attribute("meshserve.tenant", traced)
-                call = infer_call(request, received.raw)
+                call = infer_call(request, received.raw, context.invocation_metadata() or ())
                 answer = await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant)
                 code = grpc.StatusCode.OK
+                version = answer.message.version
+                self._labelled(self.metrics.version_requests, request.model_name, str(version)).inc()
+                if self.tracing:
+                    span.set_attribute("meshserve.version", version)
             except MeshError as error:
                 code = error.code
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))

@@ -204,6 +204,29 @@ def retry_storm_lines(result: Figures) -> list[str]:
     ]
 
 
+def rollout_lines(result: Figures) -> list[str]:
+    rollout = result["rollout"]
+    rows = [
+        [phase["name"], str(phase["calls"]), shares(phase["shares"]), shares(phase["expected"]), num(phase["p99_ms"])]
+        for phase in rollout["phases"]
+    ]
+    verdict = "no call failed" if not rollout["failed_calls"] else f"{rollout['failed_calls']} calls FAILED"
+    return [
+        f"- closed loop of {result['concurrency']}, {result['calls_per_phase']} calls per phase,"
+        f" {rollout['calls']} calls in all: **{verdict}**"
+        + (f" {codes(rollout['failures'])}" if rollout["failures"] else ""),
+        f"- p99 steady {num(rollout['p99_steady_ms'])} ms, during the rollout {num(rollout['p99_rollout_ms'])} ms"
+        f" (p50 {num(rollout['p50_steady_ms'])} / {num(rollout['p50_rollout_ms'])} ms)",
+        "",
+        *table(["phase", "calls", "versions answered", "weights", "p99 ms"], rows),
+        *(["", *(f"- {problem}" for problem in rollout["problems"])] if rollout["problems"] else []),
+    ]
+
+
+def shares(by_version: Figures) -> str:
+    return ", ".join(f"v{version} {share:.0%}" for version, share in by_version.items())
+
+
 def markdown(result: Figures) -> str:
     """The report of one run's JSON (what ``meshserve bench --json`` writes)."""
     lines = heading(result) + raw_lines(result.get("raw")) + [""]
@@ -215,6 +238,8 @@ def markdown(result: Figures) -> str:
         lines += large_lines(result)
     elif result["scenario"] == "retry-storm":
         lines += retry_storm_lines(result)
+    elif result["scenario"] == "rollout":
+        lines += rollout_lines(result)
     else:
         lines += points_table(result)
     return "\n".join(lines) + "\n"

@@ -366,6 +366,7 @@ class BatchRunner:
                 continue
             span = self._tracer.start_span("queue_wait", context=ctx, start_time=job.request.enqueued_ms * 1_000_000)
             span.set_attribute("meshserve.model", model)
+            span.set_attribute("meshserve.version", job.request.version)
             if named is not None:
                 span.set_attribute("meshserve.tenant", named)
             span.end()  # at claim time (roughly): its length is the queue wait
@@ -393,6 +394,8 @@ class BatchRunner:
             span.set_status(status)
             span.end(end_time=ended_ns)
             attributes: dict[str, AttributeValue] = {"meshserve.model": model, "meshserve.batch_size": total}
+            if jobs:  # a batch holds one model version
+                attributes["meshserve.version"] = jobs[0].request.version
             for job in jobs:
                 if (ctx := traced.sampled.get(job.job_id)) is not None:
                     own = self._tracer.start_span(

@@ -33,7 +33,9 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from meshserve.models.repository import ModelInfo
+from meshserve.models.traffic import TrafficSplit
 from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, ModelKey, Placement, Slot, demand_for, place
+from router.splits import Splits
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class TableSnapshot:
     ready: frozenset[ModelKey]
     failed: Mapping[ModelKey, str] = field(default_factory=dict)
     unloading: frozenset[ModelKey] = frozenset()  # draining: still placed, refused at gateways
+    splits: tuple[TrafficSplit, ...] = ()  # in force, by model (router/splits.py)
 
     def state(self, key: ModelKey) -> str:
         """Triton's name for a version's state: READY, UNLOADING, UNAVAILABLE (failed), else LOADING."""
@@ -121,9 +124,17 @@ class RouterCore:
         self._changed = asyncio.Condition()
         self._unloading: frozenset[ModelKey] = frozenset()
         self._reported = asyncio.Condition()  # a worker reported, or was forgotten
+        self.splits = Splits()
 
     def snapshot(self) -> TableSnapshot:
-        return TableSnapshot(self._generation, tuple(self.models.values()), self._ready, self._failed, self._unloading)
+        return TableSnapshot(
+            self._generation,
+            tuple(self.models.values()),
+            self._ready,
+            self._failed,
+            self._unloading,
+            self.splits.effective(self.models),
+        )
 
     async def set_models(
         self,
@@ -170,6 +181,20 @@ class RouterCore:
         except TimeoutError:
             return False
         return True
+
+    async def set_split(self, split: TrafficSplit) -> TrafficSplit:
+        """Override a model's traffic split at run time (no weights: back to its
+        configured one) and publish it in a new table generation; the split now in
+        force. Raises NotFound / InvalidArgument (router/splits.py), changing nothing."""
+        current = self.splits.set(split, self.models)
+        await self._publish()
+        return current
+
+    async def _publish(self) -> None:
+        """A new generation whatever changed (a split is not part of readiness)."""
+        async with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
 
     async def report(
         self,

@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from meshserve.errors import InvalidArgument, MeshError
-from meshserve.wire.routing import GENERATION_TRAILER, spec_from_info
+from meshserve.wire.routing import GENERATION_TRAILER, spec_from_info, split_from_pb, split_to_pb
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -49,7 +49,18 @@ class RouterServicer(mpb_grpc.RouterServicer):
             )
             spec.state = snap.state(key)
             table.models.append(spec)
+        table.splits.extend(split_to_pb(split) for split in snap.splits)
         return table
+
+    async def SetTrafficSplit(  # noqa: N802
+        self, request: mpb.TrafficSplit, context: grpc.aio.ServicerContext[mpb.TrafficSplit, mpb.TrafficSplit]
+    ) -> mpb.TrafficSplit:
+        """Override a model's split until the router restarts (no weights: back to config.yaml's)."""
+        try:
+            return split_to_pb(await self.core.set_split(split_from_pb(request)))
+        except MeshError as error:
+            await context.abort(error.code, error.message)
+            raise
 
     async def WatchRoutingTable(  # noqa: N802 (gRPC method name)
         self, request: mpb.WatchRequest, context: grpc.aio.ServicerContext[mpb.WatchRequest, mpb.RoutingTable]

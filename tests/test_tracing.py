@@ -103,6 +103,8 @@ async def test_one_request_is_one_trace_across_gateway_and_worker(
     assert server.kind == SpanKind.SERVER
     assert server.parent is None  # no traceparent came in: the gateway starts the trace
     assert server.attributes["meshserve.model"] == "mlp"
+    # every span of the request says which version answered (docs/lifecycle.md)
+    assert {s.attributes["meshserve.version"] for s in (server, enqueue, queue_wait)} == {1}
     assert enqueue.context.trace_id == trace_id
     assert enqueue.parent.span_id == server.context.span_id
     # the worker picks the context up from inside the queued message
@@ -193,6 +195,7 @@ async def test_a_request_trace_shows_its_compute_and_the_way_back(
     assert reply.parent.span_id == server.context.span_id
     assert compute.attributes["meshserve.batch_size"] == 1
     assert compute.attributes["meshserve.model"] == "mlp"
+    assert compute.attributes["meshserve.version"] == reply.attributes["meshserve.version"] == 1
     assert batch_links(compute, batch)
     # the batch's own compute and the request's cover the same run of the model
     batch_compute = only(in_trace(spans, batch.context.trace_id), "compute")

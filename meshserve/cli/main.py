@@ -9,6 +9,7 @@
     meshserve hash-key  the sha256 form of an API key, for the tenants file
     meshserve top       live view of models, tenants, queues and devices from /metrics
     meshserve models    list, load and unload models (the repository API); stats: Triton's statistics
+    meshserve models split NAME 1=95 2=5   a model's traffic split between its versions
 
 Every flag has a ``MESHSERVE_<NAME>`` environment variable; the flag wins.
 """

@@ -24,6 +24,7 @@ from typing import TextIO
 import grpc
 
 from meshserve.cli.model_stats import format_table
+from meshserve.cli.split import add_split_parser
 from meshserve.platform.tls import TlsConfig, sync_channel
 from meshserve.settings import add_arguments, from_args
 from meshserve.settings.flags import cli, tls_cli
@@ -66,6 +67,7 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
     stats = sub.add_parser("stats", help="Triton's model statistics: counts and mean times (ModelStatistics)")
     stats.add_argument("name", nargs="?", default="", help="one model (default: every model the key may use)")
     stats.add_argument("--model-version", default="", help="one version of NAME (default: all)")
+    add_split_parser(sub)  # talks to the router, with flags of its own
 
 
 def run_models(args: argparse.Namespace, out: TextIO | None = None) -> int:

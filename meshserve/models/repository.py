@@ -12,6 +12,9 @@ restrict the served versions and name the platform::
       preferred_batch_sizes: [4, 8, 16]
       max_queue_size: 1000        # 0 = unbounded
     versions: [1, 3]              # default: every version directory
+    version_policy: {latest: 2}   # Triton's: all | latest: N | specific: [..] (meshserve/models/traffic.py)
+    traffic:                      # how requests naming no version are shared (meshserve/models/traffic.py)
+      weights: {1: 95, 2: 5}
     platform: onnxruntime_onnx
     execution:                    # ONNX Runtime providers on a GPU (meshserve/execution.py)
       providers: [tensorrt, cuda, cpu]
@@ -68,6 +71,7 @@ from meshserve.models.execution import (
     parse_engine,
     parse_execution,
 )
+from meshserve.models.traffic import ALL_VERSIONS, TrafficSplit, VersionPolicy, parse_traffic, parse_version_policy
 from meshserve.models.warmup import WarmupSample, parse_warmup
 from meshserve.platform.mig import parse_mig_profile
 from meshserve.wire.dtypes import KSERVE_BY_ONNX
@@ -93,6 +97,8 @@ _TOP_LEVEL_KEYS = frozenset(
         "instances",
         "warmup",
         "engine",
+        "version_policy",
+        "traffic",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -153,6 +159,7 @@ class ModelInfo:
     execution_timeout_ms: int = 0  # 0: derived from the warm-up time (model_workers/served.py)
     instances: int = 1  # batches computing at once per worker
     engine: EngineConfig = DEFAULT_ENGINE  # CPU thread settings config.yaml fixes
+    traffic: TrafficSplit | None = None  # the model's configured split (every version carries it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +178,8 @@ class _Config:
     execution_timeout_ms: int = 0
     instances: int = 1
     engine: EngineConfig = DEFAULT_ENGINE
+    policy: VersionPolicy = ALL_VERSIONS
+    traffic: TrafficSplit | None = None
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -182,6 +191,8 @@ def load_model(model_dir: Path, version: int) -> ModelInfo:
     config = _read_config(model_dir)
     if config.versions is not None and version not in config.versions:
         raise RepositoryError(f"{model_dir / CONFIG_FILENAME}: version {version} is not listed in 'versions'")
+    if version not in config.policy.select(_version_dirs(model_dir)):
+        raise RepositoryError(f"{model_dir / CONFIG_FILENAME}: version {version} is outside 'version_policy'")
     return _load_version(model_dir, version, config)
 
 
@@ -250,7 +261,7 @@ def scan_model_dir(model_dir: Path) -> RepositoryScan:
         versions = [v for v in versions if v in config.versions]
     elif not versions:
         problems.append(f"{model_dir}: no version directories (positive integers)")
-    for version in versions:
+    for version in config.policy.select(versions):
         try:
             models.append(_load_version(model_dir, version, config))
         except RepositoryError as exc:
@@ -315,6 +326,13 @@ def _read_config(model_dir: Path) -> _Config:
     versions = raw.get("versions")
     if versions is not None:
         versions = frozenset(_positive_ints(versions, path, "versions"))
+    try:
+        policy = parse_version_policy(raw.get("version_policy"))
+        traffic = parse_traffic(raw.get("traffic"), model_dir.name)
+    except ValueError as exc:
+        raise RepositoryError(f"{path}: {exc}") from exc
+    if versions is not None and policy != ALL_VERSIONS:
+        raise RepositoryError(f"{path}: 'versions' and 'version_policy' both restrict the versions: keep one")
     return _Config(
         max_batch_size=_optional_int(raw, "max_batch_size", path, ""),
         max_queue_delay_us=_queue_delay_us(batching, path),
@@ -332,6 +350,8 @@ def _read_config(model_dir: Path) -> _Config:
         execution_timeout_ms=_optional_int(raw, "execution_timeout_ms", path, "") or 0,
         instances=_instances(raw, path),
         engine=_engine(raw.get("engine"), path),
+        policy=policy,
+        traffic=traffic,
     )
 
 
@@ -538,6 +558,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         execution_timeout_ms=config.execution_timeout_ms,
         instances=config.instances,
         engine=config.engine,
+        traffic=config.traffic,
     )
 
 

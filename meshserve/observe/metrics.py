@@ -64,14 +64,21 @@ class GatewayMetrics:
     rejections: Counter
     tenant_requests: Counter
     tenant_latency: Histogram
+    version_requests: Counter
 
     @classmethod
     def create(
-        cls, late_replies: Callable[[], int] = lambda: 0, lost_requests: Callable[[], int] = lambda: 0
+        cls,
+        late_replies: Callable[[], int] = lambda: 0,
+        lost_requests: Callable[[], int] = lambda: 0,
+        shadow: ShadowReads | None = None,
     ) -> GatewayMetrics:
         """``late_replies`` reads the gateway's count of replies nobody waited for,
-        ``lost_requests`` its count of waiting calls whose job Redis lost."""
+        ``lost_requests`` its count of waiting calls whose job Redis lost, ``shadow``
+        its shadow-traffic comparisons (gateway/shadow.py)."""
         registry = CollectorRegistry()
+        if shadow is not None:
+            registry.register(_ShadowCollector(shadow))
         registry.register(
             _CounterFromFunction(
                 "meshserve_late_replies",
@@ -128,7 +135,49 @@ class GatewayMetrics:
                 buckets=LATENCY_BUCKETS_S,
                 registry=registry,
             ),
+            version_requests=Counter(
+                "meshserve_version_requests",
+                "ModelInfer calls answered, by model and the version that answered (docs/lifecycle.md).",
+                ["model", "version"],
+                registry=registry,
+            ),
         )
+
+
+class ShadowReads(Protocol):
+    """The gateway's shadow-traffic counts (``gateway.shadow.ShadowCounts``)."""
+
+    @property
+    def outcomes(self) -> Mapping[tuple[str, int, str], int]: ...
+
+    @property
+    def max_abs_diff(self) -> Mapping[tuple[str, int], float]: ...
+
+
+class _ShadowCollector(Collector):
+    """Shadow comparisons, read off the core's plain counts at scrape time."""
+
+    def __init__(self, reads: ShadowReads) -> None:
+        self.reads = reads
+
+    def collect(self) -> Iterator[Metric]:
+        compared = CounterMetricFamily(
+            "meshserve_shadow_comparisons",
+            "Shadow copies compared with the answer the caller got, by model, shadow version and outcome"
+            " (agree / disagree: argmax of the first output over its last axis; failed: the shadow erred).",
+            labels=["model", "version", "outcome"],
+        )
+        for (model, version, outcome), count in list(self.reads.outcomes.items()):
+            compared.add_metric([model, str(version), outcome], count)
+        yield compared
+        diff = GaugeMetricFamily(
+            "meshserve_shadow_max_abs_diff",
+            "Largest absolute difference seen between a shadow's first output and the caller's.",
+            labels=["model", "version"],
+        )
+        for (model, version), value in list(self.reads.max_abs_diff.items()):
+            diff.add_metric([model, str(version)], value)
+        yield diff
 
 
 class _CounterFromFunction(Collector):

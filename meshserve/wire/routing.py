@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshserve.models.repository import ModelInfo, TensorInfo
+from meshserve.models.traffic import TrafficSplit
 from protos import meshserve_pb2 as mpb
 
 GENERATION_TRAILER = "meshserve-table-generation"
@@ -49,4 +50,25 @@ def info_from_spec(spec: mpb.ModelSpec, repository: Path | None = None) -> Model
         preferred_batch_sizes=tuple(spec.preferred_batch_sizes),
         max_queue_size=spec.max_queue_size,
         platform=spec.platform,
+    )
+
+
+def split_to_pb(split: TrafficSplit) -> mpb.TrafficSplit:
+    return mpb.TrafficSplit(
+        model=split.model,
+        weights=dict(split.weights),
+        sticky_by=split.sticky_by,
+        shadow_version=split.shadow_version,
+        shadow_share=split.shadow_share,
+    )
+
+
+def split_from_pb(message: mpb.TrafficSplit) -> TrafficSplit:
+    """The message's split; weights as given (the router validates them)."""
+    return TrafficSplit(
+        model=message.model,
+        weights=tuple(sorted((int(v), int(w)) for v, w in message.weights.items())),
+        sticky_by=message.sticky_by,
+        shadow_version=message.shadow_version,
+        shadow_share=message.shadow_share,
     )
