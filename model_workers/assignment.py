@@ -98,6 +98,7 @@ class AssignmentFollower:
         self._failed: dict[ModelKey, LoadFailure] = {}  # kept while a retry loads: still failed until it succeeds
         self._activation_bytes: dict[ModelKey, int] = {}  # measured at warm-up, until the model is held
         self._warmup_ms: dict[ModelKey, float] = {}  # likewise: the served model's time limits derive from it
+        self.load_ms: dict[ModelKey, float] = {}  # the last load's reading and warm-up, kept: reported to the router
 
     def follow(self, assignment: mpb.WorkerAssignment) -> None:
         """Start loading what is newly assigned and draining what is no longer.
@@ -142,6 +143,7 @@ class AssignmentFollower:
 
     def load(self, name: str, version: int) -> LoadedModel:
         """Read, load and warm up one model version; runs in the loader thread."""
+        started_s = time.perf_counter()
         info = load_model(self._settings.model_repository / name, version)
         flags = (self._settings.intra_op_threads, self._settings.intra_op_spinning)
         threads, spin = fixed_setting(*flags, info.engine)
@@ -151,6 +153,7 @@ class AssignmentFollower:
         choose_engine(model, threads, spin, source=source)
         self._activation_bytes[(info.name, info.version)] = activation_bytes
         self._warmup_ms[(info.name, info.version)] = took_s * 1000
+        self.load_ms[(info.name, info.version)] = (time.perf_counter() - started_s) * 1000
         log.info("loaded %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)
         return model
 

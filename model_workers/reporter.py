@@ -118,6 +118,7 @@ class Reporter:
                     queue_wait_seconds_total=s.stats.queue_wait_seconds,
                     weights_bytes=s.weights_bytes,
                     activation_bytes=s.activation_bytes,
+                    load_ms=round(self._follower.load_ms.get((name, version), 0.0)),
                 )
                 for (name, version), s in held.served.items()
             ]

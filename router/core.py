@@ -19,6 +19,14 @@ worker serves it, the table carries that reason (``TableSnapshot.failed``; a mod
 placement found no room for carries the placement's), and the router logs it once
 per reason. Gateways count a failed model as settled for server readiness.
 
+More models than memory (router/residency.py): when the models do not all fit, the
+pinned, the busy and the most recently used are placed and the rest are *evicted*;
+a gateway's ``demand`` marks one used now and places it, evicting the least
+recently used that may go. A model evicted stays flagged (``TableSnapshot.evicted``,
+"loads on demand") until a worker reports it ready again; ``loading`` are those of
+them placed now. ``queued`` (set by the router's server from the queue depths)
+and the requests a worker reported since its last report keep a model resident.
+
 A model that moves is handed over make-before-break: a worker that reports it
 ready keeps it in its assignment until a worker on the device it is placed on
 reports it ready, so it never goes unready just because it moved.
@@ -33,7 +41,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from meshserve.models.repository import ModelInfo
-from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, ModelKey, Placement, Slot, demand_for, place
+from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, ModelKey, Placement, Slot, demand_for
+from router.residency import DEFAULT_MIN_RESIDENCY_S, HOT_QUEUE_WAIT_S, ResidencyBook
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,10 @@ class TableSnapshot:
     models: tuple[ModelInfo, ...]
     ready: frozenset[ModelKey]
     failed: Mapping[ModelKey, str] = field(default_factory=dict)
+    evicted: frozenset[ModelKey] = frozenset()  # not resident: loads on demand (not ready)
+    loading: frozenset[ModelKey] = frozenset()  # of those, placed now: a worker loads it
+    load_ms: Mapping[ModelKey, int] = field(default_factory=dict)  # measured load and warm-up
+    reasons: Mapping[ModelKey, str] = field(default_factory=dict)  # evicted, not loading: why
 
 
 class RouterCore:
@@ -88,6 +101,7 @@ class RouterCore:
         clock: Callable[[], float] = time.monotonic,
         headroom_ratio: float = DEFAULT_HEADROOM_RATIO,
         unservable: Mapping[ModelKey, str] | None = None,
+        min_residency_s: float = DEFAULT_MIN_RESIDENCY_S,
     ) -> None:
         """``unservable``: versions in ``models`` that the repository could not read,
         with the problem: listed, never placed, always failed."""
@@ -105,9 +119,25 @@ class RouterCore:
         self._failed: dict[ModelKey, str] = dict(self._unservable)  # not ready, and why: replaced whole
         self._logged_failures: dict[ModelKey, str] = {}  # the reasons logged, while they last
         self._changed = asyncio.Condition()
+        self.residency = ResidencyBook(min_residency_s=min_residency_s, clock=clock, headroom_ratio=headroom_ratio)
+        self.load_ms: dict[ModelKey, int] = {}  # the latest measured load (and warm-up) per model version
+        self.queued: frozenset[ModelKey] = frozenset()  # requests waiting in Redis: replaced whole
+        self._cold: set[ModelKey] = set()  # evicted since it was last ready
+        self._evicted: frozenset[ModelKey] = frozenset()
+        self._loading: frozenset[ModelKey] = frozenset()
 
     def snapshot(self) -> TableSnapshot:
-        return TableSnapshot(self._generation, tuple(self.models.values()), self._ready, self._failed)
+        reasons = {key: self.residency.reason(key) for key in self._evicted - self._loading}
+        return TableSnapshot(
+            self._generation,
+            tuple(self.models.values()),
+            self._ready,
+            self._failed,
+            self._evicted,
+            self._loading,
+            dict(self.load_ms),
+            reasons,
+        )
 
     async def report(
         self,
@@ -120,12 +150,14 @@ class RouterCore:
         slot: Slot | None = None,
         footprints: Mapping[ModelKey, Footprint] | None = None,
         failures: Mapping[ModelKey, str] | None = None,
+        load_ms: Mapping[ModelKey, int] | None = None,
     ) -> list[ModelInfo]:
         """Record a worker's state; returns the models placed on its device.
 
         ``slot`` describes the device (default: guessed from ``device``, memory
         unknown); ``footprints`` are the worker's measurements per model version;
-        ``failures`` the models whose last load there failed, and why.
+        ``failures`` the models whose last load there failed, and why; ``load_ms``
+        how long each model's last load there took (0: not measured).
         """
         record = self.workers.get(worker_id)
         if record is None:
@@ -139,23 +171,34 @@ class RouterCore:
         record.failed = {key: reason for key, reason in (failures or {}).items() if key in self.models}
         record.draining = draining
         record.last_seen_s = now_s = self._clock()
-        for key, (requests, wait_s) in (loads or {}).items():
+        for key, took_ms in (load_ms or {}).items():
+            if key in self.models and took_ms > 0:
+                self.load_ms[key] = took_ms
+        loads = loads or {}
+        record.rates = {key: rate for key, rate in record.rates.items() if key in loads}  # dropped models' too
+        for key, (requests, wait_s) in loads.items():
             before = record.loads.get(key)
             record.loads[key] = ModelLoad(now_s, requests, wait_s)
             if before is not None and now_s > before.at_s and requests >= before.requests:
                 record.rates[key] = (requests - before.requests, wait_s - before.queue_wait_s, now_s - before.at_s)
+                if requests > before.requests and key in self.models:
+                    self.residency.used(key)
         await self._recompute()
         return [self.models[key] for key in sorted(set(self.placement.on(device)) | self._handing_over(record))]
 
     def _handing_over(self, record: WorkerRecord) -> set[ModelKey]:
         """Models ``record`` serves that moved elsewhere and are not ready there yet."""
-        placed_on = {key: device for device, keys in self.placement.assignments for key in keys}
+        placed_on: dict[ModelKey, set[str]] = {}
+        for device, keys in self.placement.assignments:
+            for key in keys:
+                placed_on.setdefault(key, set()).add(device)
         return {
             key
             for key in record.ready
-            if (target := placed_on.get(key)) not in (None, record.device)
+            if (targets := placed_on.get(key, set()))
+            and record.device not in targets
             and not any(
-                other.device == target and not other.draining and key in other.ready for other in self.workers.values()
+                other.device in targets and not other.draining and key in other.ready for other in self.workers.values()
             )
         }
 
@@ -198,11 +241,23 @@ class RouterCore:
             for key, info in sorted(self.models.items())
             if key not in self._unservable
         )
-        inputs = (tuple(slots.values()), demands)
+        pinned = frozenset(key for key, info in self.models.items() if info.pinned)
+        waits = {key: rate.mean_queue_wait_s for key, rate in self.load_rates().items()}
+        self.residency.busy = self.queued | self._in_flight()
+        hot = tuple(sorted((key, int(wait_s / HOT_QUEUE_WAIT_S)) for key, wait_s in waits.items() if wait_s > 0))
+        inputs = (tuple(slots.values()), demands, self.residency.signature(demands, pinned), hot)
         if inputs == self._placed_from:
             return
         self._placed_from = inputs
-        placement = place(slots.values(), demands, headroom_ratio=self.headroom_ratio) if slots else Placement()
+        if not slots:
+            placement, evicted = Placement(), frozenset[ModelKey]()
+        else:
+            plan = self.residency.plan(slots.values(), demands, pinned=pinned, queue_wait_s=waits)
+            placement, evicted = plan.placement, plan.evicted
+        newly = evicted - self._cold
+        self._cold |= evicted
+        for key in sorted(newly):
+            log.info("model %s version %d evicted: no room with the models used more recently", *key)
         if placement == self.placement:
             return
         before, self.placement = self.placement.unplaceable, placement
@@ -213,6 +268,36 @@ class RouterCore:
         for entry in placement.unplaceable:
             if entry not in before:  # said once, and again only when its numbers change
                 log.warning("unplaceable: %s", entry.message())
+
+    def _in_flight(self) -> frozenset[ModelKey]:
+        """Model versions a live worker computed requests of since its report before."""
+        return frozenset(
+            key for record in self.workers.values() for key, (requests, _, _) in record.rates.items() if requests > 0
+        )
+
+    async def demand(self, key: ModelKey) -> tuple[bool, int, str]:
+        """A gateway asks for ``key``: used now, and placed if room can be made (evicting
+        the least recently used that may go). Answers (placed, measured load ms, why not)."""
+        if key not in self.models:
+            return False, 0, f"unknown model {key[0]} version {key[1]}"
+        self.residency.used(key)
+        await self._recompute()
+        expected_ms = self.load_ms.get(key, 0)
+        if any(key in keys for _, keys in self.placement.assignments):
+            return True, expected_ms, ""
+        for entry in self.placement.unplaceable:
+            if entry.key == key:
+                return False, 0, f"no device has room: {entry.message()}"
+        if key in self._unservable:
+            return False, 0, self._unservable[key]
+        return (
+            False,
+            expected_ms,
+            (
+                f"{self.residency.reason(key)}: every resident model is pinned, busy or loaded less than"
+                f" {self.residency.min_residency_s:g} s ago"
+            ),
+        )
 
     def load_rates(self) -> dict[ModelKey, LoadRate]:
         """Per model version, summed over live workers: requests/s and mean queue wait."""
@@ -243,9 +328,14 @@ class RouterCore:
             key for rec in self.workers.values() if not rec.draining for key in rec.ready if key not in unplaceable
         )
         failed = self._failures(ready, unplaceable)
-        if ready != self._ready or failed != self._failed:
+        placed = frozenset(key for _, keys in self.placement.assignments for key in keys)
+        self._cold -= ready & placed  # ready where it is placed: resident again
+        evicted = frozenset(self._cold)
+        loading = evicted & placed
+        if ready != self._ready or failed != self._failed or (evicted, loading) != (self._evicted, self._loading):
             async with self._changed:
                 self._ready, self._failed = ready, failed
+                self._evicted, self._loading = evicted, loading
                 self._generation += 1
                 self._changed.notify_all()
 

@@ -36,6 +36,7 @@ class RouterServer:
             worker_ttl_ms=settings.worker_ttl_ms,
             headroom_ratio=settings.placement_headroom_ratio,
             unservable=scan.unservable,
+            min_residency_s=settings.min_residency_s,
         )
         self.server = grpc.aio.server()
         mpb_grpc.add_RouterServicer_to_server(
@@ -48,6 +49,7 @@ class RouterServer:
         self._health_task: asyncio.Task[None] | None = None
         self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
         self._expiry: asyncio.Task[None] | None = None
+        self._queues: asyncio.Task[None] | None = None
         self.depths = QueueDepths(settings.redis_url, allow_eviction=settings.allow_eviction)
         self.metrics = RouterMetrics.create(
             RouterReads(
@@ -63,6 +65,17 @@ class RouterServer:
     def _queue_depths(self) -> dict[ModelKey, dict[str, int]]:
         """Called in the metrics thread at scrape time."""
         return self.depths.read(self.core.models)
+
+    async def _follow_queues(self, interval_s: float) -> None:
+        """While some model is evicted, which models have requests queued (one read of
+        the depths per interval): those stay resident (``RouterCore.queued``)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if not self.core.snapshot().evicted:
+                self.core.queued = frozenset()
+                continue
+            depths = await asyncio.to_thread(self.depths.read, list(self.core.models))
+            self.core.queued = frozenset(key for key, tiers in depths.items() if any(tiers.values()))
 
     @property
     def address(self) -> str:
@@ -85,6 +98,7 @@ class RouterServer:
                 self.metrics.registry, self.settings.metrics_port, self.settings.metrics_host
             )
         self._expiry = asyncio.create_task(self.core.run_expiry(self.settings.report_interval_ms / 1000))
+        self._queues = asyncio.create_task(self._follow_queues(self.settings.report_interval_ms / 1000))
         log.info(
             "router listening on %s%s with %d model versions%s",
             self.address,
@@ -96,6 +110,8 @@ class RouterServer:
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._queues is not None:
+            self._queues.cancel()
         if self._health_task is not None:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from meshserve.models.repository import ModelInfo
 from meshserve.wire.routing import spec_from_info
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -28,15 +29,25 @@ class RouterServicer(mpb_grpc.RouterServicer):
         return mpb.RoutingTable(
             generation=snap.generation,
             models=[
-                spec_from_info(
+                _with_residency(
+                    spec_from_info(
+                        m,
+                        ready=(m.name, m.version) in snap.ready,
+                        repository=self.repository,
+                        load_error=snap.failed.get((m.name, m.version), ""),
+                    ),
                     m,
-                    ready=(m.name, m.version) in snap.ready,
-                    repository=self.repository,
-                    load_error=snap.failed.get((m.name, m.version), ""),
+                    snap,
                 )
                 for m in snap.models
             ],
         )
+
+    async def DemandModel(  # noqa: N802
+        self, request: mpb.ModelDemand, context: grpc.aio.ServicerContext[mpb.ModelDemand, mpb.ModelDemandReply]
+    ) -> mpb.ModelDemandReply:
+        placed, expected_ms, reason = await self.core.demand((request.model, request.version))
+        return mpb.ModelDemandReply(placed=placed, expected_ms=expected_ms, reason=reason)
 
     async def WatchRoutingTable(  # noqa: N802 (gRPC method name)
         self, request: mpb.WatchRequest, context: grpc.aio.ServicerContext[mpb.WatchRequest, mpb.RoutingTable]
@@ -51,6 +62,7 @@ class RouterServicer(mpb_grpc.RouterServicer):
         loads = {(m.name, m.version): (m.requests_total, m.queue_wait_seconds_total) for m in request.models}
         footprints = {(m.name, m.version): Footprint(m.weights_bytes, m.activation_bytes) for m in request.models}
         failures = {(m.name, m.version): m.load_error for m in request.models if m.load_error and not m.ready}
+        load_ms = {(m.name, m.version): m.load_ms for m in request.models if m.load_ms}
         models = await self.core.report(
             request.worker_id,
             request.device,
@@ -60,6 +72,7 @@ class RouterServicer(mpb_grpc.RouterServicer):
             slot=_slot(request),
             footprints=footprints,
             failures=failures,
+            load_ms=load_ms,
         )
         snap = self.core.snapshot()
         return mpb.WorkerAssignment(
@@ -68,6 +81,18 @@ class RouterServicer(mpb_grpc.RouterServicer):
             ],
             report_interval_ms=self.report_interval_ms,
         )
+
+
+def _with_residency(spec: mpb.ModelSpec, info: ModelInfo, snap: TableSnapshot) -> mpb.ModelSpec:
+    """``spec`` with what residency says: pinned, evicted (loads on demand: LOADING
+    while placed, else UNAVAILABLE) and the measured load time."""
+    key = (info.name, info.version)
+    spec.pinned = info.pinned
+    spec.load_ms = snap.load_ms.get(key, 0)
+    if key in snap.evicted and key not in snap.ready:
+        spec.evicted = True
+        spec.state = "LOADING" if key in snap.loading else "UNAVAILABLE"
+    return spec
 
 
 def _slot(request: mpb.WorkerReport) -> Slot:

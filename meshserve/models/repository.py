@@ -22,6 +22,7 @@ restrict the served versions and name the platform::
       device: any                 # gpu | cpu | any (the default: a GPU or MIG slice first)
       min_mig_profile: 2g.20gb    # no smaller MIG slice; whole GPUs are always allowed
       memory_mb: 2048             # device memory in MiB; default: estimated
+    pinned: true                  # never evicted for want of memory (docs/lifecycle.md)
     execution_timeout_ms: 20000   # a batch running longer is stopped; default: from warm-up
     instances: 1                  # batches of this model computing at once on a worker
     warmup:                       # warm-up inputs, as Triton's model_warmup (meshserve/models/warmup.py)
@@ -93,6 +94,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "instances",
         "warmup",
         "engine",
+        "pinned",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -153,6 +155,7 @@ class ModelInfo:
     execution_timeout_ms: int = 0  # 0: derived from the warm-up time (model_workers/served.py)
     instances: int = 1  # batches computing at once per worker
     engine: EngineConfig = DEFAULT_ENGINE  # CPU thread settings config.yaml fixes
+    pinned: bool = False  # never evicted to make room for another model
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +174,7 @@ class _Config:
     execution_timeout_ms: int = 0
     instances: int = 1
     engine: EngineConfig = DEFAULT_ENGINE
+    pinned: bool = False
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -315,7 +319,15 @@ def _read_config(model_dir: Path) -> _Config:
         execution_timeout_ms=_optional_int(raw, "execution_timeout_ms", path, "") or 0,
         instances=_instances(raw, path),
         engine=_engine(raw.get("engine"), path),
+        pinned=_pinned(raw, path),
     )
+
+
+def _pinned(raw: dict[Any, Any], path: Path) -> bool:
+    pinned = raw.get("pinned", False)
+    if not isinstance(pinned, bool):
+        raise RepositoryError(f"{path}: 'pinned' must be true or false, got {pinned!r}")
+    return pinned
 
 
 def _instances(raw: dict[Any, Any], path: Path) -> int:
@@ -521,6 +533,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         execution_timeout_ms=config.execution_timeout_ms,
         instances=config.instances,
         engine=config.engine,
+        pinned=config.pinned,
     )
 
 
