@@ -21,6 +21,7 @@ import uuid
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
+from gateway.demand import Demands
 from gateway.request import InferCall
 from gateway.routing import RoutingWatch
 from meshserve.errors import (
@@ -105,6 +106,7 @@ class Gateway:
         self.blocking = blocking_redis
         self.queue = QueueProtocol(redis)
         self.routing = routing
+        self.demands = Demands(routing.router, self.gateway_id)  # models not resident: loaded on request
         self.tracer = tracer or trace.NoOpTracer()
         self.tracing = records(self.tracer)
         self.reply_to = reply_key(self.gateway_id)
@@ -140,6 +142,7 @@ class Gateway:
         self.store.start()
 
     async def stop(self) -> None:
+        await self.demands.close()
         await self.settle()
         await self.store.stop()
         for task in self._tasks:
@@ -205,7 +208,8 @@ class Gateway:
         """
         self.authorize(tenant, call.model_name)
         model = self.resolve(call.model_name, call.model_version)
-        if not self.model_ready(model):
+        cold = not self.model_ready(model)
+        if cold and (model.name, model.version) not in self.routing.view.evicted:
             failed = self.routing.view.failed.get((model.name, model.version))
             why = f": it failed to load ({failed})" if failed else ""
             raise Unavailable(f"model '{model.name}' version {model.version} is not ready{why}")
@@ -217,6 +221,10 @@ class Gateway:
             deadline_ms = min(deadline_ms, now_ms + timeout_ms)
         if deadline_ms <= now_ms:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
+        started_ms = now_ms
+        if cold:  # evicted: loads on demand, and the request waits in the queue meanwhile
+            await self.demands.admit((model.name, model.version), deadline_ms)
+            now_ms = time.time() * 1000
 
         # Admission before decoding tensors: a flood of refused calls must cost the
         # gateway as little as possible, or it slows every other tenant's calls.
@@ -230,7 +238,10 @@ class Gateway:
             outputs = check_requested_outputs(call.message, model)
             waiting = self._queue_and_wait(call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
             del packed  # the wait lets go of the request's bytes once they are queued
-            return await waiting
+            answer = await waiting
+            if cold:
+                self.demands.on_wait(model.name, time.time() - started_ms / 1000)
+            return answer
         finally:
             if limited:
                 self._release(tenant, job_id)

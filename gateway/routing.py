@@ -33,6 +33,7 @@ class RoutingView:
     ready: frozenset[tuple[str, int]]
     latest: dict[str, int]
     failed: dict[tuple[str, int], str] = field(default_factory=dict)
+    evicted: frozenset[tuple[str, int]] = frozenset()  # not resident, not ready: loads on demand
 
     @classmethod
     def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
@@ -42,16 +43,19 @@ class RoutingView:
             latest[name] = max(version, latest.get(name, 0))
         ready = frozenset((s.name, s.version) for s in table.models if s.ready)
         failed = {(s.name, s.version): s.load_error for s in table.models if s.load_error and not s.ready}
-        return cls(table.generation, models, ready, latest, failed)
+        evicted = frozenset((s.name, s.version) for s in table.models if s.evicted and not s.ready)
+        return cls(table.generation, models, ready, latest, failed, evicted)
 
     def all_ready(self) -> bool:
         """Whether there are models and every one of them is ready (strict readiness)."""
         return bool(self.models) and self.ready == frozenset(self.models)
 
     def settled(self) -> bool:
-        """Whether some model is ready and every other one failed to load: the mesh
-        serves every model that loaded."""
-        return bool(self.ready) and all(key in self.ready or key in self.failed for key in self.models)
+        """Whether some model is ready and every other one failed to load or is evicted
+        (loads on demand): the mesh serves every model that loaded."""
+        return bool(self.ready) and all(
+            key in self.ready or key in self.failed or key in self.evicted for key in self.models
+        )
 
 
 EMPTY_VIEW = RoutingView(-1, {}, frozenset(), {})

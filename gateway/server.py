@@ -49,8 +49,11 @@ class GatewayServer:
         )
         self.gateway = Gateway(settings, self.redis, self.blocking, self.routing, tracer, _registry(settings))
         self.metrics = GatewayMetrics.create(
-            late_replies=lambda: self.gateway.late_replies, lost_requests=lambda: self.gateway.lost_jobs
+            late_replies=lambda: self.gateway.late_replies,
+            lost_requests=lambda: self.gateway.lost_jobs,
+            cold_requests=lambda: self.gateway.demands.cold_requests,
         )
+        self.gateway.demands.on_wait = lambda model, seconds: self.metrics.cold_start.labels(model).observe(seconds)
         servicer = InferenceServicer(self.gateway, tracer, self.metrics)
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(

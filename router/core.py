@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from meshserve.models.repository import ModelInfo
 from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, ModelKey, Placement, Slot, demand_for
-from router.residency import DEFAULT_MIN_RESIDENCY_S, HOT_QUEUE_WAIT_S, ResidencyBook
+from router.residency import DEFAULT_MIN_RESIDENCY_S, HOT_QUEUE_WAIT_S, ResidencyBook, ResidencyFigures
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ class RouterCore:
         for key, footprint in (footprints or {}).items():
             if key in self.models and footprint.weights_bytes > 0 and not self._unmeasured(key, footprint):
                 self.footprints[key] = footprint
+        self.residency.worker_changed(record.ready, ready & set(self.models))
         record.ready = ready & set(self.models)
         record.failed = {key: reason for key, reason in (failures or {}).items() if key in self.models}
         record.draining = draining
@@ -298,6 +299,27 @@ class RouterCore:
                 f" {self.residency.min_residency_s:g} s ago"
             ),
         )
+
+    def residency_figures(self) -> dict[ModelKey, ResidencyFigures]:
+        """Every model version: where it is placed, whether evicted, its loads, unloads,
+        evictions and load time (read by the metrics thread: values replaced whole)."""
+        devices: dict[ModelKey, list[str]] = {}
+        for device, keys in self.placement.assignments:
+            for key in keys:
+                devices.setdefault(key, []).append(device)
+        book = self.residency
+        return {
+            key: ResidencyFigures(
+                tuple(devices.get(key, ())),
+                key in self._evicted,
+                info.pinned,
+                book.loads.get(key, 0),
+                book.unloads.get(key, 0),
+                book.evictions.get(key, 0),
+                self.load_ms.get(key, 0),
+            )
+            for key, info in self.models.items()
+        }
 
     def load_rates(self) -> dict[ModelKey, LoadRate]:
         """Per model version, summed over live workers: requests/s and mean queue wait."""

@@ -53,6 +53,19 @@ class ResidencyPlan:
     copies: Mapping[ModelKey, int] = field(default_factory=dict)  # devices holding each hot model, when > 1
 
 
+@dataclass(frozen=True, slots=True)
+class ResidencyFigures:
+    """One model version's residency, for the router's metrics and ``meshserve top``."""
+
+    devices: tuple[str, ...]  # placed on these now (several: copies of a hot model)
+    evicted: bool  # not resident: loads on demand
+    pinned: bool
+    loads: int  # cumulative: times a worker reported it ready after it was not
+    unloads: int  # cumulative: times a live worker stopped serving it
+    evictions: int  # cumulative: times it left the placement for room
+    load_ms: int  # the latest measured load and warm-up; 0: not measured
+
+
 class ResidencyBook:
     """Last use, placement time and eviction counts per model version; owned by the router core.
 
@@ -70,11 +83,22 @@ class ResidencyBook:
         self.placed_since_s: dict[ModelKey, float] = {}  # currently placed: since when
         self.was_resident: set[ModelKey] = set()  # placed at some time: evicted now means "evicted"
         self.evictions: dict[ModelKey, int] = {}  # cumulative: times it left the placement for room
+        self.loads: dict[ModelKey, int] = {}  # cumulative, over workers: became ready
+        self.unloads: dict[ModelKey, int] = {}  # cumulative, over workers: stopped being ready
         self.busy: frozenset[ModelKey] = frozenset()
 
     def used(self, key: ModelKey) -> None:
         """``key`` served or was asked for now: the most recently used."""
         self.last_used_s[key] = self._clock()
+
+    def worker_changed(self, before: Collection[ModelKey], after: Collection[ModelKey]) -> None:
+        """Count loads and unloads from a worker's ready set before and after a report."""
+        for key in after:
+            if key not in before:
+                self.loads[key] = self.loads.get(key, 0) + 1
+        for key in before:
+            if key not in after:
+                self.unloads[key] = self.unloads.get(key, 0) + 1
 
     def reason(self, key: ModelKey) -> str:
         """Why ``key`` is not resident: ``EVICTED`` once it was, else ``WAITING``."""

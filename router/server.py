@@ -58,6 +58,7 @@ class RouterServer:
                 loads=self.core.load_rates,
                 unplaceable=self.core.unplaceable,
                 load_failures=self.core.load_failures,
+                residency=self.core.residency_figures,
             )
         )
         self._metrics_server: MetricsServer | None = None
