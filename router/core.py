@@ -276,6 +276,16 @@ class RouterCore:
             key for record in self.workers.values() for key, (requests, _, _) in record.rates.items() if requests > 0
         )
 
+    async def note_queued(self, queued: frozenset[ModelKey]) -> None:
+        """The model versions with requests waiting in Redis now: kept resident, and one
+        evicted meanwhile (a request queued as it went) counts as demanded again."""
+        self.queued = queued
+        placed = {key for _, keys in self.placement.assignments for key in keys}
+        for key in queued - placed:
+            if key in self.models:
+                self.residency.used(key)
+        await self._recompute()
+
     async def demand(self, key: ModelKey) -> tuple[bool, int, str]:
         """A gateway asks for ``key``: used now, and placed if room can be made (evicting
         the least recently used that may go). Answers (placed, measured load ms, why not)."""

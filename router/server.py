@@ -69,14 +69,15 @@ class RouterServer:
 
     async def _follow_queues(self, interval_s: float) -> None:
         """While some model is evicted, which models have requests queued (one read of
-        the depths per interval): those stay resident (``RouterCore.queued``)."""
+        the depths per interval): those stay resident, or are placed again
+        (``RouterCore.note_queued``)."""
         while True:
             await asyncio.sleep(interval_s)
             if not self.core.snapshot().evicted:
                 self.core.queued = frozenset()
                 continue
             depths = await asyncio.to_thread(self.depths.read, list(self.core.models))
-            self.core.queued = frozenset(key for key, tiers in depths.items() if any(tiers.values()))
+            await self.core.note_queued(frozenset(key for key, tiers in depths.items() if any(tiers.values())))
 
     @property
     def address(self) -> str:
