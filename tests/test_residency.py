@@ -176,3 +176,30 @@ async def test_the_core_keeps_a_model_with_requests_in_flight() -> None:
     clock.now_s += 1
     await core.report("w1", "cpu", {("a", 1)}, draining=False, slot=slot, loads={("a", 1): (5, 0.0)})
     assert (await core.demand(("b", 1)))[0]  # a is idle now
+
+
+def test_metrics_and_top_show_where_each_model_is_resident() -> None:
+    from meshserve.cli.top import build_view, take_snapshot
+    from meshserve.observe.metrics import MetricsServer, RouterMetrics, RouterReads
+    from router.residency import ResidencyFigures
+
+    figures = {
+        ("a", 1): ResidencyFigures(("cpu", "cuda:0"), False, True, 2, 0, 0, 40),
+        ("b", 1): ResidencyFigures((), True, False, 1, 1, 1, 30),
+    }
+    ready = {("a", 1): True, ("b", 1): False}
+    router = RouterMetrics.create(RouterReads(ready=lambda: ready, depths=dict, loads=dict, residency=lambda: figures))
+    server = MetricsServer(router.registry, 0, host="127.0.0.1")
+    try:
+        urls = [f"http://127.0.0.1:{server.port}/metrics"]
+        text = router.registry.get_sample_value("meshserve_model_evictions_total", {"model": "b", "version": "1"})
+        assert text == 1
+        assert router.registry.get_sample_value("meshserve_model_load_seconds", {"model": "a", "version": "1"}) == 0.04
+        view = build_view(take_snapshot(urls, clock=lambda: 1.0), take_snapshot(urls, clock=lambda: 2.0))
+    finally:
+        server.stop()
+    rows = {row.model: row.versions[0] for row in view.models}
+    assert rows["a"].resident_on == ("cpu", "cuda:0")
+    assert not rows["a"].evicted
+    assert rows["b"].evicted
+    assert rows["b"].resident_on == ()
