@@ -99,6 +99,8 @@ UP_WORKER_FORWARDED = (
     "health_host",
     "memory_budget_mb",
 )
+UP_ROUTER_FORWARDED = ("min_residency_s",)
+"""The router's knobs ``up`` passes on only when given."""
 UP_SHARED_FORWARDED = ("trace_tenant", "allow_eviction", "max_message_bytes")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
@@ -144,6 +146,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, GatewaySettings, only=UP_GATEWAY_OWN)
     add_arguments(parser, GatewaySettings, only=UP_GATEWAY_FORWARDED, given_only=True)
     add_arguments(parser, WorkerSettings, only=UP_WORKER_FORWARDED, given_only=True)
+    add_arguments(parser, RouterSettings, only=UP_ROUTER_FORWARDED, given_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +333,7 @@ def plan_children(
             *tls_args,
             *logging_args,
             *metrics_args,
-            *forwarded_flags(RouterSettings, args, ("allow_eviction",)),
+            *forwarded_flags(RouterSettings, args, ("allow_eviction", *UP_ROUTER_FORWARDED)),
         ),
     )
     workers = [
