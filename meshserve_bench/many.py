@@ -104,6 +104,8 @@ async def measure(target: str, config: BenchConfig, *, seed: int = 0) -> ManyMod
                 await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 if now_s >= start_s:
+                    if not errors[exc.code().name]:  # the first of each code, said once
+                        progress(f"{name}: {exc.code().name}: {exc.details()}")
                     errors[exc.code().name] += 1
                 continue
             if now_s >= start_s:

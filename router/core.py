@@ -22,9 +22,9 @@ per reason. Gateways count a failed model as settled for server readiness.
 More models than memory (router/residency.py): when the models do not all fit, the
 pinned, the busy and the most recently used are placed and the rest are *evicted*;
 a gateway's ``demand`` marks one used now and places it, evicting the least
-recently used that may go. A model evicted stays flagged (``TableSnapshot.evicted``,
-"loads on demand") until a worker reports it ready again; ``loading`` are those of
-them placed now. ``queued`` (set by the router's server from the queue depths)
+recently used that may go. A model once evicted is flagged (``TableSnapshot.evicted``,
+"loads on demand") whenever it is not ready and has not failed; ``loading`` are
+those of them placed now. ``queued`` (set by the router's server from the queue depths)
 and the requests a worker reported since its last report keep a model resident.
 
 A model that moves is handed over make-before-break: a worker that reports it
@@ -122,7 +122,8 @@ class RouterCore:
         self.residency = ResidencyBook(min_residency_s=min_residency_s, clock=clock, headroom_ratio=headroom_ratio)
         self.load_ms: dict[ModelKey, int] = {}  # the latest measured load (and warm-up) per model version
         self.queued: frozenset[ModelKey] = frozenset()  # requests waiting in Redis: replaced whole
-        self._cold: set[ModelKey] = set()  # evicted since it was last ready
+        self._on_demand: set[ModelKey] = set()  # evicted at some time: loads on demand whenever not ready
+        self._plan_evicted: frozenset[ModelKey] = frozenset()  # by the current placement
         self._evicted: frozenset[ModelKey] = frozenset()
         self._loading: frozenset[ModelKey] = frozenset()
 
@@ -255,8 +256,9 @@ class RouterCore:
         else:
             plan = self.residency.plan(slots.values(), demands, pinned=pinned, queue_wait_s=waits)
             placement, evicted = plan.placement, plan.evicted
-        newly = evicted - self._cold
-        self._cold |= evicted
+        newly = evicted - self._plan_evicted
+        self._plan_evicted = evicted
+        self._on_demand |= evicted
         for key in sorted(newly):
             log.info("model %s version %d evicted: no room with the models used more recently", *key)
         if placement == self.placement:
@@ -361,8 +363,9 @@ class RouterCore:
         )
         failed = self._failures(ready, unplaceable)
         placed = frozenset(key for _, keys in self.placement.assignments for key in keys)
-        self._cold -= ready & placed  # ready where it is placed: resident again
-        evicted = frozenset(self._cold)
+        # Not "evicted since last ready": a worker's report of a model it is about to
+        # drop would end that too soon, and the model would read as plainly not ready.
+        evicted = frozenset(self._on_demand - ready - failed.keys())
         loading = evicted & placed
         if ready != self._ready or failed != self._failed or (evicted, loading) != (self._evicted, self._loading):
             async with self._changed:

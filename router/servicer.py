@@ -18,6 +18,11 @@ from protos import meshserve_pb2_grpc as mpb_grpc
 from router.core import RouterCore, TableSnapshot, slot_from_id
 from router.placement import Footprint, Slot
 
+EVICTED_REPORT_INTERVAL_MS = 200
+"""Workers' heartbeat while some model is evicted: a worker learns that a model was
+placed on it on demand at its next report, and a request waits for that meanwhile
+(a shorter heartbeat costs the router a report, and a placement, per worker each time)."""
+
 
 class RouterServicer(mpb_grpc.RouterServicer):
     def __init__(self, core: RouterCore, repository: Path, report_interval_ms: int) -> None:
@@ -75,11 +80,14 @@ class RouterServicer(mpb_grpc.RouterServicer):
             load_ms=load_ms,
         )
         snap = self.core.snapshot()
+        interval_ms = self.report_interval_ms
+        if snap.evicted:  # a model placed on demand is loaded at the worker's next report: soon
+            interval_ms = min(interval_ms, EVICTED_REPORT_INTERVAL_MS)
         return mpb.WorkerAssignment(
             models=[
                 spec_from_info(m, ready=(m.name, m.version) in snap.ready, repository=self.repository) for m in models
             ],
-            report_interval_ms=self.report_interval_ms,
+            report_interval_ms=interval_ms,
         )
 
 

@@ -149,11 +149,14 @@ async def test_the_core_evicts_places_on_demand_and_flags_until_ready() -> None:
     assert (placed, reason) == (True, "")
     assert expected_ms == 0  # c never loaded: not measured
     snap = core.snapshot()
-    assert snap.evicted == {("c", 1), ("b", 1)}
+    assert snap.evicted == {("c", 1)}  # b is still served until the worker drops it
     assert snap.loading == {("c", 1)}
-    assert snap.reasons == {("b", 1): EVICTED}
     assigned = await core.report("w1", "cpu", {("a", 1), ("b", 1)}, draining=False, slot=slot)
     assert [m.name for m in assigned] == ["a", "c"]  # b dropped, a pinned stays
+    await core.report("w1", "cpu", {("a", 1)}, draining=False, slot=slot)  # b drained, c loading
+    snap = core.snapshot()
+    assert snap.evicted == {("b", 1), ("c", 1)}
+    assert snap.reasons == {("b", 1): EVICTED}
 
     await core.report("w1", "cpu", {("a", 1), ("c", 1)}, draining=False, slot=slot, load_ms={("c", 1): 30})
     snap = core.snapshot()
@@ -203,3 +206,21 @@ def test_metrics_and_top_show_where_each_model_is_resident() -> None:
     assert not rows["a"].evicted
     assert rows["b"].evicted
     assert rows["b"].resident_on == ()
+
+
+async def test_a_model_placed_again_while_its_worker_drops_it_still_loads_on_demand() -> None:
+    """Seen in the bench: re-placed while the worker still reported it ready, then
+    reported not ready as the worker drained it; it must read as loading, never as
+    plainly not ready (which the gateway refuses)."""
+    clock = Clock()
+    core = RouterCore([_info("a"), _info("b")], clock=clock, headroom_ratio=0, min_residency_s=0)
+    slot = Slot("cpu", "cpu", memory_bytes=10 * MIB)
+    await core.report("w1", "cpu", {("a", 1)}, draining=False, slot=slot)
+    clock.now_s += 1
+    assert (await core.demand(("b", 1)))[0]  # a evicted; the worker has not heard yet
+    clock.now_s += 1
+    assert (await core.demand(("a", 1)))[0]  # and a is wanted back at once
+    await core.report("w1", "cpu", set(), draining=False, slot=slot)  # it was draining a meanwhile
+    snap = core.snapshot()
+    assert ("a", 1) in snap.evicted
+    assert ("a", 1) in snap.loading
