@@ -207,6 +207,6 @@ class AssignmentFollower:
             self._held.remove(key)
         finally:
             self._dropping.pop(key, None)
-        log.info("dropped model %s version %d: the router placed it elsewhere", *key)
+        log.info("dropped model %s version %d: the router placed it elsewhere, or evicted it for room", *key)
         self._on_change()
         await self._report()
