@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from meshserve.models.repository import ModelInfo
@@ -122,6 +122,9 @@ class RouterCore:
         self.residency = ResidencyBook(min_residency_s=min_residency_s, clock=clock, headroom_ratio=headroom_ratio)
         self.load_ms: dict[ModelKey, int] = {}  # the latest measured load (and warm-up) per model version
         self.queued: frozenset[ModelKey] = frozenset()  # requests waiting in Redis: replaced whole
+        # reads the model versions with requests waiting now (the router's server sets it): a
+        # demand reads them before it evicts anything; None: the last ``note_queued`` only
+        self.read_queued: Callable[[], Awaitable[frozenset[ModelKey]]] | None = None
         self._on_demand: set[ModelKey] = set()  # evicted at some time: loads on demand whenever not ready
         self._plan_evicted: frozenset[ModelKey] = frozenset()  # by the current placement
         self._evicted: frozenset[ModelKey] = frozenset()
@@ -278,6 +281,9 @@ class RouterCore:
             key for record in self.workers.values() for key, (requests, _, _) in record.rates.items() if requests > 0
         )
 
+    def _placed(self, key: ModelKey) -> bool:
+        return any(key in keys for _, keys in self.placement.assignments)
+
     async def note_queued(self, queued: frozenset[ModelKey]) -> None:
         """The model versions with requests waiting in Redis now: kept resident, and one
         evicted meanwhile (a request queued as it went) counts as demanded again."""
@@ -294,6 +300,8 @@ class RouterCore:
         if key not in self.models:
             return False, 0, f"unknown model {key[0]} version {key[1]}"
         self.residency.used(key)
+        if self.read_queued is not None and not self._placed(key):
+            self.queued = await self.read_queued()
         await self._recompute()
         expected_ms = self.load_ms.get(key, 0)
         if any(key in keys for _, keys in self.placement.assignments):

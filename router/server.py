@@ -51,6 +51,7 @@ class RouterServer:
         self._expiry: asyncio.Task[None] | None = None
         self._queues: asyncio.Task[None] | None = None
         self.depths = QueueDepths(settings.redis_url, allow_eviction=settings.allow_eviction)
+        self.core.read_queued = self._read_queued
         self.metrics = RouterMetrics.create(
             RouterReads(
                 ready=self.core.readiness,
@@ -67,6 +68,11 @@ class RouterServer:
         """Called in the metrics thread at scrape time."""
         return self.depths.read(self.core.models)
 
+    async def _read_queued(self) -> frozenset[ModelKey]:
+        """The model versions with requests waiting in Redis now (none without Redis)."""
+        depths = await asyncio.to_thread(self.depths.read, list(self.core.models))
+        return frozenset(key for key, tiers in depths.items() if any(tiers.values()))
+
     async def _follow_queues(self, interval_s: float) -> None:
         """While some model is evicted, which models have requests queued (one read of
         the depths per interval): those stay resident, or are placed again
@@ -76,8 +82,7 @@ class RouterServer:
             if not self.core.snapshot().evicted:
                 self.core.queued = frozenset()
                 continue
-            depths = await asyncio.to_thread(self.depths.read, list(self.core.models))
-            await self.core.note_queued(frozenset(key for key, tiers in depths.items() if any(tiers.values())))
+            await self.core.note_queued(await self._read_queued())
 
     @property
     def address(self) -> str:

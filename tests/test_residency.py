@@ -224,3 +224,22 @@ async def test_a_model_placed_again_while_its_worker_drops_it_still_loads_on_dem
     snap = core.snapshot()
     assert ("a", 1) in snap.evicted
     assert ("a", 1) in snap.loading
+
+
+async def test_a_demand_reads_the_queues_and_keeps_a_model_with_requests_queued() -> None:
+    clock = Clock()
+    core = RouterCore([_info("a"), _info("b")], clock=clock, headroom_ratio=0, min_residency_s=0)
+    slot = Slot("cpu", "cpu", memory_bytes=10 * MIB)
+    await core.report("w1", "cpu", {("a", 1)}, draining=False, slot=slot)
+    queued = {("a", 1)}
+
+    async def read_queued() -> frozenset[ModelKey]:
+        return frozenset(queued)
+
+    core.read_queued = read_queued
+    clock.now_s += 1
+    placed, _, reason = await core.demand(("b", 1))
+    assert not placed  # a has a request waiting in Redis
+    assert reason.startswith(WAITING)
+    queued.clear()
+    assert (await core.demand(("b", 1)))[0]
