@@ -23,6 +23,7 @@ from dataclasses import replace
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
+from gateway.demand import Demands
 from gateway.request import InferCall
 from gateway.routing import RoutingWatch
 from gateway.shadow import ShadowCounts, shadow_and_compare
@@ -126,6 +127,7 @@ class Gateway:
         self.versions_chooser = VersionChooser(lambda: self.routing.view)
         self.shadow_counts = ShadowCounts()
         self._shadows: set[asyncio.Task[None]] = set()  # shadow copies in flight: cancelled at stop
+        self.demands = Demands(routing.router, self.gateway_id)  # models not resident: loaded on request
         self.tracer = tracer or trace.NoOpTracer()
         self.tracing = records(self.tracer)
         self.reply_to = reply_key(self.gateway_id)
@@ -161,6 +163,7 @@ class Gateway:
         self.store.start()
 
     async def stop(self) -> None:
+        await self.demands.close()
         await self.settle()
         for task in self._shadows:
             task.cancel()
@@ -231,7 +234,8 @@ class Gateway:
         """
         self.authorize(tenant, call.model_name)
         model = self.resolve(call.model_name, call.model_version, call)
-        if not self.model_ready(model):
+        cold = not self.model_ready(model)
+        if cold and (model.name, model.version) not in self.routing.view.evicted:
             failed = self.routing.view.failed.get((model.name, model.version))
             why = f": it failed to load ({failed})" if failed else ""
             if (model.name, model.version) in self.routing.view.unloading:
@@ -245,6 +249,10 @@ class Gateway:
             deadline_ms = min(deadline_ms, now_ms + timeout_ms)
         if deadline_ms <= now_ms:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
+        started_ms = now_ms
+        if cold:  # evicted: loads on demand, and the request waits in the queue meanwhile
+            await self.demands.admit((model.name, model.version), deadline_ms)
+            now_ms = time.time() * 1000
 
         # Admission before decoding tensors: a flood of refused calls must cost the
         # gateway as little as possible, or it slows every other tenant's calls.
@@ -259,9 +267,10 @@ class Gateway:
             waiting = self._queue_and_wait(call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
             shadow = None if call.model_version else self._shadow(call, model, packed, outputs, tenant, deadline_ms)
             del packed  # the wait lets go of the request's bytes once they are queued
-            if shadow is None:
-                return await waiting
-            return await _handing_to(shadow, waiting)
+            answer = await waiting if shadow is None else await _handing_to(shadow, waiting)
+            if cold:
+                self.demands.on_wait(model.name, time.time() - started_ms / 1000)
+            return answer
         finally:
             if limited:
                 self._release(tenant, job_id)

@@ -36,6 +36,7 @@ class RoutingView:
     failed: dict[tuple[str, int], str] = field(default_factory=dict)
     unloading: frozenset[tuple[str, int]] = frozenset()  # draining: refused, naming the state
     splits: dict[str, TrafficSplit] = field(default_factory=dict)  # by model (gateway/versions.py)
+    evicted: frozenset[tuple[str, int]] = frozenset()  # not resident, not ready: loads on demand
 
     @classmethod
     def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
@@ -47,16 +48,19 @@ class RoutingView:
         failed = {(s.name, s.version): s.load_error for s in table.models if s.load_error and not s.ready}
         unloading = frozenset((s.name, s.version) for s in table.models if s.state == "UNLOADING")
         splits = {s.model: split_from_pb(s) for s in table.splits}
-        return cls(table.generation, models, ready, latest, failed, unloading, splits)
+        evicted = frozenset((s.name, s.version) for s in table.models if s.evicted and not s.ready)
+        return cls(table.generation, models, ready, latest, failed, unloading, splits, evicted)
 
     def all_ready(self) -> bool:
         """Whether there are models and every one of them is ready (strict readiness)."""
         return bool(self.models) and self.ready == frozenset(self.models)
 
     def settled(self) -> bool:
-        """Whether some model is ready and every other one failed to load: the mesh
-        serves every model that loaded."""
-        return bool(self.ready) and all(key in self.ready or key in self.failed for key in self.models)
+        """Whether some model is ready and every other one failed to load or is evicted
+        (loads on demand): the mesh serves every model that loaded."""
+        return bool(self.ready) and all(
+            key in self.ready or key in self.failed or key in self.evicted for key in self.models
+        )
 
 
 EMPTY_VIEW = RoutingView(-1, {}, frozenset(), {})

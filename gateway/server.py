@@ -52,7 +52,9 @@ class GatewayServer:
             late_replies=lambda: self.gateway.late_replies,
             lost_requests=lambda: self.gateway.lost_jobs,
             shadow=self.gateway.shadow_counts,
+            cold_requests=lambda: self.gateway.demands.cold_requests,
         )
+        self.gateway.demands.on_wait = lambda model, seconds: self.metrics.cold_start.labels(model).observe(seconds)
         servicer = InferenceServicer(self.gateway, tracer, self.metrics)
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(

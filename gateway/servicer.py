@@ -24,7 +24,7 @@ from gateway.repository import RepositoryForwarder
 from gateway.request import infer_call
 from gateway.statistics import model_statistics
 from meshserve import __version__
-from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
+from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import GatewayMetrics, LabelMemo
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
@@ -50,7 +50,8 @@ UNKNOWN_KEY = "missing or unknown API key"
 """How an UNAUTHENTICATED answer starts, whatever the credential that failed."""
 
 RETRY_AFTER_TRAILER = "retry-after-ms"
-"""Trailing metadata on a rate-limited call: milliseconds until a retry can pass."""
+"""Trailing metadata on a rate-limited call, or one for a model still loading:
+milliseconds until a retry can pass."""
 
 UNKNOWN_MODEL_LABEL = "<unknown>"
 """The metrics' model label for a name the gateway does not serve: clients choose
@@ -89,7 +90,7 @@ def set_status(context: Context, error: MeshError) -> None:
 
 
 def _set_retry_after(context: Context, error: MeshError) -> None:
-    if isinstance(error, ResourceExhausted) and error.retry_after_ms > 0:
+    if isinstance(error, ResourceExhausted | Unavailable) and error.retry_after_ms > 0:
         context.set_trailing_metadata(((RETRY_AFTER_TRAILER, str(error.retry_after_ms)),))
 
 

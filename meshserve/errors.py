@@ -65,6 +65,10 @@ class DeadlineExceeded(MeshError):
 class Unavailable(MeshError):
     code = grpc.StatusCode.UNAVAILABLE
 
+    def __init__(self, message: str, *, retry_after_ms: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms  # sent as the `retry-after-ms` trailer when > 0 (a model loading)
+
 
 class Internal(MeshError):
     code = grpc.StatusCode.INTERNAL

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " overload: twice the sustainable rate; noisy-neighbor: one tenant floods, another is timed;"
         " large: requests of --sizes MiB, latency beside raw ONNX Runtime and each process's peak memory;"
         " retry-storm: one tenant over its limit retries after each refusal, another is timed;"
-        " rollout: a two-version model's split changes under a closed loop of 16 (failed calls, p99)",
+        " rollout: a two-version model's split changes under a closed loop of 16 (failed calls, p99);"
+        " many-models: 30 models, room for 10, loaded on demand: cold-start waits and the hit ratio",
     )
     flag("--target", None, help="HOST:PORT of a running mesh (default: start one)")
     flag("--redis-url", None, help="with --target: that mesh's Redis, to report what each call cost it")
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     failed (errors are what the other scenarios measure, and their verdicts are reported)."""
     # Every `meshserve` command builds this module's flags: gRPC, the protos and ONNX
     # Runtime are loaded only when the bench runs, not in a gateway's process.
-    from meshserve_bench import large, mesh, report, rollout, scenarios, storm, tenants
+    from meshserve_bench import large, many, mesh, report, rollout, scenarios, storm, tenants
 
     config = config_from_args(args)
     signal.signal(signal.SIGTERM, mesh.exit_on_sigterm)
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         figures = storm.run_retry_storm(config)
     elif config.scenario == "rollout":
         figures = rollout.run_rollout_bench(config)
+    elif config.scenario == "many-models":
+        figures = many.run_many_models(config)
     else:
         figures = scenarios.run_mesh_scenario(config)
     result = {"scenario": config.scenario, "date": started, "machine": machine, **figures}

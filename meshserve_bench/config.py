@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("sweep", "open-loop", "overload", "noisy-neighbor", "retry-storm", "large", "rollout")
+SCENARIOS = (
+    "sweep",
+    "open-loop",
+    "overload",
+    "noisy-neighbor",
+    "retry-storm",
+    "large",
+    "rollout",
+    "many-models",
+)
 
 
 @dataclass(frozen=True, slots=True)

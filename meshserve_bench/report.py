@@ -227,6 +227,21 @@ def shares(by_version: Figures) -> str:
     return ", ".join(f"v{version} {share:.0%}" for version, share in by_version.items())
 
 
+def many_models_lines(result: Figures) -> list[str]:
+    """The many-models scenario: the hit ratio, cold-start waits beside the hits'."""
+    many = result["many_models"]
+    header = ["calls", "errors", "hit ratio", "cold p50 ms", "cold p99 ms", "hit p50 ms", "hit p99 ms"]
+    ratio = many["hit_ratio"]
+    row = [str(many["calls"]), codes(many["errors"]), "-" if ratio is None else f"{ratio:.1%}"]
+    row += [num(many[key], ".1f") for key in ("cold_p50_ms", "cold_p99_ms", "hit_p50_ms", "hit_p99_ms")]
+    note = (
+        f"{many['models']} models, room for {many['room']}; {many['clients']} closed-loop clients, models drawn"
+        f" with Zipf weights (s = {many['zipf_s']:g}); minimum residency {many['min_residency_s']:g} s. A hit: the"
+        " model was resident (ModelReady) when the call was sent; a cold call's latency is its cold-start wait."
+    )
+    return [*table(header, [row]), "", note]
+
+
 def markdown(result: Figures) -> str:
     """The report of one run's JSON (what ``meshserve bench --json`` writes)."""
     lines = heading(result) + raw_lines(result.get("raw")) + [""]
@@ -240,6 +255,8 @@ def markdown(result: Figures) -> str:
         lines += retry_storm_lines(result)
     elif result["scenario"] == "rollout":
         lines += rollout_lines(result)
+    elif result["scenario"] == "many-models":
+        lines += many_models_lines(result)
     else:
         lines += points_table(result)
     return "\n".join(lines) + "\n"

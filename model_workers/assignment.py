@@ -99,6 +99,7 @@ class AssignmentFollower:
         self._failed: dict[ModelKey, LoadFailure] = {}  # kept while a retry loads: still failed until it succeeds
         self._activation_bytes: dict[ModelKey, int] = {}  # measured at warm-up, until the model is held
         self._warmup_ms: dict[ModelKey, float] = {}  # likewise: the served model's time limits derive from it
+        self.load_ms: dict[ModelKey, float] = {}  # the last load's reading and warm-up, kept: reported to the router
 
     def follow(self, assignment: mpb.WorkerAssignment) -> None:
         """Start loading what is newly assigned and draining what is no longer.
@@ -146,6 +147,7 @@ class AssignmentFollower:
 
     def load(self, name: str, version: int) -> LoadedModel:
         """Read, load and warm up one model version; runs in the loader thread."""
+        started_s = time.perf_counter()
         path = self._paths.get((name, version))
         repository = self._settings.model_repository
         model_dir = (repository / path).parent.parent if path else repository / name
@@ -158,6 +160,7 @@ class AssignmentFollower:
         choose_engine(model, threads, spin, source=source)
         self._activation_bytes[(info.name, info.version)] = activation_bytes
         self._warmup_ms[(info.name, info.version)] = took_s * 1000
+        self.load_ms[(info.name, info.version)] = (time.perf_counter() - started_s) * 1000
         log.info("loaded %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)
         return model
 
@@ -211,6 +214,6 @@ class AssignmentFollower:
             self._held.remove(key)
         finally:
             self._dropping.pop(key, None)
-        log.info("dropped model %s version %d: the router placed it elsewhere", *key)
+        log.info("dropped model %s version %d: the router placed it elsewhere, or evicted it for room", *key)
         self._on_change()
         await self._report()

@@ -32,11 +32,23 @@ class DeviceDescription:
     memory_bytes: int  # 0: unknown
 
 
-def describe_device(device_id: str, devices: list[inventory.Device] | None = None) -> DeviceDescription:
+def describe_device(
+    device_id: str, devices: list[inventory.Device] | None = None, *, budget_bytes: int = 0
+) -> DeviceDescription:
     """The CPU with the host's RAM, or the GPU or MIG slice the inventory lists under
     ``device_id`` (``devices``: default, ask NVML now). A GPU the inventory does not
     list gets its kind from the id and memory 0, which the router reads as
-    "fits anything": said once, at warning level."""
+    "fits anything": said once, at warning level.
+
+    ``budget_bytes`` (``--memory-budget-mb``), when > 0, is reported instead of the
+    measured memory: the share of RAM (or of the GPU) the router may fill."""
+    measured = _describe(device_id, devices)
+    if budget_bytes > 0:
+        return DeviceDescription(measured.kind, measured.profile, budget_bytes)
+    return measured
+
+
+def _describe(device_id: str, devices: list[inventory.Device] | None) -> DeviceDescription:
     if device_id == "cpu":
         cpu = inventory.cpu_device()
         return DeviceDescription("cpu", "", cpu.memory_bytes)

@@ -119,6 +119,7 @@ class Reporter:
                     weights_bytes=s.weights_bytes,
                     activation_bytes=s.activation_bytes,
                     statistics=s.statistics.to_proto(name, version),
+                    load_ms=round(self._follower.load_ms.get((name, version), 0.0)),
                 )
                 for (name, version), s in held.served.items()
             ]

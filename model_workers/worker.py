@@ -108,7 +108,8 @@ class Worker:
             router,
             self.held,
             self.assignment,
-            describe_device(settings.device),  # for the router's placement
+            # for the router's placement
+            describe_device(settings.device, budget_bytes=settings.memory_budget_mb * 2**20),
             monitor_for(settings.device, self.held.busy_seconds),
             self._stopping,
         )

@@ -206,7 +206,7 @@ class WatchRequest(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ...) -> None: ...
 
 class ModelState(_message.Message):
-    __slots__ = ("name", "version", "ready", "items_total", "requests_total", "device_seconds_total", "queue_wait_seconds_total", "weights_bytes", "activation_bytes", "load_error", "statistics")
+    __slots__ = ("name", "version", "ready", "items_total", "requests_total", "device_seconds_total", "queue_wait_seconds_total", "weights_bytes", "activation_bytes", "load_error", "statistics", "load_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,7 @@ class ModelState(_message.Message):
     ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     ready: bool
@@ -229,7 +230,8 @@ class ModelState(_message.Message):
     activation_bytes: int
     load_error: str
     statistics: _grpc_service_pb2.ModelStatistics
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., items_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., device_seconds_total: _Optional[float] = ..., queue_wait_seconds_total: _Optional[float] = ..., weights_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., load_error: _Optional[str] = ..., statistics: _Optional[_Union[_grpc_service_pb2.ModelStatistics, _Mapping]] = ...) -> None: ...
+    load_ms: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., items_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., device_seconds_total: _Optional[float] = ..., queue_wait_seconds_total: _Optional[float] = ..., weights_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., load_error: _Optional[str] = ..., statistics: _Optional[_Union[_grpc_service_pb2.ModelStatistics, _Mapping]] = ..., load_ms: _Optional[int] = ...) -> None: ...
 
 class WorkerReport(_message.Message):
     __slots__ = ("worker_id", "device", "models", "draining", "device_kind", "device_profile", "device_memory_bytes")

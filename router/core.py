@@ -19,6 +19,14 @@ worker serves it, the table carries that reason (``TableSnapshot.failed``; a mod
 placement found no room for carries the placement's), and the router logs it once
 per reason. Gateways count a failed model as settled for server readiness.
 
+More models than memory (router/residency.py): when the models do not all fit, the
+pinned, the busy and the most recently used are placed and the rest are *evicted*;
+a gateway's ``demand`` marks one used now and places it, evicting the least
+recently used that may go. A model once evicted is flagged (``TableSnapshot.evicted``,
+"loads on demand") whenever it is not ready and has not failed; ``loading`` are
+those of them placed now. ``queued`` (set by the router's server from the queue depths)
+and the requests a worker reported since its last report keep a model resident.
+
 A model that moves is handed over make-before-break: a worker that reports it
 ready keeps it in its assignment until a worker on the device it is placed on
 reports it ready, so it never goes unready just because it moved.
@@ -29,12 +37,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from meshserve.models.repository import ModelInfo
 from meshserve.models.traffic import TrafficSplit
-from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, ModelKey, Placement, Slot, demand_for, place
+from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, ModelKey, Placement, Slot, demand_for
+from router.residency import DEFAULT_MIN_RESIDENCY_S, HOT_QUEUE_WAIT_S, ResidencyBook, ResidencyFigures
 from router.splits import Splits
 
 log = logging.getLogger(__name__)
@@ -82,14 +91,21 @@ class TableSnapshot:
     failed: Mapping[ModelKey, str] = field(default_factory=dict)
     unloading: frozenset[ModelKey] = frozenset()  # draining: still placed, refused at gateways
     splits: tuple[TrafficSplit, ...] = ()  # in force, by model (router/splits.py)
+    evicted: frozenset[ModelKey] = frozenset()  # not resident: loads on demand (not ready)
+    loading: frozenset[ModelKey] = frozenset()  # of those, placed now: a worker loads it
+    load_ms: Mapping[ModelKey, int] = field(default_factory=dict)  # measured load and warm-up
+    reasons: Mapping[ModelKey, str] = field(default_factory=dict)  # evicted, not loading: why
 
     def state(self, key: ModelKey) -> str:
-        """Triton's name for a version's state: READY, UNLOADING, UNAVAILABLE (failed), else LOADING."""
+        """Triton's name for a version's state: READY, UNLOADING, UNAVAILABLE (failed,
+        or evicted and not placed again yet), else LOADING."""
         if key in self.unloading:
             return UNLOADING
         if key in self.ready:
             return READY
-        return UNAVAILABLE if key in self.failed else LOADING
+        if key in self.failed or (key in self.evicted and key not in self.loading):
+            return UNAVAILABLE
+        return LOADING
 
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
@@ -105,6 +121,7 @@ class RouterCore:
         clock: Callable[[], float] = time.monotonic,
         headroom_ratio: float = DEFAULT_HEADROOM_RATIO,
         unservable: Mapping[ModelKey, str] | None = None,
+        min_residency_s: float = DEFAULT_MIN_RESIDENCY_S,
     ) -> None:
         """``unservable``: versions in ``models`` that the repository could not read,
         with the problem: listed, never placed, always failed."""
@@ -126,7 +143,19 @@ class RouterCore:
         self._reported = asyncio.Condition()  # a worker reported, or was forgotten
         self.splits = Splits()
 
+        self.residency = ResidencyBook(min_residency_s=min_residency_s, clock=clock, headroom_ratio=headroom_ratio)
+        self.load_ms: dict[ModelKey, int] = {}  # the latest measured load (and warm-up) per model version
+        self.queued: frozenset[ModelKey] = frozenset()  # requests waiting in Redis: replaced whole
+        # reads the model versions with requests waiting now (the router's server sets it): a
+        # demand reads them before it evicts anything; None: the last ``note_queued`` only
+        self.read_queued: Callable[[], Awaitable[frozenset[ModelKey]]] | None = None
+        self._on_demand: set[ModelKey] = set()  # evicted at some time: loads on demand whenever not ready
+        self._plan_evicted: frozenset[ModelKey] = frozenset()  # by the current placement
+        self._evicted: frozenset[ModelKey] = frozenset()
+        self._loading: frozenset[ModelKey] = frozenset()
+
     def snapshot(self) -> TableSnapshot:
+        reasons = {key: self.residency.reason(key) for key in self._evicted - self._loading}
         return TableSnapshot(
             self._generation,
             tuple(self.models.values()),
@@ -134,6 +163,10 @@ class RouterCore:
             self._failed,
             self._unloading,
             self.splits.effective(self.models),
+            self._evicted,
+            self._loading,
+            dict(self.load_ms),
+            reasons,
         )
 
     async def set_models(
@@ -207,12 +240,14 @@ class RouterCore:
         slot: Slot | None = None,
         footprints: Mapping[ModelKey, Footprint] | None = None,
         failures: Mapping[ModelKey, str] | None = None,
+        load_ms: Mapping[ModelKey, int] | None = None,
     ) -> list[ModelInfo]:
         """Record a worker's state; returns the models placed on its device.
 
         ``slot`` describes the device (default: guessed from ``device``, memory
         unknown); ``footprints`` are the worker's measurements per model version;
-        ``failures`` the models whose last load there failed, and why.
+        ``failures`` the models whose last load there failed, and why; ``load_ms``
+        how long each model's last load there took (0: not measured).
         """
         record = self.workers.get(worker_id)
         if record is None:
@@ -222,16 +257,24 @@ class RouterCore:
         for key, footprint in (footprints or {}).items():
             if key in self.models and footprint.weights_bytes > 0 and not self._unmeasured(key, footprint):
                 self.footprints[key] = footprint
+        self.residency.worker_changed(record.ready, ready & set(self.models))
         record.ready = ready & set(self.models)
         record.held = set(ready)
         record.failed = {key: reason for key, reason in (failures or {}).items() if key in self.models}
         record.draining = draining
         record.last_seen_s = now_s = self._clock()
-        for key, (requests, wait_s) in (loads or {}).items():
+        for key, took_ms in (load_ms or {}).items():
+            if key in self.models and took_ms > 0:
+                self.load_ms[key] = took_ms
+        loads = loads or {}
+        record.rates = {key: rate for key, rate in record.rates.items() if key in loads}  # dropped models' too
+        for key, (requests, wait_s) in loads.items():
             before = record.loads.get(key)
             record.loads[key] = ModelLoad(now_s, requests, wait_s)
             if before is not None and now_s > before.at_s and requests >= before.requests:
                 record.rates[key] = (requests - before.requests, wait_s - before.queue_wait_s, now_s - before.at_s)
+                if requests > before.requests and key in self.models:
+                    self.residency.used(key)
         await self._recompute()
         async with self._reported:
             self._reported.notify_all()
@@ -239,13 +282,17 @@ class RouterCore:
 
     def _handing_over(self, record: WorkerRecord) -> set[ModelKey]:
         """Models ``record`` serves that moved elsewhere and are not ready there yet."""
-        placed_on = {key: device for device, keys in self.placement.assignments for key in keys}
+        placed_on: dict[ModelKey, set[str]] = {}
+        for device, keys in self.placement.assignments:
+            for key in keys:
+                placed_on.setdefault(key, set()).add(device)
         return {
             key
             for key in record.ready
-            if (target := placed_on.get(key)) not in (None, record.device)
+            if (targets := placed_on.get(key, set()))
+            and record.device not in targets
             and not any(
-                other.device == target and not other.draining and key in other.ready for other in self.workers.values()
+                other.device in targets and not other.draining and key in other.ready for other in self.workers.values()
             )
         }
 
@@ -288,11 +335,24 @@ class RouterCore:
             for key, info in sorted(self.models.items())
             if key not in self._unservable
         )
-        inputs = (tuple(slots.values()), demands)
+        pinned = frozenset(key for key, info in self.models.items() if info.pinned)
+        waits = {key: rate.mean_queue_wait_s for key, rate in self.load_rates().items()}
+        self.residency.busy = self.queued | self._in_flight()
+        hot = tuple(sorted((key, int(wait_s / HOT_QUEUE_WAIT_S)) for key, wait_s in waits.items() if wait_s > 0))
+        inputs = (tuple(slots.values()), demands, self.residency.signature(demands, pinned), hot)
         if inputs == self._placed_from:
             return
         self._placed_from = inputs
-        placement = place(slots.values(), demands, headroom_ratio=self.headroom_ratio) if slots else Placement()
+        if not slots:
+            placement, evicted = Placement(), frozenset[ModelKey]()
+        else:
+            plan = self.residency.plan(slots.values(), demands, pinned=pinned, queue_wait_s=waits)
+            placement, evicted = plan.placement, plan.evicted
+        newly = evicted - self._plan_evicted
+        self._plan_evicted = evicted
+        self._on_demand |= evicted
+        for key in sorted(newly):
+            log.info("model %s version %d evicted: no room with the models used more recently", *key)
         if placement == self.placement:
             return
         before, self.placement = self.placement.unplaceable, placement
@@ -303,6 +363,72 @@ class RouterCore:
         for entry in placement.unplaceable:
             if entry not in before:  # said once, and again only when its numbers change
                 log.warning("unplaceable: %s", entry.message())
+
+    def _in_flight(self) -> frozenset[ModelKey]:
+        """Model versions a live worker computed requests of since its report before."""
+        return frozenset(
+            key for record in self.workers.values() for key, (requests, _, _) in record.rates.items() if requests > 0
+        )
+
+    def _placed(self, key: ModelKey) -> bool:
+        return any(key in keys for _, keys in self.placement.assignments)
+
+    async def note_queued(self, queued: frozenset[ModelKey]) -> None:
+        """The model versions with requests waiting in Redis now: kept resident, and one
+        evicted meanwhile (a request queued as it went) counts as demanded again."""
+        self.queued = queued
+        placed = {key for _, keys in self.placement.assignments for key in keys}
+        for key in queued - placed:
+            if key in self.models:
+                self.residency.used(key)
+        await self._recompute()
+
+    async def demand(self, key: ModelKey) -> tuple[bool, int, str]:
+        """A gateway asks for ``key``: used now, and placed if room can be made (evicting
+        the least recently used that may go). Answers (placed, measured load ms, why not)."""
+        if key not in self.models:
+            return False, 0, f"unknown model {key[0]} version {key[1]}"
+        self.residency.used(key)
+        if self.read_queued is not None and not self._placed(key):
+            self.queued = await self.read_queued()
+        await self._recompute()
+        expected_ms = self.load_ms.get(key, 0)
+        if any(key in keys for _, keys in self.placement.assignments):
+            return True, expected_ms, ""
+        for entry in self.placement.unplaceable:
+            if entry.key == key:
+                return False, 0, f"no device has room: {entry.message()}"
+        if key in self._unservable:
+            return False, 0, self._unservable[key]
+        return (
+            False,
+            expected_ms,
+            (
+                f"{self.residency.reason(key)}: every resident model is pinned, busy or loaded less than"
+                f" {self.residency.min_residency_s:g} s ago"
+            ),
+        )
+
+    def residency_figures(self) -> dict[ModelKey, ResidencyFigures]:
+        """Every model version: where it is placed, whether evicted, its loads, unloads,
+        evictions and load time (read by the metrics thread: values replaced whole)."""
+        devices: dict[ModelKey, list[str]] = {}
+        for device, keys in self.placement.assignments:
+            for key in keys:
+                devices.setdefault(key, []).append(device)
+        book = self.residency
+        return {
+            key: ResidencyFigures(
+                tuple(devices.get(key, ())),
+                key in self._evicted,
+                info.pinned,
+                book.loads.get(key, 0),
+                book.unloads.get(key, 0),
+                book.evictions.get(key, 0),
+                self.load_ms.get(key, 0),
+            )
+            for key, info in self.models.items()
+        }
 
     def load_rates(self) -> dict[ModelKey, LoadRate]:
         """Per model version, summed over live workers: requests/s and mean queue wait."""
@@ -339,9 +465,20 @@ class RouterCore:
             if key not in unplaceable and key not in self._unloading
         )
         failed = self._failures(ready, unplaceable)
-        if force or ready != self._ready or failed != self._failed:
+        placed = frozenset(key for _, keys in self.placement.assignments for key in keys)
+        # Not "evicted since last ready": a worker's report of a model it is about to
+        # drop would end that too soon, and the model would read as plainly not ready.
+        evicted = frozenset(self._on_demand - ready - failed.keys())
+        loading = evicted & placed
+        if (
+            force
+            or ready != self._ready
+            or failed != self._failed
+            or (evicted, loading) != (self._evicted, self._loading)
+        ):
             async with self._changed:
                 self._ready, self._failed = ready, failed
+                self._evicted, self._loading = evicted, loading
                 self._generation += 1
                 self._changed.notify_all()
 

@@ -150,7 +150,12 @@ class RepositoryManager:
         snap = core.snapshot()
         placed = {key: device for device, keys in core.placement.assignments for key in keys}
         entries = [
-            IndexEntry(m.name, m.version, state, snap.failed.get(key, "") or _loading_reason(state, placed.get(key)))
+            IndexEntry(
+                m.name,
+                m.version,
+                state,
+                snap.failed.get(key, "") or snap.reasons.get(key, "") or _loading_reason(state, placed.get(key)),
+            )
             for m in snap.models
             for key in [(m.name, m.version)]
             for state in [snap.state(key)]

@@ -45,6 +45,7 @@ class RouterServer:
             worker_ttl_ms=settings.worker_ttl_ms,
             headroom_ratio=settings.placement_headroom_ratio,
             unservable=self.repository.unservable(),
+            min_residency_s=settings.min_residency_s,
         )
         self.repository.bind(self.core)
         # RepositoryModelLoad carries model files: room for them, and for the rest of the message
@@ -60,6 +61,8 @@ class RouterServer:
         self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
         self._expiry: asyncio.Task[None] | None = None
         self._poll: asyncio.Task[None] | None = None
+        self._queues: asyncio.Task[None] | None = None
+        self.core.read_queued = self._read_queued
         self.metrics = RouterMetrics.create(
             RouterReads(
                 ready=self.core.readiness,
@@ -67,6 +70,7 @@ class RouterServer:
                 loads=self.core.load_rates,
                 unplaceable=self.core.unplaceable,
                 load_failures=self.core.load_failures,
+                residency=self.core.residency_figures,
             )
         )
         self.metrics.registry.register(StatisticsCollector(servicer.statistics, lambda: list(self.core.models)))
@@ -75,6 +79,22 @@ class RouterServer:
     def _queue_depths(self) -> dict[ModelKey, dict[str, int]]:
         """Called in the metrics thread at scrape time."""
         return self.depths.read(self.core.models)
+
+    async def _read_queued(self) -> frozenset[ModelKey]:
+        """The model versions with requests waiting in Redis now (none without Redis)."""
+        depths = await asyncio.to_thread(self.depths.read, list(self.core.models))
+        return frozenset(key for key, tiers in depths.items() if any(tiers.values()))
+
+    async def _follow_queues(self, interval_s: float) -> None:
+        """While some model is evicted, which models have requests queued (one read of
+        the depths per interval): those stay resident, or are placed again
+        (``RouterCore.note_queued``)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if not self.core.snapshot().evicted:
+                self.core.queued = frozenset()
+                continue
+            await self.core.note_queued(await self._read_queued())
 
     @property
     def address(self) -> str:
@@ -99,6 +119,7 @@ class RouterServer:
         self._expiry = asyncio.create_task(self.core.run_expiry(self.settings.report_interval_ms / 1000))
         if self.settings.model_control_mode == POLL:
             self._poll = asyncio.create_task(self.repository.run_poll(self.settings.repository_poll_s))
+        self._queues = asyncio.create_task(self._follow_queues(self.settings.report_interval_ms / 1000))
         log.info(
             "router listening on %s%s with %d model versions%s",
             self.address,
@@ -112,6 +133,8 @@ class RouterServer:
             self._expiry.cancel()
         if self._poll is not None:
             self._poll.cancel()
+        if self._queues is not None:
+            self._queues.cancel()
         if self._health_task is not None:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()

@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from meshserve.errors import InvalidArgument, MeshError
+from meshserve.models.repository import ModelInfo
 from meshserve.wire.routing import GENERATION_TRAILER, spec_from_info, split_from_pb, split_to_pb
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
@@ -24,6 +25,11 @@ from router.statistics import StatisticsBook, requested
 
 T = TypeVar("T")
 FILE_PREFIX = "file:"
+
+EVICTED_REPORT_INTERVAL_MS = 200
+"""Workers' heartbeat while some model is evicted: a worker learns that a model was
+placed on it on demand at its next report, and a request waits for that meanwhile
+(a shorter heartbeat costs the router a report, and a placement, per worker each time)."""
 
 
 class RouterServicer(mpb_grpc.RouterServicer):
@@ -48,7 +54,7 @@ class RouterServicer(mpb_grpc.RouterServicer):
                 m, ready=key in snap.ready, repository=self.repository, load_error=snap.failed.get(key, "")
             )
             spec.state = snap.state(key)
-            table.models.append(spec)
+            table.models.append(_with_residency(spec, m, snap))
         table.splits.extend(split_to_pb(split) for split in snap.splits)
         return table
 
@@ -61,6 +67,12 @@ class RouterServicer(mpb_grpc.RouterServicer):
         except MeshError as error:
             await context.abort(error.code, error.message)
             raise
+
+    async def DemandModel(  # noqa: N802
+        self, request: mpb.ModelDemand, context: grpc.aio.ServicerContext[mpb.ModelDemand, mpb.ModelDemandReply]
+    ) -> mpb.ModelDemandReply:
+        placed, expected_ms, reason = await self.core.demand((request.model, request.version))
+        return mpb.ModelDemandReply(placed=placed, expected_ms=expected_ms, reason=reason)
 
     async def WatchRoutingTable(  # noqa: N802 (gRPC method name)
         self, request: mpb.WatchRequest, context: grpc.aio.ServicerContext[mpb.WatchRequest, mpb.RoutingTable]
@@ -78,6 +90,7 @@ class RouterServicer(mpb_grpc.RouterServicer):
         self.statistics.record(
             request.worker_id, {(m.name, m.version): m.statistics for m in request.models if m.HasField("statistics")}
         )
+        load_ms = {(m.name, m.version): m.load_ms for m in request.models if m.load_ms}
         models = await self.core.report(
             request.worker_id,
             request.device,
@@ -87,13 +100,17 @@ class RouterServicer(mpb_grpc.RouterServicer):
             slot=_slot(request),
             footprints=footprints,
             failures=failures,
+            load_ms=load_ms,
         )
         snap = self.core.snapshot()
+        interval_ms = self.report_interval_ms
+        if snap.evicted:  # a model placed on demand is loaded at the worker's next report: soon
+            interval_ms = min(interval_ms, EVICTED_REPORT_INTERVAL_MS)
         return mpb.WorkerAssignment(
             models=[
                 spec_from_info(m, ready=(m.name, m.version) in snap.ready, repository=self.repository) for m in models
             ],
-            report_interval_ms=self.report_interval_ms,
+            report_interval_ms=interval_ms,
         )
 
     async def ModelStatistics(  # noqa: N802
@@ -150,6 +167,17 @@ class RouterServicer(mpb_grpc.RouterServicer):
     def _models(self) -> RepositoryManager:
         assert self.models is not None, "a router serving the repository API is given its RepositoryManager"
         return self.models
+
+
+def _with_residency(spec: mpb.ModelSpec, info: ModelInfo, snap: TableSnapshot) -> mpb.ModelSpec:
+    """``spec`` with what residency says: pinned, evicted (loads on demand; its state,
+    LOADING while placed, else UNAVAILABLE, is ``TableSnapshot.state``'s) and the
+    measured load time."""
+    key = (info.name, info.version)
+    spec.pinned = info.pinned
+    spec.load_ms = snap.load_ms.get(key, 0)
+    spec.evicted = key in snap.evicted and key not in snap.ready
+    return spec
 
 
 def _slot(request: mpb.WorkerReport) -> Slot:

@@ -97,6 +97,7 @@ UP_WORKER_FORWARDED = (
     "intra_op_spinning",
     "price_per_device_hour",
     "health_host",
+    "memory_budget_mb",
 )
 UP_ROUTER_FORWARDED = (
     "model_control_mode",
@@ -106,7 +107,9 @@ UP_ROUTER_FORWARDED = (
     "max_upload_bytes",
     "unload_drain_s",
     "repository_uri",
+    "min_residency_s",
 )
+"""The router's knobs ``up`` passes on only when given."""
 UP_SHARED_FORWARDED = ("trace_tenant", "allow_eviction", "max_message_bytes")
 """Knobs ``up`` passes on only when given; the shared ones reach the workers too."""
 
@@ -432,7 +435,7 @@ def _wait_ready(
                 stub = mpb_grpc.RouterStub(channel)
                 for table in stub.WatchRoutingTable(mpb.WatchRequest(gateway_id="up"), timeout=2):
                     ready = [m for m in table.models if m.ready]
-                    if (table.models or empty_ok) and all(m.ready or m.load_error for m in table.models):
+                    if (table.models or empty_ok) and all(m.ready or m.load_error or m.evicted for m in table.models):
                         break
                 else:
                     continue
@@ -445,7 +448,11 @@ def _wait_ready(
                     for status in health.Watch(request, timeout=5):
                         if status.status == health_pb2.HealthCheckResponse.SERVING:
                             break
-                failed = [(f"{m.name} version {m.version}", m.load_error) for m in table.models if not m.ready]
+                failed = [
+                    (f"{m.name} version {m.version}", m.load_error)
+                    for m in table.models
+                    if m.load_error and not m.ready
+                ]
                 return sorted({m.name for m in ready}), failed
         except grpc.RpcError:
             time.sleep(0.1)  # start-up only: the child is not listening yet

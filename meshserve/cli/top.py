@@ -152,6 +152,8 @@ class VersionRow:
     device_seconds_per_s: float | None
     cost_per_1000_requests: float | None
     load_error: str | None = None  # why it failed to load (the router's); None: it did not fail
+    resident_on: tuple[str, ...] = ()  # devices the router placed it on (more models than memory)
+    evicted: bool = False  # not resident: loads on demand
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +316,8 @@ def _versions(window: _Window) -> dict[Key, VersionRow]:
     failed: dict[Key, str] = {
         key[:2]: key[2] for key, value in window.gauges("meshserve_model_load_failed", (*by, "reason")).items() if value
     }
+    resident = [key for key, value in window.gauges("meshserve_model_resident", (*by, "device")).items() if value]
+    evicted = window.gauges("meshserve_model_evicted", by)
     keys = {*ready, *failed, *queue_wait, *backlog, *cost, *batches, *compute, *device, *(key[:2] for key in depth)}
     return {
         key: VersionRow(
@@ -327,6 +331,8 @@ def _versions(window: _Window) -> dict[Key, VersionRow]:
             device_seconds_per_s=device.get(key),
             cost_per_1000_requests=cost.get(key),
             load_error=failed.get(key),
+            resident_on=tuple(sorted(at[2] for at in resident if at[:2] == key)),
+            evicted=bool(evicted.get(key)),
         )
         for key in keys
     }
@@ -395,7 +401,16 @@ def _models_table(view: View) -> Table:
     for header in ("req/s", "err", "p50", "p99"):
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("ver", no_wrap=True)
-    for header in ("ready", "queue rt/std/batch", "queue wait", "backlog", "batch avg", "compute p99", "device s/s"):
+    for header in (
+        "ready",
+        "resident",
+        "queue rt/std/batch",
+        "queue wait",
+        "backlog",
+        "batch avg",
+        "compute p99",
+        "device s/s",
+    ):
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("cost/1k", justify="right", no_wrap=True)
     for model in view.models:
@@ -419,11 +434,12 @@ def _gateway_cells(model: ModelRow) -> list[str]:
 
 def _version_cells(row: VersionRow | None) -> list[str]:
     if row is None:
-        return ["-"] * 9
+        return ["-"] * 10
     depth = row.queue_depth_by_tier
     return [
         row.version,
         "failed" if row.load_error else "-" if row.ready is None else "yes" if row.ready else "no",
+        "evicted" if row.evicted else ",".join(row.resident_on) or "-",
         "/".join(_number(depth.get(tier), "{:.0f}") for tier in TIER_NAMES) if depth else "-",
         _duration(row.queue_wait_s),
         _duration(row.backlog_s),

@@ -25,6 +25,7 @@ restrict the served versions and name the platform::
       device: any                 # gpu | cpu | any (the default: a GPU or MIG slice first)
       min_mig_profile: 2g.20gb    # no smaller MIG slice; whole GPUs are always allowed
       memory_mb: 2048             # device memory in MiB; default: estimated
+    pinned: true                  # never evicted for want of memory (docs/lifecycle.md)
     execution_timeout_ms: 20000   # a batch running longer is stopped; default: from warm-up
     instances: 1                  # batches of this model computing at once on a worker
     warmup:                       # warm-up inputs, as Triton's model_warmup (meshserve/models/warmup.py)
@@ -99,6 +100,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "engine",
         "version_policy",
         "traffic",
+        "pinned",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -160,6 +162,7 @@ class ModelInfo:
     instances: int = 1  # batches computing at once per worker
     engine: EngineConfig = DEFAULT_ENGINE  # CPU thread settings config.yaml fixes
     traffic: TrafficSplit | None = None  # the model's configured split (every version carries it)
+    pinned: bool = False  # never evicted to make room for another model
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +183,7 @@ class _Config:
     engine: EngineConfig = DEFAULT_ENGINE
     policy: VersionPolicy = ALL_VERSIONS
     traffic: TrafficSplit | None = None
+    pinned: bool = False
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -352,7 +356,15 @@ def _read_config(model_dir: Path) -> _Config:
         engine=_engine(raw.get("engine"), path),
         policy=policy,
         traffic=traffic,
+        pinned=_pinned(raw, path),
     )
+
+
+def _pinned(raw: dict[Any, Any], path: Path) -> bool:
+    pinned = raw.get("pinned", False)
+    if not isinstance(pinned, bool):
+        raise RepositoryError(f"{path}: 'pinned' must be true or false, got {pinned!r}")
+    return pinned
 
 
 def _instances(raw: dict[Any, Any], path: Path) -> int:
@@ -559,6 +571,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         instances=config.instances,
         engine=config.engine,
         traffic=config.traffic,
+        pinned=config.pinned,
     )
 
 

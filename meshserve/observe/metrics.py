@@ -65,6 +65,7 @@ class GatewayMetrics:
     tenant_requests: Counter
     tenant_latency: Histogram
     version_requests: Counter
+    cold_start: Histogram
 
     @classmethod
     def create(
@@ -72,13 +73,22 @@ class GatewayMetrics:
         late_replies: Callable[[], int] = lambda: 0,
         lost_requests: Callable[[], int] = lambda: 0,
         shadow: ShadowReads | None = None,
+        cold_requests: Callable[[], int] = lambda: 0,
     ) -> GatewayMetrics:
         """``late_replies`` reads the gateway's count of replies nobody waited for,
         ``lost_requests`` its count of waiting calls whose job Redis lost, ``shadow``
-        its shadow-traffic comparisons (gateway/shadow.py)."""
+        its shadow-traffic comparisons (gateway/shadow.py), ``cold_requests`` its count
+        of requests whose model was not resident."""
         registry = CollectorRegistry()
         if shadow is not None:
             registry.register(_ShadowCollector(shadow))
+        registry.register(
+            _CounterFromFunction(
+                "meshserve_cold_requests",
+                "ModelInfer calls whose model version was evicted (not resident): they waited for its load.",
+                cold_requests,
+            )
+        )
         registry.register(
             _CounterFromFunction(
                 "meshserve_late_replies",
@@ -141,6 +151,13 @@ class GatewayMetrics:
                 ["model", "version"],
                 registry=registry,
             ),
+            cold_start=Histogram(
+                "meshserve_cold_start_wait_seconds",
+                "ModelInfer time of the calls that found their model evicted and waited for its load (OK ones).",
+                ["model"],
+                buckets=COLD_START_BUCKETS_S,
+                registry=registry,
+            ),
         )
 
 
@@ -178,6 +195,10 @@ class _ShadowCollector(Collector):
         for (model, version), value in list(self.reads.max_abs_diff.items()):
             diff.add_metric([model, str(version)], value)
         yield diff
+
+
+COLD_START_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""A cold start is a model's load and warm-up: tens of ms to a minute."""
 
 
 class _CounterFromFunction(Collector):
@@ -402,6 +423,58 @@ class RouterReads:
     loads: Callable[[], Mapping[ModelKey, LoadFigures]]
     unplaceable: Callable[[], Mapping[ModelKey, bool]] = lambda: {}  # no device has room for it
     load_failures: Callable[[], Mapping[ModelKey, str]] = lambda: {}  # failed to load (or to fit): why
+    residency: Callable[[], Mapping[ModelKey, ResidencyFigures]] = lambda: {}  # more models than memory
+
+
+class ResidencyFigures(Protocol):
+    """A model version's residency (``router.residency.ResidencyFigures``)."""
+
+    @property
+    def devices(self) -> tuple[str, ...]: ...
+    @property
+    def evicted(self) -> bool: ...
+    @property
+    def loads(self) -> int: ...
+    @property
+    def unloads(self) -> int: ...
+    @property
+    def evictions(self) -> int: ...
+    @property
+    def load_ms(self) -> int: ...
+
+
+class ResidencyCollector(Collector):
+    """Where each model version is resident, and its loads, unloads, evictions, load time."""
+
+    def __init__(self, reads: RouterReads) -> None:
+        self.reads = reads
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        resident = GaugeMetricFamily(
+            "meshserve_model_resident", "1 for each device the model version is placed on.", labels=[*labels, "device"]
+        )
+        evicted = GaugeMetricFamily(
+            "meshserve_model_evicted", "1 while it is not resident (evicted for want of memory).", labels=labels
+        )
+        loads = CounterMetricFamily("meshserve_model_loads", "Times a worker reported it loaded.", labels=labels)
+        unloads = CounterMetricFamily("meshserve_model_unloads", "Times a worker stopped serving it.", labels=labels)
+        evictions = CounterMetricFamily(
+            "meshserve_model_evictions", "Times it was evicted to make room for others.", labels=labels
+        )
+        load_time = GaugeMetricFamily(
+            "meshserve_model_load_seconds", "Its latest measured load and warm-up time (0: not yet).", labels=labels
+        )
+        for (name, version), figures in sorted(self.reads.residency().items()):
+            names = [name, str(version)]
+            for device in figures.devices:
+                resident.add_metric([*names, device], 1.0)
+            evicted.add_metric(names, 1.0 if figures.evicted else 0.0)
+            loads.add_metric(names, figures.loads)
+            unloads.add_metric(names, figures.unloads)
+            evictions.add_metric(names, figures.evictions)
+            load_time.add_metric(names, figures.load_ms / 1000)
+        yield from (resident, evicted, loads, unloads, evictions, load_time)
 
 
 MIN_RATE_FOR_BACKLOG_PER_S = 1.0
@@ -478,4 +551,5 @@ class RouterMetrics:
     def create(cls, reads: RouterReads) -> RouterMetrics:
         registry = CollectorRegistry()
         registry.register(RouterCollector(reads))
+        registry.register(ResidencyCollector(reads))
         return cls(registry)

@@ -73,6 +73,10 @@ class RouterSettings:
     report_interval_ms: int = field(default=1000, metadata=SET_IN_CODE)
     worker_ttl_ms: int = field(default=5000, metadata=SET_IN_CODE)
     placement_headroom_ratio: float = field(default=0.1, metadata=SET_IN_CODE)  # share of device memory kept free
+    min_residency_s: float = field(
+        default=10.0,
+        metadata=cli("a model placed less than this long ago is not evicted to make room for another (hysteresis)"),
+    )
     tls: TlsConfig | None = field(
         default=None, metadata=tls_cli("the port requires client certificates signed by the CA")
     )
@@ -237,6 +241,13 @@ class WorkerSettings:
         metadata=cli(
             "let idle ONNX Runtime threads busy-wait, for every model (off: they sleep, leaving the CPU to the"
             " rest of the host; unset: the model's config.yaml, else measured at warm-up)"
+        ),
+    )
+    memory_budget_mb: int = field(
+        default=0,
+        metadata=cli(
+            "device memory the router may fill with models on this worker, in MiB (0: measured: a GPU's memory,"
+            " the host's RAM); models beyond it are evicted and loaded on demand (docs/lifecycle.md)"
         ),
     )
     price_per_device_hour: float = field(
