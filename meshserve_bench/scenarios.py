@@ -30,6 +30,7 @@ from meshserve.devkit.redis_server import RedisServer, binary_from_env
 from meshserve.models.repository import ModelInfo
 from meshserve.platform.heap import freeze_startup_heap
 from meshserve_bench.config import BenchConfig
+from meshserve_bench.hops import HopUsage, hop_usage_during
 from meshserve_bench.load import MAX_DEFAULT_CHANNELS, LoadPoint, Window, build_request, measure_point, sleep_until
 from meshserve_bench.mesh import find_model, model_json, own_mesh, progress, require_ready
 from meshserve_bench.raw import RawFigures, measure_raw
@@ -149,12 +150,15 @@ async def measure_overload(
 # ------------------------------------------------------------------ a run
 
 
-def point_json(point: LoadPoint, raw: RawFigures | None) -> dict[str, Any]:
-    """Every figure of a point, with what it is per call to Redis and beside raw ONNX Runtime."""
+def point_json(point: LoadPoint, raw: RawFigures | None, hops: HopUsage | None = None) -> dict[str, Any]:
+    """Every figure of a point, with what it is per call to Redis and to each process
+    (``hops``, where measured) and beside raw ONNX Runtime."""
     figures: dict[str, Any] = {**asdict(point), "ok_per_s": point.ok_per_s()}
     figures["client_cpu_fraction"] = point.client_cpu_s / point.duration_s
     if point.redis is not None:
         figures.update(per_call(point.redis, point.answered()))
+    if hops is not None:
+        figures.update(hops.per_request(point.answered()))
     if raw is not None:
         best = raw.best_items_per_s()
         figures["throughput_ratio"] = point.ok_per_s() / best if best > 0 else None
@@ -191,6 +195,7 @@ async def load_mesh(
         points, sweep = [], config.scenario == "sweep"
         for offered in config.concurrencies if sweep else config.rates_per_s:
             window = Window.after(config.warmup_s, config.duration_s)
+            hops = asyncio.create_task(hop_usage_during(window, mesh_pids)) if mesh_pids else None
             if sweep:
                 channels = config.channels or min(int(offered), MAX_DEFAULT_CHANNELS)
                 point = await measure_point(
@@ -209,7 +214,7 @@ async def load_mesh(
                 )
             calls = point.calls
             progress(f"{offered:g}: {point.ok_per_s():.0f} ok/s, p99 {calls.p99_ms:.2f} ms, errors {calls.errors or 0}")
-            points.append(point_json(point, raw))
+            points.append(point_json(point, raw, None if hops is None else await hops))
         return {"points": points}
     finally:
         if redis is not None:
