@@ -13,7 +13,7 @@ ONNX Runtime's threads may spend more or less CPU than its wall time).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -60,7 +60,7 @@ def roles(pids: Sequence[int]) -> dict[str, list[int]]:
 def metrics_url(argv: Sequence[str]) -> str | None:
     """The /metrics URL a service's command line gives it (``--metrics-host``,
     ``--metrics-port``); None when it has none or port 0 (off)."""
-    flags = dict(zip(argv, argv[1:], strict=False))
+    flags = dict(itertools.pairwise(argv))
     port, host = flags.get("--metrics-port"), flags.get("--metrics-host", "127.0.0.1")
     return None if port in (None, "0") else f"http://{host}:{port}/metrics"
 
@@ -73,7 +73,7 @@ def compute_s(urls: Sequence[str | None]) -> float | None:
         if url is None:
             return None
         try:
-            with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as reply:  # noqa: S310 (a local service)
+            with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as reply:
                 text = reply.read().decode()
         except OSError:
             return None

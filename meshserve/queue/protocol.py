@@ -36,7 +36,8 @@ from typing import Any, Required, TypedDict, Unpack
 from redis.exceptions import RedisError
 
 from meshserve.queue.keys import ModelKeys, worker_wake_key
-from meshserve.queue.scripts import ACK, CLAIM, ENQUEUE, EXTEND, REAP, RELEASE, REWAKE, WITHDRAW
+from meshserve.queue.replies import REPLY_TTL_S
+from meshserve.queue.scripts import ACK, CLAIM, ENQUEUE, EXTEND, REAP, RELEASE, REPLY_ACK, REWAKE, WITHDRAW
 from meshserve.store.link import Chunks, Command, RedisLink
 
 JOB_TTL_GRACE_MS = 60_000
@@ -201,8 +202,14 @@ class QueueProtocol:
         return int(await self.redis.script(ACK, *_ack_keys_args(keys, token, job_ids)))
 
     async def load_ack_script(self) -> None:
-        """Load ACK's script now, so that pipelines calling :func:`ack_command` find it."""
+        """Load the ack scripts now, so that pipelines calling :func:`ack_command` and
+        :func:`reply_ack_command` find them."""
         await self.redis.load(ACK)
+        await self.redis.load(REPLY_ACK)
+
+    async def load_reply_ack_script(self) -> None:
+        """Load REPLY_ACK's script again (Redis lost its scripts: a restart)."""
+        await self.redis.load(REPLY_ACK)
 
     async def extend(self, keys: ModelKeys, token: int, job_ids: list[str], lease_ms: int) -> int:
         """Renew the lease ``token`` on these jobs; 0 if it was reclaimed meanwhile."""
@@ -307,6 +314,21 @@ def ack_command(keys: ModelKeys, token: int, job_ids: list[str]) -> Command:
     ``NoScriptError`` if Redis lost its script cache (a restart); the caller then
     acks with :meth:`QueueProtocol.ack`, which loads the script."""
     return ACK.call(*_ack_keys_args(keys, token, job_ids))
+
+
+def reply_ack_command(
+    keys: ModelKeys, reply_to: str, replies: Sequence[bytes | Chunks], acks: Sequence[tuple[int, str]]
+) -> Command:
+    """REPLY_ACK as one command for a pipeline: push ``replies`` to the gateway list
+    ``reply_to`` and ack ``acks`` (lease token, job id) in one atomic script, the push
+    first (a refused write writes and acks nothing). Its reply is how many jobs were
+    acked, or a ``NoScriptError`` after a Redis restart (load it with
+    :meth:`QueueProtocol.load_reply_ack_script` and send again)."""
+    flat_acks = [part for token, job_id in acks for part in (token, job_id)]
+    return REPLY_ACK.call(
+        [reply_to, keys.inflight, keys.ready, keys.sched, keys.drain],
+        [keys.job_prefix, REPLY_TTL_S, len(replies), *replies, *flat_acks],
+    )
 
 
 def wait_command(wake_keys: Iterable[str], timeout_s: float) -> Command:

@@ -18,19 +18,21 @@ local function refuse(code, wait)
   if ARGV[14] == '1' and redis.call('HEXISTS', KEYS[2], 'd') == 0 then redis.call('DEL', KEYS[2]) end
   return {code, wait}
 end
+local queued = redis.call('ZCARD', KEYS[1])  -- also bounds what can be ahead: 0 skips the count below
 local max_queue = tonumber(ARGV[8])
-if max_queue > 0 and redis.call('ZCARD', KEYS[1]) >= max_queue then return refuse(-1, 0) end
+if max_queue > 0 and queued >= max_queue then return refuse(-1, 0) end
 local tenant = ARGV[5]
 local max_mine = tonumber(ARGV[12])
 if max_mine > 0 and (tonumber(redis.call('HGET', KEYS[5], tenant)) or 0) >= max_mine then return refuse(-2, 0) end
 if redis.call('HEXISTS', KEYS[2], 'd') == 1 then return {0, 0} end  -- 'd': set below, by an enqueue only
 local tier = tonumber(ARGV[2])
 local finish = 'f' .. tier .. ':' .. tenant
-local start = math.max(tonumber(redis.call('HGET', KEYS[4], 'c' .. tier)) or 0,
-                       tonumber(redis.call('HGET', KEYS[4], finish)) or 0)
+local clock = redis.call('HMGET', KEYS[4], 'c' .. tier, finish)
+local start = math.max(tonumber(clock[1]) or 0, tonumber(clock[2]) or 0)
 local score = string.format('%.17g', tier * TIER_SPAN + start)
 local wait = 0
-local ahead = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. score)
+local ahead = 0
+if queued > 0 then ahead = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. score) end
 if ahead > 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -51,5 +53,12 @@ redis.call('HSET', KEYS[2], 'p', ARGV[3], 'd', ARGV[4], 't', tenant, 'r', ARGV[6
 redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[9]))
 redis.call('ZADD', KEYS[1], score, ARGV[1])
 redis.call('HINCRBY', KEYS[5], tenant, 1)
-if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
+-- At most one wake token. An empty ready set had none left by a claim (a claim leaves
+-- one only while work remains), so push without looking; if one was there anyway
+-- (work taken by a later claim), take the extra back.
+if queued == 0 then
+  if redis.call('RPUSH', KEYS[3], 1) > 1 then redis.call('LPOP', KEYS[3]) end
+elseif redis.call('LLEN', KEYS[3]) == 0 then
+  redis.call('RPUSH', KEYS[3], 1)
+end
 return {1, wait}
