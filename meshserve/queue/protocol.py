@@ -93,7 +93,8 @@ class Enqueued:
     """ENQUEUE's answer. ``code``: 1 enqueued, 0 a duplicate id (an idempotent
     retry), -1 the model's queue is full, -2 the tenant's queue for this model is
     full, -3 the request would wait past its deadline. ``wait_ms``: the estimated
-    wait behind the jobs ahead (0 when there was nothing to estimate)."""
+    wait behind the jobs ahead (0 when there was nothing to estimate, or when the
+    whole queue would fit before the deadline, so nothing ahead was counted)."""
 
     code: int
     wait_ms: int
@@ -242,7 +243,9 @@ class QueueProtocol:
     async def reap(self, keys: ModelKeys, *, max_attempts: int, limit: int = 256) -> Reaped:
         """Redeliver the jobs of expired leases; hand back those out of attempts."""
         requeued, flat = await self.redis.script(
-            REAP, keys=[keys.ready, keys.inflight, keys.wake, keys.queued], args=[keys.job_prefix, max_attempts, limit]
+            REAP,
+            keys=[keys.ready, keys.inflight, keys.wake, keys.queued, keys.sched, keys.drain],
+            args=[keys.job_prefix, max_attempts, limit],
         )
         dead = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
         return Reaped(int(requeued), dead)
@@ -326,7 +329,7 @@ def reply_ack_command(
     :meth:`QueueProtocol.load_reply_ack_script` and send again)."""
     flat_acks = [part for token, job_id in acks for part in (token, job_id)]
     return REPLY_ACK.call(
-        [reply_to, keys.inflight, keys.ready, keys.sched, keys.drain],
+        [reply_to, keys.inflight],
         [keys.job_prefix, REPLY_TTL_S, len(replies), *replies, *flat_acks],
     )
 

@@ -19,9 +19,10 @@
 -- Taken jobs move to inflight with a lease, get a fencing token, and count an
 -- attempt; each tier's virtual clock advances to the latest start it served.
 -- Commands are batched: one HMGET of the scheduler state, one of each scanned job,
--- one ZREM of everything leaving the ready set, one ZADD into inflight, one HSET and
--- one HGET (payload) per taken job, one HSET of the scheduler state; when the scan
--- emptied the ready set, one DEL of the tenants' counts instead of a count per tenant.
+-- one ZREM of everything leaving the ready set, one ZADD into inflight, one HSET per
+-- taken job (its payload came with its HMGET), one HSET of the scheduler state; when
+-- the scan emptied the ready set, one DEL of the tenants' counts instead of a count
+-- per tenant.
 -- Returns {token, now_ms, {id, payload, ...}, {expired id, reply_to, ...}}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -81,8 +82,16 @@ local function take(id, meta)
   clocks[tier] = math.max(clocks[tier] or 0, score - tier * TIER_SPAN)
   room = room - (tonumber(meta[4]) or 1)
 end
-for _, id in ipairs(ids) do
-  local meta = redis.call('HMGET', prefix .. id, 'd', 's', 'r', 'n', 't', 'q', 'a')
+-- The first max-items jobs are read with their payload (field 8): most batches take
+-- them, and a payload read with the rest costs no command of its own.
+local first = tonumber(ARGV[2])
+for i, id in ipairs(ids) do
+  local meta
+  if i <= first then
+    meta = redis.call('HMGET', prefix .. id, 'd', 's', 'r', 'n', 't', 'q', 'a', 'p')
+  else
+    meta = redis.call('HMGET', prefix .. id, 'd', 's', 'r', 'n', 't', 'q', 'a')
+  end
   if not meta[1] then
     leaving[#leaving + 1] = id  -- its hash expired: nothing to run
   elseif tonumber(meta[1]) <= due then
@@ -119,7 +128,7 @@ if #taken > 0 then
     local jk = prefix .. id
     redis.call('HSET', jk, 'k', token, 'w', ARGV[4], 'a', (tonumber(metas[i][7]) or 0) + 1)
     out[#out + 1] = id
-    out[#out + 1] = redis.call('HGET', jk, 'p')
+    out[#out + 1] = metas[i][8] or redis.call('HGET', jk, 'p')
   end
 end
 -- Every scanned job left and the scan saw the whole set (or the tier it looked at

@@ -13,7 +13,8 @@
 --   TIER_SPAN (score distance between tiers) comes from the loader's prelude.
 -- Returns {code, estimated wait ms}: code 1 enqueued, 0 duplicate id (idempotent
 -- retry), -1 model queue full, -2 the tenant's queue full, -3 it would wait past its
--- deadline (the wait is the estimate). A refusal writes nothing (and removes ARGV[14]'s bulk).
+-- deadline (the wait is the estimate). An accepted job's wait is 0 unless its deadline
+-- was near enough to count the jobs ahead of it (the whole queue would not fit). A refusal writes nothing (and removes ARGV[14]'s bulk).
 local function refuse(code, wait)
   if ARGV[14] == '1' and redis.call('HEXISTS', KEYS[2], 'd') == 0 then redis.call('DEL', KEYS[2]) end
   return {code, wait}
@@ -31,9 +32,7 @@ local clock = redis.call('HMGET', KEYS[4], 'c' .. tier, finish)
 local start = math.max(tonumber(clock[1]) or 0, tonumber(clock[2]) or 0)
 local score = string.format('%.17g', tier * TIER_SPAN + start)
 local wait = 0
-local ahead = 0
-if queued > 0 then ahead = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. score) end
-if ahead > 0 then
+if queued > 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local rate, fresh = 0, tonumber(ARGV[13])
@@ -42,9 +41,13 @@ if ahead > 0 then
     local per_job, seen = string.match(drain[i], '^(%S+) (%S+)$')
     if per_job and now - tonumber(seen) <= fresh and tonumber(per_job) > 0 then rate = rate + 1 / tonumber(per_job) end
   end
-  if rate > 0 then
-    wait = math.floor((ahead + 1) / rate)
-    if now + wait > tonumber(ARGV[4]) then return refuse(-3, wait) end
+  -- The whole queue ahead still fits before the deadline: no need to count what is ahead.
+  if rate > 0 and now + math.floor((queued + 1) / rate) > tonumber(ARGV[4]) then
+    local ahead = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. score)
+    if ahead > 0 then
+      wait = math.floor((ahead + 1) / rate)
+      if now + wait > tonumber(ARGV[4]) then return refuse(-3, wait) end
+    end
   end
 end
 redis.call('HSET', KEYS[4], finish, string.format('%.17g', start + tonumber(ARGV[10]) / tonumber(ARGV[11])))
