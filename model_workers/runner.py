@@ -40,6 +40,12 @@ from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
 
+DRAIN_REPORT_INTERVAL_S = 1.0
+"""A worker tells Redis its time per job of a model (for enqueue's shedding) with at
+most one claim in this long: each report costs the claim a command, and a figure
+stays fresh for ``meshserve.queue.protocol.DRAIN_FRESH_MS`` (5 s). A figure lost
+meanwhile (the sweep resets an idle model) only means no shedding until the next."""
+
 
 @dataclass(frozen=True, slots=True)
 class Traced:
@@ -88,6 +94,7 @@ class BatchRunner:
         self._tracing = records(tracer)
         self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self._tenant_device_seconds: defaultdict[tuple[str, str], float] = defaultdict(float)  # (tenant, model)
+        self._drain_reported_s: dict[str, float] = {}  # model's ready key -> when a claim last carried the figure
         self._detached: set[asyncio.Task[None]] = set()  # batches computing off the serve loop
         self.on_batch_ended: Callable[[], None] = lambda: None  # set by the worker: the serve loop looks again
 
@@ -108,8 +115,18 @@ class BatchRunner:
             signature=signature,
             lower_share_every=round(1 / share) if first and share > 0 else 0,
             batch_ms=served.batch_ms(),
-            ms_per_job=served.ms_per_job_avg,
+            ms_per_job=self._drain_report(served),
         )
+
+    def _drain_report(self, served: Served) -> float:
+        """The figure for this claim to carry: the model's recent ms per job once per
+        ``DRAIN_REPORT_INTERVAL_S``, else 0 (nothing to write)."""
+        now_s = time.monotonic()
+        last_s = self._drain_reported_s.get(served.keys.ready)
+        if served.ms_per_job_avg <= 0 or (last_s is not None and now_s - last_s < DRAIN_REPORT_INTERVAL_S):
+            return 0.0
+        self._drain_reported_s[served.keys.ready] = now_s
+        return served.ms_per_job_avg
 
     async def claim(self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True) -> list[Job]:
         """Lease up to ``max_items`` of the model's jobs; answer those the claim expired."""
