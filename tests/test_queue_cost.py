@@ -5,12 +5,15 @@ reply list's expiry, and the idle reset done by the sweep instead of every ack."
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from meshserve.queue import (
     REPLY_TTL_S,
+    Enqueued,
     ModelKeys,
     QueueProtocol,
     pop_replies,
@@ -19,7 +22,8 @@ from meshserve.queue import (
     wait_command,
     woken_key,
 )
-from meshserve.store.link import RedisLink
+from meshserve.queue.protocol import LUA_PAYLOAD_BYTES
+from meshserve.store.link import Chunks, RedisLink
 from meshserve_bench.redis_cost import per_call, snapshot
 
 KEYS = ModelKeys.for_model("m", 1)
@@ -172,3 +176,24 @@ async def test_an_enqueue_on_an_empty_queue_leaves_one_wake_token_at_most(queue:
     assert await redis.llen(KEYS.wake) == 1
     assert await enqueue(queue, "b") == 1  # work queued: a token is there, none added
     assert await redis.llen(KEYS.wake) == 1
+
+
+async def test_a_large_payload_rides_beside_the_script_in_one_round_trip_and_a_refused_one_queues_nothing(
+    queue: QueueProtocol, redis: Redis
+) -> None:
+    payload = Chunks.of([b"\x00head", bytes(LUA_PAYLOAD_BYTES)])
+    common: dict[str, Any] = {"tier": 1, "deadline_ms": FAR_MS, "tenant": "t", "reply_to": REPLIES}
+    before = await snapshot(redis)
+    enqueued = await queue.enqueue(KEYS, "big", payload=payload, signature="4", max_queue_size=0, **common)
+    usage = (await snapshot(redis)).usage_since(before)
+    assert enqueued.code == Enqueued.ENQUEUED
+    assert await redis.hstrlen(KEYS.job("big"), "b") == payload.nbytes
+    assert (usage.by_command["multi"], usage.by_command["exec"], usage.by_command["evalsha"]) == (1, 1, 1)
+    await redis.config_set("maxmemory", 1)  # every write refused: the payload's transaction is discarded
+    try:
+        with pytest.raises(ResponseError, match="OOM"):
+            await queue.enqueue(KEYS, "refused", payload=payload, signature="4", max_queue_size=0, **common)
+    finally:
+        await redis.config_set("maxmemory", 0)
+    assert not await redis.exists(KEYS.job("refused"))
+    assert [m.decode() for m in await redis.zrange(KEYS.ready, 0, -1)] == ["big"]

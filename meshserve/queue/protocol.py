@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Required, TypedDict, Unpack
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.queue.keys import ModelKeys, worker_wake_key
 from meshserve.queue.replies import REPLY_TTL_S
@@ -43,10 +43,12 @@ from meshserve.store.link import Chunks, Command, RedisLink
 JOB_TTL_GRACE_MS = 60_000
 """A job hash outlives its deadline by this much, so a lost one is reclaimed."""
 
-LUA_PAYLOAD_BYTES = 1 << 20
+LUA_PAYLOAD_BYTES = 32 << 10
 """A payload larger than this goes into its job hash's field ``b`` with a plain HSET
-before ENQUEUE, and a worker reads it with HGET after CLAIM: handed to Lua, Redis
-would hold copies of it in the script's heap until Lua's collector ran."""
+beside ENQUEUE, and a worker reads it with HGET after CLAIM: handed to Lua, Redis
+copies it into the script's heap and out again, and holds those copies until Lua's
+collector runs. Measured on a 2-core machine (docs/performance.md), a 110 KB payload
+cost Redis about twice the CPU through Lua as beside it; the two meet near 30 KB."""
 
 DRAIN_FRESH_MS = 5_000
 """A worker's drain figure counts for shedding this long after its last claim."""
@@ -104,6 +106,7 @@ class Enqueued:
     MODEL_QUEUE_FULL = -1
     TENANT_QUEUE_FULL = -2
     PAST_DEADLINE = -3
+    NO_PAYLOAD = -4  # a large payload's write was refused: raised, never returned
 
 
 class QueueProtocol:
@@ -137,43 +140,52 @@ class QueueProtocol:
 
         ``items`` is the request's batch size: claims fill batches by items, not
         jobs, and fair queuing charges a tenant ``items / weight`` per job. A
-        payload over ``LUA_PAYLOAD_BYTES`` costs one more round trip: written
-        beside the script, with the job's time to live, in one transaction.
+        payload over ``LUA_PAYLOAD_BYTES`` is written beside the script, with the
+        job's time to live, in one transaction pipelined ahead of it (still one
+        round trip).
         """
-        bulk = isinstance(payload, Chunks) and payload.nbytes > LUA_PAYLOAD_BYTES
-        if bulk:
-            job_key = keys.job(job_id)
-            written = await self.redis.pipeline(
-                [
-                    ("MULTI",),
-                    ("HSET", job_key, "b", payload),
-                    ("PEXPIREAT", job_key, deadline_ms + JOB_TTL_GRACE_MS),
-                    ("EXEC",),
-                ]
-            )
-            if failed := next((r for r in written if isinstance(r, RedisError)), None):
-                raise failed
-            payload = b""
-        code, wait_ms = await self.redis.script(
-            ENQUEUE,
-            keys=[keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued, keys.drain],
-            args=[
-                job_id,
-                tier,
-                payload,
-                deadline_ms,
-                tenant,
-                reply_to,
-                signature,
-                max_queue_size,
-                JOB_TTL_GRACE_MS,
-                items,
-                weight,
-                tenant_max_queued,
-                DRAIN_FRESH_MS,
-                1 if bulk else 0,
-            ],
+        bulk = (payload.nbytes if isinstance(payload, Chunks) else len(payload)) > LUA_PAYLOAD_BYTES
+        script_keys = [keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued, keys.drain]
+        args = [
+            job_id,
+            tier,
+            b"" if bulk else payload,
+            deadline_ms,
+            tenant,
+            reply_to,
+            signature,
+            max_queue_size,
+            JOB_TTL_GRACE_MS,
+            items,
+            weight,
+            tenant_max_queued,
+            DRAIN_FRESH_MS,
+            1 if bulk else 0,
+        ]
+        if not bulk:
+            code, wait_ms = await self.redis.script(ENQUEUE, keys=script_keys, args=args)
+            return Enqueued(int(code), int(wait_ms))
+        # The payload's transaction and the script leave in one write (one round trip).
+        # A transaction Redis refuses writes no field 'b', and the script then queues
+        # nothing (it answers NO_PAYLOAD): the refusal is raised.
+        job_key = keys.job(job_id)
+        written = await self.redis.pipeline(
+            [
+                ("MULTI",),
+                ("HSET", job_key, "b", payload),
+                ("PEXPIREAT", job_key, deadline_ms + JOB_TTL_GRACE_MS),
+                ("EXEC",),
+                ENQUEUE.call(script_keys, args),
+            ]
         )
+        if failed := next((r for r in written[:4] if isinstance(r, RedisError)), None):
+            raise failed
+        reply = written[4]
+        if isinstance(reply, NoScriptError):  # Redis lost its scripts (a restart): the payload is in; load, run
+            reply = await self.redis.script(ENQUEUE, keys=script_keys, args=args)
+        elif isinstance(reply, RedisError):
+            raise reply
+        code, wait_ms = reply
         return Enqueued(int(code), int(wait_ms))
 
     async def claim(self, keys: ModelKeys, **options: Unpack[ClaimOptions]) -> ClaimedBatch:

@@ -9,16 +9,19 @@
 --   ARGV[13] how long a drain figure stays fresh, ms
 --   ARGV[14] '1': the payload is large and already in the job hash's field 'b' (with
 --            ARGV[3] empty), written outside Lua so that Redis holds no Lua copies
---            of it; a refusal deletes that field's hash unless the job was queued.
+--            of it; a refusal deletes that field's hash unless the job was queued. With
+--            no field 'b' (its write, pipelined ahead, was refused) nothing is queued:
+--            code -4.
 --   TIER_SPAN (score distance between tiers) comes from the loader's prelude.
 -- Returns {code, estimated wait ms}: code 1 enqueued, 0 duplicate id (idempotent
 -- retry), -1 model queue full, -2 the tenant's queue full, -3 it would wait past its
--- deadline (the wait is the estimate). An accepted job's wait is 0 unless its deadline
+-- deadline (the wait is the estimate), -4 ARGV[14]'s field is missing. An accepted job's wait is 0 unless its deadline
 -- was near enough to count the jobs ahead of it (the whole queue would not fit). A refusal writes nothing (and removes ARGV[14]'s bulk).
 local function refuse(code, wait)
   if ARGV[14] == '1' and redis.call('HEXISTS', KEYS[2], 'd') == 0 then redis.call('DEL', KEYS[2]) end
   return {code, wait}
 end
+if ARGV[14] == '1' and redis.call('HEXISTS', KEYS[2], 'b') == 0 then return {-4, 0} end
 local queued = redis.call('ZCARD', KEYS[1])  -- also bounds what can be ahead: 0 skips the count below
 local max_queue = tonumber(ARGV[8])
 if max_queue > 0 and queued >= max_queue then return refuse(-1, 0) end
