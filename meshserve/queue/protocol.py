@@ -38,7 +38,7 @@ from redis.exceptions import NoScriptError, RedisError
 from meshserve.queue.keys import ModelKeys, worker_wake_key
 from meshserve.queue.replies import REPLY_TTL_S
 from meshserve.queue.scripts import ACK, CLAIM, ENQUEUE, EXTEND, REAP, RELEASE, REPLY_ACK, REWAKE, WITHDRAW
-from meshserve.store.link import Chunks, Command, RedisLink
+from meshserve.store.link import Arg, Chunks, Command, RedisLink
 
 JOB_TTL_GRACE_MS = 60_000
 """A job hash outlives its deadline by this much, so a lost one is reclaimed."""
@@ -146,7 +146,7 @@ class QueueProtocol:
         """
         bulk = (payload.nbytes if isinstance(payload, Chunks) else len(payload)) > LUA_PAYLOAD_BYTES
         script_keys = [keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued, keys.drain]
-        args = [
+        args: list[Arg] = [
             job_id,
             tier,
             b"" if bulk else payload,
