@@ -21,13 +21,13 @@ from functools import partial
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import LabelMemo, WorkerMetrics
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
-from meshserve.queue import ClaimOptions, QueueProtocol, wait_command
+from meshserve.queue import ClaimOptions, QueueProtocol, claim_command, parse_claim, wait_command
 from meshserve.settings import WorkerSettings
 from meshserve.store.link import RedisLink
 from meshserve.wire.envelope import OFF_LOOP_BYTES, envelope_signature, failed_reply
@@ -213,8 +213,7 @@ class BatchRunner:
             remaining_s = fill_until_s - time.time()
             if remaining_s <= 0:
                 return
-            await self._blocking.execute(*wait_command([served.keys.wake], max(remaining_s, 0.001)))
-            more = await self.claim(served, room, signature=signature, first=False)
+            more = await self._wait_and_claim(served, room, signature, remaining_s)
             if more:
                 jobs.extend(more)
                 continue
@@ -225,6 +224,25 @@ class BatchRunner:
             room = max_items - sum(j.batch_size for j in jobs)
             jobs.extend(await self.claim(served, room, signature=signature, first=False))
             return
+
+    async def _wait_and_claim(self, served: Served, room: int, signature: str, wait_s: float) -> list[Job]:
+        """Wait up to ``wait_s`` for the model's wake token, then claim up to ``room``
+        items of ``signature``: the claim rides behind the wait in one write (Redis
+        runs it the moment the wait ends, on a token or at its timeout), so a top-up
+        costs one round trip, not two."""
+        options = self.claim_options(served, room, signature=signature, first=False)
+        waited, claimed = await self._blocking.pipeline(
+            [wait_command([served.keys.wake], max(wait_s, 0.001)), claim_command(served.keys, **options)]
+        )
+        if isinstance(waited, RedisError):
+            raise waited
+        if isinstance(claimed, NoScriptError):  # Redis lost its scripts (a restart): the plain claim loads it
+            return await self.claim(served, room, signature=signature, first=False)
+        if isinstance(claimed, RedisError):
+            raise claimed
+        claim = await self._queue.fetch_bulk(served.keys, parse_claim(claimed))
+        self._leases.answer_expired(served, claim)
+        return decode(claim, served.model.info)
 
     async def _run(self, served: Served, jobs: list[Job]) -> None:
         """Answer the jobs past their deadline, compute the rest, answer them.
