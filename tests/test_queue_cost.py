@@ -158,7 +158,13 @@ async def test_an_idle_model_is_reset_by_the_sweep_not_by_the_ack(
     assert await redis.exists(KEYS.sched, KEYS.drain) == 2  # the ack left them: the next call reuses them
     reaped = await queue.reap(KEYS, max_attempts=3)
     assert (reaped.requeued, reaped.dead) == (0, [])
-    assert await redis.exists(KEYS.sched, KEYS.drain, KEYS.queued) == 0  # idle: virtual time restarts at 0
+    assert await redis.exists(KEYS.sched, KEYS.queued) == 0  # idle: virtual time restarts at 0
+    assert await redis.exists(KEYS.drain) == 1  # a fresh drain figure stays: a burst after a pause is shed
+    seconds, micros = await redis.time()
+    stale_ms = seconds * 1000 + micros // 1000 - 60_000
+    await redis.hset(KEYS.drain, "w", f"1.0000 {stale_ms}")  # the worker last claimed a minute ago
+    await queue.reap(KEYS, max_attempts=3)
+    assert await redis.exists(KEYS.drain) == 0  # an idle model leaves no keys
 
 
 async def test_the_sweep_leaves_a_busy_model_alone(queue: QueueProtocol, redis: Redis) -> None:

@@ -257,7 +257,7 @@ class QueueProtocol:
         requeued, flat = await self.redis.script(
             REAP,
             keys=[keys.ready, keys.inflight, keys.wake, keys.queued, keys.sched, keys.drain],
-            args=[keys.job_prefix, max_attempts, limit],
+            args=[keys.job_prefix, max_attempts, limit, DRAIN_FRESH_MS],
         )
         dead = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
         return Reaped(int(requeued), dead)
