@@ -101,6 +101,45 @@ def points_table(result: Figures) -> list[str]:
     return table(header, rows) + (["", *notes] if notes else [])
 
 
+HOPS = ("gateway", "worker", "router", "redis")
+REFERENCE_CONCURRENCY = 32  # where the report states the mesh's throughput over the reference's
+
+
+def hops_lines(result: Figures) -> list[str]:
+    """Where each request's CPU went, per process, and the one-process reference server
+    beside the mesh; [] when the run measured neither."""
+    points, reference = result.get("points") or [], (result.get("reference") or {}).get("points") or []
+    if not any("cpu_us_per_request" in point for point in points) and not reference:
+        return []
+    header = ["concurrency", *(f"{hop} µs" for hop in HOPS), "model compute µs", "worker beyond compute µs"]
+    header += ["redis round trips", "reference ok/s", "reference p50 ms", "reference cpu µs", "mesh / reference"]
+    by_offered = {point["offered"]: point for point in reference}
+    rows = []
+    for point in points:
+        cpu = point.get("cpu_us_per_request") or {}
+        ref = by_offered.get(point["offered"]) or {}
+        row = [f"{point['offered']:g}", *(num(cpu.get(hop), ".0f") for hop in HOPS)]
+        row += [num(point.get("model_compute_us_per_request"), ".0f")]
+        row += [num(point.get("worker_beyond_compute_us_per_request"), ".0f")]
+        row += [num(point.get("redis_round_trips_per_call"), ".1f")]
+        row += [num(ref.get("ok_per_s"), ".0f"), num((ref.get("calls") or {}).get("p50_ms"))]
+        row += [num((ref.get("cpu_us_per_request") or {}).get("reference"), ".0f")]
+        rows.append([*row, num(point.get("reference_ratio"))])
+    lines = ["", "CPU per request by process (/proc, the measured window's calls):", "", *table(header, rows)]
+    at = next((p for p in points if p["offered"] == REFERENCE_CONCURRENCY and "reference_ratio" in p), None)
+    if at is not None:
+        lines += [
+            "",
+            f"- at concurrency {REFERENCE_CONCURRENCY}: the mesh does {num(at['reference_ratio'])} of the one-process"
+            f" reference server's throughput (same model, batching and load generator)",
+        ]
+    commands = next((p.get("redis_commands_by_name_per_call") for p in points if p["offered"] == 1), None)
+    if commands:
+        shown = ", ".join(f"{name} {calls:.2f}" for name, calls in commands.items() if calls >= 0.05)
+        lines += [f"- Redis commands of one call at concurrency 1, by name: {shown}"]
+    return lines
+
+
 def overload_lines(overload: Figures, deadline_s: float) -> list[str]:
     load, calls, shed = overload["load"], overload["load"]["calls"], overload["shed"]
     growth = overload["rss_growth"]
@@ -258,7 +297,7 @@ def markdown(result: Figures) -> str:
     elif result["scenario"] == "many-models":
         lines += many_models_lines(result)
     else:
-        lines += points_table(result)
+        lines += points_table(result) + hops_lines(result)
     return "\n".join(lines) + "\n"
 
 

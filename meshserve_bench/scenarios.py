@@ -30,10 +30,20 @@ from meshserve.devkit.redis_server import RedisServer, binary_from_env
 from meshserve.models.repository import ModelInfo
 from meshserve.platform.heap import freeze_startup_heap
 from meshserve_bench.config import BenchConfig
-from meshserve_bench.load import MAX_DEFAULT_CHANNELS, LoadPoint, Window, build_request, measure_point, sleep_until
+from meshserve_bench.hops import HopUsage, hop_usage_during
+from meshserve_bench.load import (
+    MAX_DEFAULT_CHANNELS,
+    LoadPoint,
+    Window,
+    build_request,
+    measure_point,
+    process_cpu_during,
+    sleep_until,
+)
 from meshserve_bench.mesh import find_model, model_json, own_mesh, progress, require_ready
 from meshserve_bench.raw import RawFigures, measure_raw
 from meshserve_bench.redis_cost import per_call
+from meshserve_bench.reference import reference_server
 from protos import grpc_service_pb2 as pb
 
 PROBE_CONCURRENCY = 32
@@ -149,12 +159,15 @@ async def measure_overload(
 # ------------------------------------------------------------------ a run
 
 
-def point_json(point: LoadPoint, raw: RawFigures | None) -> dict[str, Any]:
-    """Every figure of a point, with what it is per call to Redis and beside raw ONNX Runtime."""
+def point_json(point: LoadPoint, raw: RawFigures | None, hops: HopUsage | None = None) -> dict[str, Any]:
+    """Every figure of a point, with what it is per call to Redis and to each process
+    (``hops``, where measured) and beside raw ONNX Runtime."""
     figures: dict[str, Any] = {**asdict(point), "ok_per_s": point.ok_per_s()}
     figures["client_cpu_fraction"] = point.client_cpu_s / point.duration_s
     if point.redis is not None:
         figures.update(per_call(point.redis, point.answered()))
+    if hops is not None:
+        figures.update(hops.per_request(point.answered()))
     if raw is not None:
         best = raw.best_items_per_s()
         figures["throughput_ratio"] = point.ok_per_s() / best if best > 0 else None
@@ -191,6 +204,7 @@ async def load_mesh(
         points, sweep = [], config.scenario == "sweep"
         for offered in config.concurrencies if sweep else config.rates_per_s:
             window = Window.after(config.warmup_s, config.duration_s)
+            hops = asyncio.create_task(hop_usage_during(window, mesh_pids)) if mesh_pids else None
             if sweep:
                 channels = config.channels or min(int(offered), MAX_DEFAULT_CHANNELS)
                 point = await measure_point(
@@ -209,11 +223,39 @@ async def load_mesh(
                 )
             calls = point.calls
             progress(f"{offered:g}: {point.ok_per_s():.0f} ok/s, p99 {calls.p99_ms:.2f} ms, errors {calls.errors or 0}")
-            points.append(point_json(point, raw))
+            points.append(point_json(point, raw, None if hops is None else await hops))
         return {"points": points}
     finally:
         if redis is not None:
             await redis.aclose()
+
+
+async def load_reference(target: str, pid: int, model: ModelInfo, config: BenchConfig) -> list[dict[str, Any]]:
+    """The sweep's points against the one-process reference server, with its CPU per request."""
+    request, points = build_request(model), []
+    for concurrency in config.concurrencies:
+        window = Window.after(config.warmup_s, config.duration_s)
+        channels = config.channels or min(int(concurrency), MAX_DEFAULT_CHANNELS)
+        cpu = asyncio.create_task(process_cpu_during(window, pid))
+        point = await measure_point(target, request, window, channels=channels, concurrency=int(concurrency))
+        cpu_s = await cpu
+        progress(f"reference {concurrency}: {point.ok_per_s():.0f} ok/s, p50 {point.calls.p50_ms:.2f} ms")
+        figures = point_json(point, None)
+        answered = point.answered()
+        figures["cpu_us_per_request"] = {"reference": cpu_s / answered * 1e6} if cpu_s and answered else {}
+        points.append(figures)
+    return points
+
+
+def beside_reference(points: list[dict[str, Any]], reference: list[dict[str, Any]]) -> None:
+    """Each mesh point's throughput over the reference's at the same concurrency, and
+    its p50 above the reference's, in place."""
+    by_offered = {point["offered"]: point for point in reference}
+    for point in points:
+        if (ref := by_offered.get(point["offered"])) is None:
+            continue
+        point["reference_ratio"] = point["ok_per_s"] / ref["ok_per_s"] if ref["ok_per_s"] > 0 else None
+        point["reference_added_p50_ms"] = point["calls"]["p50_ms"] - ref["calls"]["p50_ms"]
 
 
 def run_mesh_scenario(config: BenchConfig) -> dict[str, Any]:
@@ -235,6 +277,12 @@ def run_mesh_scenario(config: BenchConfig) -> dict[str, Any]:
             progress(f"raw ONNX Runtime, model {model.name}")
             raw = measure_raw(model, max_batch if config.scenario == "sweep" else 1, config.warmup_s, config.duration_s)
         figures = asyncio.run(load_mesh(target, model, config, mesh_pids, raw))
+    if config.scenario == "sweep":  # the mesh stopped: the reference has the cores to itself, as the mesh had
+        progress(f"one-process reference server, model {model.name}")
+        with reference_server(model) as (reference_target, pid):
+            reference = asyncio.run(load_reference(reference_target, pid, model, config))
+        beside_reference(figures["points"], reference)
+        figures["reference"] = {"points": reference}
     return {
         "settings": asdict(config),
         "model": model_json(model),

@@ -1,8 +1,9 @@
 """A worker's reply writes: a job is acked only once its reply is in Redis.
 
-The replies go first, one RPUSH per gateway's list, pipelined; the acks follow for
-the jobs whose list took its push. A push Redis refuses (``OOM`` at ``maxmemory``,
-``READONLY`` after a failover, ...) is retried with backoff for up to
+Each gateway's list gets one script (REPLY_ACK) that pushes its replies and acks
+their jobs atomically, the push first; the scripts of a batch go in one pipeline. A
+push Redis refuses (``OOM`` at ``maxmemory``, ``READONLY`` after a failover, ...) is
+retried with backoff for up to
 ``RETRY_BUDGET_S``, never past the request's deadline; meanwhile its job stays
 leased. If the push still fails, the worker drops the job (its ack deletes the job's
 hash, which frees the request's payload) and answers the caller UNAVAILABLE with what
@@ -22,12 +23,11 @@ from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import hiredis
 from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.errors import Unavailable
-from meshserve.queue import ModelKeys, QueueProtocol, ack_command, push_commands
-from meshserve.store.link import Chunks, Command, RedisLink, as_redis_error
+from meshserve.queue import ModelKeys, QueueProtocol, ack_command, push_commands, reply_ack_command
+from meshserve.store.link import Chunks, Command, RedisLink
 from meshserve.store.refusals import LOG_INTERVAL_S, RefusalLog, refusal_kind, store_refusal_message
 from meshserve.wire.envelope import failed_reply
 
@@ -75,10 +75,10 @@ class ReplyWriter:
         self._gave_up_logged_s = -LOG_INTERVAL_S
 
     def send(self, keys: ModelKeys, model: str, outgoing: Sequence[Outgoing]) -> Coroutine[Any, Any, None]:
-        """Start writing ``outgoing`` now (the transaction leaves before this returns)
+        """Start writing ``outgoing`` now (the scripts leave before this returns)
         and return what finishes the job: confirm, retry, or give up."""
         lists = _by_list(outgoing)
-        written = self._redis.pipeline_now(_transaction(keys, lists))
+        written = self._redis.pipeline_now(_reply_acks(keys, lists))
         return self._finish(keys, model, lists, written)
 
     async def _finish(
@@ -87,7 +87,7 @@ class ReplyWriter:
         try:
             results = await written
         except RedisError as exc:  # connection lost: everything is still to write
-            results = [exc]
+            results = [exc] * len(lists)
         pending, error = await self._settle(keys, lists, results)
         if pending:
             assert error is not None
@@ -99,28 +99,31 @@ class ReplyWriter:
     async def _settle(
         self, keys: ModelKeys, lists: dict[str, list[Outgoing]], results: list[Any]
     ) -> tuple[dict[str, list[Outgoing]], RedisError | None]:
-        """Read one transaction's results: ``({}, None)`` when its replies and acks
-        went in together, else every list still to write and what Redis said.
+        """Read one pipeline of REPLY_ACK scripts (one per list): ``({}, None)`` when
+        every list's replies and acks went in together, else the lists still to write
+        and what Redis said.
 
-        Redis checks ``maxmemory`` as each command is queued, and a refused command
-        makes EXEC discard the whole transaction (EXECABORT): a reply is never acked
-        without being written, and a worker killed between the two leaves neither."""
-        exec_reply = results[-1]
-        if isinstance(exec_reply, list):
-            await self._ack_reloading(keys, lists, exec_reply[2 * len(lists) :])
-            return {}, None
-        refused = [r for r in results[:-1] if isinstance(r, RedisError)]
-        error = refused[0] if refused else exec_reply
-        if not isinstance(error, RedisError):
-            error = RedisError(f"unexpected transaction result: {exec_reply!r}")
-        self.refusals.note(error)
-        return dict(lists), error
-
-    async def _ack_reloading(self, keys: ModelKeys, lists: dict[str, list[Outgoing]], results: list[Any]) -> None:
-        """Acks that found Redis without the script (after a restart): again, loading it."""
-        errors = [as_redis_error(r) for r in results if isinstance(r, hiredis.ReplyError)]
-        if any(isinstance(error, NoScriptError) for error in errors):
-            await self._ack(keys, [o for group in lists.values() for o in group])
+        Each script pushes first: a Redis that refuses the write (``maxmemory``,
+        ``READONLY``) fails it before anything is written, so a reply is never acked
+        without being written, and a worker killed between the two leaves neither.
+        Scripts Redis lost (a restart) are loaded and run again, once."""
+        if lost := [to for to, result in zip(lists, results, strict=True) if isinstance(result, NoScriptError)]:
+            again = {to: lists[to] for to in lost}
+            try:
+                await self._queue.load_reply_ack_script()
+                rerun = await self._redis.pipeline(_reply_acks(keys, again))
+            except RedisError as exc:
+                rerun = [exc] * len(again)
+            reran = dict(zip(again, rerun, strict=True))
+            results = [reran.get(to, result) for to, result in zip(lists, results, strict=True)]
+        pending: dict[str, list[Outgoing]] = {}
+        error: RedisError | None = None
+        for (to, group), result in zip(lists.items(), results, strict=True):
+            if isinstance(result, RedisError):
+                pending[to], error = group, error or result
+        if error is not None:
+            self.refusals.note(error)
+        return pending, error
 
     async def _retry(self, keys: ModelKeys, model: str, pending: dict[str, list[Outgoing]], error: RedisError) -> None:
         """Write again with backoff until the budget or the earliest deadline is spent."""
@@ -130,9 +133,9 @@ class ReplyWriter:
             await asyncio.sleep(min(backoff_s, left_s))
             backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
             try:
-                results = await self._redis.pipeline(_transaction(keys, pending))
+                results = await self._redis.pipeline(_reply_acks(keys, pending))
             except RedisError as exc:
-                results = [exc]
+                results = [exc] * len(pending)
             pending, retried_error = await self._settle(keys, pending, results)
             error = retried_error or error
             if retried_error is not None and refusal_kind(retried_error) is None:
@@ -243,18 +246,13 @@ def _by_list(outgoing: Iterable[Outgoing]) -> dict[str, list[Outgoing]]:
     return dict(lists)
 
 
-def _transaction(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Command]:
-    """MULTI, each list's RPUSH and EXPIRE, one ack per lease token, EXEC."""
-    acks: dict[int, list[str]] = defaultdict(list)
-    for group in lists.values():
-        for job in group:
-            if job.token is not None:
-                acks[job.token].append(job.job_id)
+def _reply_acks(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Command]:
+    """One REPLY_ACK per list: its replies, and the acks of its jobs that hold a lease."""
     return [
-        ("MULTI",),
-        *push_commands({to: [o.blob for o in group] for to, group in lists.items()}),
-        *(ack_command(keys, token, ids) for token, ids in acks.items()),
-        ("EXEC",),
+        reply_ack_command(
+            keys, to, [o.blob for o in group], [(o.token, o.job_id) for o in group if o.token is not None]
+        )
+        for to, group in lists.items()
     ]
 
 

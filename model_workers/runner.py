@@ -21,13 +21,13 @@ from functools import partial
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import LabelMemo, WorkerMetrics
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
-from meshserve.queue import ClaimOptions, QueueProtocol, wait_command
+from meshserve.queue import ClaimOptions, QueueProtocol, claim_command, parse_claim, wait_command
 from meshserve.settings import WorkerSettings
 from meshserve.store.link import RedisLink
 from meshserve.wire.envelope import OFF_LOOP_BYTES, envelope_signature, failed_reply
@@ -39,6 +39,12 @@ from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
+
+DRAIN_REPORT_INTERVAL_S = 1.0
+"""A worker tells Redis its time per job of a model (for enqueue's shedding) with at
+most one claim in this long: each report costs the claim a command, and a figure
+stays fresh for ``meshserve.queue.protocol.DRAIN_FRESH_MS`` (5 s). A figure lost
+meanwhile (the sweep resets an idle model) only means no shedding until the next."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +94,7 @@ class BatchRunner:
         self._tracing = records(tracer)
         self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self._tenant_device_seconds: defaultdict[tuple[str, str], float] = defaultdict(float)  # (tenant, model)
+        self._drain_reported_s: dict[str, float] = {}  # model's ready key -> when a claim last carried the figure
         self._detached: set[asyncio.Task[None]] = set()  # batches computing off the serve loop
         self.on_batch_ended: Callable[[], None] = lambda: None  # set by the worker: the serve loop looks again
 
@@ -108,8 +115,18 @@ class BatchRunner:
             signature=signature,
             lower_share_every=round(1 / share) if first and share > 0 else 0,
             batch_ms=served.batch_ms(),
-            ms_per_job=served.ms_per_job_avg,
+            ms_per_job=self._drain_report(served),
         )
+
+    def _drain_report(self, served: Served) -> float:
+        """The figure for this claim to carry: the model's recent ms per job once per
+        ``DRAIN_REPORT_INTERVAL_S``, else 0 (nothing to write)."""
+        now_s = time.monotonic()
+        last_s = self._drain_reported_s.get(served.keys.ready)
+        if served.ms_per_job_avg <= 0 or (last_s is not None and now_s - last_s < DRAIN_REPORT_INTERVAL_S):
+            return 0.0
+        self._drain_reported_s[served.keys.ready] = now_s
+        return served.ms_per_job_avg
 
     async def claim(self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True) -> list[Job]:
         """Lease up to ``max_items`` of the model's jobs; answer those the claim expired."""
@@ -196,8 +213,7 @@ class BatchRunner:
             remaining_s = fill_until_s - time.time()
             if remaining_s <= 0:
                 return
-            await self._blocking.execute(*wait_command([served.keys.wake], max(remaining_s, 0.001)))
-            more = await self.claim(served, room, signature=signature, first=False)
+            more = await self._wait_and_claim(served, room, signature, remaining_s)
             if more:
                 jobs.extend(more)
                 continue
@@ -208,6 +224,25 @@ class BatchRunner:
             room = max_items - sum(j.batch_size for j in jobs)
             jobs.extend(await self.claim(served, room, signature=signature, first=False))
             return
+
+    async def _wait_and_claim(self, served: Served, room: int, signature: str, wait_s: float) -> list[Job]:
+        """Wait up to ``wait_s`` for the model's wake token, then claim up to ``room``
+        items of ``signature``: the claim rides behind the wait in one write (Redis
+        runs it the moment the wait ends, on a token or at its timeout), so a top-up
+        costs one round trip, not two."""
+        options = self.claim_options(served, room, signature=signature, first=False)
+        waited, claimed = await self._blocking.pipeline(
+            [wait_command([served.keys.wake], max(wait_s, 0.001)), claim_command(served.keys, **options)]
+        )
+        if isinstance(waited, RedisError):
+            raise waited
+        if isinstance(claimed, NoScriptError):  # Redis lost its scripts (a restart): the plain claim loads it
+            return await self.claim(served, room, signature=signature, first=False)
+        if isinstance(claimed, RedisError):
+            raise claimed
+        claim = await self._queue.fetch_bulk(served.keys, parse_claim(claimed))
+        self._leases.answer_expired(served, claim)
+        return decode(claim, served.model.info)
 
     async def _run(self, served: Served, jobs: list[Job]) -> None:
         """Answer the jobs past their deadline, compute the rest, answer them.

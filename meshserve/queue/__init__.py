@@ -23,6 +23,7 @@ from meshserve.queue.protocol import (
     ack_command,
     claim_command,
     parse_claim,
+    reply_ack_command,
     wait_command,
     woken_key,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "pop_replies_now",
     "push_commands",
     "queue_depths",
+    "reply_ack_command",
     "reply_key",
     "tier_score_range",
     "wait_command",

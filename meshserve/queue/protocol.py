@@ -33,19 +33,22 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Required, TypedDict, Unpack
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.queue.keys import ModelKeys, worker_wake_key
-from meshserve.queue.scripts import ACK, CLAIM, ENQUEUE, EXTEND, REAP, RELEASE, REWAKE, WITHDRAW
-from meshserve.store.link import Chunks, Command, RedisLink
+from meshserve.queue.replies import REPLY_TTL_S
+from meshserve.queue.scripts import ACK, CLAIM, ENQUEUE, EXTEND, REAP, RELEASE, REPLY_ACK, REWAKE, WITHDRAW
+from meshserve.store.link import Arg, Chunks, Command, RedisLink
 
 JOB_TTL_GRACE_MS = 60_000
 """A job hash outlives its deadline by this much, so a lost one is reclaimed."""
 
-LUA_PAYLOAD_BYTES = 1 << 20
+LUA_PAYLOAD_BYTES = 32 << 10
 """A payload larger than this goes into its job hash's field ``b`` with a plain HSET
-before ENQUEUE, and a worker reads it with HGET after CLAIM: handed to Lua, Redis
-would hold copies of it in the script's heap until Lua's collector ran."""
+beside ENQUEUE, and a worker reads it with HGET after CLAIM: handed to Lua, Redis
+copies it into the script's heap and out again, and holds those copies until Lua's
+collector runs. Measured on a 2-core machine (docs/performance.md), a 110 KB payload
+cost Redis about twice the CPU through Lua as beside it; the two meet near 30 KB."""
 
 DRAIN_FRESH_MS = 5_000
 """A worker's drain figure counts for shedding this long after its last claim."""
@@ -92,7 +95,8 @@ class Enqueued:
     """ENQUEUE's answer. ``code``: 1 enqueued, 0 a duplicate id (an idempotent
     retry), -1 the model's queue is full, -2 the tenant's queue for this model is
     full, -3 the request would wait past its deadline. ``wait_ms``: the estimated
-    wait behind the jobs ahead (0 when there was nothing to estimate)."""
+    wait behind the jobs ahead (0 when there was nothing to estimate, or when the
+    whole queue would fit before the deadline, so nothing ahead was counted)."""
 
     code: int
     wait_ms: int
@@ -102,6 +106,7 @@ class Enqueued:
     MODEL_QUEUE_FULL = -1
     TENANT_QUEUE_FULL = -2
     PAST_DEADLINE = -3
+    NO_PAYLOAD = -4  # a large payload's write was refused: raised, never returned
 
 
 class QueueProtocol:
@@ -135,43 +140,52 @@ class QueueProtocol:
 
         ``items`` is the request's batch size: claims fill batches by items, not
         jobs, and fair queuing charges a tenant ``items / weight`` per job. A
-        payload over ``LUA_PAYLOAD_BYTES`` costs one more round trip: written
-        beside the script, with the job's time to live, in one transaction.
+        payload over ``LUA_PAYLOAD_BYTES`` is written beside the script, with the
+        job's time to live, in one transaction pipelined ahead of it (still one
+        round trip).
         """
-        bulk = isinstance(payload, Chunks) and payload.nbytes > LUA_PAYLOAD_BYTES
-        if bulk:
-            job_key = keys.job(job_id)
-            written = await self.redis.pipeline(
-                [
-                    ("MULTI",),
-                    ("HSET", job_key, "b", payload),
-                    ("PEXPIREAT", job_key, deadline_ms + JOB_TTL_GRACE_MS),
-                    ("EXEC",),
-                ]
-            )
-            if failed := next((r for r in written if isinstance(r, RedisError)), None):
-                raise failed
-            payload = b""
-        code, wait_ms = await self.redis.script(
-            ENQUEUE,
-            keys=[keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued, keys.drain],
-            args=[
-                job_id,
-                tier,
-                payload,
-                deadline_ms,
-                tenant,
-                reply_to,
-                signature,
-                max_queue_size,
-                JOB_TTL_GRACE_MS,
-                items,
-                weight,
-                tenant_max_queued,
-                DRAIN_FRESH_MS,
-                1 if bulk else 0,
-            ],
+        bulk = (payload.nbytes if isinstance(payload, Chunks) else len(payload)) > LUA_PAYLOAD_BYTES
+        script_keys = [keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued, keys.drain]
+        args: list[Arg] = [
+            job_id,
+            tier,
+            b"" if bulk else payload,
+            deadline_ms,
+            tenant,
+            reply_to,
+            signature,
+            max_queue_size,
+            JOB_TTL_GRACE_MS,
+            items,
+            weight,
+            tenant_max_queued,
+            DRAIN_FRESH_MS,
+            1 if bulk else 0,
+        ]
+        if not bulk:
+            code, wait_ms = await self.redis.script(ENQUEUE, keys=script_keys, args=args)
+            return Enqueued(int(code), int(wait_ms))
+        # The payload's transaction and the script leave in one write (one round trip).
+        # A transaction Redis refuses writes no field 'b', and the script then queues
+        # nothing (it answers NO_PAYLOAD): the refusal is raised.
+        job_key = keys.job(job_id)
+        written = await self.redis.pipeline(
+            [
+                ("MULTI",),
+                ("HSET", job_key, "b", payload),
+                ("PEXPIREAT", job_key, deadline_ms + JOB_TTL_GRACE_MS),
+                ("EXEC",),
+                ENQUEUE.call(script_keys, args),
+            ]
         )
+        if failed := next((r for r in written[:4] if isinstance(r, RedisError)), None):
+            raise failed
+        reply = written[4]
+        if isinstance(reply, NoScriptError):  # Redis lost its scripts (a restart): the payload is in; load, run
+            reply = await self.redis.script(ENQUEUE, keys=script_keys, args=args)
+        elif isinstance(reply, RedisError):
+            raise reply
+        code, wait_ms = reply
         return Enqueued(int(code), int(wait_ms))
 
     async def claim(self, keys: ModelKeys, **options: Unpack[ClaimOptions]) -> ClaimedBatch:
@@ -201,8 +215,14 @@ class QueueProtocol:
         return int(await self.redis.script(ACK, *_ack_keys_args(keys, token, job_ids)))
 
     async def load_ack_script(self) -> None:
-        """Load ACK's script now, so that pipelines calling :func:`ack_command` find it."""
+        """Load the ack scripts now, so that pipelines calling :func:`ack_command` and
+        :func:`reply_ack_command` find them."""
         await self.redis.load(ACK)
+        await self.redis.load(REPLY_ACK)
+
+    async def load_reply_ack_script(self) -> None:
+        """Load REPLY_ACK's script again (Redis lost its scripts: a restart)."""
+        await self.redis.load(REPLY_ACK)
 
     async def extend(self, keys: ModelKeys, token: int, job_ids: list[str], lease_ms: int) -> int:
         """Renew the lease ``token`` on these jobs; 0 if it was reclaimed meanwhile."""
@@ -235,7 +255,9 @@ class QueueProtocol:
     async def reap(self, keys: ModelKeys, *, max_attempts: int, limit: int = 256) -> Reaped:
         """Redeliver the jobs of expired leases; hand back those out of attempts."""
         requeued, flat = await self.redis.script(
-            REAP, keys=[keys.ready, keys.inflight, keys.wake, keys.queued], args=[keys.job_prefix, max_attempts, limit]
+            REAP,
+            keys=[keys.ready, keys.inflight, keys.wake, keys.queued, keys.sched, keys.drain],
+            args=[keys.job_prefix, max_attempts, limit, DRAIN_FRESH_MS],
         )
         dead = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
         return Reaped(int(requeued), dead)
@@ -307,6 +329,21 @@ def ack_command(keys: ModelKeys, token: int, job_ids: list[str]) -> Command:
     ``NoScriptError`` if Redis lost its script cache (a restart); the caller then
     acks with :meth:`QueueProtocol.ack`, which loads the script."""
     return ACK.call(*_ack_keys_args(keys, token, job_ids))
+
+
+def reply_ack_command(
+    keys: ModelKeys, reply_to: str, replies: Sequence[bytes | Chunks], acks: Sequence[tuple[int, str]]
+) -> Command:
+    """REPLY_ACK as one command for a pipeline: push ``replies`` to the gateway list
+    ``reply_to`` and ack ``acks`` (lease token, job id) in one atomic script, the push
+    first (a refused write writes and acks nothing). Its reply is how many jobs were
+    acked, or a ``NoScriptError`` after a Redis restart (load it with
+    :meth:`QueueProtocol.load_reply_ack_script` and send again)."""
+    flat_acks = [part for token, job_id in acks for part in (token, job_id)]
+    return REPLY_ACK.call(
+        [reply_to, keys.inflight],
+        [keys.job_prefix, REPLY_TTL_S, len(replies), *replies, *flat_acks],
+    )
 
 
 def wait_command(wake_keys: Iterable[str], timeout_s: float) -> Command:

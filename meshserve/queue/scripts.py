@@ -26,6 +26,7 @@ def load_script(name: str) -> Script:
 ENQUEUE = load_script("enqueue")
 CLAIM = load_script("claim")
 ACK = load_script("ack")
+REPLY_ACK = load_script("reply_ack")
 EXTEND = load_script("extend")
 RELEASE = load_script("release")
 REAP = load_script("reap")

@@ -5,14 +5,17 @@
 -- and drain figures are dropped: virtual time restarts at 0, the next claim says
 -- how fast its worker goes, and an idle model leaves no keys.
 -- Returns how many jobs were acked (a stale token acks none).
-local n = 0
+local acked, dead = {}, {}
 for i = 3, #ARGV do
   local jk = ARGV[1] .. ARGV[i]
   if redis.call('HGET', jk, 'k') == ARGV[2] then
-    redis.call('ZREM', KEYS[1], ARGV[i])
-    redis.call('DEL', jk)
-    n = n + 1
+    acked[#acked + 1] = ARGV[i]
+    dead[#dead + 1] = jk
   end
 end
-if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
-return n
+if #acked > 0 then
+  redis.call('ZREM', KEYS[1], unpack(acked))
+  redis.call('DEL', unpack(dead))
+end
+if redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end  -- both sets empty
+return #acked

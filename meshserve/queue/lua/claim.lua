@@ -18,6 +18,11 @@
 -- whose items would overflow the batch (the sum of dim 0 never exceeds max items).
 -- Taken jobs move to inflight with a lease, get a fencing token, and count an
 -- attempt; each tier's virtual clock advances to the latest start it served.
+-- Commands are batched: one HMGET of the scheduler state, one of each scanned job,
+-- one ZREM of everything leaving the ready set, one ZADD into inflight, one HSET per
+-- taken job (its payload came with its HMGET), one HSET of the scheduler state; when
+-- the scan emptied the ready set, one DEL of the tenants' counts instead of a count
+-- per tenant.
 -- Returns {token, now_ms, {id, payload, ...}, {expired id, reply_to, ...}}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -25,55 +30,70 @@ local prefix, room, scan = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
 local due = now + (tonumber(ARGV[8]) or 0)
 local sig = ARGV[6]
 if sig == '' then sig = nil end
-local function unqueue(tenant)
-  if tenant and redis.call('HINCRBY', KEYS[6], tenant, -1) <= 0 then redis.call('HDEL', KEYS[6], tenant) end
+local function call_many(command, key, args)  -- one variadic call per 4 000 arguments (Lua's stack)
+  for i = 1, #args, 4000 do
+    redis.call(command, key, unpack(args, i, math.min(i + 3999, #args)))
+  end
 end
-if redis.call('ZCARD', KEYS[1]) == 0 then return {0, now, {}, {}} end  -- nothing queued: touch nothing
-if tonumber(ARGV[9]) > 0 then
-  redis.call('HSET', KEYS[7], ARGV[4], ARGV[9] .. ' ' .. now)
-  redis.call('PEXPIRE', KEYS[7], 60000)
-end
-local ids = nil
+local ids = redis.call('ZRANGE', KEYS[1], 0, scan - 1)
+if #ids == 0 then return {0, now, {}, {}} end  -- nothing queued: touch nothing
+if tonumber(ARGV[9]) > 0 then redis.call('HSET', KEYS[7], ARGV[4], ARGV[9] .. ' ' .. now) end
+-- the scheduler's state in one read: the claims' turn, then each tier's virtual clock
+local fields = {'turn'}
+for tier = 0, NUM_TIERS - 1 do fields[#fields + 1] = 'c' .. tier end
+local state = redis.call('HMGET', KEYS[5], unpack(fields))
 local every = tonumber(ARGV[7])
+local turn = nil
+local lowered = false  -- ids come from one lower tier, not the head of the whole set
 if every > 0 then
-  local turn = redis.call('HINCRBY', KEYS[5], 'turn', 1)
+  turn = (tonumber(state[1]) or 0) + 1
   if turn % every == 0 then
-    local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-    if #head > 0 then
-      local top = math.floor(tonumber(head[2]) / TIER_SPAN)
-      local lower = NUM_TIERS - 1 - top
-      for k = 0, lower - 1 do
-        local tier = top + 1 + ((math.floor(turn / every) + k) % lower)
-        local found = redis.call('ZRANGE', KEYS[1], string.format('%.17g', tier * TIER_SPAN),
-                                 '(' .. string.format('%.17g', (tier + 1) * TIER_SPAN), 'BYSCORE', 'LIMIT', 0, scan)
-        if #found > 0 then ids = found; break end
-      end
+    local top = math.floor(tonumber(redis.call('ZSCORE', KEYS[1], ids[1])) / TIER_SPAN)
+    local lower = NUM_TIERS - 1 - top
+    for k = 0, lower - 1 do
+      local tier = top + 1 + ((math.floor(turn / every) + k) % lower)
+      local found = redis.call('ZRANGE', KEYS[1], string.format('%.17g', tier * TIER_SPAN),
+                               '(' .. string.format('%.17g', (tier + 1) * TIER_SPAN), 'BYSCORE', 'LIMIT', 0, scan)
+      if #found > 0 then ids, lowered = found, true; break end
     end
   end
 end
-if ids == nil then ids = redis.call('ZRANGE', KEYS[1], 0, scan - 1) end
-local taken, expired, clocks = {}, {}, {}
+local taken, metas, expired, clocks = {}, {}, {}, {}
+local leaving, dead = {}, {}  -- ids off the ready set; job hashes to delete
+local unqueued = {}  -- tenant -> jobs of theirs off the ready set
 local probe, probe_meta = nil, nil  -- due before the batch could finish, not yet past its deadline
+local function unqueue(tenant)
+  if tenant then unqueued[tenant] = (unqueued[tenant] or 0) + 1 end
+end
 local function expire(id, meta)
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('DEL', prefix .. id)
+  leaving[#leaving + 1] = id
+  dead[#dead + 1] = prefix .. id
   unqueue(meta[5])
   expired[#expired + 1] = id
   expired[#expired + 1] = meta[3]
 end
 local function take(id, meta)
   taken[#taken + 1] = id
+  metas[#metas + 1] = meta
+  leaving[#leaving + 1] = id
   unqueue(meta[5])
   local score = tonumber(meta[6]) or 0
   local tier = math.floor(score / TIER_SPAN)
   clocks[tier] = math.max(clocks[tier] or 0, score - tier * TIER_SPAN)
   room = room - (tonumber(meta[4]) or 1)
 end
-for _, id in ipairs(ids) do
-  local jk = prefix .. id
-  local meta = redis.call('HMGET', jk, 'd', 's', 'r', 'n', 't', 'q')
+-- The first max-items jobs are read with their payload (field 8): most batches take
+-- them, and a payload read with the rest costs no command of its own.
+local first = tonumber(ARGV[2])
+for i, id in ipairs(ids) do
+  local meta
+  if i <= first then
+    meta = redis.call('HMGET', prefix .. id, 'd', 's', 'r', 'n', 't', 'q', 'a', 'p')
+  else
+    meta = redis.call('HMGET', prefix .. id, 'd', 's', 'r', 'n', 't', 'q', 'a')
+  end
   if not meta[1] then
-    redis.call('ZREM', KEYS[1], id)
+    leaving[#leaving + 1] = id  -- its hash expired: nothing to run
   elseif tonumber(meta[1]) <= due then
     if probe == nil and tonumber(meta[1]) > now and (sig == nil or meta[2] == sig)
         and (tonumber(meta[4]) or 1) <= room then
@@ -92,30 +112,52 @@ end
 if probe ~= nil then
   if #taken == 0 then take(probe, probe_meta) else expire(probe, probe_meta) end
 end
-for tier, clock in pairs(clocks) do
-  if clock > (tonumber(redis.call('HGET', KEYS[5], 'c' .. tier)) or 0) then
-    redis.call('HSET', KEYS[5], 'c' .. tier, string.format('%.17g', clock))
-  end
-end
+call_many('ZREM', KEYS[1], leaving)
+for _, jk in ipairs(dead) do redis.call('DEL', jk) end  -- rare (expired jobs): one by one
 local out = {}
 local token = 0
 if #taken > 0 then
   token = redis.call('INCR', KEYS[4])
   local expiry = now + tonumber(ARGV[3])
-  for _, id in ipairs(taken) do
+  local leased = {}
+  for i, id in ipairs(taken) do
+    leased[2 * i - 1], leased[2 * i] = expiry, id
+  end
+  call_many('ZADD', KEYS[2], leased)
+  for i, id in ipairs(taken) do
     local jk = prefix .. id
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZADD', KEYS[2], expiry, id)
-    redis.call('HSET', jk, 'k', token, 'w', ARGV[4])
-    redis.call('HINCRBY', jk, 'a', 1)
+    redis.call('HSET', jk, 'k', token, 'w', ARGV[4], 'a', (tonumber(metas[i][7]) or 0) + 1)
     out[#out + 1] = id
-    out[#out + 1] = redis.call('HGET', jk, 'p')
+    out[#out + 1] = metas[i][8] or redis.call('HGET', jk, 'p')
   end
 end
-if redis.call('ZCARD', KEYS[1]) == 0 then
-  redis.call('DEL', KEYS[6])  -- nothing queued: every count is 0 (heals a count lost to an evicted job)
-  if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[5], KEYS[7]) end  -- idle: reset virtual time
-elseif redis.call('LLEN', KEYS[3]) == 0 then
-  redis.call('RPUSH', KEYS[3], 1)
+-- Every scanned job left and the scan saw the whole set (or the tier it looked at
+-- was not the head's): the ready set is empty without asking Redis.
+local empty
+if not lowered and #ids < scan and #leaving == #ids then
+  empty = true
+else
+  empty = redis.call('EXISTS', KEYS[1]) == 0
 end
+if empty then
+  redis.call('DEL', KEYS[6])  -- nothing queued: every count is 0 (heals a count lost to an evicted job)
+  if #taken == 0 and redis.call('EXISTS', KEYS[2]) == 0 then  -- idle: reset virtual time
+    redis.call('DEL', KEYS[5], KEYS[7])
+    return {token, now, out, expired}
+  end
+else
+  for tenant, n in pairs(unqueued) do
+    if redis.call('HINCRBY', KEYS[6], tenant, -n) <= 0 then redis.call('HDEL', KEYS[6], tenant) end
+  end
+  if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
+end
+local write = {}
+if turn ~= nil then write[1], write[2] = 'turn', turn end
+for tier, clock in pairs(clocks) do
+  if clock > (tonumber(state[tier + 2]) or 0) then
+    write[#write + 1] = 'c' .. tier
+    write[#write + 1] = string.format('%.17g', clock)
+  end
+end
+if #write > 0 then redis.call('HSET', KEYS[5], unpack(write)) end
 return {token, now, out, expired}
