@@ -22,8 +22,9 @@ from opentelemetry import trace
 from gateway.core import Gateway
 from gateway.request import infer_call
 from gateway.statistics import model_statistics
+from gateway.stream import Encoder, InferStream
 from meshserve import __version__
-from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
+from meshserve.errors import Internal, MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import GatewayMetrics, LabelMemo
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
@@ -161,9 +162,13 @@ def add_to_server(servicer: InferenceServicer, server: Any) -> None:
     recorded = _Recorder()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, recorded)
     handlers = dict(recorded.handlers)
+    parse = request_parser(servicer.gateway.settings.max_message_bytes)
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer, request_deserializer=parse, response_serializer=serialize_infer_response
+    )
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer,
-        request_deserializer=request_parser(servicer.gateway.settings.max_message_bytes),
+        request_deserializer=parse,
         response_serializer=serialize_infer_response,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -246,6 +251,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """ModelInfer with its metrics and error mapping; ``tenant`` when the caller
         (:mod:`gateway.refusal`) has authenticated the call already. The response
         comes encoded (see :func:`serialize_infer_response`)."""
+        try:
+            return await self.answer_or_raise(request, context, tenant)
+        except MeshError as error:
+            await _abort(context, error)
+
+    async def answer_or_raise(
+        self,
+        request: ReceivedRequest | Oversized,
+        context: Context,
+        tenant: Tenant | None = None,
+        encode: Encoder = encode_infer_response,
+    ) -> bytes:
+        """One request, counted in the metrics; a failure raises a MeshError (anything
+        unexpected is logged and raised as ``Internal``). ``context`` lends its deadline
+        and metadata: a stream's (:mod:`gateway.stream`) serves each of its requests.
+        ``encode`` builds the answer's bytes from the reply."""
         started_s = time.perf_counter()
         metrics = self.metrics
         name = "" if isinstance(request, Oversized) else request.message.model_name
@@ -259,19 +280,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 tenant = self.authenticate(context)
             if isinstance(request, Oversized):
                 raise request.error()
-            return await self._infer(request, context, tenant)
+            return await self._infer(request, context, tenant, encode)
         except MeshError as error:
             code = error.code
             self._count_rejection(error, tenant)
-            await _abort(context, error)
+            raise
         except asyncio.CancelledError:  # the client went away, or gRPC ended the call first
             code = grpc.StatusCode.CANCELLED
             raise
-        except Exception:
+        except Exception as exc:
             code = grpc.StatusCode.INTERNAL
             log.exception("unexpected error in ModelInfer for model %r", name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway")
-            raise
+            raise Internal("internal error in the gateway") from exc
         finally:
             inflight.dec()
             duration_s = time.perf_counter() - started_s
@@ -309,7 +329,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         self._labelled(self.metrics.rejections, label, reason).inc()
 
-    async def _infer(self, received: ReceivedRequest, context: Context, tenant: Tenant) -> bytes:
+    async def _infer(self, received: ReceivedRequest, context: Context, tenant: Tenant, encode: Encoder) -> bytes:
         """The call without error mapping: a MeshError propagates to ModelInfer. The
         response comes encoded (see :func:`serialize_infer_response`), a large one
         encoded on a thread."""
@@ -340,10 +360,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
-        encode = (answer.message, answer.data, request.model_name, request.id)
+        parts = (answer.message, answer.data, request.model_name, request.id)
         if sum(len(d) for d in answer.data) > OFF_LOOP_BYTES:
-            return await asyncio.to_thread(encode_infer_response, *encode)
-        return encode_infer_response(*encode)
+            return await asyncio.to_thread(encode, *parts)
+        return encode(*parts)
 
     def _server_span(self, context: Context) -> AbstractContextManager[trace.Span]:
         """The call's span, in the caller's trace if its metadata names one."""
@@ -352,13 +372,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         return self.tracer.start_as_current_span("ModelInfer", context=extract(metadata), kind=trace.SpanKind.SERVER)
 
-    # ------------------------------------------------------- not implemented yet
-
     async def ModelStreamInfer(  # noqa: N802
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        await _unimplemented(context, "ModelStreamInfer")
-        yield pb.ModelStreamInferResponse()  # pragma: no cover (makes this an async generator)
+        self, requests: AsyncIterator[ReceivedRequest | Oversized], context: Context
+    ) -> AsyncIterator[bytes]:
+        """Many requests over one stream (:mod:`gateway.stream`), the tenant authenticated
+        once; each answered as ModelInfer is, through :meth:`answer_or_raise`."""
+        try:
+            tenant = self.authenticate(context)
+            stream = InferStream(self, context, tenant, self.gateway.settings.max_stream_inflight)
+            async for response in stream.serve(requests):
+                yield response
+        except Unauthenticated as error:
+            self._count_rejection(error, None)
+            set_status(context, error)
+        except MeshError as error:  # with triton_grpc_error: the first failure ends the stream
+            set_status(context, error)
+        except Exception:
+            log.exception("unexpected error in ModelStreamInfer")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway")
+
+    # ------------------------------------------------------- not implemented yet
 
     async def ModelStatistics(  # noqa: N802
         self, request: pb.ModelStatisticsRequest, context: Context
