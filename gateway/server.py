@@ -52,6 +52,7 @@ class GatewayServer:
             late_replies=lambda: self.gateway.late_replies, lost_requests=lambda: self.gateway.lost_jobs
         )
         servicer = InferenceServicer(self.gateway, tracer, self.metrics)
+        self.cache = servicer.cache  # the response cache, whose background stores tests settle
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
             # ModelInfer refuses unknown keys and tenants over their rate before it reads the message

@@ -19,17 +19,18 @@ from typing import Any, NoReturn, TypeAlias, cast
 import grpc
 from opentelemetry import trace
 
+from gateway.cache import ResponseCache, with_id
 from gateway.core import Gateway
 from gateway.request import infer_call
 from gateway.statistics import model_statistics
-from gateway.stream import Encoder, InferStream
+from gateway.stream import InferStream
 from meshserve import __version__
 from meshserve.errors import Internal, MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.models.repository import ModelInfo
-from meshserve.observe.metrics import GatewayMetrics, LabelMemo
+from meshserve.observe.metrics import CacheMetrics, GatewayMetrics, LabelMemo
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
 from meshserve.tenancy.tenants import Tenant, bearer_key
-from meshserve.wire.codec import encode_infer_response
+from meshserve.wire.codec import encode_infer_response, encode_stream_response, stream_response
 from meshserve.wire.envelope import OFF_LOOP_BYTES
 from meshserve.wire.rawfields import ReceivedRequest, parse_infer_request
 from protos import grpc_service_pb2 as pb
@@ -193,7 +194,11 @@ class _Recorder:
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, gateway: Gateway, tracer: trace.Tracer | None = None, metrics: GatewayMetrics | None = None
+        self,
+        gateway: Gateway,
+        tracer: trace.Tracer | None = None,
+        metrics: GatewayMetrics | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.gateway = gateway
         self.tracer = tracer or trace.NoOpTracer()
@@ -202,6 +207,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._tenant_on_span = tenant_attribute(settings.trace_tenant, settings.trace_tenant_secret)
         self.metrics = metrics or GatewayMetrics.create()
         self._labelled = LabelMemo()
+        self.cache = cache or ResponseCache(
+            gateway.redis,
+            ttl_ms=int(settings.response_cache_ttl_s * 1000),
+            cap_bytes=settings.response_cache_max_bytes,
+            metrics=CacheMetrics.create(self.metrics.registry),
+            store_full=lambda: gateway.store.full,
+        )
 
     # ----------------------------------------------------------------- health
 
@@ -261,12 +273,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: ReceivedRequest | Oversized,
         context: Context,
         tenant: Tenant | None = None,
-        encode: Encoder = encode_infer_response,
+        *,
+        streamed: bool = False,
     ) -> bytes:
         """One request, counted in the metrics; a failure raises a MeshError (anything
         unexpected is logged and raised as ``Internal``). ``context`` lends its deadline
-        and metadata: a stream's (:mod:`gateway.stream`) serves each of its requests.
-        ``encode`` builds the answer's bytes from the reply."""
+        and metadata: a stream's (:mod:`gateway.stream`) serves each of its requests,
+        ``streamed``, each answer a ModelStreamInferResponse."""
         started_s = time.perf_counter()
         metrics = self.metrics
         name = "" if isinstance(request, Oversized) else request.message.model_name
@@ -280,7 +293,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 tenant = self.authenticate(context)
             if isinstance(request, Oversized):
                 raise request.error()
-            return await self._infer(request, context, tenant, encode)
+            return await self._infer(request, context, tenant, streamed)
         except MeshError as error:
             code = error.code
             self._count_rejection(error, tenant)
@@ -329,7 +342,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         self._labelled(self.metrics.rejections, label, reason).inc()
 
-    async def _infer(self, received: ReceivedRequest, context: Context, tenant: Tenant, encode: Encoder) -> bytes:
+    async def _infer(self, received: ReceivedRequest, context: Context, tenant: Tenant, streamed: bool) -> bytes:
         """The call without error mapping: a MeshError propagates to ModelInfer. The
         response comes encoded (see :func:`serialize_infer_response`), a large one
         encoded on a thread."""
@@ -348,6 +361,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if (traced := self._tenant_on_span(tenant.name)) is not None:
                     span.set_attribute("meshserve.tenant", traced)
                 call = infer_call(request, received.raw)
+                probe = self.cache.probe(self.gateway, call, tenant)
+                if probe is not None:
+                    hit = await self.cache.answer(probe, request.id)
+                    span.set_attribute("meshserve.cache", "miss" if hit is None else "hit")
+                    if hit is not None:
+                        code = grpc.StatusCode.OK
+                        return stream_response(hit) if streamed else hit
                 answer = await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant)
                 code = grpc.StatusCode.OK
             except MeshError as error:
@@ -360,10 +380,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
-        parts = (answer.message, answer.data, request.model_name, request.id)
+        encode = encode_stream_response if streamed else encode_infer_response
+        if probe is not None:  # stored without the id, which each answer adds
+            encode, request_id = encode_infer_response, ""
+        else:
+            request_id = request.id
+        parts = (answer.message, answer.data, request.model_name, request_id)
         if sum(len(d) for d in answer.data) > OFF_LOOP_BYTES:
-            return await asyncio.to_thread(encode, *parts)
-        return encode(*parts)
+            response = await asyncio.to_thread(encode, *parts)
+        else:
+            response = encode(*parts)
+        if probe is None:
+            return response
+        self.cache.remember(probe, response)
+        response = with_id(response, request.id)
+        return stream_response(response) if streamed else response
 
     def _server_span(self, context: Context) -> AbstractContextManager[trace.Span]:
         """The call's span, in the caller's trace if its metadata names one."""

@@ -26,16 +26,14 @@ core withdraws each queued job (never computed) and forgets its waiter.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
 from meshserve.errors import MeshError
 from meshserve.tenancy.tenants import Tenant
-from meshserve.wire.codec import encode_stream_response
 from meshserve.wire.rawfields import ReceivedRequest
 from protos import grpc_service_pb2 as pb
-from protos import meshserve_pb2 as mpb
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
@@ -44,20 +42,11 @@ GRPC_ERROR_HEADER = "triton_grpc_error"
 gRPC status rather than arrive in ``error_message``, as Triton's server does."""
 
 
-class Encoder(Protocol):
-    """Builds an answer's bytes from the worker's reply, its outputs' bytes, the model's
-    name and the client's request id (:mod:`meshserve.wire.codec`)."""
-
-    def __call__(
-        self, reply: mpb.InferReply, data: Sequence[bytes | memoryview], model_name: str, request_id: str
-    ) -> bytes: ...
-
-
 class Answering(Protocol):
     """What a stream needs of the servicer: one request answered, or a MeshError."""
 
     async def answer_or_raise(
-        self, request: Any, context: Context, tenant: Tenant | None = None, encode: Encoder = ...
+        self, request: Any, context: Context, tenant: Tenant | None = None, *, streamed: bool = False
     ) -> bytes: ...
 
 
@@ -141,7 +130,7 @@ class InferStream:
 
     async def _answer(self, request: ReceivedRequest | Any) -> None:
         try:
-            answer = await self.answering.answer_or_raise(request, self.context, self.tenant, encode_stream_response)
+            answer = await self.answering.answer_or_raise(request, self.context, self.tenant, streamed=True)
         except MeshError as error:
             self.answers.put_nowait(Failed(request, error))
         else:

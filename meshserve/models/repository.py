@@ -93,6 +93,8 @@ _TOP_LEVEL_KEYS = frozenset(
         "instances",
         "warmup",
         "engine",
+        "response_cache",
+        "cache_shared",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -153,6 +155,8 @@ class ModelInfo:
     execution_timeout_ms: int = 0  # 0: derived from the warm-up time (model_workers/served.py)
     instances: int = 1  # batches computing at once per worker
     engine: EngineConfig = DEFAULT_ENGINE  # CPU thread settings config.yaml fixes
+    response_cache: bool = False  # the gateway answers a repeated request from its cache
+    cache_shared: bool = False  # one cache for every tenant (default: one per tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +175,8 @@ class _Config:
     execution_timeout_ms: int = 0
     instances: int = 1
     engine: EngineConfig = DEFAULT_ENGINE
+    response_cache: bool = False
+    cache_shared: bool = False
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -315,7 +321,17 @@ def _read_config(model_dir: Path) -> _Config:
         execution_timeout_ms=_optional_int(raw, "execution_timeout_ms", path, "") or 0,
         instances=_instances(raw, path),
         engine=_engine(raw.get("engine"), path),
+        response_cache=_flag(raw, "response_cache", path),
+        cache_shared=_flag(raw, "cache_shared", path),
     )
+
+
+def _flag(raw: dict[Any, Any], key: str, path: Path) -> bool:
+    """``raw[key]`` as a YAML boolean; False when absent."""
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise RepositoryError(f"{path}: '{key}' must be true or false, got {value!r}")
+    return value
 
 
 def _instances(raw: dict[Any, Any], path: Path) -> int:
@@ -521,6 +537,8 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         execution_timeout_ms=config.execution_timeout_ms,
         instances=config.instances,
         engine=config.engine,
+        response_cache=config.response_cache,
+        cache_shared=config.cache_shared,
     )
 
 

@@ -98,6 +98,13 @@ class GatewaySettings:
     gateway_id: str = field(default="", metadata=SET_IN_CODE)
     max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=MAX_MESSAGE_BYTES)
     default_timeout_ms: int = field(default=30_000, metadata=cli("deadline for a call that sets none"))
+    response_cache_ttl_s: float = field(
+        default=300.0, metadata=cli("response cache (models with response_cache: true): how long an entry lives")
+    )
+    response_cache_max_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=cli("response cache: the bytes of responses one model version may hold; the oldest go first"),
+    )
     max_stream_inflight: int = field(
         default=64,
         metadata=cli(

@@ -402,6 +402,11 @@ def encode_stream_response(
     return b"".join([_STREAM_INFER_RESPONSE_TAG, _varint(inner_bytes), *parts])
 
 
+def stream_response(infer_response: bytes) -> bytes:
+    """A serialized ModelInferResponse as a ModelStreamInferResponse's ``infer_response``."""
+    return b"".join((_STREAM_INFER_RESPONSE_TAG, _varint(len(infer_response)), infer_response))
+
+
 def _response_parts(
     reply: mpb.InferReply, data: Sequence[bytes | memoryview], model_name: str, request_id: str
 ) -> list[bytes | memoryview]:
