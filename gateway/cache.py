@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from gateway.core import Gateway
 from gateway.request import InferCall
+from meshserve.errors import MeshError
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import CacheMetrics
 from meshserve.store.cache import CacheKeys, lookup, store
@@ -112,12 +113,16 @@ class ResponseCache:
         self._stores: set[asyncio.Task[None]] = set()
 
     def probe(self, gateway: Gateway, call: InferCall, tenant: Tenant) -> Probe | None:
-        """The request's place in the cache; None when its model does not cache.
-        Authorizes and resolves as the core does, so a refusal is the same."""
-        gateway.authorize(tenant, call.model_name)
-        model = gateway.resolve(call.model_name, call.model_version)
+        """The request's place in the cache; None when its model does not cache (or
+        is unknown: the core answers that, authorization first). A caching model
+        the tenant may not use raises PermissionDenied, as the core would."""
+        try:
+            model = gateway.resolve(call.model_name, call.model_version)
+        except MeshError:
+            return None
         if not model.response_cache:
             return None
+        gateway.authorize(tenant, call.model_name)
         entry = entry_of(model, call, SHARED_NAMESPACE if model.cache_shared else tenant.name)
         if entry is None:
             return None

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sweep: concurrencies beside raw ONNX Runtime; open-loop: fixed rates (--rates);"
         " overload: twice the sustainable rate; noisy-neighbor: one tenant floods, another is timed;"
         " large: requests of --sizes MiB, latency beside raw ONNX Runtime and each process's peak memory;"
-        " retry-storm: one tenant over its limit retries after each refusal, another is timed",
+        " retry-storm: one tenant over its limit retries after each refusal, another is timed;"
+        " stream: ModelStreamInfer beside unary at concurrency 1 and 16, and a cache hit beside a miss",
     )
     flag("--target", None, help="HOST:PORT of a running mesh (default: start one)")
     flag("--redis-url", None, help="with --target: that mesh's Redis, to report what each call cost it")
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     failed (errors are what the other scenarios measure, and their verdicts are reported)."""
     # Every `meshserve` command builds this module's flags: gRPC, the protos and ONNX
     # Runtime are loaded only when the bench runs, not in a gateway's process.
-    from meshserve_bench import large, mesh, report, scenarios, storm, tenants
+    from meshserve_bench import large, mesh, report, scenarios, storm, stream, tenants
 
     config = config_from_args(args)
     signal.signal(signal.SIGTERM, mesh.exit_on_sigterm)
@@ -120,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         figures = large.run_large(config)
     elif config.scenario == "retry-storm":
         figures = storm.run_retry_storm(config)
+    elif config.scenario == "stream":
+        figures = stream.run_stream(config)
     else:
         figures = scenarios.run_mesh_scenario(config)
     result = {"scenario": config.scenario, "date": started, "machine": machine, **figures}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("sweep", "open-loop", "overload", "noisy-neighbor", "retry-storm", "large")
+SCENARIOS = ("sweep", "open-loop", "overload", "noisy-neighbor", "retry-storm", "large", "stream")
 
 
 @dataclass(frozen=True, slots=True)
