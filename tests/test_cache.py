@@ -6,12 +6,15 @@ never caches, and the store script holds each model version's cap."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
 from meshserve.devkit.examples import write_example_repository
@@ -52,7 +55,16 @@ ALPHA, BETA = auth("alpha-key"), auth("beta-key")
 
 
 @pytest.fixture
-async def cache_mesh(redis: Redis, redis_url: str, tmp_path: Path) -> AsyncIterator[Mesh]:
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    yield exporter
+    exporter.shutdown()
+
+
+@pytest.fixture
+async def cache_mesh(
+    redis: Redis, redis_url: str, tmp_path: Path, exporter: InMemorySpanExporter
+) -> AsyncIterator[Mesh]:
     """mlp (versions 1 and 2) caches per tenant, adder_fixed shares its cache,
     scale_any does not cache."""
     repository = write_example_repository(tmp_path / "models")
@@ -63,7 +75,9 @@ async def cache_mesh(redis: Redis, redis_url: str, tmp_path: Path) -> AsyncItera
     (repository / "adder_fixed" / "config.yaml").write_text("response_cache: true\ncache_shared: true\n")
     tenants = tmp_path / "tenants.yaml"
     tenants.write_text(TENANTS)
-    mesh = await start_mesh(redis_url, repository, tenants_path=tenants)
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    mesh = await start_mesh(redis_url, repository, tenants_path=tenants, tracer=provider.get_tracer("cache-tests"))
     try:
         yield mesh
     finally:
@@ -104,7 +118,7 @@ async def call(
 
 
 async def test_a_hit_answers_the_same_bytes_without_the_queue(
-    cache_mesh: Mesh, cstub: pb_grpc.GRPCInferenceServiceStub
+    cache_mesh: Mesh, cstub: pb_grpc.GRPCInferenceServiceStub, exporter: InMemorySpanExporter
 ) -> None:
     first = await call(cache_mesh, cstub, mlp(0.5, request_id="one"), ALPHA)
     await hold_serving(cache_mesh.workers[0])  # nothing is computed from here on
@@ -128,6 +142,10 @@ async def test_a_hit_answers_the_same_bytes_without_the_queue(
     assert sample(cache_mesh, "meshserve_cache_misses_total", {"model": "mlp", "tenant": "alpha"}) == 1
     assert sample(cache_mesh, "meshserve_cache_hit_duration_seconds_count", {"model": "mlp"}) == 2
     assert sample(cache_mesh, "meshserve_cache_bytes", {"model": "mlp", "version": "2"}) > 0
+    served = [
+        span.attributes.get("meshserve.cache") for span in exporter.get_finished_spans() if span.name == "ModelInfer"
+    ]
+    assert served == ["miss", "hit", "hit"]
 
 
 async def test_a_new_version_never_hits_the_old_versions_entries(
@@ -185,7 +203,7 @@ async def test_the_store_holds_the_cap_evicting_the_oldest(link: RedisLink, redi
 
 async def test_an_expired_entry_is_a_miss_and_is_dropped(link: RedisLink, redis: Redis) -> None:
     keys = CacheKeys.for_model("m", 1)
-    await store(link, keys, "t:old", b"a" * 10, ttl_ms=1, cap_bytes=1000)
+    await store(link, keys, "t:old", b"a" * 10, ttl_ms=60_000, cap_bytes=1000)
     await redis.zadd(keys.expiry, {"t:old": 0})  # expired long ago, whatever the clock
     assert await lookup(link, keys, "t:old") is None
     result = await store(link, keys, "t:new", b"b" * 10, ttl_ms=60_000, cap_bytes=1000)
