@@ -117,9 +117,15 @@ class InferStream:
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         """Read while a slot is free; after the client half-closes, wait for the
         requests in flight, then end the answers."""
+        iterator = aiter(requests)
         try:
-            async for request in requests:
-                await self.slots.acquire()
+            while True:
+                await self.slots.acquire()  # before the read: past the bound, the next stays unread
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    self.slots.release()
+                    break
                 task = asyncio.create_task(self._answer(request))
                 self.running.add(task)
                 task.add_done_callback(self.running.discard)
