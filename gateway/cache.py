@@ -37,6 +37,8 @@ from meshserve.store.cache import CacheKeys, lookup, store
 from meshserve.store.link import RedisLink
 from meshserve.store.refusals import RefusalLog
 from meshserve.tenancy.tenants import Tenant
+from meshserve.wire.codec import declared_bytes
+from meshserve.wire.envelope import OFF_LOOP_BYTES
 from protos import grpc_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -112,10 +114,10 @@ class ResponseCache:
         self.refusals = RefusalLog(log, "cache stores")
         self._stores: set[asyncio.Task[None]] = set()
 
-    def probe(self, gateway: Gateway, call: InferCall, tenant: Tenant) -> Probe | None:
-        """The request's place in the cache; None when its model does not cache (or
-        is unknown: the core answers that, authorization first). A caching model
-        the tenant may not use raises PermissionDenied, as the core would."""
+    def caching_model(self, gateway: Gateway, call: InferCall, tenant: Tenant) -> ModelInfo | None:
+        """The model the request resolves to when it caches; None when it does not (or
+        is unknown: the core answers that, authorization first). A caching model the
+        tenant may not use raises PermissionDenied, as the core would."""
         try:
             model = gateway.resolve(call.model_name, call.model_version)
         except MeshError:
@@ -123,7 +125,16 @@ class ResponseCache:
         if not model.response_cache:
             return None
         gateway.authorize(tenant, call.model_name)
-        entry = entry_of(model, call, SHARED_NAMESPACE if model.cache_shared else tenant.name)
+        return model
+
+    async def probe(self, model: ModelInfo, call: InferCall, tenant: Tenant) -> Probe | None:
+        """The request's place in ``model``'s cache (hashed on a thread when large);
+        None for a request the core will refuse."""
+        namespace = SHARED_NAMESPACE if model.cache_shared else tenant.name
+        if declared_bytes(call.message) > OFF_LOOP_BYTES:
+            entry = await asyncio.to_thread(entry_of, model, call, namespace)
+        else:
+            entry = entry_of(model, call, namespace)
         if entry is None:
             return None
         return Probe(model, CacheKeys.for_model(model.name, model.version), entry, tenant.name)

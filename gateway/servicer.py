@@ -361,7 +361,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if (traced := self._tenant_on_span(tenant.name)) is not None:
                     span.set_attribute("meshserve.tenant", traced)
                 call = infer_call(request, received.raw)
-                probe = self.cache.probe(self.gateway, call, tenant)
+                probe = None
+                if (caching := self.cache.caching_model(self.gateway, call, tenant)) is not None:
+                    probe = await self.cache.probe(caching, call, tenant)
                 if probe is not None:
                     hit = await self.cache.answer(probe, request.id)
                     span.set_attribute("meshserve.cache", "miss" if hit is None else "hit")

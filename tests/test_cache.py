@@ -21,6 +21,7 @@ from meshserve.devkit.examples import write_example_repository
 from meshserve.store.cache import CacheKeys, lookup, store
 from meshserve.store.link import RedisLink
 from meshserve.tenancy.tenants import hash_key
+from meshserve.wire.envelope import OFF_LOOP_BYTES
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.support import (
@@ -44,6 +45,9 @@ tenants:
   - name: beta
     api_keys: ["{hash_key("beta-key")}"]
     models: ["*"]
+  - name: gamma
+    api_keys: ["{hash_key("gamma-key")}"]
+    models: ["scale_any"]
 """
 
 
@@ -65,14 +69,16 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 async def cache_mesh(
     redis: Redis, redis_url: str, tmp_path: Path, exporter: InMemorySpanExporter
 ) -> AsyncIterator[Mesh]:
-    """mlp (versions 1 and 2) caches per tenant, adder_fixed shares its cache,
-    scale_any does not cache."""
+    """mlp (versions 1 and 2) and scale_cached cache per tenant, adder_fixed shares
+    its cache, scale_any does not cache."""
     repository = write_example_repository(tmp_path / "models")
     shutil.rmtree(repository / "cnn")
     shutil.rmtree(repository / "mobilenet")
     shutil.copytree(repository / "mlp" / "1", repository / "mlp" / "2")
     (repository / "mlp" / "config.yaml").write_text("response_cache: true\n")
     (repository / "adder_fixed" / "config.yaml").write_text("response_cache: true\ncache_shared: true\n")
+    shutil.copytree(repository / "scale_any", repository / "scale_cached")
+    (repository / "scale_cached" / "config.yaml").write_text("response_cache: true\n")
     tenants = tmp_path / "tenants.yaml"
     tenants.write_text(TENANTS)
     provider = TracerProvider()
@@ -210,3 +216,27 @@ async def test_an_expired_entry_is_a_miss_and_is_dropped(link: RedisLink, redis:
     assert result.expired == 1
     assert result.held_bytes == 10
     assert await redis.hkeys(keys.entries) == [b"t:new"]
+
+
+async def test_a_tenant_never_reads_a_model_it_may_not_use_from_the_cache(
+    cache_mesh: Mesh, cstub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    await call(cache_mesh, cstub, adder(4), ALPHA)  # shared: any tenant's request would hit it
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await cstub.ModelInfer(adder(4), timeout=RPC_TIMEOUT_S, metadata=auth("gamma-key"))
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert sample(cache_mesh, "meshserve_cache_hits_total", {"model": "adder_fixed", "tenant": "gamma"}) == 0
+
+
+async def test_a_large_request_is_hashed_and_cached_too(
+    cache_mesh: Mesh, cstub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    image = np.random.default_rng(3).standard_normal((1, 1, 640, 480)).astype(np.float32)
+    assert image.nbytes > OFF_LOOP_BYTES  # hashed on a thread
+    big = infer_request("scale_cached", {"image": image})
+    first = await call(cache_mesh, cstub, big, ALPHA)
+    again = await call(cache_mesh, cstub, big, ALPHA)
+    assert not cached(first)
+    assert cached(again)
+    assert again.raw_output_contents == first.raw_output_contents
+    np.testing.assert_array_equal(output_arrays(again)["scaled"], image * 2 + 1)
