@@ -74,6 +74,24 @@ async def test_many_requests_in_flight_each_answered_with_its_id(
         assert output_arrays(response.infer_response)["sum"].tolist() == [[index + 1] * 4]
 
 
+async def test_each_request_of_a_stream_has_its_own_priority(
+    mesh: Mesh, stub: pb_grpc.GRPCInferenceServiceStub, redis: Redis
+) -> None:
+    """adder_fixed is not batchable: the worker takes one request per run, in the
+    queue's order, so the answers come back highest tier first."""
+    worker = mesh.workers[0]
+    await hold_serving(worker)
+    call = stub.ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+    arrivals = [("low", 3), ("standard", None), ("high", 1)]
+    for index, (label, priority) in enumerate(arrivals):
+        await call.write(adder(index, label, priority=priority))
+    await wait_queued(redis, "adder_fixed", len(arrivals))
+    release_serving(worker)
+    order = [r.infer_response.id for r in await answers(call, len(arrivals))]
+    await call.done_writing()
+    assert order == ["high", "standard", "low"]
+
+
 async def test_a_request_past_its_timeout_parameter_fails_alone(
     mesh: Mesh, stub: pb_grpc.GRPCInferenceServiceStub, redis: Redis
 ) -> None:
