@@ -56,6 +56,7 @@ class GatewayServer:
         )
         self.gateway.demands.on_wait = lambda model, seconds: self.metrics.cold_start.labels(model).observe(seconds)
         servicer = InferenceServicer(self.gateway, tracer, self.metrics)
+        self.cache = servicer.cache  # the response cache, whose background stores tests settle
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
             # ModelInfer refuses unknown keys and tenants over their rate before it reads the message

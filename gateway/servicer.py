@@ -19,17 +19,19 @@ from typing import Any, NoReturn, TypeAlias, cast
 import grpc
 from opentelemetry import trace
 
+from gateway.cache import ResponseCache, with_id
 from gateway.core import Gateway
 from gateway.repository import RepositoryForwarder
 from gateway.request import infer_call
 from gateway.statistics import model_statistics
+from gateway.stream import InferStream
 from meshserve import __version__
-from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from meshserve.errors import Internal, MeshError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from meshserve.models.repository import ModelInfo
-from meshserve.observe.metrics import GatewayMetrics, LabelMemo
+from meshserve.observe.metrics import CacheMetrics, GatewayMetrics, LabelMemo
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
 from meshserve.tenancy.tenants import Tenant, bearer_key
-from meshserve.wire.codec import encode_infer_response
+from meshserve.wire.codec import encode_infer_response, encode_stream_response, stream_response
 from meshserve.wire.envelope import OFF_LOOP_BYTES
 from meshserve.wire.rawfields import ReceivedRequest, parse_infer_request
 from protos import grpc_service_pb2 as pb
@@ -163,9 +165,13 @@ def add_to_server(servicer: InferenceServicer, server: Any) -> None:
     recorded = _Recorder()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, recorded)
     handlers = dict(recorded.handlers)
+    parse = request_parser(servicer.gateway.settings.max_message_bytes)
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer, request_deserializer=parse, response_serializer=serialize_infer_response
+    )
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer,
-        request_deserializer=request_parser(servicer.gateway.settings.max_message_bytes),
+        request_deserializer=parse,
         response_serializer=serialize_infer_response,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -190,7 +196,11 @@ class _Recorder:
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, gateway: Gateway, tracer: trace.Tracer | None = None, metrics: GatewayMetrics | None = None
+        self,
+        gateway: Gateway,
+        tracer: trace.Tracer | None = None,
+        metrics: GatewayMetrics | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.gateway = gateway
         self.tracer = tracer or trace.NoOpTracer()
@@ -200,6 +210,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics or GatewayMetrics.create()
         self._labelled = LabelMemo()
         self.repository = RepositoryForwarder(gateway.routing)
+        self.cache = cache or ResponseCache(
+            gateway.redis,
+            ttl_ms=int(settings.response_cache_ttl_s * 1000),
+            cap_bytes=settings.response_cache_max_bytes,
+            metrics=CacheMetrics.create(self.metrics.registry),
+            store_full=lambda: gateway.store.full,
+        )
 
     # ----------------------------------------------------------------- health
 
@@ -249,6 +266,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """ModelInfer with its metrics and error mapping; ``tenant`` when the caller
         (:mod:`gateway.refusal`) has authenticated the call already. The response
         comes encoded (see :func:`serialize_infer_response`)."""
+        try:
+            return await self.answer_or_raise(request, context, tenant)
+        except MeshError as error:
+            await _abort(context, error)
+
+    async def answer_or_raise(
+        self,
+        request: ReceivedRequest | Oversized,
+        context: Context,
+        tenant: Tenant | None = None,
+        *,
+        streamed: bool = False,
+    ) -> bytes:
+        """One request, counted in the metrics; a failure raises a MeshError (anything
+        unexpected is logged and raised as ``Internal``). ``context`` lends its deadline
+        and metadata: a stream's (:mod:`gateway.stream`) serves each of its requests,
+        ``streamed``, each answer a ModelStreamInferResponse."""
         started_s = time.perf_counter()
         metrics = self.metrics
         name = "" if isinstance(request, Oversized) else request.message.model_name
@@ -262,19 +296,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 tenant = self.authenticate(context)
             if isinstance(request, Oversized):
                 raise request.error()
-            return await self._infer(request, context, tenant)
+            return await self._infer(request, context, tenant, streamed)
         except MeshError as error:
             code = error.code
             self._count_rejection(error, tenant)
-            await _abort(context, error)
+            raise
         except asyncio.CancelledError:  # the client went away, or gRPC ended the call first
             code = grpc.StatusCode.CANCELLED
             raise
-        except Exception:
+        except Exception as exc:
             code = grpc.StatusCode.INTERNAL
             log.exception("unexpected error in ModelInfer for model %r", name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway")
-            raise
+            raise Internal("internal error in the gateway") from exc
         finally:
             inflight.dec()
             duration_s = time.perf_counter() - started_s
@@ -312,7 +345,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         self._labelled(self.metrics.rejections, label, reason).inc()
 
-    async def _infer(self, received: ReceivedRequest, context: Context, tenant: Tenant) -> bytes:
+    async def _infer(self, received: ReceivedRequest, context: Context, tenant: Tenant, streamed: bool) -> bytes:
         """The call without error mapping: a MeshError propagates to ModelInfer. The
         response comes encoded (see :func:`serialize_infer_response`), a large one
         encoded on a thread."""
@@ -331,6 +364,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if (traced := self._tenant_on_span(tenant.name)) is not None:
                     span.set_attribute("meshserve.tenant", traced)
                 call = infer_call(request, received.raw, context.invocation_metadata() or ())
+                probe = None
+                if (caching := self.cache.caching_model(self.gateway, call, tenant)) is not None:
+                    probe = await self.cache.probe(caching, call, tenant)
+                if probe is not None:
+                    hit = await self.cache.answer(probe, request.id)
+                    span.set_attribute("meshserve.cache", "miss" if hit is None else "hit")
+                    if hit is not None:
+                        code = grpc.StatusCode.OK
+                        return stream_response(hit) if streamed else hit
                 answer = await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant)
                 code = grpc.StatusCode.OK
                 version = answer.message.version
@@ -347,10 +389,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
-        encode = (answer.message, answer.data, request.model_name, request.id)
+        encode = encode_stream_response if streamed else encode_infer_response
+        if probe is not None and answer.message.version != probe.model.version:
+            probe = None  # a split drew another version than the probe's: never store it under the wrong one
+        if probe is not None:  # stored without the id, which each answer adds
+            encode, request_id = encode_infer_response, ""
+        else:
+            request_id = request.id
+        parts = (answer.message, answer.data, request.model_name, request_id)
         if sum(len(d) for d in answer.data) > OFF_LOOP_BYTES:
-            return await asyncio.to_thread(encode_infer_response, *encode)
-        return encode_infer_response(*encode)
+            response = await asyncio.to_thread(encode, *parts)
+        else:
+            response = encode(*parts)
+        if probe is None:
+            return response
+        self.cache.remember(probe, response)
+        response = with_id(response, request.id)
+        return stream_response(response) if streamed else response
 
     def _server_span(self, context: Context) -> AbstractContextManager[trace.Span]:
         """The call's span, in the caller's trace if its metadata names one."""
@@ -359,13 +414,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         return self.tracer.start_as_current_span("ModelInfer", context=extract(metadata), kind=trace.SpanKind.SERVER)
 
-    # ------------------------------------------------------- not implemented yet
-
     async def ModelStreamInfer(  # noqa: N802
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        await _unimplemented(context, "ModelStreamInfer")
-        yield pb.ModelStreamInferResponse()  # pragma: no cover (makes this an async generator)
+        self, requests: AsyncIterator[ReceivedRequest | Oversized], context: Context
+    ) -> AsyncIterator[bytes]:
+        """Many requests over one stream (:mod:`gateway.stream`), the tenant authenticated
+        once; each answered as ModelInfer is, through :meth:`answer_or_raise`."""
+        try:
+            tenant = self.authenticate(context)
+            stream = InferStream(self, context, tenant, self.gateway.settings.max_stream_inflight)
+            async for response in stream.serve(requests):
+                yield response
+        except Unauthenticated as error:
+            self._count_rejection(error, None)
+            set_status(context, error)
+        except MeshError as error:  # with triton_grpc_error: the first failure ends the stream
+            set_status(context, error)
+        except Exception:
+            log.exception("unexpected error in ModelStreamInfer")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway")
+
+    # ------------------------------------------------------- not implemented yet
 
     async def ModelStatistics(  # noqa: N802
         self, request: pb.ModelStatisticsRequest, context: Context

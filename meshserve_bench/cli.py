@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " large: requests of --sizes MiB, latency beside raw ONNX Runtime and each process's peak memory;"
         " retry-storm: one tenant over its limit retries after each refusal, another is timed;"
         " rollout: a two-version model's split changes under a closed loop of 16 (failed calls, p99);"
-        " many-models: 30 models, room for 10, loaded on demand: cold-start waits and the hit ratio",
+        " many-models: 30 models, room for 10, loaded on demand: cold-start waits and the hit ratio;"
+        " stream: ModelStreamInfer beside unary at concurrency 1 and 16, and a cache hit beside a miss",
     )
     flag("--target", None, help="HOST:PORT of a running mesh (default: start one)")
     flag("--redis-url", None, help="with --target: that mesh's Redis, to report what each call cost it")
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     failed (errors are what the other scenarios measure, and their verdicts are reported)."""
     # Every `meshserve` command builds this module's flags: gRPC, the protos and ONNX
     # Runtime are loaded only when the bench runs, not in a gateway's process.
-    from meshserve_bench import large, many, mesh, report, rollout, scenarios, storm, tenants
+    from meshserve_bench import large, many, mesh, report, rollout, scenarios, storm, stream, tenants
 
     config = config_from_args(args)
     signal.signal(signal.SIGTERM, mesh.exit_on_sigterm)
@@ -126,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         figures = rollout.run_rollout_bench(config)
     elif config.scenario == "many-models":
         figures = many.run_many_models(config)
+    elif config.scenario == "stream":
+        figures = stream.run_stream(config)
     else:
         figures = scenarios.run_mesh_scenario(config)
     result = {"scenario": config.scenario, "date": started, "machine": machine, **figures}

@@ -14,6 +14,7 @@ SCENARIOS = (
     "large",
     "rollout",
     "many-models",
+    "stream",
 )
 
 

@@ -281,6 +281,29 @@ def many_models_lines(result: Figures) -> list[str]:
     return [*table(header, [row]), "", note]
 
 
+def stream_lines(result: Figures) -> list[str]:
+    rows = [
+        [
+            p["mode"],
+            str(p["concurrency"]),
+            num(p["calls_per_s"], ".0f"),
+            num(p["calls"]["p50_ms"]),
+            num(p["calls"]["p99_ms"]),
+            codes(p["calls"]["errors"]),
+        ]
+        for p in result["stream_points"]
+    ]
+    cache = result["cache"]
+    return [
+        *table(["mode", "concurrency", "calls/s", "p50 ms", "p99 ms", "errors"], rows),
+        "",
+        f"- cache, one call at a time: miss p50 {num(cache['miss']['p50_ms'])} ms (p99"
+        f" {num(cache['miss']['p99_ms'])}), hit p50 {num(cache['hit']['p50_ms'])} ms (p99"
+        f" {num(cache['hit']['p99_ms'])}); answers marked cached: {cache['miss']['cached']}/{cache['miss']['ok']}"
+        f" misses, {cache['hit']['cached']}/{cache['hit']['ok']} hits",
+    ]
+
+
 def markdown(result: Figures) -> str:
     """The report of one run's JSON (what ``meshserve bench --json`` writes)."""
     lines = heading(result) + raw_lines(result.get("raw")) + [""]
@@ -296,6 +319,8 @@ def markdown(result: Figures) -> str:
         lines += rollout_lines(result)
     elif result["scenario"] == "many-models":
         lines += many_models_lines(result)
+    elif result["scenario"] == "stream":
+        lines += stream_lines(result)
     else:
         lines += points_table(result) + hops_lines(result)
     return "\n".join(lines) + "\n"

@@ -133,7 +133,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms")
+    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,8 @@ class ModelSpec(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     EVICTED_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SHARED_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     platform: str
@@ -166,7 +168,9 @@ class ModelSpec(_message.Message):
     pinned: bool
     evicted: bool
     load_ms: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ...) -> None: ...
+    response_cache: bool
+    cache_shared: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ...) -> None: ...
 
 class TrafficSplit(_message.Message):
     __slots__ = ("model", "weights", "sticky_by", "shadow_version", "shadow_share")

@@ -99,3 +99,21 @@ def test_the_gateway_process_is_found_by_its_port_and_its_cpu_read() -> None:
         child.stdout.close()
     assert process_cpu_s(child.pid) is None  # gone
     assert (process_cpu_s(os.getpid()) or 0.0) > 0
+
+
+async def test_the_stream_scenarios_points_against_the_mesh(mesh: Any, model_repository: Path) -> None:
+    import grpc
+
+    from meshserve_bench import stream
+    from protos import grpc_service_pb2_grpc as pb_grpc
+
+    request = build_request(find_model(model_repository, "mlp"))
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        unary = await stream.unary_point(stub, request, 2, Window.after(0.0, 0.3))
+        streamed = await stream.stream_point(stub, request, 4, Window.after(0.0, 0.3))
+    for point in (unary, streamed):
+        assert point.calls.errors == {}
+        assert point.calls.ok > 0
+        assert point.calls_per_s > 0
+    assert streamed.mode == "stream"

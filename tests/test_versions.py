@@ -279,3 +279,21 @@ async def test_cli_split_sets_shows_and_resets(mesh: Any, capsys: pytest.Capture
     assert await asyncio.to_thread(main, ["models", "split", MODEL, *router]) == 0
     assert "no split" in capsys.readouterr().out
     await mesh.gateway.routing.wait_for(lambda v: MODEL not in v.splits)
+
+
+async def test_a_cached_split_model_answers_each_version_with_its_own_result(redis_url: str, tmp_path: Path) -> None:
+    """The response cache and a 50/50 split: the cache's probe and the call draw their
+    version apart, and a v2 answer once went into v1's entry (a later hit: v1 with v2's
+    result). Every answer must be the computation of the version it names."""
+    write_versioned_model(tmp_path, MODEL, [1, 2], "response_cache: true\ntraffic:\n  weights: {1: 50, 2: 50}\n")
+    mesh = await start_mesh(redis_url, tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            answered = []
+            for _ in range(40):  # the same input every time: each call probes the same two entries
+                answered.append(await answered_by(stub, request()))  # checks x + version
+                await mesh.gateway.cache.settle()
+    finally:
+        await stop_mesh(mesh)
+    assert set(answered) == {1, 2}

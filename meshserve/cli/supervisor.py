@@ -85,6 +85,9 @@ UP_GATEWAY_FORWARDED = (
     "strict_readiness",
     "allow_eviction",
     "store_headroom_ratio",
+    "max_stream_inflight",
+    "response_cache_ttl_s",
+    "response_cache_max_bytes",
 )
 UP_WORKER_FORWARDED = (
     "lease_ms",

@@ -101,6 +101,8 @@ _TOP_LEVEL_KEYS = frozenset(
         "version_policy",
         "traffic",
         "pinned",
+        "response_cache",
+        "cache_shared",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -163,6 +165,8 @@ class ModelInfo:
     engine: EngineConfig = DEFAULT_ENGINE  # CPU thread settings config.yaml fixes
     traffic: TrafficSplit | None = None  # the model's configured split (every version carries it)
     pinned: bool = False  # never evicted to make room for another model
+    response_cache: bool = False  # the gateway answers a repeated request from its cache
+    cache_shared: bool = False  # one cache for every tenant (default: one per tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,8 @@ class _Config:
     policy: VersionPolicy = ALL_VERSIONS
     traffic: TrafficSplit | None = None
     pinned: bool = False
+    response_cache: bool = False
+    cache_shared: bool = False
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -357,6 +363,8 @@ def _read_config(model_dir: Path) -> _Config:
         policy=policy,
         traffic=traffic,
         pinned=_pinned(raw, path),
+        response_cache=_flag(raw, "response_cache", path),
+        cache_shared=_flag(raw, "cache_shared", path),
     )
 
 
@@ -365,6 +373,14 @@ def _pinned(raw: dict[Any, Any], path: Path) -> bool:
     if not isinstance(pinned, bool):
         raise RepositoryError(f"{path}: 'pinned' must be true or false, got {pinned!r}")
     return pinned
+
+
+def _flag(raw: dict[Any, Any], key: str, path: Path) -> bool:
+    """``raw[key]`` as a YAML boolean; False when absent."""
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise RepositoryError(f"{path}: '{key}' must be true or false, got {value!r}")
+    return value
 
 
 def _instances(raw: dict[Any, Any], path: Path) -> int:
@@ -572,6 +588,8 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         engine=config.engine,
         traffic=config.traffic,
         pinned=config.pinned,
+        response_cache=config.response_cache,
+        cache_shared=config.cache_shared,
     )
 
 

@@ -201,6 +201,55 @@ COLD_START_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """A cold start is a model's load and warm-up: tens of ms to a minute."""
 
 
+@dataclass(frozen=True)
+class CacheMetrics:
+    """The gateway's response cache (docs/streaming.md#response-cache), in the
+    gateway's registry: lookups by model and tenant, hit latency and the store's
+    figures by model."""
+
+    hits: Counter
+    misses: Counter
+    hit_latency: Histogram
+    held_bytes: Gauge
+    evictions: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> CacheMetrics:
+        return cls(
+            hits=Counter(
+                "meshserve_cache_hits",
+                "Requests answered from the response cache.",
+                ["model", "tenant"],
+                registry=registry,
+            ),
+            misses=Counter(
+                "meshserve_cache_misses",
+                "Requests to a caching model that the cache could not answer.",
+                ["model", "tenant"],
+                registry=registry,
+            ),
+            hit_latency=Histogram(
+                "meshserve_cache_hit_duration_seconds",
+                "Time in the gateway of a request answered from the cache.",
+                ["model"],
+                buckets=LATENCY_BUCKETS_S,
+                registry=registry,
+            ),
+            held_bytes=Gauge(
+                "meshserve_cache_bytes",
+                "Response bytes the cache of a model version holds, as of this gateway's last store.",
+                ["model", "version"],
+                registry=registry,
+            ),
+            evictions=Counter(
+                "meshserve_cache_evictions",
+                "Cache entries dropped to keep a model version under its cap (expired ones not counted).",
+                ["model"],
+                registry=registry,
+            ),
+        )
+
+
 class _CounterFromFunction(Collector):
     """A counter whose value a plain int in the core keeps (nothing on the hot path)."""
 

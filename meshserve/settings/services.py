@@ -137,6 +137,20 @@ class GatewaySettings:
     gateway_id: str = field(default="", metadata=SET_IN_CODE)
     max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=MAX_MESSAGE_BYTES)
     default_timeout_ms: int = field(default=30_000, metadata=cli("deadline for a call that sets none"))
+    response_cache_ttl_s: float = field(
+        default=300.0, metadata=cli("response cache (models with response_cache: true): how long an entry lives")
+    )
+    response_cache_max_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=cli("response cache: the bytes of responses one model version may hold; the oldest go first"),
+    )
+    max_stream_inflight: int = field(
+        default=64,
+        metadata=cli(
+            "ModelStreamInfer: requests of one stream read and not yet answered; past it the gateway stops"
+            " reading that stream until an answer is written"
+        ),
+    )
     drain_grace_s: float = field(default=10.0, metadata=cli("on stop: how long in-flight calls may finish"))
     lame_duck_s: float = field(
         default=1.0, metadata=cli("on SIGTERM: seconds NOT_SERVING but still answering, before the drain")

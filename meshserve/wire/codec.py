@@ -378,6 +378,7 @@ def to_plain_tensor(tensor: mpb.Tensor, data: Any) -> mpb.Tensor:
 # Field numbers of ModelInferResponse (protos/grpc_service.proto), for the hand-built
 # encoding of its raw_output_contents below.
 _RAW_OUTPUT_CONTENTS_TAG = b"\x32"  # field 6, length-delimited
+_STREAM_INFER_RESPONSE_TAG = b"\x12"  # ModelStreamInferResponse.infer_response: field 2, length-delimited
 
 
 def encode_infer_response(
@@ -388,6 +389,27 @@ def encode_infer_response(
     framed reply's views, in output order; empty: the bytes are in each output's
     ``data``) is appended as encoded fields after the small message, which protobuf
     reads as one message (repeated fields of concatenated encodings append)."""
+    return b"".join(_response_parts(reply, data, model_name, request_id))
+
+
+def encode_stream_response(
+    reply: mpb.InferReply, data: Sequence[bytes | memoryview], model_name: str, request_id: str
+) -> bytes:
+    """A ModelStreamInferResponse carrying :func:`encode_infer_response`'s response as
+    its ``infer_response``, with the same one copy of the outputs' bytes."""
+    parts = _response_parts(reply, data, model_name, request_id)
+    inner_bytes = sum(len(part) for part in parts)
+    return b"".join([_STREAM_INFER_RESPONSE_TAG, _varint(inner_bytes), *parts])
+
+
+def stream_response(infer_response: bytes) -> bytes:
+    """A serialized ModelInferResponse as a ModelStreamInferResponse's ``infer_response``."""
+    return b"".join((_STREAM_INFER_RESPONSE_TAG, _varint(len(infer_response)), infer_response))
+
+
+def _response_parts(
+    reply: mpb.InferReply, data: Sequence[bytes | memoryview], model_name: str, request_id: str
+) -> list[bytes | memoryview]:
     response = pb.ModelInferResponse(model_name=model_name, model_version=str(reply.version), id=request_id)
     for tensor in reply.outputs:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
@@ -396,7 +418,7 @@ def encode_infer_response(
         raw = data[index] if data else tensor.data
         parts.append(_RAW_OUTPUT_CONTENTS_TAG + _varint(len(raw)))
         parts.append(raw)
-    return b"".join(parts)
+    return parts
 
 
 def _varint(value: int) -> bytes:

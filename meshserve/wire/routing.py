@@ -32,6 +32,8 @@ def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path, load_erro
         ready=ready,
         path=relative,
         load_error=load_error,
+        response_cache=model.response_cache,
+        cache_shared=model.cache_shared,
     )
 
 
@@ -50,6 +52,8 @@ def info_from_spec(spec: mpb.ModelSpec, repository: Path | None = None) -> Model
         preferred_batch_sizes=tuple(spec.preferred_batch_sizes),
         max_queue_size=spec.max_queue_size,
         platform=spec.platform,
+        response_cache=spec.response_cache,
+        cache_shared=spec.cache_shared,
     )
 
 

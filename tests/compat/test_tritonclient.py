@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import selectors
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,6 +237,84 @@ async def test_statistics_with_the_asyncio_client(mesh: RunningMesh) -> None:
     assert (stats["name"], stats["version"]) == ("mlp", "1")
     assert "inference_stats" in stats
     assert unknown.value.status() == "StatusCode.NOT_FOUND"
+
+
+def _mlp_input(x: np.ndarray) -> tc.InferInput:
+    inp = tc.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return inp
+
+
+def test_sync_stream_many_in_flight_with_ids_and_errors(mesh: RunningMesh) -> None:
+    """start_stream / async_stream_infer: many requests sent before any answer is read,
+    each answered with its id; a bad one arrives as an error and the stream goes on."""
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    rng = np.random.default_rng(5)
+    batches = {f"s-{i}": rng.standard_normal((1 + i % 3, 64)).astype(np.float32) for i in range(16)}
+    client = tc.InferenceServerClient(mesh.address)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=30)
+    try:
+        for request_id, x in batches.items():
+            client.async_stream_infer("mlp", [_mlp_input(x)], request_id=request_id, priority=1, timeout=5_000_000)
+        wrong = tc.InferInput("features", [1, 64], "FP64")
+        wrong.set_data_from_numpy(np.zeros((1, 64), np.float64))
+        client.async_stream_infer("mlp", [wrong], request_id="bad")
+        got = [answers.get(timeout=20) for _ in range(len(batches) + 1)]
+    finally:
+        client.stop_stream()
+        client.close()
+    errors = [error for result, error in got if error is not None]
+    assert len(errors) == 1
+    assert "input 'features': expected FP32, got FP64" in errors[0].message()
+    results = {result.get_response().id: result for result, error in got if error is None}
+    assert sorted(results) == sorted(batches)
+    for request_id, x in batches.items():
+        want = reference(mesh.repository, "mlp", {"features": x})[1]
+        np.testing.assert_allclose(results[request_id].as_numpy("probabilities"), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_stream_with_triton_grpc_error_ends_with_the_status(mesh: RunningMesh) -> None:
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    client = tc.InferenceServerClient(mesh.address)
+    client.start_stream(
+        callback=lambda result, error: answers.put((result, error)),
+        stream_timeout=30,
+        headers={"triton_grpc_error": "true"},
+    )
+    try:
+        client.async_stream_infer("no_such_model", [_mlp_input(np.ones((1, 64), np.float32))], request_id="x")
+        result, error = answers.get(timeout=20)
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    assert result is None
+    assert isinstance(error, InferenceServerException)
+    assert error.status() == "StatusCode.NOT_FOUND"
+    assert "unknown model 'no_such_model'" in error.message()
+
+
+async def test_asyncio_stream_infer(mesh: RunningMesh) -> None:
+    rng = np.random.default_rng(6)
+    batches = [rng.standard_normal((2, 64)).astype(np.float32) for _ in range(8)]
+
+    async def requests() -> AsyncIterator[dict[str, object]]:
+        for index, x in enumerate(batches):
+            yield {"model_name": "mlp", "inputs": [_mlp_input(x)], "request_id": f"a-{index}"}
+        yield {"model_name": "mlp", "inputs": [_mlp_input(np.ones((1, 3), np.float32))], "request_id": "bad-shape"}
+
+    client = tc_aio.InferenceServerClient(mesh.address)
+    try:
+        got = [answer async for answer in client.stream_infer(requests(), stream_timeout=30)]
+    finally:
+        await client.close()
+    assert len(got) == len(batches) + 1
+    errors = [error for result, error in got if error is not None]
+    assert len(errors) == 1
+    assert "input 'features'" in errors[0].message()
+    results = {result.get_response().id: result for result, error in got if error is None}
+    for index, x in enumerate(batches):
+        want = reference(mesh.repository, "mlp", {"features": x})[1]
+        np.testing.assert_allclose(results[f"a-{index}"].as_numpy("probabilities"), want, rtol=1e-5, atol=1e-6)
 
 
 def test_strings_as_tritonclient_sends_them(dtype_mesh: RunningMesh) -> None:

@@ -1,0 +1,150 @@
+"""Ensembles: the section's validation against the models, and a preprocessing model
+followed by a classifier run through the mesh's queues as one call, equal to running
+both in process; a failure in step 2 names the step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from redis.asyncio import Redis
+
+from gateway.ensemble import ensemble_inputs, run_ensemble
+from meshserve.devkit.examples import IR_VERSION, OPSET, write_example_repository
+from meshserve.errors import InvalidArgument, NotFound
+from meshserve.models.ensemble import EnsembleError, parse_ensemble, validate_ensemble
+from meshserve.models.repository import ModelInfo, RepositoryError, TensorInfo
+from meshserve.wire.codec import to_infer_response
+from tests.support import Mesh, infer_request, output_arrays, start_mesh, stop_mesh
+
+CHAIN = {
+    "steps": [
+        {"model": "prep", "input_map": {"raw": "RAW"}, "output_map": {"features": "FEATURES"}},
+        {"model": "mlp", "input_map": {"features": "FEATURES"}, "output_map": {"probabilities": "PROBS"}},
+    ],
+    "outputs": ["PROBS"],
+}
+
+
+def write_prep(repository: Path) -> None:
+    """ "prep": raw FP32 [batch, 64] -> features = raw * 0.5, batches of up to 64."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["raw", "half"], ["features"])],
+        "prep",
+        inputs=[helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["batch", 64])],
+        outputs=[helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 64])],
+        initializer=[numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    (repository / "prep" / "1").mkdir(parents=True)
+    onnx.save(model, repository / "prep" / "1" / "model.onnx")
+    (repository / "prep" / "config.yaml").write_text("max_batch_size: 64\n")
+
+
+def info(name: str, inputs: list[TensorInfo], outputs: list[TensorInfo]) -> ModelInfo:
+    return ModelInfo(name, 1, Path(name), tuple(inputs), tuple(outputs), 32, 0, (), 0)
+
+
+MODELS = {
+    "prep": info("prep", [TensorInfo("raw", "FP32", (-1, 64))], [TensorInfo("features", "FP32", (-1, 64))]),
+    "mlp": info("mlp", [TensorInfo("features", "FP32", (-1, 64))], [TensorInfo("probabilities", "FP32", (-1, 10))]),
+    "ints": info("ints", [TensorInfo("features", "INT64", (-1, 64))], [TensorInfo("y", "INT64", (-1, 64))]),
+    "wide": info("wide", [TensorInfo("features", "FP32", (-1, 128))], [TensorInfo("y", "FP32", (-1, 128))]),
+}
+
+
+def lookup(name: str, version: int) -> ModelInfo | None:
+    model = MODELS.get(name)
+    return model if model is not None and version in (0, model.version) else None
+
+
+def with_step2(model: str, **changes: object) -> dict[str, object]:
+    step = {**CHAIN["steps"][1], "model": model, **changes}  # type: ignore[dict-item]
+    return {"steps": [CHAIN["steps"][0], step], "outputs": CHAIN["outputs"]}
+
+
+def test_a_valid_chain_shows_its_outer_inputs_and_outputs() -> None:
+    ensemble = validate_ensemble("pipe", 1, parse_ensemble(CHAIN, Path("config.yaml")), lookup)
+    assert ensemble.inputs == (TensorInfo("RAW", "FP32", (-1, 64)),)
+    assert ensemble.outputs == (TensorInfo("PROBS", "FP32", (-1, 10)),)
+    assert [(s.model, s.version) for s in ensemble.steps] == [("prep", 1), ("mlp", 1)]
+
+
+@pytest.mark.parametrize(
+    ("section", "reason"),
+    [
+        (with_step2("nope"), "step 2 (model 'nope'): unknown model 'nope'"),
+        (with_step2("mlp", version=3), "unknown version 3 of model 'mlp'"),
+        (with_step2("ints"), "tensor 'FEATURES' is FP32, the model's input wants INT64"),
+        (with_step2("wide"), "tensor 'FEATURES' has shape [-1, 64], the model's input wants [-1, 128]"),
+        (with_step2("mlp", input_map={"other": "FEATURES"}), "input 'features' is not in its input_map"),
+        (with_step2("mlp", output_map={"logits": "PROBS"}), "'logits' is not an output of the model"),
+        (with_step2("mlp", output_map={"probabilities": "FEATURES"}), "tensor 'FEATURES' is written twice"),
+        ({**CHAIN, "outputs": ["GONE"]}, "output 'GONE' is written by no step"),
+    ],
+)
+def test_an_invalid_chain_says_why(section: dict[str, object], reason: str) -> None:
+    with pytest.raises(EnsembleError) as invalid:
+        validate_ensemble("pipe", 1, parse_ensemble(section, Path("config.yaml")), lookup)
+    assert reason in str(invalid.value)
+
+
+@pytest.mark.parametrize(
+    "section",
+    [[], {"steps": []}, {"steps": [{"model": "m"}], "outputs": ["x"]}, {**CHAIN, "outputs": []}, {**CHAIN, "x": 1}],
+)
+def test_a_malformed_section_names_the_file(section: object) -> None:
+    with pytest.raises(RepositoryError, match=r"config\.yaml"):
+        parse_ensemble(section, Path("config.yaml"))
+
+
+@pytest.fixture
+async def pipe_mesh(redis: Redis, redis_url: str, tmp_path: Path) -> AsyncIterator[Mesh]:
+    repository = write_example_repository(tmp_path / "models", ["mlp"])
+    write_prep(repository)
+    mesh = await start_mesh(redis_url, repository)
+    try:
+        yield mesh
+    finally:
+        await stop_mesh(mesh)
+
+
+async def test_the_chain_runs_through_the_queues_as_one_call(pipe_mesh: Mesh) -> None:
+    gateway = pipe_mesh.gateway.gateway
+
+    def served(name: str, version: int) -> ModelInfo | None:
+        try:
+            return gateway.resolve(name, str(version or ""))
+        except NotFound:
+            return None
+
+    ensemble = validate_ensemble("pipe", 1, parse_ensemble(CHAIN, Path("config.yaml")), served)
+    raw = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+    request = infer_request("pipe", {"RAW": raw}, request_id="p-1")
+    tenant = gateway.tenants.authenticate(None)
+    assert tenant is not None
+    deadline_ms = time.time() * 1000 + 20_000
+    reply, data = await run_ensemble(
+        gateway, ensemble, ensemble_inputs(ensemble, request), deadline_ms=deadline_ms, tenant=tenant, request_id="p-1"
+    )
+    got = output_arrays(to_infer_response(reply, "pipe", "p-1", data))
+    assert list(got) == ["PROBS"]
+    repository = pipe_mesh.router.settings.model_repository
+    prep = ort.InferenceSession(str(repository / "prep" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    mlp = ort.InferenceSession(str(repository / "mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (features,) = prep.run(None, {"raw": raw})
+    want = mlp.run(["probabilities"], {"features": features})[0]
+    np.testing.assert_allclose(got["PROBS"], want, rtol=1e-5, atol=1e-6)
+    # step 2 refuses a batch of 40 (mlp takes 32 at most; prep 64): the error names it
+    too_many = infer_request("pipe", {"RAW": np.ones((40, 64), np.float32)})
+    with pytest.raises(InvalidArgument) as failed:
+        await run_ensemble(
+            gateway, ensemble, ensemble_inputs(ensemble, too_many), deadline_ms=deadline_ms, tenant=tenant
+        )
+    assert "ensemble 'pipe' step 2 (model 'mlp')" in failed.value.message
