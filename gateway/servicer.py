@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeAlias, cast
 import grpc
 from opentelemetry import trace
 
-from gateway.cache import ResponseCache, with_id
+from gateway.cache import Probe, ResponseCache, with_id
 from gateway.core import Gateway
 from gateway.repository import RepositoryForwarder
 from gateway.request import infer_call
@@ -32,7 +32,7 @@ from meshserve.observe.metrics import CacheMetrics, GatewayMetrics, LabelMemo
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
 from meshserve.tenancy.tenants import Tenant, bearer_key
 from meshserve.wire.codec import encode_infer_response, encode_stream_response, stream_response
-from meshserve.wire.envelope import OFF_LOOP_BYTES
+from meshserve.wire.envelope import OFF_LOOP_BYTES, Unframed
 from meshserve.wire.rawfields import ReceivedRequest, parse_infer_request
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -389,14 +389,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
-        encode = encode_stream_response if streamed else encode_infer_response
+        return await self._encode(answer, request, probe, streamed)
+
+    async def _encode(
+        self, answer: Unframed, request: pb.ModelInferRequest, probe: Probe | None, streamed: bool
+    ) -> bytes:
+        """The answer as the response's bytes (a large one encoded on a thread); a
+        cacheable one stored, without its id, which each answer adds."""
         if probe is not None and answer.message.version != probe.model.version:
             probe = None  # a split drew another version than the probe's: never store it under the wrong one
-        if probe is not None:  # stored without the id, which each answer adds
-            encode, request_id = encode_infer_response, ""
-        else:
-            request_id = request.id
-        parts = (answer.message, answer.data, request.model_name, request_id)
+        encode = encode_stream_response if streamed and probe is None else encode_infer_response
+        parts = (answer.message, answer.data, request.model_name, "" if probe is not None else request.id)
         if sum(len(d) for d in answer.data) > OFF_LOOP_BYTES:
             response = await asyncio.to_thread(encode, *parts)
         else:
