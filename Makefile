@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-PROTO_SRC := protos/model_config.proto protos/grpc_service.proto protos/meshserve.proto
+PROTO_SRC := protos/model_config.proto protos/grpc_service.proto protos/meshserve.proto protos/externalscaler.proto
 
 .PHONY: install run test test-fast test-unit test-compat chaos bench protos protos-check lint format deploy-check images clean
 

@@ -16,6 +16,7 @@ from protos import meshserve_pb2_grpc as mpb_grpc
 from router.core import RouterCore
 from router.depths import QueueDepths
 from router.placement import ModelKey
+from router.scaler import PoolReader, add_scaler_to_server
 from router.servicer import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class RouterServer:
         self.port = add_port(self.server, f"{settings.host}:{settings.port}", settings.tls)
         self._expiry: asyncio.Task[None] | None = None
         self.depths = QueueDepths(settings.redis_url, allow_eviction=settings.allow_eviction)
+        # KEDA's external scaler (router/scaler.py): worker pools scale on their queue depth
+        add_scaler_to_server(self.server, PoolReader(self.depths, lambda: self.core.models, self.core.load_rates))
         self.metrics = RouterMetrics.create(
             RouterReads(
                 ready=self.core.readiness,
