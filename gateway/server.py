@@ -100,7 +100,7 @@ class GatewayServer:
         version, "<model>/<version>", follows the routing table (as on the workers)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        status = serving if self.routing.server_ready(strict=self.settings.strict_readiness) else not_serving
+        status = serving if self.gateway.server_ready() else not_serving
         entries = {name: status for name in ("", SERVICE_NAME)}
         for name, version in view.models:
             entries[f"{name}/{version}"] = serving if (name, version) in view.ready else not_serving

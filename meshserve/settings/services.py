@@ -109,6 +109,13 @@ class GatewaySettings:
             " off: once every model has loaded or failed to, and one serves (docs/models.md#readiness)"
         ),
     )
+    scale_from_zero: bool = field(
+        default=False,
+        metadata=cli(
+            "queue calls for a model no worker serves (its pool scaled to zero by KEDA, docs/deploy.md) until"
+            " their deadline, instead of UNAVAILABLE; the server is ready once it knows the models"
+        ),
+    )
     tenants_path: Path | None = field(
         default=None,
         metadata=cli(
