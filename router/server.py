@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -11,10 +14,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from meshserve.models.repository import scan_repository_failures, unservable_info
 from meshserve.observe.metrics import MetricsServer, RouterMetrics, RouterReads
 from meshserve.platform.tls import add_port
-from meshserve.settings import RouterSettings
+from meshserve.settings import RouterSettings, instance_id
 from protos import meshserve_pb2_grpc as mpb_grpc
 from router.core import RouterCore
 from router.depths import QueueDepths
+from router.leader import Leadership
 from router.placement import ModelKey
 from router.scaler import PoolReader, add_scaler_to_server
 from router.servicer import RouterServicer
@@ -25,8 +29,19 @@ log = logging.getLogger(__name__)
 class RouterServer:
     """Owns the router's gRPC server and its expiry task."""
 
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, settings: RouterSettings, on_deposed: Callable[[], None] | None = None) -> None:
+        """``on_deposed``: what a leader does when it loses the lease (default: SIGTERM
+        to itself, so its clients' connections close and they reconnect to the new
+        leader through the Service)."""
         self.settings = settings
+        if settings.leader_lease_ms and not settings.redis_url:
+            raise ValueError("--leader-lease-ms needs --redis-url (MESHSERVE_REDIS_URL): the lease lives in Redis")
+        self._on_deposed = on_deposed or (lambda: os.kill(os.getpid(), signal.SIGTERM))
+        self.leadership = (
+            Leadership(settings.redis_url, instance_id("router"), settings.leader_lease_ms, self._lead)
+            if settings.leader_lease_ms and settings.redis_url
+            else None
+        )
         scan = scan_repository_failures(settings.model_repository)
         for problem in scan.problems:
             log.error("model repository: %s", problem)
@@ -78,9 +93,20 @@ class RouterServer:
                 key = (model.name, model.version)
                 await self.health.set(f"{model.name}/{model.version}", serving if key in snap.ready else not_serving)
 
+    async def _lead(self, leading: bool) -> None:
+        """Leadership changed: only the leader is ready; a deposed leader goes."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", serving if leading else not_serving)
+        if not leading:
+            self._on_deposed()
+
     async def start(self) -> None:
         await asyncio.to_thread(self.depths.check)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.leadership is None:
+            await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        else:
+            await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.leadership.start()
         self._health_task = asyncio.create_task(self._follow_health())
         await self.server.start()
         if self.settings.metrics_port:
@@ -97,6 +123,9 @@ class RouterServer:
         )
 
     async def stop(self, grace_s: float = 1.0) -> None:
+        if self.leadership is not None:
+            self._on_deposed = lambda: None  # stepping down on purpose
+            await self.leadership.stop()
         if self._expiry is not None:
             self._expiry.cancel()
         if self._health_task is not None:

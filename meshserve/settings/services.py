@@ -79,6 +79,13 @@ class RouterSettings:
         metadata=cli("the queues' Redis, for queue depths and the autoscaling signal on /metrics; none: not exported"),
     )
     allow_eviction: bool = field(default=False, metadata=ALLOW_EVICTION)
+    leader_lease_ms: int = field(
+        default=0,
+        metadata=cli(
+            "with several router replicas: only the holder of this Redis lease leads (health SERVING), the others"
+            " wait; a leader that loses it exits (needs --redis-url; 0: no election, this router leads)"
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
