@@ -56,6 +56,10 @@ from router.placement import ModelKey
 
 log = logging.getLogger(__name__)
 
+SCALER_SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["ExternalScaler"].full_name
+"""Its grpc.health.v1 entry: SERVING on every router replica, leader or not (the
+scaler reads Redis only), so it is what Kubernetes probes for readiness."""
+
 STREAM_POLL_S = 0.2
 """How often an open StreamIsActive reads its pool's depth (one pipelined round trip)."""
 

@@ -20,7 +20,7 @@ from router.core import RouterCore
 from router.depths import QueueDepths
 from router.leader import Leadership
 from router.placement import ModelKey
-from router.scaler import PoolReader, add_scaler_to_server
+from router.scaler import SCALER_SERVICE_NAME, PoolReader, add_scaler_to_server
 from router.servicer import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class RouterServer:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.depths.check)
+        await self.health.set(SCALER_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if self.leadership is None:
             await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         else:

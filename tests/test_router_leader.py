@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from meshserve.settings import RouterSettings
 from router.leader import LEADER_KEY
+from router.scaler import SCALER_SERVICE_NAME
 from router.server import RouterServer
 
 LEASE_MS = 600
@@ -21,11 +22,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def wait_status(router: RouterServer, status: int) -> None:
-    """Until health "" reports ``status`` (a Watch stream: each change is pushed)."""
+async def wait_status(router: RouterServer, status: int, service: str = "") -> None:
+    """Until health ``service`` reports ``status`` (a Watch stream: each change is pushed)."""
     async with grpc.aio.insecure_channel(router.address) as channel:
         async with asyncio.timeout(5):
-            async for reply in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="")):
+            request = health_pb2.HealthCheckRequest(service=service)
+            async for reply in health_pb2_grpc.HealthStub(channel).Watch(request):
                 if reply.status == status:
                     return
 
@@ -67,6 +69,9 @@ async def test_one_router_leads_and_the_other_takes_over_when_it_stops(
     assert first.leadership.leading
     assert second.leadership is not None
     assert not second.leadership.leading
+
+    for router in (first, second):  # what Kubernetes probes: every replica is ready, leader or not
+        await wait_status(router, SERVING, SCALER_SERVICE_NAME)
 
     await first.stop()  # releases the lease: the second takes it at its next try
     await wait_status(second, SERVING)
