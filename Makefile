@@ -4,9 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-PROTO_SRC := protos/model_config.proto protos/grpc_service.proto protos/meshserve.proto
+PROTO_SRC := protos/model_config.proto protos/grpc_service.proto protos/meshserve.proto protos/externalscaler.proto
 
-.PHONY: install run test test-fast test-unit test-compat chaos bench protos protos-check lint format clean
+.PHONY: install run test test-fast test-unit test-compat chaos bench protos protos-check lint format deploy-check images clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or set PYTHON=...)"; exit 1; }
@@ -64,9 +64,21 @@ lint: $(STAMP) ## ruff (format and check), mypy --strict, and the import contrac
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# deploy/: render every Kustomize overlay, validate it against the Kubernetes schemas,
+# scan it with checkov; lint the Dockerfiles. Its tools live in .venv-deploy (see the script).
+deploy-check: ## render, validate and scan deploy/kubernetes; lint deploy/docker
+	deploy/check
+
+# The container images (deploy/docker/): only where Docker runs. IMAGE and TAG name them.
+IMAGE ?= ghcr.io/meshserve/meshserve
+TAG   ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images: ## build the CPU and GPU images with docker (no model inside)
+	docker build -f deploy/docker/Dockerfile.cpu -t $(IMAGE):$(TAG)-cpu .
+	docker build -f deploy/docker/Dockerfile.gpu -t $(IMAGE):$(TAG)-gpu .
+
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-deploy build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -181,7 +181,11 @@ class Gateway:
     # ------------------------------------------------------------ readiness
 
     def server_ready(self) -> bool:
-        """Every model that could load serves (every model, with ``strict_readiness``)."""
+        """Every model that could load serves (every model, with ``strict_readiness``).
+        With ``scale_from_zero``, once a routing table names models: workers may all
+        be scaled to zero, and an unready gateway would get no call to wake them."""
+        if self.settings.scale_from_zero:
+            return bool(self.routing.view.models)
         return self.routing.server_ready(strict=self.settings.strict_readiness)
 
     def knows_model(self, name: str) -> bool:
@@ -235,7 +239,7 @@ class Gateway:
         self.authorize(tenant, call.model_name)
         model = self.resolve(call.model_name, call.model_version, call)
         cold = not self.model_ready(model)
-        if cold and (model.name, model.version) not in self.routing.view.evicted:
+        if cold and (model.name, model.version) not in self.routing.view.evicted and not self.settings.scale_from_zero:
             failed = self.routing.view.failed.get((model.name, model.version))
             why = f": it failed to load ({failed})" if failed else ""
             if (model.name, model.version) in self.routing.view.unloading:

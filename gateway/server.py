@@ -16,6 +16,7 @@ from gateway.refusal import RefusalInterceptor
 from gateway.routing import RoutingView, RoutingWatch
 from gateway.servicer import InferenceServicer, add_to_server
 from meshserve.observe.metrics import GatewayMetrics, MetricsServer
+from meshserve.platform.balancing import ROUTER_CHANNEL_OPTIONS
 from meshserve.platform.tls import add_port, channel
 from meshserve.settings import ANY_HOST, LOOPBACK_HOST, GatewaySettings, instance_id
 from meshserve.store.clients import blocking_link, command_link
@@ -42,7 +43,7 @@ class GatewayServer:
         check = policy_check(allow_eviction=settings.allow_eviction, service="gateway")
         self.redis = command_link(settings.redis_url, name="meshserve-gateway", check=check)
         self.blocking = blocking_link(settings.redis_url, name="meshserve-gateway-wait", check=check)
-        self.router_channel = channel(settings.router_address, settings.tls)
+        self.router_channel = channel(settings.router_address, settings.tls, ROUTER_CHANNEL_OPTIONS)
         self.health = health.aio.HealthServicer()
         self.routing = RoutingWatch(
             mpb_grpc.RouterStub(self.router_channel), settings.gateway_id, on_change=self._update_health
@@ -105,7 +106,7 @@ class GatewayServer:
         version, "<model>/<version>", follows the routing table (as on the workers)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        status = serving if self.routing.server_ready(strict=self.settings.strict_readiness) else not_serving
+        status = serving if self.gateway.server_ready() else not_serving
         entries = {name: status for name in ("", SERVICE_NAME)}
         for name, version in view.models:
             entries[f"{name}/{version}"] = serving if (name, version) in view.ready else not_serving

@@ -26,6 +26,7 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from meshserve.observe.metrics import MetricsServer
+from meshserve.platform.balancing import ROUTER_CHANNEL_OPTIONS
 from meshserve.platform.tls import add_port, channel
 from meshserve.settings import WorkerSettings, instance_id
 from meshserve.store.clients import blocking_link, command_link
@@ -46,7 +47,7 @@ class WorkerServer:
         check = policy_check(allow_eviction=settings.allow_eviction, service="worker")
         self.redis = command_link(settings.redis_url, name="meshserve-worker", check=check)
         self.blocking = blocking_link(settings.redis_url, name="meshserve-worker-wait", check=check)
-        self.router_channel = channel(settings.router_address, settings.tls)
+        self.router_channel = channel(settings.router_address, settings.tls, ROUTER_CHANNEL_OPTIONS)
         self.worker = Worker(settings, self.redis, self.blocking, mpb_grpc.RouterStub(self.router_channel), tracer)
         self.worker.on_readiness_change = self._schedule_health_update
         self.health = health.aio.HealthServicer()

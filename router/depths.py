@@ -55,12 +55,22 @@ class QueueDepths:
         except RedisError as exc:
             log.warning("queue depths: redis unavailable at start (%s)", exc)
 
-    def read(self, models: Collection[ModelKey]) -> dict[ModelKey, dict[str, int]]:
-        """One pipelined round trip; {} without Redis or while it is unavailable."""
+    @property
+    def configured(self) -> bool:
+        """Whether there is a Redis to read (the router was given a URL)."""
+        return self._redis is not None
+
+    def read_or_raise(self, models: Collection[ModelKey]) -> dict[ModelKey, dict[str, int]]:
+        """One pipelined round trip; {} without Redis. Raises redis-py's errors: for a
+        reader (the KEDA scaler) to which "unknown" and "empty" must differ."""
         if self._redis is None:
             return {}
+        return queue_depths(self._redis, list(models))
+
+    def read(self, models: Collection[ModelKey]) -> dict[ModelKey, dict[str, int]]:
+        """One pipelined round trip; {} without Redis or while it is unavailable."""
         try:
-            return queue_depths(self._redis, list(models))
+            return self.read_or_raise(models)
         except RedisError as exc:  # a scrape during a Redis outage: no depths, the rest still exported
             log.warning("queue depths unavailable: %s", exc)
             return {}

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshserve.observe.metrics import MetricsServer, RouterMetrics, RouterReads
 from meshserve.platform.tls import add_port
-from meshserve.settings import RouterSettings
+from meshserve.settings import RouterSettings, instance_id
 from protos import meshserve_pb2_grpc as mpb_grpc
 from router.core import RouterCore
 from router.depths import QueueDepths
+from router.leader import Leadership
 from router.lifecycle import POLL, RepositoryManager
 from router.placement import ModelKey
+from router.scaler import SCALER_SERVICE_NAME, PoolReader, add_scaler_to_server
 from router.servicer import RouterServicer
 from router.statistics import StatisticsCollector
 
@@ -25,8 +30,19 @@ log = logging.getLogger(__name__)
 class RouterServer:
     """Owns the router's gRPC server and its expiry task."""
 
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, settings: RouterSettings, on_deposed: Callable[[], None] | None = None) -> None:
+        """``on_deposed``: what a leader does when it loses the lease (default: SIGTERM
+        to itself, so its clients' connections close and they reconnect to the new
+        leader through the Service)."""
         self.settings = settings
+        if settings.leader_lease_ms and not settings.redis_url:
+            raise ValueError("--leader-lease-ms needs --redis-url (MESHSERVE_REDIS_URL): the lease lives in Redis")
+        self._on_deposed = on_deposed or (lambda: os.kill(os.getpid(), signal.SIGTERM))
+        self.leadership = (
+            Leadership(settings.redis_url, instance_id("router"), settings.leader_lease_ms, self._lead)
+            if settings.leader_lease_ms and settings.redis_url
+            else None
+        )
         self.depths = QueueDepths(settings.redis_url, allow_eviction=settings.allow_eviction)
         # what is served, by control mode; a version that exists but cannot be served
         # stays known, reported failed with its problem
@@ -63,6 +79,8 @@ class RouterServer:
         self._poll: asyncio.Task[None] | None = None
         self._queues: asyncio.Task[None] | None = None
         self.core.read_queued = self._read_queued
+        # KEDA's external scaler (router/scaler.py): worker pools scale on their queue depth
+        add_scaler_to_server(self.server, PoolReader(self.depths, lambda: self.core.models, self.core.load_rates))
         self.metrics = RouterMetrics.create(
             RouterReads(
                 ready=self.core.readiness,
@@ -107,9 +125,21 @@ class RouterServer:
                 key = (model.name, model.version)
                 await self.health.set(f"{model.name}/{model.version}", serving if key in snap.ready else not_serving)
 
+    async def _lead(self, leading: bool) -> None:
+        """Leadership changed: only the leader is ready; a deposed leader goes."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", serving if leading else not_serving)
+        if not leading:
+            self._on_deposed()
+
     async def start(self) -> None:
         await asyncio.to_thread(self.depths.check)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SCALER_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.leadership is None:
+            await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        else:
+            await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.leadership.start()
         self._health_task = asyncio.create_task(self._follow_health())
         await self.server.start()
         if self.settings.metrics_port:
@@ -129,6 +159,9 @@ class RouterServer:
         )
 
     async def stop(self, grace_s: float = 1.0) -> None:
+        if self.leadership is not None:
+            self._on_deposed = lambda: None  # stepping down on purpose
+            await self.leadership.stop()
         if self._expiry is not None:
             self._expiry.cancel()
         if self._poll is not None:

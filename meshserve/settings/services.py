@@ -118,6 +118,13 @@ class RouterSettings:
     unload_drain_s: float = field(
         default=30.0, metadata=cli("RepositoryModelUnload: longest wait for a version's queued requests to finish")
     )
+    leader_lease_ms: int = field(
+        default=0,
+        metadata=cli(
+            "with several router replicas: only the holder of this Redis lease leads (health SERVING), the others"
+            " wait; a leader that loses it exits (needs --redis-url; 0: no election, this router leads)"
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,6 +167,13 @@ class GatewaySettings:
         metadata=cli(
             'server ready (ServerReady, health "") only while every model is ready, as Triton\'s default;'
             " off: once every model has loaded or failed to, and one serves (docs/models.md#readiness)"
+        ),
+    )
+    scale_from_zero: bool = field(
+        default=False,
+        metadata=cli(
+            "queue calls for a model no worker serves (its pool scaled to zero by KEDA, docs/deploy.md) until"
+            " their deadline, instead of UNAVAILABLE; the server is ready once it knows the models"
         ),
     )
     tenants_path: Path | None = field(

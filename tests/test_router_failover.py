@@ -1,0 +1,124 @@
+"""A channel to two routers (the address names both, as Kubernetes' headless Service
+does) reaches the leader only, and the new leader once the first one stops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.asyncio import Redis
+
+from meshserve.devkit.redis_server import free_port
+from meshserve.platform.balancing import ROUTER_CHANNEL_OPTIONS
+from meshserve.settings import RouterSettings
+from protos import meshserve_pb2 as mpb
+from protos import meshserve_pb2_grpc as mpb_grpc
+from router.server import RouterServer
+from tests.test_router_leader import LEASE_MS, SERVING, wait_status
+
+
+async def report(stub: mpb_grpc.RouterStub, worker_id: str, timeout_s: float = 5) -> None:
+    request = mpb.WorkerReport(worker_id=worker_id, device="cpu")
+    await stub.ReportWorker(request, timeout=timeout_s, wait_for_ready=True)
+
+
+async def test_calls_go_to_the_leader_and_follow_the_lease(
+    redis: Redis, redis_url: str, model_repository: Path
+) -> None:
+    settings = RouterSettings(model_repository=model_repository, port=0, redis_url=redis_url, leader_lease_ms=LEASE_MS)
+    first = RouterServer(settings, on_deposed=lambda: None)
+    await first.start()
+    await wait_status(first, SERVING)
+    second = RouterServer(settings, on_deposed=lambda: None)
+    await second.start()
+    try:
+        target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
+        async with grpc.aio.insecure_channel(target, options=ROUTER_CHANNEL_OPTIONS) as channel:
+            stub = mpb_grpc.RouterStub(channel)
+            for i in range(6):  # round robin would alternate, were the follower ready
+                await report(stub, f"w{i}")
+            assert sorted(first.core.workers) == [f"w{i}" for i in range(6)]
+            assert not second.core.workers
+
+            await first.stop()
+            async with asyncio.timeout(10):
+                await report(stub, "after")  # waits for the second to lead
+            assert "after" in second.core.workers
+    finally:
+        await second.stop()
+        await first.stop()
+
+
+async def test_the_follower_takes_over_when_the_leader_is_killed(redis_url: str, model_repository: Path) -> None:
+    """Two router processes; kill -9 of the leader (its lease is not released): the
+    other leads once the lease lapses, and a client retrying its call through the
+    balancing channel is served there. Prints how long that took."""
+    lease_ms = 1000
+    ports = [free_port(), free_port()]
+    env = dict(os.environ, MESHSERVE_LEADER_LEASE_MS=str(lease_ms))
+    routers = [
+        await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "meshserve", "router", "--model-repository", str(model_repository)),
+            *("--port", str(port), "--redis-url", redis_url),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        target = ",".join(f"127.0.0.1:{port}" for port in ports)
+        async with grpc.aio.insecure_channel(f"ipv4:{target}", options=ROUTER_CHANNEL_OPTIONS) as channel:
+            stub = mpb_grpc.RouterStub(channel)
+            async with asyncio.timeout(40):
+                await report(stub, "before", timeout_s=30)  # the processes start
+                leader = await leading_index(ports)
+                started_s = time.monotonic()
+                routers[leader].kill()
+                failed = await report_until_served(stub, "after")
+            print(
+                f"\nrouter failover after kill -9 (lease {lease_ms} ms): served by the other router"
+                f" {time.monotonic() - started_s:.2f} s later, {failed} calls failed meanwhile"
+            )
+            assert await leading_index(ports) == 1 - leader
+    finally:
+        for router in routers:
+            if router.returncode is None:
+                router.kill()
+            await router.wait()
+
+
+async def leading_index(ports: list[int]) -> int:
+    """The index of the router whose health "" is SERVING (exactly one)."""
+    leading = []
+    for i, port in enumerate(ports):
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            continue  # the killed one
+        if reply.status == SERVING:
+            leading.append(i)
+    [index] = leading
+    return index
+
+
+async def report_until_served(stub: mpb_grpc.RouterStub, worker_id: str) -> int:
+    """Retry as a worker's reporter does: a call in flight on the dead connection fails
+    UNAVAILABLE; the next ones wait for a SERVING router. How many failed."""
+    failed = 0
+    while True:
+        try:
+            await report(stub, worker_id)
+            return failed
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:  # anything else is not the failover
+                raise
+            failed += 1
+            await asyncio.sleep(0.05)
