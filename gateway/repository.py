@@ -42,15 +42,15 @@ class RepositoryForwarder:
         try:
             answer: pb.RepositoryIndexResponse = await self.router.RepositoryIndex(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise _router_error(exc) from None
+            raise router_error(exc) from None
         return pb.RepositoryIndexResponse(models=[m for m in answer.models if tenant.may_use(m.name)])
 
     async def load(self, request: pb.RepositoryModelLoadRequest, tenant: Tenant, timeout_s: float | None) -> None:
-        _check_admin(tenant, "load", request.model_name)
+        check_admin(tenant, "load", request.model_name)
         await self._change(self.router.RepositoryModelLoad(request, timeout=timeout_s))
 
     async def unload(self, request: pb.RepositoryModelUnloadRequest, tenant: Tenant, timeout_s: float | None) -> None:
-        _check_admin(tenant, "unload", request.model_name)
+        check_admin(tenant, "unload", request.model_name)
         await self._change(self.router.RepositoryModelUnload(request, timeout=timeout_s))
 
     async def _change(self, call: Any) -> None:
@@ -59,7 +59,7 @@ class RepositoryForwarder:
             await call
             trailers = await call.trailing_metadata()
         except grpc.aio.AioRpcError as exc:
-            raise _router_error(exc) from None
+            raise router_error(exc) from None
         generation = next((int(v) for k, v in trailers or () if k == GENERATION_TRAILER), None)
         if generation is None:
             return
@@ -70,14 +70,14 @@ class RepositoryForwarder:
             log.warning("routing table generation %d not received within %.0f s", generation, TABLE_WAIT_S)
 
 
-def _check_admin(tenant: Tenant, what: str, model: str) -> None:
+def check_admin(tenant: Tenant, what: str, model: str) -> None:
     if not tenant.admin:
         raise PermissionDenied(
             f"tenant '{tenant.name}' may not {what} model '{model}': only a tenant with 'admin: true' may"
         )
 
 
-def _router_error(exc: grpc.aio.AioRpcError) -> MeshError:
+def router_error(exc: grpc.aio.AioRpcError) -> MeshError:
     """The router's answer as ours; a router away is UNAVAILABLE, saying so."""
     code = exc.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not exc.details():

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
+from gateway.admin import AdminServicer
 from gateway.core import Gateway
 from gateway.refusal import RefusalInterceptor
 from gateway.routing import RoutingView, RoutingWatch
@@ -23,6 +24,7 @@ from meshserve.store.clients import blocking_link, command_link
 from meshserve.store.memory import policy_check
 from meshserve.tenancy.tenants import TenantRegistry, dev_registry, load_tenants, reload_tenants
 from protos import grpc_service_pb2 as pb
+from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
 
 log = logging.getLogger(__name__)
@@ -71,9 +73,15 @@ class GatewayServer:
             ],
         )
         add_to_server(servicer, self.server)
+        mpb_grpc.add_AdminServicer_to_server(AdminServicer(servicer), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                SERVICE_NAME,
+                mpb.DESCRIPTOR.services_by_name["Admin"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.server,
         )
         self._metrics_server: MetricsServer | None = None

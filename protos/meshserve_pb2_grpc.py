@@ -401,3 +401,86 @@ class Router:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """The gateway's own administration service, beside Triton's: what a tenant marked
+    admin may change that Triton's RPCs do not cover. The gateway checks the rights
+    and forwards to the router (whose port stays internal).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetTrafficSplit = channel.unary_unary(
+                '/meshserve.v1.Admin/SetTrafficSplit',
+                request_serializer=protos_dot_meshserve__pb2.TrafficSplit.SerializeToString,
+                response_deserializer=protos_dot_meshserve__pb2.TrafficSplit.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """The gateway's own administration service, beside Triton's: what a tenant marked
+    admin may change that Triton's RPCs do not cover. The gateway checks the rights
+    and forwards to the router (whose port stays internal).
+    """
+
+    def SetTrafficSplit(self, request, context):
+        """The router's SetTrafficSplit, for an admin tenant; answers once this gateway's
+        routing table has the split in force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetTrafficSplit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrafficSplit,
+                    request_deserializer=protos_dot_meshserve__pb2.TrafficSplit.FromString,
+                    response_serializer=protos_dot_meshserve__pb2.TrafficSplit.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshserve.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshserve.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """The gateway's own administration service, beside Triton's: what a tenant marked
+    admin may change that Triton's RPCs do not cover. The gateway checks the rights
+    and forwards to the router (whose port stays internal).
+    """
+
+    @staticmethod
+    def SetTrafficSplit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Admin/SetTrafficSplit',
+            protos_dot_meshserve__pb2.TrafficSplit.SerializeToString,
+            protos_dot_meshserve__pb2.TrafficSplit.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

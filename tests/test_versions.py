@@ -19,6 +19,7 @@ from gateway.versions import VersionChooser, choices_for, sticky_point
 from meshserve.devkit.versioned import write_versioned_model
 from meshserve.models.repository import RepositoryError, load_model, scan_repository
 from meshserve.models.traffic import TrafficSplit
+from meshserve.tenancy.tenants import hash_key
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -264,19 +265,19 @@ async def test_shadow_copies_are_compared_never_returned(stub: Any, mesh: Any) -
 async def test_cli_split_sets_shows_and_resets(mesh: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from meshserve.cli.main import main
 
-    router = ("--router", mesh.router.address)
-    args = ["models", "split", MODEL, "1=1", "2=3", "--sticky-by", "user", "--shadow", "2:0.25", *router]
+    command = ["models", "--address", mesh.address, "split", MODEL]  # through the gateway, as an admin
+    args = [*command, "1=1", "2=3", "--sticky-by", "user", "--shadow", "2:0.25"]
     assert await asyncio.to_thread(main, args) == 0
     assert capsys.readouterr().out == f"{MODEL}: v1 1 (25%), v2 3 (75%); sticky by user; shadow 25% to v2\n"
     split = (await mesh.gateway.routing.wait_for(lambda v: MODEL in v.splits)).splits[MODEL]
     assert split == TrafficSplit(MODEL, ((1, 1), (2, 3)), "user", 2, 0.25)
 
-    assert await asyncio.to_thread(main, ["models", "split", MODEL, "3=1", *router]) == 1
+    assert await asyncio.to_thread(main, [*command, "3=1"]) == 1
     assert "INVALID_ARGUMENT: weights: model 'offset' has no version 3" in capsys.readouterr().err
-    assert await asyncio.to_thread(main, ["models", "split", MODEL, "2=x", *router]) == 2
+    assert await asyncio.to_thread(main, [*command, "2=x"]) == 2
     assert "expected VERSION=WEIGHT" in capsys.readouterr().err
 
-    assert await asyncio.to_thread(main, ["models", "split", MODEL, *router]) == 0
+    assert await asyncio.to_thread(main, command) == 0
     assert "no split" in capsys.readouterr().out
     await mesh.gateway.routing.wait_for(lambda v: MODEL not in v.splits)
 
@@ -297,3 +298,37 @@ async def test_a_cached_split_model_answers_each_version_with_its_own_result(red
     finally:
         await stop_mesh(mesh)
     assert set(answered) == {1, 2}
+
+
+async def test_only_an_admin_tenant_changes_a_split_through_the_gateway(redis_url: str, tmp_path: Path) -> None:
+    """The split is the gateway's Admin service, behind the tenant's key: the router's
+    own port stays internal, and a tenant that may merely call the model may not move
+    everyone's traffic."""
+    write_versioned_model(tmp_path / "repo", MODEL, [1, 2])
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(
+        "tenants:\n"
+        f'  - {{name: ops, api_keys: ["{hash_key("ops-key")}"], models: ["*"], admin: true}}\n'
+        f'  - {{name: user, api_keys: ["{hash_key("user-key")}"], models: ["*"]}}\n'
+    )
+    mesh = await start_mesh(redis_url, tmp_path / "repo", tenants_path=tenants)
+    split = mpb.TrafficSplit(model=MODEL, weights={1: 0, 2: 1})
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            admin = mpb_grpc.AdminStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await admin.SetTrafficSplit(split, metadata=(("authorization", "Bearer user-key"),), timeout=10)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "admin: true" in (denied.value.details() or "")
+            assert MODEL not in mesh.gateway.routing.view.splits
+            with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+                await admin.SetTrafficSplit(split, timeout=10)
+            assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answer = await admin.SetTrafficSplit(split, metadata=(("authorization", "Bearer ops-key"),), timeout=10)
+            assert dict(answer.weights) == {1: 0, 2: 1}
+            # in force here once the call returns: the next call follows it
+            stub = infer_stub(channel)
+            metadata = (("authorization", "Bearer user-key"),)
+            assert {await answered_by(stub, request(), metadata) for _ in range(5)} == {2}
+    finally:
+        await stop_mesh(mesh)

@@ -7,6 +7,7 @@ Calls the gateway's ``RepositoryIndex``, ``RepositoryModelLoad`` and
     meshserve models load NAME [--config FILE_OR_JSON] [--file 1/model.onnx=PATH ...]
     meshserve models unload NAME
     meshserve models stats [NAME] [--model-version N]
+    meshserve models split NAME [1=95 2=5] [--sticky-by KEY] [--shadow 2:0.1]
 
 Load and unload need a tenant marked ``admin: true`` (docs/tenants.md) and a router
 in ``--model-control-mode explicit`` (docs/lifecycle.md).
@@ -24,12 +25,14 @@ from typing import TextIO
 import grpc
 
 from meshserve.cli.model_stats import format_table
-from meshserve.cli.split import add_split_parser
+from meshserve.cli.split import add_split_parser, render_split, split_request
 from meshserve.platform.tls import TlsConfig, sync_channel
 from meshserve.settings import add_arguments, from_args
 from meshserve.settings.flags import cli, tls_cli
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from protos import meshserve_pb2 as mpb
+from protos import meshserve_pb2_grpc as mpb_grpc
 
 HEADER = ("MODEL", "VERSION", "STATE", "REASON")
 
@@ -67,7 +70,7 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
     stats = sub.add_parser("stats", help="Triton's model statistics: counts and mean times (ModelStatistics)")
     stats.add_argument("name", nargs="?", default="", help="one model (default: every model the key may use)")
     stats.add_argument("--model-version", default="", help="one version of NAME (default: all)")
-    add_split_parser(sub)  # talks to the router, with flags of its own
+    add_split_parser(sub)
 
 
 def run_models(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -87,6 +90,11 @@ def run_models(args: argparse.Namespace, out: TextIO | None = None) -> int:
             if isinstance(request, pb.RepositoryIndexRequest):
                 index = stub.RepositoryIndex(request, metadata=metadata, timeout=settings.timeout_s)
                 out.write(render_index(index))
+            elif isinstance(request, mpb.TrafficSplit):
+                split = mpb_grpc.AdminStub(channel).SetTrafficSplit(
+                    request, metadata=metadata, timeout=settings.timeout_s
+                )
+                out.write(render_split(split))
             elif isinstance(request, pb.ModelStatisticsRequest):
                 statistics = stub.ModelStatistics(request, metadata=metadata, timeout=settings.timeout_s)
                 out.write(format_table(statistics) + "\n")
@@ -109,7 +117,10 @@ def _request(
     | pb.RepositoryModelLoadRequest
     | pb.RepositoryModelUnloadRequest
     | pb.ModelStatisticsRequest
+    | mpb.TrafficSplit
 ):
+    if args.models_command == "split":
+        return split_request(args)
     if args.models_command == "stats":
         return pb.ModelStatisticsRequest(name=args.name, version=args.model_version)
     if args.models_command == "list":

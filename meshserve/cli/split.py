@@ -1,8 +1,9 @@
 """``meshserve models split NAME 1=95 2=5``: change a model's traffic split at run time.
 
-Calls the router's ``SetTrafficSplit`` directly (gateways pick it up with the next
-routing table). No weights: back to the split in the model's config.yaml (or none:
-the latest ready version). The override lasts until the router restarts; keep
+Calls the gateway's ``Admin.SetTrafficSplit`` (a tenant with ``admin: true``), which
+the router applies and every gateway follows with its next routing table. No
+weights: back to the split in the model's config.yaml (or none: the latest ready
+version). The override lasts until the router restarts; keep
 config.yaml in step for anything meant to stay (docs/lifecycle.md)::
 
     meshserve models split resnet 1=95 2=5 --sticky-by user
@@ -13,41 +14,20 @@ config.yaml in step for anything meant to stay (docs/lifecycle.md)::
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
-import grpc
-
-from meshserve.platform.tls import TlsConfig, sync_channel
-from meshserve.settings import add_arguments, from_args
-from meshserve.settings.flags import cli, tls_cli
 from protos import meshserve_pb2 as mpb
-from protos import meshserve_pb2_grpc as mpb_grpc
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SplitClientSettings:
-    """Where ``meshserve models split`` calls: the router, not the gateway."""
-
-    router_address: str = field(
-        default="127.0.0.1:8003", metadata=cli("the router's host:port", flag="--router", env="ROUTER")
-    )
-    timeout_s: float = field(default=10.0, metadata=cli("longest wait for the router's answer", env="SPLIT_TIMEOUT_S"))
-    tls: TlsConfig | None = field(default=None, metadata=tls_cli("the router's port asks for a client certificate"))
 
 
 def add_split_parser(models: Any) -> None:
     """Add ``split`` to the ``models`` subcommands (``models``: argparse's subparsers action)."""
-    parser = models.add_parser("split", help="set a model's traffic split between its versions (SetTrafficSplit)")
-    add_arguments(parser, SplitClientSettings)
+    parser = models.add_parser("split", help="set a model's traffic split between its versions (an admin's call)")
     parser.add_argument("name", help="the model")
     parser.add_argument("weights", nargs="*", metavar="VERSION=WEIGHT", help="e.g. 1=95 2=5; none: back to config.yaml")
     parser.add_argument("--sticky-by", default="", help="a request parameter or header: one caller, one version")
     parser.add_argument(
         "--shadow", default="", metavar="VERSION:SHARE", help="copy SHARE (0..1) of requests to VERSION"
     )
-    parser.set_defaults(func=run_split)
 
 
 def split_request(args: argparse.Namespace) -> mpb.TrafficSplit:
@@ -79,23 +59,3 @@ def render_split(split: mpb.TrafficSplit) -> str:
     sticky = f"; sticky by {split.sticky_by}" if split.sticky_by else ""
     shadow = f"; shadow {split.shadow_share:.0%} to v{split.shadow_version}" if split.shadow_version else ""
     return f"{split.model}: {shares}{sticky}{shadow}\n"
-
-
-def run_split(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Send the split; print the one now in force. 1 with the gRPC status on stderr
-    when the router refuses it, 2 for a bad argument."""
-    out = out or sys.stdout
-    settings = from_args(SplitClientSettings, args)
-    try:
-        request = split_request(args)
-    except ValueError as exc:
-        print(f"meshserve models split: {exc}", file=sys.stderr)
-        return 2
-    with sync_channel(settings.router_address, settings.tls) as channel:
-        try:
-            answer = mpb_grpc.RouterStub(channel).SetTrafficSplit(request, timeout=settings.timeout_s)
-        except grpc.RpcError as exc:
-            print(f"meshserve models split: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    out.write(render_split(answer))
-    return 0
