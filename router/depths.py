@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from typing import Any
 
 from redis import Redis as SyncRedis
 from redis.connection import AbstractConnection
@@ -16,6 +17,7 @@ from redis.exceptions import RedisError
 
 from meshserve.queue import pending_jobs, queue_depths
 from meshserve.store.memory import EvictionPolicyError, check_policy, parse_info_memory
+from meshserve.store.sentinel import SentinelTarget, is_sentinel_url
 from router.placement import ModelKey
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,7 @@ class QueueDepths:
 
     def __init__(self, redis_url: str | None, *, allow_eviction: bool = False) -> None:
         self._allow_eviction = allow_eviction
-        self._redis = (
-            SyncRedis.from_url(redis_url, socket_timeout=READ_TIMEOUT_S, redis_connect_func=self._on_connect)
-            if redis_url
-            else None
-        )
+        self._redis = _client(redis_url, redis_connect_func=self._on_connect) if redis_url else None
 
     def _on_connect(self, connection: AbstractConnection) -> None:
         """Every connection opened (at start, and after Redis came back) reads the
@@ -79,3 +77,10 @@ class QueueDepths:
     def close(self) -> None:
         if self._redis is not None:
             self._redis.close()
+
+
+def _client(redis_url: str, **kwargs: Any) -> SyncRedis:
+    """redis-py's client for the URL; for ``redis+sentinel://``, one that follows the master."""
+    if is_sentinel_url(redis_url):
+        return SentinelTarget.parse(redis_url).sync_client(socket_timeout=READ_TIMEOUT_S, **kwargs)
+    return SyncRedis.from_url(redis_url, socket_timeout=READ_TIMEOUT_S, **kwargs)

@@ -26,7 +26,11 @@ def instance_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-REDIS_URL = cli("redis:// or rediss://user:pass@host:port/db", required_at_parse=False)
+REDIS_URL = cli(
+    "redis:// or rediss://user:pass@host:port/db, or redis+sentinel://[user:pass@]host:port[,host:port...]/master-name"
+    " (docs/reliability.md#redis-sentinel)",
+    required_at_parse=False,
+)
 """The queues' Redis: the gateway and workers need it, and say so when they start."""
 ROUTER_ADDRESS = cli("router host:port", flag="--router", env="ROUTER")
 DEFAULT_ROUTER_ADDRESS = "127.0.0.1:8003"
