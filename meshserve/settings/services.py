@@ -132,6 +132,14 @@ class GatewaySettings:
         ),
     )
     port: int = field(default=8001, metadata=cli("the public KServe v2 gRPC port", flag="--grpc-port", env="GRPC_PORT"))
+    processes: int = field(
+        default=0,
+        metadata=cli(
+            "gateway processes sharing the port (SO_REUSEPORT), one event loop each, their /metrics on"
+            " --metrics-port + index; 0: one per core the container allows (docs/scale-out.md)",
+            env="GATEWAY_PROCESSES",
+        ),
+    )
     metrics_host: str = field(default=ANY_HOST, metadata=METRICS_HOST)
     metrics_port: int = field(default=0, metadata=cli("0: off"))
     gateway_id: str = field(default="", metadata=SET_IN_CODE)
