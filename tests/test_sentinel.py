@@ -151,6 +151,8 @@ async def test_the_mesh_keeps_answering_through_a_sentinel_failover(model_reposi
                 stop.set()
                 async with asyncio.timeout(CALL_TIMEOUT_S + 5):  # a hung call is a lost one
                     await asyncio.gather(*clients)
+            # The router's scrapes (redis-py's own Sentinel client) follow the master too.
+            assert await asyncio.to_thread(mesh.router.depths.pending, [("mlp", 1)]) is not None  # None: no Redis
             window_s = max(tally.failed_at_s, default=killed_at) - killed_at
             executed = mesh.workers[0].worker.metrics.registry.get_sample_value(
                 "meshserve_worker_batch_size_sum", {"model": "mlp", "version": "1"}
@@ -158,7 +160,9 @@ async def test_the_mesh_keeps_answering_through_a_sentinel_failover(model_reposi
             print(
                 f"\nsentinel failover: master {MASTER_NAME} killed; sentinels promoted the replica in"
                 f" {promoted_s:.2f} s; calls ok {tally.ok}, wrong {tally.wrong}, failed {tally.failed},"
-                f" last failure {window_s:.2f} s after the kill; model executions {executed:.0f}"
+                f" last failure {window_s:.2f} s after the kill; model executions {executed:.0f};"
+                f" replies with no waiting call {mesh.gateway.gateway.late_replies},"
+                f" jobs Redis lost {mesh.gateway.gateway.lost_jobs}"
             )
             assert tally.wrong == 0
             assert set(tally.failed) <= {"UNAVAILABLE"}
