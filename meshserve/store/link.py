@@ -142,11 +142,13 @@ class _Protocol(asyncio.Protocol):
             if not pending:  # a reply no one asked for: the stream is out of step
                 self.abort(ConnectionError("unexpected reply from Redis"))
                 return
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(NOT_MASTER_REPLIES):
-                self.abort(ConnectionError(f"Redis is not the master now ({reply}): reconnecting"))
-                return
+            if isinstance(reply, hiredis.ReplyError):
+                if str(reply).startswith(NOT_MASTER_REPLIES):
+                    self.abort(ConnectionError(f"Redis is not the master now ({reply}): reconnecting"))
+                    return
+                reply = as_redis_error(reply)
             waiter = pending[0]
-            waiter.replies.append(as_redis_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+            waiter.replies.append(reply)
             if len(waiter.replies) == waiter.count:
                 pending.popleft()
                 if not waiter.future.done():  # a cancelled caller's replies are read and dropped
