@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError
 
 from meshserve.devkit.redis_server import RedisServer, suite_binary_from_env
 from meshserve.store.link import RedisLink
-from meshserve.store.sentinel import SentinelTarget
+from meshserve.store.sentinel import SentinelTarget, master_client
 from tests.sentinels import MASTER_NAME, Sentinels
 from tests.support import infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
 
@@ -153,6 +153,8 @@ async def test_the_mesh_keeps_answering_through_a_sentinel_failover(model_reposi
                     await asyncio.gather(*clients)
             # The router's scrapes (redis-py's own Sentinel client) follow the master too.
             assert await asyncio.to_thread(mesh.router.depths.pending, [("mlp", 1)]) is not None  # None: no Redis
+            async with await master_client(sentinels.url) as tool:  # the bench's client, on the same URL
+                assert (await tool.execute_command("ROLE"))[0] == b"master"
             window_s = max(tally.failed_at_s, default=killed_at) - killed_at
             executed = mesh.workers[0].worker.metrics.registry.get_sample_value(
                 "meshserve_worker_batch_size_sum", {"model": "mlp", "version": "1"}

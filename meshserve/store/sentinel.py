@@ -20,6 +20,7 @@ from typing import Any, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis import Redis as SyncRedis
+from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.sentinel import Sentinel
 from redis.sentinel import Sentinel as SyncSentinel
 
@@ -104,14 +105,21 @@ class SentinelTarget:
                 await client.aclose()
         return str(host), int(port)
 
-    def sync_client(self, **kwargs: Any) -> SyncRedis:
+    def sync_client(self, **kwargs: Any) -> tuple[SyncRedis, Callable[[], None]]:
         """A redis-py client whose connections go to the master of the moment (redis-py's
-        own Sentinel support), for the services' few reads outside the request path."""
+        own Sentinel support), for the services' few reads outside the request path, and
+        the function that closes it with its connections to the sentinels."""
         sentinel = SyncSentinel(list(self.sentinels), sentinel_kwargs=self._sentinel_kwargs())
         client: SyncRedis = sentinel.master_for(
             self.master_name, db=self.db, username=self.username, password=self.password, **kwargs
         )
-        return client
+
+        def close() -> None:
+            client.close()
+            for each in sentinel.sentinels:
+                each.close()
+
+        return client, close
 
 
 def _host_port(item: str, url: str) -> tuple[str, int]:
@@ -119,3 +127,15 @@ def _host_port(item: str, url: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"redis URL {url!r}: sentinel {item!r} must be host:port")
     return host.strip("[]"), int(port)
+
+
+async def master_client(url: str, **kwargs: Any) -> AsyncRedis:
+    """redis-py's asyncio client for any URL the services take; for ``redis+sentinel://``,
+    on the master the sentinels name now (tools that read Redis's counters for a while,
+    like the bench, not services that must follow a failover)."""
+    if not is_sentinel_url(url):
+        client: AsyncRedis = AsyncRedis.from_url(url, **kwargs)
+        return client
+    target = SentinelTarget.parse(url)
+    host, port = await target.resolve()
+    return AsyncRedis(host=host, port=port, **target.options, **kwargs)
