@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -51,6 +52,19 @@ def _served(metrics_port: int) -> int | None:
     return sum(int(float(n)) for n in counts)
 
 
+def _free_port_pair() -> int:
+    """A port free on loopback whose successor is free too (process 1's /metrics)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports on loopback")
+
+
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -70,7 +84,7 @@ async def test_two_gateway_processes_share_one_port_and_each_gets_its_own_replie
     redis_url: str, model_repository: Path, tmp_path: Path
 ) -> None:
     mesh = await start_mesh(redis_url, model_repository)
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_port(), _free_port_pair()
     log_path = tmp_path / "gateway.log"
     argv = [sys.executable, "-m", "meshserve", "gateway", "--processes", "2", "--redis-url", redis_url]
     argv += ["--router", mesh.router.address, "--host", "127.0.0.1", "--grpc-port", str(port)]
