@@ -69,7 +69,9 @@ class GatewayServer:
                 # refusal (its text names no setting) only past twice the limit.
                 ("grpc.max_receive_message_length", min(2 * limit, GRPC_MAX_MESSAGE_BYTES)),
                 ("grpc.max_send_message_length", min(2 * limit, GRPC_MAX_MESSAGE_BYTES)),  # outputs: the workers' limit
-                ("grpc.so_reuseport", 0),
+                # Shared only by --processes' own processes: otherwise a second gateway
+                # started on a port in use fails instead of silently taking half the calls.
+                ("grpc.so_reuseport", 1 if settings.processes > 1 else 0),
             ],
         )
         add_to_server(servicer, self.server)

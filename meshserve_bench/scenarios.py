@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from meshserve.devkit.redis_server import RedisServer, binary_from_env
 from meshserve.models.repository import ModelInfo
 from meshserve.platform.heap import freeze_startup_heap
+from meshserve.store.sentinel import master_client
 from meshserve_bench.config import BenchConfig
 from meshserve_bench.hops import HopUsage, hop_usage_during
 from meshserve_bench.load import (
@@ -197,7 +198,7 @@ async def load_mesh(
 ) -> dict[str, Any]:
     """The scenario's points, each on fresh channels, as JSON figures."""
     request = build_request(model)
-    redis = None if config.redis_url is None else Redis.from_url(config.redis_url)
+    redis = None if config.redis_url is None else await master_client(config.redis_url)
     try:
         if config.scenario == "overload":
             return {"overload": overload_json(await measure_overload(target, request, config, redis, mesh_pids))}

@@ -8,7 +8,7 @@ nothing to read and every read is empty.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from redis import Redis as SyncRedis
 from redis.connection import AbstractConnection
@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from meshserve.queue import pending_jobs, queue_depths
 from meshserve.store.memory import EvictionPolicyError, check_policy, parse_info_memory
+from meshserve.store.sentinel import SentinelTarget, is_sentinel_url
 from router.placement import ModelKey
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,18 @@ class QueueDepths:
 
     def __init__(self, redis_url: str | None, *, allow_eviction: bool = False) -> None:
         self._allow_eviction = allow_eviction
-        self._redis = (
-            SyncRedis.from_url(redis_url, socket_timeout=READ_TIMEOUT_S, redis_connect_func=self._on_connect)
-            if redis_url
-            else None
-        )
+        self._redis: SyncRedis | None = None
+        self._close: Callable[[], None] = lambda: None
+        if redis_url and is_sentinel_url(redis_url):
+            target = SentinelTarget.parse(redis_url)
+            self._redis, self._close = target.sync_client(
+                socket_timeout=READ_TIMEOUT_S, redis_connect_func=self._on_connect
+            )
+        elif redis_url:
+            self._redis = SyncRedis.from_url(
+                redis_url, socket_timeout=READ_TIMEOUT_S, redis_connect_func=self._on_connect
+            )
+            self._close = self._redis.close
 
     def _on_connect(self, connection: AbstractConnection) -> None:
         """Every connection opened (at start, and after Redis came back) reads the
@@ -87,5 +95,4 @@ class QueueDepths:
             return None
 
     def close(self) -> None:
-        if self._redis is not None:
-            self._redis.close()
+        self._close()

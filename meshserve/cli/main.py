@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from meshserve.observe.logs import configure_logging
 from meshserve.platform.heap import freeze_startup_heap, return_large_buffers
@@ -85,10 +86,23 @@ def cmd_router(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from gateway.server import GatewayServer
-    from meshserve.observe.tracing import make_tracer
+    from meshserve.cli.gateway_processes import default_processes, run_processes
 
     settings = from_args(GatewaySettings, args)
+    count = settings.processes or default_processes()
+    if count < 0 or (count > 1 and settings.port == 0):
+        raise SystemExit("--processes must be >= 0, and more than one needs a fixed --grpc-port")
+    settings = replace(settings, processes=count)
+    if count == 1:
+        serve_gateway(settings)
+        return 0
+    return run_processes(serve_gateway, settings, count, args.log_level, args.log_format)
+
+
+def serve_gateway(settings: GatewaySettings) -> None:
+    """One gateway in this process until SIGTERM/SIGINT; SIGHUP reloads the tenants."""
+    from gateway.server import GatewayServer
+    from meshserve.observe.tracing import make_tracer
 
     async def main() -> None:
         server = GatewayServer(settings, make_tracer("meshserve-gateway"))
@@ -96,7 +110,6 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         await serve_until_signal(server.start, server.stop)
 
     _run(main())
-    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

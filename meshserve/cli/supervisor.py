@@ -378,6 +378,9 @@ def plan_children(
             str(args.metrics_port),
             "--drain-grace-s",
             str(args.drain_grace_s),
+            # One process: the workers run on the same cores, and `top` reads one /metrics port.
+            "--processes",
+            "1",
             *(["--tenants", str(Path(args.tenants).resolve())] if args.tenants else []),
             *forwarded_flags(GatewaySettings, args, UP_GATEWAY_FORWARDED),
         ),

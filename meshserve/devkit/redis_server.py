@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -60,8 +61,12 @@ class RedisServer:
     process (SIGTERM, then SIGKILL after ``stop_timeout_s``) and removes its dir.
     """
 
-    def __init__(self, binary: str | None = None, port: int = 0, start_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, binary: str | None = None, port: int = 0, start_timeout_s: float = 10.0, extra_args: Sequence[str] = ()
+    ) -> None:
+        """``extra_args``: more server options, after the defaults (e.g. ``--replicaof``)."""
         self.binary = server_binary(binary)
+        self.extra_args = tuple(extra_args)
         self.port = port or free_port()
         self.start_timeout_s = start_timeout_s
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -106,6 +111,7 @@ class RedisServer:
             "warning",
             "--logfile",
             str(Path(self._dir.name) / "server.log"),
+            *self.extra_args,
         ]
         # Its own session: a terminal's Ctrl-C must reach `up`, which stops Redis last,
         # not Redis itself while the services are still draining through it.

@@ -26,7 +26,11 @@ def instance_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-REDIS_URL = cli("redis:// or rediss://user:pass@host:port/db", required_at_parse=False)
+REDIS_URL = cli(
+    "redis:// or rediss://user:pass@host:port/db, or redis+sentinel://[user:pass@]host:port[,host:port...]/master-name"
+    " (docs/reliability.md#redis-sentinel)",
+    required_at_parse=False,
+)
 """The queues' Redis: the gateway and workers need it, and say so when they start."""
 ROUTER_ADDRESS = cli("router host:port", flag="--router", env="ROUTER")
 DEFAULT_ROUTER_ADDRESS = "127.0.0.1:8003"
@@ -139,6 +143,14 @@ class GatewaySettings:
         ),
     )
     port: int = field(default=8001, metadata=cli("the public KServe v2 gRPC port", flag="--grpc-port", env="GRPC_PORT"))
+    processes: int = field(
+        default=0,
+        metadata=cli(
+            "gateway processes sharing the port (SO_REUSEPORT), one event loop each, their /metrics on"
+            " --metrics-port + index; 0: one per core the container allows (docs/scale-out.md)",
+            env="GATEWAY_PROCESSES",
+        ),
+    )
     metrics_host: str = field(default=ANY_HOST, metadata=METRICS_HOST)
     metrics_port: int = field(default=0, metadata=cli("0: off"))
     gateway_id: str = field(default="", metadata=SET_IN_CODE)

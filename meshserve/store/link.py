@@ -17,7 +17,12 @@ would be most of the gateway's and the worker's own CPU per request.
 - Lua scripts by SHA with a load-and-retry on NOSCRIPT (a restarted Redis);
 - a lost connection fails the calls in flight with redis-py's ``ConnectionError``
   and the next call reconnects; a reply later than ``command_timeout_s`` means
-  the stream can no longer be trusted, so the connection is closed.
+  the stream can no longer be trusted, so the connection is closed;
+- a READONLY, LOADING or MASTERDOWN reply (a server that is, or is becoming, a
+  replica: what a failover leaves behind) closes the connection the same way, so
+  that the retry reconnects, asking the link's resolver (a
+  ``redis+sentinel://`` URL's sentinels, :mod:`meshserve.store.sentinel`) where
+  the master is now; a resolved connection is refused unless ROLE says master.
 
 The errors are redis-py's classes, so callers keep catching ``RedisError``.
 Everything else (admin commands, the router's scrapes, tests) uses redis-py.
@@ -48,6 +53,8 @@ from redis.exceptions import (
 from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
+
+from meshserve.store.sentinel import Resolver, SentinelTarget, is_sentinel_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,11 @@ def as_redis_error(reply: hiredis.ReplyError) -> RedisError:
     return ResponseError(message)
 
 
+NOT_MASTER_REPLIES = ("READONLY", "LOADING", "MASTERDOWN")
+"""Error replies that say this server cannot take the request path's writes now,
+though another (the master after a failover) may: the connection is given up."""
+
+
 class _Pending:
     """A caller waiting for ``count`` replies, in order."""
 
@@ -130,8 +142,13 @@ class _Protocol(asyncio.Protocol):
             if not pending:  # a reply no one asked for: the stream is out of step
                 self.abort(ConnectionError("unexpected reply from Redis"))
                 return
+            if isinstance(reply, hiredis.ReplyError):
+                if str(reply).startswith(NOT_MASTER_REPLIES):
+                    self.abort(ConnectionError(f"Redis is not the master now ({reply}): reconnecting"))
+                    return
+                reply = as_redis_error(reply)
             waiter = pending[0]
-            waiter.replies.append(as_redis_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+            waiter.replies.append(reply)
             if len(waiter.replies) == waiter.count:
                 pending.popleft()
                 if not waiter.future.done():  # a cancelled caller's replies are read and dropped
@@ -167,10 +184,20 @@ class RedisLink:
         command_timeout_s: float | None = 5.0,
         name: str = "",
         check: ConnectCheck | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
+        """``resolver``: asked for the address on every connect (the URL's host and
+        port are then unused); a ``redis+sentinel://`` URL brings its own."""
         self.url = url
         self._check = check
-        self._options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        if is_sentinel_url(url):
+            target = SentinelTarget.parse(url)
+            self._options: dict[str, Any] = target.options
+            resolver = resolver or target.resolve
+        else:
+            self._options = parse_url(url)  # type: ignore[no-untyped-call]
+        self._resolver = resolver
+        self._address: tuple[str, int] | None = None  # the resolver's last answer
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
         self.name = name
@@ -329,7 +356,10 @@ class RedisLink:
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         options = self._options
-        if "path" in options:
+        if self._resolver is not None:
+            self._address = host, port = await self._resolver()
+            _, protocol = await loop.create_connection(_Protocol, host, port)
+        elif "path" in options:
             _, protocol = await loop.create_unix_connection(_Protocol, options["path"])
         else:
             context = _ssl_context(options) if self.url.startswith("rediss://") else None
@@ -342,17 +372,7 @@ class RedisLink:
         """AUTH, SELECT, CLIENT SETNAME and the link's check, pipelined, before anyone
         else may use it; the check's error refuses the connection (every call fails
         with it until a connection passes)."""
-        options = self._options
-        commands: list[tuple[Arg, ...]] = []
-        if options.get("password") is not None:
-            user = options.get("username")
-            commands.append(("AUTH", user, options["password"]) if user else ("AUTH", options["password"]))
-        if int(options.get("db", 0) or 0):
-            commands.append(("SELECT", int(options["db"])))
-        if self.name:
-            commands.append(("CLIENT", "SETNAME", self.name))
-        if self._check is not None:
-            commands.append(tuple(self._check[0]))
+        commands = self._handshake_commands()
         if not commands:
             return
         assert protocol.transport is not None
@@ -360,6 +380,9 @@ class RedisLink:
         protocol.pending.append(_Pending(future, len(commands)))
         protocol.transport.writelines(_pack_all(commands))
         replies = await future
+        if self._resolver is not None:
+            *replies, role = replies
+            self._check_master(protocol, role)
         if self._check is not None:
             *replies, checked = replies
         for reply in replies:
@@ -373,7 +396,34 @@ class RedisLink:
                 protocol.abort(exc)
                 raise
 
+    def _handshake_commands(self) -> list[tuple[Arg, ...]]:
+        options = self._options
+        commands: list[tuple[Arg, ...]] = []
+        if options.get("password") is not None:
+            user = options.get("username")
+            commands.append(("AUTH", user, options["password"]) if user else ("AUTH", options["password"]))
+        if int(options.get("db", 0) or 0):
+            commands.append(("SELECT", int(options["db"])))
+        if self.name:
+            commands.append(("CLIENT", "SETNAME", self.name))
+        if self._check is not None:
+            commands.append(tuple(self._check[0]))
+        if self._resolver is not None:
+            # A sentinel's answer may be a moment old (the master just demoted):
+            # ask the server itself before anyone writes to it.
+            commands.append(("ROLE",))
+        return commands
+
+    def _check_master(self, protocol: _Protocol, role: Any) -> None:
+        """Refuse a resolved connection to a server whose ROLE is not master."""
+        if isinstance(role, RedisError) or not role or role[0] != b"master":
+            error = ConnectionError(f"Redis at {self._where()} is not the master (ROLE: {role!r})")
+            protocol.abort(error)
+            raise error
+
     def _where(self) -> str:
+        if self._resolver is not None:
+            return f"{self._address[0]}:{self._address[1]}" if self._address else "(not resolved yet)"
         options = self._options
         return options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
 

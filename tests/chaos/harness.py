@@ -220,7 +220,7 @@ class Mesh:
 
     def _start_gateway(self, port: int) -> Service:
         args = ["--redis-url", self.redis.url, "--router", self.router_address, "--host", "127.0.0.1"]
-        args += ["--grpc-port", str(port), "--metrics-port", str(free_port())]
+        args += ["--grpc-port", str(port), "--metrics-port", str(free_port()), "--processes", "1"]
         return self._service("gateway", args)
 
     def start_worker(self) -> str:
