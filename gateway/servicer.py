@@ -14,12 +14,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeAlias, cast
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from opentelemetry import trace
 
 from gateway.core import Gateway
+from gateway.model_config import model_config
 from gateway.repository import RepositoryForwarder
 from gateway.request import infer_call
 from gateway.statistics import model_statistics
@@ -34,7 +35,6 @@ from meshserve.wire.envelope import OFF_LOOP_BYTES
 from meshserve.wire.rawfields import ReceivedRequest, parse_infer_request
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from protos import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:  # noqa: N802
         model = await self._resolve_for_tenant(request.name, request.version, context)
-        return pb.ModelConfigResponse(config=_model_config(model))
+        return pb.ModelConfigResponse(config=model_config(model))
 
     # -------------------------------------------------------------- inference
 
@@ -477,30 +477,3 @@ async def _unsupported(context: Context, what: str) -> NoReturn:
         f"meshserve does not support {what}: gateway and workers are separate processes; send tensors in the request",
     )
     raise AssertionError("unreachable")
-
-
-def _model_config(model: ModelInfo) -> mc.ModelConfig:
-    """Triton-shaped config: dims exclude the batch dim when the model batches."""
-    skip = 1 if model.max_batch_size else 0
-    config = mc.ModelConfig(
-        name=model.name,
-        platform=model.platform,
-        backend="onnxruntime",
-        max_batch_size=model.max_batch_size,
-        default_model_filename="model.onnx",
-        input=[
-            mc.ModelInput(name=t.name, data_type=_config_type(t.datatype), dims=t.shape[skip:]) for t in model.inputs
-        ],
-        output=[
-            mc.ModelOutput(name=t.name, data_type=_config_type(t.datatype), dims=t.shape[skip:]) for t in model.outputs
-        ],
-    )
-    if model.max_batch_size:
-        config.dynamic_batching.max_queue_delay_microseconds = model.max_queue_delay_us
-        config.dynamic_batching.preferred_batch_size.extend(model.preferred_batch_sizes)
-    return config
-
-
-def _config_type(datatype: str) -> mc.DataType:
-    """Triton's config enum for a KServe datatype (BYTES is TYPE_STRING there)."""
-    return cast(mc.DataType, mc.DataType.Value(f"TYPE_{'STRING' if datatype == 'BYTES' else datatype}"))
