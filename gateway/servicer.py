@@ -23,6 +23,7 @@ from gateway.core import Gateway
 from gateway.model_config import model_config
 from gateway.repository import RepositoryForwarder
 from gateway.request import infer_call
+from gateway.shm import SharedMemoryRegistry, region_status
 from gateway.statistics import model_statistics
 from meshserve import __version__
 from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
 
-EXTENSIONS = ["model_configuration", "model_repository", "parameters", "statistics"]
+EXTENSIONS = ["model_configuration", "model_repository", "parameters", "statistics", "system_shared_memory"]
 
 UNAUTHENTICATED_LABEL = "<unauthenticated>"
 """The rejections metric's tenant label for a call with no valid credential."""
@@ -200,6 +201,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics or GatewayMetrics.create()
         self._labelled = LabelMemo()
         self.repository = RepositoryForwarder(gateway.routing)
+        self.shared_memory = SharedMemoryRegistry()
 
     # ----------------------------------------------------------------- health
 
@@ -330,7 +332,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if (traced := self._tenant_on_span(tenant.name)) is not None:
                     span.set_attribute("meshserve.tenant", traced)
-                call = infer_call(request, received.raw, context.invocation_metadata() or ())
+                shared = self.shared_memory.plan(tenant, request, received.raw)
+                raw = received.raw if shared is None or shared.raw is None else shared.raw
+                call = infer_call(request, raw, context.invocation_metadata() or ())
                 answer = await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant)
                 code = grpc.StatusCode.OK
                 version = answer.message.version
@@ -348,9 +352,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
         encode = (answer.message, answer.data, request.model_name, request.id)
+        encoder = encode_infer_response if shared is None else shared.encode  # outputs into regions
         if sum(len(d) for d in answer.data) > OFF_LOOP_BYTES:
-            return await asyncio.to_thread(encode_infer_response, *encode)
-        return encode_infer_response(*encode)
+            return await asyncio.to_thread(encoder, *encode)
+        return encoder(*encode)
 
     def _server_span(self, context: Context) -> AbstractContextManager[trace.Span]:
         """The call's span, in the caller's trace if its metadata names one."""
@@ -406,23 +411,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, error)
         return pb.RepositoryModelUnloadResponse()
 
-    async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "system shared memory")
+    async def SystemSharedMemoryStatus(  # noqa: N802
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        try:
+            return region_status(self.shared_memory.status(self.authenticate(context), request.name))
+        except MeshError as error:
+            await _abort(context, error)
 
-    async def SystemSharedMemoryRegister(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "system shared memory")
+    async def SystemSharedMemoryRegister(  # noqa: N802
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        try:
+            tenant = self.authenticate(context)
+            self.shared_memory.register(tenant, request.name, request.key, request.offset, request.byte_size)
+        except MeshError as error:
+            await _abort(context, error)
+        return pb.SystemSharedMemoryRegisterResponse()
 
-    async def SystemSharedMemoryUnregister(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "system shared memory")
+    async def SystemSharedMemoryUnregister(  # noqa: N802
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        try:
+            self.shared_memory.unregister(self.authenticate(context), request.name)
+        except MeshError as error:
+            await _abort(context, error)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "CUDA shared memory")
+        await _no_cuda_shared_memory(context)
 
     async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "CUDA shared memory")
+        await _no_cuda_shared_memory(context)
 
     async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "CUDA shared memory")
+        await _no_cuda_shared_memory(context)
 
     async def TraceSetting(self, request: Any, context: Context) -> Any:  # noqa: N802
         await _unimplemented(context, "TraceSetting (configure tracing with OTEL_* variables)")
@@ -471,9 +494,11 @@ async def _unimplemented(context: Context, what: str) -> NoReturn:
     raise AssertionError("unreachable")
 
 
-async def _unsupported(context: Context, what: str) -> NoReturn:
+async def _no_cuda_shared_memory(context: Context) -> NoReturn:
     await context.abort(
         grpc.StatusCode.UNIMPLEMENTED,
-        f"meshserve does not support {what}: gateway and workers are separate processes; send tensors in the request",
+        "meshserve does not support CUDA shared memory: the gateway holds no GPU (the models run in worker "
+        "processes, often on other hosts), so it cannot open a client's CUDA IPC handle; use system shared "
+        "memory (same host) or send tensors in the request",
     )
     raise AssertionError("unreachable")
