@@ -4,6 +4,7 @@ on the real in-process mesh, and config.yaml's checks of the new sections."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -11,9 +12,11 @@ import pytest
 
 from gateway.model_config import model_config
 from meshserve.devkit.examples import write_example_repository
+from meshserve.errors import InvalidArgument
 from meshserve.models.repository import RepositoryError, load_model
 from protos import grpc_service_pb2 as pb
 from protos import model_config_pb2 as mc
+from router.model_config import parse_triton_config
 from tests.support import infer_stub, start_mesh, stop_mesh
 
 CNN_CONFIG = """\
@@ -100,3 +103,21 @@ def test_format_needs_three_dims(tmp_path: Path) -> None:
     (tmp_path / "mlp" / "config.yaml").write_text("inputs: {features: {format: NCHW}}\n")
     with pytest.raises(RepositoryError, match="needs 3 dims beside the batch dim, the graph's input has 1"):
         load_model(tmp_path / "mlp", 1)
+
+
+def test_triton_json_config_format_and_labels_map_onto_config_yaml() -> None:
+    config = parse_triton_config(
+        json.dumps(
+            {
+                "input": [{"name": "image", "format": "FORMAT_NCHW"}, {"name": "mask", "format": "FORMAT_NONE"}],
+                "output": [{"name": "logits", "label_filename": "labels.txt"}],
+            }
+        ),
+        "cnn",
+    )
+    assert config.yaml == {
+        "inputs": {"image": {"format": "NCHW"}},
+        "outputs": {"logits": {"label_filename": "labels.txt"}},
+    }
+    with pytest.raises(InvalidArgument, match=r"config 'output\[0\]\.format'"):
+        parse_triton_config(json.dumps({"output": [{"name": "logits", "format": "FORMAT_NCHW"}]}), "cnn")
