@@ -195,6 +195,8 @@ class SharedMemoryRegistry:
         region = self._regions.get((tenant.name, name))
         if region is None:
             raise InvalidArgument(f"{what}: no shared memory region '{name}' is registered")
+        if not region.key.startswith(_allowed_prefix(tenant)):  # the tenants file changed since
+            raise PermissionDenied(f"{what}: region '{name}' is outside this tenant's shared memory key_prefix now")
         offset = _integer(params.get(OFFSET_PARAMETER))
         if BYTE_SIZE_PARAMETER not in params:
             raise InvalidArgument(f"{what}: '{BYTE_SIZE_PARAMETER}' is required with '{REGION_PARAMETER}'")

@@ -268,3 +268,19 @@ def test_not_allowed_is_refused(tmp_path: Path) -> None:
     assert tenant.shared_memory_prefix is None
     with pytest.raises(PermissionDenied):
         SharedMemoryRegistry(tmp_path).register(tenant, "r", "/x", 0, 8)
+
+
+def test_a_reloaded_tenants_file_takes_effect_on_registered_regions(tmp_path: Path) -> None:
+    path = tmp_path / "tenants.yaml"
+    entry = 'tenants:\n  - {{name: t, api_keys: ["{}"], models: ["*"], shared_memory: {}}}\n'
+    path.write_text(entry.format(hash_key("a"), '{allowed: true, key_prefix: "/t-"}'))
+    (tenant,) = load_tenants(path).tenants.values()
+    (tmp_path / "t-r").write_bytes(bytes(32))
+    registry = SharedMemoryRegistry(tmp_path)
+    registry.register(tenant, "r", "/t-r", 0, 32)
+    request = adder_request("r", None)
+    assert registry.plan(tenant, request, None) is not None
+    path.write_text(entry.format(hash_key("a"), "{allowed: false}"))
+    (reloaded,) = load_tenants(path).tenants.values()
+    with pytest.raises(PermissionDenied, match="may not use shared memory"):
+        registry.plan(reloaded, request, None)
