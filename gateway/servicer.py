@@ -14,15 +14,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeAlias, cast
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from opentelemetry import trace
 
 from gateway.cache import Probe, ResponseCache, with_id
 from gateway.core import Gateway
+from gateway.model_config import model_config
 from gateway.repository import RepositoryForwarder
 from gateway.request import infer_call
+from gateway.shm import SharedMemoryCall, SharedMemoryRegistry, region_status
 from gateway.statistics import model_statistics
 from gateway.stream import InferStream
 from meshserve import __version__
@@ -36,14 +38,13 @@ from meshserve.wire.envelope import OFF_LOOP_BYTES, Unframed
 from meshserve.wire.rawfields import ReceivedRequest, parse_infer_request
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from protos import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
 
-EXTENSIONS = ["model_configuration", "model_repository", "parameters", "statistics"]
+EXTENSIONS = ["model_configuration", "model_repository", "parameters", "statistics", "system_shared_memory"]
 
 UNAUTHENTICATED_LABEL = "<unauthenticated>"
 """The rejections metric's tenant label for a call with no valid credential."""
@@ -217,6 +218,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             metrics=CacheMetrics.create(self.metrics.registry),
             store_full=lambda: gateway.store.full,
         )
+        self.shared_memory = SharedMemoryRegistry()
 
     # ----------------------------------------------------------------- health
 
@@ -253,7 +255,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:  # noqa: N802
         model = await self._resolve_for_tenant(request.name, request.version, context)
-        return pb.ModelConfigResponse(config=_model_config(model))
+        return pb.ModelConfigResponse(config=model_config(model))
 
     # -------------------------------------------------------------- inference
 
@@ -363,9 +365,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if (traced := self._tenant_on_span(tenant.name)) is not None:
                     span.set_attribute("meshserve.tenant", traced)
-                call = infer_call(request, received.raw, context.invocation_metadata() or ())
+                shared = self.shared_memory.plan(tenant, request, received.raw)
+                raw = received.raw if shared is None or shared.raw is None else shared.raw
+                call = infer_call(request, raw, context.invocation_metadata() or ())
                 probe = None
-                if (caching := self.cache.caching_model(self.gateway, call, tenant)) is not None:
+                # outputs written into shared memory are never cached: a hit would answer bytes instead
+                if shared is None and (caching := self.cache.caching_model(self.gateway, call, tenant)) is not None:
                     probe = await self.cache.probe(caching, call, tenant)
                 if probe is not None:
                     hit = await self.cache.answer(probe, request.id)
@@ -389,25 +394,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
-        return await self._encode(answer, request, probe, streamed)
+        return await self._encode(answer, request, probe, shared, streamed)
 
     async def _encode(
-        self, answer: Unframed, request: pb.ModelInferRequest, probe: Probe | None, streamed: bool
+        self,
+        answer: Unframed,
+        request: pb.ModelInferRequest,
+        probe: Probe | None,
+        shared: SharedMemoryCall | None,
+        streamed: bool,
     ) -> bytes:
-        """The answer as the response's bytes (a large one encoded on a thread); a
+        """The answer as the response's bytes (a large one encoded on a thread); with
+        ``shared``, the outputs it names written into their regions instead; a
         cacheable one stored, without its id, which each answer adds."""
         if probe is not None and answer.message.version != probe.model.version:
             probe = None  # a split drew another version than the probe's: never store it under the wrong one
-        encode = encode_stream_response if streamed and probe is None else encode_infer_response
+        if shared is not None:  # never cached (see _infer)
+            encode = shared.encode
+        elif streamed and probe is None:
+            encode = encode_stream_response
+        else:
+            encode = encode_infer_response
         parts = (answer.message, answer.data, request.model_name, "" if probe is not None else request.id)
         if sum(len(d) for d in answer.data) > OFF_LOOP_BYTES:
             response = await asyncio.to_thread(encode, *parts)
         else:
             response = encode(*parts)
-        if probe is None:
+        if probe is not None:
+            self.cache.remember(probe, response)
+            response = with_id(response, request.id)
+        elif encode is encode_stream_response:
             return response
-        self.cache.remember(probe, response)
-        response = with_id(response, request.id)
         return stream_response(response) if streamed else response
 
     def _server_span(self, context: Context) -> AbstractContextManager[trace.Span]:
@@ -477,23 +494,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, error)
         return pb.RepositoryModelUnloadResponse()
 
-    async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "system shared memory")
+    async def SystemSharedMemoryStatus(  # noqa: N802
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        try:
+            return region_status(self.shared_memory.status(self.authenticate(context), request.name))
+        except MeshError as error:
+            await _abort(context, error)
 
-    async def SystemSharedMemoryRegister(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "system shared memory")
+    async def SystemSharedMemoryRegister(  # noqa: N802
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        try:
+            tenant = self.authenticate(context)
+            self.shared_memory.register(tenant, request.name, request.key, request.offset, request.byte_size)
+        except MeshError as error:
+            await _abort(context, error)
+        return pb.SystemSharedMemoryRegisterResponse()
 
-    async def SystemSharedMemoryUnregister(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "system shared memory")
+    async def SystemSharedMemoryUnregister(  # noqa: N802
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        try:
+            self.shared_memory.unregister(self.authenticate(context), request.name)
+        except MeshError as error:
+            await _abort(context, error)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "CUDA shared memory")
+        await _no_cuda_shared_memory(context)
 
     async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "CUDA shared memory")
+        await _no_cuda_shared_memory(context)
 
     async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:  # noqa: N802
-        await _unsupported(context, "CUDA shared memory")
+        await _no_cuda_shared_memory(context)
 
     async def TraceSetting(self, request: Any, context: Context) -> Any:  # noqa: N802
         await _unimplemented(context, "TraceSetting (configure tracing with OTEL_* variables)")
@@ -542,36 +577,11 @@ async def _unimplemented(context: Context, what: str) -> NoReturn:
     raise AssertionError("unreachable")
 
 
-async def _unsupported(context: Context, what: str) -> NoReturn:
+async def _no_cuda_shared_memory(context: Context) -> NoReturn:
     await context.abort(
         grpc.StatusCode.UNIMPLEMENTED,
-        f"meshserve does not support {what}: gateway and workers are separate processes; send tensors in the request",
+        "meshserve does not support CUDA shared memory: the gateway holds no GPU (the models run in worker "
+        "processes, often on other hosts), so it cannot open a client's CUDA IPC handle; use system shared "
+        "memory (same host) or send tensors in the request",
     )
     raise AssertionError("unreachable")
-
-
-def _model_config(model: ModelInfo) -> mc.ModelConfig:
-    """Triton-shaped config: dims exclude the batch dim when the model batches."""
-    skip = 1 if model.max_batch_size else 0
-    config = mc.ModelConfig(
-        name=model.name,
-        platform=model.platform,
-        backend="onnxruntime",
-        max_batch_size=model.max_batch_size,
-        default_model_filename="model.onnx",
-        input=[
-            mc.ModelInput(name=t.name, data_type=_config_type(t.datatype), dims=t.shape[skip:]) for t in model.inputs
-        ],
-        output=[
-            mc.ModelOutput(name=t.name, data_type=_config_type(t.datatype), dims=t.shape[skip:]) for t in model.outputs
-        ],
-    )
-    if model.max_batch_size:
-        config.dynamic_batching.max_queue_delay_microseconds = model.max_queue_delay_us
-        config.dynamic_batching.preferred_batch_size.extend(model.preferred_batch_sizes)
-    return config
-
-
-def _config_type(datatype: str) -> mc.DataType:
-    """Triton's config enum for a KServe datatype (BYTES is TYPE_STRING there)."""
-    return cast(mc.DataType, mc.DataType.Value(f"TYPE_{'STRING' if datatype == 'BYTES' else datatype}"))

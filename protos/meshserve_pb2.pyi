@@ -133,7 +133,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared")
+    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared", "client_config")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class ModelSpec(_message.Message):
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
     CACHE_SHARED_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CONFIG_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     platform: str
@@ -170,7 +171,40 @@ class ModelSpec(_message.Message):
     load_ms: int
     response_cache: bool
     cache_shared: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ...) -> None: ...
+    client_config: ClientConfig
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ..., client_config: _Optional[_Union[ClientConfig, _Mapping]] = ...) -> None: ...
+
+class ClientConfig(_message.Message):
+    __slots__ = ("input_formats", "label_filenames", "instances", "device", "version_policy", "latest_versions", "specific_versions")
+    class InputFormatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class LabelFilenamesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    INPUT_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FILENAMES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    LATEST_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SPECIFIC_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    input_formats: _containers.ScalarMap[str, str]
+    label_filenames: _containers.ScalarMap[str, str]
+    instances: int
+    device: str
+    version_policy: str
+    latest_versions: int
+    specific_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, input_formats: _Optional[_Mapping[str, str]] = ..., label_filenames: _Optional[_Mapping[str, str]] = ..., instances: _Optional[int] = ..., device: _Optional[str] = ..., version_policy: _Optional[str] = ..., latest_versions: _Optional[int] = ..., specific_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TrafficSplit(_message.Message):
     __slots__ = ("model", "weights", "sticky_by", "shadow_version", "shadow_share")

@@ -30,6 +30,8 @@ restrict the served versions and name the platform::
     instances: 1                  # batches of this model computing at once on a worker
     warmup:                       # warm-up inputs, as Triton's model_warmup (meshserve/models/warmup.py)
       - inputs: {images: {dims: [3, 640, 640], data: random}}
+    inputs: {images: {format: NCHW}}            # for clients (meshserve/models/tensor_config.py)
+    outputs: {probs: {label_filename: labels.txt}}
 
 A batchable graph (every input's and output's dim 0 symbolic) defaults to
 max_batch_size 32 and a 2 ms queue delay; any other graph gets max_batch_size 0,
@@ -72,6 +74,12 @@ from meshserve.models.execution import (
     parse_engine,
     parse_execution,
 )
+from meshserve.models.tensor_config import (
+    NO_TENSOR_CONFIG,
+    TensorConfig,
+    check_tensor_config,
+    parse_tensor_config,
+)
 from meshserve.models.traffic import ALL_VERSIONS, TrafficSplit, VersionPolicy, parse_traffic, parse_version_policy
 from meshserve.models.warmup import WarmupSample, parse_warmup
 from meshserve.platform.mig import parse_mig_profile
@@ -103,6 +111,8 @@ _TOP_LEVEL_KEYS = frozenset(
         "pinned",
         "response_cache",
         "cache_shared",
+        "inputs",
+        "outputs",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -167,6 +177,8 @@ class ModelInfo:
     pinned: bool = False  # never evicted to make room for another model
     response_cache: bool = False  # the gateway answers a repeated request from its cache
     cache_shared: bool = False  # one cache for every tenant (default: one per tenant)
+    tensors: TensorConfig = NO_TENSOR_CONFIG  # input formats and output labels, for clients
+    policy: VersionPolicy = ALL_VERSIONS  # the model's version policy, for clients
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +202,7 @@ class _Config:
     pinned: bool = False
     response_cache: bool = False
     cache_shared: bool = False
+    tensors: TensorConfig = NO_TENSOR_CONFIG
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -339,6 +352,7 @@ def _read_config(model_dir: Path) -> _Config:
     try:
         policy = parse_version_policy(raw.get("version_policy"))
         traffic = parse_traffic(raw.get("traffic"), model_dir.name)
+        tensors = parse_tensor_config(raw.get("inputs"), raw.get("outputs"), model_dir)
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
     if versions is not None and policy != ALL_VERSIONS:
@@ -365,6 +379,7 @@ def _read_config(model_dir: Path) -> _Config:
         pinned=_pinned(raw, path),
         response_cache=_flag(raw, "response_cache", path),
         cache_shared=_flag(raw, "cache_shared", path),
+        tensors=tensors,
     )
 
 
@@ -565,6 +580,13 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
     if too_big:
         raise RepositoryError(f"{config_path}: preferred_batch_sizes {too_big} exceed max_batch_size {max_batch_size}")
     _check_warmup(config.warmup, signature.inputs, max_batch_size, config_path)
+    try:
+        ranks = {t.name: len(t.shape) for t in signature.inputs}
+        check_tensor_config(
+            config.tensors, ranks, frozenset(t.name for t in signature.outputs), int(max_batch_size > 0)
+        )
+    except ValueError as exc:
+        raise RepositoryError(f"{config_path}: {exc}") from exc
     delay_us = 0
     if max_batch_size > 0:
         delay_us = DEFAULT_MAX_QUEUE_DELAY_US if config.max_queue_delay_us is None else config.max_queue_delay_us
@@ -590,6 +612,8 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         pinned=config.pinned,
         response_cache=config.response_cache,
         cache_shared=config.cache_shared,
+        tensors=config.tensors,
+        policy=config.policy,
     )
 
 

@@ -14,6 +14,7 @@ A tenants file (YAML, ``--tenants FILE`` / ``MESHSERVE_TENANTS``) declares every
         models: ["*"]               # fnmatch patterns, case-sensitive
         mtls_identities: ["spiffe://acme.example/orders"]  # client certificate names
         admin: false                # may load and unload models (RepositoryModelLoad/Unload)
+        shared_memory: {allowed: true, key_prefix: "/acme-"}  # system shared memory (gateway/shm.py)
 
 ``name`` and ``models`` are required, and ``api_keys`` or ``mtls_identities`` (or
 both). The file holds only SHA-256 hashes of keys (``hash_key`` makes one); a plain
@@ -56,6 +57,7 @@ DEV_TENANT = "dev"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _KEY_HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
+_SHM_PREFIX = re.compile(r"/[A-Za-z0-9._-]{1,63}")
 _EMPTY_KEY_DIGEST = hashlib.sha256(b"").digest()
 
 _FIELDS = (
@@ -70,6 +72,7 @@ _FIELDS = (
     "max_queued",
     "models",
     "admin",
+    "shared_memory",
 )
 _REQUIRED = ("name", "models")
 
@@ -93,6 +96,9 @@ class Tenant:
     """Client certificate names (``mtls_identities``) that authenticate as this tenant."""
     admin: bool = False
     """May change what the mesh serves (the repository API's Load and Unload)."""
+    shared_memory_prefix: str | None = None
+    """System shared memory: the prefix every region key must start with; None: not
+    allowed; "": any key (the open development tenant only)."""
 
     def may_use(self, model_name: str) -> bool:
         """True if any pattern matches. Check this before looking the model up, so a
@@ -225,6 +231,7 @@ def dev_registry() -> TenantRegistry:
         max_queued=0,
         models=("*",),
         admin=True,
+        shared_memory_prefix="",
     )
     return TenantRegistry([dev], open=True)
 
@@ -292,6 +299,7 @@ class _Parser:
         self.names: dict[str, int] = {}
         self.digests: dict[bytes, tuple[str, int]] = {}
         self.identities: dict[str, tuple[str, int]] = {}
+        self.prefixes: dict[str, tuple[str, int]] = {}
 
     def fail(self, node: Node, reason: str) -> NoReturn:
         raise TenantsFileError(self.path, _line(node), reason)
@@ -359,6 +367,7 @@ class _Parser:
             if "mtls_identities" in fields
             else frozenset(),
             admin=self.flag(fields, "admin", what),
+            shared_memory_prefix=self.shared_memory(name, fields),
         )
 
     def name(self, node: Node, fields: _Fields) -> str:
@@ -460,6 +469,27 @@ class _Parser:
             self.claim(self.identities, value, name, item, taken)
             identities.add(value)
         return frozenset(identities)
+
+    def shared_memory(self, name: str, fields: _Fields) -> str | None:
+        """``shared_memory: {allowed, key_prefix}``: the tenant's key prefix, None when
+        not allowed. No prefix may start another tenant's: that tenant could map its regions."""
+        if "shared_memory" not in fields:
+            return None
+        what = f"tenant '{name}': shared_memory"
+        section = self.mapping(fields["shared_memory"][1], what, ("allowed", "key_prefix"))
+        if not self.flag(section, "allowed", what):
+            return None
+        node = section["key_prefix"][1] if "key_prefix" in section else fields["shared_memory"][1]
+        prefix = self.value(node) if "key_prefix" in section and isinstance(node, ScalarNode) else None
+        if not isinstance(prefix, str) or not _SHM_PREFIX.fullmatch(prefix):
+            self.fail(
+                node, f"{what}: 'key_prefix' must be '/' and 1-63 of [A-Za-z0-9._-] (e.g. \"/{name}-\"), got {prefix!r}"
+            )
+        for other, (owner, line) in self.prefixes.items():
+            if other.startswith(prefix) or prefix.startswith(other):
+                self.fail(node, f"{what}: 'key_prefix' {prefix!r} overlaps tenant '{owner}''s {other!r} (line {line})")
+        self.prefixes[prefix] = (name, _line(node))
+        return prefix
 
     def models(self, node: Node, what: str) -> tuple[str, ...]:
         patterns = []

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from meshserve.models.repository import ModelInfo, TensorInfo
-from meshserve.models.traffic import TrafficSplit
+from meshserve.models.repository import ModelInfo, PlacementConfig, TensorInfo
+from meshserve.models.tensor_config import TensorConfig
+from meshserve.models.traffic import TrafficSplit, VersionPolicy
 from protos import meshserve_pb2 as mpb
 
 GENERATION_TRAILER = "meshserve-table-generation"
@@ -34,6 +36,7 @@ def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path, load_erro
         load_error=load_error,
         response_cache=model.response_cache,
         cache_shared=model.cache_shared,
+        client_config=client_config_to_pb(model),
     )
 
 
@@ -54,7 +57,40 @@ def info_from_spec(spec: mpb.ModelSpec, repository: Path | None = None) -> Model
         platform=spec.platform,
         response_cache=spec.response_cache,
         cache_shared=spec.cache_shared,
+        **client_config_from_pb(spec.client_config),
     )
+
+
+def client_config_to_pb(model: ModelInfo) -> mpb.ClientConfig:
+    """What only ModelConfig reports: formats, labels, instances, device, version policy."""
+    return mpb.ClientConfig(
+        input_formats=dict(model.tensors.formats),
+        label_filenames=dict(model.tensors.labels),
+        instances=model.instances,
+        device=model.placement.device,
+        version_policy=model.policy.kind,
+        latest_versions=model.policy.count,
+        specific_versions=sorted(model.policy.versions),
+    )
+
+
+def client_config_from_pb(message: mpb.ClientConfig) -> dict[str, Any]:
+    """ModelInfo's keyword arguments for the message (an older router's empty one
+    reads as the defaults)."""
+    policy = VersionPolicy(
+        kind=message.version_policy or "all",
+        count=message.latest_versions,
+        versions=frozenset(message.specific_versions),
+    )
+    return {
+        "tensors": TensorConfig(
+            formats=tuple(sorted(message.input_formats.items())),
+            labels=tuple(sorted(message.label_filenames.items())),
+        ),
+        "instances": message.instances or 1,
+        "placement": PlacementConfig(device=message.device or "any"),
+        "policy": policy,
+    }
 
 
 def split_to_pb(split: TrafficSplit) -> mpb.TrafficSplit:

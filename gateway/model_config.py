@@ -1,0 +1,82 @@
+"""ModelConfig as Triton answers it for the same model, from what the routing table carries.
+
+tritonclient's image-classification clients read ``max_batch_size``, each input's
+``format`` and ``dims`` and each output's ``label_filename`` from here, so every
+field the mesh knows is filled in: platform and backend, tensors, dynamic batching
+(delay, preferred sizes, queue size), instance groups and the version policy.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from meshserve.models.repository import ModelInfo
+from protos import model_config_pb2 as mc
+
+BACKEND = "onnxruntime"
+MODEL_FILENAME = "model.onnx"
+
+_KIND_BY_DEVICE = {
+    "gpu": mc.ModelInstanceGroup.KIND_GPU,
+    "cpu": mc.ModelInstanceGroup.KIND_CPU,
+    "any": mc.ModelInstanceGroup.KIND_AUTO,
+}
+
+
+def model_config(model: ModelInfo) -> mc.ModelConfig:
+    """Triton-shaped config: dims exclude the batch dim when the model batches."""
+    skip = 1 if model.max_batch_size else 0
+    formats = dict(model.tensors.formats)
+    labels = dict(model.tensors.labels)
+    config = mc.ModelConfig(
+        name=model.name,
+        platform=model.platform,
+        backend=BACKEND,
+        max_batch_size=model.max_batch_size,
+        default_model_filename=MODEL_FILENAME,
+        input=[
+            mc.ModelInput(
+                name=t.name,
+                data_type=config_type(t.datatype),
+                format=cast(mc.ModelInput.Format, mc.ModelInput.Format.Value(f"FORMAT_{formats.get(t.name, 'NONE')}")),
+                dims=t.shape[skip:],
+            )
+            for t in model.inputs
+        ],
+        output=[
+            mc.ModelOutput(
+                name=t.name,
+                data_type=config_type(t.datatype),
+                dims=t.shape[skip:],
+                label_filename=labels.get(t.name, ""),
+            )
+            for t in model.outputs
+        ],
+        instance_group=[
+            mc.ModelInstanceGroup(
+                name=model.name,
+                count=model.instances,
+                kind=_KIND_BY_DEVICE.get(model.placement.device, mc.ModelInstanceGroup.KIND_AUTO),
+            )
+        ],
+    )
+    _set_version_policy(config.version_policy, model)
+    if model.max_batch_size:
+        config.dynamic_batching.max_queue_delay_microseconds = model.max_queue_delay_us
+        config.dynamic_batching.preferred_batch_size.extend(model.preferred_batch_sizes)
+        config.dynamic_batching.default_queue_policy.max_queue_size = model.max_queue_size
+    return config
+
+
+def config_type(datatype: str) -> mc.DataType:
+    """Triton's config enum for a KServe datatype (BYTES is TYPE_STRING there)."""
+    return cast(mc.DataType, mc.DataType.Value(f"TYPE_{'STRING' if datatype == 'BYTES' else datatype}"))
+
+
+def _set_version_policy(policy: mc.ModelVersionPolicy, model: ModelInfo) -> None:
+    if model.policy.kind == "latest":
+        policy.latest.num_versions = model.policy.count
+    elif model.policy.kind == "specific":
+        policy.specific.versions.extend(sorted(model.policy.versions))
+    else:
+        policy.all.SetInParent()
