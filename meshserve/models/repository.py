@@ -30,6 +30,7 @@ restrict the served versions and name the platform::
     instances: 1                  # batches of this model computing at once on a worker
     warmup:                       # warm-up inputs, as Triton's model_warmup (meshserve/models/warmup.py)
       - inputs: {images: {dims: [3, 640, 640], data: random}}
+    backend: python               # <version>/model.py, with declared input/output (meshserve/models/python_backend.py)
 
 A batchable graph (every input's and output's dim 0 symbolic) defaults to
 max_batch_size 32 and a 2 ms queue delay; any other graph gets max_batch_size 0,
@@ -72,6 +73,15 @@ from meshserve.models.execution import (
     parse_engine,
     parse_execution,
 )
+from meshserve.models.python_backend import (
+    ONNXRUNTIME,
+    PYTHON,
+    PYTHON_FILENAME,
+    PYTHON_PLATFORM,
+    DeclaredTensor,
+    parse_backend,
+    parse_tensors,
+)
 from meshserve.models.traffic import ALL_VERSIONS, TrafficSplit, VersionPolicy, parse_traffic, parse_version_policy
 from meshserve.models.warmup import WarmupSample, parse_warmup
 from meshserve.platform.mig import parse_mig_profile
@@ -101,6 +111,9 @@ _TOP_LEVEL_KEYS = frozenset(
         "version_policy",
         "traffic",
         "pinned",
+        "backend",
+        "input",
+        "output",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -163,6 +176,7 @@ class ModelInfo:
     engine: EngineConfig = DEFAULT_ENGINE  # CPU thread settings config.yaml fixes
     traffic: TrafficSplit | None = None  # the model's configured split (every version carries it)
     pinned: bool = False  # never evicted to make room for another model
+    backend: str = ONNXRUNTIME  # or "python": ``path`` is model.py (meshserve/models/python_backend.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +198,9 @@ class _Config:
     policy: VersionPolicy = ALL_VERSIONS
     traffic: TrafficSplit | None = None
     pinned: bool = False
+    backend: str = ONNXRUNTIME
+    inputs: tuple[DeclaredTensor, ...] = ()  # declared: Python models only
+    outputs: tuple[DeclaredTensor, ...] = ()
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -335,6 +352,17 @@ def _read_config(model_dir: Path) -> _Config:
         traffic = parse_traffic(raw.get("traffic"), model_dir.name)
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
+    try:
+        backend = parse_backend(raw.get("backend"), path)
+        declared = parse_tensors(raw.get("input"), path, "input"), parse_tensors(raw.get("output"), path, "output")
+    except ValueError as exc:
+        raise RepositoryError(str(exc)) from exc
+    if backend == PYTHON and not (declared[0] and declared[1]):
+        raise RepositoryError(f"{path}: 'backend: python' needs 'input' and 'output' lists (name, datatype, dims)")
+    if backend != PYTHON and (declared[0] or declared[1]):
+        raise RepositoryError(f"{path}: 'input' and 'output' are declared for 'backend: python' only")
+    if backend == PYTHON and "platform" not in raw:
+        platform = PYTHON_PLATFORM
     if versions is not None and policy != ALL_VERSIONS:
         raise RepositoryError(f"{path}: 'versions' and 'version_policy' both restrict the versions: keep one")
     return _Config(
@@ -357,6 +385,9 @@ def _read_config(model_dir: Path) -> _Config:
         policy=policy,
         traffic=traffic,
         pinned=_pinned(raw, path),
+        backend=backend,
+        inputs=declared[0],
+        outputs=declared[1],
     )
 
 
@@ -486,6 +517,8 @@ def _positive_ints(value: object, path: Path, key: str) -> tuple[int, ...]:
 
 def _load_version(model_dir: Path, version: int, config: _Config) -> ModelInfo:
     """Build the ModelInfo of one version once the model's config is known."""
+    if config.backend == PYTHON:
+        return _apply_config(model_dir.name, version, _python_file(model_dir, version), _declared(config), config)
     path, model = _open_model(model_dir, version)
     signature = _signature(model, path)
     return _apply_config(model_dir.name, version, path, signature, config)
@@ -511,6 +544,26 @@ def _open_model(model_dir: Path, version: int) -> tuple[Path, ModelProto]:
         raise RepositoryError(f"{path}: not a readable ONNX model: {exc}") from exc
     _check_external_data(model, version_dir, path)
     return path, model
+
+
+def _python_file(model_dir: Path, version: int) -> Path:
+    """``<model_dir>/<version>/model.py``, once it is there and inside the model directory."""
+    path = model_dir.absolute() / str(version) / PYTHON_FILENAME
+    if not path.is_file():
+        raise RepositoryError(f"{path}: no {PYTHON_FILENAME} in version directory (config.yaml says 'backend: python')")
+    if not _is_inside(path, model_dir):
+        raise RepositoryError(f"{path}: symlink points outside the model directory {model_dir}")
+    return path
+
+
+def _declared(config: _Config) -> _Signature:
+    """A Python model's tensors as config.yaml declares them, with the batch dim when it batches."""
+    batch = (ANY_DIM,) if config.max_batch_size else ()
+
+    def info(tensor: DeclaredTensor) -> TensorInfo:
+        return TensorInfo(tensor.name, tensor.datatype, (*batch, *tensor.dims))
+
+    return _Signature(tuple(map(info, config.inputs)), tuple(map(info, config.outputs)), bool(config.max_batch_size))
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,6 +625,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         engine=config.engine,
         traffic=config.traffic,
         pinned=config.pinned,
+        backend=config.backend,
     )
 
 
