@@ -98,6 +98,7 @@ UP_WORKER_FORWARDED = (
     "price_per_device_hour",
     "health_host",
     "memory_budget_mb",
+    "allow_python_models",
 )
 UP_ROUTER_FORWARDED = (
     "model_control_mode",

@@ -18,7 +18,7 @@ through shared memory as fixed-size arrays (model_workers/python_runner.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from meshserve.wire.dtypes import NUMPY_BY_KSERVE
 
@@ -41,24 +41,29 @@ class DeclaredTensor:
     dims: tuple[int, ...]
 
 
-def parse_backend(value: object, path: Path) -> str:
-    """``backend``: onnxruntime (the default) or python."""
-    if value is None:
-        return ONNXRUNTIME
-    if value not in BACKENDS:
-        raise ValueError(f"{path}: 'backend' must be one of {', '.join(BACKENDS)}, got {value!r}")
-    return str(value)
+def parse_backend(raw: dict[Any, Any]) -> tuple[str, tuple[tuple[DeclaredTensor, ...], tuple[DeclaredTensor, ...]]]:
+    """``backend`` (onnxruntime, the default, or python) and the declared (inputs, outputs);
+    ValueError names the key at fault."""
+    backend = raw.get("backend", ONNXRUNTIME)
+    if backend not in BACKENDS:
+        raise ValueError(f"'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    declared = parse_tensors(raw.get("input"), "input"), parse_tensors(raw.get("output"), "output")
+    if backend == PYTHON and not (declared[0] and declared[1]):
+        raise ValueError("'backend: python' needs 'input' and 'output' lists (name, datatype, dims)")
+    if backend != PYTHON and (declared[0] or declared[1]):
+        raise ValueError("'input' and 'output' are declared for 'backend: python' only")
+    return str(backend), declared
 
 
-def parse_tensors(value: object, path: Path, key: str) -> tuple[DeclaredTensor, ...]:
+def parse_tensors(value: object, key: str) -> tuple[DeclaredTensor, ...]:
     """``input`` or ``output``: a list of {name, datatype, dims}; ValueError names the entry."""
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ValueError(f"{path}: '{key}' must be a list of {{name, datatype, dims}}")
+        raise ValueError(f"'{key}' must be a list of {{name, datatype, dims}}")
     tensors: list[DeclaredTensor] = []
     for index, item in enumerate(value):
-        where = f"{path}: '{key}[{index}]"
+        where = f"'{key}[{index}]"
         if not isinstance(item, dict):
             raise ValueError(f"{where}' must be a mapping with name, datatype and dims")
         unknown = sorted(str(k) for k in item if k not in _TENSOR_KEYS)

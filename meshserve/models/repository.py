@@ -80,7 +80,6 @@ from meshserve.models.python_backend import (
     PYTHON_PLATFORM,
     DeclaredTensor,
     parse_backend,
-    parse_tensors,
 )
 from meshserve.models.traffic import ALL_VERSIONS, TrafficSplit, VersionPolicy, parse_traffic, parse_version_policy
 from meshserve.models.warmup import WarmupSample, parse_warmup
@@ -341,7 +340,7 @@ def _read_config(model_dir: Path) -> _Config:
     if not isinstance(batching, dict):
         raise RepositoryError(f"{path}: 'dynamic_batching' must be a mapping")
     _reject_unknown_keys(batching, _BATCHING_KEYS, path, "dynamic_batching.")
-    platform = raw.get("platform", DEFAULT_PLATFORM)
+    platform = raw.get("platform", PYTHON_PLATFORM if raw.get("backend") == PYTHON else DEFAULT_PLATFORM)
     if not isinstance(platform, str) or not platform:
         raise RepositoryError(f"{path}: 'platform' must be a non-empty string")
     versions = raw.get("versions")
@@ -350,19 +349,9 @@ def _read_config(model_dir: Path) -> _Config:
     try:
         policy = parse_version_policy(raw.get("version_policy"))
         traffic = parse_traffic(raw.get("traffic"), model_dir.name)
+        backend, declared = parse_backend(raw)
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
-    try:
-        backend = parse_backend(raw.get("backend"), path)
-        declared = parse_tensors(raw.get("input"), path, "input"), parse_tensors(raw.get("output"), path, "output")
-    except ValueError as exc:
-        raise RepositoryError(str(exc)) from exc
-    if backend == PYTHON and not (declared[0] and declared[1]):
-        raise RepositoryError(f"{path}: 'backend: python' needs 'input' and 'output' lists (name, datatype, dims)")
-    if backend != PYTHON and (declared[0] or declared[1]):
-        raise RepositoryError(f"{path}: 'input' and 'output' are declared for 'backend: python' only")
-    if backend == PYTHON and "platform" not in raw:
-        platform = PYTHON_PLATFORM
     if versions is not None and policy != ALL_VERSIONS:
         raise RepositoryError(f"{path}: 'versions' and 'version_policy' both restrict the versions: keep one")
     return _Config(
