@@ -85,8 +85,10 @@ async def test_an_exception_names_the_model_and_its_type_not_the_traceback(
                 await stub.ModelInfer(infer_request("doubler", {"x": _x(-1)}), timeout=10)
             assert failed.value.code() == grpc.StatusCode.INTERNAL
             details = failed.value.details() or ""
-            assert "model 'doubler'" in details and "ValueError: x[0] is -1" in details
-            assert "Traceback" not in details and "model.py" not in details
+            assert "model 'doubler'" in details
+            assert "ValueError: x[0] is -1" in details
+            assert "Traceback" not in details
+            assert "model.py" not in details
             reply = await stub.ModelInfer(infer_request("doubler", {"x": _x(1)}), timeout=10)
             assert output_arrays(reply)["y"][0, 0] == 2  # the same process answers on
     finally:
