@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from gateway.routing import RoutingView
 from meshserve.devkit.examples import write_example_repository
+from meshserve_bench.python_hop import measure
 from protos import grpc_service_pb2 as pb
 from tests.python_models import write_doubler
 from tests.support import (
@@ -150,3 +151,9 @@ async def test_without_the_flag_a_python_model_is_unready_and_the_flag_is_named(
             assert ready.ready is False
     finally:
         await stop_mesh(mesh)
+
+
+def test_the_process_hop_bench_answers_each_size_through_the_model() -> None:
+    figures = measure(4096, calls=5)  # raises when the model's answer is not its input
+    assert figures.size_bytes == 4096
+    assert figures.python_model_us > 0
