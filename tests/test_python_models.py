@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.routing import RoutingView
-from meshserve.devkit.examples import write_example_repository
+from meshserve.devkit.examples import write_example_repository, write_python_examples
 from meshserve_bench.python_hop import measure
 from protos import grpc_service_pb2 as pb
 from tests.python_models import write_doubler
@@ -157,3 +157,24 @@ def test_the_process_hop_bench_answers_each_size_through_the_model() -> None:
     figures = measure(4096, calls=5)  # raises when the model's answer is not its input
     assert figures.size_bytes == 4096
     assert figures.python_model_us > 0
+
+
+async def test_the_normalize_example_scales_uint8_images_to_float32(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    write_python_examples(repository, allowed=True)
+    mesh = await start_mesh(redis_url, repository, worker_overrides=ALLOWED)
+    try:
+        image = np.zeros((1, 4, 6, 3), np.uint8)
+        image[..., 1] = 255
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            reply = await infer_stub(channel).ModelInfer(infer_request("normalize", {"image": image}), timeout=10)
+        pixels = output_arrays(reply)["pixels"]
+        assert pixels.shape == (1, 3, 4, 6)
+        assert pixels[0, 1].min() == 1.0
+        assert pixels[0, 0].max() == 0.0
+    finally:
+        await stop_mesh(mesh)
+    write_python_examples(repository, allowed=False)
+    assert not (repository / "normalize").exists()
