@@ -25,6 +25,7 @@ from gateway.request import infer_call
 from gateway.statistics import model_statistics
 from meshserve import __version__
 from meshserve.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from meshserve.models.python_backend import PYTHON_FILENAME, PYTHON_PLATFORM
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import GatewayMetrics, LabelMemo
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
@@ -482,12 +483,13 @@ async def _unsupported(context: Context, what: str) -> NoReturn:
 def _model_config(model: ModelInfo) -> mc.ModelConfig:
     """Triton-shaped config: dims exclude the batch dim when the model batches."""
     skip = 1 if model.max_batch_size else 0
+    python = model.platform == PYTHON_PLATFORM  # as Triton's Python backend: no platform, backend python
     config = mc.ModelConfig(
         name=model.name,
-        platform=model.platform,
-        backend="onnxruntime",
+        platform="" if python else model.platform,
+        backend="python" if python else "onnxruntime",
         max_batch_size=model.max_batch_size,
-        default_model_filename="model.onnx",
+        default_model_filename=PYTHON_FILENAME if python else "model.onnx",
         input=[
             mc.ModelInput(name=t.name, data_type=_config_type(t.datatype), dims=t.shape[skip:]) for t in model.inputs
         ],

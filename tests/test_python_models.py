@@ -48,6 +48,9 @@ async def test_a_python_model_answers_through_the_gateway(redis: Redis, redis_ur
             assert out["y"].tolist() == [[10, 2, 4, 6], [12, 2, 4, 6]]
             metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name="doubler"), timeout=5)
             assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("x", "INT32", [-1, 4])]
+            config = (await stub.ModelConfig(pb.ModelConfigRequest(name="doubler"), timeout=5)).config
+            assert (config.backend, config.platform, config.max_batch_size) == ("python", "", 8)
+            assert [(t.name, list(t.dims)) for t in config.output] == [("y", [4]), ("rows", [1])]
     finally:
         await stop_mesh(mesh)
 
@@ -178,3 +181,17 @@ async def test_the_normalize_example_scales_uint8_images_to_float32(
         await stop_mesh(mesh)
     write_python_examples(repository, allowed=False)
     assert not (repository / "normalize").exists()
+
+
+async def test_an_exception_in_initialize_is_a_load_failure_with_its_type(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    repository = write_example_repository(tmp_path, ["mlp"])  # a ready model: the view settles
+    write_doubler(repository)
+    model_py = repository / "doubler" / "1" / "model.py"
+    model_py.write_text(model_py.read_text().replace('self.name = config["model_name"]', 'raise OSError("no vocab")'))
+    mesh = await start_mesh(redis_url, repository, worker_overrides=ALLOWED, until=RoutingView.settled)
+    try:
+        assert "OSError: no vocab" in mesh.gateway.routing.view.failed[("doubler", 1)]
+    finally:
+        await stop_mesh(mesh)
