@@ -199,7 +199,7 @@ class AssignmentFollower:
         warmup_ms = self._warmup_ms.pop(key, 0.0)
         if self._stopping.is_set() or key not in self._assigned:
             log.info("model %s version %d loaded but no longer assigned; not serving it", name, version)
-            model.close()
+            await asyncio.to_thread(model.close)
             return
         keys = ModelKeys.for_model(name, version)
         served = Served(
@@ -232,7 +232,7 @@ class AssignmentFollower:
             await served.idle.wait()
             await self._leases.flushed()
             self._held.remove(key)
-            served.model.close()  # a Python model's processes end here
+            await asyncio.to_thread(served.model.close)  # a Python model's processes end here (finalize)
         finally:
             self._dropping.pop(key, None)
         log.info("dropped model %s version %d: the router placed it elsewhere, or evicted it for room", *key)

@@ -17,7 +17,8 @@ output:
 """
 
 DOUBLER_PY = '''\
-"""y = 2 * x; rows = the batch's size. x[0] picks a failure: -1 raises, -2 exits, -3 hangs."""
+"""y = 2 * x; rows = the batch's size. x[0] picks a failure: -1 raises, -2 exits, -3 hangs.
+finalize appends its pid to <version dir>/finalized."""
 import os
 import time
 
@@ -27,7 +28,7 @@ import numpy as np
 class Model:
     def initialize(self, config):
         self.name = config["model_name"]
-        self.pid = os.getpid()
+        self.version_dir = config["version_dir"]
 
     def execute(self, inputs):
         x = inputs["x"]
@@ -41,7 +42,8 @@ class Model:
         return {"y": x * 2, "rows": rows}
 
     def finalize(self):
-        pass
+        with open(os.path.join(self.version_dir, "finalized"), "a") as marker:
+            marker.write(f"{os.getpid()}\\n")
 '''
 
 

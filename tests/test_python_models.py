@@ -195,3 +195,24 @@ async def test_an_exception_in_initialize_is_a_load_failure_with_its_type(
         assert "OSError: no vocab" in mesh.gateway.routing.view.failed[("doubler", 1)]
     finally:
         await stop_mesh(mesh)
+
+
+async def test_unloading_a_python_model_finalizes_and_ends_its_processes(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    repository = write_example_repository(tmp_path, ["mlp"])
+    write_doubler(repository)
+    router = {"model_control_mode": "explicit", "load_model": ("mlp", "doubler")}
+    mesh = await start_mesh(redis_url, repository, worker_overrides=ALLOWED, router_overrides=router)
+    marker = repository / "doubler" / "1" / "finalized"
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            await stub.ModelInfer(infer_request("doubler", {"x": _x(1)}), timeout=10)
+            await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="doubler"), timeout=20)
+        async with asyncio.timeout(10):
+            while not marker.exists():  # noqa: ASYNC110 (bounded poll: finalize runs in another process)
+                await asyncio.sleep(0.02)
+        assert marker.read_text().strip().isdigit()
+    finally:
+        await stop_mesh(mesh)
