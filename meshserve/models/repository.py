@@ -37,7 +37,10 @@ max_batch_size 32 and a 2 ms queue delay; any other graph gets max_batch_size 0,
 a zero delay, and refuses ``max_batch_size > 0`` or preferred sizes. Unknown keys
 are errors, so a typo never silently falls back to a default.
 
-Model files are untrusted. Only ``model.onnx`` is ever read, it is parsed without
+Model files are untrusted. A Python model's ``model.py`` is code: only its presence is
+checked here, and only a worker started with ``--allow-python-models`` imports it
+(in processes of its own: model_workers/python_runner.py). Otherwise only
+``model.onnx`` is ever read, it is parsed without
 its external data, and every external-data ``location`` must resolve inside the
 version directory before the model is reported servable. Callers must then load
 the model from :attr:`ModelInfo.path` itself, so that the runtime resolves external
