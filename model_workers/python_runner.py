@@ -19,9 +19,10 @@ Failures stay with the batch that met them:
   the process with SIGKILL, and the compute pool answers the batch as it does for an
   ONNX model (UNAVAILABLE at the execution timeout).
 
-A killed or dead instance is started afresh by the next run that takes it (its
-initialize counts in that run's time); other models, and other instances of this
-one, are untouched. The model's time limits are the worker's: Python code cannot be
+A killed or dead instance is started afresh at once, on a thread of its own; a batch
+arriving meanwhile waits for it (or takes another instance), and when the restart
+fails the next run tries again and answers the failure. Other models, and other
+instances of this one, are untouched. The model's time limits are the worker's: Python code cannot be
 interrupted mid-call, so the stop is a kill.
 """
 
@@ -34,6 +35,7 @@ import os
 import queue
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from itertools import count
@@ -123,6 +125,7 @@ class PythonModel:
         self._free: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
         self._all = [_Instance(index) for index in range(info.instances)]
         self._warmup: warmup.WarmupInputs | None = None
+        self._closed = False  # set by close: nothing restarts after
         self._config: dict[str, Any] = {
             "model_name": info.name,
             "model_version": info.version,
@@ -171,14 +174,37 @@ class PythonModel:
         (set by the watchdog) kills the process."""
         instance = self._free.get()  # the worker's semaphore (info.instances) means one is free or soon
         try:
-            if instance.conn is None:
+            if instance.conn is None:  # its restart failed: try once more, in this run
                 self._start(instance)
             return self._run_on(instance, inputs, options)
         finally:
+            if instance.conn is None and not self._closed:  # killed or crashed in this run
+                threading.Thread(target=self._restart, args=(instance,), name="python-model-restart").start()
+            else:
+                self._free.put(instance)
+
+    def _restart(self, instance: _Instance) -> None:
+        """Start a fresh process for ``instance`` at once (not at the next batch), then free it.
+
+        A failure leaves it dead for the next run to try again (and answer the error)."""
+        try:
+            self._start(instance)
+        except Exception as exc:
+            log.error(
+                "%s version %d: restarting instance %d failed: %s",
+                self.info.name,
+                self.info.version,
+                instance.index,
+                exc,
+            )
+        finally:
+            if self._closed:
+                self._kill(instance)
             self._free.put(instance)
 
     def close(self) -> None:
         """Ask every process to finalize and exit; kill those still running after ``STOP_GRACE_S``."""
+        self._closed = True
         for instance in self._all:
             if instance.conn is not None:
                 with contextlib.suppress(OSError):
@@ -242,7 +268,7 @@ class PythonModel:
             code = process.exitcode if process is not None else None
             raise Unavailable(
                 f"model '{self.info.name}': its Python process exited during the batch (exit code {code});"
-                " a fresh one starts with the next batch"
+                " a fresh one is starting"
             ) from exc
         self._forget_fresh(instance)
         if answer[0] == "error":
