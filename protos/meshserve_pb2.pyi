@@ -133,7 +133,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared")
+    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared", "ensemble_steps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class ModelSpec(_message.Message):
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
     CACHE_SHARED_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     platform: str
@@ -170,7 +171,28 @@ class ModelSpec(_message.Message):
     load_ms: int
     response_cache: bool
     cache_shared: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ...) -> None: ...
+    ensemble_steps: _containers.RepeatedCompositeFieldContainer[EnsembleStep]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ..., ensemble_steps: _Optional[_Iterable[_Union[EnsembleStep, _Mapping]]] = ...) -> None: ...
+
+class EnsembleStep(_message.Message):
+    __slots__ = ("model", "version", "input_map", "output_map")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_MAP_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_MAP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    input_map: _containers.RepeatedCompositeFieldContainer[TensorMapping]
+    output_map: _containers.RepeatedCompositeFieldContainer[TensorMapping]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input_map: _Optional[_Iterable[_Union[TensorMapping, _Mapping]]] = ..., output_map: _Optional[_Iterable[_Union[TensorMapping, _Mapping]]] = ...) -> None: ...
+
+class TensorMapping(_message.Message):
+    __slots__ = ("step_tensor", "ensemble_tensor")
+    STEP_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    step_tensor: str
+    ensemble_tensor: str
+    def __init__(self, step_tensor: _Optional[str] = ..., ensemble_tensor: _Optional[str] = ...) -> None: ...
 
 class TrafficSplit(_message.Message):
     __slots__ = ("model", "weights", "sticky_by", "shadow_version", "shadow_share")

@@ -5,23 +5,30 @@ both in process; a failure in step 2 names the step."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import yaml
 from onnx import TensorProto, helper, numpy_helper
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
 from gateway.ensemble import ensemble_inputs, run_ensemble
 from meshserve.devkit.examples import IR_VERSION, OPSET, write_example_repository
 from meshserve.errors import InvalidArgument, NotFound
-from meshserve.models.ensemble import EnsembleError, parse_ensemble, validate_ensemble
-from meshserve.models.repository import ModelInfo, RepositoryError, TensorInfo
+from meshserve.models.ensemble import EnsembleError, parse_ensemble, read_ensemble_dir, validate_ensemble
+from meshserve.models.repository import ModelInfo, RepositoryError, RepositoryScan, TensorInfo, scan_model_dir
 from meshserve.wire.codec import to_infer_response
-from tests.support import Mesh, infer_request, output_arrays, start_mesh, stop_mesh
+from gateway.routing import RoutingView
+from protos import grpc_service_pb2 as pb
+from tests.support import Mesh, infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
 
 CHAIN = {
     "steps": [
@@ -104,11 +111,34 @@ def test_a_malformed_section_names_the_file(section: object) -> None:
         parse_ensemble(section, Path("config.yaml"))
 
 
+def write_ensemble(repository: Path, name: str, section: dict[str, object]) -> None:
+    """An ensemble's directory: config.yaml only (version 1, no version directory)."""
+    (repository / name).mkdir()
+    (repository / name / "config.yaml").write_text(yaml.safe_dump({"platform": "ensemble", "ensemble": section}))
+
+
 @pytest.fixture
-async def pipe_mesh(redis: Redis, redis_url: str, tmp_path: Path) -> AsyncIterator[Mesh]:
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    yield exporter
+    exporter.shutdown()
+
+
+@pytest.fixture
+async def pipe_mesh(
+    redis: Redis, redis_url: str, tmp_path: Path, exporter: InMemorySpanExporter
+) -> AsyncIterator[Mesh]:
+    """mlp and prep, the ensemble "pipe" (prep then mlp), and "broken" (its step 2
+    names a model there is not)."""
     repository = write_example_repository(tmp_path / "models", ["mlp"])
     write_prep(repository)
-    mesh = await start_mesh(redis_url, repository)
+    write_ensemble(repository, "pipe", CHAIN)
+    write_ensemble(repository, "broken", with_step2("nope"))
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    mesh = await start_mesh(
+        redis_url, repository, tracer=provider.get_tracer("ensemble-tests"), until=pipe_ready_and_settled
+    )
     try:
         yield mesh
     finally:
@@ -148,3 +178,86 @@ async def test_the_chain_runs_through_the_queues_as_one_call(pipe_mesh: Mesh) ->
             gateway, ensemble, ensemble_inputs(ensemble, too_many), deadline_ms=deadline_ms, tenant=tenant
         )
     assert "ensemble 'pipe' step 2 (model 'mlp')" in failed.value.message
+
+
+def pipe_ready_and_settled(view: RoutingView) -> bool:
+    return ("pipe", 1) in view.ready and view.settled()
+
+
+def in_process(repository: Path, raw: np.ndarray) -> np.ndarray:
+    """prep then mlp, run here with ONNX Runtime."""
+    cpu = ["CPUExecutionProvider"]
+    prep = ort.InferenceSession(str(repository / "prep" / "1" / "model.onnx"), providers=cpu)
+    mlp = ort.InferenceSession(str(repository / "mlp" / "1" / "model.onnx"), providers=cpu)
+    (features,) = prep.run(None, {"raw": raw})
+    return np.asarray(mlp.run(["probabilities"], {"features": features})[0])
+
+
+async def test_one_model_infer_runs_the_ensemble(pipe_mesh: Mesh, exporter: InMemorySpanExporter) -> None:
+    raw = np.random.default_rng(11).standard_normal((2, 64)).astype(np.float32)
+    async with grpc.aio.insecure_channel(pipe_mesh.address) as channel:
+        response = await infer_stub(channel).ModelInfer(infer_request("pipe", {"RAW": raw}, request_id="e-1"))
+    got = output_arrays(response)
+    assert list(got) == ["PROBS"]  # FEATURES, the tensor between the steps, stays in the mesh
+    assert (response.model_name, response.model_version, response.id) == ("pipe", "1", "e-1")
+    want = in_process(pipe_mesh.router.settings.model_repository, raw)
+    np.testing.assert_allclose(got["PROBS"], want, rtol=1e-5, atol=1e-6)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert {"ensemble step 1", "ensemble step 2", "ModelInfer"} <= set(spans)
+    call = spans["ModelInfer"].context
+    assert spans["ensemble step 2"].attributes is not None
+    assert spans["ensemble step 2"].attributes["meshserve.model"] == "mlp"
+    assert spans["ensemble step 1"].parent is not None and spans["ensemble step 1"].parent.span_id == call.span_id
+
+
+async def test_a_failure_in_step_2_names_the_step(pipe_mesh: Mesh) -> None:
+    # mlp takes batches of 32 at most, prep of 64: step 1 runs, step 2 refuses
+    too_many = infer_request("pipe", {"RAW": np.ones((40, 64), np.float32)})
+    async with grpc.aio.insecure_channel(pipe_mesh.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await infer_stub(channel).ModelInfer(too_many)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ensemble 'pipe' step 2 (model 'mlp')" in (failed.value.details() or "")
+
+
+async def test_an_ensemble_naming_an_unknown_model_is_unavailable_with_the_reason(pipe_mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(pipe_mesh.address) as channel:
+        stub = infer_stub(channel)
+        ready = await stub.ModelReady(pb.ModelReadyRequest(name="broken"))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.ModelInfer(infer_request("broken", {"RAW": np.ones((1, 64), np.float32)}))
+        index = await pipe_mesh.router.repository.index()
+        served = await stub.ModelInfer(infer_request("mlp", {"features": np.ones((1, 64), np.float32)}))
+    assert not ready.ready
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "step 2 (model 'nope'): unknown model 'nope'" in (failed.value.details() or "")
+    states = {(entry.name, entry.version): (entry.state, entry.reason) for entry in index}
+    assert states["broken", 1][0] == "UNAVAILABLE" and "unknown model 'nope'" in states["broken", 1][1]
+    assert states["pipe", 1] == ("READY", "")
+    assert output_arrays(served)["probabilities"].shape == (1, 10)
+
+
+async def test_metadata_and_config_show_the_outer_tensors(pipe_mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(pipe_mesh.address) as channel:
+        stub = infer_stub(channel)
+        metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name="pipe"))
+        config = (await stub.ModelConfig(pb.ModelConfigRequest(name="pipe"))).config
+    assert metadata.platform == "ensemble"
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("RAW", "FP32", [-1, 64])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("PROBS", "FP32", [-1, 10])]
+    assert (config.platform, config.backend) == ("ensemble", "")
+    assert [i.name for i in config.input] == ["RAW"] and [o.name for o in config.output] == ["PROBS"]
+
+
+def test_the_scan_leaves_an_ensemble_directory_to_the_ensemble_reader(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    repository.mkdir()
+    write_ensemble(repository, "pipe", CHAIN)
+    (repository / "pipe" / "2").mkdir()  # Triton's layout: an empty version directory
+    write_ensemble(repository, "odd", {"steps": []})
+    assert scan_model_dir(repository / "pipe") == RepositoryScan([], [], {})
+    found = read_ensemble_dir(repository / "pipe")
+    assert found is not None and found.versions == (2,) and found.problem == ""
+    odd = read_ensemble_dir(repository / "odd")
+    assert odd is not None and odd.config is None and "'ensemble.steps' must be a non-empty list" in odd.problem
+    assert read_ensemble_dir(tmp_path) is None  # no config.yaml: not an ensemble
