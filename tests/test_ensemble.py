@@ -21,12 +21,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from redis.asyncio import Redis
 
 from gateway.ensemble import ensemble_inputs, run_ensemble
+from gateway.routing import RoutingView
 from meshserve.devkit.examples import IR_VERSION, OPSET, write_example_repository
 from meshserve.errors import InvalidArgument, NotFound
 from meshserve.models.ensemble import EnsembleError, parse_ensemble, read_ensemble_dir, validate_ensemble
 from meshserve.models.repository import ModelInfo, RepositoryError, RepositoryScan, TensorInfo, scan_model_dir
 from meshserve.wire.codec import to_infer_response
-from gateway.routing import RoutingView
 from protos import grpc_service_pb2 as pb
 from tests.support import Mesh, infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
 
@@ -207,7 +207,8 @@ async def test_one_model_infer_runs_the_ensemble(pipe_mesh: Mesh, exporter: InMe
     call = spans["ModelInfer"].context
     assert spans["ensemble step 2"].attributes is not None
     assert spans["ensemble step 2"].attributes["meshserve.model"] == "mlp"
-    assert spans["ensemble step 1"].parent is not None and spans["ensemble step 1"].parent.span_id == call.span_id
+    assert spans["ensemble step 1"].parent is not None
+    assert spans["ensemble step 1"].parent.span_id == call.span_id
 
 
 async def test_a_failure_in_step_2_names_the_step(pipe_mesh: Mesh) -> None:
@@ -232,7 +233,8 @@ async def test_an_ensemble_naming_an_unknown_model_is_unavailable_with_the_reaso
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "step 2 (model 'nope'): unknown model 'nope'" in (failed.value.details() or "")
     states = {(entry.name, entry.version): (entry.state, entry.reason) for entry in index}
-    assert states["broken", 1][0] == "UNAVAILABLE" and "unknown model 'nope'" in states["broken", 1][1]
+    assert states["broken", 1][0] == "UNAVAILABLE"
+    assert "unknown model 'nope'" in states["broken", 1][1]
     assert states["pipe", 1] == ("READY", "")
     assert output_arrays(served)["probabilities"].shape == (1, 10)
 
@@ -246,7 +248,8 @@ async def test_metadata_and_config_show_the_outer_tensors(pipe_mesh: Mesh) -> No
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("RAW", "FP32", [-1, 64])]
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("PROBS", "FP32", [-1, 10])]
     assert (config.platform, config.backend) == ("ensemble", "")
-    assert [i.name for i in config.input] == ["RAW"] and [o.name for o in config.output] == ["PROBS"]
+    assert [i.name for i in config.input] == ["RAW"]
+    assert [o.name for o in config.output] == ["PROBS"]
 
 
 def test_the_scan_leaves_an_ensemble_directory_to_the_ensemble_reader(tmp_path: Path) -> None:
@@ -257,7 +260,11 @@ def test_the_scan_leaves_an_ensemble_directory_to_the_ensemble_reader(tmp_path: 
     write_ensemble(repository, "odd", {"steps": []})
     assert scan_model_dir(repository / "pipe") == RepositoryScan([], [], {})
     found = read_ensemble_dir(repository / "pipe")
-    assert found is not None and found.versions == (2,) and found.problem == ""
+    assert found is not None
+    assert found.versions == (2,)
+    assert found.problem == ""
     odd = read_ensemble_dir(repository / "odd")
-    assert odd is not None and odd.config is None and "'ensemble.steps' must be a non-empty list" in odd.problem
+    assert odd is not None
+    assert odd.config is None
+    assert "'ensemble.steps' must be a non-empty list" in odd.problem
     assert read_ensemble_dir(tmp_path) is None  # no config.yaml: not an ensemble
