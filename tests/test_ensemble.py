@@ -28,6 +28,8 @@ from meshserve.models.ensemble import EnsembleError, parse_ensemble, read_ensemb
 from meshserve.models.repository import ModelInfo, RepositoryError, RepositoryScan, TensorInfo, scan_model_dir
 from meshserve.wire.codec import to_infer_response
 from protos import grpc_service_pb2 as pb
+from router.core import RouterCore
+from router.lifecycle import EXPLICIT, RepositoryManager
 from tests.support import Mesh, infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
 
 CHAIN = {
@@ -268,3 +270,25 @@ def test_the_scan_leaves_an_ensemble_directory_to_the_ensemble_reader(tmp_path: 
     assert odd.config is None
     assert "'ensemble.steps' must be a non-empty list" in odd.problem
     assert read_ensemble_dir(tmp_path) is None  # no config.yaml: not an ensemble
+
+
+async def test_unload_dependents_unloads_the_ensembles_that_name_the_model(tmp_path: Path) -> None:
+    repository = write_example_repository(tmp_path / "models", ["mlp"])
+    write_prep(repository)
+    write_ensemble(repository, "pipe", CHAIN)
+    manager = RepositoryManager(repository, mode=EXPLICIT, load=("prep", "mlp", "pipe"))
+    core = RouterCore(manager.table_models(), unservable=manager.unservable(), ensembles=manager.ensembles())
+    manager.bind(core)
+
+    async def pipe() -> tuple[str, str]:
+        (entry,) = [(e.state, e.reason) for e in await manager.index() if e.name == "pipe"]
+        return entry
+
+    assert (await pipe())[0] == "LOADING"  # valid, its steps' models not on a worker yet
+    await manager.unload("mlp")  # the ensemble stays, and cannot run without its step
+    state, reason = await pipe()
+    assert state == "UNAVAILABLE"
+    assert "step 2 (model 'mlp'): unknown model 'mlp'" in reason
+    await manager.unload("prep", dependents=True)
+    assert await pipe() == ("UNAVAILABLE", "unloaded")
+    assert ("pipe", 1) not in {(m.name, m.version) for m in core.snapshot().models}
