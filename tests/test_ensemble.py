@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from gateway.ensemble import ensemble_inputs, run_ensemble
 from gateway.routing import RoutingView
 from meshserve.devkit.examples import IR_VERSION, OPSET, write_example_repository
-from meshserve.errors import InvalidArgument, NotFound
+from meshserve.errors import InvalidArgument, NotFound, Unavailable
 from meshserve.models.ensemble import EnsembleError, parse_ensemble, read_ensemble_dir, validate_ensemble
 from meshserve.models.repository import ModelInfo, RepositoryError, RepositoryScan, TensorInfo, scan_model_dir
 from meshserve.wire.codec import to_infer_response
@@ -272,10 +272,11 @@ def test_the_scan_leaves_an_ensemble_directory_to_the_ensemble_reader(tmp_path: 
     assert read_ensemble_dir(tmp_path) is None  # no config.yaml: not an ensemble
 
 
-async def test_unload_dependents_unloads_the_ensembles_that_name_the_model(tmp_path: Path) -> None:
+async def test_explicit_load_checks_an_ensemble_and_unload_dependents_unloads_it(tmp_path: Path) -> None:
     repository = write_example_repository(tmp_path / "models", ["mlp"])
     write_prep(repository)
     write_ensemble(repository, "pipe", CHAIN)
+    write_ensemble(repository, "broken", with_step2("nope"))
     manager = RepositoryManager(repository, mode=EXPLICIT, load=("prep", "mlp", "pipe"))
     core = RouterCore(manager.table_models(), unservable=manager.unservable(), ensembles=manager.ensembles())
     manager.bind(core)
@@ -285,6 +286,8 @@ async def test_unload_dependents_unloads_the_ensembles_that_name_the_model(tmp_p
         return entry
 
     assert (await pipe())[0] == "LOADING"  # valid, its steps' models not on a worker yet
+    with pytest.raises(Unavailable, match=r"load failed for model 'broken': version 1: .*unknown model 'nope'"):
+        await manager.load("broken")
     await manager.unload("mlp")  # the ensemble stays, and cannot run without its step
     state, reason = await pipe()
     assert state == "UNAVAILABLE"
