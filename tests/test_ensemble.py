@@ -10,11 +10,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-import yaml
-from onnx import TensorProto, helper, numpy_helper
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -22,7 +19,7 @@ from redis.asyncio import Redis
 
 from gateway.ensemble import ensemble_inputs, run_ensemble
 from gateway.routing import RoutingView
-from meshserve.devkit.examples import IR_VERSION, OPSET, write_example_repository
+from meshserve.devkit.examples import write_example_repository
 from meshserve.errors import InvalidArgument, NotFound, Unavailable
 from meshserve.models.ensemble import EnsembleError, parse_ensemble, read_ensemble_dir, validate_ensemble
 from meshserve.models.repository import ModelInfo, RepositoryError, RepositoryScan, TensorInfo, scan_model_dir
@@ -30,30 +27,8 @@ from meshserve.wire.codec import to_infer_response
 from protos import grpc_service_pb2 as pb
 from router.core import RouterCore
 from router.lifecycle import EXPLICIT, RepositoryManager
+from tests.ensemble_models import CHAIN, write_ensemble, write_prep
 from tests.support import Mesh, infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
-
-CHAIN = {
-    "steps": [
-        {"model": "prep", "input_map": {"raw": "RAW"}, "output_map": {"features": "FEATURES"}},
-        {"model": "mlp", "input_map": {"features": "FEATURES"}, "output_map": {"probabilities": "PROBS"}},
-    ],
-    "outputs": ["PROBS"],
-}
-
-
-def write_prep(repository: Path) -> None:
-    """ "prep": raw FP32 [batch, 64] -> features = raw * 0.5, batches of up to 64."""
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["raw", "half"], ["features"])],
-        "prep",
-        inputs=[helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["batch", 64])],
-        outputs=[helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 64])],
-        initializer=[numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    (repository / "prep" / "1").mkdir(parents=True)
-    onnx.save(model, repository / "prep" / "1" / "model.onnx")
-    (repository / "prep" / "config.yaml").write_text("max_batch_size: 64\n")
 
 
 def info(name: str, inputs: list[TensorInfo], outputs: list[TensorInfo]) -> ModelInfo:
@@ -111,12 +86,6 @@ def test_an_invalid_chain_says_why(section: dict[str, object], reason: str) -> N
 def test_a_malformed_section_names_the_file(section: object) -> None:
     with pytest.raises(RepositoryError, match=r"config\.yaml"):
         parse_ensemble(section, Path("config.yaml"))
-
-
-def write_ensemble(repository: Path, name: str, section: dict[str, object]) -> None:
-    """An ensemble's directory: config.yaml only (version 1, no version directory)."""
-    (repository / name).mkdir()
-    (repository / name / "config.yaml").write_text(yaml.safe_dump({"platform": "ensemble", "ensemble": section}))
 
 
 @pytest.fixture
