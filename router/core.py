@@ -27,6 +27,10 @@ recently used that may go. A model once evicted is flagged (``TableSnapshot.evic
 those of them placed now. ``queued`` (set by the router's server from the queue depths)
 and the requests a worker reported since its last report keep a model resident.
 
+Ensembles (meshserve/models/ensemble.py) are in the table like models but never
+placed: a valid one is READY while every step's version is, UNAVAILABLE while a
+step's has failed (naming the step); an invalid one comes in ``unservable``.
+
 A model that moves is handed over make-before-break: a worker that reports it
 ready keeps it in its assignment until a worker on the device it is placed on
 reports it ready, so it never goes unready just because it moved.
