@@ -150,13 +150,14 @@ async def run_ensemble(
         if time.time() * 1000 >= deadline_ms:
             raise DeadlineExceeded(f"ensemble '{ensemble.name}': deadline exceeded before step {number}")
         request = pb.ModelInferRequest(model_name=step.model, model_version=str(step.version), id=request_id)
+        raw: list[memoryview] = []  # views of the tensors held here: packed for the queue without a copy
         for step_input, source in step.input_map:
             tensor = tensors[source]
             request.inputs.add(name=step_input, datatype=tensor.datatype, shape=tensor.shape)
-            request.raw_input_contents.append(bytes(tensor.data))
+            raw.append(memoryview(tensor.data))
         for step_output, _ in step.output_map:
             request.outputs.add(name=step_output)
-        call = InferCall(step.model, str(step.version), request_id, tier, None, request)
+        call = InferCall(step.model, str(step.version), request_id, tier, None, request, raw)
         span = tracer.start_as_current_span(f"ensemble step {number}") if tracer else contextlib.nullcontext()
         with span as current:
             if current is not None:

@@ -23,6 +23,7 @@ from meshserve.devkit.examples import write_example_repository
 from meshserve.errors import InvalidArgument, NotFound, Unavailable
 from meshserve.models.ensemble import EnsembleError, parse_ensemble, read_ensemble_dir, validate_ensemble
 from meshserve.models.repository import ModelInfo, RepositoryError, RepositoryScan, TensorInfo, scan_model_dir
+from meshserve.tenancy.tenants import hash_key
 from meshserve.wire.codec import to_infer_response
 from protos import grpc_service_pb2 as pb
 from router.core import RouterCore
@@ -264,3 +265,43 @@ async def test_explicit_load_checks_an_ensemble_and_unload_dependents_unloads_it
     await manager.unload("prep", dependents=True)
     assert await pipe() == ("UNAVAILABLE", "unloaded")
     assert ("pipe", 1) not in {(m.name, m.version) for m in core.snapshot().models}
+
+
+TENANTS = f"""
+tenants:
+  - name: everything
+    api_keys: ["{hash_key("all-key")}"]
+    models: ["*"]
+  - name: no_prep
+    api_keys: ["{hash_key("no-prep-key")}"]
+    models: ["pipe", "mlp"]
+  - name: steps_only
+    api_keys: ["{hash_key("steps-key")}"]
+    models: ["prep", "mlp"]
+"""
+
+
+async def test_a_tenant_needs_the_ensemble_and_every_step_allowed(redis: Redis, redis_url: str, tmp_path: Path) -> None:
+    repository = write_example_repository(tmp_path / "models", ["mlp"])
+    write_prep(repository)
+    write_ensemble(repository, "pipe", CHAIN)
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(TENANTS)
+    mesh = await start_mesh(redis_url, repository, tenants_path=tenants)
+    request = infer_request("pipe", {"RAW": np.ones((1, 64), np.float32)})
+    codes = {}
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            served = await stub.ModelInfer(request, metadata=(("authorization", "Bearer all-key"),))
+            for key in ("no-prep-key", "steps-key"):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.ModelInfer(request, metadata=(("authorization", f"Bearer {key}"),))
+                codes[key] = (refused.value.code(), refused.value.details() or "")
+    finally:
+        await stop_mesh(mesh)
+    assert output_arrays(served)["PROBS"].shape == (1, 10)
+    assert codes["no-prep-key"][0] == grpc.StatusCode.PERMISSION_DENIED
+    assert "ensemble 'pipe' step 1 (model 'prep')" in codes["no-prep-key"][1]
+    assert codes["steps-key"][0] == grpc.StatusCode.PERMISSION_DENIED
+    assert "model 'pipe' is not available" in codes["steps-key"][1]
