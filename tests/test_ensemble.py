@@ -305,3 +305,15 @@ async def test_a_tenant_needs_the_ensemble_and_every_step_allowed(redis: Redis, 
     assert "ensemble 'pipe' step 1 (model 'prep')" in codes["no-prep-key"][1]
     assert codes["steps-key"][0] == grpc.StatusCode.PERMISSION_DENIED
     assert "model 'pipe' is not available" in codes["steps-key"][1]
+
+
+async def test_requested_outputs_are_the_ensembles_own(pipe_mesh: Mesh) -> None:
+    raw = np.ones((1, 64), np.float32)
+    async with grpc.aio.insecure_channel(pipe_mesh.address) as channel:
+        stub = infer_stub(channel)
+        named = await stub.ModelInfer(infer_request("pipe", {"RAW": raw}, outputs=["PROBS"]))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ModelInfer(infer_request("pipe", {"RAW": raw}, outputs=["FEATURES"]))
+    assert list(output_arrays(named)) == ["PROBS"]
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "requested output 'FEATURES': not an output of ensemble 'pipe'" in (refused.value.details() or "")
