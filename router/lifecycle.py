@@ -162,8 +162,12 @@ class RepositoryManager:
         return dict(self._ensembles)
 
     def _check_ensembles(self) -> None:
-        """Every ensemble against the servable versions now."""
+        """Every ensemble against the servable versions now; a new reason logged once."""
+        before = self._ensemble_failures
         self._ensembles, self._ensemble_failures = check_ensembles(self._ensemble_dirs.values(), self._infos)
+        for key, why in sorted(self._ensemble_failures.items()):
+            if before.get(key) != why:
+                log.error("ensemble %s version %d is UNAVAILABLE: %s", *key, why)
 
     # ------------------------------------------------------------ the index
 
