@@ -317,3 +317,30 @@ async def test_requested_outputs_are_the_ensembles_own(pipe_mesh: Mesh) -> None:
     assert list(output_arrays(named)) == ["PROBS"]
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "requested output 'FEATURES': not an output of ensemble 'pipe'" in (refused.value.details() or "")
+
+
+def explicit_ready(view: RoutingView) -> bool:
+    return ("pipe", 1) in view.ready
+
+
+async def test_unload_dependents_through_the_gateway(redis: Redis, redis_url: str, tmp_path: Path) -> None:
+    repository = write_example_repository(tmp_path / "models", ["mlp"])
+    write_prep(repository)
+    write_ensemble(repository, "pipe", CHAIN)
+    router = {"model_control_mode": "explicit", "load_model": ("prep", "mlp", "pipe")}
+    mesh = await start_mesh(redis_url, repository, router_overrides=router, until=explicit_ready)
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            dependents = {"unload_dependents": pb.ModelRepositoryParameter(bool_param=True)}
+            await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="prep", parameters=dependents))
+            index = await stub.RepositoryIndex(pb.RepositoryIndexRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                await stub.ModelInfer(infer_request("pipe", {"RAW": np.ones((1, 64), np.float32)}))
+    finally:
+        await stop_mesh(mesh)
+    states = {(m.name, m.version): (m.state, m.reason) for m in index.models}
+    assert states["pipe", "1"] == ("UNAVAILABLE", "unloaded")
+    assert states["prep", "1"] == ("UNAVAILABLE", "unloaded")
+    assert states["mlp", "1"] == ("READY", "")
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
