@@ -288,6 +288,8 @@ def scan_model_dir(model_dir: Path) -> RepositoryScan:
     models: list[ModelInfo] = []
     problems: list[str] = []
     unservable: dict[tuple[str, int], str] = {}
+    if is_ensemble_dir(model_dir):  # no model of its own: meshserve/models/ensemble.py reads it
+        return RepositoryScan(models, problems, unservable)
     versions = _version_dirs(model_dir)
     try:
         config = _read_config(model_dir)
@@ -310,6 +312,16 @@ def scan_model_dir(model_dir: Path) -> RepositoryScan:
             problems.append(str(exc))
             unservable[model_dir.name, version] = str(exc)
     return RepositoryScan(models, problems, unservable)
+
+
+def is_ensemble_dir(model_dir: Path) -> bool:
+    """Whether ``<model_dir>/config.yaml`` has an ``ensemble`` section (an ensemble's
+    directory, meshserve/models/ensemble.py); False when it cannot be read as YAML."""
+    try:
+        raw = yaml.safe_load((model_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "ensemble" in raw
 
 
 def unservable_info(root: Path, name: str, version: int) -> ModelInfo:
