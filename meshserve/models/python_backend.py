@@ -10,6 +10,9 @@ as Triton's Python backend requires::
     output:
       - {name: normalized, datatype: FP32, dims: [32, 32, 3]}
 
+The same entries may carry the client settings every model may have (``format``,
+``label_filename``: meshserve/models/tensor_config.py).
+
 ``dims`` leave out the batch dim when ``max_batch_size`` > 0 (Triton's rule); -1
 is any size. BYTES tensors are refused: tensors cross to the model's process
 through shared memory as fixed-size arrays (model_workers/python_runner.py).
@@ -30,6 +33,7 @@ PYTHON_PLATFORM = "python"
 ALLOW_FLAG = "--allow-python-models"
 
 _TENSOR_KEYS = frozenset({"name", "datatype", "dims"})
+_CLIENT_KEYS = frozenset({"format", "label_filename"})  # checked by meshserve/models/tensor_config.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +51,19 @@ def parse_backend(raw: dict[Any, Any]) -> tuple[str, tuple[tuple[DeclaredTensor,
     backend = raw.get("backend", ONNXRUNTIME)
     if backend not in BACKENDS:
         raise ValueError(f"'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != PYTHON:
+        for key in ("input", "output"):
+            for index, item in enumerate(raw.get(key) or ()):
+                declared_here = sorted(k for k in item if k in ("datatype", "dims")) if isinstance(item, dict) else []
+                if declared_here:
+                    raise ValueError(
+                        f"'{key}[{index}].{declared_here[0]}': an ONNX model's tensors come from its graph; "
+                        "datatype and dims are declared for 'backend: python' only"
+                    )
+        return str(backend), ((), ())
     declared = parse_tensors(raw.get("input"), "input"), parse_tensors(raw.get("output"), "output")
-    if backend == PYTHON and not (declared[0] and declared[1]):
+    if not (declared[0] and declared[1]):
         raise ValueError("'backend: python' needs 'input' and 'output' lists (name, datatype, dims)")
-    if backend != PYTHON and (declared[0] or declared[1]):
-        raise ValueError("'input' and 'output' are declared for 'backend: python' only")
     return str(backend), declared
 
 
@@ -66,9 +78,11 @@ def parse_tensors(value: object, key: str) -> tuple[DeclaredTensor, ...]:
         where = f"'{key}[{index}]"
         if not isinstance(item, dict):
             raise ValueError(f"{where}' must be a mapping with name, datatype and dims")
-        unknown = sorted(str(k) for k in item if k not in _TENSOR_KEYS)
+        unknown = sorted(str(k) for k in item if k not in _TENSOR_KEYS | _CLIENT_KEYS)
         if unknown:
-            raise ValueError(f"{where}' has unknown keys {unknown} (allowed: name, datatype, dims)")
+            raise ValueError(
+                f"{where}' has unknown keys {unknown} (allowed: name, datatype, dims, format, label_filename)"
+            )
         name, datatype, dims = item.get("name"), item.get("datatype"), item.get("dims")
         if not isinstance(name, str) or not name:
             raise ValueError(f"{where}.name' must be a non-empty string")

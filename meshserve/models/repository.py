@@ -30,8 +30,8 @@ restrict the served versions and name the platform::
     instances: 1                  # batches of this model computing at once on a worker
     warmup:                       # warm-up inputs, as Triton's model_warmup (meshserve/models/warmup.py)
       - inputs: {images: {dims: [3, 640, 640], data: random}}
-    inputs: {images: {format: NCHW}}            # for clients (meshserve/models/tensor_config.py)
-    outputs: {probs: {label_filename: labels.txt}}
+    input: [{name: images, format: NCHW}]       # for clients (meshserve/models/tensor_config.py)
+    output: [{name: probs, label_filename: labels.txt}]
     backend: python               # <version>/model.py, with declared input/output (meshserve/models/python_backend.py)
 
 A batchable graph (every input's and output's dim 0 symbolic) defaults to
@@ -123,8 +123,6 @@ _TOP_LEVEL_KEYS = frozenset(
         "pinned",
         "response_cache",
         "cache_shared",
-        "inputs",
-        "outputs",
         "backend",
         "input",
         "output",
@@ -383,7 +381,7 @@ def _read_config(model_dir: Path) -> _Config:
     try:
         policy = parse_version_policy(raw.get("version_policy"))
         traffic = parse_traffic(raw.get("traffic"), model_dir.name)
-        tensors = parse_tensor_config(raw.get("inputs"), raw.get("outputs"), model_dir)
+        tensors = parse_tensor_config(raw.get("input"), raw.get("output"), model_dir)
         backend, declared = parse_backend(raw)
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
