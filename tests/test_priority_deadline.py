@@ -207,7 +207,9 @@ async def test_a_request_the_queue_cannot_serve_in_time_is_refused_at_once(
         # one job each 5 s: 15 s of work ahead of a 1.5 s call, far past it however slow this runs
         await redis.hset(keys.drain, "slow", f"5000 {seconds * 1000 + micros // 1000}")
         for index in range(2):
-            calls.append(asyncio.ensure_future(stub.ModelInfer(adder_request(index, None), timeout=RPC_TIMEOUT_S)))
+            # 60 s: far from the 10 s the second one's estimate says (a 10 s timeout sat on
+            # that edge, and a loaded machine's late receipt tipped it into a refusal)
+            calls.append(asyncio.ensure_future(stub.ModelInfer(adder_request(index, None), timeout=60)))
             await wait_queued(redis, "adder_fixed", index + 1)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.ModelInfer(adder_request(7, None), timeout=1.5)

@@ -18,7 +18,11 @@ QUEUED_BYTES = 8 * 1024 * 1024
 that Redis's own churn between two reads (buffers resized, keys freed) is noise."""
 SIDES = (16, 64, 256, 512)
 """scale_any's image is side x side FP32: 1 KiB, 16 KiB, 256 KiB, 1 MiB of payload."""
-OVERHEAD_BOUND_BYTES = 16 * 1024
+OVERHEAD_BOUND_BYTES = 64 * 1024
+ALLOCATOR_ROUNDING = 0.25
+"""jemalloc (Debian's redis-server) serves a large allocation from size classes four
+to a doubling, so a payload just over 256 KiB takes 320 KiB: up to a quarter more.
+A payload held twice would still be far past the bound."""
 
 
 async def _used_memory(redis: Redis) -> int:
@@ -50,6 +54,7 @@ async def test_a_queued_request_costs_redis_its_payload_and_a_bounded_overhead(m
                 f"payload {image.nbytes / 1024:7.0f} KiB: {per_request / 1024:8.1f} KiB per queued request"
                 f" (overhead {overhead / 1024:+.1f} KiB, {queued} queued)"
             )
-            assert image.nbytes <= per_request <= image.nbytes + OVERHEAD_BOUND_BYTES + 0.05 * image.nbytes
+            bound = image.nbytes * (1 + ALLOCATOR_ROUNDING) + OVERHEAD_BOUND_BYTES
+            assert image.nbytes <= per_request <= bound
     print("\nRedis memory per queued request (used_memory delta over 32-256 requests):")
     print("\n".join(lines))
