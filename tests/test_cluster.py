@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
 
 from meshserve.devkit.redis_cluster import RedisCluster
 from meshserve.devkit.redis_server import RedisServer, RedisServerError, suite_binary_from_env
@@ -140,6 +146,19 @@ def _wait_for(condition: Callable[[], bool], what: str, within_s: float = 15.0) 
     raise AssertionError(f"waited {within_s:g} s for {what}")
 
 
+async def _master_port(cluster: RedisCluster, slot: int) -> int | None:
+    """The port of the master a live node says serves the slot (None: none answered)."""
+    for node in cluster.nodes:
+        try:
+            async with AsyncRedis(host="127.0.0.1", port=node.port, socket_timeout=1.0) as client:
+                for start, end, master, *_ in await client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        return int(master[1])
+        except RedisError:
+            continue
+    return None
+
+
 def _leftovers(cluster: RedisCluster) -> list[bytes]:
     found: list[bytes] = []
     for node in cluster.nodes:
@@ -177,3 +196,86 @@ async def test_the_whole_mesh_answers_on_a_cluster(clean: RedisCluster, model_re
         assert _leftovers(clean) == []
     finally:
         await stop_mesh(mesh)
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a closed loop of calls saw."""
+
+    ok: int = 0
+    wrong: int = 0  # an answer that is not this call's
+    failed: dict[str, int] = field(default_factory=dict)
+    failed_at_s: list[float] = field(default_factory=list)
+
+
+async def _closed_loop(stub: Any, client: int, stop: asyncio.Event, tally: Tally) -> None:
+    rng = np.random.default_rng(client)
+    n = 0
+    while not stop.is_set():
+        n += 1
+        features = rng.standard_normal((1, 64)).astype(np.float32)
+        request = infer_request("mlp", {"features": features}, outputs=("logits",), request_id=f"c{client}-{n}")
+        try:
+            response = await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            tally.failed[exc.code().name] = tally.failed.get(exc.code().name, 0) + 1
+            tally.failed_at_s.append(time.monotonic())
+            continue
+        if response.id != request.id or output_arrays(response)["logits"].shape != (1, 10):
+            tally.wrong += 1
+        else:
+            tally.ok += 1
+
+
+@pytest.mark.slow
+async def test_the_mesh_keeps_answering_when_a_master_is_killed_and_its_replica_takes_over(
+    model_repository: Path,
+) -> None:
+    """Calls run in a closed loop while the master that holds the model's queue is
+    killed with SIGKILL: the cluster promotes its replica (node timeout 1 s), every
+    link reads the slot map again, and the calls go on. Only UNAVAILABLE may fail,
+    only around the failover; no answer is another call's; none hangs."""
+    with RedisCluster(suite_binary_from_env()) as cluster:
+        mesh = await start_mesh(cluster.url, model_repository)
+        tally = Tally()
+        stop = asyncio.Event()
+        slot = slot_of(ModelKeys.for_model("mlp", 1).ready)
+        try:
+            async with grpc.aio.insecure_channel(mesh.gateway.address) as channel:
+                stub = infer_stub(channel)
+                clients = [asyncio.create_task(_closed_loop(stub, i, stop, tally)) for i in range(CLIENTS)]
+                async with asyncio.timeout(20):
+                    while tally.ok < 200:  # noqa: ASYNC110 - warm, before the fault
+                        await asyncio.sleep(0.05)
+                before = tally.ok
+                victim = cluster.master_of_slot(slot)
+                assert victim.pid is not None
+                killed_at = time.monotonic()
+                os.kill(victim.pid, signal.SIGKILL)
+                async with asyncio.timeout(20):
+                    while await _master_port(cluster, slot) in (None, victim.port):  # noqa: ASYNC110 - no event for it
+                        await asyncio.sleep(0.05)
+                promoted_s = time.monotonic() - killed_at
+                async with asyncio.timeout(30):
+                    while tally.ok < before + 500:  # noqa: ASYNC110 - the calls go on after it
+                        await asyncio.sleep(0.05)
+                stop.set()
+                async with asyncio.timeout(CALL_TIMEOUT_S + 5):  # a hung call is a lost one
+                    await asyncio.gather(*clients)
+            window_s = max(tally.failed_at_s, default=killed_at) - killed_at
+            executed = mesh.workers[0].worker.metrics.registry.get_sample_value(
+                "meshserve_worker_batch_size_sum", {"model": "mlp", "version": "1"}
+            )
+            print(
+                f"\ncluster failover: the master of mlp's slot killed; its replica promoted in {promoted_s:.2f} s;"
+                f" calls ok {tally.ok}, wrong {tally.wrong}, failed {tally.failed},"
+                f" last failure {window_s:.2f} s after the kill; model executions {executed:.0f};"
+                f" replies with no waiting call {mesh.gateway.gateway.late_replies},"
+                f" jobs Redis lost {mesh.gateway.gateway.lost_jobs}"
+            )
+            assert tally.wrong == 0
+            assert set(tally.failed) <= {"UNAVAILABLE"}
+            assert window_s < promoted_s + 5  # failures only around the failover, not after it
+        finally:
+            stop.set()
+            await stop_mesh(mesh)

@@ -33,6 +33,9 @@ from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterNode
 from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.crc import key_slot
@@ -84,6 +87,22 @@ def sync_cluster_client(url: str, **kwargs: Any) -> Redis:
         **kwargs,
     )
     return cast(Redis, client)
+
+
+def async_cluster_client(url: str, **kwargs: Any) -> AsyncRedis:
+    """redis-py's asyncio cluster client on a cluster URL's seeds (the router's leader
+    lease: single-key commands and one-key scripts). Typed as ``Redis`` likewise."""
+    seeds = [urlsplit(u) for u in seed_urls(url)]
+    first = seeds[0]
+    nodes = [AsyncClusterNode(s.hostname or "127.0.0.1", s.port or 6379) for s in seeds]
+    client = AsyncRedisCluster(
+        startup_nodes=nodes,
+        username=first.username,
+        password=first.password,
+        ssl=first.scheme == "rediss",
+        **kwargs,
+    )
+    return cast(AsyncRedis, client)
 
 
 def _name(command: Command) -> bytes:
