@@ -285,8 +285,13 @@ class ClusterLink(RedisLink):
     ) -> None:
         """Group the units by node, one pipeline per node, all at once."""
         groups: dict[tuple[str, int], tuple[list[int], list[Command]]] = {}
-        for unit, ask in todo:
-            node = ask or self._unit_node(commands, unit)
+        nodes = [ask or self._unit_node(commands, unit) for unit, ask in todo]
+        # A keyless command (SCRIPT LOAD before its EVALSHA) goes with the next keyed one.
+        following = next((n for n in reversed(nodes) if n is not None), None) or self._masters[0]
+        for i in range(len(nodes) - 1, -1, -1):
+            following = nodes[i] = nodes[i] or following
+        for (unit, ask), node in zip(todo, nodes, strict=True):
+            assert node is not None
             indexes, sent = groups.setdefault(node, ([], []))
             for i in unit:
                 if ask is not None:
@@ -306,14 +311,12 @@ class ClusterLink(RedisLink):
                 if i >= 0:
                     replies[i] = reply
 
-    def _unit_node(self, commands: Sequence[Command], unit: list[int]) -> tuple[str, int]:
+    def _unit_node(self, commands: Sequence[Command], unit: list[int]) -> tuple[str, int] | None:
+        """The node of the unit's first key; None for a keyless unit."""
         for i in unit:
             if keys := command_keys(commands[i]):
-                node = self._slots[slot_of(keys[0])]
-                if node is not None:
-                    return node
-                break
-        return self._masters[0]
+                return self._slots[slot_of(keys[0])] or self._masters[0]
+        return None
 
     def _node(self, address: tuple[str, int]) -> RedisLink:
         link = self._nodes.get(address)
