@@ -15,8 +15,8 @@ from redis.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from meshserve.queue import pending_jobs, queue_depths
-from meshserve.store.memory import EvictionPolicyError, check_policy, parse_info_memory
 from meshserve.store.cluster import is_cluster_url, sync_cluster_client
+from meshserve.store.memory import EvictionPolicyError, check_policy, parse_info_memory
 from meshserve.store.sentinel import SentinelTarget, is_sentinel_url
 from router.placement import ModelKey
 
