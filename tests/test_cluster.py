@@ -118,7 +118,7 @@ async def test_a_slot_that_moved_is_followed_to_its_new_master(clean: RedisClust
     try:
         await link.execute("ZADD", key, 1, "job")
         old = clean.master_of_slot(slot_of(key))
-        replica = next(r for r in clean.replicas if _master_port(clean, r) == old.port)
+        replica = next(r for r in clean.replicas if _replica_of(clean, r) == old.port)
         clean.client(replica).cluster("FAILOVER")
         _wait_for(lambda: clean.master_of_slot(slot_of(key)).port == replica.port, "the replica to take over")
         assert await link.execute("ZCARD", key) == 1
@@ -128,7 +128,8 @@ async def test_a_slot_that_moved_is_followed_to_its_new_master(clean: RedisClust
         await link.aclose()
 
 
-def _master_port(cluster: RedisCluster, replica: RedisServer) -> int:
+def _replica_of(cluster: RedisCluster, replica: RedisServer) -> int:
+    """The port of the master the replica follows."""
     info = cluster.client(replica).info("replication")
     return int(info["master_port"])
 
