@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Sequence
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 from urllib.parse import quote, urlsplit
 
 from redis import Redis
@@ -50,6 +50,10 @@ MAX_REDIRECTS = 5
 
 UNBLOCK_WAIT_S = 1.0
 """How long a slot's pop may take to answer CLIENT UNBLOCK before it is cancelled."""
+
+Unit: TypeAlias = tuple[list[int], tuple[str, int] | None]
+"""Indexes of commands sent together (a MULTI ... EXEC block, or one command), and
+the node an ASK redirected them to (None: the node of their slot)."""
 
 _KEYLESS = frozenset(
     {b"MULTI", b"EXEC", b"DISCARD", b"SCRIPT", b"PING", b"TIME", b"CLIENT", b"ROLE", b"INFO", b"ASKING"}
@@ -211,7 +215,28 @@ class ClusterLink(RedisLink):
         return await self._routed(commands)
 
     def pipeline_now(self, commands: Sequence[Command]) -> Awaitable[list[Any]]:
-        return asyncio.ensure_future(self.pipeline(commands))
+        """Commands of one node are written before this returns (as ``RedisLink``'s);
+        others once the returned awaitable runs."""
+        if not commands or not self._masters or _name(commands[0]) in _BLOCKING:
+            return asyncio.ensure_future(self.pipeline(commands))
+        nodes = {self._unit_node(commands, [i]) for i in range(len(commands))} - {None}
+        if len(nodes) != 1:
+            return asyncio.ensure_future(self.pipeline(commands))
+        (node,) = nodes
+        assert node is not None
+        return self._follow(commands, self._node(node).pipeline_now(commands))
+
+    async def _follow(self, commands: Sequence[Command], written: Awaitable[list[Any]]) -> list[Any]:
+        """The replies of commands written to one node, with redirects followed."""
+        try:
+            replies = await written
+        except ConnectionError:
+            if self._shut or not await self._refresh_changed():
+                raise
+            return await self._routed(commands)
+        if any(_redirect(reply) is not None for reply in replies):
+            return await self._routed(commands, replies)
+        return replies
 
     async def script(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg] = ()) -> Any:
         (reply,) = await self.pipeline([script.call(keys, args)])
@@ -237,50 +262,56 @@ class ClusterLink(RedisLink):
 
     # ------------------------------------------------------------ routing
 
-    async def _routed(self, commands: Sequence[Command]) -> list[Any]:
-        """Run the commands on their nodes, following MOVED/ASK, replies in order."""
+    async def _routed(self, commands: Sequence[Command], first: list[Any] | None = None) -> list[Any]:
+        """Run the commands on their nodes, following MOVED/ASK, replies in order.
+        ``first``: their replies from one node already (``pipeline_now``): only the
+        redirected ones are sent again."""
         if not self._masters:
             await self._refresh()
-        replies: list[Any] = [None] * len(commands)
-        units = _units(commands)
-        todo: list[tuple[list[int], tuple[str, int] | None]] = [(unit, None) for unit in units]
-        for hop in range(MAX_REDIRECTS + 1):
+        units: list[Unit] = [(unit, None) for unit in _units(commands)]
+        replies: list[Any] = [None] * len(commands) if first is None else first
+        todo = units if first is None else await self._redirected(replies, units)
+        hops = 0
+        while todo:
             try:
                 await self._run_units(commands, todo, replies)
             except ConnectionError:
-                if hop == MAX_REDIRECTS or self._shut:
-                    raise
                 # A master may be gone and its replica promoted: read the map again and
-                # retry once (every request-path command is safe to run twice).
-                if not await self._refresh_changed():
+                # retry (every request-path command is safe to run twice).
+                if hops == MAX_REDIRECTS or self._shut or not await self._refresh_changed():
                     raise
+                hops += 1
                 continue
-            again: list[tuple[list[int], tuple[str, int] | None]] = []
-            moved = False
-            for unit, _ in todo:
-                found = next((r for i in unit if (r := _redirect(replies[i])) is not None), None)
-                if found is None and not _aborted(replies, unit):
-                    continue
-                if found is None:  # EXECABORT without a redirect inside: not ours to retry
-                    continue
-                kind, slot, where = found
-                if kind == "MOVED":
-                    self._slots[slot] = where
-                    moved = True
-                    again.append((unit, None))
-                else:
-                    again.append((unit, where))
-            if not again or hop == MAX_REDIRECTS:
-                return replies
-            if moved:
-                await self._refresh()
-            todo = again
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                break
+            todo = await self._redirected(replies, todo)
         return replies
+
+    async def _redirected(self, replies: list[Any], todo: list[Unit]) -> list[Unit]:
+        """The units to send again: to the slot's new master after MOVED (the map read
+        again), to the node named after ASK (with ASKING)."""
+        again: list[Unit] = []
+        moved = False
+        for unit, _ in todo:
+            found = next((r for i in unit if (r := _redirect(replies[i])) is not None), None)
+            if found is None:  # answered (an EXECABORT without a redirect inside is the caller's)
+                continue
+            kind, slot, where = found
+            if kind == "MOVED":
+                self._slots[slot] = where
+                moved = True
+                again.append((unit, None))
+            else:
+                again.append((unit, where))
+        if moved:
+            await self._refresh()
+        return again
 
     async def _run_units(
         self,
         commands: Sequence[Command],
-        todo: list[tuple[list[int], tuple[str, int] | None]],
+        todo: list[Unit],
         replies: list[Any],
     ) -> None:
         """Group the units by node, one pipeline per node, all at once."""
@@ -515,8 +546,3 @@ def _units(commands: Sequence[Command]) -> list[list[int]]:
     if block is not None:
         units.append(block)
     return units
-
-
-def _aborted(replies: list[Any], unit: list[int]) -> bool:
-    last = replies[unit[-1]]
-    return isinstance(last, ResponseError) and str(last).startswith("EXECABORT")
