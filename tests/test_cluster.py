@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from meshserve.devkit.redis_cluster import RedisCluster
 from meshserve.devkit.redis_server import RedisServer, RedisServerError, suite_binary_from_env
-from meshserve.queue import ModelKeys, reply_key
+from meshserve.queue import TIER_NAMES, ModelKeys, reply_key
 from meshserve.store.clients import blocking_link, command_link
 from meshserve.store.cluster import command_keys, seed_urls, slot_of
 from tests.support import infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
@@ -195,6 +195,11 @@ async def test_the_whole_mesh_answers_on_a_cluster(clean: RedisCluster, model_re
             await asyncio.gather(*(call(i) for i in range(200)))
         assert mesh.gateway.gateway.late_replies == 0
         assert _leftovers(clean) == []
+        # The router's scrapes (redis-py's cluster client) read the same, drained, queue.
+        assert await asyncio.to_thread(mesh.router.depths.pending, [("mlp", 1)]) == {("mlp", 1): 0}
+        assert await asyncio.to_thread(mesh.router.depths.read, [("mlp", 1)]) == {
+            ("mlp", 1): dict.fromkeys(TIER_NAMES, 0)
+        }
     finally:
         await stop_mesh(mesh)
 
