@@ -78,8 +78,33 @@ class ReplyWriter:
         """Start writing ``outgoing`` now (the scripts leave before this returns)
         and return what finishes the job: confirm, retry, or give up."""
         lists = _by_list(outgoing)
-        written = self._redis.pipeline_now(_reply_acks(keys, lists))
-        return self._finish(keys, model, lists, written)
+        return self._finish(keys, model, lists, self._write(keys, lists))
+
+    def _write(self, keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> Awaitable[list[Any]]:
+        """Write the lists' replies and ack their jobs, written now: one REPLY_ACK per
+        list; on a cluster (a gateway's list and a model's leases in two slots, which no
+        script may touch together) the pushes, then the acks of what was pushed."""
+        if self._redis.cluster:
+            return self._push_then_ack(keys, lists, self._redis.pipeline_now(_pushes(lists)))
+        return self._redis.pipeline_now(_reply_acks(keys, lists))
+
+    async def _push_then_ack(
+        self, keys: ModelKeys, lists: dict[str, list[Outgoing]], pushed: Awaitable[list[Any]]
+    ) -> list[Any]:
+        """The cluster's reply write: a reply is in before its job is acked (a worker
+        killed between the two leaves a written reply and a lease that is redelivered;
+        the gateway drops the second reply as late). Per list: RPUSH's answer or error."""
+        results = (await pushed)[::2]
+        await self._ack(
+            keys,
+            [
+                o
+                for group, r in zip(lists.values(), results, strict=True)
+                if not isinstance(r, RedisError)
+                for o in group
+            ],
+        )
+        return results
 
     async def _finish(
         self, keys: ModelKeys, model: str, lists: dict[str, list[Outgoing]], written: Awaitable[list[Any]]
@@ -111,7 +136,7 @@ class ReplyWriter:
             again = {to: lists[to] for to in lost}
             try:
                 await self._queue.load_reply_ack_script()
-                rerun = await self._redis.pipeline(_reply_acks(keys, again))
+                rerun = await self._write(keys, again)
             except RedisError as exc:
                 rerun = [exc] * len(again)
             reran = dict(zip(again, rerun, strict=True))
@@ -133,7 +158,7 @@ class ReplyWriter:
             await asyncio.sleep(min(backoff_s, left_s))
             backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
             try:
-                results = await self._redis.pipeline(_reply_acks(keys, pending))
+                results = await self._write(keys, pending)
             except RedisError as exc:
                 results = [exc] * len(pending)
             pending, retried_error = await self._settle(keys, pending, results)
@@ -254,6 +279,11 @@ def _reply_acks(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Comma
         )
         for to, group in lists.items()
     ]
+
+
+def _pushes(lists: dict[str, list[Outgoing]]) -> list[Command]:
+    """The lists' replies as RPUSH and EXPIRE pairs, nothing acked (a cluster's first half)."""
+    return push_commands({to: [o.blob for o in group] for to, group in lists.items()})
 
 
 def _budget_s(groups: Iterable[list[Outgoing]]) -> float:

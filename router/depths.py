@@ -15,6 +15,7 @@ from redis.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from meshserve.queue import pending_jobs, queue_depths
+from meshserve.store.cluster import is_cluster_url, sync_cluster_client
 from meshserve.store.memory import EvictionPolicyError, check_policy, parse_info_memory
 from meshserve.store.sentinel import SentinelTarget, is_sentinel_url
 from router.placement import ModelKey
@@ -37,6 +38,11 @@ class QueueDepths:
             self._redis, self._close = target.sync_client(
                 socket_timeout=READ_TIMEOUT_S, redis_connect_func=self._on_connect
             )
+        elif redis_url and is_cluster_url(redis_url):
+            self._redis = sync_cluster_client(
+                redis_url, socket_timeout=READ_TIMEOUT_S, redis_connect_func=self._on_connect
+            )
+            self._close = self._redis.close
         elif redis_url:
             self._redis = SyncRedis.from_url(
                 redis_url, socket_timeout=READ_TIMEOUT_S, redis_connect_func=self._on_connect

@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from meshserve.store.cluster import async_cluster_client, is_cluster_url
+
 log = logging.getLogger(__name__)
 
 LEADER_KEY = "ms:{router}:leader"
@@ -60,7 +62,12 @@ class Leadership:
     """
 
     def __init__(self, redis_url: str, router_id: str, lease_ms: int, on_change: OnChange) -> None:
-        self._redis = Redis.from_url(redis_url, socket_timeout=lease_ms / 3000, socket_connect_timeout=lease_ms / 3000)
+        timeout_s = lease_ms / 3000
+        self._redis = (
+            async_cluster_client(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+            if is_cluster_url(redis_url)
+            else Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        )
         self.router_id = router_id
         self.lease_ms = lease_ms
         self.leading = False

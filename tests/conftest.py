@@ -5,6 +5,7 @@ Nothing here imports the generated protos: tests/compat loads tritonclient, whos
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,21 +14,29 @@ import pytest
 from redis.asyncio import Redis
 
 from meshserve.devkit.examples import write_example_repository
+from meshserve.devkit.redis_cluster import RedisCluster
 from meshserve.devkit.redis_server import RedisServer, suite_binary_from_env
+from meshserve.store.clients import command_link
+from meshserve.store.cluster import async_cluster_client, is_cluster_url
 from meshserve.store.link import RedisLink
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A private server for the session: MESHSERVE_TEST_REDIS_BINARY picks one
-    (e.g. Debian's redis-server), else the bundled Valkey."""
+    (e.g. Debian's redis-server), else the bundled Valkey. MESHSERVE_TEST_REDIS_CLUSTER=1:
+    a Redis Cluster of three masters with a replica each instead (a redis+cluster:// URL)."""
+    if os.environ.get("MESHSERVE_TEST_REDIS_CLUSTER") == "1":
+        with RedisCluster(suite_binary_from_env()) as cluster:
+            yield cluster.url
+        return
     with RedisServer(suite_binary_from_env()) as server:
         yield server.url
 
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
+    client = async_cluster_client(redis_url) if is_cluster_url(redis_url) else Redis.from_url(redis_url)
     await client.flushdb()
     yield client
     await client.aclose()
@@ -36,7 +45,7 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 @pytest.fixture
 async def link(redis: Redis, redis_url: str) -> AsyncIterator[RedisLink]:
     """The request path's connection to the same (flushed) server."""
-    link = RedisLink(redis_url)
+    link = command_link(redis_url)
     yield link
     await link.aclose()
 

@@ -176,6 +176,9 @@ class _Protocol(asyncio.Protocol):
 class RedisLink:
     """One multiplexed connection to Redis; see the module docstring."""
 
+    cluster = False
+    """True for :class:`meshserve.store.cluster.ClusterLink`: no script may touch two slots."""
+
     def __init__(
         self,
         url: str,

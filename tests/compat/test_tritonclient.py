@@ -31,7 +31,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from meshserve.devkit.examples import EXAMPLE_MODELS
-from meshserve.devkit.redis_server import free_port
+from meshserve.devkit.redis_cluster import RedisCluster
+from meshserve.devkit.redis_server import free_port, suite_binary_from_env
 from tests.dtype_models import IDENTITY_DATATYPES, LOWERCASE, identity_name, write_dtype_repository
 
 # Budgets within the 60 s per-test timeout, which counts the module fixture's start
@@ -67,7 +68,21 @@ def _wait_for_ready_line(proc: subprocess.Popen[str]) -> str:
 
 @contextlib.contextmanager
 def meshserve_up(repository: Path, models: int, extra: tuple[str, ...] = ()) -> Iterator[RunningMesh]:
-    """`meshserve up` on ``repository`` (and ``extra`` flags) until the context ends (then SIGTERM, exit 0)."""
+    """`meshserve up` on ``repository`` (and ``extra`` flags) until the context ends (then SIGTERM, exit 0).
+    MESHSERVE_TEST_REDIS_CLUSTER=1: on a loopback Redis Cluster of its own instead of its private Redis."""
+    if os.environ.get("MESHSERVE_TEST_REDIS_CLUSTER") == "1":
+        with (
+            RedisCluster(suite_binary_from_env()) as cluster,
+            meshserve_up_on(repository, models, (*extra, "--redis-url", cluster.url)) as running,
+        ):
+            yield running
+        return
+    with meshserve_up_on(repository, models, extra) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def meshserve_up_on(repository: Path, models: int, extra: tuple[str, ...]) -> Iterator[RunningMesh]:
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -396,7 +411,8 @@ def test_a_killed_worker_is_restarted_and_queued_work_is_served(mesh: RunningMes
     children = _children(mesh.proc.pid).values()
     roles = {cmd.split("-m meshserve ", 1)[1].split()[0] for cmd in children if "-m meshserve " in cmd}
     assert roles == {"router", "gateway", "worker"}  # each service's command line names its role
-    assert any("valkey-server" in cmd for cmd in children)  # and the private Redis
+    if os.environ.get("MESHSERVE_TEST_REDIS_CLUSTER") != "1":  # a cluster is external: no private Redis
+        assert any("valkey-server" in cmd for cmd in children)  # and the private Redis
     os.kill(workers[0], signal.SIGKILL)
 
     client = tc.InferenceServerClient(mesh.address)

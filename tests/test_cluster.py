@@ -1,0 +1,287 @@
+"""The request path on a Redis Cluster: three masters with a replica each on loopback
+(meshserve.devkit.redis_cluster), the whole in-process mesh on a redis+cluster:// URL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
+
+from meshserve.devkit.redis_cluster import RedisCluster
+from meshserve.devkit.redis_server import RedisServer, RedisServerError, suite_binary_from_env
+from meshserve.queue import TIER_NAMES, ModelKeys, reply_key
+from meshserve.store.clients import blocking_link, command_link
+from meshserve.store.cluster import command_keys, seed_urls, slot_of
+from tests.support import infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
+
+CALL_TIMEOUT_S = 15.0
+CLIENTS = 8
+
+
+def _flush(cluster: RedisCluster) -> None:
+    for node in cluster.nodes:
+        if node.pid is None:
+            continue
+        client = cluster.client(node)
+        if cluster.role(node) == b"master":
+            client.flushall()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    with RedisCluster(suite_binary_from_env()) as started:
+        yield started
+
+
+@pytest.fixture
+def clean(cluster: RedisCluster) -> RedisCluster:
+    _flush(cluster)
+    return cluster
+
+
+def test_a_cluster_url_names_its_seeds_with_their_credentials() -> None:
+    assert seed_urls("redis+cluster://app:pw@10.0.0.1:7000,10.0.0.2:7001/?ssl_cert_reqs=none") == [
+        "redis://app:pw@10.0.0.1:7000/0?ssl_cert_reqs=none",
+        "redis://app:pw@10.0.0.2:7001/0?ssl_cert_reqs=none",
+    ]
+    assert seed_urls("rediss+cluster://h:1/")[0].startswith("rediss://h:1/")
+
+
+def test_the_request_paths_scripts_and_pops_are_routed_by_their_keys_hash_tag() -> None:
+    keys = ModelKeys.for_model("mlp", 1)
+    slot = slot_of(keys.ready)
+    assert {slot_of(k) for k in (keys.inflight, keys.wake, keys.job("x"), keys.sched)} == {slot}
+    assert command_keys(("EVALSHA", "sha", 2, keys.ready, keys.inflight, "arg")) == (keys.ready, keys.inflight)
+    assert command_keys(("BLMPOP", 1, 1, reply_key("g"), "LEFT", "COUNT", 8)) == (reply_key("g"),)
+    assert command_keys(("BLPOP", "a", "b", 5)) == ("a", "b")
+    assert command_keys(("MULTI",)) == ()
+
+
+async def test_a_pipeline_over_every_node_comes_back_in_order_on_one_connection_per_node(
+    clean: RedisCluster,
+) -> None:
+    link = command_link(clean.url)
+    try:
+        keys = [f"k{i}" for i in range(32)]  # spread over the three masters' slots
+        replies = await link.pipeline([("SET", k, k) for k in keys] + [("GET", k) for k in keys])
+        assert replies == [b"OK"] * 32 + [k.encode() for k in keys]
+        # A transaction and the script after it go to their keys' node as one unit.
+        job = ModelKeys.for_model("mlp", 1).job("j")
+        replies = await link.pipeline([("MULTI",), ("HSET", job, "b", "x"), ("EXEC",), ("HGET", job, "b")])
+        assert replies[2:] == [[1], b"x"]
+        assert link.connections == 3
+    finally:
+        await link.aclose()
+
+
+async def test_a_blocking_pop_across_slots_takes_the_first_token_and_frees_the_other_waits(
+    clean: RedisCluster,
+) -> None:
+    wake = [ModelKeys.for_model(name, 1).wake for name in ("a", "b", "c", "d")]
+    assert len({slot_of(k) for k in wake}) == 4
+    link = command_link(clean.url)
+    waiting = blocking_link(clean.url)
+    try:
+        await link.execute("RPUSH", wake[2], "1")
+        first = await waiting.pipeline([("BLPOP", *wake, 5), ("ZCARD", ModelKeys.for_model("c", 1).ready)])
+        assert first == [[wake[2].encode(), b"1"], 0]
+        opened = waiting.connections
+        pop = asyncio.ensure_future(waiting.execute("BLPOP", *wake, 5))
+        await link.execute("RPUSH", wake[3], "1")
+        async with asyncio.timeout(3):  # far less than the pop's own 5 s: the token ended it
+            assert await pop == [wake[3].encode(), b"1"]
+        # The other slots' pops were unblocked, not cut off: no connection was reopened.
+        assert waiting.connections == opened
+        assert await waiting.execute("BLPOP", *wake, 0.1) is None
+        assert [await link.execute("LLEN", k) for k in wake] == [0, 0, 0, 0]
+    finally:
+        await link.aclose()
+        await waiting.aclose()
+
+
+async def test_a_slot_that_moved_is_followed_to_its_new_master(clean: RedisCluster) -> None:
+    """A manual failover swaps a master and its replica: the link's next command meets
+    MOVED (or a closed connection), reads the slot map again and succeeds there."""
+    key = ModelKeys.for_model("mlp", 1).ready
+    link = command_link(clean.url)
+    try:
+        await link.execute("ZADD", key, 1, "job")
+        old = clean.master_of_slot(slot_of(key))
+        replica = next(r for r in clean.replicas if _replica_of(clean, r) == old.port)
+        clean.client(replica).cluster("FAILOVER")
+        _wait_for(lambda: clean.master_of_slot(slot_of(key)).port == replica.port, "the replica to take over")
+        assert await link.execute("ZCARD", key) == 1
+        assert await link.execute("ZADD", key, 2, "job2") == 1
+        assert clean.client(replica).zcard(key) == 2
+    finally:
+        await link.aclose()
+
+
+def _replica_of(cluster: RedisCluster, replica: RedisServer) -> int:
+    """The port of the master the replica follows."""
+    info = cluster.client(replica).info("replication")
+    return int(info["master_port"])
+
+
+def _wait_for(condition: Callable[[], bool], what: str, within_s: float = 15.0) -> None:
+    """Poll a cluster condition (a failover gives no event to wait on), bounded."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except RedisServerError:  # no node answered: mid-failover, ask again
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"waited {within_s:g} s for {what}")
+
+
+async def _master_port(cluster: RedisCluster, slot: int) -> int | None:
+    """The port of the master a live node says serves the slot (None: none answered)."""
+    for node in cluster.nodes:
+        try:
+            async with AsyncRedis(host="127.0.0.1", port=node.port, socket_timeout=1.0) as client:
+                for start, end, master, *_ in await client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        return int(master[1])
+        except RedisError:
+            continue
+    return None
+
+
+def _leftovers(cluster: RedisCluster) -> list[bytes]:
+    found: list[bytes] = []
+    for node in cluster.nodes:
+        if node.pid is None:
+            continue
+        client = cluster.client(node)
+        if cluster.role(node) == b"master":
+            found += [
+                k
+                for k in client.keys("ms:{m:*")
+                if isinstance(k, bytes)
+                if not k.endswith((b":fence", b":sched", b":drain"))
+            ]
+    return found
+
+
+async def test_the_whole_mesh_answers_on_a_cluster(clean: RedisCluster, model_repository: Path) -> None:
+    """Router, gateway and worker on a redis+cluster:// URL: calls to two models whose
+    queues live on different masters all come back right, and nothing is left queued
+    or leased (each reply was pushed, then its job acked)."""
+    mesh = await start_mesh(clean.url, model_repository)
+    try:
+        async with grpc.aio.insecure_channel(mesh.gateway.address) as channel:
+            stub = infer_stub(channel)
+
+            async def call(i: int) -> None:
+                features = np.full((1, 64), i, dtype=np.float32)
+                request = infer_request("mlp", {"features": features}, outputs=("logits",), request_id=f"r{i}")
+                response = await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
+                assert response.id == f"r{i}"
+                assert output_arrays(response)["logits"].shape == (1, 10)
+
+            await asyncio.gather(*(call(i) for i in range(200)))
+        assert mesh.gateway.gateway.late_replies == 0
+        assert _leftovers(clean) == []
+        # The router's scrapes (redis-py's cluster client) read the same, drained, queue.
+        assert await asyncio.to_thread(mesh.router.depths.pending, [("mlp", 1)]) == {("mlp", 1): 0}
+        assert await asyncio.to_thread(mesh.router.depths.read, [("mlp", 1)]) == {
+            ("mlp", 1): dict.fromkeys(TIER_NAMES, 0)
+        }
+    finally:
+        await stop_mesh(mesh)
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a closed loop of calls saw."""
+
+    ok: int = 0
+    wrong: int = 0  # an answer that is not this call's
+    failed: dict[str, int] = field(default_factory=dict)
+    failed_at_s: list[float] = field(default_factory=list)
+
+
+async def _closed_loop(stub: Any, client: int, stop: asyncio.Event, tally: Tally) -> None:
+    rng = np.random.default_rng(client)
+    n = 0
+    while not stop.is_set():
+        n += 1
+        features = rng.standard_normal((1, 64)).astype(np.float32)
+        request = infer_request("mlp", {"features": features}, outputs=("logits",), request_id=f"c{client}-{n}")
+        try:
+            response = await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            tally.failed[exc.code().name] = tally.failed.get(exc.code().name, 0) + 1
+            tally.failed_at_s.append(time.monotonic())
+            continue
+        if response.id != request.id or output_arrays(response)["logits"].shape != (1, 10):
+            tally.wrong += 1
+        else:
+            tally.ok += 1
+
+
+@pytest.mark.slow
+async def test_the_mesh_keeps_answering_when_a_master_is_killed_and_its_replica_takes_over(
+    model_repository: Path,
+) -> None:
+    """Calls run in a closed loop while the master that holds the model's queue is
+    killed with SIGKILL: the cluster promotes its replica (node timeout 1 s), every
+    link reads the slot map again, and the calls go on. Only UNAVAILABLE may fail,
+    only around the failover; no answer is another call's; none hangs."""
+    with RedisCluster(suite_binary_from_env()) as cluster:
+        mesh = await start_mesh(cluster.url, model_repository)
+        tally = Tally()
+        stop = asyncio.Event()
+        slot = slot_of(ModelKeys.for_model("mlp", 1).ready)
+        try:
+            async with grpc.aio.insecure_channel(mesh.gateway.address) as channel:
+                stub = infer_stub(channel)
+                clients = [asyncio.create_task(_closed_loop(stub, i, stop, tally)) for i in range(CLIENTS)]
+                async with asyncio.timeout(20):
+                    while tally.ok < 200:  # noqa: ASYNC110 - warm, before the fault
+                        await asyncio.sleep(0.05)
+                before = tally.ok
+                victim = cluster.master_of_slot(slot)
+                assert victim.pid is not None
+                killed_at = time.monotonic()
+                os.kill(victim.pid, signal.SIGKILL)
+                async with asyncio.timeout(20):
+                    while await _master_port(cluster, slot) in (None, victim.port):  # noqa: ASYNC110 - no event for it
+                        await asyncio.sleep(0.05)
+                promoted_s = time.monotonic() - killed_at
+                async with asyncio.timeout(30):
+                    while tally.ok < before + 500:  # noqa: ASYNC110 - the calls go on after it
+                        await asyncio.sleep(0.05)
+                stop.set()
+                async with asyncio.timeout(CALL_TIMEOUT_S + 5):  # a hung call is a lost one
+                    await asyncio.gather(*clients)
+            window_s = max(tally.failed_at_s, default=killed_at) - killed_at
+            executed = mesh.workers[0].worker.metrics.registry.get_sample_value(
+                "meshserve_worker_batch_size_sum", {"model": "mlp", "version": "1"}
+            )
+            print(
+                f"\ncluster failover: the master of mlp's slot killed; its replica promoted in {promoted_s:.2f} s;"
+                f" calls ok {tally.ok}, wrong {tally.wrong}, failed {tally.failed},"
+                f" last failure {window_s:.2f} s after the kill; model executions {executed:.0f};"
+                f" replies with no waiting call {mesh.gateway.gateway.late_replies},"
+                f" jobs Redis lost {mesh.gateway.gateway.lost_jobs}"
+            )
+            assert tally.wrong == 0
+            assert set(tally.failed) <= {"UNAVAILABLE"}
+            assert window_s < promoted_s + 5  # failures only around the failover, not after it
+        finally:
+            stop.set()
+            await stop_mesh(mesh)
