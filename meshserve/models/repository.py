@@ -80,6 +80,7 @@ from meshserve.models.tensor_config import (
     check_tensor_config,
     parse_tensor_config,
 )
+from meshserve.models.sequence import SequenceConfig, bind_sequence, parse_sequence
 from meshserve.models.traffic import ALL_VERSIONS, TrafficSplit, VersionPolicy, parse_traffic, parse_version_policy
 from meshserve.models.warmup import WarmupSample, parse_warmup
 from meshserve.platform.mig import parse_mig_profile
@@ -113,6 +114,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "cache_shared",
         "inputs",
         "outputs",
+        "sequence",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -179,6 +181,7 @@ class ModelInfo:
     cache_shared: bool = False  # one cache for every tenant (default: one per tenant)
     tensors: TensorConfig = NO_TENSOR_CONFIG  # input formats and output labels, for clients
     policy: VersionPolicy = ALL_VERSIONS  # the model's version policy, for clients
+    sequence: SequenceConfig | None = None  # a stateful model (meshserve/models/sequence.py); None: stateless
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +206,7 @@ class _Config:
     response_cache: bool = False
     cache_shared: bool = False
     tensors: TensorConfig = NO_TENSOR_CONFIG
+    sequence: SequenceConfig | None = None
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -353,6 +357,7 @@ def _read_config(model_dir: Path) -> _Config:
         policy = parse_version_policy(raw.get("version_policy"))
         traffic = parse_traffic(raw.get("traffic"), model_dir.name)
         tensors = parse_tensor_config(raw.get("inputs"), raw.get("outputs"), model_dir)
+        sequence = parse_sequence(raw.get("sequence"))
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
     if versions is not None and policy != ALL_VERSIONS:
@@ -380,6 +385,7 @@ def _read_config(model_dir: Path) -> _Config:
         response_cache=_flag(raw, "response_cache", path),
         cache_shared=_flag(raw, "cache_shared", path),
         tensors=tensors,
+        sequence=sequence,
     )
 
 
@@ -587,6 +593,19 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         )
     except ValueError as exc:
         raise RepositoryError(f"{config_path}: {exc}") from exc
+    inputs, sequence = signature.inputs, None
+    if config.sequence is not None:
+        try:
+            sequence = bind_sequence(
+                config.sequence,
+                {t.name: (t.datatype, t.shape) for t in signature.inputs},
+                {t.name: (t.datatype, t.shape) for t in signature.outputs},
+                int(max_batch_size > 0),
+            )
+        except ValueError as exc:
+            raise RepositoryError(f"{config_path}: {exc}") from exc
+        hidden = sequence.hidden_inputs()
+        inputs = tuple(t for t in inputs if t.name not in hidden)  # the worker feeds these
     delay_us = 0
     if max_batch_size > 0:
         delay_us = DEFAULT_MAX_QUEUE_DELAY_US if config.max_queue_delay_us is None else config.max_queue_delay_us
@@ -594,7 +613,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         name=name,
         version=version,
         path=path,
-        inputs=signature.inputs,
+        inputs=inputs,
         outputs=signature.outputs,
         max_batch_size=max_batch_size,
         max_queue_delay_us=delay_us,
@@ -614,6 +633,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         cache_shared=config.cache_shared,
         tensors=config.tensors,
         policy=config.policy,
+        sequence=sequence,
     )
 
 
