@@ -104,7 +104,8 @@ def with_hidden_defaults(config: SequenceConfig, inputs: dict[str, Array], batch
 
 def _state_item(config: SequenceConfig, state: SequenceState, index: int, job: Job) -> Array:
     dtype = _dtype(state.datatype)
-    assert job.step is not None and job.step.state is not None
+    assert job.step is not None
+    assert job.step.state is not None
     if not job.step.state:  # the initial state
         return np.full(state.dims, state.initial, dtype=dtype)
     offset = 0

@@ -23,6 +23,7 @@ from meshserve.devkit.accumulator import write_accumulator
 from meshserve.devkit.examples import write_example_repository
 from meshserve.queue import ModelKeys, QueueProtocol
 from meshserve.queue.keys import SequenceKeys, sequence_member
+from meshserve.queue.sequences import WRITE_STATE, StepWrite, seq_reply_ack_command
 from meshserve.store.link import RedisLink
 from meshserve.tenancy.tenants import hash_key
 from protos import grpc_service_pb2 as pb
@@ -36,6 +37,7 @@ from tests.support import (
     release_serving,
     start_mesh,
     stop_mesh,
+    wait_queued,
 )
 
 RPC_TIMEOUT_S = 20
@@ -166,12 +168,11 @@ async def test_a_step_whose_worker_dies_mid_step_is_redelivered_against_the_stat
         await hold_serving(worker)
     keys = ModelKeys.for_model("accumulator", 1)
     call = asyncio.ensure_future(total(stub, step(5, 77), metadata=ACME))
-    async with asyncio.timeout(10):
-        while await redis.zcard(keys.ready) == 0:
-            await asyncio.sleep(0.01)
+    await wait_queued(redis, "accumulator", 1)
     link = RedisLink(redis_url)
     try:
-        dead = await QueueProtocol(link).claim(
+        queue = QueueProtocol(link)
+        dead = await queue.claim(
             keys,
             max_items=8,
             lease_ms=300,
@@ -179,24 +180,41 @@ async def test_a_step_whose_worker_dies_mid_step_is_redelivered_against_the_stat
             sequence_prefix=SequenceKeys.of(keys).state_prefix,
             sequence_idle_ms=60_000,
         )
+        assert len(dead.jobs) == 1
+        job_id = dead.jobs[0][0]
+        assert dead.steps[job_id].state == np.array([10], np.int64).tobytes()
+        for worker in mesh.workers:
+            release_serving(worker)
+        assert await call == 15  # redelivered and applied once, on 10
+        # The "dead" worker wakes up and answers with its stale lease: no state changes.
+        zombie = seq_reply_ack_command(
+            keys,
+            SequenceKeys.of(keys),
+            60_000,
+            "ms:{g:zombie}:replies",
+            [b"stale"],
+            [StepWrite(dead.token, job_id, WRITE_STATE, np.array([999], np.int64).tobytes())],
+        )
+        assert await link.pipeline([zombie]) == [0]  # nothing acked
     finally:
         await link.aclose()
-    assert len(dead.jobs) == 1 and dead.steps[dead.jobs[0][0]].state is not None
-    for worker in mesh.workers:
-        release_serving(worker)
-    assert await call == 15  # applied once, on 10
     assert await total(stub, step(1, 77, end=True), metadata=ACME) == 16
 
 
 async def test_an_idle_sequence_is_freed_and_its_next_step_names_the_timeout(
     stub: pb_grpc.GRPCInferenceServiceStub, redis: Redis
 ) -> None:
-    assert await total(stub, step(3, 5, start=True, model="short_lived"), metadata=ACME) == 3
     member = sequence_member("acme", "i5")
     key = SequenceKeys.for_model("short_lived", 1).state(member)
-    async with asyncio.timeout(5):
-        while await redis.exists(key):
-            await asyncio.sleep(0.05)  # Redis expires it on its own clock
+    await redis.config_set("notify-keyspace-events", "Ex")
+    async with redis.pubsub() as events:
+        await events.subscribe("__keyevent@0__:expired")
+        assert await total(stub, step(3, 5, start=True, model="short_lived"), metadata=ACME) == 3
+        assert 0 < await redis.pttl(key) <= 300
+        async with asyncio.timeout(5):  # Redis expires it on its own clock, and says so
+            async for event in events.listen():
+                if event["type"] == "message" and event["data"] == key.encode():
+                    break
     with pytest.raises(grpc.aio.AioRpcError) as idle:
         await stub.ModelInfer(step(1, 5, model="short_lived"), timeout=RPC_TIMEOUT_S, metadata=ACME)
     assert idle.value.code() == grpc.StatusCode.INVALID_ARGUMENT

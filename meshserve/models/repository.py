@@ -74,13 +74,13 @@ from meshserve.models.execution import (
     parse_engine,
     parse_execution,
 )
+from meshserve.models.sequence import SequenceConfig, bind_sequence, parse_sequence
 from meshserve.models.tensor_config import (
     NO_TENSOR_CONFIG,
     TensorConfig,
     check_tensor_config,
     parse_tensor_config,
 )
-from meshserve.models.sequence import SequenceConfig, bind_sequence, parse_sequence
 from meshserve.models.traffic import ALL_VERSIONS, TrafficSplit, VersionPolicy, parse_traffic, parse_version_policy
 from meshserve.models.warmup import WarmupSample, parse_warmup
 from meshserve.platform.mig import parse_mig_profile

@@ -98,7 +98,10 @@ def parse_sequence(raw: object) -> SequenceConfig | None:
 
 
 def bind_sequence(
-    config: SequenceConfig, inputs: dict[str, tuple[str, tuple[int, ...]]], outputs: dict[str, tuple[str, tuple[int, ...]]], batch_dims: int
+    config: SequenceConfig,
+    inputs: dict[str, tuple[str, tuple[int, ...]]],
+    outputs: dict[str, tuple[str, tuple[int, ...]]],
+    batch_dims: int,
 ) -> SequenceConfig:
     """``config`` with the graph's datatypes and dims; ``inputs``/``outputs`` map a
     graph tensor's name to (datatype, full shape). Raises ValueError naming the key."""
@@ -121,7 +124,9 @@ def bind_sequence(
                 f"{datatype} {list(dims)}"
             )
         if outputs[s.output][0] != datatype:
-            raise ValueError(f"'sequence.states' {s.input}: output {s.output!r} is {outputs[s.output][0]}, not {datatype}")
+            raise ValueError(
+                f"'sequence.states' {s.input}: output {s.output!r} is {outputs[s.output][0]}, not {datatype}"
+            )
         states.append(SequenceState(s.input, s.output, datatype, dims, s.initial))
     return SequenceConfig(
         config.idle_timeout_s, config.max_sequences, config.max_sequences_per_tenant, tuple(controls), tuple(states)

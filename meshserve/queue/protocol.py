@@ -37,7 +37,18 @@ from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.queue.keys import ModelKeys, worker_wake_key
 from meshserve.queue.replies import REPLY_TTL_S
-from meshserve.queue.scripts import ACK, CLAIM, ENQUEUE, EXTEND, REAP, RELEASE, REPLY_ACK, REWAKE, SEQ_REPLY_ACK, WITHDRAW
+from meshserve.queue.scripts import (
+    ACK,
+    CLAIM,
+    ENQUEUE,
+    EXTEND,
+    REAP,
+    RELEASE,
+    REPLY_ACK,
+    REWAKE,
+    SEQ_REPLY_ACK,
+    WITHDRAW,
+)
 from meshserve.store.link import Arg, Chunks, Command, RedisLink
 
 JOB_TTL_GRACE_MS = 60_000

@@ -108,9 +108,7 @@ def sequence_from_pb(message: mpb.ClientConfig) -> SequenceConfig | None:
         controls=tuple(
             SequenceControl(c.kind, c.input, c.datatype, (c.false_value, c.true_value)) for c in spec.controls
         ),
-        states=tuple(
-            SequenceState(s.input, s.output, s.datatype, tuple(s.dims), s.initial) for s in spec.states
-        ),
+        states=tuple(SequenceState(s.input, s.output, s.datatype, tuple(s.dims), s.initial) for s in spec.states),
     )
 
 
