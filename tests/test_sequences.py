@@ -28,6 +28,7 @@ from meshserve.store.link import RedisLink
 from meshserve.tenancy.tenants import hash_key
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from protos import model_config_pb2 as mc
 from tests.support import (
     Mesh,
     hold_serving,
@@ -266,3 +267,30 @@ async def test_a_sequence_model_needs_a_sequence_id(stub: pb_grpc.GRPCInferenceS
         await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S, metadata=ACME)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'sequence_id'" in (refused.value.details() or "")
+
+
+async def test_steps_over_model_stream_infer(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    call = stub.ModelStreamInfer(timeout=RPC_TIMEOUT_S, metadata=ACME)
+    sums = []
+    for i, value in enumerate([2, 3, 4]):
+        await call.write(step(value, "streamed", start=i == 0, end=i == 2))
+        response = await call.read()
+        assert response.error_message == ""
+        sums.append(int(output_arrays(response.infer_response)["sum"][0, 0]))
+    await call.done_writing()
+    assert sums == [2, 5, 9]
+
+
+async def test_model_config_reports_sequence_batching(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    config = (
+        await stub.ModelConfig(pb.ModelConfigRequest(name="short_lived"), timeout=RPC_TIMEOUT_S, metadata=ACME)
+    ).config
+    batching = config.sequence_batching
+    assert batching.max_sequence_idle_microseconds == 300_000
+    controls = {c.name: c.control[0] for c in batching.control_input}
+    assert list(controls["START"].int32_false_true) == [0, 1]
+    assert controls["CORRID"].data_type == mc.TYPE_INT64
+    (state,) = batching.state
+    assert (state.input_name, state.output_name, list(state.dims)) == ("state_in", "state_out", [1])
+    assert state.initial_state[0].zero_data
+    assert [i.name for i in config.input] == ["x"]  # the worker feeds the rest
