@@ -273,7 +273,8 @@ class Gateway:
             outputs = check_requested_outputs(call.message, model)
             queued_step = None
             if step is not None:  # one more round trip, for stateful models only (gateway/sequences.py)
-                queued_step = (await self.sequences.admit(model, tenant.name, step), step.flags)
+                member = await self.sequences.admit(model, tenant.name, step, packed.batch_size)
+                queued_step = (member, step.flags)
             waiting = self._queue_and_wait(
                 call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms, step=queued_step
             )

@@ -84,11 +84,16 @@ class Sequences:
     def __init__(self, redis: RedisLink) -> None:
         self.protocol = SequenceProtocol(redis)
 
-    async def admit(self, model: ModelInfo, tenant: str, step: Step) -> str:
-        """Admit ``step`` of the tenant's sequence; returns its member (for the enqueue).
-        Raises InvalidArgument (not live), ResourceExhausted (a cap) or Unavailable."""
+    async def admit(self, model: ModelInfo, tenant: str, step: Step, items: int) -> str:
+        """Admit ``step`` of the tenant's sequence, ``items`` its batch size; returns
+        its member (for the enqueue). Raises InvalidArgument (not live, or more than
+        one item), ResourceExhausted (a cap) or Unavailable."""
         config = model.sequence
         assert config is not None
+        if items != 1:
+            raise InvalidArgument(
+                f"model '{model.name}' is a sequence model: a step is one item (dim 0 of 1), got {items}"
+            )
         member = sequence_member(tenant, step.sequence_id)
         try:
             admitted = await self.protocol.admit(

@@ -594,6 +594,8 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
     except ValueError as exc:
         raise RepositoryError(f"{config_path}: {exc}") from exc
     inputs, sequence = signature.inputs, None
+    if config.sequence is not None and config.response_cache:
+        raise RepositoryError(f"{config_path}: 'response_cache' and 'sequence': a step's answer depends on its state")
     if config.sequence is not None:
         try:
             sequence = bind_sequence(
