@@ -294,3 +294,39 @@ async def test_model_config_reports_sequence_batching(stub: pb_grpc.GRPCInferenc
     assert (state.input_name, state.output_name, list(state.dims)) == ("state_in", "state_out", [1])
     assert state.initial_state[0].zero_data
     assert [i.name for i in config.input] == ["x"]  # the worker feeds the rest
+
+
+async def test_a_step_left_queued_holds_back_the_later_steps_of_its_sequence(link: RedisLink, redis: Redis) -> None:
+    """At the queue: a sequence's first step has another shape than the batch a claim
+    fills; its second step, of the batch's shape, must still wait for it."""
+    queue = QueueProtocol(link)
+    keys = ModelKeys.for_model("seq_order", 1)
+    member = sequence_member("t", "i1")
+    await redis.hset(SequenceKeys.of(keys).state(member), "v", b"")  # live (as SEQ_ADMIT leaves it)
+    far_ms = 2**42
+    for job_id, signature, flags in (("first", "a", "s"), ("second", "b", "")):
+        enqueued = await queue.enqueue(
+            keys,
+            job_id,
+            tier=1,
+            payload=b"p",
+            deadline_ms=far_ms,
+            tenant="t",
+            reply_to="replies",
+            signature=signature,
+            max_queue_size=0,
+            step=(member, flags),
+        )
+        assert enqueued.code == 1
+    options: dict[str, Any] = {
+        "max_items": 8,
+        "lease_ms": 60_000,
+        "worker_id": "w",
+        "sequence_prefix": SequenceKeys.of(keys).state_prefix,
+        "sequence_idle_ms": 60_000,
+    }
+    assert (await queue.claim(keys, signature="b", **options)).jobs == []
+    taken = await queue.claim(keys, **options)
+    assert [job_id for job_id, _ in taken.jobs] == ["first"]
+    assert taken.steps["first"].state == b""
+    assert (await queue.claim(keys, **options)).jobs == []  # its turn is not over

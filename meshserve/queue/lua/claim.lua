@@ -130,6 +130,8 @@ for i, id in ipairs(ids) do
       if room <= 0 then break end
     end
   end
+  -- A step left queued (another shape, no room) holds back the later steps of its sequence.
+  if meta[1] and meta[8] and seq_prefix ~= '' then turns[meta[8]] = true end
 end
 if probe ~= nil then
   if #taken == 0 then take(probe, probe_meta) else expire(probe, probe_meta) end
