@@ -42,6 +42,8 @@ STEPS_PER_SEQUENCE = 20
 SINGLE_CALLS = 300  # timed one at a time, for each kind
 CALL_TIMEOUT_S = 30.0
 
+Metadata = tuple[tuple[str, str], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class SequencePoint:
@@ -89,10 +91,12 @@ def step_request(sequence_id: int, index: int) -> pb.ModelInferRequest:
     return request
 
 
-async def timed_call(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, tally: Tally) -> None:
+async def timed_call(
+    stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, tally: Tally, metadata: Metadata = ()
+) -> None:
     start_ns = time.perf_counter_ns()
     try:
-        await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
+        await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
         code, details = OK, ""
     except grpc.aio.AioRpcError as exc:
         code, details = exc.code().name, str(exc.details())
@@ -115,18 +119,22 @@ async def one_at_a_time(stub: pb_grpc.GRPCInferenceServiceStub) -> dict[str, Cal
     return figures
 
 
-async def point(stub: pb_grpc.GRPCInferenceServiceStub, kind: str, clients: int, window: Window) -> SequencePoint:
+async def point(
+    stub: pb_grpc.GRPCInferenceServiceStub, kind: str, clients: int, window: Window, metadata: Metadata = ()
+) -> SequencePoint:
+    """``clients`` closed-loop clients of ``kind`` ("step": each runs sequences back to
+    back; "stateless") inside ``window``; ``metadata``: the calls' (an API key)."""
     tally = Tally(window)
     ids = itertools.count(1_000_000 * clients)
 
     async def client() -> None:
         while time.perf_counter_ns() < window.end_ns:
             if kind == "stateless":
-                await timed_call(stub, stateless_request(), tally)
+                await timed_call(stub, stateless_request(), tally, metadata)
                 continue
             sequence_id = next(ids)
             for index in range(STEPS_PER_SEQUENCE):
-                await timed_call(stub, step_request(sequence_id, index), tally)
+                await timed_call(stub, step_request(sequence_id, index), tally, metadata)
 
     await asyncio.gather(*(client() for _ in range(clients)))
     figures = tally.figures()

@@ -330,3 +330,16 @@ async def test_a_step_left_queued_holds_back_the_later_steps_of_its_sequence(lin
     assert [job_id for job_id, _ in taken.jobs] == ["first"]
     assert taken.steps["first"].state == b""
     assert (await queue.claim(keys, **options)).jobs == []  # its turn is not over
+
+
+async def test_the_sequences_bench_point_against_the_mesh(mesh: Mesh) -> None:
+    """The bench scenario's step loop (meshserve_bench/sequences.py), briefly: steps
+    counted, none failed."""
+    from meshserve_bench import sequences
+    from meshserve_bench.load import Window
+
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        point = await sequences.point(stub, "step", 2, Window.after(0.0, 0.3), metadata=ACME)
+    assert point.calls.ok > 0
+    assert point.calls.errors == {}
