@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import cast
 
+from meshserve.models.python_backend import PYTHON, PYTHON_FILENAME, PYTHON_PLATFORM
 from meshserve.models.repository import ModelInfo
 from meshserve.models.sequence import SequenceConfig
 from protos import model_config_pb2 as mc
@@ -29,12 +30,13 @@ def model_config(model: ModelInfo) -> mc.ModelConfig:
     skip = 1 if model.max_batch_size else 0
     formats = dict(model.tensors.formats)
     labels = dict(model.tensors.labels)
+    python = model.platform == PYTHON_PLATFORM  # as Triton's Python backend: no platform, backend python
     config = mc.ModelConfig(
         name=model.name,
-        platform=model.platform,
-        backend=BACKEND,
+        platform="" if python else model.platform,
+        backend=PYTHON if python else BACKEND,
         max_batch_size=model.max_batch_size,
-        default_model_filename=MODEL_FILENAME,
+        default_model_filename=PYTHON_FILENAME if python else MODEL_FILENAME,
         input=[
             mc.ModelInput(
                 name=t.name,

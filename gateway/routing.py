@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from meshserve.models.ensemble import ENSEMBLE_PLATFORM, Ensemble
 from meshserve.models.repository import ModelInfo
 from meshserve.models.traffic import TrafficSplit
-from meshserve.wire.routing import info_from_spec, split_from_pb
+from meshserve.wire.routing import ensemble_from_spec, info_from_spec, split_from_pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
 
@@ -37,6 +38,8 @@ class RoutingView:
     unloading: frozenset[tuple[str, int]] = frozenset()  # draining: refused, naming the state
     splits: dict[str, TrafficSplit] = field(default_factory=dict)  # by model (gateway/versions.py)
     evicted: frozenset[tuple[str, int]] = frozenset()  # not resident, not ready: loads on demand
+    ensembles: dict[tuple[str, int], Ensemble] = field(default_factory=dict)  # the valid ones (gateway/ensemble.py)
+    ensemble_names: frozenset[str] = frozenset()  # every ensemble's name, valid or not
 
     @classmethod
     def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
@@ -49,7 +52,9 @@ class RoutingView:
         unloading = frozenset((s.name, s.version) for s in table.models if s.state == "UNLOADING")
         splits = {s.model: split_from_pb(s) for s in table.splits}
         evicted = frozenset((s.name, s.version) for s in table.models if s.evicted and not s.ready)
-        return cls(table.generation, models, ready, latest, failed, unloading, splits, evicted)
+        ensembles = {(s.name, s.version): e for s in table.models if (e := ensemble_from_spec(s)) is not None}
+        names = frozenset(s.name for s in table.models if s.platform == ENSEMBLE_PLATFORM)
+        return cls(table.generation, models, ready, latest, failed, unloading, splits, evicted, ensembles, names)
 
     def all_ready(self) -> bool:
         """Whether there are models and every one of them is ready (strict readiness)."""

@@ -21,14 +21,16 @@ from opentelemetry import trace
 
 from gateway.cache import Probe, ResponseCache, with_id
 from gateway.core import Gateway
+from gateway.ensemble import infer_ensemble, is_ensemble
 from gateway.model_config import model_config
 from gateway.repository import RepositoryForwarder
-from gateway.request import infer_call
+from gateway.request import InferCall, infer_call
 from gateway.shm import SharedMemoryCall, SharedMemoryRegistry, region_status
 from gateway.statistics import model_statistics
 from gateway.stream import InferStream
 from meshserve import __version__
 from meshserve.errors import Internal, MeshError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from meshserve.models.ensemble import ENSEMBLE_PLATFORM
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import CacheMetrics, GatewayMetrics, LabelMemo
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
@@ -255,7 +257,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:  # noqa: N802
         model = await self._resolve_for_tenant(request.name, request.version, context)
-        return pb.ModelConfigResponse(config=model_config(model))
+        config = model_config(model)
+        if model.platform == ENSEMBLE_PLATFORM:  # no file, no backend: the steps are other models
+            config.backend, config.default_model_filename = "", ""
+        return pb.ModelConfigResponse(config=config)
 
     # -------------------------------------------------------------- inference
 
@@ -378,7 +383,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     if hit is not None:
                         code = grpc.StatusCode.OK
                         return stream_response(hit) if streamed else hit
-                answer = await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant)
+                answer = await self._run(call, deadline_ms, tenant)
                 code = grpc.StatusCode.OK
                 version = answer.message.version
                 self._labelled(self.metrics.version_requests, request.model_name, str(version)).inc()
@@ -395,6 +400,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
         return await self._encode(answer, request, probe, shared, streamed)
+
+    async def _run(self, call: InferCall, deadline_ms: float, tenant: Tenant) -> Unframed:
+        """The model's one call, or an ensemble's steps (gateway/ensemble.py), each step
+        traced and counted under its own model."""
+        if not is_ensemble(self.gateway, call.model_name):
+            return await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant)
+        tracer = self.tracer if self.tracing else None
+        return await infer_ensemble(
+            self.gateway, call, deadline_ms=deadline_ms, tenant=tenant, tracer=tracer, count=self._count_step
+        )
+
+    def _count_step(self, model: str, code: str) -> None:
+        self._labelled(self.metrics.requests, model, code).inc()
 
     async def _encode(
         self,

@@ -20,13 +20,16 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from meshserve.models.repository import load_model
+from meshserve.models.python_backend import PYTHON
+from meshserve.models.repository import ModelInfo, load_model
 from meshserve.queue import ModelKeys
 from meshserve.settings import WorkerSettings
 from model_workers.engines import SPIN_OFF, EngineSetting
 from model_workers.held import HeldModels, ModelKey
 from model_workers.leases import Leases
 from model_workers.memory import PeakMemoryProbe, warm_up_measured
+from model_workers.python_runner import PythonModel, refuse_unless_allowed
+from model_workers.runners import ModelRunner
 from model_workers.serve_loop import ServeLoop
 from model_workers.served import Served
 from model_workers.session import LoadedModel
@@ -145,13 +148,15 @@ class AssignmentFollower:
         await asyncio.gather(*changes, return_exceptions=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
 
-    def load(self, name: str, version: int) -> LoadedModel:
+    def load(self, name: str, version: int) -> ModelRunner:
         """Read, load and warm up one model version; runs in the loader thread."""
         started_s = time.perf_counter()
         path = self._paths.get((name, version))
         repository = self._settings.model_repository
         model_dir = (repository / path).parent.parent if path else repository / name
         info = load_model(model_dir, version)
+        if info.backend == PYTHON:
+            return self._load_python(info, started_s)
         flags = (self._settings.intra_op_threads, self._settings.intra_op_spinning)
         threads, spin = fixed_setting(*flags, info.engine)
         model = LoadedModel(info, device=self._settings.device, engine=EngineSetting(threads or 0, spin or SPIN_OFF))
@@ -162,6 +167,20 @@ class AssignmentFollower:
         self._warmup_ms[(info.name, info.version)] = took_s * 1000
         self.load_ms[(info.name, info.version)] = (time.perf_counter() - started_s) * 1000
         log.info("loaded %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)
+        return model
+
+    def _load_python(self, info: ModelInfo, started_s: float) -> ModelRunner:
+        """Start a Python model's processes (only when the operator allowed it) and warm it up."""
+        refuse_unless_allowed(info, self._settings.allow_python_models)
+        model = PythonModel(info)
+        try:
+            took_s = model.warm_up()
+        except BaseException:
+            model.close()  # instances already started
+            raise
+        self._warmup_ms[(info.name, info.version)] = took_s * 1000
+        self.load_ms[(info.name, info.version)] = (time.perf_counter() - started_s) * 1000
+        log.info("loaded Python model %s version %d, warm-up %.0f ms", info.name, info.version, took_s * 1000)
         return model
 
     async def _load_and_serve(self, key: ModelKey) -> None:
@@ -180,6 +199,7 @@ class AssignmentFollower:
         warmup_ms = self._warmup_ms.pop(key, 0.0)
         if self._stopping.is_set() or key not in self._assigned:
             log.info("model %s version %d loaded but no longer assigned; not serving it", name, version)
+            await asyncio.to_thread(model.close)
             return
         keys = ModelKeys.for_model(name, version)
         served = Served(
@@ -212,6 +232,7 @@ class AssignmentFollower:
             await served.idle.wait()
             await self._leases.flushed()
             self._held.remove(key)
+            await asyncio.to_thread(served.model.close)  # a Python model's processes end here (finalize)
         finally:
             self._dropping.pop(key, None)
         log.info("dropped model %s version %d: the router placed it elsewhere, or evicted it for room", *key)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from meshserve.platform import inventory
-from model_workers.session import LoadedModel
+from model_workers.runners import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def probe_for(device_id: str) -> PeakMemoryProbe:
     return HostPeakRss() if device_id == "cpu" else UnmeasuredGpu()
 
 
-def warm_up_measured(model: LoadedModel, probe: PeakMemoryProbe) -> tuple[float, int]:
+def warm_up_measured(model: ModelRunner, probe: PeakMemoryProbe) -> tuple[float, int]:
     """Warm ``model`` up (max batch included) under ``probe``.
 
     Returns (warm-up seconds, activation bytes); 0 bytes means not measured. Runs

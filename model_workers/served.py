@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from meshserve.queue import ModelKeys
 from meshserve.queue.keys import SequenceKeys
-from model_workers.session import LoadedModel
+from model_workers.runners import ModelRunner
 from model_workers.statistics import ModelStatistics
 
 COMPUTE_HALF_LIFE_BATCHES = 3.0
@@ -69,7 +69,7 @@ class ModelStats:
 
 @dataclass(slots=True)
 class Served:
-    model: LoadedModel
+    model: ModelRunner
     keys: ModelKeys
     stats: ModelStats = field(default_factory=ModelStats)
     statistics: ModelStatistics = field(default_factory=ModelStatistics)  # Triton's, for the report
@@ -129,7 +129,11 @@ class Served:
         """Whether the next batch runs on the event loop's thread: while the recent
         batches and the last one took under ``INLINE_COMPUTE_MS``; never before one
         batch has shown how long the model takes. Bounded by ``INLINE_LIMIT_MS``."""
-        return 0.0 < self.compute_ms_avg <= INLINE_COMPUTE_MS and self.last_compute_ms <= INLINE_COMPUTE_MS
+        return (
+            self.model.may_run_inline
+            and 0.0 < self.compute_ms_avg <= INLINE_COMPUTE_MS
+            and self.last_compute_ms <= INLINE_COMPUTE_MS
+        )
 
     def at_capacity(self) -> bool:
         """Whether ``info.instances`` batches are in hand: claim no more until one ends."""

@@ -54,6 +54,8 @@ class InferenceSession(Protocol):
 class LoadedModel:
     """A model held by a worker. ``ready`` only after load, warm-up and a sanity check."""
 
+    may_run_inline = True  # a quick model's batches may run on the event loop's thread (served.py)
+
     def __init__(
         self,
         info: ModelInfo,
@@ -91,6 +93,9 @@ class LoadedModel:
     def on_cpu(self) -> bool:
         """Whether the session runs on ONNX Runtime's CPU provider alone (thread settings matter)."""
         return self.providers == (engines.CPU,)
+
+    def close(self) -> None:
+        """Nothing to end: the session goes with the last reference to it."""
 
     def use_engine(self, engine: engines.EngineSetting) -> None:
         """Rebuild the session under ``engine``; only before the model is served

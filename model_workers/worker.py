@@ -182,6 +182,8 @@ class Worker:
         await self.reporter.flushed()
         await self.serve_loop.close()
         self.compute.close()
+        for served in self.held.served.values():  # after the last run: a Python model's processes end
+            await asyncio.to_thread(served.model.close)
 
     # ------------------------------------------------------------ wiring
 

@@ -133,7 +133,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared", "client_config")
+    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared", "client_config", "ensemble_steps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class ModelSpec(_message.Message):
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
     CACHE_SHARED_FIELD_NUMBER: _ClassVar[int]
     CLIENT_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     platform: str
@@ -172,7 +173,8 @@ class ModelSpec(_message.Message):
     response_cache: bool
     cache_shared: bool
     client_config: ClientConfig
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ..., client_config: _Optional[_Union[ClientConfig, _Mapping]] = ...) -> None: ...
+    ensemble_steps: _containers.RepeatedCompositeFieldContainer[EnsembleStep]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ..., client_config: _Optional[_Union[ClientConfig, _Mapping]] = ..., ensemble_steps: _Optional[_Iterable[_Union[EnsembleStep, _Mapping]]] = ...) -> None: ...
 
 class ClientConfig(_message.Message):
     __slots__ = ("input_formats", "label_filenames", "instances", "device", "version_policy", "latest_versions", "specific_versions", "sequence")
@@ -247,6 +249,26 @@ class SequenceSpec(_message.Message):
     controls: _containers.RepeatedCompositeFieldContainer[SequenceSpec.Control]
     states: _containers.RepeatedCompositeFieldContainer[SequenceSpec.State]
     def __init__(self, idle_timeout_ms: _Optional[int] = ..., max_sequences: _Optional[int] = ..., max_sequences_per_tenant: _Optional[int] = ..., controls: _Optional[_Iterable[_Union[SequenceSpec.Control, _Mapping]]] = ..., states: _Optional[_Iterable[_Union[SequenceSpec.State, _Mapping]]] = ...) -> None: ...
+
+class EnsembleStep(_message.Message):
+    __slots__ = ("model", "version", "input_map", "output_map")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_MAP_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_MAP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    input_map: _containers.RepeatedCompositeFieldContainer[TensorMapping]
+    output_map: _containers.RepeatedCompositeFieldContainer[TensorMapping]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input_map: _Optional[_Iterable[_Union[TensorMapping, _Mapping]]] = ..., output_map: _Optional[_Iterable[_Union[TensorMapping, _Mapping]]] = ...) -> None: ...
+
+class TensorMapping(_message.Message):
+    __slots__ = ("step_tensor", "ensemble_tensor")
+    STEP_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    step_tensor: str
+    ensemble_tensor: str
+    def __init__(self, step_tensor: _Optional[str] = ..., ensemble_tensor: _Optional[str] = ...) -> None: ...
 
 class TrafficSplit(_message.Message):
     __slots__ = ("model", "weights", "sticky_by", "shadow_version", "shadow_share")

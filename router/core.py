@@ -27,6 +27,10 @@ recently used that may go. A model once evicted is flagged (``TableSnapshot.evic
 those of them placed now. ``queued`` (set by the router's server from the queue depths)
 and the requests a worker reported since its last report keep a model resident.
 
+Ensembles (meshserve/models/ensemble.py) are in the table like models but never
+placed: a valid one is READY while every step's version is, UNAVAILABLE while a
+step's has failed (naming the step); an invalid one comes in ``unservable``.
+
 A model that moves is handed over make-before-break: a worker that reports it
 ready keeps it in its assignment until a worker on the device it is placed on
 reports it ready, so it never goes unready just because it moved.
@@ -40,9 +44,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
+from meshserve.models.ensemble import Ensemble
 from meshserve.models.repository import ModelInfo
 from meshserve.models.traffic import TrafficSplit
-from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, ModelKey, Placement, Slot, demand_for
+from router.placement import DEFAULT_HEADROOM_RATIO, Footprint, ModelKey, Placement, Slot, demand_for, placeable
 from router.residency import DEFAULT_MIN_RESIDENCY_S, HOT_QUEUE_WAIT_S, ResidencyBook, ResidencyFigures
 from router.splits import Splits
 
@@ -95,6 +100,7 @@ class TableSnapshot:
     loading: frozenset[ModelKey] = frozenset()  # of those, placed now: a worker loads it
     load_ms: Mapping[ModelKey, int] = field(default_factory=dict)  # measured load and warm-up
     reasons: Mapping[ModelKey, str] = field(default_factory=dict)  # evicted, not loading: why
+    ensembles: Mapping[ModelKey, Ensemble] = field(default_factory=dict)  # the valid ones, by version
 
     def state(self, key: ModelKey) -> str:
         """Triton's name for a version's state: READY, UNLOADING, UNAVAILABLE (failed,
@@ -122,10 +128,13 @@ class RouterCore:
         headroom_ratio: float = DEFAULT_HEADROOM_RATIO,
         unservable: Mapping[ModelKey, str] | None = None,
         min_residency_s: float = DEFAULT_MIN_RESIDENCY_S,
+        ensembles: Mapping[ModelKey, Ensemble] | None = None,
     ) -> None:
         """``unservable``: versions in ``models`` that the repository could not read,
-        with the problem: listed, never placed, always failed."""
+        with the problem: listed, never placed, always failed. ``ensembles``: those
+        of ``models`` that are valid ensembles, READY while every step's version is."""
         self._clock = clock
+        self.ensembles = dict(ensembles or {})
         self._unservable = dict(unservable or {})
         self.headroom_ratio = headroom_ratio
         self.footprints: dict[ModelKey, Footprint] = {}  # latest reported, per model version
@@ -167,6 +176,7 @@ class RouterCore:
             self._loading,
             dict(self.load_ms),
             reasons,
+            self.ensembles,
         )
 
     async def set_models(
@@ -175,11 +185,13 @@ class RouterCore:
         *,
         unservable: Mapping[ModelKey, str] | None = None,
         unloading: frozenset[ModelKey] = frozenset(),
+        ensembles: Mapping[ModelKey, Ensemble] | None = None,
     ) -> None:
         """Replace the model set (router/lifecycle.py): recompute the placement and
         publish a new table generation. ``unloading``: versions still placed (workers
         drain their queues) but never ready in the table, so gateways refuse them."""
         self.models = {(m.name, m.version): m for m in models}
+        self.ensembles = dict(ensembles or {})
         self._unservable = dict(unservable or {})
         self._unloading = unloading & frozenset(self.models)
         self.footprints = {key: f for key, f in self.footprints.items() if key in self.models}
@@ -333,7 +345,7 @@ class RouterCore:
         demands = tuple(
             demand_for(info, self.footprints.get(key))
             for key, info in sorted(self.models.items())
-            if key not in self._unservable
+            if key not in self._unservable and placeable(info)
         )
         pinned = frozenset(key for key, info in self.models.items() if info.pinned)
         waits = {key: rate.mean_queue_wait_s for key, rate in self.load_rates().items()}
@@ -465,6 +477,7 @@ class RouterCore:
             if key not in unplaceable and key not in self._unloading
         )
         failed = self._failures(ready, unplaceable)
+        ready, failed = self._with_ensembles(ready, failed)
         placed = frozenset(key for _, keys in self.placement.assignments for key in keys)
         # Not "evicted since last ready": a worker's report of a model it is about to
         # drop would end that too soon, and the model would read as plainly not ready.
@@ -481,6 +494,23 @@ class RouterCore:
                 self._evicted, self._loading = evicted, loading
                 self._generation += 1
                 self._changed.notify_all()
+
+    def _with_ensembles(
+        self, ready: frozenset[ModelKey], failed: dict[ModelKey, str]
+    ) -> tuple[frozenset[ModelKey], dict[ModelKey, str]]:
+        """An ensemble is ready while every step's version is, and UNAVAILABLE while a
+        step's has failed (the reason names the step)."""
+        more = set()
+        for key, ensemble in self.ensembles.items():
+            steps = [(step.model, step.version) for step in ensemble.steps]
+            if key not in self._unloading and all(step in ready for step in steps):
+                more.add(key)
+                continue
+            for number, step in enumerate(steps, start=1):
+                if step in failed:
+                    failed[key] = f"step {number} (model '{step[0]}' version {step[1]}) is UNAVAILABLE: {failed[step]}"
+                    break
+        return ready | more, failed
 
     def _failures(self, ready: frozenset[ModelKey], unplaceable: frozenset[ModelKey]) -> dict[ModelKey, str]:
         """Models not ready that failed to load on a live worker, or that fit no device;

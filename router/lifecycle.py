@@ -26,6 +26,11 @@ whole into the managed directory (``--managed-repository``; default ``.managed``
 inside the repository, which scans skip), validated before it replaces what was
 there (router/managed.py); workers load it from the path the routing table gives them.
 
+Ensembles (meshserve/models/ensemble.py) are checked against the servable versions
+after every change: one naming a model, version or tensor there is not is UNAVAILABLE
+with the reason, and comes back by itself once the model does. Unloading a model with
+``unload_dependents`` unloads the ensembles that name it too (else they go UNAVAILABLE).
+
 One change at a time (a lock): an RPC waits for a poll's rescan and vice versa.
 """
 
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Protocol
 
 from meshserve.errors import InvalidArgument, NotFound, Unavailable
+from meshserve.models.ensemble import Ensemble, EnsembleDir, check_ensembles, ensemble_info, read_ensemble_dir
 from meshserve.models.remote import sync_repository
 from meshserve.models.repository import (
     ModelInfo,
@@ -120,6 +126,9 @@ class RepositoryManager:
         self._unloading: set[ModelKey] = set()
         self._unloaded: dict[ModelKey, str] = {}
         self._problems: set[str] = set()
+        self._ensemble_dirs: dict[str, EnsembleDir] = {}
+        self._ensembles: dict[ModelKey, Ensemble] = {}  # the valid ones
+        self._ensemble_failures: dict[ModelKey, str] = {}
         self._lock = asyncio.Lock()
         if remote:
             self._sync()
@@ -130,6 +139,7 @@ class RepositoryManager:
                 log.error("--load-model %s: no such model directory in %s", name, repository)
                 continue
             self._take(name, self._scan(model_dir), model_dir)
+        self._check_ensembles()
 
     def bind(self, core: RouterCore) -> None:
         """The core built from :meth:`table_models`; the changes go there from now on."""
@@ -137,10 +147,27 @@ class RepositoryManager:
 
     def table_models(self) -> list[ModelInfo]:
         """Every version in the table: the servable ones and stand-ins for the rest."""
-        return [*self._infos.values(), *self._stand_ins.values()]
+        ensembles = [
+            ensemble_info(found.name, version, found.path, self._ensembles.get((found.name, version)))
+            for found in self._ensemble_dirs.values()
+            for version in found.versions
+        ]
+        return [*self._infos.values(), *self._stand_ins.values(), *ensembles]
 
     def unservable(self) -> dict[ModelKey, str]:
-        return dict(self._unservable)
+        return {**self._unservable, **self._ensemble_failures}
+
+    def ensembles(self) -> dict[ModelKey, Ensemble]:
+        """The valid ensembles' versions (for the core's readiness and routing table)."""
+        return dict(self._ensembles)
+
+    def _check_ensembles(self) -> None:
+        """Every ensemble against the servable versions now; a new reason logged once."""
+        before = self._ensemble_failures
+        self._ensembles, self._ensemble_failures = check_ensembles(self._ensemble_dirs.values(), self._infos)
+        for key, why in sorted(self._ensemble_failures.items()):
+            if before.get(key) != why:
+                log.error("ensemble %s version %d is UNAVAILABLE: %s", *key, why)
 
     # ------------------------------------------------------------ the index
 
@@ -197,6 +224,8 @@ class RepositoryManager:
             await self._apply(name, scan, model_dir)
         log.info("model %s loaded from %s: %d version(s)", name, model_dir, len(scan.models))
         keys = [(m.name, m.version) for m in scan.models]
+        found = self._ensemble_dirs.get(name)
+        keys += [(name, version) for version in (found.versions if found else ())]
         wait_s = LOAD_WAIT_S if timeout_s is None else timeout_s
         snap = await self._bound().wait_settled([*keys, *scan.unservable], wait_s)
         if snap is None:
@@ -208,16 +237,26 @@ class RepositoryManager:
             raise Unavailable(f"load failed for model '{name}': " + ("; ".join(failed) or "no version to serve"))
         return snap.generation
 
-    async def unload(self, name: str) -> int:
+    async def unload(self, name: str, *, dependents: bool = False) -> int:
         """Drain every version of ``name``, then take it out of the table (UNAVAILABLE
-        "unloaded"). A model known but not loaded: nothing to do. Raises Unavailable
-        outside explicit mode, NotFound for a model the router never knew."""
+        "unloaded"); ``dependents``: the ensembles naming it too. A model known but not
+        loaded: nothing to do. Raises Unavailable outside explicit mode, NotFound for a
+        model the router never knew."""
         self._explicit_only("unload")
         async with self._lock:
             known = {key for key in [*self._infos, *self._unservable, *self._unloaded] if key[0] == name}
-            if not known and not (self.repository / name).is_dir():
+            if not known and name not in self._ensemble_dirs and not (self.repository / name).is_dir():
                 raise NotFound(f"unknown model '{name}'")
-            await self._apply(name, RepositoryScan([], [], {}), self.repository / name)
+            names = [name]
+            if dependents:
+                names += sorted(
+                    found.name
+                    for found in self._ensemble_dirs.values()
+                    if found.config is not None and any(step.model == name for step in found.config.steps)
+                )
+            for each in names:
+                self._drop_ensemble(each)
+                await self._apply(each, RepositoryScan([], [], {}), self.repository / each)
         log.info("model %s unloaded", name)
         return self._bound().snapshot().generation
 
@@ -236,6 +275,8 @@ class RepositoryManager:
             if self.remote:
                 await asyncio.to_thread(self._sync)
             names = await asyncio.to_thread(model_names, self.repository)
+            for gone in set(self._ensemble_dirs) - set(names):
+                self._drop_ensemble(gone)
             loaded = {key[0] for key in [*self._infos, *self._unservable]}
             for name in sorted(set(names) | loaded):
                 model_dir = self.repository / name
@@ -316,9 +357,19 @@ class RepositoryManager:
             )
 
     async def _publish(self) -> None:
+        self._check_ensembles()
         await self._bound().set_models(
-            self.table_models(), unservable=self._unservable, unloading=frozenset(self._unloading)
+            self.table_models(),
+            unservable=self.unservable(),
+            unloading=frozenset(self._unloading),
+            ensembles=self.ensembles(),
         )
+
+    def _drop_ensemble(self, name: str) -> None:
+        """``name``'s ensemble (if it is one) leaves the table: "unloaded"."""
+        found = self._ensemble_dirs.pop(name, None)
+        for version in found.versions if found else ():
+            self._unloaded[name, version] = UNLOADED
 
     # ------------------------------------------------------------ files
 
@@ -342,6 +393,13 @@ class RepositoryManager:
     def _scan(self, model_dir: Path) -> RepositoryScan:
         """One model directory, its new problems logged once."""
         scan = scan_model_dir(model_dir)
+        found = read_ensemble_dir(model_dir) if model_dir.is_dir() else None
+        if found is not None:
+            self._ensemble_dirs[model_dir.name] = found
+            for version in found.versions:
+                self._unloaded.pop((found.name, version), None)
+        else:
+            self._ensemble_dirs.pop(model_dir.name, None)
         for problem in scan.problems:
             if problem not in self._problems:
                 log.error("model repository: %s", problem)

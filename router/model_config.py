@@ -14,7 +14,7 @@ naming the field, so an override is never half applied:
     version_policy (latest / all / specific)        versions
     instance_group[].count, .kind         instances (summed), placement.device
     input[] / output[] name, data_type, dims        checked against the ONNX graph
-    input[].format, output[].label_filename         inputs.<name>.format, outputs.<name>.label_filename
+    input[].format, output[].label_filename         input[].format, output[].label_filename
 
 Triton's JSON writes 64-bit integers as strings; both forms are read.
 """
@@ -46,7 +46,7 @@ _TOP = frozenset(
 _BATCHING = frozenset({"max_queue_delay_microseconds", "preferred_batch_size", "default_queue_policy"})
 _INSTANCE = frozenset({"count", "kind", "name"})
 _TENSOR = frozenset({"name", "data_type", "dims"})
-_CLIENT_KEYS = {"input": ("format", "inputs"), "output": ("label_filename", "outputs")}
+_CLIENT_KEYS = {"input": "format", "output": "label_filename"}
 _KINDS = {"KIND_CPU": "cpu", "KIND_GPU": "gpu", "KIND_AUTO": "any"}
 
 
@@ -111,19 +111,19 @@ def parse_triton_config(text: str, model: str) -> TritonConfig:
 
 
 def _client_setting(entries: list[dict[str, Any]], role: str) -> dict[str, Any]:
-    """``input[].format`` / ``output[].label_filename`` as config.yaml's ``inputs`` /
-    ``outputs`` (checked there: meshserve/models/tensor_config.py); FORMAT_NONE and
-    an empty file name say nothing."""
-    key, section = _CLIENT_KEYS[role]
-    found = {}
+    """``input[].format`` / ``output[].label_filename`` as config.yaml's ``input`` /
+    ``output`` entries (checked there: meshserve/models/tensor_config.py); FORMAT_NONE
+    and an empty file name say nothing."""
+    key = _CLIENT_KEYS[role]
+    found = []
     for entry in entries:
         value = entry.get(key)
         if key == "format" and isinstance(value, str):
             value = value.removeprefix("FORMAT_")
             value = None if value == "NONE" else value
         if value:
-            found[entry["name"]] = {key: value}
-    return {section: found} if found else {}
+            found.append({"name": entry["name"], key: value})
+    return {role: found} if found else {}
 
 
 def check_tensors(config: TritonConfig, models: Sequence[ModelInfo]) -> None:
@@ -234,7 +234,7 @@ def _instances(value: object) -> dict[str, Any]:
 
 def _tensor(value: object, role: str, index: int) -> TensorClaim:
     raw = _object(value, f"{role}[{index}]")
-    _known(raw, _TENSOR | {_CLIENT_KEYS[role][0]}, f"{role}[{index}].")
+    _known(raw, _TENSOR | {_CLIENT_KEYS[role]}, f"{role}[{index}].")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidArgument(f"config '{role}[{index}].name': a tensor name is required")

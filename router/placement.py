@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from meshserve.models.ensemble import ENSEMBLE_PLATFORM
 from meshserve.models.repository import ModelInfo
 from meshserve.platform.mig import parse_mig_profile
 
@@ -127,6 +128,12 @@ def estimate_bytes(info: ModelInfo, footprint: Footprint | None) -> int:
     if footprint is not None and footprint.activation_bytes > 0:
         return weights + footprint.activation_bytes
     return weights * UNMEASURED_FACTOR
+
+
+def placeable(info: ModelInfo) -> bool:
+    """Whether ``info`` is placed on a device at all: an ensemble (its steps' models
+    are placed, the gateway runs the steps) never is."""
+    return info.platform != ENSEMBLE_PLATFORM
 
 
 def demand_for(info: ModelInfo, footprint: Footprint | None) -> Demand:

@@ -62,6 +62,7 @@ class RouterServer:
             headroom_ratio=settings.placement_headroom_ratio,
             unservable=self.repository.unservable(),
             min_residency_s=settings.min_residency_s,
+            ensembles=self.repository.ensembles(),
         )
         self.repository.bind(self.core)
         # RepositoryModelLoad carries model files: room for them, and for the rest of the message

@@ -14,7 +14,13 @@ import grpc
 
 from meshserve.errors import InvalidArgument, MeshError
 from meshserve.models.repository import ModelInfo
-from meshserve.wire.routing import GENERATION_TRAILER, spec_from_info, split_from_pb, split_to_pb
+from meshserve.wire.routing import (
+    GENERATION_TRAILER,
+    ensemble_steps_to_pb,
+    spec_from_info,
+    split_from_pb,
+    split_to_pb,
+)
 from protos import grpc_service_pb2 as pb
 from protos import meshserve_pb2 as mpb
 from protos import meshserve_pb2_grpc as mpb_grpc
@@ -54,6 +60,8 @@ class RouterServicer(mpb_grpc.RouterServicer):
                 m, ready=key in snap.ready, repository=self.repository, load_error=snap.failed.get(key, "")
             )
             spec.state = snap.state(key)
+            if (ensemble := snap.ensembles.get(key)) is not None:
+                spec.ensemble_steps.extend(ensemble_steps_to_pb(ensemble))
             table.models.append(_with_residency(spec, m, snap))
         table.splits.extend(split_to_pb(split) for split in snap.splits)
         return table
@@ -160,7 +168,9 @@ class RouterServicer(mpb_grpc.RouterServicer):
         request: pb.RepositoryModelUnloadRequest,
         context: grpc.aio.ServicerContext[pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse],
     ) -> pb.RepositoryModelUnloadResponse:
-        generation = await answer(context, self._models().unload(request.model_name))
+        # Triton's parameter: unload the ensembles that name this model as well
+        dependents = "unload_dependents" in request.parameters and request.parameters["unload_dependents"].bool_param
+        generation = await answer(context, self._models().unload(request.model_name, dependents=dependents))
         context.set_trailing_metadata(((GENERATION_TRAILER, str(generation)),))
         return pb.RepositoryModelUnloadResponse()
 

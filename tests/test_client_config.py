@@ -25,8 +25,8 @@ dynamic_batching: {max_queue_delay_ms: 1.5, preferred_batch_sizes: [4, 8], max_q
 instances: 2
 placement: {device: cpu}
 version_policy: {latest: 1}
-inputs: {image: {format: NCHW}}
-outputs: {logits: {label_filename: labels.txt}}
+input: [{name: image, format: NCHW}]
+output: [{name: logits, label_filename: labels.txt}]
 """
 
 
@@ -72,7 +72,7 @@ def test_defaults_without_config(tmp_path: Path) -> None:
 
 
 def test_specific_policy_and_nhwc(tmp_path: Path) -> None:
-    write_classifier(tmp_path, "version_policy: {specific: [1]}\ninputs: {image: {format: NHWC}}\n")
+    write_classifier(tmp_path, "version_policy: {specific: [1]}\ninput: [{name: image, format: NHWC}]\n")
     config = model_config(load_model(tmp_path / "cnn", 1))
     assert list(config.version_policy.specific.versions) == [1]
     assert config.input[0].format == mc.ModelInput.FORMAT_NHWC
@@ -81,14 +81,15 @@ def test_specific_policy_and_nhwc(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ("inputs: {image: {format: CHW}}\n", "'inputs.image.format' must be one of NCHW, NHWC"),
-        ("inputs: {image: {layout: NCHW}}\n", "unknown key 'inputs.image.layout'"),
-        ("inputs: {pixels: {format: NCHW}}\n", "'inputs.pixels': the graph has no input 'pixels'"),
-        ("inputs: [image]\n", "'inputs' must be a mapping"),
-        ("outputs: {logits: {label_filename: missing.txt}}\n", "no file 'missing.txt'"),
-        ("outputs: {logits: {label_filename: ../labels.txt}}\n", "must be a plain file name"),
-        ("outputs: {probs: {label_filename: labels.txt}}\n", "the graph has no output 'probs'"),
-        ("outputs: {logits: {labels: labels.txt}}\n", "unknown key 'outputs.logits.labels'"),
+        ("input: [{name: image, format: CHW}]\n", "'input[0].format' must be one of NCHW, NHWC"),
+        ("input: [{name: image, layout: NCHW}]\n", "unknown key 'input[0].layout'"),
+        ("input: [{name: pixels, format: NCHW}]\n", "'input' 'pixels': the graph has no input 'pixels'"),
+        ("input: {image: {format: NCHW}}\n", "'input' must be a list of entries with a name"),
+        ("input: [{name: image, datatype: FP32}]\n", "datatype and dims are declared for 'backend: python' only"),
+        ("output: [{name: logits, label_filename: missing.txt}]\n", "no file 'missing.txt'"),
+        ("output: [{name: logits, label_filename: ../labels.txt}]\n", "must be a plain file name"),
+        ("output: [{name: probs, label_filename: labels.txt}]\n", "the graph has no output 'probs'"),
+        ("output: [{name: logits, labels: labels.txt}]\n", "unknown key 'output[0].labels'"),
     ],
 )
 def test_config_yaml_sections_are_checked(tmp_path: Path, config: str, message: str) -> None:
@@ -100,7 +101,7 @@ def test_config_yaml_sections_are_checked(tmp_path: Path, config: str, message: 
 
 def test_format_needs_three_dims(tmp_path: Path) -> None:
     write_example_repository(tmp_path, ["mlp"])
-    (tmp_path / "mlp" / "config.yaml").write_text("inputs: {features: {format: NCHW}}\n")
+    (tmp_path / "mlp" / "config.yaml").write_text("input: [{name: features, format: NCHW}]\n")
     with pytest.raises(RepositoryError, match="needs 3 dims beside the batch dim, the graph's input has 1"):
         load_model(tmp_path / "mlp", 1)
 
@@ -116,8 +117,8 @@ def test_triton_json_config_format_and_labels_map_onto_config_yaml() -> None:
         "cnn",
     )
     assert config.yaml == {
-        "inputs": {"image": {"format": "NCHW"}},
-        "outputs": {"logits": {"label_filename": "labels.txt"}},
+        "input": [{"name": "image", "format": "NCHW"}],
+        "output": [{"name": "logits", "label_filename": "labels.txt"}],
     }
     with pytest.raises(InvalidArgument, match=r"config 'output\[0\]\.format'"):
         parse_triton_config(json.dumps({"output": [{"name": "logits", "format": "FORMAT_NCHW"}]}), "cnn")

@@ -101,6 +101,7 @@ UP_WORKER_FORWARDED = (
     "price_per_device_hour",
     "health_host",
     "memory_budget_mb",
+    "allow_python_models",
 )
 UP_ROUTER_FORWARDED = (
     "model_control_mode",
@@ -232,11 +233,12 @@ class Child:
 
 
 def run_up(args: argparse.Namespace, tls: TlsConfig | None = None) -> int:
-    from meshserve.devkit.examples import default_repository_dir, write_example_repository
+    from meshserve.devkit.examples import default_repository_dir, write_example_repository, write_python_examples
 
     repository = Path(args.model_repository) if args.model_repository else None
     if repository is None:
         repository = write_example_repository(default_repository_dir())
+        write_python_examples(repository, bool(getattr(args, "allow_python_models", False)))
         log.info("no --model-repository: serving the example models in %s", repository)
     stop = threading.Event()
 

@@ -292,6 +292,57 @@ EXAMPLE_CONFIGS: dict[str, str] = {
 }
 
 
+PYTHON_EXAMPLES: dict[str, tuple[str, str]] = {
+    # A Python model (docs/models.md "Python models"): written only where Python
+    # models are allowed (``meshserve up --allow-python-models``), as model.py is code.
+    "normalize": (
+        """\
+# uint8 HWC images to float32 CHW in [0, 1], on the CPU beside the GPU models
+backend: python
+max_batch_size: 8
+placement: {device: cpu}
+input:
+  - {name: image, datatype: UINT8, dims: [-1, -1, 3]}
+output:
+  - {name: pixels, datatype: FP32, dims: [3, -1, -1]}
+""",
+        '''\
+"""uint8 HWC images to float32 CHW in [0, 1] (meshserve's example Python model)."""
+
+import numpy as np
+
+
+class Model:
+    def initialize(self, config):
+        self.scale = np.float32(1 / 255)
+
+    def execute(self, inputs):
+        image = inputs["image"]  # (batch, height, width, 3), uint8, read in place
+        return {"pixels": image.transpose(0, 3, 1, 2) * self.scale}
+
+    def finalize(self):
+        pass
+''',
+    ),
+}
+
+
+def write_python_examples(root: Path, allowed: bool) -> None:
+    """Write the Python examples under ``root`` when ``allowed``, else remove any written
+    before (a repository once served with ``--allow-python-models`` must not leave a model
+    that can only fail to load)."""
+    for name, (config, code) in PYTHON_EXAMPLES.items():
+        if allowed:
+            _write_if_changed(root / name / "config.yaml", config.encode())
+            _write_if_changed(root / name / "1" / "model.py", code.encode())
+        else:
+            for path in (root / name / "1" / "model.py", root / name / "config.yaml"):
+                path.unlink(missing_ok=True)
+            for directory in (root / name / "1", root / name):
+                if directory.is_dir() and not any(directory.iterdir()):
+                    directory.rmdir()
+
+
 def write_example_repository(root: Path, names: Iterable[str] | None = None) -> Path:
     """Write ``<root>/<name>/1/model.onnx`` for each named example (all by default),
     and ``<root>/<name>/config.yaml`` for those that have one.

@@ -20,21 +20,32 @@ form (a :class:`~meshserve.models.repository.RepositoryError` naming the path);
 naming the step, model and tensor: unknown model, version or tensor, a step input
 left unmapped, a tensor written twice, a datatype or shape that does not match).
 
-Not yet wired in: the repository scan, the router's readiness (an ensemble is ready
-while every step's model is) and the routing table do not carry ensembles yet; the
-gateway's runner is :mod:`gateway.ensemble`.
+A model directory whose config.yaml has an ``ensemble`` section is an ensemble
+(:func:`read_ensemble_dir`; the repository scan leaves it to this module): no
+model.onnx, only ``ensemble``, ``platform: ensemble`` (optional) and ``versions``
+keys; its versions are its version directories (empty ones, Triton's layout) or,
+with none, version 1. The router checks every ensemble against the models it serves
+whenever they change (:func:`check_ensembles`): one that fails is UNAVAILABLE with
+the reason, the others are in the routing table (:func:`ensemble_info`) and READY
+while every step's model version is. A step may not name another ensemble.
+The gateway's runner is :mod:`gateway.ensemble`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshserve.models.repository import ANY_DIM, ModelInfo, RepositoryError, TensorInfo
+import yaml
+
+from meshserve.models.repository import ANY_DIM, CONFIG_FILENAME, ModelInfo, RepositoryError, TensorInfo
 
 ENSEMBLE_PLATFORM = "ensemble"
+_KEYS = frozenset({"ensemble", "platform", "versions"})
+_VERSION_DIR = re.compile(r"[1-9][0-9]*")
 
 
 class EnsembleError(Exception):
@@ -178,3 +189,92 @@ def _check_fits(at: str, tensor: str, have: TensorInfo, wanted: TensorInfo) -> N
         raise EnsembleError(
             f"{at}: tensor '{tensor}' has shape {list(have.shape)}, the model's input wants {list(wanted.shape)}"
         )
+
+
+# --- the repository: ensemble directories, checked against the models --------
+
+
+@dataclass(frozen=True, slots=True)
+class EnsembleDir:
+    """An ensemble's directory as read, not yet checked against the models it names;
+    ``problem``: why its config.yaml cannot be used (then ``config`` is None)."""
+
+    name: str
+    versions: tuple[int, ...]
+    path: Path  # its config.yaml
+    config: EnsembleConfig | None
+    problem: str = ""
+
+
+def read_ensemble_dir(model_dir: Path) -> EnsembleDir | None:
+    """The ensemble in ``model_dir``; None when its config.yaml (absent, unreadable or
+    not YAML: the model scan reports those) has no ``ensemble`` section."""
+    path = model_dir / CONFIG_FILENAME
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(raw, dict) or "ensemble" not in raw:
+        return None
+    dirs = sorted(int(c.name) for c in model_dir.iterdir() if _VERSION_DIR.fullmatch(c.name) and c.is_dir())
+    versions = tuple(dirs) or (1,)
+    try:
+        unknown = sorted(str(key) for key in raw if key not in _KEYS)
+        if unknown:
+            raise RepositoryError(
+                f"{path}: unknown key '{unknown[0]}' in an ensemble (allowed: {', '.join(sorted(_KEYS))})"
+            )
+        if raw.get("platform", ENSEMBLE_PLATFORM) != ENSEMBLE_PLATFORM:
+            raise RepositoryError(f"{path}: an ensemble's 'platform' is '{ENSEMBLE_PLATFORM}', got {raw['platform']!r}")
+        listed = raw.get("versions")
+        if listed is not None:
+            if not isinstance(listed, list) or not all(type(v) is int and v > 0 for v in listed):
+                raise RepositoryError(f"{path}: 'versions' must be a list of positive integers, got {listed!r}")
+            versions = tuple(sorted(set(listed)))
+        return EnsembleDir(model_dir.name, versions, path.absolute(), parse_ensemble(raw["ensemble"], path))
+    except RepositoryError as exc:
+        return EnsembleDir(model_dir.name, versions, path.absolute(), None, str(exc))
+
+
+def check_ensembles(
+    dirs: Iterable[EnsembleDir], models: Mapping[tuple[str, int], ModelInfo]
+) -> tuple[dict[tuple[str, int], Ensemble], dict[tuple[str, int], str]]:
+    """Every version of every ensemble checked against ``models`` (the servable model
+    versions, ensembles not among them): those that can run, and why the others cannot."""
+    latest: dict[str, int] = {}
+    for name, version in models:
+        latest[name] = max(version, latest.get(name, 0))
+
+    def lookup(name: str, version: int) -> ModelInfo | None:
+        return models.get((name, version or latest.get(name, 0)))
+
+    valid: dict[tuple[str, int], Ensemble] = {}
+    failed: dict[tuple[str, int], str] = {}
+    for found in dirs:
+        for version in found.versions:
+            key = (found.name, version)
+            if found.config is None:
+                failed[key] = found.problem
+                continue
+            try:
+                valid[key] = validate_ensemble(found.name, version, found.config, lookup)
+            except EnsembleError as exc:
+                failed[key] = str(exc)
+    return valid, failed
+
+
+def ensemble_info(name: str, version: int, path: Path, ensemble: Ensemble | None = None) -> ModelInfo:
+    """An ensemble version as the routing table lists it: its outer tensors (none
+    when it cannot run), platform "ensemble", never batched or placed."""
+    return ModelInfo(
+        name=name,
+        version=version,
+        path=path,
+        inputs=ensemble.inputs if ensemble else (),
+        outputs=ensemble.outputs if ensemble else (),
+        max_batch_size=0,
+        max_queue_delay_us=0,
+        preferred_batch_sizes=(),
+        max_queue_size=0,
+        platform=ENSEMBLE_PLATFORM,
+    )

@@ -30,15 +30,19 @@ restrict the served versions and name the platform::
     instances: 1                  # batches of this model computing at once on a worker
     warmup:                       # warm-up inputs, as Triton's model_warmup (meshserve/models/warmup.py)
       - inputs: {images: {dims: [3, 640, 640], data: random}}
-    inputs: {images: {format: NCHW}}            # for clients (meshserve/models/tensor_config.py)
-    outputs: {probs: {label_filename: labels.txt}}
+    input: [{name: images, format: NCHW}]       # for clients (meshserve/models/tensor_config.py)
+    output: [{name: probs, label_filename: labels.txt}]
+    backend: python               # <version>/model.py, with declared input/output (meshserve/models/python_backend.py)
 
 A batchable graph (every input's and output's dim 0 symbolic) defaults to
 max_batch_size 32 and a 2 ms queue delay; any other graph gets max_batch_size 0,
 a zero delay, and refuses ``max_batch_size > 0`` or preferred sizes. Unknown keys
 are errors, so a typo never silently falls back to a default.
 
-Model files are untrusted. Only ``model.onnx`` is ever read, it is parsed without
+Model files are untrusted. A Python model's ``model.py`` is code: only its presence is
+checked here, and only a worker started with ``--allow-python-models`` imports it
+(in processes of its own: model_workers/python_runner.py). Otherwise only
+``model.onnx`` is ever read, it is parsed without
 its external data, and every external-data ``location`` must resolve inside the
 version directory before the model is reported servable. Callers must then load
 the model from :attr:`ModelInfo.path` itself, so that the runtime resolves external
@@ -73,6 +77,14 @@ from meshserve.models.execution import (
     ExecutionConfig,
     parse_engine,
     parse_execution,
+)
+from meshserve.models.python_backend import (
+    ONNXRUNTIME,
+    PYTHON,
+    PYTHON_FILENAME,
+    PYTHON_PLATFORM,
+    DeclaredTensor,
+    parse_backend,
 )
 from meshserve.models.sequence import SequenceConfig, bind_sequence, parse_sequence
 from meshserve.models.tensor_config import (
@@ -112,8 +124,9 @@ _TOP_LEVEL_KEYS = frozenset(
         "pinned",
         "response_cache",
         "cache_shared",
-        "inputs",
-        "outputs",
+        "backend",
+        "input",
+        "output",
         "sequence",
     }
 )
@@ -181,6 +194,7 @@ class ModelInfo:
     cache_shared: bool = False  # one cache for every tenant (default: one per tenant)
     tensors: TensorConfig = NO_TENSOR_CONFIG  # input formats and output labels, for clients
     policy: VersionPolicy = ALL_VERSIONS  # the model's version policy, for clients
+    backend: str = ONNXRUNTIME  # or "python": ``path`` is model.py (meshserve/models/python_backend.py)
     sequence: SequenceConfig | None = None  # a stateful model (meshserve/models/sequence.py); None: stateless
 
 
@@ -206,6 +220,9 @@ class _Config:
     response_cache: bool = False
     cache_shared: bool = False
     tensors: TensorConfig = NO_TENSOR_CONFIG
+    backend: str = ONNXRUNTIME
+    inputs: tuple[DeclaredTensor, ...] = ()  # declared: Python models only
+    outputs: tuple[DeclaredTensor, ...] = ()
     sequence: SequenceConfig | None = None
 
 
@@ -273,6 +290,8 @@ def scan_model_dir(model_dir: Path) -> RepositoryScan:
     models: list[ModelInfo] = []
     problems: list[str] = []
     unservable: dict[tuple[str, int], str] = {}
+    if is_ensemble_dir(model_dir):  # no model of its own: meshserve/models/ensemble.py reads it
+        return RepositoryScan(models, problems, unservable)
     versions = _version_dirs(model_dir)
     try:
         config = _read_config(model_dir)
@@ -295,6 +314,16 @@ def scan_model_dir(model_dir: Path) -> RepositoryScan:
             problems.append(str(exc))
             unservable[model_dir.name, version] = str(exc)
     return RepositoryScan(models, problems, unservable)
+
+
+def is_ensemble_dir(model_dir: Path) -> bool:
+    """Whether ``<model_dir>/config.yaml`` has an ``ensemble`` section (an ensemble's
+    directory, meshserve/models/ensemble.py); False when it cannot be read as YAML."""
+    try:
+        raw = yaml.safe_load((model_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "ensemble" in raw
 
 
 def unservable_info(root: Path, name: str, version: int) -> ModelInfo:
@@ -347,7 +376,7 @@ def _read_config(model_dir: Path) -> _Config:
     if not isinstance(batching, dict):
         raise RepositoryError(f"{path}: 'dynamic_batching' must be a mapping")
     _reject_unknown_keys(batching, _BATCHING_KEYS, path, "dynamic_batching.")
-    platform = raw.get("platform", DEFAULT_PLATFORM)
+    platform = raw.get("platform", PYTHON_PLATFORM if raw.get("backend") == PYTHON else DEFAULT_PLATFORM)
     if not isinstance(platform, str) or not platform:
         raise RepositoryError(f"{path}: 'platform' must be a non-empty string")
     versions = raw.get("versions")
@@ -356,7 +385,8 @@ def _read_config(model_dir: Path) -> _Config:
     try:
         policy = parse_version_policy(raw.get("version_policy"))
         traffic = parse_traffic(raw.get("traffic"), model_dir.name)
-        tensors = parse_tensor_config(raw.get("inputs"), raw.get("outputs"), model_dir)
+        tensors = parse_tensor_config(raw.get("input"), raw.get("output"), model_dir)
+        backend, declared = parse_backend(raw)
         sequence = parse_sequence(raw.get("sequence"))
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
@@ -385,6 +415,9 @@ def _read_config(model_dir: Path) -> _Config:
         response_cache=_flag(raw, "response_cache", path),
         cache_shared=_flag(raw, "cache_shared", path),
         tensors=tensors,
+        backend=backend,
+        inputs=declared[0],
+        outputs=declared[1],
         sequence=sequence,
     )
 
@@ -523,6 +556,8 @@ def _positive_ints(value: object, path: Path, key: str) -> tuple[int, ...]:
 
 def _load_version(model_dir: Path, version: int, config: _Config) -> ModelInfo:
     """Build the ModelInfo of one version once the model's config is known."""
+    if config.backend == PYTHON:
+        return _apply_config(model_dir.name, version, _python_file(model_dir, version), _declared(config), config)
     path, model = _open_model(model_dir, version)
     signature = _signature(model, path)
     return _apply_config(model_dir.name, version, path, signature, config)
@@ -548,6 +583,26 @@ def _open_model(model_dir: Path, version: int) -> tuple[Path, ModelProto]:
         raise RepositoryError(f"{path}: not a readable ONNX model: {exc}") from exc
     _check_external_data(model, version_dir, path)
     return path, model
+
+
+def _python_file(model_dir: Path, version: int) -> Path:
+    """``<model_dir>/<version>/model.py``, once it is there and inside the model directory."""
+    path = model_dir.absolute() / str(version) / PYTHON_FILENAME
+    if not path.is_file():
+        raise RepositoryError(f"{path}: no {PYTHON_FILENAME} in version directory (config.yaml says 'backend: python')")
+    if not _is_inside(path, model_dir):
+        raise RepositoryError(f"{path}: symlink points outside the model directory {model_dir}")
+    return path
+
+
+def _declared(config: _Config) -> _Signature:
+    """A Python model's tensors as config.yaml declares them, with the batch dim when it batches."""
+    batch = (ANY_DIM,) if config.max_batch_size else ()
+
+    def info(tensor: DeclaredTensor) -> TensorInfo:
+        return TensorInfo(tensor.name, tensor.datatype, (*batch, *tensor.dims))
+
+    return _Signature(tuple(map(info, config.inputs)), tuple(map(info, config.outputs)), bool(config.max_batch_size))
 
 
 @dataclass(frozen=True, slots=True)
@@ -594,6 +649,8 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
     except ValueError as exc:
         raise RepositoryError(f"{config_path}: {exc}") from exc
     inputs, sequence = signature.inputs, None
+    if config.sequence is not None and config.backend == PYTHON:
+        raise RepositoryError(f"{config_path}: 'sequence' is for ONNX models; a Python model keeps no sequence state")
     if config.sequence is not None and config.response_cache:
         raise RepositoryError(f"{config_path}: 'response_cache' and 'sequence': a step's answer depends on its state")
     if config.sequence is not None:
@@ -635,6 +692,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         cache_shared=config.cache_shared,
         tensors=config.tensors,
         policy=config.policy,
+        backend=config.backend,
         sequence=sequence,
     )
 

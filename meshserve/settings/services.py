@@ -290,6 +290,13 @@ class WorkerSettings:
             " the host's RAM); models beyond it are evicted and loaded on demand (docs/lifecycle.md)"
         ),
     )
+    allow_python_models: bool = field(
+        default=False,
+        metadata=cli(
+            "serve models whose config.yaml says backend: python: their model.py runs as code in processes this"
+            " worker starts, so this trusts whoever can write the model repository (docs/models.md)"
+        ),
+    )
     price_per_device_hour: float = field(
         default=0.0,
         metadata=cli("what an hour of this worker's device costs: exports cost per 1000 requests (0: off)"),

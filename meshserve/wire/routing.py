@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from meshserve.models.ensemble import ENSEMBLE_PLATFORM, Ensemble, EnsembleStep
 from meshserve.models.repository import ModelInfo, PlacementConfig, TensorInfo
 from meshserve.models.sequence import SequenceConfig, SequenceControl, SequenceState
 from meshserve.models.tensor_config import TensorConfig
@@ -130,6 +131,42 @@ def client_config_from_pb(message: mpb.ClientConfig) -> dict[str, Any]:
         "policy": policy,
         "sequence": sequence_from_pb(message),
     }
+
+
+def ensemble_steps_to_pb(ensemble: Ensemble) -> list[mpb.EnsembleStep]:
+    """An ensemble's steps as ``ModelSpec.ensemble_steps``."""
+    return [
+        mpb.EnsembleStep(
+            model=step.model,
+            version=step.version,
+            input_map=[mpb.TensorMapping(step_tensor=a, ensemble_tensor=b) for a, b in step.input_map],
+            output_map=[mpb.TensorMapping(step_tensor=a, ensemble_tensor=b) for a, b in step.output_map],
+        )
+        for step in ensemble.steps
+    ]
+
+
+def ensemble_from_spec(spec: mpb.ModelSpec) -> Ensemble | None:
+    """The ensemble a spec describes; None for a model, or an ensemble that cannot run
+    (no steps: the router found it invalid, and says why in ``load_error``)."""
+    if spec.platform != ENSEMBLE_PLATFORM or not spec.ensemble_steps:
+        return None
+    steps = tuple(
+        EnsembleStep(
+            step.model,
+            step.version,
+            tuple((m.step_tensor, m.ensemble_tensor) for m in step.input_map),
+            tuple((m.step_tensor, m.ensemble_tensor) for m in step.output_map),
+        )
+        for step in spec.ensemble_steps
+    )
+    return Ensemble(
+        spec.name,
+        spec.version,
+        steps,
+        tuple(TensorInfo(t.name, t.datatype, tuple(t.shape)) for t in spec.inputs),
+        tuple(TensorInfo(t.name, t.datatype, tuple(t.shape)) for t in spec.outputs),
+    )
 
 
 def split_to_pb(split: TrafficSplit) -> mpb.TrafficSplit:

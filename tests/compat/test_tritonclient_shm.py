@@ -36,8 +36,8 @@ tenants:
 """
 CLASSIFIER_CONFIG = """\
 max_batch_size: 8
-inputs: {image: {format: NCHW}}
-outputs: {logits: {label_filename: labels.txt}}
+input: [{name: image, format: NCHW}]
+output: [{name: logits, label_filename: labels.txt}]
 """
 ACME_HEADERS = {"authorization": "Bearer acme-key"}
 GLOBEX_HEADERS = {"authorization": "Bearer globex-key"}

@@ -1,0 +1,55 @@
+"""Python models (config.yaml ``backend: python``) written into a test's repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DOUBLER_CONFIG = """\
+backend: python
+max_batch_size: 8
+dynamic_batching: {{max_queue_delay_ms: {delay_ms}}}
+execution_timeout_ms: {timeout_ms}
+input:
+  - {{name: x, datatype: INT32, dims: [4]}}
+output:
+  - {{name: y, datatype: INT32, dims: [4]}}
+  - {{name: rows, datatype: INT32, dims: [1]}}
+"""
+
+DOUBLER_PY = '''\
+"""y = 2 * x; rows = the batch's size. x[0] picks a failure: -1 raises, -2 exits, -3 hangs.
+finalize appends its pid to <version dir>/finalized."""
+import os
+import time
+
+import numpy as np
+
+
+class Model:
+    def initialize(self, config):
+        self.name = config["model_name"]
+        self.version_dir = config["version_dir"]
+
+    def execute(self, inputs):
+        x = inputs["x"]
+        if (x[:, 0] == -1).any():
+            raise ValueError("x[0] is -1")
+        if (x[:, 0] == -2).any():
+            os._exit(3)
+        if (x[:, 0] == -3).any():
+            time.sleep(60)
+        rows = np.full((x.shape[0], 1), x.shape[0], np.int32)
+        return {"y": x * 2, "rows": rows}
+
+    def finalize(self):
+        with open(os.path.join(self.version_dir, "finalized"), "a") as marker:
+            marker.write(f"{os.getpid()}\\n")
+'''
+
+
+def write_doubler(repository: Path, *, delay_ms: float = 0.5, timeout_ms: int = 20_000) -> None:
+    """``doubler``: a batched Python model whose input can make it raise, exit or hang."""
+    version_dir = repository / "doubler" / "1"
+    version_dir.mkdir(parents=True)
+    (repository / "doubler" / "config.yaml").write_text(DOUBLER_CONFIG.format(delay_ms=delay_ms, timeout_ms=timeout_ms))
+    (version_dir / "model.py").write_text(DOUBLER_PY)
