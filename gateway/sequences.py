@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from meshserve.errors import InvalidArgument, ResourceExhausted, Unavailable
 from meshserve.models.repository import ModelInfo
 from meshserve.queue.keys import SequenceKeys, sequence_member
-from meshserve.queue.sequences import Admitted, SequenceProtocol, step_flags
+from meshserve.queue.sequences import Admitted, SequenceProtocol, not_live_message, step_flags
 from meshserve.store.link import RedisLink
 from protos import grpc_service_pb2 as pb
 
@@ -38,10 +38,6 @@ class Step:
     @property
     def flags(self) -> str:
         return step_flags(start=self.start, end=self.end)
-
-    def shown(self) -> str:
-        """The id as the client sent it, for messages."""
-        return self.sequence_id[1:] if self.sequence_id.startswith("i") else repr(self.sequence_id[1:])
 
 
 def step_of(message: pb.ModelInferRequest, model: ModelInfo) -> Step | None:
@@ -66,16 +62,6 @@ def step_of(message: pb.ModelInferRequest, model: ModelInfo) -> Step | None:
     start = "sequence_start" in params and params["sequence_start"].bool_param
     end = "sequence_end" in params and params["sequence_end"].bool_param
     return Step(sequence_id, start, end)
-
-
-def not_live_message(model: ModelInfo, shown_id: str) -> str:
-    """What a step of a sequence that is not live hears (gateway or worker)."""
-    assert model.sequence is not None
-    return (
-        f"sequence {shown_id} of model '{model.name}' is not live: it was never started, it ended, or it was idle"
-        f" longer than the model's sequence idle timeout (sequence.idle_timeout_s: {model.sequence.idle_timeout_s:g}"
-        " s); send sequence_start to begin it again"
-    )
 
 
 class Sequences:
@@ -108,7 +94,7 @@ class Sequences:
         except RedisError as exc:
             raise Unavailable(f"sequence store unavailable: {exc}") from exc
         if admitted.code == Admitted.NOT_LIVE:
-            raise InvalidArgument(not_live_message(model, step.shown()))
+            raise InvalidArgument(not_live_message(model.name, step.sequence_id, config.idle_timeout_s))
         if admitted.code == Admitted.MODEL_CAP:
             raise ResourceExhausted(
                 f"model '{model.name}' has {config.max_sequences} live sequences (sequence.max_sequences);"

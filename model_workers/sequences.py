@@ -18,7 +18,7 @@ from meshserve.errors import InvalidArgument
 from meshserve.models.repository import ModelInfo
 from meshserve.models.sequence import SequenceConfig, SequenceControl, SequenceState
 from meshserve.queue.keys import member_sequence_id
-from meshserve.queue.sequences import END, KEEP_STATE, START, WRITE_STATE, StateWrite
+from meshserve.queue.sequences import END, KEEP_STATE, START, WRITE_STATE, StateWrite, not_live_message
 from meshserve.wire.dtypes import NUMPY_BY_KSERVE
 from meshserve.wire.envelope import failed_reply
 from protos import meshserve_pb2 as mpb
@@ -34,14 +34,10 @@ def refuse_not_live(info: ModelInfo, jobs: list[Job]) -> tuple[list[Job], list[t
     (it ended or was idle past its timeout after the gateway admitted the step)."""
     runnable: list[Job] = []
     refused: list[tuple[Job, mpb.InferReply]] = []
+    idle_s = info.sequence.idle_timeout_s if info.sequence is not None else 0.0
     for job in jobs:
         if job.step is not None and job.step.state is None:
-            shown = member_sequence_id(job.step.member)
-            message = (
-                f"sequence {shown[1:]} of model '{info.name}' is not live: it ended, or it was idle longer than the"
-                f" model's sequence idle timeout (sequence.idle_timeout_s: {_idle_s(info):g} s);"
-                " send sequence_start to begin it again"
-            )
+            message = not_live_message(info.name, member_sequence_id(job.step.member), idle_s)
             refused.append((job, failed_reply(job.job_id, InvalidArgument(message))))
         else:
             runnable.append(job)
@@ -129,7 +125,3 @@ def _control_value(control: SequenceControl, job: Job) -> Any:
 
 def _dtype(datatype: str) -> Any:
     return object if datatype == "BYTES" else NUMPY_BY_KSERVE[datatype]
-
-
-def _idle_s(info: ModelInfo) -> float:
-    return info.sequence.idle_timeout_s if info.sequence is not None else 0.0

@@ -73,6 +73,21 @@ class StepWrite:
     state: bytes = b""
 
 
+def shown_sequence_id(sequence_id: str) -> str:
+    """A sequence id as the client sent it, for messages: ``i5`` is 5, ``sab`` is 'ab'."""
+    return sequence_id[1:] if sequence_id.startswith("i") else repr(sequence_id[1:])
+
+
+def not_live_message(model: str, sequence_id: str, idle_timeout_s: float) -> str:
+    """What a step of a sequence that is not live hears (at the gateway, or at the
+    worker when the sequence went while the step was queued)."""
+    return (
+        f"sequence {shown_sequence_id(sequence_id)} of model '{model}' is not live: it was never started, it"
+        f" ended, or it was idle longer than the model's sequence idle timeout (sequence.idle_timeout_s:"
+        f" {idle_timeout_s:g} s); send sequence_start to begin it again"
+    )
+
+
 def step_flags(*, start: bool, end: bool) -> str:
     return (START if start else "") + (END if end else "")
 
