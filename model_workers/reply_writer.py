@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError, RedisError
 from meshserve.errors import Unavailable
 from meshserve.queue import ModelKeys, QueueProtocol, ack_command, push_commands, reply_ack_command
 from meshserve.queue.keys import SequenceKeys
-from meshserve.queue.sequences import NO_SEQUENCE, StateWrite, StepWrite, seq_reply_ack_command
+from meshserve.queue.sequences import StateWrite, StepWrite, seq_reply_ack_command
 from meshserve.store.link import Chunks, Command, RedisLink
 from meshserve.store.refusals import LOG_INTERVAL_S, RefusalLog, refusal_kind, store_refusal_message
 from meshserve.wire.envelope import failed_reply
@@ -263,13 +263,14 @@ def _reply_acks(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Comma
 
 
 def _seq_reply_ack(keys: ModelKeys, to: str, group: list[Outgoing]) -> Command:
+    """SEQ_REPLY_ACK for one list: jobs outside sequences (none, in a stateful model's
+    batch) are acked as REPLY_ACK would."""
     idle_ms = next(o.state.idle_timeout_ms for o in group if o.state is not None)
     acks = [
         StepWrite(o.token, o.job_id, o.state.op, o.state.state) if o.state is not None else StepWrite(o.token, o.job_id)
         for o in group
         if o.token is not None
     ]
-    assert all(a.op == NO_SEQUENCE or a.state is not None for a in acks)
     return seq_reply_ack_command(keys, SequenceKeys.of(keys), idle_ms, to, [o.blob for o in group], acks)
 
 
