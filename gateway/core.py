@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from gateway.demand import Demands
 from gateway.request import InferCall
 from gateway.routing import RoutingWatch
+from gateway.sequences import Sequences, step_of
 from gateway.shadow import ShadowCounts, shadow_and_compare
 from gateway.versions import VersionChooser
 from meshserve.errors import (
@@ -126,6 +127,7 @@ class Gateway:
         self.routing = routing
         self.versions_chooser = VersionChooser(lambda: self.routing.view)
         self.shadow_counts = ShadowCounts()
+        self.sequences = Sequences(redis)  # stateful models' steps: admitted before they are queued
         self._shadows: set[asyncio.Task[None]] = set()  # shadow copies in flight: cancelled at stop
         self.demands = Demands(routing.router, self.gateway_id)  # models not resident: loaded on request
         self.tracer = tracer or trace.NoOpTracer()
@@ -238,6 +240,7 @@ class Gateway:
         """
         self.authorize(tenant, call.model_name)
         model = self.resolve(call.model_name, call.model_version, call)
+        step = step_of(call.message, model)  # None: a stateless model's request (the common case)
         cold = not self.model_ready(model)
         if cold and (model.name, model.version) not in self.routing.view.evicted and not self.settings.scale_from_zero:
             failed = self.routing.view.failed.get((model.name, model.version))
@@ -268,8 +271,18 @@ class Gateway:
             else:
                 packed = pack_inputs(call.message, model, call.raw)
             outputs = check_requested_outputs(call.message, model)
-            waiting = self._queue_and_wait(call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
-            shadow = None if call.model_version else self._shadow(call, model, packed, outputs, tenant, deadline_ms)
+            queued_step = None
+            if step is not None:  # one more round trip, for stateful models only (gateway/sequences.py)
+                member = await self.sequences.admit(model, tenant.name, step, packed.batch_size)
+                queued_step = (member, step.flags)
+            waiting = self._queue_and_wait(
+                call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms, step=queued_step
+            )
+            shadow = (
+                None
+                if call.model_version or step is not None
+                else self._shadow(call, model, packed, outputs, tenant, deadline_ms)
+            )
             del packed  # the wait lets go of the request's bytes once they are queued
             answer = await waiting if shadow is None else await _handing_to(shadow, waiting)
             if cold:
@@ -359,6 +372,8 @@ class Gateway:
         job_id: str,
         deadline_ms: float,
         now_ms: float,
+        *,
+        step: tuple[str, str] | None = None,
     ) -> Unframed:
         envelope = mpb.QueuedRequest(
             id=job_id,
@@ -380,7 +395,7 @@ class Gateway:
         self.pending[job_id] = future
         try:
             async with asyncio.timeout((deadline_ms - now_ms) / 1000):
-                await self._enqueue(keys, model, envelope, packed, tenant)
+                await self._enqueue(keys, model, envelope, packed, tenant, step)
                 del packed  # written to Redis: not held while the reply is awaited
                 if call.raw is not None:
                     call.raw.clear()  # nor are the received bytes they were views of
@@ -436,6 +451,7 @@ class Gateway:
         envelope: mpb.QueuedRequest,
         packed: PackedInputs,
         tenant: Tenant,
+        step: tuple[str, str] | None = None,
     ) -> None:
         with self.tracer.start_as_current_span("enqueue") if self.tracing else UNTRACED as span:
             span.set_attribute("meshserve.model", model.name)
@@ -456,6 +472,7 @@ class Gateway:
                     items=packed.batch_size,
                     weight=tenant.weight,
                     tenant_max_queued=tenant.max_queued,
+                    step=step,
                 )
             except RedisError as exc:
                 if self.refusals.note(exc):  # Redis is up but refuses writes: say what it said

@@ -12,6 +12,7 @@ from typing import cast
 
 from meshserve.models.python_backend import PYTHON, PYTHON_FILENAME, PYTHON_PLATFORM
 from meshserve.models.repository import ModelInfo
+from meshserve.models.sequence import SequenceConfig
 from protos import model_config_pb2 as mc
 
 BACKEND = "onnxruntime"
@@ -63,6 +64,8 @@ def model_config(model: ModelInfo) -> mc.ModelConfig:
         ],
     )
     _set_version_policy(config.version_policy, model)
+    if model.sequence is not None:
+        _set_sequence_batching(config.sequence_batching, model.sequence)
     if model.max_batch_size:
         config.dynamic_batching.max_queue_delay_microseconds = model.max_queue_delay_us
         config.dynamic_batching.preferred_batch_size.extend(model.preferred_batch_sizes)
@@ -73,6 +76,46 @@ def model_config(model: ModelInfo) -> mc.ModelConfig:
 def config_type(datatype: str) -> mc.DataType:
     """Triton's config enum for a KServe datatype (BYTES is TYPE_STRING there)."""
     return cast(mc.DataType, mc.DataType.Value(f"TYPE_{'STRING' if datatype == 'BYTES' else datatype}"))
+
+
+_CONTROL_KIND = {
+    "start": mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START,
+    "ready": mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_READY,
+    "end": mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END,
+    "correlation_id": mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID,
+}
+
+
+def _set_sequence_batching(batching: mc.ModelSequenceBatching, sequence: SequenceConfig) -> None:
+    """Triton's sequence_batching: idle timeout, control inputs (false/true values in
+    the field of the input's type), implicit states (zero_data when they start at 0)."""
+    batching.max_sequence_idle_microseconds = round(sequence.idle_timeout_s * 1_000_000)
+    for control in sequence.controls:
+        entry = mc.ModelSequenceBatching.Control(kind=_CONTROL_KIND[control.kind])
+        if control.kind == "correlation_id":
+            entry.data_type = config_type(control.datatype)
+        elif control.datatype == "BOOL":
+            entry.bool_false_true.extend(bool(v) for v in control.values)
+        elif control.datatype.startswith("FP"):
+            entry.fp32_false_true.extend(control.values)
+        else:
+            entry.int32_false_true.extend(int(v) for v in control.values)
+        batching.control_input.append(mc.ModelSequenceBatching.ControlInput(name=control.input, control=[entry]))
+    for state in sequence.states:
+        initial = mc.ModelSequenceBatching.InitialState(
+            data_type=config_type(state.datatype), dims=state.dims, name=f"{state.input}_initial"
+        )
+        if state.initial == 0:
+            initial.zero_data = True
+        batching.state.append(
+            mc.ModelSequenceBatching.State(
+                input_name=state.input,
+                output_name=state.output,
+                data_type=config_type(state.datatype),
+                dims=state.dims,
+                initial_state=[initial],
+            )
+        )
 
 
 def _set_version_policy(policy: mc.ModelVersionPolicy, model: ModelInfo) -> None:

@@ -15,6 +15,7 @@ SCENARIOS = (
     "rollout",
     "many-models",
     "stream",
+    "sequences",
 )
 
 

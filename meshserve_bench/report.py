@@ -304,6 +304,29 @@ def stream_lines(result: Figures) -> list[str]:
     ]
 
 
+def sequences_lines(result: Figures) -> list[str]:
+    rows = [
+        [
+            p["kind"],
+            str(p["clients"]),
+            num(p["calls_per_s"], ".0f"),
+            num(p["calls"]["p50_ms"]),
+            num(p["calls"]["p99_ms"]),
+            codes(p["calls"]["errors"]),
+        ]
+        for p in result["sequence_points"]
+    ]
+    single = result["single"]
+    added_ms = single["step"]["p50_ms"] - single["stateless"]["p50_ms"]
+    return [
+        *table(["kind", "clients", "calls/s", "p50 ms", "p99 ms", "errors"], rows),
+        "",
+        f"- one call at a time: stateless p50 {num(single['stateless']['p50_ms'])} ms (p99"
+        f" {num(single['stateless']['p99_ms'])}), step p50 {num(single['step']['p50_ms'])} ms (p99"
+        f" {num(single['step']['p99_ms'])}): a step adds {num(added_ms)} ms at p50",
+    ]
+
+
 def markdown(result: Figures) -> str:
     """The report of one run's JSON (what ``meshserve bench --json`` writes)."""
     lines = heading(result) + raw_lines(result.get("raw")) + [""]
@@ -321,6 +344,8 @@ def markdown(result: Figures) -> str:
         lines += many_models_lines(result)
     elif result["scenario"] == "stream":
         lines += stream_lines(result)
+    elif result["scenario"] == "sequences":
+        lines += sequences_lines(result)
     else:
         lines += points_table(result) + hops_lines(result)
     return "\n".join(lines) + "\n"

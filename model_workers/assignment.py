@@ -24,6 +24,7 @@ from meshserve.models.python_backend import PYTHON
 from meshserve.models.repository import ModelInfo, load_model
 from meshserve.queue import ModelKeys
 from meshserve.settings import WorkerSettings
+from meshserve.store.cluster import is_cluster_url
 from model_workers.engines import SPIN_OFF, EngineSetting
 from model_workers.held import HeldModels, ModelKey
 from model_workers.leases import Leases
@@ -49,6 +50,10 @@ be passing: memory taken by another process, a file being copied)."""
 MAX_REASON_CHARS = 500
 """A failure's reason is cut to this length: it travels in every report and shows
 in the router's log, its metrics and ``meshserve top``."""
+
+
+class SequencesNeedOneRedis(Exception):
+    """A stateful model assigned to a worker whose Redis is a cluster."""
 
 
 def retry_delay_s(failures: int) -> float:
@@ -155,6 +160,13 @@ class AssignmentFollower:
         repository = self._settings.model_repository
         model_dir = (repository / path).parent.parent if path else repository / name
         info = load_model(model_dir, version)
+        if info.sequence is not None and is_cluster_url(self._settings.redis_url):
+            # a step's state, reply and ack are one script; on a cluster the reply list
+            # and the model's keys are two slots, which no script may touch together
+            raise SequencesNeedOneRedis(
+                f"model '{name}' keeps sequence state, which needs one Redis (or Sentinel): "
+                "Redis Cluster is not supported for sequences yet (docs/models.md#sequences)"
+            )
         if info.backend == PYTHON:
             return self._load_python(info, started_s)
         flags = (self._settings.intra_op_threads, self._settings.intra_op_spinning)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from meshserve.models.repository import ModelInfo
-from meshserve.queue import ClaimedBatch
+from meshserve.queue import ClaimedBatch, ClaimedStep
 from meshserve.store.link import Chunks
 from meshserve.wire.codec import from_array, to_array, to_plain_tensor
 from meshserve.wire.envelope import envelope_items, frame, unframe
@@ -36,6 +36,8 @@ class Job:
     framed: bool = False  # the gateway frames: answer it with a framed reply
     reply_data: list[Any] = field(default_factory=list)
     """The reply's outputs' bytes (views of the batch's outputs), set by :func:`split`."""
+    step: ClaimedStep | None = None  # a stateful model's step: its sequence and state before it
+    state_out: bytes | None = None  # its new state, once computed (model_workers/sequences.py)
 
     def payload_bytes(self) -> int:
         return sum(len(d) for d in self.data)
@@ -50,7 +52,9 @@ def decode(claim: ClaimedBatch, model: ModelInfo) -> list[Job]:
     for job_id, payload in claim.jobs:
         read = unframe(payload, mpb.QueuedRequest)
         request = read.message
-        jobs.append(Job(job_id, claim.token, request, envelope_items(request, model), read.data, read.framed))
+        job = Job(job_id, claim.token, request, envelope_items(request, model), read.data, read.framed)
+        job.step = claim.steps.get(job_id) if claim.steps else None
+        jobs.append(job)
     return jobs
 
 

@@ -18,6 +18,7 @@ from meshserve.wire.envelope import failed_reply
 from model_workers.batches import Job, by_token, serialize_reply
 from model_workers.held import HeldModels
 from model_workers.reply_writer import Outgoing, ReplyWriter
+from model_workers.sequences import state_write
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 
@@ -114,7 +115,14 @@ class Leases:
     def reply_and_ack(self, served: Served, replies: list[tuple[Job, mpb.InferReply]]) -> None:
         """Answer a batch's jobs and ack their leases once written (``_send_replies``)."""
         outgoing = [
-            Outgoing(job.job_id, job.request.reply_to, serialize_reply(job, reply), job.request.deadline_ms, job.token)
+            Outgoing(
+                job.job_id,
+                job.request.reply_to,
+                serialize_reply(job, reply),
+                job.request.deadline_ms,
+                job.token,
+                state_write(served.model.info, job),
+            )
             for job, reply in replies
         ]
         self._send_replies(served, outgoing)

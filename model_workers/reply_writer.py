@@ -27,6 +27,8 @@ from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.errors import Unavailable
 from meshserve.queue import ModelKeys, QueueProtocol, ack_command, push_commands, reply_ack_command
+from meshserve.queue.keys import SequenceKeys
+from meshserve.queue.sequences import StateWrite, StepWrite, seq_reply_ack_command
 from meshserve.store.link import Chunks, Command, RedisLink
 from meshserve.store.refusals import LOG_INTERVAL_S, RefusalLog, refusal_kind, store_refusal_message
 from meshserve.wire.envelope import failed_reply
@@ -58,6 +60,7 @@ class Outgoing:
     blob: bytes | Chunks  # Chunks: framed with the outputs' buffers, not joined
     deadline_ms: int
     token: int | None
+    state: StateWrite | None = None  # a stateful model's step: written with its reply and ack
 
 
 class ReplyWriter:
@@ -272,9 +275,12 @@ def _by_list(outgoing: Iterable[Outgoing]) -> dict[str, list[Outgoing]]:
 
 
 def _reply_acks(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Command]:
-    """One REPLY_ACK per list: its replies, and the acks of its jobs that hold a lease."""
+    """One REPLY_ACK per list: its replies, and the acks of its jobs that hold a lease
+    (SEQ_REPLY_ACK when steps of sequences are among them: their states go in too)."""
     return [
-        reply_ack_command(
+        _seq_reply_ack(keys, to, group)
+        if any(o.state is not None for o in group)
+        else reply_ack_command(
             keys, to, [o.blob for o in group], [(o.token, o.job_id) for o in group if o.token is not None]
         )
         for to, group in lists.items()
@@ -284,6 +290,18 @@ def _reply_acks(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Comma
 def _pushes(lists: dict[str, list[Outgoing]]) -> list[Command]:
     """The lists' replies as RPUSH and EXPIRE pairs, nothing acked (a cluster's first half)."""
     return push_commands({to: [o.blob for o in group] for to, group in lists.items()})
+
+
+def _seq_reply_ack(keys: ModelKeys, to: str, group: list[Outgoing]) -> Command:
+    """SEQ_REPLY_ACK for one list: jobs outside sequences (none, in a stateful model's
+    batch) are acked as REPLY_ACK would."""
+    idle_ms = next(o.state.idle_timeout_ms for o in group if o.state is not None)
+    acks = [
+        StepWrite(o.token, o.job_id, o.state.op, o.state.state) if o.state is not None else StepWrite(o.token, o.job_id)
+        for o in group
+        if o.token is not None
+    ]
+    return seq_reply_ack_command(keys, SequenceKeys.of(keys), idle_ms, to, [o.blob for o in group], acks)
 
 
 def _budget_s(groups: Iterable[list[Outgoing]]) -> float:

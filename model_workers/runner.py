@@ -35,6 +35,7 @@ from model_workers.batches import Job, batch_bytes, decode, split, stack
 from model_workers.compute import Compute, TurnedSlow
 from model_workers.health import ModelHealth
 from model_workers.leases import Leases
+from model_workers.sequences import keep_states, refuse_not_live, step_feeds
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 
@@ -108,6 +109,7 @@ class BatchRunner:
         """This worker's claim of ``served``; ``first``: a batch's first claim, which
         takes the lower tiers' turn (a fill's top-up claims do not)."""
         share = self._settings.lower_tier_share
+        sequence = served.model.info.sequence
         return ClaimOptions(
             max_items=max_items or served.model.info.max_batch_size or 1,
             lease_ms=served.lease_ms(self._settings.lease_ms),
@@ -116,6 +118,8 @@ class BatchRunner:
             lower_share_every=round(1 / share) if first and share > 0 else 0,
             batch_ms=served.batch_ms(),
             ms_per_job=self._drain_report(served),
+            sequence_prefix=served.sequence_prefix if sequence is not None else "",
+            sequence_idle_ms=sequence.idle_timeout_ms if sequence is not None else 0,
         )
 
     def _drain_report(self, served: Served) -> float:
@@ -263,6 +267,12 @@ class BatchRunner:
             _count_failed(served, [job for job, _ in expired], claimed_ns)
             self._reply(served, expired, traced)
             jobs[:] = live
+        if live and served.model.info.sequence is not None:  # steps whose sequence went meanwhile
+            live, refused = refuse_not_live(served.model.info, live)
+            if refused:
+                _count_failed(served, [job for job, _ in refused], claimed_ns)
+                self._reply(served, refused, traced)
+                jobs[:] = live
         if live:
             self._reply(served, await self._compute_batch(served, live, claimed_ns, traced), traced)
 
@@ -283,6 +293,8 @@ class BatchRunner:
             # A large batch is stacked and split on a thread: the loop keeps renewing
             # leases, reporting and claiming meanwhile (OFF_LOOP_BYTES).
             feed = await asyncio.to_thread(stack, jobs) if batch_bytes(jobs) > OFF_LOOP_BYTES else stack(jobs)
+            if info.sequence is not None:  # each step's state, from Redis with its claim
+                feed.update(step_feeds(info.sequence, jobs, info.max_batch_size > 0))
             stacked_ns = time.time_ns()
             try:
                 with self._compute_spans(info.name, jobs, total, traced) if traced else UNTRACED:
@@ -306,6 +318,8 @@ class BatchRunner:
             self._health.batch_succeeded(served)
             if log.isEnabledFor(logging.DEBUG):  # inside the batch span: the line carries its trace id
                 _log_batch(info, jobs, total, compute_us, claimed_ns)
+        if info.sequence is not None:
+            keep_states(info.sequence, info, jobs, outputs)
         queue_ns = self._account(served, jobs, total, compute_us, claimed_ns)
         cutting_ns = time.time_ns()
         cut = partial(split, served, jobs, outputs, compute_us, claimed_ns, self._worker_id)

@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from meshserve.queue import ModelKeys
+from meshserve.queue.keys import SequenceKeys
 from model_workers.runners import ModelRunner
 from model_workers.statistics import ModelStatistics
 
@@ -86,6 +87,11 @@ class Served:
 
     def __post_init__(self) -> None:
         self.instances = asyncio.Semaphore(self.model.info.instances)
+
+    @property
+    def sequence_prefix(self) -> str:
+        """Where a stateful model's sequences live, for its claims."""
+        return SequenceKeys.of(self.keys).state_prefix
 
     def execution_timeout_ms(self) -> int:
         """How long one run of this model may take before it is stopped: config.yaml's

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from meshserve.models.repository import ModelInfo
 from model_workers import engines, warmup
+from model_workers.sequences import with_hidden_defaults
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,11 @@ class LoadedModel:
     ) -> list[np.ndarray[Any, Any]]:
         """Run one batch; returns every output, in the model's output order.
 
-        ``options``: the run's own, whose ``terminate`` another thread may set to stop it."""
+        ``options``: the run's own, whose ``terminate`` another thread may set to stop it.
+        A stateful model's feed without its state or control inputs (a warm-up's, a
+        canary's) gets their initial values."""
+        if self.info.sequence is not None:
+            inputs = with_hidden_defaults(self.info.sequence, inputs, self.info.max_batch_size > 0)
         if self._bound is not None:
             return self._run_bound(inputs, options)
         return [np.asarray(out) for out in self.session.run(self.output_names, inputs, options)]

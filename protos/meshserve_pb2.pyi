@@ -177,7 +177,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ..., client_config: _Optional[_Union[ClientConfig, _Mapping]] = ..., ensemble_steps: _Optional[_Iterable[_Union[EnsembleStep, _Mapping]]] = ...) -> None: ...
 
 class ClientConfig(_message.Message):
-    __slots__ = ("input_formats", "label_filenames", "instances", "device", "version_policy", "latest_versions", "specific_versions")
+    __slots__ = ("input_formats", "label_filenames", "instances", "device", "version_policy", "latest_versions", "specific_versions", "sequence")
     class InputFormatsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,7 @@ class ClientConfig(_message.Message):
     VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     LATEST_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     SPECIFIC_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     input_formats: _containers.ScalarMap[str, str]
     label_filenames: _containers.ScalarMap[str, str]
     instances: int
@@ -206,7 +207,48 @@ class ClientConfig(_message.Message):
     version_policy: str
     latest_versions: int
     specific_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, input_formats: _Optional[_Mapping[str, str]] = ..., label_filenames: _Optional[_Mapping[str, str]] = ..., instances: _Optional[int] = ..., device: _Optional[str] = ..., version_policy: _Optional[str] = ..., latest_versions: _Optional[int] = ..., specific_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    sequence: SequenceSpec
+    def __init__(self, input_formats: _Optional[_Mapping[str, str]] = ..., label_filenames: _Optional[_Mapping[str, str]] = ..., instances: _Optional[int] = ..., device: _Optional[str] = ..., version_policy: _Optional[str] = ..., latest_versions: _Optional[int] = ..., specific_versions: _Optional[_Iterable[int]] = ..., sequence: _Optional[_Union[SequenceSpec, _Mapping]] = ...) -> None: ...
+
+class SequenceSpec(_message.Message):
+    __slots__ = ("idle_timeout_ms", "max_sequences", "max_sequences_per_tenant", "controls", "states")
+    class Control(_message.Message):
+        __slots__ = ("kind", "input", "datatype", "false_value", "true_value")
+        KIND_FIELD_NUMBER: _ClassVar[int]
+        INPUT_FIELD_NUMBER: _ClassVar[int]
+        DATATYPE_FIELD_NUMBER: _ClassVar[int]
+        FALSE_VALUE_FIELD_NUMBER: _ClassVar[int]
+        TRUE_VALUE_FIELD_NUMBER: _ClassVar[int]
+        kind: str
+        input: str
+        datatype: str
+        false_value: float
+        true_value: float
+        def __init__(self, kind: _Optional[str] = ..., input: _Optional[str] = ..., datatype: _Optional[str] = ..., false_value: _Optional[float] = ..., true_value: _Optional[float] = ...) -> None: ...
+    class State(_message.Message):
+        __slots__ = ("input", "output", "datatype", "dims", "initial")
+        INPUT_FIELD_NUMBER: _ClassVar[int]
+        OUTPUT_FIELD_NUMBER: _ClassVar[int]
+        DATATYPE_FIELD_NUMBER: _ClassVar[int]
+        DIMS_FIELD_NUMBER: _ClassVar[int]
+        INITIAL_FIELD_NUMBER: _ClassVar[int]
+        input: str
+        output: str
+        datatype: str
+        dims: _containers.RepeatedScalarFieldContainer[int]
+        initial: float
+        def __init__(self, input: _Optional[str] = ..., output: _Optional[str] = ..., datatype: _Optional[str] = ..., dims: _Optional[_Iterable[int]] = ..., initial: _Optional[float] = ...) -> None: ...
+    IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    CONTROLS_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    idle_timeout_ms: int
+    max_sequences: int
+    max_sequences_per_tenant: int
+    controls: _containers.RepeatedCompositeFieldContainer[SequenceSpec.Control]
+    states: _containers.RepeatedCompositeFieldContainer[SequenceSpec.State]
+    def __init__(self, idle_timeout_ms: _Optional[int] = ..., max_sequences: _Optional[int] = ..., max_sequences_per_tenant: _Optional[int] = ..., controls: _Optional[_Iterable[_Union[SequenceSpec.Control, _Mapping]]] = ..., states: _Optional[_Iterable[_Union[SequenceSpec.State, _Mapping]]] = ...) -> None: ...
 
 class EnsembleStep(_message.Message):
     __slots__ = ("model", "version", "input_map", "output_map")

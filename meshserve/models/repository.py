@@ -86,6 +86,7 @@ from meshserve.models.python_backend import (
     DeclaredTensor,
     parse_backend,
 )
+from meshserve.models.sequence import SequenceConfig, bind_sequence, parse_sequence
 from meshserve.models.tensor_config import (
     NO_TENSOR_CONFIG,
     TensorConfig,
@@ -126,6 +127,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "backend",
         "input",
         "output",
+        "sequence",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -193,6 +195,7 @@ class ModelInfo:
     tensors: TensorConfig = NO_TENSOR_CONFIG  # input formats and output labels, for clients
     policy: VersionPolicy = ALL_VERSIONS  # the model's version policy, for clients
     backend: str = ONNXRUNTIME  # or "python": ``path`` is model.py (meshserve/models/python_backend.py)
+    sequence: SequenceConfig | None = None  # a stateful model (meshserve/models/sequence.py); None: stateless
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +223,7 @@ class _Config:
     backend: str = ONNXRUNTIME
     inputs: tuple[DeclaredTensor, ...] = ()  # declared: Python models only
     outputs: tuple[DeclaredTensor, ...] = ()
+    sequence: SequenceConfig | None = None
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -383,6 +387,7 @@ def _read_config(model_dir: Path) -> _Config:
         traffic = parse_traffic(raw.get("traffic"), model_dir.name)
         tensors = parse_tensor_config(raw.get("input"), raw.get("output"), model_dir)
         backend, declared = parse_backend(raw)
+        sequence = parse_sequence(raw.get("sequence"))
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
     if versions is not None and policy != ALL_VERSIONS:
@@ -413,6 +418,7 @@ def _read_config(model_dir: Path) -> _Config:
         backend=backend,
         inputs=declared[0],
         outputs=declared[1],
+        sequence=sequence,
     )
 
 
@@ -642,6 +648,23 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         )
     except ValueError as exc:
         raise RepositoryError(f"{config_path}: {exc}") from exc
+    inputs, sequence = signature.inputs, None
+    if config.sequence is not None and config.backend == PYTHON:
+        raise RepositoryError(f"{config_path}: 'sequence' is for ONNX models; a Python model keeps no sequence state")
+    if config.sequence is not None and config.response_cache:
+        raise RepositoryError(f"{config_path}: 'response_cache' and 'sequence': a step's answer depends on its state")
+    if config.sequence is not None:
+        try:
+            sequence = bind_sequence(
+                config.sequence,
+                {t.name: (t.datatype, t.shape) for t in signature.inputs},
+                {t.name: (t.datatype, t.shape) for t in signature.outputs},
+                int(max_batch_size > 0),
+            )
+        except ValueError as exc:
+            raise RepositoryError(f"{config_path}: {exc}") from exc
+        hidden = sequence.hidden_inputs()
+        inputs = tuple(t for t in inputs if t.name not in hidden)  # the worker feeds these
     delay_us = 0
     if max_batch_size > 0:
         delay_us = DEFAULT_MAX_QUEUE_DELAY_US if config.max_queue_delay_us is None else config.max_queue_delay_us
@@ -649,7 +672,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         name=name,
         version=version,
         path=path,
-        inputs=signature.inputs,
+        inputs=inputs,
         outputs=signature.outputs,
         max_batch_size=max_batch_size,
         max_queue_delay_us=delay_us,
@@ -670,6 +693,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         tensors=config.tensors,
         policy=config.policy,
         backend=config.backend,
+        sequence=sequence,
     )
 
 

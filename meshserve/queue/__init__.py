@@ -16,6 +16,7 @@ from meshserve.queue.depth import pending_jobs, queue_depths
 from meshserve.queue.keys import ModelKeys, reply_key, worker_wake_key
 from meshserve.queue.protocol import (
     ClaimedBatch,
+    ClaimedStep,
     ClaimOptions,
     Enqueued,
     QueueProtocol,
@@ -39,6 +40,7 @@ __all__ = [
     "TIER_SPAN",
     "ClaimOptions",
     "ClaimedBatch",
+    "ClaimedStep",
     "Enqueued",
     "ModelKeys",
     "QueueProtocol",

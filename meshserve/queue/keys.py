@@ -15,6 +15,12 @@ Keys of one model version share the hash tag ``{m:<model>:<version>}`` (written
     ms:{m:<model>}:fence      STR   fencing-token counter for leases
     ms:{m:<model>}:drain      HASH  worker id -> "<ms per job> <when, Redis clock ms>": how
                                     fast each worker has been taking this model's jobs
+    ms:{m:<model>}:seq:<member> HASH  a live sequence (meshserve/queue/sequences.py): v=its state
+                                    (the state outputs' bytes; '' = the initial values)
+                                    b=the job id of its step taken or in flight; expires
+                                    after the model's sequence idle timeout
+    ms:{m:<model>}:seqlive    ZSET  member -> expiry, Redis clock ms: live sequences, for the cap
+    ms:{m:<model>}:seqlive:<tenant> ZSET  the same, one tenant's, for the per-tenant cap
     ms:{g:<gateway>}:replies  LIST  serialized InferReply messages for one gateway
     ms:{w:<worker>}:wake      LIST  a token: "the set of models you serve changed"
 
@@ -56,6 +62,45 @@ class ModelKeys:
 
     def job(self, job_id: str) -> str:
         return self.job_prefix + job_id
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceKeys:
+    """The keys of one model version's sequences (a stateful model), with its hash tag.
+
+    A sequence's member is ``<len(tenant)>:<tenant>:<sequence id>``: two tenants'
+    sequences with the same id never share a key, whatever their names hold."""
+
+    state_prefix: str
+    live: str
+    tenant_live_prefix: str
+
+    @classmethod
+    def for_model(cls, model: str, version: int) -> SequenceKeys:
+        return cls.of(ModelKeys.for_model(model, version))
+
+    @classmethod
+    def of(cls, keys: ModelKeys) -> SequenceKeys:
+        """The sequence keys of the model version whose queue keys are ``keys``."""
+        base = keys.job_prefix.removesuffix("job:")
+        return cls(state_prefix=base + "seq:", live=base + "seqlive", tenant_live_prefix=base + "seqlive:")
+
+    def state(self, member: str) -> str:
+        return self.state_prefix + member
+
+    def tenant_live(self, tenant: str) -> str:
+        return self.tenant_live_prefix + tenant
+
+
+def sequence_member(tenant: str, sequence_id: str) -> str:
+    """The tenant's sequence, as its keys and its jobs name it."""
+    return f"{len(tenant)}:{tenant}:{sequence_id}"
+
+
+def member_sequence_id(member: str) -> str:
+    """The sequence id of a member (:func:`sequence_member`)."""
+    length, rest = member.split(":", 1)
+    return rest[int(length) + 1 :]
 
 
 def reply_key(gateway_id: str) -> str:

@@ -30,14 +30,25 @@ milliseconds set by the gateway (hosts are assumed NTP-synchronised).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Required, TypedDict, Unpack
 
 from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.queue.keys import ModelKeys, worker_wake_key
 from meshserve.queue.replies import REPLY_TTL_S
-from meshserve.queue.scripts import ACK, CLAIM, ENQUEUE, EXTEND, REAP, RELEASE, REPLY_ACK, REWAKE, WITHDRAW
+from meshserve.queue.scripts import (
+    ACK,
+    CLAIM,
+    ENQUEUE,
+    EXTEND,
+    REAP,
+    RELEASE,
+    REPLY_ACK,
+    REWAKE,
+    SEQ_REPLY_ACK,
+    WITHDRAW,
+)
 from meshserve.store.link import Arg, Chunks, Command, RedisLink
 
 JOB_TTL_GRACE_MS = 60_000
@@ -63,13 +74,27 @@ class Reaped:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimedStep:
+    """A claimed job's sequence (a stateful model's step): its member, its flags
+    ('s' starts the sequence, 'e' ends it) and its state before the step, the
+    state outputs' bytes (b"": the initial state); None when the sequence is not
+    live (never started, ended, or idle past the model's timeout)."""
+
+    member: str
+    flags: str
+    state: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimedBatch:
-    """What one CLAIM returned: the lease token, Redis time, jobs and expired jobs."""
+    """What one CLAIM returned: the lease token, Redis time, jobs and expired jobs,
+    and the steps among the jobs (job id -> its sequence) of a stateful model."""
 
     token: int
     now_ms: int
     jobs: list[tuple[str, bytes]]
     expired: list[tuple[str, str]]
+    steps: dict[str, ClaimedStep] = field(default_factory=dict)
 
 
 class ClaimOptions(TypedDict, total=False):
@@ -88,6 +113,8 @@ class ClaimOptions(TypedDict, total=False):
     lower_share_every: int
     batch_ms: int
     ms_per_job: float
+    sequence_prefix: str  # a stateful model's sequence state key prefix; '' (default): none
+    sequence_idle_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +162,7 @@ class QueueProtocol:
         items: int = 1,
         weight: float = 1.0,
         tenant_max_queued: int = 0,
+        step: tuple[str, str] | None = None,
     ) -> Enqueued:
         """Put one job on a model's ready set, or refuse it (see :class:`Enqueued`).
 
@@ -142,7 +170,8 @@ class QueueProtocol:
         jobs, and fair queuing charges a tenant ``items / weight`` per job. A
         payload over ``LUA_PAYLOAD_BYTES`` is written beside the script, with the
         job's time to live, in one transaction pipelined ahead of it (still one
-        round trip).
+        round trip). ``step``: a stateful model's step, (its sequence's member,
+        flags: 's' starts the sequence, 'e' ends it).
         """
         bulk = (payload.nbytes if isinstance(payload, Chunks) else len(payload)) > LUA_PAYLOAD_BYTES
         script_keys = [keys.ready, keys.job(job_id), keys.wake, keys.sched, keys.queued, keys.drain]
@@ -162,6 +191,8 @@ class QueueProtocol:
             DRAIN_FRESH_MS,
             1 if bulk else 0,
         ]
+        if step is not None:
+            args.extend(step)
         if not bulk:
             code, wait_ms = await self.redis.script(ENQUEUE, keys=script_keys, args=args)
             return Enqueued(int(code), int(wait_ms))
@@ -206,7 +237,7 @@ class QueueProtocol:
             raise failed
         bulks = dict(zip(missing, found, strict=True))
         jobs = [(job_id, payload or bulks[job_id]) for job_id, payload in claim.jobs]
-        return ClaimedBatch(claim.token, claim.now_ms, [(i, p) for i, p in jobs if p], claim.expired)
+        return ClaimedBatch(claim.token, claim.now_ms, [(i, p) for i, p in jobs if p], claim.expired, claim.steps)
 
     async def ack(self, keys: ModelKeys, token: int, job_ids: list[str]) -> int:
         """Remove finished jobs of the lease ``token``; returns how many were still held."""
@@ -219,10 +250,12 @@ class QueueProtocol:
         :func:`reply_ack_command` find them."""
         await self.redis.load(ACK)
         await self.redis.load(REPLY_ACK)
+        await self.redis.load(SEQ_REPLY_ACK)
 
     async def load_reply_ack_script(self) -> None:
-        """Load REPLY_ACK's script again (Redis lost its scripts: a restart)."""
+        """Load REPLY_ACK's scripts again (Redis lost its scripts: a restart)."""
         await self.redis.load(REPLY_ACK)
+        await self.redis.load(SEQ_REPLY_ACK)
 
     async def extend(self, keys: ModelKeys, token: int, job_ids: list[str], lease_ms: int) -> int:
         """Renew the lease ``token`` on these jobs; 0 if it was reclaimed meanwhile."""
@@ -301,6 +334,8 @@ def _claim_keys_args(keys: ModelKeys, **options: Unpack[ClaimOptions]) -> tuple[
             options.get("lower_share_every", 0),
             options.get("batch_ms", 0),
             f"{ms_per_job:.4f}" if ms_per_job > 0 else 0,
+            options.get("sequence_prefix", ""),
+            options.get("sequence_idle_ms", 0),
         ],
     )
 
@@ -313,10 +348,18 @@ def claim_command(keys: ModelKeys, **options: Unpack[ClaimOptions]) -> Command:
 
 def parse_claim(raw: list[Any]) -> ClaimedBatch:
     """A CLAIM reply as a :class:`ClaimedBatch`."""
-    token, now_ms, flat_jobs, flat_expired = raw
+    token, now_ms, flat_jobs, flat_expired, flat_steps = raw
     jobs = [(_text(flat_jobs[i]), bytes(flat_jobs[i + 1])) for i in range(0, len(flat_jobs), 2)]
     expired = [(_text(flat_expired[i]), _text(flat_expired[i + 1])) for i in range(0, len(flat_expired), 2)]
-    return ClaimedBatch(int(token), int(now_ms), jobs, expired)
+    steps = {
+        _text(flat_steps[i]): ClaimedStep(
+            _text(flat_steps[i + 1]),
+            _text(flat_steps[i + 2]),
+            None if flat_steps[i + 3] is None else bytes(flat_steps[i + 3]),
+        )
+        for i in range(0, len(flat_steps), 4)
+    }
+    return ClaimedBatch(int(token), int(now_ms), jobs, expired, steps)
 
 
 def _ack_keys_args(keys: ModelKeys, token: int, job_ids: list[str]) -> tuple[list[Any], list[Any]]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from meshserve.models.ensemble import ENSEMBLE_PLATFORM, Ensemble, EnsembleStep
 from meshserve.models.repository import ModelInfo, PlacementConfig, TensorInfo
+from meshserve.models.sequence import SequenceConfig, SequenceControl, SequenceState
 from meshserve.models.tensor_config import TensorConfig
 from meshserve.models.traffic import TrafficSplit, VersionPolicy
 from protos import meshserve_pb2 as mpb
@@ -72,6 +73,43 @@ def client_config_to_pb(model: ModelInfo) -> mpb.ClientConfig:
         version_policy=model.policy.kind,
         latest_versions=model.policy.count,
         specific_versions=sorted(model.policy.versions),
+        sequence=sequence_to_pb(model.sequence),
+    )
+
+
+def sequence_to_pb(config: SequenceConfig | None) -> mpb.SequenceSpec | None:
+    if config is None:
+        return None
+    return mpb.SequenceSpec(
+        idle_timeout_ms=config.idle_timeout_ms,
+        max_sequences=config.max_sequences,
+        max_sequences_per_tenant=config.max_sequences_per_tenant,
+        controls=[
+            mpb.SequenceSpec.Control(
+                kind=c.kind, input=c.input, datatype=c.datatype, false_value=c.values[0], true_value=c.values[1]
+            )
+            for c in config.controls
+        ],
+        states=[
+            mpb.SequenceSpec.State(input=s.input, output=s.output, datatype=s.datatype, dims=s.dims, initial=s.initial)
+            for s in config.states
+        ],
+    )
+
+
+def sequence_from_pb(message: mpb.ClientConfig) -> SequenceConfig | None:
+    """The model's sequence section; None for a stateless model (the field unset)."""
+    if not message.HasField("sequence"):
+        return None
+    spec = message.sequence
+    return SequenceConfig(
+        idle_timeout_s=spec.idle_timeout_ms / 1000,
+        max_sequences=spec.max_sequences,
+        max_sequences_per_tenant=spec.max_sequences_per_tenant,
+        controls=tuple(
+            SequenceControl(c.kind, c.input, c.datatype, (c.false_value, c.true_value)) for c in spec.controls
+        ),
+        states=tuple(SequenceState(s.input, s.output, s.datatype, tuple(s.dims), s.initial) for s in spec.states),
     )
 
 
@@ -91,6 +129,7 @@ def client_config_from_pb(message: mpb.ClientConfig) -> dict[str, Any]:
         "instances": message.instances or 1,
         "placement": PlacementConfig(device=message.device or "any"),
         "policy": policy,
+        "sequence": sequence_from_pb(message),
     }
 
 

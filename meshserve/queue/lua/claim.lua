@@ -7,6 +7,8 @@
 --   ARGV[7] lower-tier share: every Nth claim serves a lower tier with work (0 = off)
 --   ARGV[8] ms the batch will take (jobs due sooner cannot finish: they count as expired)
 --   ARGV[9] the worker's recent ms per job on this model (0 = none yet), for shedding
+--   ARGV[10] sequence state key prefix ('' = a model without sequences)
+--   ARGV[11] the model's sequence idle timeout, ms
 --   TIER_SPAN and NUM_TIERS come from the loader's prelude.
 -- Walks the ready set in score order (highest tier, then lowest virtual start).
 -- Jobs past their deadline, or due before the batch could finish, are removed and
@@ -23,7 +25,15 @@
 -- taken job (its payload came with its HMGET), one HSET of the scheduler state; when
 -- the scan emptied the ready set, one DEL of the tenants' counts instead of a count
 -- per tenant.
--- Returns {token, now_ms, {id, payload, ...}, {expired id, reply_to, ...}}.
+-- Sequences (a stateful model): a step whose sequence has a step taken or in flight
+-- (its hash's 'b' names another job that still exists) stays queued, and so does a
+-- second step of one sequence in one scan: steps of a sequence run one at a time,
+-- in queue order; steps of different sequences batch together. A redelivered step
+-- ('b' is its own id) is taken again. A taken step marks its sequence's turn and
+-- comes with its state: '' for the initial state (it starts the sequence), false
+-- when the sequence is not live (never started, ended, or idle past the timeout).
+-- Returns {token, now_ms, {id, payload, ...}, {expired id, reply_to, ...},
+-- {step id, member, flags, state, ...}}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix, room, scan = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
@@ -35,8 +45,9 @@ local function call_many(command, key, args)  -- one variadic call per 4 000 arg
     redis.call(command, key, unpack(args, i, math.min(i + 3999, #args)))
   end
 end
+local seq_prefix = ARGV[10] or ''
 local ids = redis.call('ZRANGE', KEYS[1], 0, scan - 1)
-if #ids == 0 then return {0, now, {}, {}} end  -- nothing queued: touch nothing
+if #ids == 0 then return {0, now, {}, {}, {}} end  -- nothing queued: touch nothing
 if tonumber(ARGV[9]) > 0 then redis.call('HSET', KEYS[7], ARGV[4], ARGV[9] .. ' ' .. now) end
 -- the scheduler's state in one read: the claims' turn, then each tier's virtual clock
 local fields = {'turn'}
@@ -72,6 +83,14 @@ local function expire(id, meta)
   expired[#expired + 1] = id
   expired[#expired + 1] = meta[3]
 end
+local turns, waiting = {}, 0  -- sequences taken by this claim; steps left waiting for their turn
+local function blocked(id, meta)
+  local member = meta[8]
+  if not member or seq_prefix == '' then return false end
+  if turns[member] then return true end
+  local holder = redis.call('HGET', seq_prefix .. member, 'b')
+  return holder ~= false and holder ~= id and redis.call('EXISTS', prefix .. holder) == 1
+end
 local function take(id, meta)
   taken[#taken + 1] = id
   metas[#metas + 1] = meta
@@ -81,19 +100,22 @@ local function take(id, meta)
   local tier = math.floor(score / TIER_SPAN)
   clocks[tier] = math.max(clocks[tier] or 0, score - tier * TIER_SPAN)
   room = room - (tonumber(meta[4]) or 1)
+  if meta[8] and seq_prefix ~= '' then turns[meta[8]] = true end
 end
--- The first max-items jobs are read with their payload (field 8): most batches take
+-- The first max-items jobs are read with their payload (field 10): most batches take
 -- them, and a payload read with the rest costs no command of its own.
 local first = tonumber(ARGV[2])
 for i, id in ipairs(ids) do
   local meta
   if i <= first then
-    meta = redis.call('HMGET', prefix .. id, 'd', 's', 'r', 'n', 't', 'q', 'a', 'p')
+    meta = redis.call('HMGET', prefix .. id, 'd', 's', 'r', 'n', 't', 'q', 'a', 'z', 'y', 'p')
   else
-    meta = redis.call('HMGET', prefix .. id, 'd', 's', 'r', 'n', 't', 'q', 'a')
+    meta = redis.call('HMGET', prefix .. id, 'd', 's', 'r', 'n', 't', 'q', 'a', 'z', 'y')
   end
   if not meta[1] then
     leaving[#leaving + 1] = id  -- its hash expired: nothing to run
+  elseif tonumber(meta[1]) > now and blocked(id, meta) then
+    waiting = waiting + 1  -- its sequence's step before it has not been answered
   elseif tonumber(meta[1]) <= due then
     if probe == nil and tonumber(meta[1]) > now and (sig == nil or meta[2] == sig)
         and (tonumber(meta[4]) or 1) <= room then
@@ -108,13 +130,15 @@ for i, id in ipairs(ids) do
       if room <= 0 then break end
     end
   end
+  -- A step left queued (another shape, no room) holds back the later steps of its sequence.
+  if meta[1] and meta[8] and seq_prefix ~= '' then turns[meta[8]] = true end
 end
 if probe ~= nil then
   if #taken == 0 then take(probe, probe_meta) else expire(probe, probe_meta) end
 end
 call_many('ZREM', KEYS[1], leaving)
 for _, jk in ipairs(dead) do redis.call('DEL', jk) end  -- rare (expired jobs): one by one
-local out = {}
+local out, steps = {}, {}
 local token = 0
 if #taken > 0 then
   token = redis.call('INCR', KEYS[4])
@@ -128,7 +152,19 @@ if #taken > 0 then
     local jk = prefix .. id
     redis.call('HSET', jk, 'k', token, 'w', ARGV[4], 'a', (tonumber(metas[i][7]) or 0) + 1)
     out[#out + 1] = id
-    out[#out + 1] = metas[i][8] or redis.call('HGET', jk, 'p')
+    out[#out + 1] = metas[i][10] or redis.call('HGET', jk, 'p')
+    local member = metas[i][8]
+    if member and seq_prefix ~= '' then
+      local sk, flags = seq_prefix .. member, metas[i][9] or ''
+      local state = redis.call('HGET', sk, 'v')
+      if string.find(flags, 's', 1, true) then state = '' end  -- a start: the initial state
+      if state then
+        redis.call('HSET', sk, 'b', id)
+        redis.call('PEXPIRE', sk, tonumber(ARGV[11]))
+      end
+      local at = #steps
+      steps[at + 1], steps[at + 2], steps[at + 3], steps[at + 4] = id, member, flags, state
+    end
   end
 end
 -- Every scanned job left and the scan saw the whole set (or the tier it looked at
@@ -143,13 +179,18 @@ if empty then
   redis.call('DEL', KEYS[6])  -- nothing queued: every count is 0 (heals a count lost to an evicted job)
   if #taken == 0 and redis.call('EXISTS', KEYS[2]) == 0 then  -- idle: reset virtual time
     redis.call('DEL', KEYS[5], KEYS[7])
-    return {token, now, out, expired}
+    return {token, now, out, expired, steps}
   end
 else
   for tenant, n in pairs(unqueued) do
     if redis.call('HINCRBY', KEYS[6], tenant, -n) <= 0 then redis.call('HDEL', KEYS[6], tenant) end
   end
-  if redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], 1) end
+  -- Steps waiting for their sequence's turn get their token from that turn's ack
+  -- (SEQ_REPLY_ACK), not from here: a token for them alone would wake worker after
+  -- worker to claim nothing.
+  if redis.call('LLEN', KEYS[3]) == 0 and (waiting == 0 or redis.call('ZCARD', KEYS[1]) > waiting) then
+    redis.call('RPUSH', KEYS[3], 1)
+  end
 end
 local write = {}
 if turn ~= nil then write[1], write[2] = 'turn', turn end
@@ -160,4 +201,4 @@ for tier, clock in pairs(clocks) do
   end
 end
 if #write > 0 then redis.call('HSET', KEYS[5], unpack(write)) end
-return {token, now, out, expired}
+return {token, now, out, expired, steps}

@@ -12,6 +12,8 @@
 --            of it; a refusal deletes that field's hash unless the job was queued. With
 --            no field 'b' (its write, pipelined ahead, was refused) nothing is queued:
 --            code -4.
+--   ARGV[15] a stateful model's step: its sequence's member (absent or '' = none)
+--   ARGV[16] the step's flags: 's' starts its sequence, 'e' ends it
 --   TIER_SPAN (score distance between tiers) comes from the loader's prelude.
 -- Returns {code, estimated wait ms}: code 1 enqueued, 0 duplicate id (idempotent
 -- retry), -1 model queue full, -2 the tenant's queue full, -3 it would wait past its
@@ -56,6 +58,7 @@ end
 redis.call('HSET', KEYS[4], finish, string.format('%.17g', start + tonumber(ARGV[10]) / tonumber(ARGV[11])))
 redis.call('HSET', KEYS[2], 'p', ARGV[3], 'd', ARGV[4], 't', tenant, 'r', ARGV[6], 's', ARGV[7], 'a', 0,
            'q', score, 'n', ARGV[10])
+if ARGV[15] and ARGV[15] ~= '' then redis.call('HSET', KEYS[2], 'z', ARGV[15], 'y', ARGV[16]) end
 redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[9]))
 redis.call('ZADD', KEYS[1], score, ARGV[1])
 redis.call('HINCRBY', KEYS[5], tenant, 1)
