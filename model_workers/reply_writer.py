@@ -26,7 +26,14 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.errors import Unavailable
-from meshserve.queue import ModelKeys, QueueProtocol, ack_command, push_commands, reply_ack_command
+from meshserve.queue import (
+    ModelKeys,
+    QueueProtocol,
+    ack_command,
+    push_commands,
+    reply_ack_commands,
+    reply_ack_result,
+)
 from meshserve.store.link import Chunks, Command, RedisLink
 from meshserve.store.refusals import LOG_INTERVAL_S, RefusalLog, refusal_kind, store_refusal_message
 from meshserve.wire.envelope import failed_reply
@@ -78,8 +85,9 @@ class ReplyWriter:
         """Start writing ``outgoing`` now (the scripts leave before this returns)
         and return what finishes the job: confirm, retry, or give up."""
         lists = _by_list(outgoing)
-        written = self._redis.pipeline_now(_reply_acks(keys, lists))
-        return self._finish(keys, model, lists, written)
+        per_list = _reply_acks(keys, lists)
+        written = self._redis.pipeline_now([command for commands in per_list for command in commands])
+        return self._finish(keys, model, lists, _results(written, per_list))
 
     async def _finish(
         self, keys: ModelKeys, model: str, lists: dict[str, list[Outgoing]], written: Awaitable[list[Any]]
@@ -111,7 +119,7 @@ class ReplyWriter:
             again = {to: lists[to] for to in lost}
             try:
                 await self._queue.load_reply_ack_script()
-                rerun = await self._redis.pipeline(_reply_acks(keys, again))
+                rerun = await self._write(keys, again)
             except RedisError as exc:
                 rerun = [exc] * len(again)
             reran = dict(zip(again, rerun, strict=True))
@@ -133,7 +141,7 @@ class ReplyWriter:
             await asyncio.sleep(min(backoff_s, left_s))
             backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
             try:
-                results = await self._redis.pipeline(_reply_acks(keys, pending))
+                results = await self._write(keys, pending)
             except RedisError as exc:
                 results = [exc] * len(pending)
             pending, retried_error = await self._settle(keys, pending, results)
@@ -199,6 +207,11 @@ class ReplyWriter:
             backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
         return sum(map(len, lists.values()))
 
+    async def _write(self, keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Any]:
+        """Each list's REPLY_ACK in one pipeline: its result (acked count or error) per list."""
+        per_list = _reply_acks(keys, lists)
+        return await _results(self._redis.pipeline([c for commands in per_list for c in commands]), per_list)
+
     async def _ack(self, keys: ModelKeys, jobs: Iterable[Outgoing]) -> None:
         """Ack these jobs' leases, in one pipeline (reloading the script after a Redis
         restart). Their replies are written, so a failed ack is retried with backoff
@@ -246,14 +259,25 @@ def _by_list(outgoing: Iterable[Outgoing]) -> dict[str, list[Outgoing]]:
     return dict(lists)
 
 
-def _reply_acks(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Command]:
-    """One REPLY_ACK per list: its replies, and the acks of its jobs that hold a lease."""
+def _reply_acks(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[list[Command]]:
+    """One REPLY_ACK per list (a command, or a transaction when a reply is large):
+    its replies, and the acks of its jobs that hold a lease."""
     return [
-        reply_ack_command(
+        reply_ack_commands(
             keys, to, [o.blob for o in group], [(o.token, o.job_id) for o in group if o.token is not None]
         )
         for to, group in lists.items()
     ]
+
+
+async def _results(written: Awaitable[list[Any]], per_list: list[list[Command]]) -> list[Any]:
+    """The pipeline's replies read back into one REPLY_ACK result per list."""
+    replies = await written
+    results, start = [], 0
+    for commands in per_list:
+        results.append(reply_ack_result(replies[start : start + len(commands)]))
+        start += len(commands)
+    return results
 
 
 def _budget_s(groups: Iterable[list[Outgoing]]) -> float:
