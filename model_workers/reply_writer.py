@@ -85,9 +85,13 @@ class ReplyWriter:
         """Start writing ``outgoing`` now (the scripts leave before this returns)
         and return what finishes the job: confirm, retry, or give up."""
         lists = _by_list(outgoing)
+        return self._finish(keys, model, lists, self._write(keys, lists))
+
+    def _write(self, keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> Awaitable[list[Any]]:
+        """Write the lists' replies and ack their jobs, written now: one REPLY_ACK per
+        list (a transaction where a reply is large); one result per list."""
         per_list = _reply_acks(keys, lists)
-        written = self._redis.pipeline_now([command for commands in per_list for command in commands])
-        return self._finish(keys, model, lists, _results(written, per_list))
+        return _results(self._redis.pipeline_now([command for commands in per_list for command in commands]), per_list)
 
     async def _finish(
         self, keys: ModelKeys, model: str, lists: dict[str, list[Outgoing]], written: Awaitable[list[Any]]
@@ -206,11 +210,6 @@ class ReplyWriter:
             await asyncio.sleep(min(backoff_s, left_s))
             backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
         return sum(map(len, lists.values()))
-
-    async def _write(self, keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Any]:
-        """Each list's REPLY_ACK in one pipeline: its result (acked count or error) per list."""
-        per_list = _reply_acks(keys, lists)
-        return await _results(self._redis.pipeline([c for commands in per_list for c in commands]), per_list)
 
     async def _ack(self, keys: ModelKeys, jobs: Iterable[Outgoing]) -> None:
         """Ack these jobs' leases, in one pipeline (reloading the script after a Redis
