@@ -32,12 +32,12 @@ from meshserve_bench.load import REQUEST_TIMEOUT_S, percentile_ms
 from meshserve_bench.mesh import find_model, model_json, own_mesh, progress, require_ready
 from meshserve_bench.scenarios import descendants, rss_kib
 from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
 
 MIB = 1 << 20
 MODEL = "scale_any"
 MIN_CALLS = 5
 ROLES = ("gateway", "worker", "redis")
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
@@ -54,6 +54,9 @@ class SizeFigures:
     raw_p50_ms: float
     rss_before_kib: dict[str, int]
     peak_kib: dict[str, int]
+    echo_p50_ms: float = 0.0
+    """gRPC's own floor: the same request's bytes to an echo server and back (no work),
+    client and server in the bench's process."""
 
     def added_p50_ms(self) -> float:
         return self.p50_ms - self.raw_p50_ms
@@ -116,18 +119,52 @@ def raw_p50_ms(model: ModelInfo, array: np.ndarray[Any, Any], calls: int) -> flo
     return percentile_ms(latencies_ns, 50)
 
 
+async def echo_p50_ms(payload: bytes, calls: int) -> float:
+    """p50 of ``calls`` round trips of ``payload`` through a grpc-python echo server
+    (identity serializers, port 0), after one to warm up."""
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    server = grpc.aio.server(options=UNLIMITED)
+    handler = grpc.unary_unary_rpc_method_handler(echo)  # no serializers: bytes in, bytes out
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=UNLIMITED) as channel:
+            call = channel.unary_unary("/bench.Echo/Echo")
+            await call(payload, timeout=REQUEST_TIMEOUT_S)
+            latencies_ns = []
+            for _ in range(calls):
+                start_ns = time.perf_counter_ns()
+                await call(payload, timeout=REQUEST_TIMEOUT_S)
+                latencies_ns.append(time.perf_counter_ns() - start_ns)
+    finally:
+        await server.stop(None)
+    return percentile_ms(latencies_ns, 50)
+
+
 async def mesh_calls(target: str, request: pb.ModelInferRequest, config: BenchConfig) -> tuple[list[int], int]:
-    """Calls one after another for ``duration_s`` (at least MIN_CALLS): latencies of OK ones, ns; errors."""
+    """Calls one after another for ``duration_s`` (at least MIN_CALLS): latencies of OK ones, ns; errors.
+
+    The request is serialized once and sent as bytes, as a client that reuses its
+    input would: serializing 16 MiB into fresh memory costs this process 40-60 ms
+    per call on a VM (page faults; 8 ms with huge pages, docs/performance.md), which
+    would be charged to the mesh."""
     latencies_ns: list[int] = []
     errors = 0
+    payload = request.SerializeToString()
     async with grpc.aio.insecure_channel(target, options=UNLIMITED) as channel:
-        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        await infer(request, timeout=REQUEST_TIMEOUT_S)  # warm: connection, first allocation
+        infer = channel.unary_unary(
+            MODEL_INFER, request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString
+        )
+        await infer(payload, timeout=REQUEST_TIMEOUT_S)  # warm: connection, first allocation
         end_s = time.perf_counter() + config.duration_s
         while time.perf_counter() < end_s or len(latencies_ns) + errors < MIN_CALLS:
             start_ns = time.perf_counter_ns()
             try:
-                await infer(request, timeout=REQUEST_TIMEOUT_S)
+                await infer(payload, timeout=REQUEST_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 errors += 1
                 progress(f"call failed: {exc.code().name}: {exc.details()}")
@@ -149,6 +186,7 @@ def measure_size(
     reset_peaks(pids)
     latencies_ns, errors = asyncio.run(mesh_calls(target, request, config))
     peaks = {role: peak_kib(found) for role, found in roles.items()}
+    echo_ms = asyncio.run(echo_p50_ms(request.SerializeToString(), MIN_CALLS))
     figures = SizeFigures(
         size_mib,
         array.nbytes,
@@ -159,8 +197,12 @@ def measure_size(
         raw_ms,
         before,
         peaks,
+        echo_ms,
     )
-    progress(f"{size_mib:g} MiB: p50 {figures.p50_ms:.1f} ms (raw {raw_ms:.1f} ms), peaks {peaks} KiB")
+    progress(
+        f"{size_mib:g} MiB: p50 {figures.p50_ms:.1f} ms (raw {raw_ms:.1f} ms, gRPC echo {echo_ms:.1f} ms),"
+        f" peaks {peaks} KiB"
+    )
     return figures
 
 

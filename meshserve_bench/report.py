@@ -213,12 +213,13 @@ def noisy_neighbor_lines(result: Figures) -> list[str]:
 def large_lines(result: Figures) -> list[str]:
     """The large scenario's table: latency beside raw ONNX Runtime, each process's peak."""
     roles = list(result["sizes"][0]["peak_kib"]) if result["sizes"] else []
-    header = ["MiB", "calls", "errors", "p50 ms", "p99 ms", "raw p50 ms", "added p50 ms"]
+    header = ["MiB", "calls", "errors", "p50 ms", "p99 ms", "raw p50 ms", "added p50 ms", "gRPC echo p50 ms"]
     header += [f"{role} peak MiB (growth, payloads)" for role in roles]
     rows = []
     for size in result["sizes"]:
         row = [f"{size['size_mib']:g}", str(size["calls"]), str(size["errors"])]
         row += [num(size[key], ".1f") for key in ("p50_ms", "p99_ms", "raw_p50_ms", "added_p50_ms")]
+        row.append(num(size.get("echo_p50_ms") or None, ".1f"))  # older reports have none
         for role in roles:
             peak = size["peak_kib"][role]
             row.append(f"{peak / 1024:.0f} ({size['peak_over_payload'][role]:.1f}x)" if peak else "-")
@@ -226,6 +227,8 @@ def large_lines(result: Figures) -> list[str]:
     note = (
         "Peak: a process's highest resident memory during the size's calls (VmHWM, reset before them);"
         " growth: that peak over its resident memory before them, in payloads. One call at a time."
+        " gRPC echo: the request's bytes to a grpc-python echo server in the bench's process and back,"
+        " gRPC's own floor."
     )
     return [*table(header, rows), "", note]
 

@@ -26,7 +26,14 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 
 from meshserve.errors import Unavailable
-from meshserve.queue import ModelKeys, QueueProtocol, ack_command, push_commands, reply_ack_command
+from meshserve.queue import (
+    ModelKeys,
+    QueueProtocol,
+    ack_command,
+    push_commands,
+    reply_ack_commands,
+    reply_ack_result,
+)
 from meshserve.queue.keys import SequenceKeys
 from meshserve.queue.sequences import StateWrite, StepWrite, seq_reply_ack_command
 from meshserve.store.link import Chunks, Command, RedisLink
@@ -85,11 +92,12 @@ class ReplyWriter:
 
     def _write(self, keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> Awaitable[list[Any]]:
         """Write the lists' replies and ack their jobs, written now: one REPLY_ACK per
-        list; on a cluster (a gateway's list and a model's leases in two slots, which no
+        list (a transaction where a reply is large); on a cluster (a gateway's list and a model's leases in two slots, which no
         script may touch together) the pushes, then the acks of what was pushed."""
         if self._redis.cluster:
             return self._push_then_ack(keys, lists, self._redis.pipeline_now(_pushes(lists)))
-        return self._redis.pipeline_now(_reply_acks(keys, lists))
+        per_list = _reply_acks(keys, lists)
+        return _results(self._redis.pipeline_now([command for commands in per_list for command in commands]), per_list)
 
     async def _push_then_ack(
         self, keys: ModelKeys, lists: dict[str, list[Outgoing]], pushed: Awaitable[list[Any]]
@@ -274,13 +282,14 @@ def _by_list(outgoing: Iterable[Outgoing]) -> dict[str, list[Outgoing]]:
     return dict(lists)
 
 
-def _reply_acks(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[Command]:
-    """One REPLY_ACK per list: its replies, and the acks of its jobs that hold a lease
-    (SEQ_REPLY_ACK when steps of sequences are among them: their states go in too)."""
+def _reply_acks(keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> list[list[Command]]:
+    """One REPLY_ACK per list (a command, or a transaction when a reply is large):
+    its replies, and the acks of its jobs that hold a lease (SEQ_REPLY_ACK when steps
+    of sequences are among them: their states go in too)."""
     return [
-        _seq_reply_ack(keys, to, group)
+        [_seq_reply_ack(keys, to, group)]
         if any(o.state is not None for o in group)
-        else reply_ack_command(
+        else reply_ack_commands(
             keys, to, [o.blob for o in group], [(o.token, o.job_id) for o in group if o.token is not None]
         )
         for to, group in lists.items()
@@ -302,6 +311,16 @@ def _seq_reply_ack(keys: ModelKeys, to: str, group: list[Outgoing]) -> Command:
         if o.token is not None
     ]
     return seq_reply_ack_command(keys, SequenceKeys.of(keys), idle_ms, to, [o.blob for o in group], acks)
+
+
+async def _results(written: Awaitable[list[Any]], per_list: list[list[Command]]) -> list[Any]:
+    """The pipeline's replies read back into one REPLY_ACK result per list."""
+    replies = await written
+    results, start = [], 0
+    for commands in per_list:
+        results.append(reply_ack_result(replies[start : start + len(commands)]))
+        start += len(commands)
+    return results
 
 
 def _budget_s(groups: Iterable[list[Outgoing]]) -> float:

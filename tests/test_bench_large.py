@@ -57,7 +57,9 @@ def test_processes_are_found_by_role_and_their_peaks_read() -> None:
 
 
 def test_the_report_has_a_row_per_size() -> None:
-    size = large.SizeFigures(16.0, 16 * large.MIB, 5, 0, 30.0, 40.0, 2.0, {"gateway": 1024}, {"gateway": 1024 + 32768})
+    size = large.SizeFigures(
+        16.0, 16 * large.MIB, 5, 0, 30.0, 40.0, 2.0, {"gateway": 1024}, {"gateway": 1024 + 32768}, 12.5
+    )
     result = {
         "scenario": "large",
         "date": "2026-12-04T00:00:00+00:00",
@@ -74,4 +76,8 @@ def test_the_report_has_a_row_per_size() -> None:
         "sizes": [{**asdict(size), "added_p50_ms": size.added_p50_ms(), "peak_over_payload": size.peak_over_payload()}],
     }
     text = report.markdown(result)
-    assert "| 16 | 5 | 0 | 30.0 | 40.0 | 2.0 | 28.0 | 33 (2.0x) |" in text
+    assert "| 16 | 5 | 0 | 30.0 | 40.0 | 2.0 | 28.0 | 12.5 | 33 (2.0x) |" in text
+
+
+async def test_grpcs_own_floor_is_an_echo_of_the_same_bytes() -> None:
+    assert await large.echo_p50_ms(bytes(1 << 20), 3) > 0

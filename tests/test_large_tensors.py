@@ -9,7 +9,10 @@ records which thread did payload-sized work.
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -29,7 +32,7 @@ import gateway.servicer
 import model_workers.runner
 from meshserve.devkit.examples import write_example_repository
 from meshserve.models.repository import ModelInfo, scan_repository
-from meshserve.platform.heap import return_large_buffers
+from meshserve.platform.heap import HUGE_PAGES_TUNABLE, return_large_buffers, with_huge_pages
 from meshserve.queue import ClaimedBatch, Enqueued, ModelKeys, QueueProtocol
 from meshserve.queue.protocol import LUA_PAYLOAD_BYTES
 from meshserve.store.link import Chunks, RedisLink
@@ -302,6 +305,46 @@ def test_a_cut_request_is_refused_as_protobuf_refuses_it(cut: int) -> None:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_services_fix_glibcs_mmap_threshold_so_freed_tensors_leave_the_process() -> None:
     assert return_large_buffers()
+
+
+def _thp_mode() -> str:
+    try:
+        modes = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return modes.split("[", 1)[1].split("]", 1)[0]
+
+
+HUGE_PAGES_PROBE = """
+from meshserve.platform.heap import HUGE_PAGES_TUNABLE, return_large_buffers, with_huge_pages
+return_large_buffers()
+buffer = bytearray(16 << 20)  # a payload-sized buffer, touched: its own mapping
+rollup = open("/proc/self/smaps_rollup").read()
+print(next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("AnonHugePages:")))
+"""
+
+
+def test_the_supervisor_starts_services_with_glibcs_huge_page_tunable_kept_beside_others() -> None:
+    assert with_huge_pages({})["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
+    assert with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"}) == {
+        "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}",
+        "A": "b",
+    }
+    assert with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's tunables")
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="the kernel gives no transparent huge pages")
+def test_a_payload_sized_buffer_gets_huge_pages_under_the_tunable_and_none_without() -> None:
+    """Fresh mappings fault in page by page (about 25 ms per 16 MiB on a VM): the
+    tunable makes glibc ask for huge pages on them (heap.with_huge_pages)."""
+    probe = [sys.executable, "-c", HUGE_PAGES_PROBE]
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    with_tunable = subprocess.run(probe, env=with_huge_pages(plain), capture_output=True, check=True, timeout=30)
+    assert int(with_tunable.stdout) >= 8 * 1024  # KiB: most of the 16 MiB
+    if _thp_mode() == "madvise":  # under "always" every mapping gets them anyway
+        without = subprocess.run(probe, env=plain, capture_output=True, check=True, timeout=30)
+        assert int(without.stdout) == 0
 
 
 async def test_a_reply_over_the_workers_max_message_bytes_is_refused_not_written(

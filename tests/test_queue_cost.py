@@ -18,6 +18,8 @@ from meshserve.queue import (
     QueueProtocol,
     pop_replies,
     reply_ack_command,
+    reply_ack_commands,
+    reply_ack_result,
     reply_key,
     wait_command,
     woken_key,
@@ -203,3 +205,43 @@ async def test_a_large_payload_rides_beside_the_script_in_one_round_trip_and_a_r
         await redis.config_set("maxmemory", 0)
     assert not await redis.exists(KEYS.job("refused"))
     assert [m.decode() for m in await redis.zrange(KEYS.ready, 0, -1)] == ["big"]
+
+
+async def test_a_large_reply_rides_beside_the_reply_script_atomically_and_a_refused_one_acks_nothing(
+    queue: QueueProtocol, link: RedisLink, redis: Redis
+) -> None:
+    """Lua would copy a large reply into its heap and out again: it goes in a
+    transaction beside the script, which still acks only once everything is in."""
+    await queue.load_ack_script()
+    for job_id in ("a", "b", "c"):
+        assert await enqueue(queue, job_id) == 1
+    token, [a, b, c] = await claim(queue, max_items=3)
+    large = Chunks.of([b"\x00head", bytes(LUA_PAYLOAD_BYTES)])
+    await redis.config_set("maxmemory", 1)  # every write refused: nothing is pushed, nothing acked
+    try:
+        refused = await link.pipeline(reply_ack_commands(KEYS, REPLIES, [large, b"small"], [(token, a), (token, b)]))
+    finally:
+        await redis.config_set("maxmemory", 0)
+    assert isinstance(reply_ack_result(refused), ResponseError)
+    assert "OOM" in str(reply_ack_result(refused))
+    assert await redis.exists(REPLIES) == 0
+    assert await redis.zcard(KEYS.inflight) == 3
+    before = await snapshot(redis)
+    commands = reply_ack_commands(KEYS, REPLIES, [large, b"small"], [(token, a), (token, b)])
+    assert reply_ack_result(await link.pipeline(commands)) == 2
+    usage = (await snapshot(redis)).usage_since(before)
+    assert (usage.by_command["multi"], usage.by_command["exec"], usage.by_command["rpush"]) == (1, 1, 2)
+    only_large = reply_ack_commands(KEYS, REPLIES, [large], [(token, c)])  # the script pushes nothing itself
+    assert reply_ack_result(await link.pipeline(only_large)) == 1
+    replies = await redis.lrange(REPLIES, 0, -1)
+    assert [len(reply) for reply in replies] == [large.nbytes, len(b"small"), large.nbytes]
+    assert replies[0] == b"\x00head" + bytes(LUA_PAYLOAD_BYTES)
+    assert 0 < await redis.ttl(REPLIES) <= REPLY_TTL_S
+    assert await redis.zcard(KEYS.inflight) == 0
+    assert await redis.exists(KEYS.job(a), KEYS.job(b), KEYS.job(c)) == 0
+
+
+def test_small_replies_keep_the_one_script_command() -> None:
+    assert reply_ack_commands(KEYS, REPLIES, [b"r"], [(1, "a")]) == [
+        reply_ack_command(KEYS, REPLIES, [b"r"], [(1, "a")])
+    ]

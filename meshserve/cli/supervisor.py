@@ -51,6 +51,7 @@ from types import FrameType
 import grpc
 
 from meshserve.devkit.redis_server import RedisServer, binary_from_env, free_port
+from meshserve.platform.heap import with_huge_pages
 from meshserve.platform.inventory import Device, cpu_device, discover, inventory_table, visible_devices
 from meshserve.platform.tls import TlsConfig, sync_channel
 from meshserve.settings import (
@@ -190,7 +191,8 @@ class Child:
         self.started_at_s = time.monotonic()
         # Own process group: a terminal's Ctrl-C reaches only `up`, which then
         # stops the children in order (gateway first, so in-flight calls drain).
-        env = {**os.environ, **self.env} if self.env else None
+        # Huge pages for payload-sized buffers (heap.with_huge_pages says why).
+        env = with_huge_pages({**os.environ, **self.env})
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         log.debug("started %s (pid %d)", self.label, self.proc.pid)
 

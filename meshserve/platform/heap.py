@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import gc
 import sys
+from collections.abc import Mapping
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
@@ -34,6 +35,31 @@ def return_large_buffers() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+"""glibc's tunable (2.35 and later) that asks for transparent huge pages on the
+memory malloc maps (``madvise(MADV_HUGEPAGE)``); read once, when a process starts."""
+
+
+def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with :data:`HUGE_PAGES_TUNABLE` added to ``GLIBC_TUNABLES`` (kept
+    as given where it names ``glibc.malloc.hugetlb`` already): the environment a
+    service process is started with.
+
+    With :func:`return_large_buffers`, every tensor-sized buffer is a fresh mapping,
+    and touching a fresh mapping faults in each 4 KiB page: on a virtual machine
+    about 25 ms per 16 MiB, on every copy of a payload (a Redis read, a response's
+    bytes, a model's outputs). Huge pages fault in 2 MiB at a time: measured on
+    the 2-core development VM, a fresh 16 MiB copy went from 50-100 ms to about
+    12 ms, hiredis reading a 16 MiB reply from 40-65 ms to 15 ms. Freed buffers
+    still leave the process. Where the kernel's THP mode is ``never``, or glibc is
+    older or absent, the tunable does nothing.
+    """
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables:
+        return dict(environ)
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE}
 
 
 def freeze_startup_heap() -> None:

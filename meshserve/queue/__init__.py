@@ -25,6 +25,8 @@ from meshserve.queue.protocol import (
     claim_command,
     parse_claim,
     reply_ack_command,
+    reply_ack_commands,
+    reply_ack_result,
     wait_command,
     woken_key,
 )
@@ -54,6 +56,8 @@ __all__ = [
     "push_commands",
     "queue_depths",
     "reply_ack_command",
+    "reply_ack_commands",
+    "reply_ack_result",
     "reply_key",
     "tier_score_range",
     "wait_command",

@@ -14,7 +14,8 @@
 -- Returns how many jobs were acked.
 local n = tonumber(ARGV[3])
 -- A list longer than this push was there already, with the expiry its first push set.
-if redis.call('RPUSH', KEYS[1], unpack(ARGV, 4, 3 + n)) == n then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+-- n is 0 when every reply went beside the script (protocol.reply_ack_commands).
+if n > 0 and redis.call('RPUSH', KEYS[1], unpack(ARGV, 4, 3 + n)) == n then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 local acked, dead = {}, {}
 for i = 4 + n, #ARGV, 2 do
   local jk = ARGV[1] .. ARGV[i + 1]
