@@ -17,12 +17,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
+from gateway.decoupled import worker_parameters
 from gateway.demand import Demands
 from gateway.request import InferCall
 from gateway.routing import RoutingWatch
@@ -30,6 +31,7 @@ from gateway.shadow import ShadowCounts, shadow_and_compare
 from gateway.versions import VersionChooser
 from meshserve.errors import (
     DeadlineExceeded,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -132,6 +134,7 @@ class Gateway:
         self.tracing = records(self.tracer)
         self.reply_to = reply_key(self.gateway_id)
         self.pending: dict[str, asyncio.Future[Unframed]] = {}
+        self.partials: dict[str, Callable[[Unframed], None]] = {}  # job id -> a decoupled call's partial replies
         self.queued: dict[str, tuple[ModelKeys, int]] = {}  # job id -> (its keys, deadline ms): enqueued, unanswered
         self.late_replies = 0
         self.lost_jobs = 0  # waiting calls answered UNAVAILABLE: Redis no longer held their job
@@ -216,6 +219,11 @@ class Gateway:
             raise NotFound(f"unknown version '{version}' of model '{name}'")
         return model
 
+    def decoupled(self, name: str, version: int) -> bool:
+        """Whether model ``name`` version ``version`` is decoupled (answers many times)."""
+        model = self.routing.view.models.get((name, version))
+        return model is not None and model.decoupled
+
     def model_ready(self, model: ModelInfo) -> bool:
         return (model.name, model.version) in self.routing.view.ready
 
@@ -227,10 +235,19 @@ class Gateway:
         if not tenant.may_use(model_name):
             raise PermissionDenied(f"model '{model_name}' is not available to tenant '{tenant.name}'")
 
-    async def infer(self, call: InferCall, *, deadline_ms: float, tenant: Tenant) -> Unframed:
+    async def infer(
+        self,
+        call: InferCall,
+        *,
+        deadline_ms: float,
+        tenant: Tenant,
+        on_partial: Callable[[Unframed], None] | None = None,
+    ) -> Unframed:
         """Authorize, validate, admit, enqueue and await one request; raises a
         MeshError on failure. The answer is the worker's reply (an ``InferReply``)
-        and its outputs' bytes.
+        and its outputs' bytes. A decoupled model's replies before the last go to
+        ``on_partial`` (gateway/decoupled.py), in order; without it (ModelInfer),
+        a decoupled model is refused INVALID_ARGUMENT.
 
         ``deadline_ms`` is absolute (epoch ms), already the earlier of the gRPC
         deadline and the gateway's default; the call's ``timeout_ms`` may
@@ -238,6 +255,11 @@ class Gateway:
         """
         self.authorize(tenant, call.model_name)
         model = self.resolve(call.model_name, call.model_version, call)
+        if model.decoupled and on_partial is None:
+            raise InvalidArgument(
+                f"model '{model.name}' is decoupled (it may answer a request many times):"
+                " call it with ModelStreamInfer, not ModelInfer"
+            )
         cold = not self.model_ready(model)
         if cold and (model.name, model.version) not in self.routing.view.evicted and not self.settings.scale_from_zero:
             failed = self.routing.view.failed.get((model.name, model.version))
@@ -268,8 +290,15 @@ class Gateway:
             else:
                 packed = pack_inputs(call.message, model, call.raw)
             outputs = check_requested_outputs(call.message, model)
-            waiting = self._queue_and_wait(call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms)
-            shadow = None if call.model_version else self._shadow(call, model, packed, outputs, tenant, deadline_ms)
+            partial = on_partial if model.decoupled else None
+            waiting = self._queue_and_wait(
+                call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms, on_partial=partial
+            )
+            shadow = (
+                None
+                if call.model_version or partial
+                else self._shadow(call, model, packed, outputs, tenant, deadline_ms)
+            )
             del packed  # the wait lets go of the request's bytes once they are queued
             answer = await waiting if shadow is None else await _handing_to(shadow, waiting)
             if cold:
@@ -359,6 +388,8 @@ class Gateway:
         job_id: str,
         deadline_ms: float,
         now_ms: float,
+        *,
+        on_partial: Callable[[Unframed], None] | None = None,
     ) -> Unframed:
         envelope = mpb.QueuedRequest(
             id=job_id,
@@ -375,6 +406,9 @@ class Gateway:
             items=packed.batch_size,
             shape_signature=packed.signature,
         )
+        if on_partial is not None:
+            envelope.parameters.update(worker_parameters(call.message))
+            self.partials[job_id] = on_partial
         keys = ModelKeys.for_model(model.name, model.version)
         future: asyncio.Future[Unframed] = asyncio.get_running_loop().create_future()
         self.pending[job_id] = future
@@ -395,6 +429,8 @@ class Gateway:
         finally:
             self.pending.pop(job_id, None)
             self.queued.pop(job_id, None)
+            if on_partial is not None:
+                self.partials.pop(job_id, None)
         reply = answer.message
         if self.tracing and reply.replied_unix_ns:  # set by the worker for a sampled request only
             self._reply_span(reply)
@@ -544,6 +580,10 @@ class Gateway:
     def _deliver(self, blobs: list[bytes]) -> None:
         for blob in blobs:
             answer = unframe(blob, mpb.InferReply)  # views of the blob: no copy
+            if answer.message.more:  # a decoupled call's response before its last
+                if (partial := self.partials.get(answer.message.id)) is not None:
+                    partial(answer)
+                continue
             future = self.pending.get(answer.message.id)
             if future is None or future.done():
                 self.late_replies += 1  # the caller gave up, or a duplicate

@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from gateway.cache import Probe, ResponseCache, with_id
 from gateway.core import Gateway
+from gateway.decoupled import Responses, decoupled_response
 from gateway.model_config import model_config
 from gateway.repository import RepositoryForwarder
 from gateway.request import infer_call
@@ -280,11 +281,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tenant: Tenant | None = None,
         *,
         streamed: bool = False,
+        partial: Callable[[bytes], None] | None = None,
     ) -> bytes:
         """One request, counted in the metrics; a failure raises a MeshError (anything
         unexpected is logged and raised as ``Internal``). ``context`` lends its deadline
         and metadata: a stream's (:mod:`gateway.stream`) serves each of its requests,
-        ``streamed``, each answer a ModelStreamInferResponse."""
+        ``streamed``, each answer a ModelStreamInferResponse; a decoupled model's
+        responses before the last go to ``partial`` (gateway/decoupled.py)."""
         started_s = time.perf_counter()
         metrics = self.metrics
         name = "" if isinstance(request, Oversized) else request.message.model_name
@@ -298,7 +301,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 tenant = self.authenticate(context)
             if isinstance(request, Oversized):
                 raise request.error()
-            return await self._infer(request, context, tenant, streamed)
+            return await self._infer(request, context, tenant, streamed, partial)
         except MeshError as error:
             code = error.code
             self._count_rejection(error, tenant)
@@ -347,7 +350,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         self._labelled(self.metrics.rejections, label, reason).inc()
 
-    async def _infer(self, received: ReceivedRequest, context: Context, tenant: Tenant, streamed: bool) -> bytes:
+    async def _infer(
+        self,
+        received: ReceivedRequest,
+        context: Context,
+        tenant: Tenant,
+        streamed: bool,
+        partial: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         """The call without error mapping: a MeshError propagates to ModelInfer. The
         response comes encoded (see :func:`serialize_infer_response`), a large one
         encoded on a thread."""
@@ -378,7 +388,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     if hit is not None:
                         code = grpc.StatusCode.OK
                         return stream_response(hit) if streamed else hit
-                answer = await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant)
+                responses = None if partial is None else Responses(partial, request.model_name, request.id)
+                try:
+                    answer = await self.gateway.infer(
+                        call, deadline_ms=deadline_ms, tenant=tenant, on_partial=responses
+                    )
+                except MeshError as error:
+                    if responses is None or not responses.sent:
+                        raise
+                    raise responses.failed(error) from error
                 code = grpc.StatusCode.OK
                 version = answer.message.version
                 self._labelled(self.metrics.version_requests, request.model_name, str(version)).inc()
@@ -394,6 +412,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
+        if responses is not None and self.gateway.decoupled(request.model_name, answer.message.version):
+            return decoupled_response(answer, request.model_name, request.id, final=True)
         return await self._encode(answer, request, probe, shared, streamed)
 
     async def _encode(

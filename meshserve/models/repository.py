@@ -74,6 +74,7 @@ from meshserve.models.execution import (
     parse_engine,
     parse_execution,
 )
+from meshserve.models.generation import GenerateConfig, check_generate, parse_generate
 from meshserve.models.tensor_config import (
     NO_TENSOR_CONFIG,
     TensorConfig,
@@ -111,6 +112,8 @@ _TOP_LEVEL_KEYS = frozenset(
         "pinned",
         "response_cache",
         "cache_shared",
+        "decoupled",
+        "generate",
         "inputs",
         "outputs",
     }
@@ -179,6 +182,8 @@ class ModelInfo:
     cache_shared: bool = False  # one cache for every tenant (default: one per tenant)
     tensors: TensorConfig = NO_TENSOR_CONFIG  # input formats and output labels, for clients
     policy: VersionPolicy = ALL_VERSIONS  # the model's version policy, for clients
+    decoupled: bool = False  # may answer a request many times: ModelStreamInfer only
+    generation: GenerateConfig | None = None  # the ``generate`` mode's step graph (meshserve/models/generation.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +208,8 @@ class _Config:
     response_cache: bool = False
     cache_shared: bool = False
     tensors: TensorConfig = NO_TENSOR_CONFIG
+    decoupled: bool = False
+    generation: GenerateConfig | None = None
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -353,6 +360,7 @@ def _read_config(model_dir: Path) -> _Config:
         policy = parse_version_policy(raw.get("version_policy"))
         traffic = parse_traffic(raw.get("traffic"), model_dir.name)
         tensors = parse_tensor_config(raw.get("inputs"), raw.get("outputs"), model_dir)
+        generation = parse_generate(raw.get("generate"))
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
     if versions is not None and policy != ALL_VERSIONS:
@@ -380,7 +388,20 @@ def _read_config(model_dir: Path) -> _Config:
         response_cache=_flag(raw, "response_cache", path),
         cache_shared=_flag(raw, "cache_shared", path),
         tensors=tensors,
+        decoupled=_decoupled(raw, generation, path),
+        generation=generation,
     )
+
+
+def _decoupled(raw: dict[Any, Any], generation: GenerateConfig | None, path: Path) -> bool:
+    """``decoupled``: a ``generate`` section needs it, and a decoupled model's many
+    answers are never cached (the cache stores one)."""
+    decoupled = _flag(raw, "decoupled", path)
+    if generation is not None and not decoupled:
+        raise RepositoryError(f"{path}: 'generate' answers many times per request: it needs 'decoupled: true'")
+    if decoupled and _flag(raw, "response_cache", path):
+        raise RepositoryError(f"{path}: 'response_cache' stores one answer per request: not for a decoupled model")
+    return decoupled
 
 
 def _pinned(raw: dict[Any, Any], path: Path) -> bool:
@@ -587,6 +608,15 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         )
     except ValueError as exc:
         raise RepositoryError(f"{config_path}: {exc}") from exc
+    if config.generation is not None:
+        try:
+            check_generate(
+                config.generation,
+                {t.name: t.datatype for t in signature.inputs},
+                {t.name: t.datatype for t in signature.outputs},
+            )
+        except ValueError as exc:
+            raise RepositoryError(f"{config_path}: {exc}") from exc
     delay_us = 0
     if max_batch_size > 0:
         delay_us = DEFAULT_MAX_QUEUE_DELAY_US if config.max_queue_delay_us is None else config.max_queue_delay_us
@@ -614,6 +644,8 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         cache_shared=config.cache_shared,
         tensors=config.tensors,
         policy=config.policy,
+        decoupled=config.decoupled,
+        generation=config.generation,
     )
 
 

@@ -9,11 +9,13 @@ request path names a Redis key or command.
 - :mod:`~meshserve.queue.scripts`: the Lua scripts (``lua/*.lua``), read once
 - :mod:`~meshserve.queue.protocol`: :class:`QueueProtocol` and the commands to pipeline
 - :mod:`~meshserve.queue.replies`: reply lists, pushed by workers and popped by gateways
+- :mod:`~meshserve.queue.partials`: a decoupled model's responses before its last (no ack)
 - :mod:`~meshserve.queue.depth`: queue depth by tier, for the router's metrics
 """
 
 from meshserve.queue.depth import pending_jobs, queue_depths
 from meshserve.queue.keys import ModelKeys, reply_key, worker_wake_key
+from meshserve.queue.partials import load_partial_script, partial_command, streamed_counts
 from meshserve.queue.protocol import (
     ClaimedBatch,
     ClaimOptions,
@@ -45,6 +47,8 @@ __all__ = [
     "Reaped",
     "ack_command",
     "claim_command",
+    "load_partial_script",
+    "partial_command",
     "parse_claim",
     "pending_jobs",
     "pop_replies",
@@ -53,6 +57,7 @@ __all__ = [
     "queue_depths",
     "reply_ack_command",
     "reply_key",
+    "streamed_counts",
     "tier_score_range",
     "wait_command",
     "woken_key",
