@@ -69,7 +69,9 @@ def prompt_request(prompt: list[int], request_id: str, **parameters: Any) -> pb.
 
 def reference_tokens(repository: Path, prompt: list[int], count: int, end_id: int = -1) -> list[int]:
     """Greedy generation in process: the step model over ONNX Runtime, one request."""
-    session = ort.InferenceSession(str(repository / "generator" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(repository / "generator" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     state = np.zeros((1, GENERATOR_HIDDEN), np.float32)
     logits = None
     for token in prompt:
@@ -128,8 +130,11 @@ async def test_end_id_ends_the_request_with_that_token(
     tokens, flags, error = await read_request(call, "e")
     await call.done_writing()
     assert error == ""
-    assert tokens == expected and tokens[-1] == end_id and len(tokens) <= 5
-    assert flags[-1] and not any(flags[:-1])
+    assert tokens == expected
+    assert tokens[-1] == end_id
+    assert len(tokens) <= 5
+    assert flags[-1]
+    assert not any(flags[:-1])
 
 
 async def test_zero_max_tokens_answers_one_empty_final_response(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
@@ -145,14 +150,16 @@ async def test_a_bad_parameter_is_named(stub: pb_grpc.GRPCInferenceServiceStub) 
     await call.write(prompt_request([1], "bad", max_tokens=CEILING + 1))
     _, _, error = await read_request(call, "bad")
     await call.done_writing()
-    assert "max_tokens" in error and f"0..{CEILING}" in error
+    assert "max_tokens" in error
+    assert f"0..{CEILING}" in error
 
 
 async def test_model_infer_on_a_decoupled_model_is_refused(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ModelInfer(prompt_request([1], "unary"), timeout=RPC_TIMEOUT_S)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "decoupled" in (caught.value.details() or "") and "ModelStreamInfer" in (caught.value.details() or "")
+    assert "decoupled" in (caught.value.details() or "")
+    assert "ModelStreamInfer" in (caught.value.details() or "")
 
 
 async def test_requests_of_different_lengths_share_step_batches(
@@ -168,7 +175,8 @@ async def test_requests_of_different_lengths_share_step_batches(
     done: set[str] = set()
     while len(done) < len(cases):
         response = await call.read()
-        assert response is not grpc.aio.EOF and response.error_message == ""
+        assert response is not grpc.aio.EOF
+        assert response.error_message == ""
         request_id = response.infer_response.id
         got[request_id] += [int(t) for t in output_arrays(response.infer_response)["token"]]
         if response.infer_response.parameters[FINAL].bool_param:
@@ -190,7 +198,8 @@ async def test_sampling_with_a_seed_repeats_and_stays_in_the_top_k(stub: pb_grpc
         await call.done_writing()
         assert error == ""
         runs.append(tokens)
-    assert runs[0] == runs[1] and len(runs[0]) == 10
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 10
 
 
 async def test_a_worker_stopped_mid_generation_ends_the_request_unavailable_with_the_count(
@@ -233,7 +242,8 @@ async def test_a_redelivered_job_that_streamed_is_ended_not_restarted(
     finally:
         gateway.queue.enqueue = original  # type: ignore[method-assign]
     assert tokens == []
-    assert "lost after 3 responses were sent" in error and "not restarted" in error
+    assert "lost after 3 responses were sent" in error
+    assert "not restarted" in error
     assert await streamed_counts(link, keys, ["absent"]) == [0]
 
 
