@@ -5,7 +5,10 @@ the response parameter ``triton_final_response`` (false but for the last). The
 worker's partial replies (``InferReply.more``) reach :class:`Responses` through the
 core's reply reader, in the order they were written; the final reply answers the
 call as any reply does. A final reply with no outputs is Triton's empty final
-response (a request answered zero times, e.g. ``max_tokens`` 0).
+response (a request answered zero times, e.g. ``max_tokens`` 0, or a model whose
+last response had gone out before it knew it was the last): sent only when the
+request asks for it (``triton_enable_empty_final_response``, tritonclient's
+``enable_empty_final_response=True``), as Triton does.
 
 Duplicates: a partial whose ``index`` is not the next one expected is dropped
 (a job that streamed is never restarted, model_workers/generate.py, so this only
@@ -24,6 +27,7 @@ from meshserve.wire.envelope import Unframed
 from protos import grpc_service_pb2 as pb
 
 FINAL_FLAG = "triton_final_response"
+EMPTY_FINAL_PARAMETER = "triton_enable_empty_final_response"
 
 _FINAL = pb.ModelInferResponse(parameters={FINAL_FLAG: pb.InferParameter(bool_param=True)}).SerializeToString()
 _NOT_FINAL = pb.ModelInferResponse(parameters={FINAL_FLAG: pb.InferParameter(bool_param=False)}).SerializeToString()
@@ -60,6 +64,12 @@ class Responses:
         if not self.sent:
             return error
         return error_for_status(error.code, f"{error.message} ({self.sent} responses of this request were sent)")
+
+
+def wants_empty_final(request: pb.ModelInferRequest) -> bool:
+    """Whether the request asks for an empty final response (Triton's parameter)."""
+    param = request.parameters.get(EMPTY_FINAL_PARAMETER)
+    return param is not None and param.bool_param
 
 
 def worker_parameters(request: pb.ModelInferRequest) -> dict[str, str]:

@@ -21,10 +21,10 @@ from opentelemetry import trace
 
 from gateway.cache import Probe, ResponseCache, with_id
 from gateway.core import Gateway
-from gateway.decoupled import Responses, decoupled_response
+from gateway.decoupled import Responses, decoupled_response, wants_empty_final
 from gateway.model_config import model_config
 from gateway.repository import RepositoryForwarder
-from gateway.request import infer_call
+from gateway.request import InferCall, infer_call
 from gateway.shm import SharedMemoryCall, SharedMemoryRegistry, region_status
 from gateway.statistics import model_statistics
 from gateway.stream import InferStream
@@ -389,14 +389,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         code = grpc.StatusCode.OK
                         return stream_response(hit) if streamed else hit
                 responses = None if partial is None else Responses(partial, request.model_name, request.id)
-                try:
-                    answer = await self.gateway.infer(
-                        call, deadline_ms=deadline_ms, tenant=tenant, on_partial=responses
-                    )
-                except MeshError as error:
-                    if responses is None or not responses.sent:
-                        raise
-                    raise responses.failed(error) from error
+                answer = await self._answer_of(call, deadline_ms, tenant, responses)
                 code = grpc.StatusCode.OK
                 version = answer.message.version
                 self._labelled(self.metrics.version_requests, request.model_name, str(version)).inc()
@@ -413,8 +406,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
         if responses is not None and self.gateway.decoupled(request.model_name, answer.message.version):
+            if not answer.message.outputs and not wants_empty_final(request):
+                return b""  # Triton's way: no empty final response unless the client asks for one
             return decoupled_response(answer, request.model_name, request.id, final=True)
         return await self._encode(answer, request, probe, shared, streamed)
+
+    async def _answer_of(
+        self, call: InferCall, deadline_ms: float, tenant: Tenant, responses: Responses | None
+    ) -> Unframed:
+        """The core's answer; a decoupled request's failure after some responses says
+        how many the client got (gateway/decoupled.py)."""
+        try:
+            return await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant, on_partial=responses)
+        except MeshError as error:
+            if responses is None or not responses.sent:
+                raise
+            raise responses.failed(error) from error
 
     async def _encode(
         self,

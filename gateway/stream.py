@@ -122,6 +122,9 @@ class InferStream:
                 if isinstance(item, Partial):
                     yield item.response
                     continue
+                if item == b"":  # a decoupled request answered zero times, no empty final asked
+                    self.slots.release()
+                    continue
                 if isinstance(item, Failed):
                     if self.grpc_errors:
                         raise item.error

@@ -137,12 +137,18 @@ async def test_end_id_ends_the_request_with_that_token(
     assert not any(flags[:-1])
 
 
-async def test_zero_max_tokens_answers_one_empty_final_response(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_zero_max_tokens_answers_an_empty_final_response_when_asked(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
     call = stub.ModelStreamInfer(timeout=RPC_TIMEOUT_S)
-    await call.write(prompt_request([1], "none", max_tokens=0))
+    asked = prompt_request([1], "none", max_tokens=0)
+    asked.parameters["triton_enable_empty_final_response"].bool_param = True
+    await call.write(prompt_request([1], "silent", max_tokens=0))  # not asked: no response, as in Triton
+    await call.write(asked)
     tokens, flags, error = await read_request(call, "none")
     await call.done_writing()
     assert (tokens, flags, error) == ([], [True], "")
+    assert await call.read() is grpc.aio.EOF
 
 
 async def test_a_bad_parameter_is_named(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
