@@ -118,7 +118,8 @@ class Generator:
             if t.name != config.tokens
         }
         self.active: list[Generation] = []
-        self.jobs: list[Job] = []  # the active requests' jobs: their leases are kept
+        self.joining: list[Generation] = []  # admitted while a step ran: they join the next
+        self.jobs: list[Job] = []  # the jobs of both: their leases are kept
         self.task: asyncio.Task[None] | None = None
         self.steps = 0
 
@@ -156,7 +157,7 @@ class Generator:
             if generation.params.max_tokens == 0:  # nothing to generate: only the final response
                 finals.append((job, self._reply(job, None, final=True, index=0)))
                 continue
-            self.active.append(generation)
+            self.joining.append(generation)
             self.jobs.append(job)
         if finals:
             self._leases.reply_and_ack(self._served, finals)
@@ -180,7 +181,9 @@ class Generator:
     async def _loop(self) -> None:
         keep_leases = asyncio.create_task(self._leases.extend_while_computing(self._served, self.jobs))
         try:
-            while self.active:
+            while self.active or self.joining:
+                self.active.extend(self.joining)
+                self.joining.clear()
                 if self._stopping.is_set():
                     await self._stop()
                     break
@@ -195,6 +198,7 @@ class Generator:
         finally:
             keep_leases.cancel()
             self.active.clear()
+            self.joining.clear()
             self.jobs.clear()
             self._served.ended()
             self._on_ended()
@@ -240,7 +244,7 @@ class Generator:
                 partials.append((g, reply))
                 staying.append(g)
         self.active = staying
-        self.jobs[:] = [g.job for g in staying]  # the list the lease keeper reads
+        self.jobs[:] = [g.job for g in (*staying, *self.joining)]  # the list the lease keeper reads
         if finals:
             self._leases.reply_and_ack(self._served, finals)
         await self._send(partials)
@@ -257,7 +261,7 @@ class Generator:
             )
             for to, group in lists.items()
         ]
-        room = self._max_batch - len(self.active)
+        room = self._max_batch - len(self.active) - len(self.joining)
         if room > 0 and not self._stopping.is_set():
             commands.append(self._claim_more(room))
         if not commands:
@@ -274,7 +278,7 @@ class Generator:
         if dropped:  # another worker holds them now (this one stalled past its lease)
             log.warning("%d generating requests were taken over by another worker: dropped here", len(dropped))
             self.active = [g for g in self.active if g.job.job_id not in dropped]
-            self.jobs[:] = [g.job for g in self.active]
+            self.jobs[:] = [g.job for g in (*self.active, *self.joining)]
         if len(results) > len(lists):
             claimed = results[-1]
             if isinstance(claimed, NoScriptError):

@@ -274,3 +274,42 @@ async def test_a_plain_model_still_answers_once_on_the_stream(stub: pb_grpc.GRPC
     assert response.error_message == ""
     assert FINAL not in response.infer_response.parameters
     assert output_arrays(response.infer_response)["sum"].tolist() == [[2] * 4]
+
+
+@pytest.fixture
+async def two_workers(redis: Redis, redis_url: str, generator_repository: Path) -> AsyncIterator[Mesh]:
+    mesh = await start_mesh(redis_url, generator_repository, workers=2, worker_overrides={"lease_ms": 600})
+    try:
+        yield mesh
+    finally:
+        await stop_mesh(mesh)
+
+
+async def test_a_worker_lost_mid_generation_ends_the_request_unavailable_with_the_count(two_workers: Mesh) -> None:
+    """The generating worker dies (its tasks end, no reply written): its lease lapses,
+    the other worker's sweep redelivers the job, and that worker ends it UNAVAILABLE
+    with the count of responses sent instead of streaming them again."""
+    async with grpc.aio.insecure_channel(two_workers.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+        await call.write(prompt_request([6], "lost", max_tokens=CEILING))
+        await call.read()  # generation is under way somewhere
+        generating = [
+            server
+            for server in two_workers.workers
+            for g in server.worker.runner.generators().values()
+            if g.task is not None and not g.task.done()
+        ]
+        assert len(generating) == 1
+        crashed = generating[0]
+        for g in crashed.worker.runner.generators().values():
+            assert g.task is not None
+            g.task.cancel()  # as a kill would: nothing more is written for it
+        for name in ("serve", "reaper"):
+            crashed.tasks[name].cancel()
+        tokens, flags, error = await read_request(call, "lost")
+        await call.done_writing()
+    sent = 1 + len(tokens)
+    assert not any(flags)
+    assert f"lost after {sent} responses were sent" in error
+    assert f"({sent} responses of this request were sent)" in error
