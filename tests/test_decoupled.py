@@ -313,3 +313,16 @@ async def test_a_worker_lost_mid_generation_ends_the_request_unavailable_with_th
     assert not any(flags)
     assert f"lost after {sent} responses were sent" in error
     assert f"({sent} responses of this request were sent)" in error
+
+
+async def test_the_bench_generation_point_counts_tokens_and_first_token_times(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    from meshserve_bench.generation import generation_point
+    from meshserve_bench.load import Window
+
+    point = await generation_point(stub, 4, Window.after(0.0, 0.5))
+    assert point.errors == 0
+    assert point.requests > 0
+    assert point.tokens_per_s > 0
+    assert point.ttft_p50_ms > 0
