@@ -45,6 +45,7 @@ from meshserve.queue import (
     Enqueued,
     ModelKeys,
     QueueProtocol,
+    abandon,
     pop_replies,
     pop_replies_now,
     reply_key,
@@ -424,7 +425,7 @@ class Gateway:
             # No withdraw: the job's deadline has passed too, so no worker will run it.
             raise DeadlineExceeded(f"deadline exceeded waiting for model '{model.name}'") from None
         except asyncio.CancelledError:  # the client went away, or the gateway is out of grace
-            self._withdraw(keys, job_id)
+            self._withdraw(keys, job_id, generating=on_partial is not None)
             raise
         finally:
             self.pending.pop(job_id, None)
@@ -453,15 +454,17 @@ class Gateway:
         )
         span.end(end_time=ended_ns)
 
-    def _withdraw(self, keys: ModelKeys, job_id: str) -> None:
-        """In the background: take an abandoned job off the queue unless a worker holds it."""
-        task = asyncio.create_task(self._withdraw_job(keys, job_id))
+    def _withdraw(self, keys: ModelKeys, job_id: str, *, generating: bool = False) -> None:
+        """In the background: take an abandoned job off the queue unless a worker holds
+        it; a decoupled one (``generating``) a worker holds is marked for it to end."""
+        task = asyncio.create_task(self._withdraw_job(keys, job_id, generating))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _withdraw_job(self, keys: ModelKeys, job_id: str) -> None:
+    async def _withdraw_job(self, keys: ModelKeys, job_id: str, generating: bool = False) -> None:
         try:
-            await self.queue.withdraw(keys, job_id)
+            if not await self.queue.withdraw(keys, job_id) and generating:
+                await abandon(self.redis, keys, job_id)
         except RedisError as exc:  # harmless: the claim drops it once its deadline passes
             log.debug("could not withdraw %s: %s", job_id, exc)
 

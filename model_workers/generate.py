@@ -15,6 +15,9 @@ a claim of up to the room left, so joining costs no extra round trip. The leases
 of the requests in hand are extended for as long as the loop runs
 (``Leases.extend_while_computing`` over the live list).
 
+A caller that goes away (its stream cancelled) has its job marked (ABANDON): the
+next partial is refused and the job ends at once, acked.
+
 Crash and stop: a job that streamed responses is never restarted (the client
 would see them twice). A worker that claims such a job again (a redelivery after
 its first worker died) answers it UNAVAILABLE with the count REPLY_PARTIAL kept; a
@@ -53,6 +56,10 @@ ClaimMore = Callable[[int], Command]
 """The claim of up to n more jobs of the model, for the step's pipeline."""
 Taken = Callable[[Any], Awaitable[list["Job"]]]
 """The jobs a claim's reply holds (payloads fetched, expired ones answered)."""
+
+
+CALLER_GONE = Unavailable("the caller went away: generation stopped")
+"""What ends a job whose caller left (written for the ack; no one reads it)."""
 
 
 def restart_refused(sent: int) -> Unavailable:
@@ -270,15 +277,7 @@ class Generator:
         if any(isinstance(result, NoScriptError) for result in results[: len(lists)]):
             await load_partial_script(self._redis)
             results[: len(lists)] = await self._redis.pipeline(commands[: len(lists)])
-        dropped: set[str] = set()
-        for (_, group), result in zip(lists.items(), results, strict=False):
-            if isinstance(result, RedisError):
-                raise result
-            dropped.update(g.job.job_id for (g, _), pushed in zip(group, result, strict=True) if not pushed)
-        if dropped:  # another worker holds them now (this one stalled past its lease)
-            log.warning("%d generating requests were taken over by another worker: dropped here", len(dropped))
-            self.active = [g for g in self.active if g.job.job_id not in dropped]
-            self.jobs[:] = [g.job for g in (*self.active, *self.joining)]
+        self._settle(list(lists.values()), results)
         if len(results) > len(lists):
             claimed = results[-1]
             if isinstance(claimed, NoScriptError):
@@ -286,6 +285,27 @@ class Generator:
             if isinstance(claimed, RedisError):
                 raise claimed
             await self._join(await self._taken(claimed))
+
+    def _settle(self, groups: list[list[tuple[Generation, mpb.InferReply]]], results: list[Any]) -> None:
+        """Read REPLY_PARTIAL's answers: drop the requests another worker holds now (this
+        one stalled past its lease), end those whose caller went away (ABANDON)."""
+        dropped: set[str] = set()
+        gone: list[Generation] = []
+        for group, result in zip(groups, results, strict=False):
+            if isinstance(result, RedisError):
+                raise result
+            for (g, _), pushed in zip(group, result, strict=True):
+                if pushed == 0:
+                    dropped.add(g.job.job_id)
+                elif pushed < 0:
+                    gone.append(g)
+        if gone:
+            dropped.update(g.job.job_id for g in gone)
+            self._leases.reply_and_ack(self._served, [(g.job, failed_reply(g.job.job_id, CALLER_GONE)) for g in gone])
+        if dropped:
+            log.info("%d generating requests ended here: their callers left or another worker holds them", len(dropped))
+            self.active = [g for g in self.active if g.job.job_id not in dropped]
+            self.jobs[:] = [g.job for g in (*self.active, *self.joining)]
 
     def _reply(self, job: Job, token: int | None, *, final: bool, index: int) -> mpb.InferReply:
         info = self._served.model.info

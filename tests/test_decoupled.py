@@ -326,3 +326,22 @@ async def test_the_bench_generation_point_counts_tokens_and_first_token_times(
     assert point.requests > 0
     assert point.tokens_per_s > 0
     assert point.ttft_p50_ms > 0
+
+
+async def test_a_cancelled_stream_stops_its_generation_on_the_worker(
+    mesh: Mesh, stub: pb_grpc.GRPCInferenceServiceStub, redis: Redis
+) -> None:
+    """A generation of up to 100 000 tokens whose client cancels the stream ends on the
+    worker within a few steps (its next partial is refused), and its job is acked."""
+    call = stub.ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+    await call.write(prompt_request([9], "gone", max_tokens=CEILING))
+    await call.read()
+    generator = next(iter(mesh.workers[0].worker.runner.generators().values()))
+    loop = generator.task
+    assert loop is not None
+    call.cancel()
+    async with asyncio.timeout(10):  # the whole generation would take far longer
+        await asyncio.shield(loop)
+    assert generator.steps < CEILING
+    await mesh.workers[0].worker.leases.flushed()  # the ack is written in the background
+    assert await redis.zcard(ModelKeys.for_model("generator", 1).inflight) == 0

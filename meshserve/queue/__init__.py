@@ -15,7 +15,7 @@ request path names a Redis key or command.
 
 from meshserve.queue.depth import pending_jobs, queue_depths
 from meshserve.queue.keys import ModelKeys, reply_key, worker_wake_key
-from meshserve.queue.partials import load_partial_script, partial_command, streamed_counts
+from meshserve.queue.partials import abandon, load_partial_script, partial_command, streamed_counts
 from meshserve.queue.protocol import (
     ClaimedBatch,
     ClaimOptions,
@@ -45,6 +45,7 @@ __all__ = [
     "ModelKeys",
     "QueueProtocol",
     "Reaped",
+    "abandon",
     "ack_command",
     "claim_command",
     "load_partial_script",

@@ -9,12 +9,17 @@
 -- worker now holds. Each pushed partial counts on its job hash ('o': responses sent),
 -- which a worker that claims the job again reads, to end it rather than restart it
 -- (the client would see its responses twice).
--- Returns one integer per partial: 1 pushed, 0 dropped.
+-- A job whose caller went away (ABANDON marked it 'x') is not pushed either.
+-- Returns one integer per partial: 1 pushed, 0 dropped (lease moved on), -1 dropped
+-- (the caller went away: the worker ends the job).
 local out = {}
 local pushed = false
 for i = 3, #ARGV, 3 do
   local jk = ARGV[1] .. ARGV[i + 1]
-  if redis.call('HGET', jk, 'k') == ARGV[i] then
+  local held = redis.call('HMGET', jk, 'k', 'x')
+  if held[1] == ARGV[i] and held[2] then
+    out[#out + 1] = -1
+  elseif held[1] == ARGV[i] then
     redis.call('RPUSH', KEYS[1], ARGV[i + 2])
     redis.call('HINCRBY', jk, 'o', 1)
     pushed = true
