@@ -17,12 +17,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
+from gateway.decoupled import worker_parameters
 from gateway.demand import Demands
 from gateway.request import InferCall
 from gateway.routing import RoutingWatch
@@ -31,6 +32,7 @@ from gateway.shadow import ShadowCounts, shadow_and_compare
 from gateway.versions import VersionChooser
 from meshserve.errors import (
     DeadlineExceeded,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -44,6 +46,7 @@ from meshserve.queue import (
     Enqueued,
     ModelKeys,
     QueueProtocol,
+    abandon,
     pop_replies,
     pop_replies_now,
     reply_key,
@@ -134,6 +137,7 @@ class Gateway:
         self.tracing = records(self.tracer)
         self.reply_to = reply_key(self.gateway_id)
         self.pending: dict[str, asyncio.Future[Unframed]] = {}
+        self.partials: dict[str, Callable[[Unframed], None]] = {}  # job id -> a decoupled call's partial replies
         self.queued: dict[str, tuple[ModelKeys, int]] = {}  # job id -> (its keys, deadline ms): enqueued, unanswered
         self.late_replies = 0
         self.lost_jobs = 0  # waiting calls answered UNAVAILABLE: Redis no longer held their job
@@ -218,6 +222,11 @@ class Gateway:
             raise NotFound(f"unknown version '{version}' of model '{name}'")
         return model
 
+    def decoupled(self, name: str, version: int) -> bool:
+        """Whether model ``name`` version ``version`` is decoupled (answers many times)."""
+        model = self.routing.view.models.get((name, version))
+        return model is not None and model.decoupled
+
     def model_ready(self, model: ModelInfo) -> bool:
         return (model.name, model.version) in self.routing.view.ready
 
@@ -229,10 +238,19 @@ class Gateway:
         if not tenant.may_use(model_name):
             raise PermissionDenied(f"model '{model_name}' is not available to tenant '{tenant.name}'")
 
-    async def infer(self, call: InferCall, *, deadline_ms: float, tenant: Tenant) -> Unframed:
+    async def infer(
+        self,
+        call: InferCall,
+        *,
+        deadline_ms: float,
+        tenant: Tenant,
+        on_partial: Callable[[Unframed], None] | None = None,
+    ) -> Unframed:
         """Authorize, validate, admit, enqueue and await one request; raises a
         MeshError on failure. The answer is the worker's reply (an ``InferReply``)
-        and its outputs' bytes.
+        and its outputs' bytes. A decoupled model's replies before the last go to
+        ``on_partial`` (gateway/decoupled.py), in order; without it (ModelInfer),
+        a decoupled model is refused INVALID_ARGUMENT.
 
         ``deadline_ms`` is absolute (epoch ms), already the earlier of the gRPC
         deadline and the gateway's default; the call's ``timeout_ms`` may
@@ -241,6 +259,11 @@ class Gateway:
         self.authorize(tenant, call.model_name)
         model = self.resolve(call.model_name, call.model_version, call)
         step = step_of(call.message, model)  # None: a stateless model's request (the common case)
+        if model.decoupled and on_partial is None:
+            raise InvalidArgument(
+                f"model '{model.name}' is decoupled (it may answer a request many times):"
+                " call it with ModelStreamInfer, not ModelInfer"
+            )
         cold = not self.model_ready(model)
         if cold and (model.name, model.version) not in self.routing.view.evicted and not self.settings.scale_from_zero:
             failed = self.routing.view.failed.get((model.name, model.version))
@@ -275,12 +298,13 @@ class Gateway:
             if step is not None:  # one more round trip, for stateful models only (gateway/sequences.py)
                 member = await self.sequences.admit(model, tenant.name, step, packed.batch_size)
                 queued_step = (member, step.flags)
+            partial = on_partial if model.decoupled else None
             waiting = self._queue_and_wait(
-                call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms, step=queued_step
+                call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms, step=queued_step, on_partial=partial
             )
             shadow = (
                 None
-                if call.model_version or step is not None
+                if call.model_version or step is not None or partial
                 else self._shadow(call, model, packed, outputs, tenant, deadline_ms)
             )
             del packed  # the wait lets go of the request's bytes once they are queued
@@ -374,6 +398,7 @@ class Gateway:
         now_ms: float,
         *,
         step: tuple[str, str] | None = None,
+        on_partial: Callable[[Unframed], None] | None = None,
     ) -> Unframed:
         envelope = mpb.QueuedRequest(
             id=job_id,
@@ -390,6 +415,9 @@ class Gateway:
             items=packed.batch_size,
             shape_signature=packed.signature,
         )
+        if on_partial is not None:
+            envelope.parameters.update(worker_parameters(call.message))
+            self.partials[job_id] = on_partial
         keys = ModelKeys.for_model(model.name, model.version)
         future: asyncio.Future[Unframed] = asyncio.get_running_loop().create_future()
         self.pending[job_id] = future
@@ -405,11 +433,13 @@ class Gateway:
             # No withdraw: the job's deadline has passed too, so no worker will run it.
             raise DeadlineExceeded(f"deadline exceeded waiting for model '{model.name}'") from None
         except asyncio.CancelledError:  # the client went away, or the gateway is out of grace
-            self._withdraw(keys, job_id)
+            self._withdraw(keys, job_id, generating=on_partial is not None)
             raise
         finally:
             self.pending.pop(job_id, None)
             self.queued.pop(job_id, None)
+            if on_partial is not None:
+                self.partials.pop(job_id, None)
         reply = answer.message
         if self.tracing and reply.replied_unix_ns:  # set by the worker for a sampled request only
             self._reply_span(reply)
@@ -432,15 +462,17 @@ class Gateway:
         )
         span.end(end_time=ended_ns)
 
-    def _withdraw(self, keys: ModelKeys, job_id: str) -> None:
-        """In the background: take an abandoned job off the queue unless a worker holds it."""
-        task = asyncio.create_task(self._withdraw_job(keys, job_id))
+    def _withdraw(self, keys: ModelKeys, job_id: str, *, generating: bool = False) -> None:
+        """In the background: take an abandoned job off the queue unless a worker holds
+        it; a decoupled one (``generating``) a worker holds is marked for it to end."""
+        task = asyncio.create_task(self._withdraw_job(keys, job_id, generating))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _withdraw_job(self, keys: ModelKeys, job_id: str) -> None:
+    async def _withdraw_job(self, keys: ModelKeys, job_id: str, generating: bool = False) -> None:
         try:
-            await self.queue.withdraw(keys, job_id)
+            if not await self.queue.withdraw(keys, job_id) and generating:
+                await abandon(self.redis, keys, job_id)
         except RedisError as exc:  # harmless: the claim drops it once its deadline passes
             log.debug("could not withdraw %s: %s", job_id, exc)
 
@@ -561,6 +593,10 @@ class Gateway:
     def _deliver(self, blobs: list[bytes]) -> None:
         for blob in blobs:
             answer = unframe(blob, mpb.InferReply)  # views of the blob: no copy
+            if answer.message.more:  # a decoupled call's response before its last
+                if (partial := self.partials.get(answer.message.id)) is not None:
+                    partial(answer)
+                continue
             future = self.pending.get(answer.message.id)
             if future is None or future.done():
                 self.late_replies += 1  # the caller gave up, or a duplicate

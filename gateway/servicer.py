@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from gateway.cache import Probe, ResponseCache, with_id
 from gateway.core import Gateway
+from gateway.decoupled import Responses, decoupled_response, wants_empty_final
 from gateway.ensemble import infer_ensemble, is_ensemble
 from gateway.model_config import model_config
 from gateway.repository import RepositoryForwarder
@@ -285,11 +286,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tenant: Tenant | None = None,
         *,
         streamed: bool = False,
+        partial: Callable[[bytes], None] | None = None,
     ) -> bytes:
         """One request, counted in the metrics; a failure raises a MeshError (anything
         unexpected is logged and raised as ``Internal``). ``context`` lends its deadline
         and metadata: a stream's (:mod:`gateway.stream`) serves each of its requests,
-        ``streamed``, each answer a ModelStreamInferResponse."""
+        ``streamed``, each answer a ModelStreamInferResponse; a decoupled model's
+        responses before the last go to ``partial`` (gateway/decoupled.py)."""
         started_s = time.perf_counter()
         metrics = self.metrics
         name = "" if isinstance(request, Oversized) else request.message.model_name
@@ -303,7 +306,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 tenant = self.authenticate(context)
             if isinstance(request, Oversized):
                 raise request.error()
-            return await self._infer(request, context, tenant, streamed)
+            return await self._infer(request, context, tenant, streamed, partial)
         except MeshError as error:
             code = error.code
             self._count_rejection(error, tenant)
@@ -352,7 +355,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         self._labelled(self.metrics.rejections, label, reason).inc()
 
-    async def _infer(self, received: ReceivedRequest, context: Context, tenant: Tenant, streamed: bool) -> bytes:
+    async def _infer(
+        self,
+        received: ReceivedRequest,
+        context: Context,
+        tenant: Tenant,
+        streamed: bool,
+        partial: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         """The call without error mapping: a MeshError propagates to ModelInfer. The
         response comes encoded (see :func:`serialize_infer_response`), a large one
         encoded on a thread."""
@@ -383,7 +393,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     if hit is not None:
                         code = grpc.StatusCode.OK
                         return stream_response(hit) if streamed else hit
-                answer = await self._run(call, deadline_ms, tenant)
+                responses = None if partial is None else Responses(partial, request.model_name, request.id)
+                answer = await self._run(call, deadline_ms, tenant, responses)
                 code = grpc.StatusCode.OK
                 version = answer.message.version
                 self._labelled(self.metrics.version_requests, request.model_name, str(version)).inc()
@@ -399,13 +410,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if log.isEnabledFor(logging.DEBUG):  # inside the span: the line carries its trace id
                     _log_request(request.model_name, tenant.name, code, started_s)
+        if responses is not None and self.gateway.decoupled(request.model_name, answer.message.version):
+            if not answer.message.outputs and not wants_empty_final(request):
+                return b""  # Triton's way: no empty final response unless the client asks for one
+            return decoupled_response(answer, request.model_name, request.id, final=True)
         return await self._encode(answer, request, probe, shared, streamed)
 
-    async def _run(self, call: InferCall, deadline_ms: float, tenant: Tenant) -> Unframed:
+    async def _run(self, call: InferCall, deadline_ms: float, tenant: Tenant, responses: Responses | None) -> Unframed:
         """The model's one call, or an ensemble's steps (gateway/ensemble.py), each step
         traced and counted under its own model."""
         if not is_ensemble(self.gateway, call.model_name):
-            return await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant)
+            return await self._answer_of(call, deadline_ms, tenant, responses)
         tracer = self.tracer if self.tracing else None
         return await infer_ensemble(
             self.gateway, call, deadline_ms=deadline_ms, tenant=tenant, tracer=tracer, count=self._count_step
@@ -413,6 +428,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _count_step(self, model: str, code: str) -> None:
         self._labelled(self.metrics.requests, model, code).inc()
+
+    async def _answer_of(
+        self, call: InferCall, deadline_ms: float, tenant: Tenant, responses: Responses | None
+    ) -> Unframed:
+        """The core's answer; a decoupled request's failure after some responses says
+        how many the client got (gateway/decoupled.py)."""
+        try:
+            return await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant, on_partial=responses)
+        except MeshError as error:
+            if responses is None or not responses.sent:
+                raise
+            raise responses.failed(error) from error
 
     async def _encode(
         self,

@@ -19,6 +19,11 @@ holds the client back) until an answer has been handed to gRPC. An answer counts
 until it is written, so a client that does not read its answers stops the gateway
 reading too, and nothing of a stream is buffered without bound.
 
+A decoupled model's request (gateway/decoupled.py) is answered many times: its
+responses before the last are written as they come and hold no slot of their own
+(the request's slot is freed by its last response), so a stream buffers at most a
+request's responses (``max_tokens`` of a generating model) beyond the bound.
+
 A stream the client cancels (or that ends with a status) cancels its requests: the
 core withdraws each queued job (never computed) and forgets its waiter.
 """
@@ -26,7 +31,7 @@ core withdraws each queued job (never computed) and forgets its waiter.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
@@ -46,7 +51,13 @@ class Answering(Protocol):
     """What a stream needs of the servicer: one request answered, or a MeshError."""
 
     async def answer_or_raise(
-        self, request: Any, context: Context, tenant: Tenant | None = None, *, streamed: bool = False
+        self,
+        request: Any,
+        context: Context,
+        tenant: Tenant | None = None,
+        *,
+        streamed: bool = False,
+        partial: Callable[[bytes], None] | None = None,
     ) -> bytes: ...
 
 
@@ -67,6 +78,13 @@ class Failed:
             answer.infer_response.model_name = message.model_name
             answer.infer_response.model_version = message.model_version
         return answer.SerializeToString()
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """A decoupled request's response before its last: written, no slot freed."""
+
+    response: bytes
 
 
 _END = None  # the reader's last item: the client half-closed and every request is answered
@@ -91,7 +109,7 @@ class InferStream:
         self.grpc_errors = wants_grpc_errors(context)
         self.slots = asyncio.Semaphore(max(1, max_inflight))
         # bounded by the slots: an item is put only by a request holding one
-        self.answers: asyncio.Queue[bytes | Failed | None] = asyncio.Queue()
+        self.answers: asyncio.Queue[bytes | Failed | Partial | None] = asyncio.Queue()
         self.running: set[asyncio.Task[None]] = set()
 
     async def serve(self, requests: AsyncIterator[Any]) -> AsyncIterator[bytes]:
@@ -101,6 +119,12 @@ class InferStream:
         reader = asyncio.create_task(self._read(requests), name="stream-reader")
         try:
             while (item := await self.answers.get()) is not _END:
+                if isinstance(item, Partial):
+                    yield item.response
+                    continue
+                if item == b"":  # a decoupled request answered zero times, no empty final asked
+                    self.slots.release()
+                    continue
                 if isinstance(item, Failed):
                     if self.grpc_errors:
                         raise item.error
@@ -134,9 +158,14 @@ class InferStream:
         finally:
             self.answers.put_nowait(_END)
 
+    def _partial(self, response: bytes) -> None:
+        self.answers.put_nowait(Partial(response))
+
     async def _answer(self, request: ReceivedRequest | Any) -> None:
         try:
-            answer = await self.answering.answer_or_raise(request, self.context, self.tenant, streamed=True)
+            answer = await self.answering.answer_or_raise(
+                request, self.context, self.tenant, streamed=True, partial=self._partial
+            )
         except MeshError as error:
             self.answers.put_nowait(Failed(request, error))
         else:

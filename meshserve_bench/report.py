@@ -304,6 +304,7 @@ def stream_lines(result: Figures) -> list[str]:
         f" {num(cache['miss']['p99_ms'])}), hit p50 {num(cache['hit']['p50_ms'])} ms (p99"
         f" {num(cache['hit']['p99_ms'])}); answers marked cached: {cache['miss']['cached']}/{cache['miss']['ok']}"
         f" misses, {cache['hit']['cached']}/{cache['hit']['ok']} hits",
+        *generation_lines(result.get("generation_points", [])),
     ]
 
 
@@ -328,6 +329,26 @@ def sequences_lines(result: Figures) -> list[str]:
         f" {num(single['stateless']['p99_ms'])}), step p50 {num(single['step']['p50_ms'])} ms (p99"
         f" {num(single['step']['p99_ms'])}): a step adds {num(added_ms)} ms at p50",
     ]
+
+
+def generation_lines(points: list[Figures]) -> list[str]:
+    """The example generator's tokens per second and time to first token."""
+    if not points:
+        return []
+    rows = [
+        [
+            str(p["concurrency"]),
+            num(p["tokens_per_s"], ".0f"),
+            str(p["requests"]),
+            num(p["ttft_p50_ms"]),
+            num(p["ttft_p99_ms"]),
+            num(p["token_gap_p50_ms"]),
+            str(p["errors"]),
+        ]
+        for p in points
+    ]
+    header = ["concurrency", "tokens/s", "generations", "TTFT p50 ms", "TTFT p99 ms", "ms/token p50", "errors"]
+    return ["", "generation (example generator, prompt 4 tokens, 64 generated, greedy):", "", *table(header, rows)]
 
 
 def markdown(result: Figures) -> str:

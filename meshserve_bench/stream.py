@@ -11,7 +11,8 @@ twin, ``<model>_cached``, with ``response_cache: true``. Rates and latencies:
 
 at concurrency 1 and 16 (``--concurrency`` is not read here). Then the cache, one
 call at a time: a miss (every request's inputs new) against a hit (one request sent
-again), on the caching twin.
+again), on the caching twin. Then generation on the example generator, added to the
+copy (tokens per second and time to first token, ``meshserve_bench/generation.py``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from typing import Any
 
 import grpc
 
+from meshserve.devkit.examples import write_example_repository
 from meshserve.models.repository import ModelInfo
 from meshserve_bench.config import BenchConfig
+from meshserve_bench.generation import GENERATION_CONCURRENCIES, GENERATOR, generation_point
 from meshserve_bench.load import OK, CallFigures, Tally, Window, build_request, random_inputs
 from meshserve_bench.mesh import find_model, model_json, own_mesh, progress, require_ready
 from protos import grpc_service_pb2 as pb
@@ -59,6 +62,8 @@ def caching_repository(source: Path, model: str, into: Path) -> Path:
     config = twin / "config.yaml"
     text = config.read_text() if config.exists() else ""
     config.write_text(text + "\nresponse_cache: true\n")
+    if not (repository / GENERATOR).exists():
+        write_example_repository(repository, [GENERATOR])
     return repository
 
 
@@ -158,7 +163,13 @@ async def measure(target: str, model: ModelInfo, config: BenchConfig) -> dict[st
                 points.append(await point(stub, request, concurrency, window))
         progress("cache: misses, then hits")
         cache = await cache_figures(stub, model)
+        generation = []
+        for concurrency in GENERATION_CONCURRENCIES:
+            progress(f"generation at concurrency {concurrency}")
+            window = Window.after(config.warmup_s, config.duration_s)
+            generation.append(asdict(await generation_point(stub, concurrency, window)))
     return {
+        "generation_points": generation,
         "stream_points": [asdict(point) for point in points],
         "cache": {kind: {**asdict(figures), "cached": cached} for kind, (figures, cached) in cache.items()},
     }

@@ -92,8 +92,9 @@ class ReplyWriter:
 
     def _write(self, keys: ModelKeys, lists: dict[str, list[Outgoing]]) -> Awaitable[list[Any]]:
         """Write the lists' replies and ack their jobs, written now: one REPLY_ACK per
-        list (a transaction where a reply is large); on a cluster (a gateway's list and a model's leases in two slots, which no
-        script may touch together) the pushes, then the acks of what was pushed."""
+        list (a transaction where a reply is large); on a cluster (a gateway's list and
+        a model's leases in two slots, which no script may touch together) the pushes,
+        then the acks of what was pushed."""
         if self._redis.cluster:
             return self._push_then_ack(keys, lists, self._redis.pipeline_now(_pushes(lists)))
         per_list = _reply_acks(keys, lists)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -33,6 +34,7 @@ from meshserve.store.link import RedisLink
 from meshserve.wire.envelope import OFF_LOOP_BYTES, envelope_signature, failed_reply
 from model_workers.batches import Job, batch_bytes, decode, split, stack
 from model_workers.compute import Compute, TurnedSlow
+from model_workers.generate import Generator
 from model_workers.health import ModelHealth
 from model_workers.leases import Leases
 from model_workers.sequences import keep_states, refuse_not_live, step_feeds
@@ -97,6 +99,7 @@ class BatchRunner:
         self._tenant_device_seconds: defaultdict[tuple[str, str], float] = defaultdict(float)  # (tenant, model)
         self._drain_reported_s: dict[str, float] = {}  # model's ready key -> when a claim last carried the figure
         self._detached: set[asyncio.Task[None]] = set()  # batches computing off the serve loop
+        self._generators: dict[str, Generator] = {}  # ready key -> the loop of a generating model
         self.on_batch_ended: Callable[[], None] = lambda: None  # set by the worker: the serve loop looks again
 
     def tenant_device_seconds(self) -> dict[tuple[str, str], float]:
@@ -153,6 +156,10 @@ class BatchRunner:
             jobs = claimed if claimed is not None else await self.claim(served)
             if not jobs:
                 return
+            if served.model.info.generation is not None:  # its loop owns the batch in hand from here
+                detached = True
+                await self._generator(served).admit(jobs)
+                return
             filling_s = await self._fill_if_partial(served, jobs)
             if self._stopping.is_set():
                 await self._leases.release(served, jobs)
@@ -194,9 +201,42 @@ class BatchRunner:
             self.on_batch_ended()
 
     async def running(self) -> None:
-        """Return once every batch running on a task of its own has been answered."""
+        """Return once every batch running on a task of its own has been answered
+        (and every generation loop has ended)."""
         while self._detached:
             await asyncio.gather(*list(self._detached), return_exceptions=True)
+        loops = [g.task for g in self._generators.values() if g.task is not None]
+        await asyncio.gather(*loops, return_exceptions=True)
+
+    def generators(self) -> dict[str, Generator]:
+        """The generation loops made so far, by the model's ready key."""
+        return dict(self._generators)
+
+    def _generator(self, served: Served) -> Generator:
+        """The generation loop of ``served`` (model_workers/generate.py), made once."""
+        generator = self._generators.get(served.keys.ready)
+        if generator is None or generator.served is not served:
+            info = served.model.info
+            assert info.generation is not None
+
+            async def taken(raw: Any) -> list[Job]:
+                claim = await self._queue.fetch_bulk(served.keys, parse_claim(raw))
+                self._leases.answer_expired(served, claim)
+                return decode(claim, info)
+
+            generator = Generator(
+                served,
+                info.generation,
+                self._leases,
+                self._queue.redis,
+                self._worker_id,
+                self._stopping,
+                lambda room: claim_command(served.keys, **self.claim_options(served, room, first=False)),
+                taken,
+                lambda: self.on_batch_ended(),
+            )
+            self._generators[served.keys.ready] = generator
+        return generator
 
     async def _fill_if_partial(self, served: Served, jobs: list[Job]) -> float:
         """Fill a partial batch (``_fill``); returns the seconds spent filling."""

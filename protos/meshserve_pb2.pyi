@@ -60,8 +60,15 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., data_bytes: _Optional[int] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
-    __slots__ = ("id", "model", "version", "tenant", "deadline_ms", "reply_to", "client_request_id", "inputs", "outputs", "trace_context", "enqueued_ms", "priority", "items", "shape_signature")
+    __slots__ = ("id", "model", "version", "tenant", "deadline_ms", "reply_to", "client_request_id", "inputs", "outputs", "trace_context", "enqueued_ms", "priority", "items", "shape_signature", "parameters")
     class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +89,7 @@ class QueuedRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SHAPE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     version: int
@@ -96,10 +104,11 @@ class QueuedRequest(_message.Message):
     priority: int
     items: int
     shape_signature: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tenant: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., client_request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., enqueued_ms: _Optional[int] = ..., priority: _Optional[int] = ..., items: _Optional[int] = ..., shape_signature: _Optional[str] = ...) -> None: ...
+    parameters: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tenant: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., client_request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., enqueued_ms: _Optional[int] = ..., priority: _Optional[int] = ..., items: _Optional[int] = ..., shape_signature: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("id", "code", "message", "outputs", "model", "version", "queue_wait_us", "compute_us", "worker_id", "replied_unix_ns")
+    __slots__ = ("id", "code", "message", "outputs", "model", "version", "queue_wait_us", "compute_us", "worker_id", "replied_unix_ns", "more", "index")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +119,8 @@ class InferReply(_message.Message):
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     REPLIED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     id: str
     code: Code
     message: str
@@ -120,7 +131,9 @@ class InferReply(_message.Message):
     compute_us: int
     worker_id: str
     replied_unix_ns: int
-    def __init__(self, id: _Optional[str] = ..., code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., queue_wait_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., worker_id: _Optional[str] = ..., replied_unix_ns: _Optional[int] = ...) -> None: ...
+    more: bool
+    index: int
+    def __init__(self, id: _Optional[str] = ..., code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., queue_wait_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., worker_id: _Optional[str] = ..., replied_unix_ns: _Optional[int] = ..., more: _Optional[bool] = ..., index: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "datatype", "shape")
@@ -133,7 +146,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared", "client_config", "ensemble_steps")
+    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared", "client_config", "ensemble_steps", "decoupled")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +167,7 @@ class ModelSpec(_message.Message):
     CACHE_SHARED_FIELD_NUMBER: _ClassVar[int]
     CLIENT_CONFIG_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECOUPLED_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     platform: str
@@ -174,7 +188,8 @@ class ModelSpec(_message.Message):
     cache_shared: bool
     client_config: ClientConfig
     ensemble_steps: _containers.RepeatedCompositeFieldContainer[EnsembleStep]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ..., client_config: _Optional[_Union[ClientConfig, _Mapping]] = ..., ensemble_steps: _Optional[_Iterable[_Union[EnsembleStep, _Mapping]]] = ...) -> None: ...
+    decoupled: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ..., client_config: _Optional[_Union[ClientConfig, _Mapping]] = ..., ensemble_steps: _Optional[_Iterable[_Union[EnsembleStep, _Mapping]]] = ..., decoupled: _Optional[bool] = ...) -> None: ...
 
 class ClientConfig(_message.Message):
     __slots__ = ("input_formats", "label_filenames", "instances", "device", "version_policy", "latest_versions", "specific_versions", "sequence")

@@ -13,9 +13,13 @@ from onnx import numpy_helper
 
 from meshserve.devkit.examples import (
     EXAMPLE_MODELS,
+    GENERATOR_HIDDEN,
+    GENERATOR_VOCAB,
+    OPTIONAL_EXAMPLES,
     build_any_size,
     build_cnn,
     build_fixed_adder,
+    build_generator,
     build_mlp,
     build_mobilenet,
     default_repository_dir,
@@ -171,3 +175,21 @@ def test_mobilenet_is_many_small_ops_and_its_batch_equals_items_one_by_one() -> 
     assert np.isfinite(batched).all()
     assert batched.std() > 1e-3  # activations keep a sane scale through the blocks
     np.testing.assert_allclose(batched, np.concatenate(one_by_one), rtol=1e-4, atol=1e-4)
+
+
+def test_the_generator_is_a_deterministic_step_that_matches_numpy() -> None:
+    """The optional example generator (not served by `meshserve up`): valid ONNX,
+    identical bytes twice, and one step equal to tanh(E[id] Wx + state Wh + b)."""
+    model = OPTIONAL_EXAMPLES["generator"]()
+    onnx.checker.check_model(model, full_check=True)
+    assert model.SerializeToString(deterministic=True) == build_generator().SerializeToString(deterministic=True)
+    assert "generator" not in EXAMPLE_MODELS
+    w = _weights(model)
+    tokens = np.array([[3], [35]], dtype=np.int64)  # 35: taken modulo the vocabulary
+    state = np.random.default_rng(3).standard_normal((2, GENERATOR_HIDDEN)).astype(np.float32)
+
+    logits, next_state = _session(model).run(["logits", "next_state"], {"token_id": tokens, "state": state})
+
+    want_state = np.tanh(w["embedding"][tokens[:, 0] % GENERATOR_VOCAB] @ w["wx"] + state @ w["wh"] + w["b"])
+    np.testing.assert_allclose(next_state, want_state, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, want_state @ w["wo"] + w["bo"], rtol=1e-4, atol=1e-4)

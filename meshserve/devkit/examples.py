@@ -271,6 +271,73 @@ def build_mobilenet() -> onnx.ModelProto:
     return _model(graph)
 
 
+GENERATOR_VOCAB = 32
+GENERATOR_HIDDEN = 16
+
+
+def build_generator() -> onnx.ModelProto:
+    """Build "generator", one decoder step of a tiny recurrent language model:
+    "token_id" INT64 [batch, 1] and "state" FP32 [batch, 16] -> "logits" FP32
+    [batch, 32] (the next token's) and "next_state" FP32 [batch, 16].
+
+    An embedding (Gather) and a tanh recurrent cell: next_state = tanh(E[token] Wx +
+    state Wh + b), logits = next_state Wo + bo. Token ids are taken modulo the
+    vocabulary, so any id runs. Served in the ``generate`` mode (GENERATOR_CONFIG).
+    """
+    rng = np.random.default_rng(19)
+    vocab, hidden = GENERATOR_VOCAB, GENERATOR_HIDDEN
+    initializers = [
+        numpy_helper.from_array(np.array(vocab, dtype=np.int64), "vocab"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        numpy_helper.from_array((rng.standard_normal((vocab, hidden)) * 1.0).astype(np.float32), "embedding"),
+        _weight(rng, "wx", (hidden, hidden), hidden),
+        _weight(rng, "wh", (hidden, hidden), hidden),
+        _bias(rng, "b", hidden),
+        _weight(rng, "wo", (hidden, vocab), hidden),
+        _bias(rng, "bo", vocab),
+    ]
+    nodes = [
+        helper.make_node("Mod", ["token_id", "vocab"], ["ids"]),
+        helper.make_node("Gather", ["embedding", "ids"], ["embedded3"]),  # [batch, 1, hidden]
+        helper.make_node("Squeeze", ["embedded3", "axis1"], ["embedded"]),
+        helper.make_node("MatMul", ["embedded", "wx"], ["from_token"]),
+        helper.make_node("MatMul", ["state", "wh"], ["from_state"]),
+        helper.make_node("Add", ["from_token", "from_state"], ["mixed"]),
+        helper.make_node("Add", ["mixed", "b"], ["pre"]),
+        helper.make_node("Tanh", ["pre"], ["next_state"]),
+        helper.make_node("MatMul", ["next_state", "wo"], ["scores"]),
+        helper.make_node("Add", ["scores", "bo"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "generator",
+        inputs=[
+            helper.make_tensor_value_info("token_id", TensorProto.INT64, [BATCH, 1]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [BATCH, hidden]),
+        ],
+        outputs=[
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [BATCH, vocab]),
+            helper.make_tensor_value_info("next_state", TensorProto.FLOAT, [BATCH, hidden]),
+        ],
+        initializer=initializers,
+    )
+    return _model(graph)
+
+
+GENERATOR_CONFIG = """\
+# a decoupled model in the generate mode: the worker runs the decoder loop (docs/streaming.md)
+decoupled: true
+max_batch_size: 16
+generate:
+  tokens: token_id
+  logits: logits
+  state:
+    state: next_state
+  output: token
+  max_tokens: 64
+"""
+
+
 EXAMPLE_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
@@ -289,7 +356,13 @@ EXAMPLE_CONFIGS: dict[str, str] = {
     # Same for "mobilenet": at batch 32 its activations leave the caches, and items/s
     # fall to about half of batch 8's.
     "mobilenet": "# the best batch on CPU; at 32 items/s fall to about half\nmax_batch_size: 8\n",
+    "generator": GENERATOR_CONFIG,
 }
+
+OPTIONAL_EXAMPLES: dict[str, Callable[[], onnx.ModelProto]] = {"generator": build_generator}
+"""Examples written only when named (``write_example_repository(root, ["generator"])``,
+``meshserve bench --scenario stream``): not in the set ``meshserve up`` serves, whose
+models every client may call with ModelInfer (a decoupled one refuses it)."""
 
 
 PYTHON_EXAMPLES: dict[str, tuple[str, str]] = {
@@ -344,7 +417,8 @@ def write_python_examples(root: Path, allowed: bool) -> None:
 
 
 def write_example_repository(root: Path, names: Iterable[str] | None = None) -> Path:
-    """Write ``<root>/<name>/1/model.onnx`` for each named example (all by default),
+    """Write ``<root>/<name>/1/model.onnx`` for each named example (all of
+    ``EXAMPLE_MODELS`` by default; ``OPTIONAL_EXAMPLES`` when named),
     and ``<root>/<name>/config.yaml`` for those that have one.
 
     Each file is replaced atomically (temp file in the same directory, then
@@ -352,12 +426,13 @@ def write_example_repository(root: Path, names: Iterable[str] | None = None) -> 
     concurrent callers and readers never see a partial model. Returns ``root``.
     Raises ValueError for an unknown name.
     """
+    builders = {**EXAMPLE_MODELS, **OPTIONAL_EXAMPLES}
     selected = list(EXAMPLE_MODELS) if names is None else list(names)
-    unknown = [name for name in selected if name not in EXAMPLE_MODELS]
+    unknown = [name for name in selected if name not in builders]
     if unknown:
-        raise ValueError(f"unknown example model(s) {unknown}; known: {', '.join(EXAMPLE_MODELS)}")
+        raise ValueError(f"unknown example model(s) {unknown}; known: {', '.join(builders)}")
     for name in selected:
-        data = EXAMPLE_MODELS[name]().SerializeToString(deterministic=True)
+        data = builders[name]().SerializeToString(deterministic=True)
         _write_if_changed(root / name / "1" / "model.onnx", data)
         if name in EXAMPLE_CONFIGS:
             _write_if_changed(root / name / "config.yaml", EXAMPLE_CONFIGS[name].encode())

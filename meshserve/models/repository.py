@@ -78,6 +78,7 @@ from meshserve.models.execution import (
     parse_engine,
     parse_execution,
 )
+from meshserve.models.generation import GenerateConfig, check_generate, parse_generate
 from meshserve.models.python_backend import (
     ONNXRUNTIME,
     PYTHON,
@@ -128,6 +129,8 @@ _TOP_LEVEL_KEYS = frozenset(
         "input",
         "output",
         "sequence",
+        "decoupled",
+        "generate",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -196,6 +199,8 @@ class ModelInfo:
     policy: VersionPolicy = ALL_VERSIONS  # the model's version policy, for clients
     backend: str = ONNXRUNTIME  # or "python": ``path`` is model.py (meshserve/models/python_backend.py)
     sequence: SequenceConfig | None = None  # a stateful model (meshserve/models/sequence.py); None: stateless
+    decoupled: bool = False  # may answer a request many times: ModelStreamInfer only
+    generation: GenerateConfig | None = None  # the ``generate`` mode's step graph (meshserve/models/generation.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +229,8 @@ class _Config:
     inputs: tuple[DeclaredTensor, ...] = ()  # declared: Python models only
     outputs: tuple[DeclaredTensor, ...] = ()
     sequence: SequenceConfig | None = None
+    decoupled: bool = False
+    generation: GenerateConfig | None = None
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -388,6 +395,7 @@ def _read_config(model_dir: Path) -> _Config:
         tensors = parse_tensor_config(raw.get("input"), raw.get("output"), model_dir)
         backend, declared = parse_backend(raw)
         sequence = parse_sequence(raw.get("sequence"))
+        generation = parse_generate(raw.get("generate"))
     except ValueError as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
     if versions is not None and policy != ALL_VERSIONS:
@@ -419,7 +427,20 @@ def _read_config(model_dir: Path) -> _Config:
         inputs=declared[0],
         outputs=declared[1],
         sequence=sequence,
+        decoupled=_decoupled(raw, generation, path),
+        generation=generation,
     )
+
+
+def _decoupled(raw: dict[Any, Any], generation: GenerateConfig | None, path: Path) -> bool:
+    """``decoupled``: a ``generate`` section needs it, and a decoupled model's many
+    answers are never cached (the cache stores one)."""
+    decoupled = _flag(raw, "decoupled", path)
+    if generation is not None and not decoupled:
+        raise RepositoryError(f"{path}: 'generate' answers many times per request: it needs 'decoupled: true'")
+    if decoupled and _flag(raw, "response_cache", path):
+        raise RepositoryError(f"{path}: 'response_cache' stores one answer per request: not for a decoupled model")
+    return decoupled
 
 
 def _pinned(raw: dict[Any, Any], path: Path) -> bool:
@@ -665,6 +686,15 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
             raise RepositoryError(f"{config_path}: {exc}") from exc
         hidden = sequence.hidden_inputs()
         inputs = tuple(t for t in inputs if t.name not in hidden)  # the worker feeds these
+    if config.generation is not None:
+        try:
+            check_generate(
+                config.generation,
+                {t.name: t.datatype for t in signature.inputs},
+                {t.name: t.datatype for t in signature.outputs},
+            )
+        except ValueError as exc:
+            raise RepositoryError(f"{config_path}: {exc}") from exc
     delay_us = 0
     if max_batch_size > 0:
         delay_us = DEFAULT_MAX_QUEUE_DELAY_US if config.max_queue_delay_us is None else config.max_queue_delay_us
@@ -694,6 +724,8 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         policy=config.policy,
         backend=config.backend,
         sequence=sequence,
+        decoupled=config.decoupled,
+        generation=config.generation,
     )
 
 

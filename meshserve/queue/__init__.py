@@ -9,11 +9,13 @@ request path names a Redis key or command.
 - :mod:`~meshserve.queue.scripts`: the Lua scripts (``lua/*.lua``), read once
 - :mod:`~meshserve.queue.protocol`: :class:`QueueProtocol` and the commands to pipeline
 - :mod:`~meshserve.queue.replies`: reply lists, pushed by workers and popped by gateways
+- :mod:`~meshserve.queue.partials`: a decoupled model's responses before its last (no ack)
 - :mod:`~meshserve.queue.depth`: queue depth by tier, for the router's metrics
 """
 
 from meshserve.queue.depth import pending_jobs, queue_depths
 from meshserve.queue.keys import ModelKeys, reply_key, worker_wake_key
+from meshserve.queue.partials import abandon, load_partial_script, partial_command, streamed_counts
 from meshserve.queue.protocol import (
     ClaimedBatch,
     ClaimedStep,
@@ -47,9 +49,12 @@ __all__ = [
     "ModelKeys",
     "QueueProtocol",
     "Reaped",
+    "abandon",
     "ack_command",
     "claim_command",
+    "load_partial_script",
     "parse_claim",
+    "partial_command",
     "pending_jobs",
     "pop_replies",
     "pop_replies_now",
@@ -59,6 +64,7 @@ __all__ = [
     "reply_ack_commands",
     "reply_ack_result",
     "reply_key",
+    "streamed_counts",
     "tier_score_range",
     "wait_command",
     "woken_key",

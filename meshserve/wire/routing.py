@@ -19,6 +19,9 @@ before it answers its client, so that a call right after a load finds the model.
 
 
 def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path, load_error: str = "") -> mpb.ModelSpec:
+    """What gateways and workers learn of ``model``. A generating model shows clients
+    its prompt and token (:func:`client_tensors`), not its step graph's tensors."""
+    inputs, outputs, max_batch_size = client_tensors(model)
     try:
         relative = str(model.path.relative_to(repository))
     except ValueError:
@@ -27,9 +30,9 @@ def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path, load_erro
         name=model.name,
         version=model.version,
         platform=model.platform,
-        inputs=[mpb.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.inputs],
-        outputs=[mpb.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs],
-        max_batch_size=model.max_batch_size,
+        inputs=[mpb.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in inputs],
+        outputs=[mpb.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in outputs],
+        max_batch_size=max_batch_size,
         max_queue_delay_us=model.max_queue_delay_us,
         preferred_batch_sizes=model.preferred_batch_sizes,
         max_queue_size=model.max_queue_size,
@@ -39,7 +42,20 @@ def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path, load_erro
         response_cache=model.response_cache,
         cache_shared=model.cache_shared,
         client_config=client_config_to_pb(model),
+        decoupled=model.decoupled,
     )
+
+
+def client_tensors(model: ModelInfo) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...], int]:
+    """The inputs, outputs and max batch clients see. A generating model takes a
+    prompt (its ``tokens`` input, INT64 ``[-1]``) and answers one token per response
+    (INT64 ``[1]``), one request at a time as clients see it (the worker batches the
+    steps of many requests itself)."""
+    generation = model.generation
+    if generation is None:
+        return model.inputs, model.outputs, model.max_batch_size
+    prompt = TensorInfo(generation.tokens, "INT64", (-1,))
+    return (prompt,), (TensorInfo(generation.output, "INT64", (1,)),), 0
 
 
 def info_from_spec(spec: mpb.ModelSpec, repository: Path | None = None) -> ModelInfo:
@@ -59,6 +75,7 @@ def info_from_spec(spec: mpb.ModelSpec, repository: Path | None = None) -> Model
         platform=spec.platform,
         response_cache=spec.response_cache,
         cache_shared=spec.cache_shared,
+        decoupled=spec.decoupled,
         **client_config_from_pb(spec.client_config),
     )
 
