@@ -313,10 +313,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             inflight.dec()
             duration_s = time.perf_counter() - started_s
-            labelled(metrics.requests, label, code.name).inc()
+            code_name = code.name
+            labelled(metrics.requests, label, code_name).inc()
             labelled(metrics.latency, label).observe(duration_s)
             tenant_label = tenant.name if tenant is not None else UNAUTHENTICATED_LABEL
-            labelled(metrics.tenant_requests, tenant_label, code.name).inc()
+            labelled(metrics.tenant_requests, tenant_label, code_name).inc()
             if tenant is not None:
                 labelled(metrics.tenant_latency, tenant_label).observe(duration_s)
 
@@ -359,12 +360,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # call: a status sent after it fails in the core and is logged as an error.
         budget_s = default_s if remaining_s is None else min(remaining_s - DEADLINE_MARGIN_S, default_s)
         deadline_ms = time.time() * 1000 + budget_s * 1000
+        tracing = self.tracing
         with self._server_span(context) as span:
-            span.set_attribute("meshserve.model", request.model_name)
             code = grpc.StatusCode.INTERNAL  # until the call is answered
             try:
-                if (traced := self._tenant_on_span(tenant.name)) is not None:
-                    span.set_attribute("meshserve.tenant", traced)
+                if tracing:  # an untraced call skips the no-op span's calls
+                    span.set_attribute("meshserve.model", request.model_name)
+                    if (traced := self._tenant_on_span(tenant.name)) is not None:
+                        span.set_attribute("meshserve.tenant", traced)
                 shared = self.shared_memory.plan(tenant, request, received.raw)
                 raw = received.raw if shared is None or shared.raw is None else shared.raw
                 call = infer_call(request, raw, context.invocation_metadata() or ())
@@ -382,11 +385,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 code = grpc.StatusCode.OK
                 version = answer.message.version
                 self._labelled(self.metrics.version_requests, request.model_name, str(version)).inc()
-                if self.tracing:
+                if tracing:
                     span.set_attribute("meshserve.version", version)
             except MeshError as error:
                 code = error.code
-                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+                if tracing:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
                 raise
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
