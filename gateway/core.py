@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
@@ -25,6 +24,7 @@ from redis.exceptions import RedisError
 
 from gateway.decoupled import worker_parameters
 from gateway.demand import Demands
+from gateway.job_ids import new_job_id
 from gateway.request import InferCall
 from gateway.routing import RoutingWatch
 from gateway.sequences import Sequences, step_of
@@ -287,7 +287,7 @@ class Gateway:
         # Admission before decoding tensors: a flood of refused calls must cost the
         # gateway as little as possible, or it slows every other tenant's calls.
         limited = tenant.rate_per_s > 0 or tenant.max_inflight > 0
-        job_id = await self._admit(tenant, int(deadline_ms)) if limited else uuid.uuid4().hex
+        job_id = await self._admit(tenant, int(deadline_ms)) if limited else new_job_id()
         try:
             if declared_bytes(call.message) > OFF_LOOP_BYTES:
                 packed = await asyncio.to_thread(pack_inputs, call.message, model, call.raw)
@@ -334,7 +334,7 @@ class Gateway:
         primary: asyncio.Future[Unframed] = asyncio.get_running_loop().create_future()
         copy = replace(call, tier=NUM_TIERS - 1, request_id="")  # the lowest tier: behind every caller
         waiting = self._queue_and_wait(
-            copy, candidate, packed, outputs, tenant, uuid.uuid4().hex, deadline_ms, time.time() * 1000
+            copy, candidate, packed, outputs, tenant, new_job_id(), deadline_ms, time.time() * 1000
         )
         task = asyncio.create_task(shadow_and_compare(waiting, primary, model.name, version, self.shadow_counts))
         self._shadows.add(task)
@@ -359,7 +359,7 @@ class Gateway:
         before its retry hint, so until then the answer is the same without the
         round trip (or a job id)."""
         self.throttle.check(tenant)
-        job_id = uuid.uuid4().hex
+        job_id = new_job_id()
         try:
             decision = await self.admission.admit(tenant, job_id, deadline_ms=deadline_ms)
         except RedisError as exc:
@@ -486,9 +486,9 @@ class Gateway:
         step: tuple[str, str] | None = None,
     ) -> None:
         with self.tracer.start_as_current_span("enqueue") if self.tracing else UNTRACED as span:
-            span.set_attribute("meshserve.model", model.name)
-            span.set_attribute("meshserve.version", model.version)
             if self.tracing:
+                span.set_attribute("meshserve.model", model.name)
+                span.set_attribute("meshserve.version", model.version)
                 inject(envelope.trace_context)
             try:
                 result = await self.queue.enqueue(

@@ -321,10 +321,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             inflight.dec()
             duration_s = time.perf_counter() - started_s
-            labelled(metrics.requests, label, code.name).inc()
+            code_name = code.name
+            labelled(metrics.requests, label, code_name).inc()
             labelled(metrics.latency, label).observe(duration_s)
             tenant_label = tenant.name if tenant is not None else UNAUTHENTICATED_LABEL
-            labelled(metrics.tenant_requests, tenant_label, code.name).inc()
+            labelled(metrics.tenant_requests, tenant_label, code_name).inc()
             if tenant is not None:
                 labelled(metrics.tenant_latency, tenant_label).observe(duration_s)
 
@@ -368,41 +369,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         encoded on a thread."""
         request = received.message
         started_s = time.perf_counter()
-        remaining_s = context.time_remaining()
-        default_s = self.gateway.settings.default_timeout_ms / 1000
-        # Answer DEADLINE_EXCEEDED ourselves a moment before gRPC's own timer ends the
-        # call: a status sent after it fails in the core and is logged as an error.
-        budget_s = default_s if remaining_s is None else min(remaining_s - DEADLINE_MARGIN_S, default_s)
-        deadline_ms = time.time() * 1000 + budget_s * 1000
+        deadline_ms = self._deadline_ms(context)
+        tracing = self.tracing
         with self._server_span(context) as span:
-            span.set_attribute("meshserve.model", request.model_name)
             code = grpc.StatusCode.INTERNAL  # until the call is answered
             try:
-                if (traced := self._tenant_on_span(tenant.name)) is not None:
-                    span.set_attribute("meshserve.tenant", traced)
+                if tracing:  # an untraced call skips the no-op span's calls
+                    span.set_attribute("meshserve.model", request.model_name)
+                    if (traced := self._tenant_on_span(tenant.name)) is not None:
+                        span.set_attribute("meshserve.tenant", traced)
                 shared = self.shared_memory.plan(tenant, request, received.raw)
                 raw = received.raw if shared is None or shared.raw is None else shared.raw
                 call = infer_call(request, raw, context.invocation_metadata() or ())
-                probe = None
-                # outputs written into shared memory are never cached: a hit would answer bytes instead
-                if shared is None and (caching := self.cache.caching_model(self.gateway, call, tenant)) is not None:
-                    probe = await self.cache.probe(caching, call, tenant)
-                if probe is not None:
-                    hit = await self.cache.answer(probe, request.id)
-                    span.set_attribute("meshserve.cache", "miss" if hit is None else "hit")
-                    if hit is not None:
-                        code = grpc.StatusCode.OK
-                        return stream_response(hit) if streamed else hit
+                probe, hit = await self._cached(call, tenant, shared, request.id, span)
+                if hit is not None:
+                    code = grpc.StatusCode.OK
+                    return stream_response(hit) if streamed else hit
                 responses = None if partial is None else Responses(partial, request.model_name, request.id)
                 answer = await self._run(call, deadline_ms, tenant, responses)
                 code = grpc.StatusCode.OK
                 version = answer.message.version
                 self._labelled(self.metrics.version_requests, request.model_name, str(version)).inc()
-                if self.tracing:
+                if tracing:
                     span.set_attribute("meshserve.version", version)
             except MeshError as error:
                 code = error.code
-                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+                if tracing:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
                 raise
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -415,6 +408,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return b""  # Triton's way: no empty final response unless the client asks for one
             return decoupled_response(answer, request.model_name, request.id, final=True)
         return await self._encode(answer, request, probe, shared, streamed)
+
+    def _deadline_ms(self, context: Context) -> float:
+        """The call's deadline, Unix epoch ms: the client's, capped by the gateway's default.
+
+        DEADLINE_EXCEEDED is answered here a moment before gRPC's own timer ends the
+        call: a status sent after it fails in the core and is logged as an error."""
+        remaining_s = context.time_remaining()
+        default_s = self.gateway.settings.default_timeout_ms / 1000
+        budget_s = default_s if remaining_s is None else min(remaining_s - DEADLINE_MARGIN_S, default_s)
+        return time.time() * 1000 + budget_s * 1000
+
+    async def _cached(
+        self, call: InferCall, tenant: Tenant, shared: SharedMemoryCall | None, request_id: str, span: trace.Span
+    ) -> tuple[Probe | None, bytes | None]:
+        """The call's place in its model's response cache, and the cached answer (None:
+        a miss); (None, None) for a model that does not cache. Outputs written into
+        shared memory are never cached: a hit would answer bytes instead."""
+        if shared is not None or (caching := self.cache.caching_model(self.gateway, call, tenant)) is None:
+            return None, None
+        probe = await self.cache.probe(caching, call, tenant)
+        if probe is None:
+            return None, None
+        hit = await self.cache.answer(probe, request_id)
+        span.set_attribute("meshserve.cache", "miss" if hit is None else "hit")
+        return probe, hit
 
     async def _run(self, call: InferCall, deadline_ms: float, tenant: Tenant, responses: Responses | None) -> Unframed:
         """The model's one call, or an ensemble's steps (gateway/ensemble.py), each step

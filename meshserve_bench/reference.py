@@ -130,10 +130,11 @@ class ReferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return reply
 
 
-async def serve(model: ModelInfo, port: int) -> None:
-    """Serve ``model`` on 127.0.0.1:``port`` until SIGTERM or SIGINT."""
+async def serve(model: ModelInfo, port: int, *, batching_wait: bool = True) -> None:
+    """Serve ``model`` on 127.0.0.1:``port`` until SIGTERM or SIGINT; without
+    ``batching_wait`` a batch runs as soon as the loop turns (a lone request at once)."""
     session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
-    batcher = Batcher(session, model.max_batch_size, model.max_queue_delay_us / 1e6)
+    batcher = Batcher(session, model.max_batch_size, model.max_queue_delay_us / 1e6 if batching_wait else 0.0)
     server = grpc.aio.server()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(ReferenceServicer(model, batcher), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -149,12 +150,15 @@ async def serve(model: ModelInfo, port: int) -> None:
 
 
 @contextlib.contextmanager
-def reference_server(model: ModelInfo) -> Iterator[tuple[str, int]]:
+def reference_server(model: ModelInfo, *, batching_wait: bool = True) -> Iterator[tuple[str, int]]:
     """Run the reference server for ``model`` in a process of its own on a free
     loopback port; yields its address and process id once it accepts calls, and
-    stops it on exit (SIGTERM, SIGKILL after ``STOP_TIMEOUT_S``)."""
+    stops it on exit (SIGTERM, SIGKILL after ``STOP_TIMEOUT_S``). Without
+    ``batching_wait``: the issue's "one-process server without batching wait"."""
     port = free_port()
     command = [sys.executable, "-m", "meshserve_bench.reference", str(model.path.parent.parent), str(model.version)]
+    if not batching_wait:
+        command.append("--no-batching-wait")
     proc = subprocess.Popen([*command, "--port", str(port)], stdin=subprocess.DEVNULL, start_new_session=True)
     target = f"127.0.0.1:{port}"
     try:
@@ -185,8 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path, help="the model's directory in a repository")
     parser.add_argument("version", type=int)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--no-batching-wait", action="store_true", help="run each batch at once, never waiting for the max queue delay"
+    )
     args = parser.parse_args(argv)
-    server = serve(load_model(args.model_dir, args.version), args.port)
+    server = serve(load_model(args.model_dir, args.version), args.port, batching_wait=not args.no_batching_wait)
     try:
         import uvloop
 

@@ -133,6 +133,14 @@ def hops_lines(result: Figures) -> list[str]:
             f"- at concurrency {REFERENCE_CONCURRENCY}: the mesh does {num(at['reference_ratio'])} of the one-process"
             f" reference server's throughput (same model, batching and load generator)",
         ]
+    alone = next((p for p in points if p["offered"] == 1 and "no_wait_added_p50_ms" in p), None)
+    if alone is not None:
+        no_wait = ((result.get("reference_no_wait") or {}).get("points") or [{}])[0]
+        lines += [
+            f"- at concurrency 1: p50 {num(alone['calls']['p50_ms'])} ms, {num(alone['no_wait_added_p50_ms'])} ms"
+            f" above the one-process reference server without batching wait"
+            f" ({num((no_wait.get('calls') or {}).get('p50_ms'))} ms)"
+        ]
     commands = next((p.get("redis_commands_by_name_per_call") for p in points if p["offered"] == 1), None)
     if commands:
         shown = ", ".join(f"{name} {calls:.2f}" for name, calls in commands.items() if calls >= 0.05)

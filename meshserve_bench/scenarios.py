@@ -231,10 +231,13 @@ async def load_mesh(
             await redis.aclose()
 
 
-async def load_reference(target: str, pid: int, model: ModelInfo, config: BenchConfig) -> list[dict[str, Any]]:
-    """The sweep's points against the one-process reference server, with its CPU per request."""
+async def load_reference(
+    target: str, pid: int, model: ModelInfo, config: BenchConfig, concurrencies: tuple[int, ...] | None = None
+) -> list[dict[str, Any]]:
+    """The sweep's points (or ``concurrencies``') against the one-process reference
+    server, with its CPU per request."""
     request, points = build_request(model), []
-    for concurrency in config.concurrencies:
+    for concurrency in config.concurrencies if concurrencies is None else concurrencies:
         window = Window.after(config.warmup_s, config.duration_s)
         channels = config.channels or min(int(concurrency), MAX_DEFAULT_CHANNELS)
         cpu = asyncio.create_task(process_cpu_during(window, pid))
@@ -257,6 +260,14 @@ def beside_reference(points: list[dict[str, Any]], reference: list[dict[str, Any
             continue
         point["reference_ratio"] = point["ok_per_s"] / ref["ok_per_s"] if ref["ok_per_s"] > 0 else None
         point["reference_added_p50_ms"] = point["calls"]["p50_ms"] - ref["calls"]["p50_ms"]
+
+
+def beside_no_wait(points: list[dict[str, Any]], no_wait: list[dict[str, Any]]) -> None:
+    """The concurrency-1 point's p50 above the reference server's without batching wait, in place."""
+    for point in points:
+        for ref in no_wait:
+            if ref["offered"] == point["offered"]:
+                point["no_wait_added_p50_ms"] = point["calls"]["p50_ms"] - ref["calls"]["p50_ms"]
 
 
 def run_mesh_scenario(config: BenchConfig) -> dict[str, Any]:
@@ -284,6 +295,12 @@ def run_mesh_scenario(config: BenchConfig) -> dict[str, Any]:
             reference = asyncio.run(load_reference(reference_target, pid, model, config))
         beside_reference(figures["points"], reference)
         figures["reference"] = {"points": reference}
+        if 1 in config.concurrencies:  # the c=1 target's denominator: a lone request never waits
+            progress(f"one-process reference server without batching wait, model {model.name}")
+            with reference_server(model, batching_wait=False) as (reference_target, pid):
+                no_wait = asyncio.run(load_reference(reference_target, pid, model, config, (1,)))
+            beside_no_wait(figures["points"], no_wait)
+            figures["reference_no_wait"] = {"points": no_wait}
     return {
         "settings": asdict(config),
         "model": model_json(model),

@@ -141,3 +141,28 @@ def test_the_report_tabulates_each_hop_and_states_the_ratio_to_the_reference() -
     assert "hset 5.00, evalsha 3.00" in lines
     assert "lpop" not in lines
     assert report.hops_lines({"points": [{"offered": 1}]}) == []
+
+
+def test_the_report_states_the_lone_call_above_the_reference_without_batching_wait() -> None:
+    one = {"offered": 1, "ok_per_s": 300.0, "calls": {"p50_ms": 3.3}, "cpu_us_per_request": {"gateway": 900.0}}
+    no_wait = [{"offered": 1, "ok_per_s": 400.0, "calls": {"p50_ms": 2.5}, "cpu_us_per_request": {}}]
+    scenarios.beside_no_wait([one], no_wait)
+    assert one["no_wait_added_p50_ms"] == pytest.approx(0.8)
+    lines = "\n".join(report.hops_lines({"points": [one], "reference_no_wait": {"points": no_wait}}))
+    assert "at concurrency 1: p50 3.30 ms, 0.80 ms above the one-process reference server without batching" in lines
+
+
+async def test_the_reference_server_without_batching_wait_answers_a_lone_request_before_the_delay(
+    cnn_dir: Path,
+) -> None:
+    model = load_model(cnn_dir, 1)
+    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    shape = [1, *(dim for dim in model.inputs[0].shape[1:])]
+    request = {model.inputs[0].name: rng.standard_normal(shape).astype(np.float32)}
+    at_once = Batcher(session, max_batch=8, max_delay_s=0.0)
+    try:
+        answer = await asyncio.wait_for(at_once.infer(request), 30)  # with a delay it would wait for a full batch
+    finally:
+        at_once.close()
+    assert list(answer) == [o.name for o in session.get_outputs()]

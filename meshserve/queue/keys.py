@@ -30,6 +30,7 @@ safe on Redis Cluster because the prefix carries the model's hash tag.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -46,8 +47,14 @@ class ModelKeys:
     drain: str
     job_prefix: str
 
+    @staticmethod
+    def for_model(model: str, version: int) -> ModelKeys:
+        """The keys of one model version (the same object each time: every request
+        asks, and eight strings built per request add up)."""
+        return _keys_of(model, version)
+
     @classmethod
-    def for_model(cls, model: str, version: int) -> ModelKeys:
+    def build(cls, model: str, version: int) -> ModelKeys:
         base = f"ms:{{m:{model}:{version}}}:"
         return cls(
             ready=base + "ready",
@@ -62,6 +69,11 @@ class ModelKeys:
 
     def job(self, job_id: str) -> str:
         return self.job_prefix + job_id
+
+
+@functools.lru_cache(maxsize=4096)  # model versions a process serves or routes: a bounded set
+def _keys_of(model: str, version: int) -> ModelKeys:
+    return ModelKeys.build(model, version)
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,6 +126,8 @@ class _Pending:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        # Python 3.11's get_running_loop makes a getpid system call each time: once here, not per command
+        self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader()
         self.pending: collections.deque[_Pending] = collections.deque()
         self.closed = False
@@ -302,7 +304,7 @@ class RedisLink:
     def _write(self, protocol: _Protocol, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
         """Queue the commands' reply slot and write them; the future gets the replies."""
         assert protocol.transport is not None
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Any]] = protocol.loop.create_future()
         protocol.pending.append(_Pending(future, len(commands)))
         if len(commands) == 1:
             packed = _pack(commands[0])
@@ -323,12 +325,18 @@ class RedisLink:
                 # this connection until it ends.
                 protocol.abort(ConnectionError("blocking call cancelled"))
                 raise
+        # A timer that fails the connection, not asyncio.timeout: the replies' future then
+        # raises the timeout itself. About 1 µs a round trip against 4 for a timeout
+        # scope (uvloop, 2-core development machine); every request crosses it twice.
+        expiry = protocol.loop.call_later(self.command_timeout_s, self._expire, protocol)
         try:
-            async with asyncio.timeout(self.command_timeout_s):
-                return await future
-        except TimeoutError:
-            protocol.abort(RedisTimeoutError(f"no reply from Redis in {self.command_timeout_s:g} s"))
-            raise RedisTimeoutError(f"no reply from Redis in {self.command_timeout_s:g} s") from None
+            return await future
+        finally:
+            expiry.cancel()
+
+    def _expire(self, protocol: _Protocol) -> None:
+        """No reply within ``command_timeout_s``: the stream can no longer be trusted."""
+        protocol.abort(RedisTimeoutError(f"no reply from Redis in {self.command_timeout_s:g} s"))
 
     async def _connect(self) -> _Protocol:
         if self._closed:
@@ -379,7 +387,7 @@ class RedisLink:
         if not commands:
             return
         assert protocol.transport is not None
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Any]] = protocol.loop.create_future()
         protocol.pending.append(_Pending(future, len(commands)))
         protocol.transport.writelines(_pack_all(commands))
         replies = await future
