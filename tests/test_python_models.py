@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 from redis.asyncio import Redis
 
@@ -167,7 +168,8 @@ async def test_the_normalize_example_scales_uint8_images_to_float32(
 ) -> None:
     repository = tmp_path / "repo"
     write_python_examples(repository, allowed=True)
-    mesh = await start_mesh(redis_url, repository, worker_overrides=ALLOWED)
+    # settled, not all ready: the "classify" pipeline written beside it lacks its "cnn" here
+    mesh = await start_mesh(redis_url, repository, worker_overrides=ALLOWED, until=RoutingView.settled)
     try:
         image = np.zeros((1, 4, 6, 3), np.uint8)
         image[..., 1] = 255
@@ -216,3 +218,26 @@ async def test_unloading_a_python_model_finalizes_and_ends_its_processes(
         assert marker.read_text().strip().isdigit()
     finally:
         await stop_mesh(mesh)
+
+
+async def test_a_python_step_then_an_onnx_model_in_one_ensemble_call(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """The example pipeline "classify": uint8 images decoded and scaled by the Python
+    "normalize" on the CPU, then the ONNX "cnn": one call, equal to both run in process."""
+    repository = write_example_repository(tmp_path / "repo", ["cnn"])
+    write_python_examples(repository, allowed=True)
+    mesh = await start_mesh(redis_url, repository, worker_overrides=ALLOWED)
+    try:
+        images = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            reply = await infer_stub(channel).ModelInfer(infer_request("classify", {"IMAGE": images}), timeout=20)
+    finally:
+        await stop_mesh(mesh)
+    cnn = ort.InferenceSession(str(repository / "cnn" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    pixels = images.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255)
+    (want,) = cnn.run(["logits"], {"image": pixels})
+    assert list(output_arrays(reply)) == ["LOGITS"]
+    np.testing.assert_allclose(output_arrays(reply)["LOGITS"], want, rtol=1e-5, atol=1e-5)
+    write_python_examples(repository, allowed=False)
+    assert not (repository / "classify").exists()

@@ -400,10 +400,32 @@ class Model:
 }
 
 
+PYTHON_PIPELINES: dict[str, str] = {
+    # An ensemble with a Python step (docs/streaming.md "Ensembles"): decode and scale
+    # the image in Python on the CPU, then classify it with the ONNX "cnn"; one call.
+    "classify": """\
+# uint8 HWC images in, logits out: the Python "normalize", then the ONNX "cnn"
+platform: ensemble
+ensemble:
+  steps:
+    - {model: normalize, input_map: {image: IMAGE}, output_map: {pixels: PIXELS}}
+    - {model: cnn, input_map: {image: PIXELS}, output_map: {logits: LOGITS}}
+  outputs: [LOGITS]
+""",
+}
+
+
 def write_python_examples(root: Path, allowed: bool) -> None:
-    """Write the Python examples under ``root`` when ``allowed``, else remove any written
-    before (a repository once served with ``--allow-python-models`` must not leave a model
-    that can only fail to load)."""
+    """Write the Python examples (and the pipeline that uses one) under ``root`` when
+    ``allowed``, else remove any written before (a repository once served with
+    ``--allow-python-models`` must not leave a model that can only fail to load)."""
+    for name, config in PYTHON_PIPELINES.items():
+        if allowed:
+            _write_if_changed(root / name / "config.yaml", config.encode())
+        else:
+            (root / name / "config.yaml").unlink(missing_ok=True)
+            if (root / name).is_dir() and not any((root / name).iterdir()):
+                (root / name).rmdir()
     for name, (config, code) in PYTHON_EXAMPLES.items():
         if allowed:
             _write_if_changed(root / name / "config.yaml", config.encode())

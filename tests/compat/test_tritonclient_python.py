@@ -8,22 +8,23 @@ import asyncio
 from collections.abc import Iterator
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 from tritonclient.utils import InferenceServerException
 
-from meshserve.devkit.examples import write_python_examples
+from meshserve.devkit.examples import write_example_repository, write_python_examples
 from tests.compat.test_tritonclient import RunningMesh, meshserve_up
 from tests.python_models import write_doubler
 
 
 @pytest.fixture(scope="module")
 def python_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
-    repository = tmp_path_factory.mktemp("python")
+    repository = write_example_repository(tmp_path_factory.mktemp("python"), ["cnn"])  # "classify"'s second step
     write_python_examples(repository, allowed=True)
     write_doubler(repository)
-    with meshserve_up(repository, 2, ("--allow-python-models",)) as running:
+    with meshserve_up(repository, 4, ("--allow-python-models",)) as running:  # cnn, classify, doubler, normalize
         yield running
 
 
@@ -59,3 +60,17 @@ def test_asyncio_infer(python_mesh: RunningMesh) -> None:
 
     pixels = asyncio.run(call())
     np.testing.assert_allclose(pixels, 0.2, rtol=1e-6)
+
+
+def test_the_example_pipeline_runs_a_python_step_then_an_onnx_model(python_mesh: RunningMesh) -> None:
+    """ "classify": the Python "normalize" on the CPU, then the ONNX "cnn", in one call."""
+    client = tc.InferenceServerClient(python_mesh.address)
+    images = np.random.default_rng(8).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    inp = tc.InferInput("IMAGE", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    result = client.infer("classify", [inp])
+    cnn = ort.InferenceSession(
+        str(python_mesh.repository / "cnn" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (want,) = cnn.run(["logits"], {"image": images.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255)})
+    np.testing.assert_allclose(result.as_numpy("LOGITS"), want, rtol=1e-5, atol=1e-5)
