@@ -8,9 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -23,10 +21,8 @@ from meshserve.devkit.redis_server import RedisServer, RedisServerError, suite_b
 from meshserve.queue import TIER_NAMES, ModelKeys, reply_key
 from meshserve.store.clients import blocking_link, command_link
 from meshserve.store.cluster import command_keys, seed_urls, slot_of
+from tests.failover import CALL_TIMEOUT_S, calls_through_a_fault
 from tests.support import infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
-
-CALL_TIMEOUT_S = 15.0
-CLIENTS = 8
 
 
 def _flush(cluster: RedisCluster) -> None:
@@ -204,35 +200,6 @@ async def test_the_whole_mesh_answers_on_a_cluster(clean: RedisCluster, model_re
         await stop_mesh(mesh)
 
 
-@dataclass(slots=True)
-class Tally:
-    """What a closed loop of calls saw."""
-
-    ok: int = 0
-    wrong: int = 0  # an answer that is not this call's
-    failed: dict[str, int] = field(default_factory=dict)
-    failed_at_s: list[float] = field(default_factory=list)
-
-
-async def _closed_loop(stub: Any, client: int, stop: asyncio.Event, tally: Tally) -> None:
-    rng = np.random.default_rng(client)
-    n = 0
-    while not stop.is_set():
-        n += 1
-        features = rng.standard_normal((1, 64)).astype(np.float32)
-        request = infer_request("mlp", {"features": features}, outputs=("logits",), request_id=f"c{client}-{n}")
-        try:
-            response = await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            tally.failed[exc.code().name] = tally.failed.get(exc.code().name, 0) + 1
-            tally.failed_at_s.append(time.monotonic())
-            continue
-        if response.id != request.id or output_arrays(response)["logits"].shape != (1, 10):
-            tally.wrong += 1
-        else:
-            tally.ok += 1
-
-
 @pytest.mark.slow
 async def test_the_mesh_keeps_answering_when_a_master_is_killed_and_its_replica_takes_over(
     model_repository: Path,
@@ -243,45 +210,19 @@ async def test_the_mesh_keeps_answering_when_a_master_is_killed_and_its_replica_
     only around the failover; no answer is another call's; none hangs."""
     with RedisCluster(suite_binary_from_env()) as cluster:
         mesh = await start_mesh(cluster.url, model_repository)
-        tally = Tally()
-        stop = asyncio.Event()
         slot = slot_of(ModelKeys.for_model("mlp", 1).ready)
+
+        async def kill_the_queues_master() -> float:
+            victim = cluster.master_of_slot(slot)
+            assert victim.pid is not None
+            killed_at = time.monotonic()
+            os.kill(victim.pid, signal.SIGKILL)
+            async with asyncio.timeout(20):
+                while await _master_port(cluster, slot) in (None, victim.port):  # noqa: ASYNC110 - no event for it
+                    await asyncio.sleep(0.05)
+            return time.monotonic() - killed_at
+
         try:
-            async with grpc.aio.insecure_channel(mesh.gateway.address) as channel:
-                stub = infer_stub(channel)
-                clients = [asyncio.create_task(_closed_loop(stub, i, stop, tally)) for i in range(CLIENTS)]
-                async with asyncio.timeout(20):
-                    while tally.ok < 200:  # noqa: ASYNC110 - warm, before the fault
-                        await asyncio.sleep(0.05)
-                before = tally.ok
-                victim = cluster.master_of_slot(slot)
-                assert victim.pid is not None
-                killed_at = time.monotonic()
-                os.kill(victim.pid, signal.SIGKILL)
-                async with asyncio.timeout(20):
-                    while await _master_port(cluster, slot) in (None, victim.port):  # noqa: ASYNC110 - no event for it
-                        await asyncio.sleep(0.05)
-                promoted_s = time.monotonic() - killed_at
-                async with asyncio.timeout(30):
-                    while tally.ok < before + 500:  # noqa: ASYNC110 - the calls go on after it
-                        await asyncio.sleep(0.05)
-                stop.set()
-                async with asyncio.timeout(CALL_TIMEOUT_S + 5):  # a hung call is a lost one
-                    await asyncio.gather(*clients)
-            window_s = max(tally.failed_at_s, default=killed_at) - killed_at
-            executed = mesh.workers[0].worker.metrics.registry.get_sample_value(
-                "meshserve_worker_batch_size_sum", {"model": "mlp", "version": "1"}
-            )
-            print(
-                f"\ncluster failover: the master of mlp's slot killed; its replica promoted in {promoted_s:.2f} s;"
-                f" calls ok {tally.ok}, wrong {tally.wrong}, failed {tally.failed},"
-                f" last failure {window_s:.2f} s after the kill; model executions {executed:.0f};"
-                f" replies with no waiting call {mesh.gateway.gateway.late_replies},"
-                f" jobs Redis lost {mesh.gateway.gateway.lost_jobs}"
-            )
-            assert tally.wrong == 0
-            assert set(tally.failed) <= {"UNAVAILABLE"}
-            assert window_s < promoted_s + 5  # failures only around the failover, not after it
+            await calls_through_a_fault(mesh, kill_the_queues_master, "cluster failover (the master of mlp's slot)")
         finally:
-            stop.set()
             await stop_mesh(mesh)

@@ -7,12 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-import numpy as np
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError
@@ -20,11 +16,9 @@ from redis.exceptions import ConnectionError
 from meshserve.devkit.redis_server import RedisServer, suite_binary_from_env
 from meshserve.store.link import RedisLink
 from meshserve.store.sentinel import SentinelTarget, master_client
+from tests.failover import calls_through_a_fault
 from tests.sentinels import MASTER_NAME, Sentinels
-from tests.support import infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
-
-CALL_TIMEOUT_S = 15.0
-CLIENTS = 8
+from tests.support import start_mesh, stop_mesh
 
 
 def test_a_sentinel_url_names_the_sentinels_the_master_and_its_credentials() -> None:
@@ -92,37 +86,6 @@ async def test_a_resolved_address_that_is_not_a_master_is_refused() -> None:
                 await link.aclose()
 
 
-@dataclass(slots=True)
-class Tally:
-    """What a closed loop of calls saw."""
-
-    ok: int = 0
-    wrong: int = 0  # an answer that is not this call's (a reply to another call)
-    failed: dict[str, int] = field(default_factory=dict)
-    failed_at_s: list[float] = field(default_factory=list)
-
-
-async def _closed_loop(stub: object, client: int, stop: asyncio.Event, tally: Tally) -> None:
-    rng = np.random.default_rng(client)
-    n = 0
-    while not stop.is_set():
-        n += 1
-        features = rng.standard_normal((1, 64)).astype(np.float32)
-        features[0, 0] = client * 100_000 + n  # a mark no other call carries
-        request = infer_request("mlp", {"features": features}, outputs=("logits",))
-        request.id = f"c{client}-{n}"
-        try:
-            response = await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)  # type: ignore[attr-defined]
-        except grpc.aio.AioRpcError as exc:
-            tally.failed[exc.code().name] = tally.failed.get(exc.code().name, 0) + 1
-            tally.failed_at_s.append(time.monotonic())
-            continue
-        if response.id != request.id or output_arrays(response)["logits"].shape != (1, 10):
-            tally.wrong += 1
-        else:
-            tally.ok += 1
-
-
 @pytest.mark.slow
 async def test_the_mesh_keeps_answering_through_a_sentinel_failover(model_repository: Path) -> None:
     """Calls run in a closed loop while the master is killed with SIGKILL: the
@@ -131,44 +94,17 @@ async def test_the_mesh_keeps_answering_through_a_sentinel_failover(model_reposi
     with Sentinels() as sentinels:
         await sentinels.wait_ready()
         mesh = await start_mesh(sentinels.url, model_repository)
-        tally = Tally()
-        stop = asyncio.Event()
+
+        async def kill_the_master() -> float:
+            assert sentinels.master.pid is not None
+            os.kill(sentinels.master.pid, signal.SIGKILL)
+            return await sentinels.wait_failover()
+
         try:
-            async with grpc.aio.insecure_channel(mesh.gateway.address) as channel:
-                stub = infer_stub(channel)
-                clients = [asyncio.create_task(_closed_loop(stub, i, stop, tally)) for i in range(CLIENTS)]
-                async with asyncio.timeout(20):
-                    while tally.ok < 200:  # noqa: ASYNC110 - warm, before the fault
-                        await asyncio.sleep(0.05)
-                before = tally.ok
-                assert sentinels.master.pid is not None
-                killed_at = time.monotonic()
-                os.kill(sentinels.master.pid, signal.SIGKILL)
-                promoted_s = await sentinels.wait_failover()
-                async with asyncio.timeout(20):
-                    while tally.ok < before + 500:  # noqa: ASYNC110 - the calls go on after it
-                        await asyncio.sleep(0.05)
-                stop.set()
-                async with asyncio.timeout(CALL_TIMEOUT_S + 5):  # a hung call is a lost one
-                    await asyncio.gather(*clients)
+            await calls_through_a_fault(mesh, kill_the_master, f"sentinel failover (master {MASTER_NAME})")
             # The router's scrapes (redis-py's own Sentinel client) follow the master too.
             assert await asyncio.to_thread(mesh.router.depths.pending, [("mlp", 1)]) is not None  # None: no Redis
             async with await master_client(sentinels.url) as tool:  # the bench's client, on the same URL
                 assert (await tool.execute_command("ROLE"))[0] == b"master"
-            window_s = max(tally.failed_at_s, default=killed_at) - killed_at
-            executed = mesh.workers[0].worker.metrics.registry.get_sample_value(
-                "meshserve_worker_batch_size_sum", {"model": "mlp", "version": "1"}
-            )
-            print(
-                f"\nsentinel failover: master {MASTER_NAME} killed; sentinels promoted the replica in"
-                f" {promoted_s:.2f} s; calls ok {tally.ok}, wrong {tally.wrong}, failed {tally.failed},"
-                f" last failure {window_s:.2f} s after the kill; model executions {executed:.0f};"
-                f" replies with no waiting call {mesh.gateway.gateway.late_replies},"
-                f" jobs Redis lost {mesh.gateway.gateway.lost_jobs}"
-            )
-            assert tally.wrong == 0
-            assert set(tally.failed) <= {"UNAVAILABLE"}
-            assert window_s < promoted_s + 5  # failures only around the failover, not after it
         finally:
-            stop.set()
             await stop_mesh(mesh)
