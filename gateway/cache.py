@@ -118,6 +118,8 @@ class ResponseCache:
         """The model the request resolves to when it caches; None when it does not (or
         is unknown: the core answers that, authorization first). A caching model the
         tenant may not use raises PermissionDenied, as the core would."""
+        if call.model_name not in gateway.routing.view.caching_names:
+            return None  # the common case: one set lookup, not a second resolve
         try:
             model = gateway.resolve(call.model_name, call.model_version, call)
         except MeshError:

@@ -40,6 +40,7 @@ class RoutingView:
     evicted: frozenset[tuple[str, int]] = frozenset()  # not resident, not ready: loads on demand
     ensembles: dict[tuple[str, int], Ensemble] = field(default_factory=dict)  # the valid ones (gateway/ensemble.py)
     ensemble_names: frozenset[str] = frozenset()  # every ensemble's name, valid or not
+    caching_names: frozenset[str] = frozenset()  # models with a version that caches (gateway/cache.py)
 
     @classmethod
     def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
@@ -54,7 +55,10 @@ class RoutingView:
         evicted = frozenset((s.name, s.version) for s in table.models if s.evicted and not s.ready)
         ensembles = {(s.name, s.version): e for s in table.models if (e := ensemble_from_spec(s)) is not None}
         names = frozenset(s.name for s in table.models if s.platform == ENSEMBLE_PLATFORM)
-        return cls(table.generation, models, ready, latest, failed, unloading, splits, evicted, ensembles, names)
+        caching = frozenset(s.name for s in table.models if s.response_cache)
+        return cls(
+            table.generation, models, ready, latest, failed, unloading, splits, evicted, ensembles, names, caching
+        )
 
     def all_ready(self) -> bool:
         """Whether there are models and every one of them is ready (strict readiness)."""
