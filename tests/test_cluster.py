@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -120,6 +121,158 @@ async def test_a_slot_that_moved_is_followed_to_its_new_master(clean: RedisClust
         assert await link.execute("ZCARD", key) == 1
         assert await link.execute("ZADD", key, 2, "job2") == 1
         assert clean.client(replica).zcard(key) == 2
+    finally:
+        await link.aclose()
+
+
+# ------------------------------------------------------------ a slot being migrated
+
+ASK_TAG = "{ask-mig}"
+"""Keys of one slot, moved between masters by the tests below."""
+
+
+class _Migration:
+    """A slot half-way between two masters, as ``redis-cli --cluster reshard`` leaves
+    it between its steps: IMPORTING on the target, MIGRATING on the source."""
+
+    def __init__(self, cluster: RedisCluster, slot: int) -> None:
+        self.cluster, self.slot = cluster, slot
+        self.source = cluster.master_of_slot(slot)
+        self.target = next(m for m in _masters(cluster) if m.port != self.source.port)
+        self.source_id = _ask_node(cluster, self.source, "CLUSTER", "MYID").decode()
+        self.target_id = _ask_node(cluster, self.target, "CLUSTER", "MYID").decode()
+        self.begun = False
+
+    def begin(self) -> None:
+        self.begun = True
+        _ask_node(self.cluster, self.target, "CLUSTER", "SETSLOT", self.slot, "IMPORTING", self.source_id)
+        _ask_node(self.cluster, self.source, "CLUSTER", "SETSLOT", self.slot, "MIGRATING", self.target_id)
+
+    def move(self, *keys: str) -> None:
+        _ask_node(self.cluster, self.source, "MIGRATE", "127.0.0.1", self.target.port, "", 0, 5000, "KEYS", *keys)
+
+    def finish(self) -> None:
+        """Every key moved, then the slot given to the target on every master (as
+        reshard ends); the cluster's nodes agree before the next test."""
+        if not self.begun:
+            return
+        while keys := _ask_node(self.cluster, self.source, "CLUSTER", "GETKEYSINSLOT", self.slot, 100):
+            self.move(*(k.decode() for k in keys))
+        for master in (self.target, self.source, *_masters(self.cluster)):
+            _ask_node(self.cluster, master, "CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
+        _wait_for(lambda: self._everyone_agrees(), f"every node to give slot {self.slot} to the target")
+
+    def _everyone_agrees(self) -> bool:
+        for node in self.cluster.nodes:
+            slots = _ask_node(self.cluster, node, "CLUSTER", "SLOTS")
+            if not any(s <= self.slot <= e and int(m[1]) == self.target.port for s, e, m, *_ in slots):
+                return False
+        return True
+
+    def errors(self, node: RedisServer, kind: str) -> int:
+        """How many times the node has answered errors of that kind (ASK, TRYAGAIN)."""
+        stats = self.cluster.client(node).info("errorstats")
+        return int(stats.get(f"errorstat_{kind}", {}).get("count", 0))
+
+    def keys_on_source(self) -> int:
+        return int(_ask_node(self.cluster, self.source, "CLUSTER", "COUNTKEYSINSLOT", self.slot))
+
+    def on_target(self, *command: str | int) -> Any:
+        """A command run on the target while it imports the slot (after ASKING)."""
+        pipe = self.cluster.client(self.target).pipeline(transaction=False)
+        pipe.execute_command("ASKING")  # type: ignore[no-untyped-call]
+        pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        return pipe.execute()[1]
+
+
+def _masters(cluster: RedisCluster) -> list[RedisServer]:
+    return [n for n in cluster.nodes if n.pid is not None and cluster.role(n) == b"master"]
+
+
+def _ask_node(cluster: RedisCluster, node: RedisServer, *command: str | int) -> Any:
+    return cluster.client(node).execute_command(*command)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+
+
+@pytest.fixture
+def migration(clean: RedisCluster) -> Iterator[_Migration]:
+    moving = _Migration(clean, slot_of(ASK_TAG))
+    try:
+        yield moving
+    finally:
+        moving.finish()
+
+
+async def test_a_transaction_whose_keys_moved_is_replayed_once_on_the_importing_node(
+    migration: _Migration,
+) -> None:
+    """The slot is migrating and the transaction's keys have been MIGRATEd: the source
+    answers ASK to each queued command (so its EXEC aborts, nothing ran), and the
+    link replays the whole block on the target after one ASKING. A counter shows it
+    ran once; the reply is EXEC's own, with no ASKING's reply inside."""
+    counter, log = f"{ASK_TAG}:n", f"{ASK_TAG}:log"
+    source = migration.cluster.client(migration.source)
+    source.set(counter, 5)
+    source.rpush(log, "a")
+    migration.begin()
+    link = command_link(migration.cluster.url)
+    try:
+        await link.execute("PING")  # the slot map, read while the source still serves the slot
+        migration.move(counter, log)
+        asks = migration.errors(migration.source, "ASK")
+        replies = await link.pipeline([("MULTI",), ("INCR", counter), ("RPUSH", log, "b"), ("EXEC",)])
+        assert replies == [b"OK", b"QUEUED", b"QUEUED", [6, 2]]
+        assert migration.errors(migration.source, "ASK") == asks + 2  # the path taken: ASK, then the target
+        assert migration.on_target("GET", counter) == b"6"
+        assert migration.on_target("LRANGE", log, 0, -1) == [b"a", b"b"]
+        assert migration.keys_on_source() == 0
+        # A single command of the slot is followed the same way.
+        assert await link.execute("INCR", counter) == 7
+    finally:
+        await link.aclose()
+
+
+async def test_a_transaction_over_half_moved_keys_waits_out_tryagain_and_runs_once(
+    migration: _Migration,
+) -> None:
+    """One key moved, the other not: the source ASKs for the first (EXEC aborts), the
+    target, asked, refuses EXEC with TRYAGAIN (it lacks the other key; nothing ran).
+    The link waits and sends the block again; once the other key has moved the
+    transaction runs there, once. New keys, which no node holds, wait the same way
+    until the slot is the target's."""
+    counter, log = f"{ASK_TAG}:n", f"{ASK_TAG}:log"
+    source = migration.cluster.client(migration.source)
+    source.set(counter, 5)
+    source.rpush(log, "a")
+    migration.begin()
+    link = command_link(migration.cluster.url)
+    try:
+        await link.execute("PING")
+        migration.move(counter)
+        tries = migration.errors(migration.target, "TRYAGAIN")
+        block = [("MULTI",), ("INCR", counter), ("RPUSH", log, "b"), ("EXEC",)]
+        running = asyncio.ensure_future(link.pipeline(block))
+        async with asyncio.timeout(10):  # polled: the target's refusals are counted, not signalled
+            while migration.errors(migration.target, "TRYAGAIN") <= tries:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        assert not running.done()
+        migration.move(log)
+        assert await running == [b"OK", b"QUEUED", b"QUEUED", [6, 2]]
+        assert migration.on_target("GET", counter) == b"6"
+        assert migration.on_target("LRANGE", log, 0, -1) == [b"a", b"b"]
+        assert migration.keys_on_source() == 0
+
+        # Keys no node holds yet: TRYAGAIN on the target until the slot is its own.
+        fresh = [("MULTI",), ("HSET", f"{ASK_TAG}:job", "b", "x"), ("RPUSH", f"{ASK_TAG}:q", "job"), ("EXEC",)]
+        tries = migration.errors(migration.target, "TRYAGAIN")
+        running = asyncio.ensure_future(link.pipeline(fresh))
+        async with asyncio.timeout(10):
+            while migration.errors(migration.target, "TRYAGAIN") <= tries:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        for master in (migration.target, migration.source):
+            _ask_node(migration.cluster, master, "CLUSTER", "SETSLOT", migration.slot, "NODE", migration.target_id)
+        assert await running == [b"OK", b"QUEUED", b"QUEUED", [1, 1]]
+        assert migration.cluster.client(migration.target).lrange(f"{ASK_TAG}:q", 0, -1) == [b"job"]
+        assert migration.keys_on_source() == 0
     finally:
         await link.aclose()
 

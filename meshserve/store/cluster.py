@@ -11,6 +11,16 @@ is a :class:`~meshserve.store.link.RedisLink` whose commands are routed by hash 
 - a pipeline is split by node, its parts written at once and the replies put back in
   order; a MULTI ... EXEC block goes to the node of its keys as one unit;
 - ``ASK`` (a slot being migrated) sends ``ASKING`` and the command to the node named;
+  a MULTI ... EXEC block redirected so (a queued command answered ASK, so EXEC
+  aborted, or EXEC itself answered ASK: either way nothing ran) is replayed whole
+  there after one ``ASKING`` before its MULTI, which holds until EXEC (the server
+  keeps the flag for a transaction; an ASKING inside the block would be queued and
+  its reply land in EXEC's). This is the cluster specification's way; redis-py's
+  cluster transactions instead retry the block until the migration ends;
+- ``TRYAGAIN`` (a command or a transaction of several keys whose slot is being
+  migrated while only some of its keys have moved: the server refuses it, and runs
+  nothing) is sent again to the same node after a short wait, for up to
+  ``TRYAGAIN_BUDGET_S``, then given to the caller;
 - a blocking pop (BLPOP, BLMPOP) whose keys lie in several slots, which a cluster
   refuses as CROSSSLOT, blocks on each slot at once on a connection per slot; the
   first answer wins and the others are woken with ``CLIENT UNBLOCK`` (their
@@ -47,6 +57,12 @@ CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 SLOTS = 16384
 MAX_REDIRECTS = 5
 """MOVED/ASK hops one command may take before the error is given to the caller."""
+
+TRYAGAIN_WAIT_S = (0.005, 0.1)
+"""The first wait before a TRYAGAIN is retried, doubling up to the second."""
+TRYAGAIN_BUDGET_S = 2.0
+"""How long a unit answered TRYAGAIN is retried before the error is the caller's:
+a slot's keys are MIGRATEd in batches, so the window is usually milliseconds."""
 
 UNBLOCK_WAIT_S = 1.0
 """How long a slot's pop may take to answer CLIENT UNBLOCK before it is cancelled."""
@@ -138,6 +154,10 @@ def _count(arg: Arg) -> int:
 def slot_of(key: Arg) -> int:
     """The key's hash slot (CRC16 of its hash tag, or of the whole key)."""
     return int(key_slot(key.encode() if isinstance(key, str) else key))  # type: ignore[arg-type]
+
+
+def _is_tryagain(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("TRYAGAIN")
 
 
 def _redirect(reply: Any) -> tuple[str, int, tuple[str, int]] | None:
@@ -234,7 +254,7 @@ class ClusterLink(RedisLink):
             if self._shut or not await self._refresh_changed():
                 raise
             return await self._routed(commands)
-        if any(_redirect(reply) is not None for reply in replies):
+        if any(_redirect(reply) is not None or _is_tryagain(reply) for reply in replies):
             return await self._routed(commands, replies)
         return replies
 
@@ -270,9 +290,19 @@ class ClusterLink(RedisLink):
             await self._refresh()
         units: list[Unit] = [(unit, None) for unit in _units(commands)]
         replies: list[Any] = [None] * len(commands) if first is None else first
-        todo = units if first is None else await self._redirected(replies, units)
+        todo, waiting = (units, []) if first is None else await self._redirected(replies, units)
         hops = 0
-        while todo:
+        wait_s, waited_s = TRYAGAIN_WAIT_S[0], 0.0
+        while todo or waiting:
+            if waiting:
+                if waited_s >= TRYAGAIN_BUDGET_S:
+                    if not todo:
+                        break  # their TRYAGAIN replies are the caller's
+                else:
+                    await asyncio.sleep(wait_s)
+                    waited_s += wait_s
+                    wait_s = min(2 * wait_s, TRYAGAIN_WAIT_S[1])
+                    todo = sorted([*todo, *waiting], key=lambda each: each[0][0])  # in their order
             try:
                 await self._run_units(commands, todo, replies)
             except ConnectionError:
@@ -281,21 +311,30 @@ class ClusterLink(RedisLink):
                 if hops == MAX_REDIRECTS or self._shut or not await self._refresh_changed():
                     raise
                 hops += 1
+                waiting = []
                 continue
-            hops += 1
-            if hops > MAX_REDIRECTS:
-                break
-            todo = await self._redirected(replies, todo)
+            todo, waiting = await self._redirected(replies, todo)
+            if todo:
+                hops += 1
+                if hops > MAX_REDIRECTS:
+                    break
         return replies
 
-    async def _redirected(self, replies: list[Any], todo: list[Unit]) -> list[Unit]:
+    async def _redirected(self, replies: list[Any], todo: list[Unit]) -> tuple[list[Unit], list[Unit]]:
         """The units to send again: to the slot's new master after MOVED (the map read
-        again), to the node named after ASK (with ASKING)."""
+        again), to the node named after ASK (with ASKING); and, apart, those answered
+        TRYAGAIN, to the node that answered once a wait is over."""
         again: list[Unit] = []
+        waiting: list[Unit] = []
         moved = False
-        for unit, _ in todo:
+        for unit, sent_to in todo:
             found = next((r for i in unit if (r := _redirect(replies[i])) is not None), None)
-            if found is None:  # answered (an EXECABORT without a redirect inside is the caller's)
+            if found is None:
+                # answered; or refused while a slot's keys are half moved: TRYAGAIN (a
+                # transaction's EXEC, or a script, of several keys; nothing ran).
+                # An EXECABORT without a redirect inside is the caller's.
+                if any(_is_tryagain(replies[i]) for i in unit):
+                    waiting.append((unit, sent_to))
                 continue
             kind, slot, where = found
             if kind == "MOVED":
@@ -306,7 +345,7 @@ class ClusterLink(RedisLink):
                 again.append((unit, where))
         if moved:
             await self._refresh()
-        return again
+        return again, waiting
 
     async def _run_units(
         self,
@@ -324,10 +363,11 @@ class ClusterLink(RedisLink):
         for (unit, ask), node in zip(todo, nodes, strict=True):
             assert node is not None
             indexes, sent = groups.setdefault(node, ([], []))
+            if ask is not None:
+                # once, before the unit: a MULTI keeps the flag until its EXEC
+                sent.append(("ASKING",))
+                indexes.append(-1)
             for i in unit:
-                if ask is not None:
-                    sent.append(("ASKING",))
-                    indexes.append(-1)
                 sent.append(commands[i])
                 indexes.append(i)
         if len(groups) == 1:
