@@ -39,6 +39,7 @@ reports it ready, so it never goes unready just because it moved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
@@ -148,6 +149,7 @@ class RouterCore:
         self._failed: dict[ModelKey, str] = dict(self._unservable)  # not ready, and why: replaced whole
         self._logged_failures: dict[ModelKey, str] = {}  # the reasons logged, while they last
         self._changed = asyncio.Condition()
+        self._hold_until = 0.0  # time.monotonic(): a new leader's tables with a model not ready wait till then
         self._unloading: frozenset[ModelKey] = frozenset()
         self._reported = asyncio.Condition()  # a worker reported, or was forgotten
         self.splits = Splits()
@@ -530,14 +532,31 @@ class RouterCore:
         }
         return failed
 
+    def hold_unready_tables(self, seconds: float) -> None:
+        """This router has just become the leader and knows no worker yet: for
+        ``seconds``, ``watch`` gives no table in which a model is not ready, so that
+        gateways keep serving from their last table (the old leader's) instead of
+        refusing every call as not ready until the workers' next reports place the
+        models again. A table with every model ready goes at once."""
+        self._hold_until = time.monotonic() + seconds
+
     async def watch(self) -> AsyncIterator[TableSnapshot]:
-        """The current table, then every new generation, until cancelled."""
+        """The current table, then every new generation, until cancelled (a new
+        leader's unready tables held back a while: ``hold_unready_tables``)."""
         seen = -1
         while True:
             async with self._changed:
-                while self._generation == seen:
-                    await self._changed.wait()
-                snap = self.snapshot()
+                while True:
+                    if self._generation != seen:
+                        snap = self.snapshot()
+                        held_s = self._hold_until - time.monotonic()
+                        if held_s <= 0 or all((m.name, m.version) in snap.ready for m in snap.models):
+                            break
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(held_s):
+                                await self._changed.wait()
+                    else:
+                        await self._changed.wait()
             seen = snap.generation
             yield snap
 

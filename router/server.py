@@ -129,6 +129,8 @@ class RouterServer:
     async def _lead(self, leading: bool) -> None:
         """Leadership changed: only the leader is ready; a deposed leader goes."""
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        if leading:  # no worker has reported here yet: each will within an interval
+            self.core.hold_unready_tables(2 * self.settings.report_interval_ms / 1000)
         await self.health.set("", serving if leading else not_serving)
         if not leading:
             self._on_deposed()

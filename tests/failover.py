@@ -28,6 +28,7 @@ class Tally:
     wrong: int = 0  # an answer that is not this call's (a reply to another call)
     failed: dict[str, int] = field(default_factory=dict)
     failed_at_s: list[float] = field(default_factory=list)
+    first_failure: str = ""  # its code and details, for the message of a failed assertion
 
 
 async def closed_loop(stub: Any, client: int, stop: asyncio.Event, tally: Tally) -> None:
@@ -43,6 +44,7 @@ async def closed_loop(stub: Any, client: int, stop: asyncio.Event, tally: Tally)
         except grpc.aio.AioRpcError as exc:
             tally.failed[exc.code().name] = tally.failed.get(exc.code().name, 0) + 1
             tally.failed_at_s.append(time.monotonic())
+            tally.first_failure = tally.first_failure or f"{exc.code().name}: {exc.details()}"
             continue
         if response.id != request.id or output_arrays(response)["logits"].shape != (1, 10):
             tally.wrong += 1

@@ -12,7 +12,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
+from meshserve.models.repository import load_model
 from meshserve.settings import RouterSettings
+from router.core import RouterCore
 from router.leader import LEADER_KEY
 from router.scaler import SCALER_SERVICE_NAME
 from router.server import RouterServer
@@ -94,3 +96,28 @@ async def test_a_leader_whose_lease_is_taken_steps_down(
 def test_an_election_needs_redis(model_repository: Path) -> None:
     with pytest.raises(ValueError, match="--redis-url"):
         RouterServer(RouterSettings(model_repository=model_repository, port=0, leader_lease_ms=LEASE_MS))
+
+
+async def test_a_new_leaders_tables_wait_for_the_workers_reports_a_bounded_while(model_repository: Path) -> None:
+    """A router that has just taken the lease knows no worker: its tables would say
+    every model is not ready, and gateways would refuse calls they could queue. For a
+    while (``hold_unready_tables``) it gives none in which a model is not ready; the
+    first table after a worker's report places the model again goes at once."""
+    mlp = ("mlp", 1)
+    core = RouterCore([load_model(model_repository / "mlp", 1)])
+    core.hold_unready_tables(60)  # far longer than this test: only readiness ends it
+    tables = core.watch()
+    first = asyncio.ensure_future(anext(tables))
+    await core.report("w1", "cpu", set(), draining=False)  # placed there, loading: a new, unready generation
+    for _ in range(20):  # let the watch see it (loop turns, no clock)
+        await asyncio.sleep(0)
+    assert not first.done()
+    await core.report("w1", "cpu", {mlp}, draining=False)
+    async with asyncio.timeout(5):
+        assert mlp in (await first).ready
+
+    # Once the hold is over, an unready table goes as any other.
+    core.hold_unready_tables(0.05)
+    await core.report("w1", "cpu", set(), draining=False)
+    async with asyncio.timeout(5):
+        assert mlp not in (await anext(tables)).ready
