@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from meshserve.devkit.examples import write_example_repository
 from meshserve.devkit.redis_cluster import RedisCluster
 from meshserve.devkit.redis_server import suite_binary_from_env
-from meshserve.models.repository import RepositoryError, load_model
+from meshserve.models.repository import ModelInfo, RepositoryError, load_model
 from meshserve.queue import TIER_NAMES, ModelKeys, QueueProtocol, partition_keys, reply_key
 from meshserve.store.clients import command_link
 from meshserve.store.cluster import slot_of
@@ -110,6 +110,22 @@ async def answered_once(mesh: Mesh, calls: list[asyncio.Future], redis: Redis) -
     assert all(output_arrays(r)["logits"].shape == (1, 10) for r in responses)
     assert mesh.gateway.gateway.late_replies == 0
     assert await queue_leftovers(redis) == []
+
+
+async def enqueue_directly(queue: QueueProtocol, model: ModelInfo, keys: ModelKeys, job_id: str, reply_to: str) -> None:
+    """One request of ``model`` on the partition ``keys``, as a gateway enqueues it."""
+    deadline_ms = int(time.time() * 1000) + RPC_TIMEOUT_S * 1000
+    packed = pack_inputs(infer_request("mlp", features(0)), model)
+    envelope = mpb.QueuedRequest(
+        id=job_id, model="mlp", version=1, tenant="t", deadline_ms=deadline_ms, reply_to=reply_to,
+        inputs=packed.tensors, enqueued_ms=int(time.time() * 1000), priority=1, items=1,
+        shape_signature=packed.signature,
+    )  # fmt: skip
+    enqueued = await queue.enqueue(
+        keys, job_id, tier=1, payload=frame(envelope, packed.data), deadline_ms=deadline_ms, tenant="t",
+        reply_to=reply_to, signature=packed.signature, max_queue_size=0,
+    )  # fmt: skip
+    assert enqueued.code == 1
 
 
 # ------------------------------------------------------------ keys and config
@@ -235,23 +251,10 @@ async def test_a_worker_takes_from_each_partition_in_turn(partitioned: Mesh, red
     link = command_link(redis_url)
     reply_to = reply_key("fairness-test")
     queue = QueueProtocol(link)
-    deadline_ms = int(time.time() * 1000) + RPC_TIMEOUT_S * 1000
     try:
         for partition, count in ((0, 40), (2, 4)):
             for i in range(count):
-                packed = pack_inputs(infer_request("mlp", features(i)), model)
-                job_id = f"p{partition}-{i}"
-                envelope = mpb.QueuedRequest(
-                    id=job_id, model="mlp", version=1, tenant="t", deadline_ms=deadline_ms, reply_to=reply_to,
-                    inputs=packed.tensors, enqueued_ms=int(time.time() * 1000), priority=1, items=1,
-                    shape_signature=packed.signature,
-                )  # fmt: skip
-                enqueued = await queue.enqueue(
-                    PARTITIONS[partition], job_id, tier=1, payload=frame(envelope, packed.data),
-                    deadline_ms=deadline_ms, tenant="t", reply_to=reply_to, signature=packed.signature,
-                    max_queue_size=0,
-                )  # fmt: skip
-                assert enqueued.code == 1
+                await enqueue_directly(queue, model, PARTITIONS[partition], f"p{partition}-{i}", reply_to)
     finally:
         await link.aclose()
     release_serving(worker)
@@ -263,6 +266,41 @@ async def test_a_worker_takes_from_each_partition_in_turn(partitioned: Mesh, red
     assert sorted(order) == sorted([f"p0-{i}" for i in range(40)] + [f"p2-{i}" for i in range(4)])
     served_at = [at for at, job_id in enumerate(order) if job_id.startswith("p2-")]
     assert max(served_at) < 16, order  # within the first turns: 3 partitions of batches of 4, and some slack
+
+
+async def test_a_full_partition_hands_the_request_to_the_next_and_the_cap_is_the_models(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """max_queue_size 3 over 3 partitions: one each. With partitions 0 and 1 full, a
+    call goes to partition 2 whichever the gateway tried first; with all three full,
+    the next is refused RESOURCE_EXHAUSTED, naming the model's cap."""
+    repository = partitioned_repository(tmp_path)
+    (repository / "mlp" / "config.yaml").write_text(MLP_CONFIG.replace("0}", "0, max_queue_size: 3}"))
+    mesh = await start_mesh(redis_url, repository)
+    channel = grpc.aio.insecure_channel(mesh.address)
+    try:
+        await hold_serving(mesh.workers[0])
+        model = mesh.gateway.gateway.resolve("mlp", "1")
+        link = command_link(redis_url)
+        try:
+            for partition in (0, 1):
+                await enqueue_directly(QueueProtocol(link), model, PARTITIONS[partition], f"full-{partition}", "r")
+        finally:
+            await link.aclose()
+        stub = infer_stub(channel)
+        accepted = asyncio.ensure_future(
+            stub.ModelInfer(infer_request("mlp", features(7), request_id="fits"), timeout=RPC_TIMEOUT_S)
+        )
+        assert await until_queued(redis, 3) == [1, 1, 1]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ModelInfer(infer_request("mlp", features(8)), timeout=RPC_TIMEOUT_S)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue of model 'mlp' is full (3 requests waiting)" in str(refused.value.details())
+        release_serving(mesh.workers[0])
+        assert (await accepted).id == "fits"
+    finally:
+        await channel.close()
+        await stop_mesh(mesh)
 
 
 # ------------------------------------------------------------ the mesh on a Redis Cluster
