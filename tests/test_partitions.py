@@ -183,6 +183,36 @@ def test_the_count_is_read_from_config_yaml(tmp_path: Path) -> None:
     assert load_model(tmp_path / "mlp", 1).queue_partitions == 1
 
 
+def test_the_gateway_picks_its_least_waiting_partition_ties_in_turn(tmp_path: Path) -> None:
+    from gateway.partitions import PartitionChooser, share
+
+    model = load_model(partitioned_repository(tmp_path) / "mlp", 1)
+    chooser = PartitionChooser()
+    firsts = [chooser.order(model)[0] for _ in range(3)]
+    assert sorted(k.ready for k in firsts) == sorted(k.ready for k in PARTITIONS)  # all equal: in turn
+    chooser.queued(PARTITIONS[0])
+    chooser.queued(PARTITIONS[1])
+    assert [chooser.order(model)[0] for _ in range(3)] == [PARTITIONS[2]] * 3  # the one it has least in
+    chooser.answered(PARTITIONS[0])
+    assert {chooser.order(model)[-1] for _ in range(3)} == {PARTITIONS[1]}  # the most waiting: tried last
+    assert (share(10, 3), share(9, 3), share(0, 3)) == (4, 3, 0)  # a partition's share of a cap; 0: none
+
+
+async def test_a_workers_blocking_wait_starts_at_another_partition_each_time(partitioned: Mesh) -> None:
+    """The wait names every partition's wake list, first one further on at each wait:
+    BLPOP pops the first list with a token, so under load each partition comes first in turn."""
+    worker = partitioned.workers[0].worker
+    await worker.idle.wait()  # blocked for work: no batch in hand, so the model's lists are named
+    loop = worker.serve_loop
+    firsts = []
+    for _ in range(3):
+        [(name, *keys, _timeout), *_] = loop._wait_commands(None)[0]
+        assert name == "BLPOP"
+        assert sorted(keys[:3]) == sorted(k.wake for k in PARTITIONS)
+        firsts.append(keys[0])
+    assert sorted(firsts) == sorted(k.wake for k in PARTITIONS)
+
+
 # ------------------------------------------------------------ the mesh on one Redis
 
 
