@@ -75,14 +75,6 @@ def batch_bytes(jobs: list[Job]) -> int:
     return sum(job.payload_bytes() for job in jobs)
 
 
-def by_token(jobs: list[Job]) -> dict[int, list[str]]:
-    """Job ids grouped by the lease (fencing token) they were claimed under."""
-    groups: dict[int, list[str]] = defaultdict(list)
-    for job in jobs:
-        groups[job.token].append(job.job_id)
-    return groups
-
-
 def by_lease(jobs: list[Job], keys: ModelKeys) -> dict[tuple[ModelKeys, int], list[str]]:
     """Job ids grouped by their queue partition (``keys`` for a job that names none)
     and the lease (fencing token) they were claimed under: each partition counts its
