@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from gateway.decoupled import worker_parameters
 from gateway.demand import Demands
 from gateway.job_ids import new_job_id
+from gateway.partitions import PartitionChooser, share
 from gateway.request import InferCall
 from gateway.routing import RoutingWatch
 from gateway.sequences import Sequences, step_of
@@ -139,6 +140,7 @@ class Gateway:
         self.pending: dict[str, asyncio.Future[Unframed]] = {}
         self.partials: dict[str, Callable[[Unframed], None]] = {}  # job id -> a decoupled call's partial replies
         self.queued: dict[str, tuple[ModelKeys, int]] = {}  # job id -> (its keys, deadline ms): enqueued, unanswered
+        self.partitions = PartitionChooser()  # a partitioned model's queue partition per request
         self.late_replies = 0
         self.lost_jobs = 0  # waiting calls answered UNAVAILABLE: Redis no longer held their job
         self.looked_for_lost = asyncio.Event()  # set after each look for lost jobs (a reconnect)
@@ -418,16 +420,23 @@ class Gateway:
         if on_partial is not None:
             envelope.parameters.update(worker_parameters(call.message))
             self.partials[job_id] = on_partial
-        keys = ModelKeys.for_model(model.name, model.version)
+        # a stateful model's step: partition 0, where its sequence lives (such a model has one)
+        candidates = self.partitions.order(model) if step is None else (ModelKeys.for_model(model.name, model.version),)
+        keys = candidates[0]
         future: asyncio.Future[Unframed] = asyncio.get_running_loop().create_future()
         self.pending[job_id] = future
+        partitioned = len(candidates) > 1
+        counted = False
         try:
             async with asyncio.timeout((deadline_ms - now_ms) / 1000):
-                await self._enqueue(keys, model, envelope, packed, tenant, step)
+                keys = await self._enqueue(candidates, model, envelope, packed, tenant, step)
                 del packed  # written to Redis: not held while the reply is awaited
                 if call.raw is not None:
                     call.raw.clear()  # nor are the received bytes they were views of
                 self.queued[job_id] = (keys, envelope.deadline_ms)
+                if partitioned:
+                    self.partitions.queued(keys)
+                    counted = True
                 answer = await future
         except TimeoutError:
             # No withdraw: the job's deadline has passed too, so no worker will run it.
@@ -438,6 +447,8 @@ class Gateway:
         finally:
             self.pending.pop(job_id, None)
             self.queued.pop(job_id, None)
+            if counted:
+                self.partitions.answered(keys)
             if on_partial is not None:
                 self.partials.pop(job_id, None)
         reply = answer.message
@@ -478,38 +489,51 @@ class Gateway:
 
     async def _enqueue(
         self,
-        keys: ModelKeys,
+        candidates: tuple[ModelKeys, ...],
         model: ModelInfo,
         envelope: mpb.QueuedRequest,
         packed: PackedInputs,
         tenant: Tenant,
         step: tuple[str, str] | None = None,
-    ) -> None:
+    ) -> ModelKeys:
+        """Queue the request on the first of ``candidates`` (queue partitions, best
+        first) that accepts it; the keys it went to. A refusal writes nothing, so the
+        next partition is tried; the last one's refusal is raised."""
+        partitions = len(candidates)
         with self.tracer.start_as_current_span("enqueue") if self.tracing else UNTRACED as span:
             if self.tracing:
                 span.set_attribute("meshserve.model", model.name)
                 span.set_attribute("meshserve.version", model.version)
                 inject(envelope.trace_context)
-            try:
-                result = await self.queue.enqueue(
-                    keys,
-                    envelope.id,
-                    tier=envelope.priority,
-                    payload=frame(envelope, packed.data),
-                    deadline_ms=envelope.deadline_ms,
-                    tenant=envelope.tenant,
-                    reply_to=envelope.reply_to,
-                    signature=packed.signature,
-                    max_queue_size=model.max_queue_size,
-                    items=packed.batch_size,
-                    weight=tenant.weight,
-                    tenant_max_queued=tenant.max_queued,
-                    step=step,
-                )
-            except RedisError as exc:
-                if self.refusals.note(exc):  # Redis is up but refuses writes: say what it said
-                    raise Unavailable(store_refusal_message(exc, "the request")) from exc
-                raise Unavailable(f"request queue unavailable: {exc}") from exc
+            payload = frame(envelope, packed.data)
+            for keys in candidates:
+                try:
+                    result = await self.queue.enqueue(
+                        keys,
+                        envelope.id,
+                        tier=envelope.priority,
+                        payload=payload,
+                        deadline_ms=envelope.deadline_ms,
+                        tenant=envelope.tenant,
+                        reply_to=envelope.reply_to,
+                        signature=packed.signature,
+                        max_queue_size=share(model.max_queue_size, partitions),
+                        items=packed.batch_size,
+                        weight=tenant.weight,
+                        tenant_max_queued=share(tenant.max_queued, partitions),
+                        step=step,
+                    )
+                except RedisError as exc:
+                    if self.refusals.note(exc):  # Redis is up but refuses writes: say what it said
+                        raise Unavailable(store_refusal_message(exc, "the request")) from exc
+                    raise Unavailable(f"request queue unavailable: {exc}") from exc
+                if result.code in (Enqueued.ENQUEUED, Enqueued.DUPLICATE):
+                    return keys
+        self._refused(result, model, envelope, tenant)
+        return keys  # a code no refusal names: taken as queued, as always
+
+    def _refused(self, result: Enqueued, model: ModelInfo, envelope: mpb.QueuedRequest, tenant: Tenant) -> None:
+        """Raise the refusal ``result`` says (every partition refused the request)."""
         if result.code == Enqueued.MODEL_QUEUE_FULL:
             raise ResourceExhausted(
                 f"queue of model '{model.name}' is full ({model.max_queue_size} requests waiting)",

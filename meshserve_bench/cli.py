@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " rollout: a two-version model's split changes under a closed loop of 16 (failed calls, p99);"
         " many-models: 30 models, room for 10, loaded on demand: cold-start waits and the hit ratio;"
         " stream: ModelStreamInfer beside unary at concurrency 1 and 16, and a cache hit beside a miss;"
-        " sequences: steps of a stateful model per second, and the latency a step adds over a stateless call",
+        " sequences: steps of a stateful model per second, and the latency a step adds over a stateless call;"
+        " scale-out: the model on a loopback Redis Cluster with 1 and 3 queue partitions (calls/s, Redis CPU per"
+        " call per shard, at the largest --concurrency)",
     )
     flag("--target", None, help="HOST:PORT of a running mesh (default: start one)")
     flag("--redis-url", None, help="with --target: that mesh's Redis, to report what each call cost it")
@@ -112,7 +114,19 @@ def run(args: argparse.Namespace) -> int:
     failed (errors are what the other scenarios measure, and their verdicts are reported)."""
     # Every `meshserve` command builds this module's flags: gRPC, the protos and ONNX
     # Runtime are loaded only when the bench runs, not in a gateway's process.
-    from meshserve_bench import large, many, mesh, report, rollout, scenarios, sequences, storm, stream, tenants
+    from meshserve_bench import (
+        large,
+        many,
+        mesh,
+        report,
+        rollout,
+        scale_out,
+        scenarios,
+        sequences,
+        storm,
+        stream,
+        tenants,
+    )
 
     config = config_from_args(args)
     signal.signal(signal.SIGTERM, mesh.exit_on_sigterm)
@@ -132,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         figures = stream.run_stream(config)
     elif config.scenario == "sequences":
         figures = sequences.run_sequences(config)
+    elif config.scenario == "scale-out":
+        figures = scale_out.run_scale_out(config)
     else:
         figures = scenarios.run_mesh_scenario(config)
     result = {"scenario": config.scenario, "date": started, "machine": machine, **figures}

@@ -16,6 +16,7 @@ SCENARIOS = (
     "many-models",
     "stream",
     "sequences",
+    "scale-out",
 )
 
 

@@ -339,6 +339,41 @@ def sequences_lines(result: Figures) -> list[str]:
     ]
 
 
+def scale_out_lines(result: Figures) -> list[str]:
+    """calls/s with 1 and 3 queue partitions, and each master's CPU and commands per call."""
+    masters = result["settings"]["masters"]
+    header = ["partitions", "masters holding them", "calls/s", "p50 ms", "p99 ms", "errors"]
+    header += [f"shard {i + 1}: CPU µs, commands per call (busy)" for i in range(masters)]
+    rows = []
+    for p in result["scale_out"]:
+        calls = p["point"]["calls"]
+        row = [
+            str(p["partitions"]),
+            str(len(p["masters_holding_partitions"])),
+            num(p["calls_per_s"], ".0f"),
+            num(calls["p50_ms"]),
+            num(calls["p99_ms"]),
+            codes(calls["errors"]),
+        ]
+        row += [
+            f"{num(s['cpu_us_per_call'], '.0f')}, {num(s['commands_per_call'], '.1f')} ({s['busy_share']:.0%})"
+            for s in p["shards"]
+        ]
+        rows.append(row)
+    speedup = result.get("speedup")
+    busy = [p["point"].get("machine_busy_s") for p in result["scale_out"]]
+    return [
+        *table(header, rows),
+        "",
+        f"- P = 3 over P = 1: {num(speedup)}x calls/s at {result['settings']['concurrency']} clients",
+        "- machine busy (all processes, core-seconds per second of the window): "
+        + ", ".join(
+            f"P = {p['partitions']}: {num(b / p['point']['duration_s'] if b is not None else None)}"
+            for p, b in zip(result["scale_out"], busy, strict=True)
+        ),
+    ]
+
+
 def generation_lines(points: list[Figures]) -> list[str]:
     """The example generator's tokens per second and time to first token."""
     if not points:
@@ -378,6 +413,8 @@ def markdown(result: Figures) -> str:
         lines += stream_lines(result)
     elif result["scenario"] == "sequences":
         lines += sequences_lines(result)
+    elif result["scenario"] == "scale-out":
+        lines += scale_out_lines(result)
     else:
         lines += points_table(result) + hops_lines(result)
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from meshserve.models.repository import ModelInfo
-from meshserve.queue import ClaimedBatch, ClaimedStep
+from meshserve.queue import ClaimedBatch, ClaimedStep, ModelKeys
 from meshserve.store.link import Chunks
 from meshserve.wire.codec import from_array, to_array, to_plain_tensor
 from meshserve.wire.envelope import envelope_items, frame, unframe
@@ -38,6 +38,7 @@ class Job:
     """The reply's outputs' bytes (views of the batch's outputs), set by :func:`split`."""
     step: ClaimedStep | None = None  # a stateful model's step: its sequence and state before it
     state_out: bytes | None = None  # its new state, once computed (model_workers/sequences.py)
+    keys: ModelKeys | None = None  # the queue partition it was claimed from; None: the model's only one
 
     def payload_bytes(self) -> int:
         return sum(len(d) for d in self.data)
@@ -47,13 +48,15 @@ class Job:
         return sum(memoryview(d).nbytes for d in self.reply_data)
 
 
-def decode(claim: ClaimedBatch, model: ModelInfo) -> list[Job]:
+def decode(claim: ClaimedBatch, model: ModelInfo, keys: ModelKeys | None = None) -> list[Job]:
+    """The jobs of ``claim``, taken from the queue partition ``keys`` (None: the model's only one)."""
     jobs = []
     for job_id, payload in claim.jobs:
         read = unframe(payload, mpb.QueuedRequest)
         request = read.message
         job = Job(job_id, claim.token, request, envelope_items(request, model), read.data, read.framed)
         job.step = claim.steps.get(job_id) if claim.steps else None
+        job.keys = keys
         jobs.append(job)
     return jobs
 
@@ -72,11 +75,13 @@ def batch_bytes(jobs: list[Job]) -> int:
     return sum(job.payload_bytes() for job in jobs)
 
 
-def by_token(jobs: list[Job]) -> dict[int, list[str]]:
-    """Job ids grouped by the lease (fencing token) they were claimed under."""
-    groups: dict[int, list[str]] = defaultdict(list)
+def by_lease(jobs: list[Job], keys: ModelKeys) -> dict[tuple[ModelKeys, int], list[str]]:
+    """Job ids grouped by their queue partition (``keys`` for a job that names none)
+    and the lease (fencing token) they were claimed under: each partition counts its
+    own tokens, so a token alone does not name a lease."""
+    groups: dict[tuple[ModelKeys, int], list[str]] = defaultdict(list)
     for job in jobs:
-        groups[job.token].append(job.job_id)
+        groups[(job.keys or keys, job.token)].append(job.job_id)
     return groups
 
 

@@ -24,14 +24,16 @@ class HeldModels:
         self._known_keys: dict[str, ModelKeys] = {}  # wake key -> keys, of every model ever served
 
     def add(self, key: ModelKey, served: Served) -> None:
-        """Hold ``served`` and claim from it from now on."""
+        """Hold ``served`` and claim from it (every queue partition of it) from now on."""
         self.served[key] = served
-        self._by_wake[served.keys.wake] = served
-        self._known_keys[served.keys.wake] = served.keys
+        for keys in served.partitions:
+            self._by_wake[keys.wake] = served
+            self._known_keys[keys.wake] = keys
 
     def stop_claiming(self, served: Served) -> None:
         """Claim from ``served`` no more; it stays held until ``remove``."""
-        del self._by_wake[served.keys.wake]
+        for keys in served.partitions:
+            del self._by_wake[keys.wake]
 
     def remove(self, key: ModelKey) -> None:
         del self.served[key]
@@ -42,22 +44,28 @@ class HeldModels:
 
     def claimed(self) -> list[Served]:
         """The models claimed from, in the order they were added."""
-        return list(self._by_wake.values())
+        claimed: list[Served] = []
+        for served in self._by_wake.values():  # a partitioned model's wake lists are adjacent
+            if not claimed or claimed[-1] is not served:
+                claimed.append(served)
+        return claimed
 
     def only_claimed(self) -> Served | None:
         """The model claimed from, if it is the only one."""
-        return next(iter(self._by_wake.values())) if len(self._by_wake) == 1 else None
+        claimed = self.claimed()
+        return claimed[0] if len(claimed) == 1 else None
 
     def wake_keys(self) -> list[str]:
-        """The wake lists of the models claimed from."""
+        """The wake lists of the models claimed from (one per queue partition)."""
         return list(self._by_wake)
 
     def by_wake_key(self, wake: str) -> Served | None:
-        """The model claimed from whose wake list is ``wake``, if any."""
+        """The model claimed from one of whose wake lists is ``wake``, if any (its
+        partition's keys: :meth:`keys_of`)."""
         return self._by_wake.get(wake)
 
     def keys_of(self, wake: str) -> ModelKeys:
-        """The keys of the model, held now or before, whose wake list is ``wake``."""
+        """The keys of the model's queue partition, held now or before, whose wake list is ``wake``."""
         return self._known_keys[wake]
 
     def readiness(self) -> dict[ModelKey, bool]:

@@ -28,7 +28,7 @@ from meshserve.errors import DeadlineExceeded, Internal, ResourceExhausted, Unav
 from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import LabelMemo, WorkerMetrics
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
-from meshserve.queue import ClaimOptions, QueueProtocol, claim_command, parse_claim, wait_command
+from meshserve.queue import ClaimOptions, ModelKeys, QueueProtocol, claim_command, parse_claim, wait_command
 from meshserve.settings import WorkerSettings
 from meshserve.store.link import RedisLink
 from meshserve.wire.envelope import OFF_LOOP_BYTES, envelope_signature, failed_reply
@@ -107,10 +107,17 @@ class BatchRunner:
         return dict(self._tenant_device_seconds)
 
     def claim_options(
-        self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True
+        self,
+        served: Served,
+        max_items: int = 0,
+        *,
+        signature: str = "",
+        first: bool = True,
+        keys: ModelKeys | None = None,
     ) -> ClaimOptions:
-        """This worker's claim of ``served``; ``first``: a batch's first claim, which
-        takes the lower tiers' turn (a fill's top-up claims do not)."""
+        """This worker's claim of ``served`` from its queue partition ``keys`` (None:
+        partition 0); ``first``: a batch's first claim, which takes the lower tiers'
+        turn (a fill's top-up claims do not)."""
         share = self._settings.lower_tier_share
         sequence = served.model.info.sequence
         return ClaimOptions(
@@ -120,30 +127,58 @@ class BatchRunner:
             signature=signature,
             lower_share_every=round(1 / share) if first and share > 0 else 0,
             batch_ms=served.batch_ms(),
-            ms_per_job=self._drain_report(served),
+            ms_per_job=self._drain_report(served, keys or served.keys),
             sequence_prefix=served.sequence_prefix if sequence is not None else "",
             sequence_idle_ms=sequence.idle_timeout_ms if sequence is not None else 0,
         )
 
-    def _drain_report(self, served: Served) -> float:
-        """The figure for this claim to carry: the model's recent ms per job once per
-        ``DRAIN_REPORT_INTERVAL_S``, else 0 (nothing to write)."""
+    def _drain_report(self, served: Served, keys: ModelKeys) -> float:
+        """The figure for this claim of partition ``keys`` to carry: the model's recent
+        ms per job once per ``DRAIN_REPORT_INTERVAL_S``, else 0 (nothing to write).
+        A worker taking from P partitions in turn drains each at 1/P of its rate, so
+        each partition's figure is P times its ms per job: enqueue's estimate there
+        (that partition's jobs ahead over its drain rate) is then the model's."""
         now_s = time.monotonic()
-        last_s = self._drain_reported_s.get(served.keys.ready)
+        last_s = self._drain_reported_s.get(keys.ready)
         if served.ms_per_job_avg <= 0 or (last_s is not None and now_s - last_s < DRAIN_REPORT_INTERVAL_S):
             return 0.0
-        self._drain_reported_s[served.keys.ready] = now_s
-        return served.ms_per_job_avg
+        self._drain_reported_s[keys.ready] = now_s
+        return served.ms_per_job_avg * len(served.partitions)
 
-    async def claim(self, served: Served, max_items: int = 0, *, signature: str = "", first: bool = True) -> list[Job]:
-        """Lease up to ``max_items`` of the model's jobs; answer those the claim expired."""
-        options = self.claim_options(served, max_items, signature=signature, first=first)
-        claim = await self._queue.fetch_bulk(served.keys, await self._queue.claim(served.keys, **options))
-        self._leases.answer_expired(served, claim)
-        return decode(claim, served.model.info)
+    async def claim(
+        self,
+        served: Served,
+        max_items: int = 0,
+        *,
+        signature: str = "",
+        first: bool = True,
+        keys: ModelKeys | None = None,
+    ) -> list[Job]:
+        """Lease up to ``max_items`` of the model's jobs from its queue partition
+        ``keys`` (None: partition 0); answer those the claim expired."""
+        keys = keys or served.keys
+        options = self.claim_options(served, max_items, signature=signature, first=first, keys=keys)
+        claim = await self._queue.fetch_bulk(keys, await self._queue.claim(keys, **options))
+        self._leases.answer_expired(served, claim, keys)
+        return decode(claim, served.model.info, keys)
 
-    async def serve_batch(self, served: Served, claimed: list[Job] | None = None) -> None:
-        """One batch of ``served`` (``claimed``, or claimed now), counted in hand until answered.
+    async def claim_any(self, served: Served, keys: ModelKeys | None = None) -> list[Job]:
+        """A batch's first claim: from partition ``keys`` when a wake-up named it, else
+        from the model's partitions in turn (``Served.claim_order``) until one has work.
+        One claim for a model of one partition."""
+        if keys is not None:
+            return await self.claim(served, keys=keys)
+        for partition in served.claim_order():
+            if jobs := await self.claim(served, keys=partition):
+                return jobs
+        return []
+
+    async def serve_batch(
+        self, served: Served, claimed: list[Job] | None = None, keys: ModelKeys | None = None
+    ) -> None:
+        """One batch of ``served`` (``claimed``, or claimed now from partition ``keys``,
+        or from any), counted in hand until answered. A batch's jobs come from one
+        queue partition (a script's keys are one Cluster slot).
 
         A quick model's batch runs here; any other's runs on a task of its own once
         claimed and filled, so the serve loop goes on to other models while it
@@ -153,7 +188,7 @@ class BatchRunner:
         detached = False
         try:
             started_s = time.perf_counter()
-            jobs = claimed if claimed is not None else await self.claim(served)
+            jobs = claimed if claimed is not None else await self.claim_any(served, keys)
             if not jobs:
                 return
             if served.model.info.generation is not None:  # its loop owns the batch in hand from here
@@ -222,7 +257,7 @@ class BatchRunner:
             async def taken(raw: Any) -> list[Job]:
                 claim = await self._queue.fetch_bulk(served.keys, parse_claim(raw))
                 self._leases.answer_expired(served, claim)
-                return decode(claim, info)
+                return decode(claim, info)  # a generating model has one partition
 
             generator = Generator(
                 served,
@@ -250,6 +285,7 @@ class BatchRunner:
 
     async def _fill(self, served: Served, jobs: list[Job], max_items: int) -> None:
         """Top a partial batch up with same-shaped jobs until the oldest has waited the max queue delay."""
+        keys = jobs[0].keys or served.keys  # the batch's partition: top-ups come from it too
         oldest_ms = min(job.request.enqueued_ms for job in jobs)
         fill_until_s = (oldest_ms + served.model.info.max_queue_delay_us / 1000) / 1000
         signature = envelope_signature(jobs[0].request, served.model.info)
@@ -257,7 +293,7 @@ class BatchRunner:
             remaining_s = fill_until_s - time.time()
             if remaining_s <= 0:
                 return
-            more = await self._wait_and_claim(served, room, signature, remaining_s)
+            more = await self._wait_and_claim(served, keys, room, signature, remaining_s)
             if more:
                 jobs.extend(more)
                 continue
@@ -266,27 +302,29 @@ class BatchRunner:
             # once, then take what arrived.
             await asyncio.sleep(max(0.0, fill_until_s - time.time()))
             room = max_items - sum(j.batch_size for j in jobs)
-            jobs.extend(await self.claim(served, room, signature=signature, first=False))
+            jobs.extend(await self.claim(served, room, signature=signature, first=False, keys=keys))
             return
 
-    async def _wait_and_claim(self, served: Served, room: int, signature: str, wait_s: float) -> list[Job]:
-        """Wait up to ``wait_s`` for the model's wake token, then claim up to ``room``
-        items of ``signature``: the claim rides behind the wait in one write (Redis
-        runs it the moment the wait ends, on a token or at its timeout), so a top-up
-        costs one round trip, not two."""
-        options = self.claim_options(served, room, signature=signature, first=False)
+    async def _wait_and_claim(
+        self, served: Served, keys: ModelKeys, room: int, signature: str, wait_s: float
+    ) -> list[Job]:
+        """Wait up to ``wait_s`` for the wake token of the queue partition ``keys``, then
+        claim up to ``room`` items of ``signature`` from it: the claim rides behind the
+        wait in one write (Redis runs it the moment the wait ends, on a token or at its
+        timeout), so a top-up costs one round trip, not two."""
+        options = self.claim_options(served, room, signature=signature, first=False, keys=keys)
         waited, claimed = await self._blocking.pipeline(
-            [wait_command([served.keys.wake], max(wait_s, 0.001)), claim_command(served.keys, **options)]
+            [wait_command([keys.wake], max(wait_s, 0.001)), claim_command(keys, **options)]
         )
         if isinstance(waited, RedisError):
             raise waited
         if isinstance(claimed, NoScriptError):  # Redis lost its scripts (a restart): the plain claim loads it
-            return await self.claim(served, room, signature=signature, first=False)
+            return await self.claim(served, room, signature=signature, first=False, keys=keys)
         if isinstance(claimed, RedisError):
             raise claimed
-        claim = await self._queue.fetch_bulk(served.keys, parse_claim(claimed))
-        self._leases.answer_expired(served, claim)
-        return decode(claim, served.model.info)
+        claim = await self._queue.fetch_bulk(keys, parse_claim(claimed))
+        self._leases.answer_expired(served, claim, keys)
+        return decode(claim, served.model.info, keys)
 
     async def _run(self, served: Served, jobs: list[Job]) -> None:
         """Answer the jobs past their deadline, compute the rest, answer them.

@@ -4,6 +4,14 @@ the batch runner take each woken model's work.
 The wait's key list is rebuilt before each wait, so models added or dropped are
 followed without a restart; a change pushes a token to the worker's own wake list
 (``wake``), which ends a wait in progress.
+
+A model split into queue partitions has a wake list per partition. The wait names
+each model's lists in its ``Served.claim_order``, which starts one partition further
+on at each wait: BLPOP pops the first list in its order that holds a token, so
+under load (every partition with a token) the partitions are taken in turn, and
+none waits behind another. A wake-up names its partition, and its batch is claimed
+there; a look at every queue (a rescan, the safety timeout) claims each model's
+partitions in turn until one has work.
 """
 
 from __future__ import annotations
@@ -15,7 +23,15 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from meshserve.queue import QueueProtocol, claim_command, parse_claim, wait_command, woken_key, worker_wake_key
+from meshserve.queue import (
+    ModelKeys,
+    QueueProtocol,
+    claim_command,
+    parse_claim,
+    wait_command,
+    woken_key,
+    worker_wake_key,
+)
 from meshserve.store.link import RedisLink
 from model_workers.batches import decode
 from model_workers.held import HeldModels
@@ -27,6 +43,14 @@ log = logging.getLogger(__name__)
 
 WAKE_SAFETY_TIMEOUT_S = 5.0
 """Blocking waits re-check every queue after this long, in case a wake token was lost."""
+
+Target = tuple[Served, ModelKeys | None]
+"""A model to take a batch of, and the queue partition a wake-up named (None: any)."""
+
+
+def every(models: list[Served]) -> list[Target]:
+    """Each model, from whichever of its partitions has work."""
+    return [(served, None) for served in models]
 
 
 class ServeLoop:
@@ -62,7 +86,7 @@ class ServeLoop:
             log.warning("worker %s holds no model; idle until the router assigns one", self._worker_id)
         # First look at every queue: work may be waiting whose wake token another
         # worker consumed (e.g. one that was stopped while blocked).
-        targets = self._held.claimed()
+        targets = every(self._held.claimed())
         backoff_s = 0.1
         while not self._stopping.is_set():
             await self._take_from(targets)
@@ -70,18 +94,12 @@ class ServeLoop:
                 break
             if self._rescan:  # models were added while we worked: look at their queues first
                 self._rescan = False
-                targets = self._held.claimed()
+                targets = every(self._held.claimed())
                 continue
             # The claim rides behind the blocking pop: Redis runs it the moment the pop
             # returns, so a wake-up and its claim cost one round trip, not two.
             ahead = self._claim_ahead()
-            # Not the wake lists of models at capacity: their tokens are for other
-            # workers now (``batch_ended`` makes this loop look again).
-            wake_keys = [served.keys.wake for served in self._held.claimed() if not served.at_capacity()]
-            wake_keys.append(self._wake_self)
-            commands = [wait_command(wake_keys, WAKE_SAFETY_TIMEOUT_S)]
-            if ahead is not None:
-                commands.append(claim_command(ahead.keys, **self._runner.claim_options(ahead)))
+            commands, ahead_keys = self._wait_commands(ahead)
             self._blocked = asyncio.ensure_future(self._blocking.pipeline(commands))
             self.idle.set()
             replies: list[Any] = []
@@ -104,8 +122,30 @@ class ServeLoop:
                 self._blocked = None
                 self.idle.clear()
             targets = await self.woken(popped)
-            if ahead is not None and len(replies) > 1:
-                targets = await self._run_claimed_ahead(ahead, replies[1], targets)
+            if ahead is not None and ahead_keys is not None and len(replies) > 1:
+                targets = await self._run_claimed_ahead(ahead, ahead_keys, replies[1], targets)
+
+    def _wait_commands(self, ahead: Served | None) -> tuple[list[Any], ModelKeys | None]:
+        """The wait for work, and the claim of ``ahead`` behind it; the partition claimed.
+
+        Not the wake lists of models at capacity: their tokens are for other workers
+        now (``batch_ended`` makes the loop look again). A model's partitions in turn
+        (the module docstring); the claim ahead is for the first: the one popped when
+        several hold a token."""
+        wake_keys: list[str] = []
+        ahead_keys: ModelKeys | None = None
+        for served in self._held.claimed():
+            if served.at_capacity():
+                continue
+            order = served.claim_order()
+            wake_keys.extend(keys.wake for keys in order)
+            if served is ahead:
+                ahead_keys = order[0]
+        wake_keys.append(self._wake_self)
+        commands = [wait_command(wake_keys, WAKE_SAFETY_TIMEOUT_S)]
+        if ahead is not None and ahead_keys is not None:
+            commands.append(claim_command(ahead_keys, **self._runner.claim_options(ahead, keys=ahead_keys)))
+        return commands, ahead_keys
 
     def interrupt(self) -> None:
         """Stopping: end the wait in progress, if any (``run`` then returns)."""
@@ -157,14 +197,17 @@ class ServeLoop:
         last = self._last_woken
         return last if last is not None and self._held.claims(last) and not last.at_capacity() else None
 
-    async def _run_claimed_ahead(self, served: Served, reply: Any, targets: list[Served]) -> list[Served]:
-        """Run what the claim behind the wake-up took; the models still to look at."""
+    async def _run_claimed_ahead(
+        self, served: Served, keys: ModelKeys, reply: Any, targets: list[Target]
+    ) -> list[Target]:
+        """Run what the claim behind the wake-up took from partition ``keys``; the
+        models (and partitions) still to look at."""
         if isinstance(reply, RedisError):  # e.g. NOSCRIPT after a Redis restart: the plain claim loads it
-            log.debug("claim after wake-up for %s failed: %s", served.keys.ready, reply)
+            log.debug("claim after wake-up for %s failed: %s", keys.ready, reply)
             return targets
-        claim = await self._queue.fetch_bulk(served.keys, parse_claim(reply))
-        self._leases.answer_expired(served, claim)
-        jobs = decode(claim, served.model.info)
+        claim = await self._queue.fetch_bulk(keys, parse_claim(reply))
+        self._leases.answer_expired(served, claim, keys)
+        jobs = decode(claim, served.model.info, keys)
         if not self._held.claims(served):  # dropped while we waited: give them back at once
             await self._leases.release(served, jobs)
             return targets
@@ -172,25 +215,26 @@ class ServeLoop:
             await self._runner.serve_batch(served, jobs)
         # Its queue was looked at after the wake-up; if work remains, the claim left a
         # wake token, so the next wait returns at once.
-        return [t for t in targets if t is not served]
+        looked = (keys, None) if len(served.partitions) == 1 else (keys,)  # None: any; with one, that one
+        return [(s, k) for s, k in targets if not (s is served and k in looked)]
 
-    async def _take_from(self, targets: list[Served]) -> None:
-        for served in targets:
+    async def _take_from(self, targets: list[Target]) -> None:
+        for served, keys in targets:
             # not dropped since it was woken, nor computing all it may (``batch_ended`` looks again)
             if self._held.claims(served) and not served.at_capacity():
-                await self._runner.serve_batch(served)
+                await self._runner.serve_batch(served, keys=keys)
 
-    async def woken(self, popped: Any) -> list[Served]:
+    async def woken(self, popped: Any) -> list[Target]:
         """The models to look at after a wait that popped ``popped`` (a BLPOP answer,
         None on timeout): the one woken, or every one. A token of a model no longer
         claimed from is given back to its other workers."""
         key = woken_key(popped)
         if key is None or key == self._wake_self:
             self._rescan = False
-            return self._held.claimed()
+            return every(self._held.claimed())
         if (served := self._held.by_wake_key(key)) is not None:
             self._last_woken = served
-            return [served]
+            return [(served, self._held.keys_of(key))]
         # A token of a model dropped while we waited: give it back to its other workers.
         try:
             await self._queue.rewake(self._held.keys_of(key))

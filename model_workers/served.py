@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from meshserve.queue import ModelKeys
+from meshserve.queue import ModelKeys, partition_keys
 from meshserve.queue.keys import SequenceKeys
 from model_workers.runners import ModelRunner
 from model_workers.statistics import ModelStatistics
@@ -70,7 +70,7 @@ class ModelStats:
 @dataclass(slots=True)
 class Served:
     model: ModelRunner
-    keys: ModelKeys
+    keys: ModelKeys  # partition 0's (the only one of most models): a stateful or generating model's
     stats: ModelStats = field(default_factory=ModelStats)
     statistics: ModelStatistics = field(default_factory=ModelStatistics)  # Triton's, for the report
     consecutive_failures: int = 0
@@ -84,9 +84,26 @@ class Served:
     warmup_ms: float = 0.0  # the warm-up's time (batch 1 and the max batch, first runs included)
     running: int = 0  # batches in hand, claim to replies (at most ``info.instances``)
     instances: asyncio.Semaphore = field(init=False)  # held by each run (batch or canary) of this model
+    partitions: tuple[ModelKeys, ...] = field(init=False)  # every queue partition's keys, partition 0 first
+    _turn: int = 0  # which partition goes first in the next claim order
 
     def __post_init__(self) -> None:
         self.instances = asyncio.Semaphore(self.model.info.instances)
+        info = self.model.info
+        self.partitions = (
+            partition_keys(info.name, info.version, info.queue_partitions)
+            if info.queue_partitions > 1
+            else (self.keys,)
+        )
+
+    def claim_order(self) -> tuple[ModelKeys, ...]:
+        """The partitions in the order to look at them now: each call starts one further
+        on, so a worker serving several takes from each in turn (and so does its
+        blocking wait, which pops the first list with a token)."""
+        if len(self.partitions) == 1:
+            return self.partitions
+        self._turn = (self._turn + 1) % len(self.partitions)
+        return self.partitions[self._turn :] + self.partitions[: self._turn]
 
     @property
     def sequence_prefix(self) -> str:

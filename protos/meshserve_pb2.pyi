@@ -146,7 +146,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared", "client_config", "ensemble_steps", "decoupled")
+    __slots__ = ("name", "version", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "ready", "path", "max_queue_size", "load_error", "state", "pinned", "evicted", "load_ms", "response_cache", "cache_shared", "client_config", "ensemble_steps", "decoupled", "queue_partitions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,7 @@ class ModelSpec(_message.Message):
     CLIENT_CONFIG_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_STEPS_FIELD_NUMBER: _ClassVar[int]
     DECOUPLED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     platform: str
@@ -189,7 +190,8 @@ class ModelSpec(_message.Message):
     client_config: ClientConfig
     ensemble_steps: _containers.RepeatedCompositeFieldContainer[EnsembleStep]
     decoupled: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ..., client_config: _Optional[_Union[ClientConfig, _Mapping]] = ..., ensemble_steps: _Optional[_Iterable[_Union[EnsembleStep, _Mapping]]] = ..., decoupled: _Optional[bool] = ...) -> None: ...
+    queue_partitions: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., platform: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., path: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., load_error: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., evicted: _Optional[bool] = ..., load_ms: _Optional[int] = ..., response_cache: _Optional[bool] = ..., cache_shared: _Optional[bool] = ..., client_config: _Optional[_Union[ClientConfig, _Mapping]] = ..., ensemble_steps: _Optional[_Iterable[_Union[EnsembleStep, _Mapping]]] = ..., decoupled: _Optional[bool] = ..., queue_partitions: _Optional[int] = ...) -> None: ...
 
 class ClientConfig(_message.Message):
     __slots__ = ("input_formats", "label_filenames", "instances", "device", "version_policy", "latest_versions", "specific_versions", "sequence")

@@ -15,6 +15,7 @@ from redis.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from meshserve.queue import pending_jobs, queue_depths
+from meshserve.queue.depth import PartitionsOf
 from meshserve.store.cluster import is_cluster_url, sync_cluster_client
 from meshserve.store.memory import EvictionPolicyError, check_policy, parse_info_memory
 from meshserve.store.sentinel import SentinelTarget, is_sentinel_url
@@ -27,10 +28,15 @@ READ_TIMEOUT_S = 2.0
 
 
 class QueueDepths:
-    """Jobs waiting in each model version's ready queue, by tier name."""
+    """Jobs waiting in each model version's ready queue, by tier name, summed over
+    its queue partitions (``partitions`` says how many each has)."""
 
-    def __init__(self, redis_url: str | None, *, allow_eviction: bool = False) -> None:
+    def __init__(
+        self, redis_url: str | None, *, allow_eviction: bool = False, partitions: PartitionsOf | None = None
+    ) -> None:
         self._allow_eviction = allow_eviction
+        # each model version's queue partitions (config.yaml queue_partitions): every read sums them
+        self.partitions: PartitionsOf = partitions or (lambda _: 1)
         self._redis: SyncRedis | None = None
         self._close: Callable[[], None] = lambda: None
         if redis_url and is_sentinel_url(redis_url):
@@ -79,7 +85,7 @@ class QueueDepths:
         reader (the KEDA scaler) to which "unknown" and "empty" must differ."""
         if self._redis is None:
             return {}
-        return queue_depths(self._redis, list(models))
+        return queue_depths(self._redis, list(models), self.partitions)
 
     def read(self, models: Collection[ModelKey]) -> dict[ModelKey, dict[str, int]]:
         """One pipelined round trip; {} without Redis or while it is unavailable."""
@@ -95,7 +101,7 @@ class QueueDepths:
         if self._redis is None:
             return None
         try:
-            return pending_jobs(self._redis, list(models))
+            return pending_jobs(self._redis, list(models), self.partitions)
         except RedisError as exc:
             log.warning("queue depths unavailable while draining: %s", exc)
             return None

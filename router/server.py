@@ -80,6 +80,7 @@ class RouterServer:
         self._poll: asyncio.Task[None] | None = None
         self._queues: asyncio.Task[None] | None = None
         self.core.read_queued = self._read_queued
+        self.depths.partitions = self._partitions_of  # every depth read sums a model's queue partitions
         # KEDA's external scaler (router/scaler.py): worker pools scale on their queue depth
         add_scaler_to_server(self.server, PoolReader(self.depths, lambda: self.core.models, self.core.load_rates))
         self.metrics = RouterMetrics.create(
@@ -94,6 +95,11 @@ class RouterServer:
         )
         self.metrics.registry.register(StatisticsCollector(servicer.statistics, lambda: list(self.core.models)))
         self._metrics_server: MetricsServer | None = None
+
+    def _partitions_of(self, key: ModelKey) -> int:
+        """A model version's queue partitions (1 for one the router no longer knows)."""
+        model = self.core.models.get(key)
+        return model.queue_partitions if model is not None else 1
 
     def _queue_depths(self) -> dict[ModelKey, dict[str, int]]:
         """Called in the metrics thread at scrape time."""

@@ -312,6 +312,17 @@ def test_the_report_command_reads_a_json_file(tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().out == report.markdown(_result())
 
 
+def test_the_scale_out_report_tabulates_each_partition_count_and_shard() -> None:
+    """The kept run (docs/benchmarks/2026-12-04f-scale-out.json) reads back as its report."""
+    kept = Path(__file__).parent.parent / "docs" / "benchmarks" / "2026-12-04f-scale-out.json"
+    result = json.loads(kept.read_text())
+    text = report.markdown(result)
+    assert [p["partitions"] for p in result["scale_out"]] == [1, 3]
+    assert "| 3 | 3 | 369 |" in text  # P = 3 on three masters, its calls/s
+    assert "shard 3: CPU µs, commands per call (busy)" in text
+    assert "P = 3 over P = 1: 0.73x" in text
+
+
 def test_the_worker_session_runs_the_real_model_under_the_setting_a_worker_would_use(
     model_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

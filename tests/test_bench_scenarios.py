@@ -117,3 +117,28 @@ async def test_the_stream_scenarios_points_against_the_mesh(mesh: Any, model_rep
         assert point.calls.ok > 0
         assert point.calls_per_s > 0
     assert streamed.mode == "stream"
+
+
+def test_the_scale_out_copy_sets_the_partitions_and_keeps_the_rest(model_repository: Path, tmp_path: Path) -> None:
+    from meshserve_bench import scale_out
+
+    model = find_model(model_repository, "cnn")  # its config.yaml sets max_batch_size: 8
+    copied = scale_out.partitioned_copy(model, model_repository, 3, tmp_path)
+    served = find_model(copied, "cnn")
+    assert (served.queue_partitions, served.max_batch_size) == (3, 8)
+    assert sorted(p.name for p in copied.iterdir()) == ["cnn"]
+
+
+async def test_the_scale_out_shard_reading_counts_a_nodes_cpu_and_commands(redis: Redis, redis_url: str) -> None:
+    from meshserve_bench import scale_out
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    cpu_before, commands_before = await scale_out.node_counters(redis)
+    for i in range(200):
+        await redis.set(f"k{i}", i)
+    cpu_after, commands_after = await scale_out.node_counters(redis)
+    assert cpu_after >= cpu_before
+    assert commands_after - commands_before >= 200
+    [(idle_cpu_s, idle_commands)] = await scale_out.shard_usage(Window.after(0.0, 0.05), [port])
+    assert idle_cpu_s >= 0
+    assert idle_commands == 0  # its own INFO commands are not counted

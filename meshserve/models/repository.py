@@ -33,6 +33,7 @@ restrict the served versions and name the platform::
     input: [{name: images, format: NCHW}]       # for clients (meshserve/models/tensor_config.py)
     output: [{name: probs, label_filename: labels.txt}]
     backend: python               # <version>/model.py, with declared input/output (meshserve/models/python_backend.py)
+    queue_partitions: 3           # the queue split over 3 hash tags: Cluster shards (docs/deploy.md#queue-partitions)
 
 A batchable graph (every input's and output's dim 0 symbolic) defaults to
 max_batch_size 32 and a 2 ms queue delay; any other graph gets max_batch_size 0,
@@ -131,6 +132,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "sequence",
         "decoupled",
         "generate",
+        "queue_partitions",
     }
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size"})
@@ -201,6 +203,7 @@ class ModelInfo:
     sequence: SequenceConfig | None = None  # a stateful model (meshserve/models/sequence.py); None: stateless
     decoupled: bool = False  # may answer a request many times: ModelStreamInfer only
     generation: GenerateConfig | None = None  # the ``generate`` mode's step graph (meshserve/models/generation.py)
+    queue_partitions: int = 1  # the model's queue split over this many hash tags (docs/deploy.md#queue-partitions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +234,7 @@ class _Config:
     sequence: SequenceConfig | None = None
     decoupled: bool = False
     generation: GenerateConfig | None = None
+    queue_partitions: int = 1
 
 
 def load_model(model_dir: Path, version: int) -> ModelInfo:
@@ -429,7 +433,27 @@ def _read_config(model_dir: Path) -> _Config:
         sequence=sequence,
         decoupled=_decoupled(raw, generation, path),
         generation=generation,
+        queue_partitions=_queue_partitions(raw, sequence, generation, path),
     )
+
+
+MAX_QUEUE_PARTITIONS = 64
+"""More partitions than a cluster has shards buy nothing; each costs every idle
+worker a claim per partition at each wake-up safety timeout."""
+
+
+def _queue_partitions(raw: dict[Any, Any], sequence: object, generation: object, path: Path) -> int:
+    """``queue_partitions``: 1 to ``MAX_QUEUE_PARTITIONS``. A stateful or generating
+    model keeps one: a sequence's steps and state, and a generation loop's claims,
+    live on partition 0 (and sequences need one Redis, where partitions buy nothing)."""
+    value = raw.get("queue_partitions", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_QUEUE_PARTITIONS:
+        raise RepositoryError(f"{path}: 'queue_partitions' must be an integer from 1 to {MAX_QUEUE_PARTITIONS}")
+    if value > 1 and sequence is not None:
+        raise RepositoryError(f"{path}: 'queue_partitions' must be 1 for a model with 'sequence' (its state is on one)")
+    if value > 1 and generation is not None:
+        raise RepositoryError(f"{path}: 'queue_partitions' must be 1 for a model with 'generate' (one loop claims)")
+    return value
 
 
 def _decoupled(raw: dict[Any, Any], generation: GenerateConfig | None, path: Path) -> bool:
@@ -726,6 +750,7 @@ def _apply_config(name: str, version: int, path: Path, signature: _Signature, co
         sequence=sequence,
         decoupled=config.decoupled,
         generation=config.generation,
+        queue_partitions=config.queue_partitions,
     )
 
 

@@ -14,7 +14,7 @@ request path names a Redis key or command.
 """
 
 from meshserve.queue.depth import pending_jobs, queue_depths
-from meshserve.queue.keys import ModelKeys, reply_key, worker_wake_key
+from meshserve.queue.keys import ModelKeys, partition_keys, reply_key, worker_wake_key
 from meshserve.queue.partials import abandon, load_partial_script, partial_command, streamed_counts
 from meshserve.queue.protocol import (
     ClaimedBatch,
@@ -55,6 +55,7 @@ __all__ = [
     "load_partial_script",
     "parse_claim",
     "partial_command",
+    "partition_keys",
     "pending_jobs",
     "pop_replies",
     "pop_replies_now",

@@ -26,12 +26,28 @@ Keys of one model version share the hash tag ``{m:<model>:<version>}`` (written
 
 Job hashes are addressed inside the scripts from a prefix passed in ARGV. That is
 safe on Redis Cluster because the prefix carries the model's hash tag.
+
+Queue partitions (config.yaml ``queue_partitions``, docs/deploy.md#queue-partitions):
+a model version's queue may be split into P partitions, each a whole set of the
+keys above under a hash tag of its own, so that the partitions spread over a
+Cluster's shards. Partition 0 keeps the tag ``{m:<model>:<version>}``: with P = 1
+the keys are exactly those of before partitions, so a mesh of mixed versions keeps
+working through a rolling upgrade. Partition p > 0 is ``{m:<model>:<version>/<p>.<s>}``
+(a version is digits, so no other model version's tag ends that way), where ``s``
+is the least number that puts the tag's slot in the p-th slot range after partition
+0's, of P equal ranges: on a cluster whose masters hold equal slot ranges (what
+``redis-cli --cluster create`` makes), P partitions over P masters land one on each,
+not where a hash happens to put them (three on three masters: 2 chances in 9).
+Sequences live on partition 0 only.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +65,17 @@ class ModelKeys:
 
     @staticmethod
     def for_model(model: str, version: int) -> ModelKeys:
-        """The keys of one model version (the same object each time: every request
-        asks, and eight strings built per request add up)."""
-        return _keys_of(model, version)
+        """The keys of one model version's partition 0, its only one unless
+        partitioned (the same object each time: every request asks, and eight
+        strings built per request add up)."""
+        return _keys_of(model, version, 0, 1)
 
     @classmethod
-    def build(cls, model: str, version: int) -> ModelKeys:
-        base = f"ms:{{m:{model}:{version}}}:"
+    def build(cls, model: str, version: int, partition: int = 0, partitions: int = 1) -> ModelKeys:
+        """The keys of partition ``partition`` of ``partitions`` (module docstring)."""
+        if not 0 <= partition < max(1, partitions):
+            raise ValueError(f"partition {partition} of model '{model}': must be from 0 to {partitions - 1}")
+        base = f"ms:{{{partition_tag(model, version, partition, partitions)}}}:"
         return cls(
             ready=base + "ready",
             inflight=base + "inflight",
@@ -71,9 +91,34 @@ class ModelKeys:
         return self.job_prefix + job_id
 
 
-@functools.lru_cache(maxsize=4096)  # model versions a process serves or routes: a bounded set
-def _keys_of(model: str, version: int) -> ModelKeys:
-    return ModelKeys.build(model, version)
+def partition_tag(model: str, version: int, partition: int, partitions: int) -> str:
+    """The hash tag of one queue partition (the module docstring says how it is chosen)."""
+    base = f"m:{model}:{version}"
+    if partition == 0:
+        return base
+    width = REDIS_CLUSTER_HASH_SLOTS / partitions
+    want = (int(key_slot(base.encode()) // width) + partition) % partitions
+    for salt in itertools.count():  # about ``partitions`` tries
+        tag = f"{base}/{partition}.{salt}"
+        if int(key_slot(tag.encode()) // width) == want:
+            return tag
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@functools.lru_cache(maxsize=4096)  # model versions (and partitions) a process serves or routes: a bounded set
+def _keys_of(model: str, version: int, partition: int, partitions: int) -> ModelKeys:
+    return ModelKeys.build(model, version, partition, partitions)
+
+
+def partition_keys(model: str, version: int, partitions: int) -> tuple[ModelKeys, ...]:
+    """The keys of every queue partition of a model version, partition 0 first
+    (``partitions`` below 1 reads as 1: a spec from a router before partitions)."""
+    return _partitions_of(model, version, max(1, partitions))
+
+
+@functools.lru_cache(maxsize=4096)
+def _partitions_of(model: str, version: int, partitions: int) -> tuple[ModelKeys, ...]:
+    return tuple(_keys_of(model, version, p, partitions) for p in range(partitions))
 
 
 @dataclass(frozen=True, slots=True)

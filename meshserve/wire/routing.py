@@ -43,6 +43,7 @@ def spec_from_info(model: ModelInfo, *, ready: bool, repository: Path, load_erro
         cache_shared=model.cache_shared,
         client_config=client_config_to_pb(model),
         decoupled=model.decoupled,
+        queue_partitions=model.queue_partitions,
     )
 
 
@@ -76,6 +77,7 @@ def info_from_spec(spec: mpb.ModelSpec, repository: Path | None = None) -> Model
         response_cache=spec.response_cache,
         cache_shared=spec.cache_shared,
         decoupled=spec.decoupled,
+        queue_partitions=max(1, spec.queue_partitions),
         **client_config_from_pb(spec.client_config),
     )
 
