@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.settings import env_default
-from meshserve_bench.config import SCENARIOS, BenchConfig
+from meshserve_bench.config import SCALING_AXES, SCENARIOS, BenchConfig
 
 
 def positive_list(kind: type[int] | type[float]) -> Any:
@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " rollout: a two-version model's split changes under a closed loop of 16 (failed calls, p99);"
         " many-models: 30 models, room for 10, loaded on demand: cold-start waits and the hit ratio;"
         " stream: ModelStreamInfer beside unary at concurrency 1 and 16, and a cache hit beside a miss;"
-        " sequences: steps of a stateful model per second, and the latency a step adds over a stateless call",
+        " sequences: steps of a stateful model per second, and the latency a step adds over a stateless call;"
+        " scaling: each hop's cost per request along --axis (batch, concurrency, payload, tenants, models), fitted",
     )
     flag("--target", None, help="HOST:PORT of a running mesh (default: start one)")
     flag("--redis-url", None, help="with --target: that mesh's Redis, to report what each call cost it")
@@ -70,6 +71,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--sizes", "1,16,64", positive_list(float), "large: request sizes, MiB")
     flag("--storm-connections", 48, int, "retry-storm: tenant A's connections, one retrying client each")
     flag("--storm-pause-ms", 20.0, float, "retry-storm: tenant A's pause after each refusal")
+    flag("--axis", ",".join(SCALING_AXES), axis_list, "scaling: the axes, one at a time")
+
+
+def axis_list(text: str) -> tuple[str, ...]:
+    """An argparse type: names of ``SCALING_AXES`` separated by commas, as a tuple."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names or any(name not in SCALING_AXES for name in names):
+        raise argparse.ArgumentTypeError(
+            f"expected some of {', '.join(SCALING_AXES)} separated by commas, got {text!r}"
+        )
+    return names
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -104,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sizes_mib=args.sizes,
         storm_connections=args.storm_connections,
         storm_pause_ms=args.storm_pause_ms,
+        axes=args.axis,
     )
 
 
@@ -112,7 +125,19 @@ def run(args: argparse.Namespace) -> int:
     failed (errors are what the other scenarios measure, and their verdicts are reported)."""
     # Every `meshserve` command builds this module's flags: gRPC, the protos and ONNX
     # Runtime are loaded only when the bench runs, not in a gateway's process.
-    from meshserve_bench import large, many, mesh, report, rollout, scenarios, sequences, storm, stream, tenants
+    from meshserve_bench import (
+        large,
+        many,
+        mesh,
+        report,
+        rollout,
+        scaling,
+        scenarios,
+        sequences,
+        storm,
+        stream,
+        tenants,
+    )
 
     config = config_from_args(args)
     signal.signal(signal.SIGTERM, mesh.exit_on_sigterm)
@@ -132,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         figures = stream.run_stream(config)
     elif config.scenario == "sequences":
         figures = sequences.run_sequences(config)
+    elif config.scenario == "scaling":
+        figures = scaling.run_scaling(config)
     else:
         figures = scenarios.run_mesh_scenario(config)
     result = {"scenario": config.scenario, "date": started, "machine": machine, **figures}
@@ -140,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         config.json_path.write_text(json.dumps(result, indent=2) + "\n")
     print(report.markdown(result), flush=True)
     errors = any(point["calls"]["errors"] for point in result.get("points", ()))
+    if config.scenario == "scaling":  # a failed call there means a point measured something else
+        errors = any(p["calls"]["errors"] for axis in result["axes"].values() for p in axis["points"])
+        return 1 if errors else 0
     if config.scenario == "rollout" and result["rollout"]["failed_calls"]:
         return 1
     return 1 if config.scenario == "sweep" and errors else 0

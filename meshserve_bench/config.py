@@ -16,7 +16,11 @@ SCENARIOS = (
     "many-models",
     "stream",
     "sequences",
+    "scaling",
 )
+
+SCALING_AXES = ("batch", "concurrency", "payload", "tenants", "models")
+"""The scaling scenario's axes (``--axis``), in the order it sweeps them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,3 +52,5 @@ class BenchConfig:
     # retry-storm: A retries from this many connections, pausing after each refusal
     storm_connections: int = 48
     storm_pause_ms: float = 20.0
+    # scaling: the axes swept, one at a time (SCALING_AXES)
+    axes: tuple[str, ...] = SCALING_AXES
