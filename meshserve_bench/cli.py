@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--sizes", "1,16,64", positive_list(float), "large: request sizes, MiB")
     flag("--storm-connections", 48, int, "retry-storm: tenant A's connections, one retrying client each")
     flag("--storm-pause-ms", 20.0, float, "retry-storm: tenant A's pause after each refusal")
+    flag("--scaling-rate", None, float, "scaling: tenants and models axes open loop at this rate (default: closed)")
     flag("--axis", ",".join(SCALING_AXES), axis_list, "scaling: the axes, one at a time")
 
 
@@ -92,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     positive = (args.duration_s, args.request_timeout_s, steady_rate_per_s, args.noisy_limit_per_s)
     if min(positive) <= 0 or (args.flood_rate_per_s or 1.0) <= 0 or args.flood_channels < 1 or args.warmup_s < 0:
         raise SystemExit("bench: durations, rates and timeouts must be > 0, --flood-channels >= 1")
+    if args.scaling_rate is not None and not args.scaling_rate > 0:
+        raise SystemExit("bench: --scaling-rate must be > 0")
     if args.storm_connections < 1 or args.storm_pause_ms < 0:
         raise SystemExit("bench: --storm-connections must be >= 1 and --storm-pause-ms >= 0")
     repository = Path(args.model_repository) if args.model_repository else None
@@ -117,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         storm_connections=args.storm_connections,
         storm_pause_ms=args.storm_pause_ms,
         axes=args.axis,
+        scaling_rate_per_s=args.scaling_rate,
     )
 
 

@@ -54,3 +54,4 @@ class BenchConfig:
     storm_pause_ms: float = 20.0
     # scaling: the axes swept, one at a time (SCALING_AXES)
     axes: tuple[str, ...] = SCALING_AXES
+    scaling_rate_per_s: float | None = None  # tenants and models: open loop at this rate; None: closed loop

@@ -15,6 +15,11 @@ model, the open development tenant:
 - ``models``: 1, 50, 200 and 500 copies of "mlp", each with ``placement: {device: cpu,
   memory_mb: 1}``, on one CPU worker with room for all, calls cycling over them.
 
+With ``--scaling-rate R`` the tenants and models axes send an open loop at R calls/s
+instead of the closed loop: every point then carries the same load, so a cost per call
+that rises only because the mesh answered fewer calls (less batching, fixed costs over
+fewer calls) is told apart from work that grows with the axis.
+
 Each tenants and models point starts a mesh of its own (on a Redis of its own); the
 batch and payload points share one. A point measures, over ``--duration-s`` after
 ``--warmup-s``: calls/s, p50/p99, each process's CPU µs per request (as the sweep:
@@ -59,12 +64,15 @@ from meshserve_bench.large import image
 from meshserve_bench.load import (
     CHANNEL_OPTIONS,
     CONNECT_TIMEOUT_S,
+    MAX_DEFAULT_CHANNELS,
     OK,
     REQUEST_TIMEOUT_S,
     LoadPoint,
     Metadata,
     Tally,
     Window,
+    open_loop,
+    percentile_ms,
     random_inputs,
     redis_usage_during,
     usage_during,
@@ -123,13 +131,20 @@ class Job:
 
 
 async def measure_jobs(
-    target: str, jobs: Sequence[Job], window: Window, *, concurrency: int, redis: Redis | None
+    target: str,
+    jobs: Sequence[Job],
+    window: Window,
+    *,
+    concurrency: int,
+    redis: Redis | None,
+    rate_per_s: float = 0.0,
 ) -> LoadPoint:
-    """``concurrency`` closed-loop clients over min(concurrency, 8) fresh connections,
-    each call the next of ``jobs`` (cycled: load spread evenly over models or tenants);
-    the reply is not decoded. Calls completing inside ``window`` count."""
-    tally, turns = Tally(window), itertools.cycle(jobs)
-    channels = min(concurrency, 8)
+    """``concurrency`` closed-loop clients over min(concurrency, 8) fresh connections
+    (or, with ``rate_per_s``, an open loop at that rate over 8), each call the next of
+    ``jobs`` (cycled: load spread evenly over models or tenants); the reply is not
+    decoded. Calls completing inside ``window`` count."""
+    tally, turns, lags_ns = Tally(window), itertools.cycle(jobs), None
+    channels = MAX_DEFAULT_CHANNELS if rate_per_s > 0 else min(concurrency, MAX_DEFAULT_CHANNELS)
     opened = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS + UNLIMITED) for _ in range(channels)]
     bound_s = (window.end_ns - time.perf_counter_ns()) / 1e9 + REQUEST_TIMEOUT_S + 2 * CONNECT_TIMEOUT_S
     try:
@@ -137,32 +152,39 @@ async def measure_jobs(
             await asyncio.gather(*(channel.channel_ready() for channel in opened))
             infers = [channel.unary_unary(MODEL_INFER) for channel in opened]  # bytes in, bytes out
 
+            async def send(infer: Any) -> None:
+                job = next(turns)
+                start_ns = time.perf_counter_ns()
+                try:
+                    await infer(job.request, timeout=REQUEST_TIMEOUT_S, metadata=job.metadata)
+                    code, details = OK, ""
+                except grpc.aio.AioRpcError as exc:
+                    code, details = exc.code().name, str(exc.details())
+                tally.record(code, details, start_ns, time.perf_counter_ns())
+
             async def client(infer: Any) -> None:
                 while time.perf_counter_ns() < window.end_ns:
-                    job = next(turns)
-                    start_ns = time.perf_counter_ns()
-                    try:
-                        await infer(job.request, timeout=REQUEST_TIMEOUT_S, metadata=job.metadata)
-                        code, details = OK, ""
-                    except grpc.aio.AioRpcError as exc:
-                        code, details = exc.code().name, str(exc.details())
-                    tally.record(code, details, start_ns, time.perf_counter_ns())
+                    await send(infer)
 
             async with asyncio.TaskGroup() as group:
                 usage = group.create_task(usage_during(window))
                 redis_usage = None if redis is None else group.create_task(redis_usage_during(window, redis))
-                for i in range(concurrency):
-                    group.create_task(client(infers[i % channels]))
+                if rate_per_s > 0:
+                    infer_turns = itertools.cycle(infers)
+                    lags_ns = await open_loop(group, lambda: send(next(infer_turns)), rate_per_s, window)
+                else:
+                    for i in range(concurrency):
+                        group.create_task(client(infers[i % channels]))
     finally:
         await asyncio.gather(*(channel.close() for channel in opened))
     calls, (own_cpu_s, busy_s) = tally.figures(), usage.result()
     return LoadPoint(
-        offered=concurrency,
+        offered=rate_per_s or concurrency,
         channels=channels,
         duration_s=window.duration_s(),
         calls=calls,
-        sent=calls.ok + sum(calls.errors.values()),
-        send_lag_p99_ms=None,
+        sent=len(lags_ns) if lags_ns is not None else calls.ok + sum(calls.errors.values()),
+        send_lag_p99_ms=None if lags_ns is None else percentile_ms(lags_ns, 99),
         client_cpu_s=own_cpu_s,
         machine_busy_s=busy_s,
         redis=None if redis_usage is None else redis_usage.result(),
@@ -209,7 +231,13 @@ def batch_totals(urls: Sequence[str | None]) -> tuple[float, float] | None:
 
 
 async def measure(
-    target: str, jobs: Sequence[Job], config: BenchConfig, concurrency: int, redis: Redis, pids: Sequence[int]
+    target: str,
+    jobs: Sequence[Job],
+    config: BenchConfig,
+    concurrency: int,
+    redis: Redis,
+    pids: Sequence[int],
+    rate_per_s: float = 0.0,
 ) -> dict[str, Any]:
     """One point: the load, each hop's CPU, the mean batch, Redis's and each process's memory."""
     window = Window.after(config.warmup_s, config.duration_s)
@@ -225,7 +253,7 @@ async def measure(
         return None if before is None or after is None else (after[0] - before[0], after[1] - before[1])
 
     batches = asyncio.create_task(batches_during())
-    point = await measure_jobs(target, jobs, window, concurrency=concurrency, redis=redis)
+    point = await measure_jobs(target, jobs, window, concurrency=concurrency, redis=redis, rate_per_s=rate_per_s)
     figures = point_json(point, None, await hops)
     items_batches = await batches
     figures["mean_batch"] = items_batches[0] / items_batches[1] if items_batches and items_batches[1] else None
@@ -267,7 +295,14 @@ async def wait_ready(target: str, names: Sequence[str], metadata: Metadata = ())
 
 
 def run_point(
-    target: str, redis_url: str, jobs: Sequence[Job], config: BenchConfig, concurrency: int, x: float, label: str
+    target: str,
+    redis_url: str,
+    jobs: Sequence[Job],
+    config: BenchConfig,
+    concurrency: int,
+    x: float,
+    label: str,
+    rate_per_s: float = 0.0,
 ) -> dict[str, Any]:
     """One point against a ready mesh, with a line of progress; its JSON figures."""
     pids = descendants(os.getpid())
@@ -279,7 +314,7 @@ def run_point(
     async def go() -> dict[str, Any]:
         redis = await master_client(redis_url)
         try:
-            return await measure(target, jobs, config, concurrency, redis, pids)
+            return await measure(target, jobs, config, concurrency, redis, pids, rate_per_s)
         finally:
             await redis.aclose()
 
@@ -292,7 +327,7 @@ def run_point(
         f" redis {figures.get('redis_cpu_us_per_call', float('nan')):.0f} µs,"
         f" errors {figures['calls']['errors'] or 0}"
     )
-    return {"x": x, "label": label, "concurrency": concurrency, **figures}
+    return {"x": x, "label": label, "concurrency": concurrency, "rate_per_s": rate_per_s or None, **figures}
 
 
 def request_bytes(
@@ -378,7 +413,8 @@ def tenants_axis(config: BenchConfig) -> list[dict[str, Any]]:
             path.write_text(tenants_yaml(keys, model.name))
             with mesh(config.repository, ["--tenants", str(path), "--host", "127.0.0.1"]) as (target, redis_url):
                 asyncio.run(wait_ready(target, [model.name], jobs[0].metadata))
-                points.append(run_point(target, redis_url, jobs, config, BASE_CONCURRENCY, count, f"{count} tenants"))
+                label, rate_per_s = f"{count} tenants", config.scaling_rate_per_s or 0.0
+                points.append(run_point(target, redis_url, jobs, config, BASE_CONCURRENCY, count, label, rate_per_s))
     return points
 
 
@@ -405,7 +441,8 @@ def models_axis(config: BenchConfig) -> list[dict[str, Any]]:
             with mesh(root, ["--memory-budget-mb", budget_mb]) as (target, redis_url):
                 progress(f"{count} models: waiting for every one to load")
                 asyncio.run(wait_ready(target, names))
-                points.append(run_point(target, redis_url, jobs, config, BASE_CONCURRENCY, count, f"{count} models"))
+                label, rate_per_s = f"{count} models", config.scaling_rate_per_s or 0.0
+                points.append(run_point(target, redis_url, jobs, config, BASE_CONCURRENCY, count, label, rate_per_s))
     return points
 
 

@@ -83,6 +83,18 @@ async def test_a_tiny_sweep_is_measured_fitted_and_reported(mesh: Any, model_rep
     assert "| redis cmds/call | " in text
 
 
+async def test_an_open_loop_point_cycles_its_calls_at_the_rate(mesh: Any, model_repository: Path) -> None:
+    model = find_model(model_repository, "mlp")
+    jobs = [scaling.Job(scaling.request_bytes(model, batch=items)) for items in (1, 2)]
+    window = scaling.Window.after(0.0, 0.4)
+    point = await scaling.measure_jobs(mesh.address, jobs, window, concurrency=1, redis=None, rate_per_s=25.0)
+    assert point.calls.errors == {}
+    assert point.calls.ok > 0
+    assert point.offered == 25.0
+    assert point.sent > 0
+    assert point.send_lag_p99_ms is not None
+
+
 def test_the_tenants_file_holds_every_key_hashed(tmp_path: Path) -> None:
     keys = [f"key-{i}" for i in range(50)]
     path = tmp_path / "tenants.yaml"
