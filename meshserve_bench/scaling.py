@@ -40,7 +40,6 @@ import os
 import secrets
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -59,7 +58,7 @@ from meshserve.store.sentinel import master_client
 from meshserve.tenancy.tenants import hash_key
 from meshserve_bench.config import BenchConfig
 from meshserve_bench.fit import Fit, fit
-from meshserve_bench.hops import METRICS_TIMEOUT_S, command_line, hop_usage_during, metrics_url, roles
+from meshserve_bench.hops import hop_usage_during, roles
 from meshserve_bench.large import image
 from meshserve_bench.load import (
     CHANNEL_OPTIONS,
@@ -210,26 +209,6 @@ async def send_each_once(target: str, jobs: Sequence[Job], concurrency: int = BA
     return errors
 
 
-def batch_totals(urls: Sequence[str | None]) -> tuple[float, float] | None:
-    """The workers' summed batch-size histogram (items, batches), every model; None
-    when one cannot be read."""
-    items = batches = 0.0
-    for url in urls:
-        if url is None:
-            return None
-        try:
-            with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as reply:
-                text = reply.read().decode()
-        except OSError:
-            return None
-        for line in text.splitlines():
-            if line.startswith("meshserve_worker_batch_size_sum"):
-                items += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("meshserve_worker_batch_size_count"):
-                batches += float(line.rsplit(" ", 1)[1])
-    return items, batches
-
-
 async def measure(
     target: str,
     jobs: Sequence[Job],
@@ -242,21 +221,10 @@ async def measure(
     """One point: the load, each hop's CPU, the mean batch, Redis's and each process's memory."""
     window = Window.after(config.warmup_s, config.duration_s)
     by_role = roles(pids)
-    urls = [metrics_url(command_line(pid)) for pid in by_role.get("worker", [])]
     hops = asyncio.create_task(hop_usage_during(window, pids))
-
-    async def batches_during() -> tuple[float, float] | None:
-        await asyncio.sleep(max(0.0, (window.start_ns - time.perf_counter_ns()) / 1e9))
-        before = await asyncio.to_thread(batch_totals, urls)
-        await asyncio.sleep(max(0.0, (window.end_ns - time.perf_counter_ns()) / 1e9))
-        after = await asyncio.to_thread(batch_totals, urls)
-        return None if before is None or after is None else (after[0] - before[0], after[1] - before[1])
-
-    batches = asyncio.create_task(batches_during())
     point = await measure_jobs(target, jobs, window, concurrency=concurrency, redis=redis, rate_per_s=rate_per_s)
     figures = point_json(point, None, await hops)
-    items_batches = await batches
-    figures["mean_batch"] = items_batches[0] / items_batches[1] if items_batches and items_batches[1] else None
+    figures.setdefault("mean_batch", None)  # from the workers' /metrics (hops), where read
     memory = await redis.info("memory")
     figures["redis_used_memory_bytes"] = int(memory["used_memory"])
     figures["rss_kib"] = {role: rss_kib(found) for role, found in by_role.items()}

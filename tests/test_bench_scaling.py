@@ -17,6 +17,7 @@ from meshserve.tenancy.tenants import load_tenants
 from meshserve_bench import cli, report, scaling
 from meshserve_bench.config import BenchConfig
 from meshserve_bench.fit import fit
+from meshserve_bench.hops import HopUsage
 from meshserve_bench.mesh import find_model
 
 
@@ -118,3 +119,8 @@ def test_the_axes_flag() -> None:
     assert cli.axis_list("tenants, models") == ("tenants", "models")
     with pytest.raises(Exception, match="expected some of"):
         cli.axis_list("tenants,colors")
+
+
+def test_the_mean_batch_comes_with_the_hops_usage() -> None:
+    assert HopUsage({"worker": 1.0}, 0.5, batch_items=30.0, batches=10.0).per_request(10)["mean_batch"] == 3.0
+    assert "mean_batch" not in HopUsage({"worker": 1.0}, 0.5).per_request(10)
