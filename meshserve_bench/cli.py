@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.settings import env_default
-from meshserve_bench.config import SCENARIOS, BenchConfig
+from meshserve_bench.config import SCALING_AXES, SCENARIOS, BenchConfig
 
 
 def positive_list(kind: type[int] | type[float]) -> Any:
@@ -50,8 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " many-models: 30 models, room for 10, loaded on demand: cold-start waits and the hit ratio;"
         " stream: ModelStreamInfer beside unary at concurrency 1 and 16, and a cache hit beside a miss;"
         " sequences: steps of a stateful model per second, and the latency a step adds over a stateless call;"
+<<<<<<< HEAD
         " scale-out: the model on a loopback Redis Cluster with 1 and 3 queue partitions (calls/s, Redis CPU per"
         " call per shard, at the largest --concurrency)",
+=======
+        " scaling: each hop's cost per request along --axis (batch, concurrency, payload, tenants, models), fitted",
+>>>>>>> scaling
     )
     flag("--target", None, help="HOST:PORT of a running mesh (default: start one)")
     flag("--redis-url", None, help="with --target: that mesh's Redis, to report what each call cost it")
@@ -72,6 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--sizes", "1,16,64", positive_list(float), "large: request sizes, MiB")
     flag("--storm-connections", 48, int, "retry-storm: tenant A's connections, one retrying client each")
     flag("--storm-pause-ms", 20.0, float, "retry-storm: tenant A's pause after each refusal")
+    flag("--scaling-rate", None, float, "scaling: tenants and models axes open loop at this rate (default: closed)")
+    flag("--axis", ",".join(SCALING_AXES), axis_list, "scaling: the axes, one at a time")
+
+
+def axis_list(text: str) -> tuple[str, ...]:
+    """An argparse type: names of ``SCALING_AXES`` separated by commas, as a tuple."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names or any(name not in SCALING_AXES for name in names):
+        raise argparse.ArgumentTypeError(
+            f"expected some of {', '.join(SCALING_AXES)} separated by commas, got {text!r}"
+        )
+    return names
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -82,6 +98,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     positive = (args.duration_s, args.request_timeout_s, steady_rate_per_s, args.noisy_limit_per_s)
     if min(positive) <= 0 or (args.flood_rate_per_s or 1.0) <= 0 or args.flood_channels < 1 or args.warmup_s < 0:
         raise SystemExit("bench: durations, rates and timeouts must be > 0, --flood-channels >= 1")
+    if args.scaling_rate is not None and not args.scaling_rate > 0:
+        raise SystemExit("bench: --scaling-rate must be > 0")
     if args.storm_connections < 1 or args.storm_pause_ms < 0:
         raise SystemExit("bench: --storm-connections must be >= 1 and --storm-pause-ms >= 0")
     repository = Path(args.model_repository) if args.model_repository else None
@@ -106,6 +124,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sizes_mib=args.sizes,
         storm_connections=args.storm_connections,
         storm_pause_ms=args.storm_pause_ms,
+        axes=args.axis,
+        scaling_rate_per_s=args.scaling_rate,
     )
 
 
@@ -120,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
         mesh,
         report,
         rollout,
+<<<<<<< HEAD
         scale_out,
+=======
+        scaling,
+>>>>>>> scaling
         scenarios,
         sequences,
         storm,
@@ -146,8 +170,13 @@ def run(args: argparse.Namespace) -> int:
         figures = stream.run_stream(config)
     elif config.scenario == "sequences":
         figures = sequences.run_sequences(config)
+<<<<<<< HEAD
     elif config.scenario == "scale-out":
         figures = scale_out.run_scale_out(config)
+=======
+    elif config.scenario == "scaling":
+        figures = scaling.run_scaling(config)
+>>>>>>> scaling
     else:
         figures = scenarios.run_mesh_scenario(config)
     result = {"scenario": config.scenario, "date": started, "machine": machine, **figures}
@@ -156,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
         config.json_path.write_text(json.dumps(result, indent=2) + "\n")
     print(report.markdown(result), flush=True)
     errors = any(point["calls"]["errors"] for point in result.get("points", ()))
+    if config.scenario == "scaling":  # a failed call there means a point measured something else
+        errors = any(p["calls"]["errors"] for axis in result["axes"].values() for p in axis["points"])
+        return 1 if errors else 0
     if config.scenario == "rollout" and result["rollout"]["failed_calls"]:
         return 1
     return 1 if config.scenario == "sweep" and errors else 0

@@ -16,8 +16,15 @@ SCENARIOS = (
     "many-models",
     "stream",
     "sequences",
+<<<<<<< HEAD
     "scale-out",
+=======
+    "scaling",
+>>>>>>> scaling
 )
+
+SCALING_AXES = ("batch", "concurrency", "payload", "tenants", "models")
+"""The scaling scenario's axes (``--axis``), in the order it sweeps them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +56,6 @@ class BenchConfig:
     # retry-storm: A retries from this many connections, pausing after each refusal
     storm_connections: int = 48
     storm_pause_ms: float = 20.0
+    # scaling: the axes swept, one at a time (SCALING_AXES)
+    axes: tuple[str, ...] = SCALING_AXES
+    scaling_rate_per_s: float | None = None  # tenants and models: open loop at this rate; None: closed loop

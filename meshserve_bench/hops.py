@@ -26,6 +26,8 @@ ROLES = ("gateway", "worker", "router")
 """``meshserve`` subcommands whose processes are measured (several workers sum)."""
 
 COMPUTE_METRIC = "meshserve_worker_compute_seconds_sum"
+BATCH_ITEMS_METRIC = "meshserve_worker_batch_size_sum"
+BATCHES_METRIC = "meshserve_worker_batch_size_count"
 METRICS_TIMEOUT_S = 2.0
 
 
@@ -65,10 +67,12 @@ def metrics_url(argv: Sequence[str]) -> str | None:
     return None if port in (None, "0") else f"http://{host}:{port}/metrics"
 
 
-def compute_s(urls: Sequence[str | None]) -> float | None:
-    """The workers' summed model compute seconds, every model, from their /metrics;
-    None when one has no URL or cannot be read."""
-    total = 0.0
+def worker_sums(urls: Sequence[str | None]) -> dict[str, float] | None:
+    """The workers' model compute seconds, batch items and batches, each summed over
+    every model and worker (``COMPUTE_METRIC``, ``BATCH_ITEMS_METRIC``,
+    ``BATCHES_METRIC`` -> total), from one read of each /metrics; None when one has
+    no URL or cannot be read."""
+    totals = dict.fromkeys((COMPUTE_METRIC, BATCH_ITEMS_METRIC, BATCHES_METRIC), 0.0)
     for url in urls:
         if url is None:
             return None
@@ -77,8 +81,18 @@ def compute_s(urls: Sequence[str | None]) -> float | None:
                 text = reply.read().decode()
         except OSError:
             return None
-        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(COMPUTE_METRIC))
-    return total
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in totals:
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def compute_s(urls: Sequence[str | None]) -> float | None:
+    """The workers' summed model compute seconds, every model, from their /metrics;
+    None when one has no URL or cannot be read."""
+    sums = worker_sums(urls)
+    return None if sums is None else sums[COMPUTE_METRIC]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +101,8 @@ class HopUsage:
 
     cpu_s: Mapping[str, float]
     compute_s: float | None
+    batch_items: float | None = None  # items the workers ran in batches; None: unread
+    batches: float | None = None
 
     def per_request(self, calls: int) -> dict[str, Any]:
         """µs per answered call: each hop's CPU, the model's compute and the worker's
@@ -100,23 +116,31 @@ class HopUsage:
             figures["model_compute_us_per_request"] = compute_us
             if "worker" in cpu_us:
                 figures["worker_beyond_compute_us_per_request"] = cpu_us["worker"] - compute_us
+        if self.batches:
+            figures["mean_batch"] = (self.batch_items or 0.0) / self.batches
         return figures
 
 
 async def hop_usage_during(window: Window, pids: Sequence[int]) -> HopUsage:
     """What each hop of ``pids`` spent inside ``window`` (a process that ended meanwhile
-    is left out of its hop's sum)."""
+    is left out of its hop's sum), and the workers' compute and batches.
+
+    The workers' /metrics are read just before the CPU window opens and just after it
+    closes: a read costs a worker CPU in proportion to its series (one per tenant and
+    model for device time), which is the bench's own load, not the calls'."""
     by_role = roles(pids)
     worker_metrics_urls = [metrics_url(command_line(pid)) for pid in by_role.get("worker", [])]
     await sleep_until(window.start_ns)
+    sums_before = await asyncio.to_thread(worker_sums, worker_metrics_urls)
     before = {pid: process_cpu_s(pid) for group in by_role.values() for pid in group}
-    compute_before = await asyncio.to_thread(compute_s, worker_metrics_urls)
     await sleep_until(window.end_ns)
     after = {pid: process_cpu_s(pid) for pid in before}
-    compute_after = await asyncio.to_thread(compute_s, worker_metrics_urls)
+    sums_after = await asyncio.to_thread(worker_sums, worker_metrics_urls)
     cpu: dict[str, float] = {}
     for role, group in by_role.items():
         spent = [(after[pid] or 0.0) - (before[pid] or 0.0) for pid in group if before[pid] is not None]
         cpu[role] = sum(spent)
-    compute = None if compute_before is None or compute_after is None else compute_after - compute_before
-    return HopUsage(cpu, compute)
+    if sums_before is None or sums_after is None:
+        return HopUsage(cpu, None)
+    spent_sums = {name: sums_after[name] - sums_before[name] for name in sums_before}
+    return HopUsage(cpu, spent_sums[COMPUTE_METRIC], spent_sums[BATCH_ITEMS_METRIC], spent_sums[BATCHES_METRIC])

@@ -394,6 +394,52 @@ def generation_lines(points: list[Figures]) -> list[str]:
     return ["", "generation (example generator, prompt 4 tokens, 64 generated, greedy):", "", *table(header, rows)]
 
 
+SCALING_HOPS = ("gateway", "worker", "router")
+
+
+def scaling_lines(result: Figures) -> list[str]:
+    """The scaling scenario: each axis's points, then each hop's fitted growth along it."""
+    lines: list[str] = []
+    for axis, figures in result["axes"].items():
+        header = ["point", "x", "mean batch", "ok/s", "p50 ms", "p99 ms", "errors"]
+        header += [f"{hop} µs" for hop in SCALING_HOPS]
+        header += ["compute µs", "worker beyond µs", "redis µs", "redis cmds/call", "redis MiB", "gateway RSS MiB"]
+        rows = []
+        for p in figures["points"]:
+            cpu = p.get("cpu_us_per_request") or {}
+            row = [p["label"], num(p["x"], ".3g"), num(p.get("mean_batch"), ".1f"), num(p["ok_per_s"], ".0f")]
+            row += [num(p["calls"]["p50_ms"]), num(p["calls"]["p99_ms"]), codes(p["calls"]["errors"])]
+            row += [num(cpu.get(hop), ".0f") for hop in SCALING_HOPS]
+            row += [num(p.get("model_compute_us_per_request"), ".0f")]
+            row += [
+                num(p.get("worker_beyond_compute_us_per_request"), ".0f"),
+                num(p.get("redis_cpu_us_per_call"), ".0f"),
+            ]
+            row += [num(p.get("redis_commands_per_call"), ".1f")]
+            row += [num((p.get("redis_used_memory_bytes") or math.nan) / 2**20, ".1f")]
+            row += [num(((p.get("rss_kib") or {}).get("gateway") or math.nan) / 1024, ".0f")]
+            rows.append(row)
+        per = figures["per"]
+        unit = f"{per:g} {figures['unit']}s" if per != 1 else figures["unit"]
+        fit_rows = []
+        for name, fitted in figures["fits"].items():
+            if fitted is None:
+                fit_rows.append([name, "-", "-", "-", "-"])
+                continue
+            fit_rows.append(
+                [
+                    name,
+                    fitted["kind"],
+                    num(fitted["intercept"], ".1f"),
+                    num(fitted["slope_per_shown_unit"], ".3g"),
+                    num(fitted["spread_ratio"], ".2f"),
+                ]
+            )
+        lines += ["", f"axis {axis} (x: {figures['unit']}):", "", *table(header, rows), ""]
+        lines += table(["series", "growth", "at x=0", f"per {unit}", "max/min"], fit_rows)
+    return lines
+
+
 def markdown(result: Figures) -> str:
     """The report of one run's JSON (what ``meshserve bench --json`` writes)."""
     lines = heading(result) + raw_lines(result.get("raw")) + [""]
@@ -415,6 +461,8 @@ def markdown(result: Figures) -> str:
         lines += sequences_lines(result)
     elif result["scenario"] == "scale-out":
         lines += scale_out_lines(result)
+    elif result["scenario"] == "scaling":
+        lines += scaling_lines(result)
     else:
         lines += points_table(result) + hops_lines(result)
     return "\n".join(lines) + "\n"
