@@ -50,12 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " many-models: 30 models, room for 10, loaded on demand: cold-start waits and the hit ratio;"
         " stream: ModelStreamInfer beside unary at concurrency 1 and 16, and a cache hit beside a miss;"
         " sequences: steps of a stateful model per second, and the latency a step adds over a stateless call;"
-<<<<<<< HEAD
         " scale-out: the model on a loopback Redis Cluster with 1 and 3 queue partitions (calls/s, Redis CPU per"
-        " call per shard, at the largest --concurrency)",
-=======
+        " call per shard, at the largest --concurrency);"
         " scaling: each hop's cost per request along --axis (batch, concurrency, payload, tenants, models), fitted",
->>>>>>> scaling
     )
     flag("--target", None, help="HOST:PORT of a running mesh (default: start one)")
     flag("--redis-url", None, help="with --target: that mesh's Redis, to report what each call cost it")
@@ -140,11 +137,8 @@ def run(args: argparse.Namespace) -> int:
         mesh,
         report,
         rollout,
-<<<<<<< HEAD
         scale_out,
-=======
         scaling,
->>>>>>> scaling
         scenarios,
         sequences,
         storm,
@@ -170,13 +164,10 @@ def run(args: argparse.Namespace) -> int:
         figures = stream.run_stream(config)
     elif config.scenario == "sequences":
         figures = sequences.run_sequences(config)
-<<<<<<< HEAD
     elif config.scenario == "scale-out":
         figures = scale_out.run_scale_out(config)
-=======
     elif config.scenario == "scaling":
         figures = scaling.run_scaling(config)
->>>>>>> scaling
     else:
         figures = scenarios.run_mesh_scenario(config)
     result = {"scenario": config.scenario, "date": started, "machine": machine, **figures}

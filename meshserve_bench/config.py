@@ -16,11 +16,8 @@ SCENARIOS = (
     "many-models",
     "stream",
     "sequences",
-<<<<<<< HEAD
     "scale-out",
-=======
     "scaling",
->>>>>>> scaling
 )
 
 SCALING_AXES = ("batch", "concurrency", "payload", "tenants", "models")
