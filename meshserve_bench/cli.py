@@ -150,26 +150,18 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, mesh.exit_on_sigterm)
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     machine = mesh.machine_info()  # the load average before the bench adds its own
-    if config.scenario == "noisy-neighbor":
-        figures = tenants.run_noisy_neighbor(config)
-    elif config.scenario == "large":
-        figures = large.run_large(config)
-    elif config.scenario == "retry-storm":
-        figures = storm.run_retry_storm(config)
-    elif config.scenario == "rollout":
-        figures = rollout.run_rollout_bench(config)
-    elif config.scenario == "many-models":
-        figures = many.run_many_models(config)
-    elif config.scenario == "stream":
-        figures = stream.run_stream(config)
-    elif config.scenario == "sequences":
-        figures = sequences.run_sequences(config)
-    elif config.scenario == "scale-out":
-        figures = scale_out.run_scale_out(config)
-    elif config.scenario == "scaling":
-        figures = scaling.run_scaling(config)
-    else:
-        figures = scenarios.run_mesh_scenario(config)
+    runners = {
+        "noisy-neighbor": tenants.run_noisy_neighbor,
+        "large": large.run_large,
+        "retry-storm": storm.run_retry_storm,
+        "rollout": rollout.run_rollout_bench,
+        "many-models": many.run_many_models,
+        "stream": stream.run_stream,
+        "sequences": sequences.run_sequences,
+        "scale-out": scale_out.run_scale_out,
+        "scaling": scaling.run_scaling,
+    }
+    figures = runners.get(config.scenario, scenarios.run_mesh_scenario)(config)
     result = {"scenario": config.scenario, "date": started, "machine": machine, **figures}
     result = json.loads(json.dumps(result, default=str))  # paths as text; the report reads only JSON
     if config.json_path is not None:
