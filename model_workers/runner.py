@@ -100,7 +100,8 @@ class BatchRunner:
         self._drain_reported_s: dict[str, float] = {}  # model's ready key -> when a claim last carried the figure
         self._detached: set[asyncio.Task[None]] = set()  # batches computing off the serve loop
         self._generators: dict[str, Generator] = {}  # ready key -> the loop of a generating model
-        self.on_batch_ended: Callable[[], None] = lambda: None  # set by the worker: the serve loop looks again
+        # set by the worker: the serve loop looks at the model's queue again
+        self.on_batch_ended: Callable[[Served], None] = lambda served: None
 
     def tenant_device_seconds(self) -> dict[tuple[str, str], float]:
         """Device seconds by (tenant, model): a batch's time, shared by its items."""
@@ -233,7 +234,7 @@ class BatchRunner:
             log.exception("batch of %s failed outside the model run", served.keys.ready)
         finally:
             served.ended()
-            self.on_batch_ended()
+            self.on_batch_ended(served)
 
     async def running(self) -> None:
         """Return once every batch running on a task of its own has been answered
@@ -268,7 +269,7 @@ class BatchRunner:
                 self._stopping,
                 lambda room: claim_command(served.keys, **self.claim_options(served, room, first=False)),
                 taken,
-                lambda: self.on_batch_ended(),
+                lambda: self.on_batch_ended(served),
             )
             self._generators[served.keys.ready] = generator
         return generator

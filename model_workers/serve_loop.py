@@ -75,6 +75,7 @@ class ServeLoop:
         self._stopping = stopping
         self._wake_self = worker_wake_key(worker_id)
         self._rescan = False  # a model was added: look at every queue before waiting
+        self._look_again: dict[int, Served] = {}  # by id: models whose batch ended, to look at again
         self._last_woken: Served | None = None  # the model of the last wake-up: claimed for right after the next
         self._blocked: asyncio.Task[Any] | None = None
         self._wakes: set[asyncio.Task[None]] = set()
@@ -92,9 +93,7 @@ class ServeLoop:
             await self._take_from(targets)
             if self._stopping.is_set():
                 break
-            if self._rescan:  # models were added while we worked: look at their queues first
-                self._rescan = False
-                targets = every(self._held.claimed())
+            if targets := self._pending():  # models added, or batches ended, while we worked
                 continue
             # The claim rides behind the blocking pop: Redis runs it the moment the pop
             # returns, so a wake-up and its claim cost one round trip, not two.
@@ -158,11 +157,24 @@ class ServeLoop:
         self._rescan = True
         self.wake()
 
-    def batch_ended(self) -> None:
-        """A batch computing on a task of its own was answered: its model may have work
-        whose wake token the loop took while the model was at capacity, so look at
-        every queue before the next wait."""
-        self.models_added()
+    def batch_ended(self, served: Served) -> None:
+        """A batch of ``served`` computing on a task of its own was answered: the model
+        may have work whose wake token the loop took while it was at capacity, so look
+        at its queue before the next wait. Only its queue: with hundreds of models, a
+        look at every queue after each batch cost more than the batch."""
+        self._look_again[id(served)] = served
+        self.wake()
+
+    def _pending(self) -> list[Target]:
+        """What to look at before the next wait: every queue after models were added,
+        else the queues of the models whose batches ended; clears both."""
+        if self._rescan:
+            self._rescan = False
+            self._look_again.clear()
+            return every(self._held.claimed())
+        ended = [served for served in self._look_again.values() if self._held.claims(served)]
+        self._look_again.clear()
+        return every(ended)
 
     def wake(self) -> None:
         """End the loop's wait, if it is waiting, so it waits on the current models.
@@ -229,9 +241,12 @@ class ServeLoop:
         None on timeout): the one woken, or every one. A token of a model no longer
         claimed from is given back to its other workers."""
         key = woken_key(popped)
-        if key is None or key == self._wake_self:
+        if key is None:  # the safety timeout: a wake token may have been lost
             self._rescan = False
+            self._look_again.clear()
             return every(self._held.claimed())
+        if key == self._wake_self:
+            return self._pending()
         if (served := self._held.by_wake_key(key)) is not None:
             self._last_woken = served
             return [(served, self._held.keys_of(key))]
