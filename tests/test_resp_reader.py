@@ -21,12 +21,12 @@ LARGE = 64  # a small threshold, so that the cases below stay small
 
 
 def plain(value: Any) -> Any:
-    """A reply with bytearrays as bytes and errors as (type, text), to compare with hiredis's."""
+    """A reply with memoryviews as bytes and errors as (type, text), to compare with hiredis's."""
     if isinstance(value, list):
         return [plain(v) for v in value]
     if isinstance(value, hiredis.ReplyError):
         return ("error", str(value))
-    if isinstance(value, bytearray):
+    if isinstance(value, memoryview):
         return bytes(value)
     return value
 
@@ -112,7 +112,7 @@ def test_a_large_bulk_is_received_into_its_own_buffer_and_a_smaller_one_is_bytes
     small, nested = receive(reader, stream, [5])
     assert type(small) is bytes
     (payload,) = nested[1]
-    assert type(payload) is bytearray
+    assert type(payload) is memoryview
     assert payload == BIG[:LARGE]
 
 
@@ -130,7 +130,7 @@ def test_the_body_of_a_large_bulk_goes_straight_into_the_reply() -> None:
     ((key, payload),) = reader.received(990)  # complete with its body; the CRLF is checked as it comes
     assert key == b"key"
     assert payload == BIG
-    assert type(payload) is bytearray
+    assert type(payload) is memoryview
     crlf = reader.buffer()
     crlf[:3] = b"\r\n:"
     assert reader.received(3) == []
