@@ -160,6 +160,7 @@ async def test_large_values_round_trip_through_redis(link: RedisLink, redis: Red
     await redis.mset(values)
     got = await link.pipeline([("GET", key) for key in values])
     assert [bytes(v) for v in got] == list(values.values())
+    assert [type(v) for v in got] == [bytes, bytes, memoryview, bytes, memoryview]  # 256 KiB and over: its own buffer
     await redis.rpush("list", *values.values())
     popped = await link.execute("LMPOP", 1, "list", "LEFT", "COUNT", len(values))
     assert popped[0] == b"list"
