@@ -94,6 +94,14 @@ def with_id(body: bytes, request_id: str) -> bytes:
     return pb.ModelInferResponse(id=request_id).SerializeToString() + body
 
 
+def cached_response(body: bytes | memoryview, request_id: str) -> bytes:
+    """A stored response as answered from the cache: the caller's id, the body and the
+    ``cached`` parameter, in one copy of the body (it may be the buffer Redis's reply
+    was read into, :mod:`meshserve.store.resp`)."""
+    head = pb.ModelInferResponse(id=request_id).SerializeToString() if request_id else b""
+    return b"".join((head, body, _CACHED_FIELD))
+
+
 class ResponseCache:
     """Looks answers up and stores them; owns its background stores."""
 
@@ -152,7 +160,10 @@ class ResponseCache:
         if body is None:
             self.metrics.misses.labels(probe.model.name, probe.tenant).inc()
             return None
-        response = b"".join((with_id(body, request_id), _CACHED_FIELD))
+        if len(body) > OFF_LOOP_BYTES:
+            response = await asyncio.to_thread(cached_response, body, request_id)
+        else:
+            response = cached_response(body, request_id)
         self.metrics.hits.labels(probe.model.name, probe.tenant).inc()
         self.metrics.hit_latency.labels(probe.model.name).observe(time.perf_counter() - started_s)
         return response

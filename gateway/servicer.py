@@ -479,16 +479,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             encode = encode_infer_response
         parts = (answer.message, answer.data, request.model_name, "" if probe is not None else request.id)
-        if sum(len(d) for d in answer.data) > OFF_LOOP_BYTES:
-            response = await asyncio.to_thread(encode, *parts)
-        else:
-            response = encode(*parts)
+        large = sum(len(d) for d in answer.data) > OFF_LOOP_BYTES
+        response = await asyncio.to_thread(encode, *parts) if large else encode(*parts)
         if probe is not None:
             self.cache.remember(probe, response)
-            response = with_id(response, request.id)
+            # a copy of the whole response: on a thread when large, as the encoding
+            response = (
+                await asyncio.to_thread(with_id, response, request.id) if large else with_id(response, request.id)
+            )
         elif encode is encode_stream_response:
             return response
-        return stream_response(response) if streamed else response
+        if not streamed:
+            return response
+        return await asyncio.to_thread(stream_response, response) if large else stream_response(response)
 
     def _server_span(self, context: Context) -> AbstractContextManager[trace.Span]:
         """The call's span, in the caller's trace if its metadata names one."""

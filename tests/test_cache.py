@@ -240,3 +240,17 @@ async def test_a_large_request_is_hashed_and_cached_too(
     assert cached(again)
     assert again.raw_output_contents == first.raw_output_contents
     np.testing.assert_array_equal(output_arrays(again)["scaled"], image * 2 + 1)
+    # with ids: a hit's response is built on a thread from the stored reply's buffer,
+    # and over a stream a new large answer gets its id and the stream's framing there too
+    hit = await call(cache_mesh, cstub, infer_request("scale_cached", {"image": image}, request_id="big-hit"), ALPHA)
+    assert hit.id == "big-hit"
+    assert cached(hit)
+    assert hit.raw_output_contents == first.raw_output_contents
+    other = image + 1  # not in the cache yet
+    stream = cstub.ModelStreamInfer(timeout=RPC_TIMEOUT_S, metadata=ALPHA)
+    await stream.write(infer_request("scale_cached", {"image": other}, request_id="big-stream"))
+    answer = await stream.read()
+    await stream.done_writing()
+    assert answer.infer_response.id == "big-stream"
+    assert not cached(answer.infer_response)
+    np.testing.assert_array_equal(output_arrays(answer.infer_response)["scaled"], other * 2 + 1)

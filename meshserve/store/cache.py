@@ -106,10 +106,11 @@ class Stored:
     stored: bool
 
 
-async def lookup(redis: RedisLink, keys: CacheKeys, entry: str) -> bytes | None:
-    """The entry's response bytes; None when absent or expired. One round trip."""
+async def lookup(redis: RedisLink, keys: CacheKeys, entry: str) -> bytes | memoryview | None:
+    """The entry's response bytes (a large one as the buffer the reply was received
+    into, not copied: :mod:`meshserve.store.resp`); None when absent or expired. One round trip."""
     found = await redis.script(LOOKUP, (keys.entries, keys.expiry), (entry,))
-    return bytes(found) if found else None
+    return found if found else None
 
 
 async def store(

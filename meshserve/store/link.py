@@ -9,8 +9,9 @@ would be most of the gateway's and the worker's own CPU per request.
 - one connection, multiplexed: every caller's command is written at once and
   the replies come back in order (Redis answers a connection in order), so
   concurrent callers in one loop iteration share a write and a read;
-- commands packed and replies parsed by hiredis (C), the parser redis-py itself
-  uses when it is installed;
+- commands packed by hiredis (C), the parser redis-py itself uses when it is
+  installed; replies parsed by hiredis too, except that a large bulk string (a
+  payload) is received straight into a buffer of its own (:mod:`meshserve.store.resp`);
 - pipelines (several commands, one write, replies in place, errors as values);
 - a large argument as :class:`Chunks` (buffers that make one bulk string), written
   as they are, never joined or copied into a packed command;
@@ -54,6 +55,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
+from meshserve.store.resp import ProtocolError, RespReader
 from meshserve.store.sentinel import Resolver, SentinelTarget, is_sentinel_url
 
 
@@ -123,12 +125,16 @@ class _Pending:
         self.replies: list[Any] = []
 
 
-class _Protocol(asyncio.Protocol):
+class _Protocol(asyncio.BufferedProtocol):
+    """The replies are read by :class:`~meshserve.store.resp.RespReader`: the transport
+    receives into its buffers, a large bulk string (a payload) straight into the one
+    that becomes the reply, with no copy by a parser."""
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         # Python 3.11's get_running_loop makes a getpid system call each time: once here, not per command
         self.loop = asyncio.get_running_loop()
-        self.reader = hiredis.Reader()
+        self.reader = RespReader()
         self.pending: collections.deque[_Pending] = collections.deque()
         self.closed = False
         self.lost = asyncio.Event()  # set once the transport has closed its socket
@@ -136,11 +142,19 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
 
-    def data_received(self, data: bytes) -> None:
-        reader = self.reader
-        reader.feed(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
+        try:
+            replies = self.reader.received(nbytes)
+        except (ProtocolError, hiredis.ProtocolError, ValueError) as exc:
+            self.abort(ConnectionError(f"unreadable reply from Redis: {exc}"))
+            return
         pending = self.pending
-        while (reply := reader.gets()) is not False:
+        for reply in replies:
             if not pending:  # a reply no one asked for: the stream is out of step
                 self.abort(ConnectionError("unexpected reply from Redis"))
                 return
