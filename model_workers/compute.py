@@ -57,7 +57,8 @@ class Compute:
         feed: dict[str, Any],
         keep_leases: Callable[[], Coroutine[Any, Any, None]],
         deadline_ms: int,
-    ) -> tuple[list[Any], int]:
+        run: Callable[[dict[str, Any], Any], Any] | None = None,
+    ) -> tuple[Any, int]:
         """Run one batch whose last request is due at ``deadline_ms`` (Unix ms).
 
         Inline if the model is quick (TurnedSlow if stopped there), else on an ONNX Runtime thread with
@@ -65,10 +66,12 @@ class Compute:
         outputs and the run's time in µs, timed once the model's instance and a pool
         slot are held (a canary in progress finishes first; its time is not the batch's).
         Raises DeadlineExceeded when every request's deadline passed mid-run, and
-        Unavailable when the run outlasted the model's execution timeout."""
+        Unavailable when the run outlasted the model's execution timeout. ``run``: what
+        runs in place of ``served.model.run`` (a decoupled Python model's stream, never
+        inline; the execution timeout bounds its whole stream)."""
         async with served.instances:
             # a large batch never runs on the loop, however quick its model (OFF_LOOP_BYTES)
-            if served.runs_inline() and sum(array.nbytes for array in feed.values()) <= OFF_LOOP_BYTES:
+            if run is None and served.runs_inline() and sum(array.nbytes for array in feed.values()) <= OFF_LOOP_BYTES:
                 started_ns = time.time_ns()
                 stop = Stop()
                 self._watchdog.arm(stop, time.monotonic() + INLINE_LIMIT_MS / 1000, INLINE_LIMIT)
@@ -87,12 +90,14 @@ class Compute:
                 started_ns = time.time_ns()
                 heartbeat = asyncio.create_task(keep_leases())
                 try:
-                    outputs = await self._run_limited(served, feed, deadline_ms)
+                    outputs = await self._run_limited(served, feed, deadline_ms, run or served.model.run)
                 finally:
                     heartbeat.cancel()
                 return outputs, (time.time_ns() - started_ns) // 1000
 
-    async def _run_limited(self, served: Served, feed: dict[str, Any], deadline_ms: int) -> list[Any]:
+    async def _run_limited(
+        self, served: Served, feed: dict[str, Any], deadline_ms: int, run: Callable[[dict[str, Any], Any], Any]
+    ) -> Any:
         """One run on a thread, stopped at the execution timeout or ``deadline_ms``."""
         stop = Stop()
         now_s = time.monotonic()
@@ -100,9 +105,7 @@ class Compute:
         self._watchdog.arm(stop, now_s + limit_ms / 1000, EXECUTION_TIMEOUT)
         self._watchdog.arm(stop, now_s + (deadline_ms - time.time() * 1000) / 1000, DEADLINE)
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, served.model.run, feed, stop.options
-            )
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run, feed, stop.options)
         except Exception as exc:
             name = served.model.info.name
             if stop.reason == EXECUTION_TIMEOUT:

@@ -1,0 +1,170 @@
+"""Decoupled Python models through the whole mesh: a generator ``execute`` answers many
+responses per request over ModelStreamInfer, on the same partial-reply path as the
+``generate`` mode (model_workers/python_stream.py; docs/models.md "Decoupled Python models").
+
+tritonclient's stream calls on the same model: tests/compat/test_tritonclient_python_decoupled.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from meshserve.queue import ModelKeys
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+from tests.python_models import write_streamer
+from tests.support import (
+    Mesh,
+    hold_serving,
+    infer_request,
+    infer_stub,
+    output_arrays,
+    release_serving,
+    start_mesh,
+    stop_mesh,
+    wait_queued,
+)
+
+RPC_TIMEOUT_S = 20
+FINAL = "triton_final_response"
+ALLOWED = {"allow_python_models": True}
+
+
+@pytest.fixture
+async def mesh(redis: Redis, redis_url: str, tmp_path: Path) -> AsyncIterator[Mesh]:
+    repository = tmp_path / "repo"
+    write_streamer(repository)
+    mesh = await start_mesh(redis_url, repository, worker_overrides=ALLOWED)
+    try:
+        yield mesh
+    finally:
+        await stop_mesh(mesh)
+
+
+def count_request(n: int, request_id: str) -> pb.ModelInferRequest:
+    return infer_request("streamer", {"n": np.array([[n]], np.int32)}, request_id=request_id)
+
+
+async def read_request(call: Any) -> tuple[list[int], list[bool], str]:
+    """One request's responses until its final one or an error: (values, final flags, error)."""
+    values: list[int] = []
+    flags: list[bool] = []
+    while True:
+        response = await call.read()
+        assert response is not grpc.aio.EOF, f"stream ended after {len(values)} responses"
+        if response.error_message:
+            return values, flags, response.error_message
+        final = response.infer_response.parameters[FINAL].bool_param
+        flags.append(final)
+        if response.infer_response.outputs:
+            values.append(int(output_arrays(response.infer_response)["i"][0, 0]))
+        if final:
+            return values, flags, ""
+
+
+async def test_a_generator_execute_streams_its_responses_in_order_the_returned_one_final(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+        await call.write(count_request(5, "five"))
+        values, flags, error = await read_request(call)
+        await call.write(count_request(1, "one"))
+        one = await read_request(call)
+        await call.done_writing()
+    assert (values, flags, error) == ([0, 1, 2, 3, 4], [False] * 4 + [True], "")
+    assert one == ([0], [True], "")
+
+
+async def test_requests_batched_together_each_get_their_rows(mesh: Mesh, redis: Redis) -> None:
+    """Three requests claimed as one batch: one execute, each request its own stream."""
+    await hold_serving(mesh.workers[0])
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        stub = infer_stub(channel)
+        calls = [stub.ModelStreamInfer(timeout=RPC_TIMEOUT_S) for _ in range(3)]
+        for index, call in enumerate(calls):
+            await call.write(count_request(3, f"r{index}"))
+        await wait_queued(redis, "streamer", 3)
+        release_serving(mesh.workers[0])
+        results = await asyncio.gather(*(read_request(call) for call in calls))
+        for call in calls:
+            await call.done_writing()
+    assert results == [([0, 1, 2], [False, False, True], "")] * 3
+
+
+async def test_model_infer_on_a_decoupled_python_model_is_refused(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await infer_stub(channel).ModelInfer(count_request(3, "x"), timeout=RPC_TIMEOUT_S)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "decoupled" in (refused.value.details() or "")
+
+
+async def test_an_exception_mid_stream_names_the_model_and_type_after_the_responses_sent(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+        await call.write(count_request(-1, "raises"))
+        values, flags, error = await read_request(call)
+        await call.write(count_request(2, "after"))
+        after = await read_request(call)
+        await call.done_writing()
+    assert values == [0, 1]
+    assert flags == [False, False]
+    assert "model 'streamer'" in error
+    assert "ValueError: n is -1" in error
+    assert "2 responses of this request were sent" in error
+    assert "Traceback" not in error
+    assert after == ([0, 1], [False, True], "")
+
+
+async def test_a_crash_mid_stream_fails_it_unavailable_and_a_fresh_process_serves(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+        await call.write(count_request(-2, "exits"))
+        values, _, error = await read_request(call)
+        await call.write(count_request(3, "fresh"))
+        fresh = await read_request(call)
+        await call.done_writing()
+    assert values == [0, 1]
+    assert "UNAVAILABLE" in error or "exit code 3" in error
+    assert "model 'streamer'" in error
+    assert "exit code 3" in error
+    assert fresh == ([0, 1, 2], [False, False, True], "")
+
+
+async def test_a_cancelled_stream_closes_the_models_iterator_and_acks_the_job(
+    mesh: Mesh, redis: Redis, tmp_path: Path
+) -> None:
+    """A stream of 100 000 responses (10 ms apart) whose client cancels: the worker's next
+    partial is refused, the generator is closed (GeneratorExit in model.py) and the job acked."""
+    marker = tmp_path / "repo" / "streamer" / "1" / "closed"
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+        await call.write(count_request(100_000, "gone"))
+        await call.read()
+        call.cancel()
+    async with asyncio.timeout(10):  # the whole stream would take over 15 minutes
+        while not marker.exists():  # noqa: ASYNC110 (bounded poll: the close runs in another process)
+            await asyncio.sleep(0.02)
+        await mesh.workers[0].worker.leases.flushed()
+        while await redis.zcard(ModelKeys.for_model("streamer", 1).inflight):  # noqa: ASYNC110 (the ack is a write of the worker's)
+            await asyncio.sleep(0.02)
+
+
+async def test_a_request_past_its_deadline_mid_stream_ends_deadline_exceeded(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        stub: pb_grpc.GRPCInferenceServiceStub = infer_stub(channel)
+        call = stub.ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+        request = count_request(100_000, "due")
+        request.parameters["timeout"].int64_param = 300_000  # µs: 300 ms
+        await call.write(request)
+        values, _, error = await read_request(call)
+        await call.done_writing()
+    assert values
+    assert len(values) < 100_000
+    assert "deadline" in error.lower()
