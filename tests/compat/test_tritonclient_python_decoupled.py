@@ -65,7 +65,8 @@ def test_sync_stream_gets_n_responses_in_order_then_an_error_mid_stream(mesh: Ru
     error = failed[2][1]
     assert error is not None
     message = error.message()  # type: ignore[attr-defined]
-    assert "model 'streamer'" in message and "ValueError: n is -1" in message
+    assert "model 'streamer'" in message
+    assert "ValueError: n is -1" in message
     assert "Traceback" not in message
 
 
@@ -76,7 +77,7 @@ def test_sync_stop_stream_with_cancel_closes_the_models_generator(mesh: RunningM
     client.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=60)
     try:
         client.async_stream_infer("streamer", [count_input(tc, LONG)], request_id="long")
-        first, error = answers.get(timeout=20)
+        _, error = answers.get(timeout=20)
         assert error is None
     finally:
         client.stop_stream(cancel_requests=True)
@@ -116,7 +117,7 @@ async def test_asyncio_stream_infer_gets_n_responses_then_a_cancel_closes_the_ge
     client = tc_aio.InferenceServerClient(mesh.address)
     try:
         responses = client.stream_infer(long_request(), stream_timeout=60)
-        result, error = await anext(aiter(responses))
+        _, error = await anext(aiter(responses))
         assert error is None
     finally:
         await client.close()  # the channel closes: the stream is cancelled
