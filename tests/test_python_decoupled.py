@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from meshserve.queue import ModelKeys
+from meshserve_bench.python_hop import measure_stream
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.python_models import write_streamer
@@ -168,3 +169,7 @@ async def test_a_request_past_its_deadline_mid_stream_ends_deadline_exceeded(mes
     assert values
     assert len(values) < 100_000
     assert "deadline" in error.lower()
+
+
+def test_the_stream_hop_bench_answers_every_response() -> None:
+    assert measure_stream(1024, calls=2) > 0  # raises when a response is not the input
