@@ -15,6 +15,9 @@ any reply does, flagged final.
   request leaves the batch; the worker holding it now answers it.
 - A job that streamed before (its first worker died mid-stream) is never restarted:
   it is answered UNAVAILABLE with the count sent (``generate.restart_refused``).
+- A worker told to stop closes the iterator at the next response and answers its
+  requests UNAVAILABLE with the count sent (``generate.stopped_while_generating``),
+  as the ``generate`` mode does: a request that streamed is not handed on.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from meshserve.queue import load_partial_script, partial_command, streamed_count
 from meshserve.store.link import RedisLink
 from meshserve.wire.envelope import failed_reply
 from model_workers.batches import Job, serialize_reply, split
-from model_workers.generate import CALLER_GONE, restart_refused
+from model_workers.generate import CALLER_GONE, restart_refused, stopped_while_generating
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 
@@ -63,8 +66,18 @@ async def refuse_restarts(
 class Stream:
     """One streaming batch: which requests still listen, and how many responses went out."""
 
-    def __init__(self, served: Served, jobs: list[Job], redis: RedisLink, worker_id: str, claimed_ns: int) -> None:
+    def __init__(
+        self,
+        served: Served,
+        jobs: list[Job],
+        redis: RedisLink,
+        worker_id: str,
+        claimed_ns: int,
+        stopping: asyncio.Event,
+    ) -> None:
         self._served = served
+        self._stopping = stopping
+        self.stopped = False  # the worker stopped it: its requests end UNAVAILABLE
         self._jobs = list(jobs)  # the batch's rows, in order
         self._redis = redis
         self._worker_id = worker_id
@@ -79,7 +92,8 @@ class Stream:
         return self._served.model.stream(feed, options, self._respond)  # type: ignore[attr-defined, no-any-return]
 
     def _respond(self, outputs: list[np.ndarray[Any, Any]]) -> bool:
-        """Write one response to every request still listening; False when none is left."""
+        """Write one response to every request still listening; False when none is left
+        (or the worker is stopping)."""
         replies = [(job, reply) for job, reply in self._cut(outputs, more=True) if job.job_id in self.listening]
         blobs = [(job, serialize_reply(job, reply)) for job, reply in replies]
         pushed = asyncio.run_coroutine_threadsafe(self._push(blobs), self._loop).result(PUSH_TIMEOUT_S)
@@ -89,11 +103,18 @@ class Stream:
                 if result < 0:
                     self.gone.append(job)
         self.sent += 1
-        return bool(self.listening)
+        if self._stopping.is_set():  # read off the loop's thread: a flag, at worst one response late
+            self.stopped = True
+        return bool(self.listening) and not self.stopped
 
     def finals(self, outputs: list[np.ndarray[Any, Any]] | None) -> list[tuple[Job, mpb.InferReply]]:
         """The final reply of every request still listening (no outputs when ``outputs`` is
-        None: Triton's empty final response), and ``CALLER_GONE`` for the callers that left."""
+        None: Triton's empty final response), and ``CALLER_GONE`` for the callers that left;
+        UNAVAILABLE with the count sent when the worker stopped the stream."""
+        gone = [(job, failed_reply(job.job_id, CALLER_GONE)) for job in self.gone]
+        if self.stopped:
+            error = stopped_while_generating(self.sent)
+            return [(job, failed_reply(job.job_id, error)) for job in self._jobs if job.job_id in self.listening] + gone
         if outputs is None:
             info = self._served.model.info
             replies = [
@@ -105,7 +126,7 @@ class Stream:
         else:
             replies = self._cut(outputs, more=False)
         answers = [(job, reply) for job, reply in replies if job.job_id in self.listening]
-        return answers + [(job, failed_reply(job.job_id, CALLER_GONE)) for job in self.gone]
+        return answers + gone
 
     def _cut(self, outputs: list[np.ndarray[Any, Any]], *, more: bool) -> list[tuple[Job, mpb.InferReply]]:
         replies = split(self._served, self._jobs, outputs, 0, self._claimed_ns, self._worker_id)

@@ -343,7 +343,11 @@ class BatchRunner:
             if info.sequence is not None:  # each step's state, from Redis with its claim
                 feed.update(step_feeds(info.sequence, jobs, info.max_batch_size > 0))
             stacked_ns = time.time_ns()
-            stream = Stream(served, jobs, self._queue.redis, self._worker_id, claimed_ns) if streams(info) else None
+            stream = (
+                Stream(served, jobs, self._queue.redis, self._worker_id, claimed_ns, self._stopping)
+                if streams(info)
+                else None
+            )
             try:
                 with self._compute_spans(info.name, jobs, total, traced) if traced else UNTRACED:
                     keep_leases = partial(self._leases.extend_while_computing, served, jobs)

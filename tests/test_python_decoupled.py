@@ -173,3 +173,17 @@ async def test_a_request_past_its_deadline_mid_stream_ends_deadline_exceeded(mes
 
 def test_the_stream_hop_bench_answers_every_response() -> None:
     assert measure_stream(1024, calls=2) > 0  # raises when a response is not the input
+
+
+async def test_a_worker_stopped_mid_stream_ends_it_unavailable_with_the_count(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+        await call.write(count_request(100_000, "cut"))
+        first = await call.read()  # the stream is under way
+        assert not first.infer_response.parameters[FINAL].bool_param
+        await mesh.workers[0].stop()
+        values, flags, error = await read_request(call)
+    sent = 1 + len(values)
+    assert f"after {sent} responses were sent" in error
+    assert not any(flags)
+    mesh.workers.clear()  # stopped already
