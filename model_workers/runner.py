@@ -209,6 +209,11 @@ class BatchRunner:
         loops = [g.task for g in self._generators.values() if g.task is not None]
         await asyncio.gather(*loops, return_exceptions=True)
 
+    def detached(self) -> list[asyncio.Task[None]]:
+        """The batches computing on tasks of their own now (a decoupled Python model's
+        stream among them)."""
+        return list(self._detached)
+
     def generators(self) -> dict[str, Generator]:
         """The generation loops made so far, by the model's ready key."""
         return dict(self._generators)

@@ -187,3 +187,38 @@ async def test_a_worker_stopped_mid_stream_ends_it_unavailable_with_the_count(me
     assert f"after {sent} responses were sent" in error
     assert not any(flags)
     mesh.workers.clear()  # stopped already
+
+
+async def test_a_worker_lost_mid_stream_leaves_the_request_unavailable_with_the_count(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """The streaming worker is lost (its serve loop, reaper and batch task end, its lease
+    lapses): the other worker claims the job, finds responses were sent, and answers
+    UNAVAILABLE with the count instead of streaming them again; the lost worker's next
+    partial is refused, so its generator is closed."""
+    repository = tmp_path / "repo"
+    write_streamer(repository)
+    mesh = await start_mesh(redis_url, repository, workers=2, worker_overrides={**ALLOWED, "lease_ms": 600})
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+            await call.write(count_request(100_000, "lost"))
+            await call.read()  # streaming somewhere
+            streaming = [server for server in mesh.workers if server.worker.runner.detached()]
+            assert len(streaming) == 1
+            lost = streaming[0]
+            for name in ("serve", "reaper"):
+                lost.tasks[name].cancel()
+            for task in lost.worker.runner.detached():
+                task.cancel()  # its lease is no longer extended; its thread streams on, unheard
+            values, flags, error = await read_request(call)
+            await call.done_writing()
+        sent = 1 + len(values)
+        assert not any(flags)
+        assert f"lost after {sent} responses were sent" in error
+        marker = repository / "streamer" / "1" / "closed"
+        async with asyncio.timeout(10):
+            while not marker.exists():  # noqa: ASYNC110 (the close runs in the model's process)
+                await asyncio.sleep(0.02)
+    finally:
+        await stop_mesh(mesh)
