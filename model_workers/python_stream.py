@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from redis.exceptions import NoScriptError, RedisError
 
+from meshserve.errors import ResourceExhausted
 from meshserve.models.python_backend import PYTHON
 from meshserve.models.repository import ModelInfo
 from meshserve.queue import load_partial_script, partial_command, streamed_counts
@@ -74,8 +75,11 @@ class Stream:
         worker_id: str,
         claimed_ns: int,
         stopping: asyncio.Event,
+        max_message_bytes: int,
     ) -> None:
         self._served = served
+        self._max_message_bytes = max_message_bytes
+        self.refused: list[tuple[Job, mpb.InferReply]] = []  # responses over the message limit
         self._stopping = stopping
         self.stopped = False  # the worker stopped it: its requests end UNAVAILABLE
         self._jobs = list(jobs)  # the batch's rows, in order
@@ -95,6 +99,7 @@ class Stream:
         """Write one response to every request still listening; False when none is left
         (or the worker is stopping)."""
         replies = [(job, reply) for job, reply in self._cut(outputs, more=True) if job.job_id in self.listening]
+        replies = [(job, reply) for job, reply in replies if self._within_limit(job)]
         blobs = [(job, serialize_reply(job, reply)) for job, reply in replies]
         pushed = asyncio.run_coroutine_threadsafe(self._push(blobs), self._loop).result(PUSH_TIMEOUT_S)
         for (job, _), result in zip(blobs, pushed, strict=True):
@@ -107,11 +112,25 @@ class Stream:
             self.stopped = True
         return bool(self.listening) and not self.stopped
 
+    def _within_limit(self, job: Job) -> bool:
+        """Whether ``job``'s response fits the message limit; if not, it leaves the stream
+        and ends RESOURCE_EXHAUSTED (the gateway could not send it)."""
+        size = job.reply_bytes()
+        if size <= self._max_message_bytes:
+            return True
+        self.listening.discard(job.job_id)
+        message = (
+            f"model '{self._served.model.info.name}' answered a response of {size} bytes of outputs, over the limit"
+            f" of {self._max_message_bytes} bytes (--max-message-bytes, MESHSERVE_MAX_MESSAGE_BYTES)"
+        )
+        self.refused.append((job, failed_reply(job.job_id, ResourceExhausted(message, reason="message_size"))))
+        return False
+
     def finals(self, outputs: list[np.ndarray[Any, Any]] | None) -> list[tuple[Job, mpb.InferReply]]:
         """The final reply of every request still listening (no outputs when ``outputs`` is
         None: Triton's empty final response), and ``CALLER_GONE`` for the callers that left;
         UNAVAILABLE with the count sent when the worker stopped the stream."""
-        gone = [(job, failed_reply(job.job_id, CALLER_GONE)) for job in self.gone]
+        gone = [(job, failed_reply(job.job_id, CALLER_GONE)) for job in self.gone] + self.refused
         if self.stopped:
             error = stopped_while_generating(self.sent)
             return [(job, failed_reply(job.job_id, error)) for job in self._jobs if job.job_id in self.listening] + gone

@@ -349,7 +349,15 @@ class BatchRunner:
                 feed.update(step_feeds(info.sequence, jobs, info.max_batch_size > 0))
             stacked_ns = time.time_ns()
             stream = (
-                Stream(served, jobs, self._queue.redis, self._worker_id, claimed_ns, self._stopping)
+                Stream(
+                    served,
+                    jobs,
+                    self._queue.redis,
+                    self._worker_id,
+                    claimed_ns,
+                    self._stopping,
+                    self._settings.max_message_bytes,
+                )
                 if streams(info)
                 else None
             )

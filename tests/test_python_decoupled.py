@@ -222,3 +222,21 @@ async def test_a_worker_lost_mid_stream_leaves_the_request_unavailable_with_the_
                 await asyncio.sleep(0.02)
     finally:
         await stop_mesh(mesh)
+
+
+async def test_a_response_over_the_message_limit_ends_its_request_resource_exhausted(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    write_streamer(repository)
+    mesh = await start_mesh(redis_url, repository, worker_overrides={**ALLOWED, "max_message_bytes": 3})
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+            await call.write(count_request(3, "big"))  # each response is 4 bytes of INT32
+            values, _, error = await read_request(call)
+            await call.done_writing()
+        assert values == []
+        assert "over the limit of 3 bytes" in error
+    finally:
+        await stop_mesh(mesh)
