@@ -7,6 +7,10 @@ input area, a small control message crosses the pipe, the child runs
 ``Model.execute`` on arrays read in place and lays its outputs into the shared output
 area, and the worker copies them out (one copy in, one copy out; no pickled arrays).
 
+A decoupled model (``decoupled: true``) streams: ``stream`` hands each response the
+child yields to a callback as it comes (``model_workers/python_stream.py`` writes
+them as partial replies), the output area reused response after response.
+
 Failures stay with the batch that met them:
 
 - an exception in ``execute`` answers that batch INTERNAL, naming the model and the
