@@ -9,11 +9,18 @@ more than the run), unless its inputs pass ``OFF_LOOP_BYTES``, stopped after
 on a task and thread of its own). Every run on a thread is stopped (ONNX Runtime's
 ``RunOptions.terminate``) at the model's execution timeout, or when every request of
 its batch has passed its deadline.
+
+A decoupled Python model's stream (``run_batch``'s ``run``) takes no pool slot: it
+may last minutes, its work is done in the model's own process, and its thread only
+waits on a pipe and on Redis; it runs on a thread of the stream pool instead, bounded
+by the model's instances. Holding a slot for a stream would starve every other model
+of the worker while it lasts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -29,6 +36,11 @@ EXECUTION_TIMEOUT = "execution timeout"
 DEADLINE = "deadline"
 INLINE_LIMIT = "inline limit"
 CANARY_TIMEOUT = "canary timeout"
+
+
+STREAM_THREADS = 64
+"""Streams at once on a worker (each waits on its Python process; the models'
+``instances`` bound them first)."""
 
 
 class TurnedSlow(Exception):
@@ -49,6 +61,7 @@ class Compute:
         slots = slots or default_slots()
         self._slots = asyncio.Semaphore(slots)
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="ort")
+        self._streams = ThreadPoolExecutor(max_workers=STREAM_THREADS, thread_name_prefix="stream")
         self._watchdog = Watchdog()
 
     async def run_batch(
@@ -86,17 +99,25 @@ class Compute:
                     ) from exc
                 finally:
                     self._watchdog.disarm(stop)
-            async with self._slots:
+            async with self._slots if run is None else contextlib.nullcontext():
                 started_ns = time.time_ns()
                 heartbeat = asyncio.create_task(keep_leases())
                 try:
-                    outputs = await self._run_limited(served, feed, deadline_ms, run or served.model.run)
+                    if run is None:
+                        outputs = await self._run_limited(served, feed, deadline_ms, served.model.run, self._executor)
+                    else:
+                        outputs = await self._run_limited(served, feed, deadline_ms, run, self._streams)
                 finally:
                     heartbeat.cancel()
                 return outputs, (time.time_ns() - started_ns) // 1000
 
     async def _run_limited(
-        self, served: Served, feed: dict[str, Any], deadline_ms: int, run: Callable[[dict[str, Any], Any], Any]
+        self,
+        served: Served,
+        feed: dict[str, Any],
+        deadline_ms: int,
+        run: Callable[[dict[str, Any], Any], Any],
+        executor: ThreadPoolExecutor,
     ) -> Any:
         """One run on a thread, stopped at the execution timeout or ``deadline_ms``."""
         stop = Stop()
@@ -105,7 +126,7 @@ class Compute:
         self._watchdog.arm(stop, now_s + limit_ms / 1000, EXECUTION_TIMEOUT)
         self._watchdog.arm(stop, now_s + (deadline_ms - time.time() * 1000) / 1000, DEADLINE)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, run, feed, stop.options)
+            return await asyncio.get_running_loop().run_in_executor(executor, run, feed, stop.options)
         except Exception as exc:
             name = served.model.info.name
             if stop.reason == EXECUTION_TIMEOUT:
@@ -145,4 +166,5 @@ class Compute:
     def close(self) -> None:
         """Wait for the runs in progress, then end the threads."""
         self._executor.shutdown(wait=True)
+        self._streams.shutdown(wait=True)
         self._watchdog.close()

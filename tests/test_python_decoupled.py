@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
+from meshserve.devkit.examples import write_example_repository
 from meshserve.queue import ModelKeys
 from meshserve_bench.python_hop import measure_stream
 from protos import grpc_service_pb2 as pb
@@ -238,5 +239,29 @@ async def test_a_response_over_the_message_limit_ends_its_request_resource_exhau
             await call.done_writing()
         assert values == []
         assert "over the limit of 3 bytes" in error
+    finally:
+        await stop_mesh(mesh)
+
+
+async def test_a_long_stream_holds_no_compute_slot_so_an_onnx_model_goes_on(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A worker with one compute slot: a stream of 100 000 responses in progress does not
+    keep the ONNX model beside it from answering (the stream waits on its process, not
+    on the worker's run pool)."""
+    repository = write_example_repository(tmp_path / "repo", ["mlp"])
+    write_streamer(repository)
+    mesh = await start_mesh(redis_url, repository, worker_overrides={**ALLOWED, "compute_slots": 1})
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = infer_stub(channel)
+            call = stub.ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+            await call.write(count_request(100_000, "long"))
+            await call.read()  # the stream is under way
+            for _ in range(3):
+                features = np.ones((1, 64), np.float32)
+                reply = await stub.ModelInfer(infer_request("mlp", {"features": features}), timeout=10)
+                assert output_arrays(reply)["logits"].shape == (1, 10)
+            call.cancel()
     finally:
         await stop_mesh(mesh)
