@@ -70,7 +70,7 @@ class Compute:
         feed: dict[str, Any],
         keep_leases: Callable[[], Coroutine[Any, Any, None]],
         deadline_ms: int,
-        run: Callable[[dict[str, Any], Any], Any] | None = None,
+        run: Callable[[dict[str, Any], Any, Callable[[], None]], Any] | None = None,
     ) -> tuple[Any, int]:
         """Run one batch whose last request is due at ``deadline_ms`` (Unix ms).
 
@@ -81,7 +81,8 @@ class Compute:
         Raises DeadlineExceeded when every request's deadline passed mid-run, and
         Unavailable when the run outlasted the model's execution timeout. ``run``: what
         runs in place of ``served.model.run`` (a decoupled Python model's stream, never
-        inline; the execution timeout bounds its whole stream)."""
+        inline), given a third argument to call at each response: the execution
+        timeout bounds the time to the first response and between two, not the stream."""
         async with served.instances:
             # a large batch never runs on the loop, however quick its model (OFF_LOOP_BYTES)
             if run is None and served.runs_inline() and sum(array.nbytes for array in feed.values()) <= OFF_LOOP_BYTES:
@@ -106,7 +107,7 @@ class Compute:
                     if run is None:
                         outputs = await self._run_limited(served, feed, deadline_ms, served.model.run, self._executor)
                     else:
-                        outputs = await self._run_limited(served, feed, deadline_ms, run, self._streams)
+                        outputs = await self._run_limited(served, feed, deadline_ms, run, self._streams, streams=True)
                 finally:
                     heartbeat.cancel()
                 return outputs, (time.time_ns() - started_ns) // 1000
@@ -116,8 +117,10 @@ class Compute:
         served: Served,
         feed: dict[str, Any],
         deadline_ms: int,
-        run: Callable[[dict[str, Any], Any], Any],
+        run: Callable[..., Any],
         executor: ThreadPoolExecutor,
+        *,
+        streams: bool = False,
     ) -> Any:
         """One run on a thread, stopped at the execution timeout or ``deadline_ms``."""
         stop = Stop()
@@ -125,8 +128,15 @@ class Compute:
         limit_ms = served.execution_timeout_ms()
         self._watchdog.arm(stop, now_s + limit_ms / 1000, EXECUTION_TIMEOUT)
         self._watchdog.arm(stop, now_s + (deadline_ms - time.time() * 1000) / 1000, DEADLINE)
+        arguments: tuple[Any, ...] = (feed, stop.options)
+        if streams:  # each response gives the stream its execution timeout again
+
+            def responded() -> None:
+                self._watchdog.postpone(stop, time.monotonic() + limit_ms / 1000, EXECUTION_TIMEOUT)
+
+            arguments = (*arguments, responded)
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, run, feed, stop.options)
+            return await asyncio.get_running_loop().run_in_executor(executor, run, *arguments)
         except Exception as exc:
             name = served.model.info.name
             if stop.reason == EXECUTION_TIMEOUT:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -90,9 +91,14 @@ class Stream:
         self.listening = {job.job_id for job in jobs}
         self.gone: list[Job] = []  # callers that went away: acked at the end
         self.sent = 0  # responses each listening request got
+        self._responded: Callable[[], None] = lambda: None
 
-    def run(self, feed: dict[str, np.ndarray[Any, Any]], options: Any) -> list[np.ndarray[Any, Any]] | None:
-        """The model's stream (on the compute thread); its final outputs or None."""
+    def run(
+        self, feed: dict[str, np.ndarray[Any, Any]], options: Any, responded: Callable[[], None]
+    ) -> list[np.ndarray[Any, Any]] | None:
+        """The model's stream (on a stream thread); its final outputs or None.
+        ``responded`` is called after each response is written (the time limit starts again)."""
+        self._responded = responded
         return self._served.model.stream(feed, options, self._respond)  # type: ignore[attr-defined, no-any-return]
 
     def _respond(self, outputs: list[np.ndarray[Any, Any]]) -> bool:
@@ -108,6 +114,7 @@ class Stream:
                 if result < 0:
                     self.gone.append(job)
         self.sent += 1
+        self._responded()
         if self._stopping.is_set():  # read off the loop's thread: a flag, at worst one response late
             self.stopped = True
         return bool(self.listening) and not self.stopped

@@ -59,6 +59,7 @@ STREAMER_CONFIG = """\
 backend: python
 decoupled: true
 max_batch_size: 8
+execution_timeout_ms: {timeout_ms}
 input:
   - {name: n, datatype: INT32, dims: [1]}
 output:
@@ -68,7 +69,8 @@ output:
 STREAMER_PY = '''\
 """A decoupled Python model: for a batch whose largest n is N, responses i = 0 .. N-1, the
 last returned (flagged final). n = -1 raises after two responses, -2 exits after two,
-n >= 1000 sleeps 10 ms between responses. A closed stream appends to <version dir>/closed."""
+-3 answers 7 responses 100 ms apart, -4 hangs after one; n >= 1000 sleeps 10 ms between
+responses. A closed stream appends to <version dir>/closed."""
 import os
 import time
 
@@ -83,6 +85,12 @@ class Model:
         n = inputs["n"]
         rows = n.shape[0]
         count = int(n.max())
+        if (n == -3).any() or (n == -4).any():
+            for i in range(7):
+                if i:
+                    time.sleep(100 if (n == -4).any() else 0.1)
+                yield {"i": np.full((rows, 1), i, np.int32)}
+            return None
         if (n == -1).any() or (n == -2).any():
             for i in range(2):
                 yield {"i": np.full((rows, 1), i, np.int32)}
@@ -102,9 +110,9 @@ class Model:
 '''
 
 
-def write_streamer(repository: Path) -> None:
+def write_streamer(repository: Path, *, timeout_ms: int = 20_000) -> None:
     """``streamer``: a decoupled Python model (a generator ``execute``) that can raise, exit or run long."""
     version_dir = repository / "streamer" / "1"
     version_dir.mkdir(parents=True)
-    (repository / "streamer" / "config.yaml").write_text(STREAMER_CONFIG)
+    (repository / "streamer" / "config.yaml").write_text(STREAMER_CONFIG.replace("{timeout_ms}", str(timeout_ms)))
     (version_dir / "model.py").write_text(STREAMER_PY)

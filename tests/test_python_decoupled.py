@@ -265,3 +265,28 @@ async def test_a_long_stream_holds_no_compute_slot_so_an_onnx_model_goes_on(
             call.cancel()
     finally:
         await stop_mesh(mesh)
+
+
+async def test_the_execution_timeout_bounds_the_wait_for_each_response_not_the_stream(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """execution_timeout_ms 400: seven responses 100 ms apart (600 ms in all) stream to
+    the end; a model silent after its first response is killed at the limit."""
+    repository = tmp_path / "repo"
+    write_streamer(repository, timeout_ms=400)
+    mesh = await start_mesh(redis_url, repository, worker_overrides=ALLOWED)
+    try:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)
+            request = count_request(-3, "paced")
+            request.parameters["triton_enable_empty_final_response"].bool_param = True
+            await call.write(request)
+            paced = await read_request(call)
+            await call.write(count_request(-4, "silent"))
+            silent = await read_request(call)
+            await call.done_writing()
+        assert paced == ([0, 1, 2, 3, 4, 5, 6], [False] * 7 + [True], "")  # the final flag alone, as asked
+        assert silent[0] == [0]
+        assert "execution timeout of 400 ms" in silent[2]
+    finally:
+        await stop_mesh(mesh)
