@@ -136,6 +136,7 @@ class PythonModel:
         self._all = [_Instance(index) for index in range(info.instances)]
         self._warmup: warmup.WarmupInputs | None = None
         self._closed = False  # set by close: nothing restarts after
+        self._restarts: list[threading.Thread] = []  # fresh processes being started (close waits for them)
         self._config: dict[str, Any] = {
             "model_name": info.name,
             "model_version": info.version,
@@ -212,7 +213,9 @@ class PythonModel:
             return self._run_on(instance, inputs, options, respond)
         finally:
             if instance.conn is None and not self._closed:  # killed or crashed in this run
-                threading.Thread(target=self._restart, args=(instance,), name="python-model-restart").start()
+                restart = threading.Thread(target=self._restart, args=(instance,), name="python-model-restart")
+                self._restarts = [t for t in self._restarts if t.is_alive()] + [restart]
+                restart.start()
             else:
                 self._free.put(instance)
 
@@ -238,6 +241,8 @@ class PythonModel:
     def close(self) -> None:
         """Ask every process to finalize and exit; kill those still running after ``STOP_GRACE_S``."""
         self._closed = True
+        for restart in self._restarts:  # a process starting now is killed by its thread, not raced here
+            restart.join(STOP_GRACE_S)
         for instance in self._all:
             if instance.conn is not None:
                 with contextlib.suppress(OSError):
@@ -388,7 +393,7 @@ class PythonModel:
         if instance.conn is not None:
             instance.conn.close()
             instance.conn = None
-        for area in instance.areas.values():
+        for area in list(instance.areas.values()):
             area.close()
         instance.areas.clear()
         self._forget_fresh(instance)

@@ -145,6 +145,7 @@ async def test_a_cancelled_stream_closes_the_models_iterator_and_acks_the_job(
     """A stream of 100 000 responses (10 ms apart) whose client cancels: the worker's next
     partial is refused, the generator is closed (GeneratorExit in model.py) and the job acked."""
     marker = tmp_path / "repo" / "streamer" / "1" / "closed"
+    assert not marker.exists()
     async with grpc.aio.insecure_channel(mesh.address) as channel:
         call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)
         await call.write(count_request(100_000, "gone"))
@@ -205,6 +206,7 @@ async def test_a_worker_lost_mid_stream_leaves_the_request_unavailable_with_the_
             call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)
             await call.write(count_request(100_000, "lost"))
             await call.read()  # streaming somewhere
+            assert not (repository / "streamer" / "1" / "closed").exists()
             streaming = [server for server in mesh.workers if server.worker.runner.detached()]
             assert len(streaming) == 1
             lost = streaming[0]
