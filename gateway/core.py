@@ -297,12 +297,23 @@ class Gateway:
                 packed = pack_inputs(call.message, model, call.raw)
             outputs = check_requested_outputs(call.message, model)
             queued_step = None
+            tier = tier_of(call.tier, tenant, open_registry=self.tenants.open)
             if step is not None:  # one more round trip, for stateful models only (gateway/sequences.py)
-                member = await self.sequences.admit(model, tenant.name, step, packed.batch_size)
+                member, tier = await self.sequences.admit(model, tenant.name, step, packed.batch_size, tier)
                 queued_step = (member, step.flags)
             partial = on_partial if model.decoupled else None
             waiting = self._queue_and_wait(
-                call, model, packed, outputs, tenant, job_id, deadline_ms, now_ms, step=queued_step, on_partial=partial
+                call,
+                model,
+                packed,
+                outputs,
+                tenant,
+                job_id,
+                deadline_ms,
+                now_ms,
+                tier,
+                step=queued_step,
+                on_partial=partial,
             )
             shadow = (
                 None
@@ -335,8 +346,9 @@ class Gateway:
             return None
         primary: asyncio.Future[Unframed] = asyncio.get_running_loop().create_future()
         copy = replace(call, tier=NUM_TIERS - 1, request_id="")  # the lowest tier: behind every caller
+        tier = tier_of(copy.tier, tenant, open_registry=self.tenants.open)
         waiting = self._queue_and_wait(
-            copy, candidate, packed, outputs, tenant, new_job_id(), deadline_ms, time.time() * 1000
+            copy, candidate, packed, outputs, tenant, new_job_id(), deadline_ms, time.time() * 1000, tier
         )
         task = asyncio.create_task(shadow_and_compare(waiting, primary, model.name, version, self.shadow_counts))
         self._shadows.add(task)
@@ -398,6 +410,7 @@ class Gateway:
         job_id: str,
         deadline_ms: float,
         now_ms: float,
+        tier: int,
         *,
         step: tuple[str, str] | None = None,
         on_partial: Callable[[Unframed], None] | None = None,
@@ -413,7 +426,7 @@ class Gateway:
             inputs=packed.tensors,
             outputs=outputs,
             enqueued_ms=int(now_ms),
-            priority=tier_of(call.tier, tenant, open_registry=self.tenants.open),
+            priority=tier,
             items=packed.batch_size,
             shape_signature=packed.signature,
         )

@@ -6,8 +6,10 @@ them (INVALID_ARGUMENT) rather than ignore them: a client that believes it keeps
 state must hear that it does not. A stateful model needs an id on every request.
 Admission is one script (:class:`meshserve.queue.sequences.SequenceProtocol`):
 the sequence must be live unless the step starts it, and a start counts against
-the caps. Ordering is not the gateway's business: the claim takes one step of a
-sequence at a time, in queue order, whichever gateway queued it.
+the caps. Ordering: the claim takes one step of a sequence at a time, in queue
+order, whichever gateway queued it; for queue order to be arrival order, every step
+queues at the tier of its sequence's start step (kept with the sequence's state), so
+a later step sent at a higher priority cannot overtake an earlier one.
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ class Sequences:
     def __init__(self, redis: RedisLink) -> None:
         self.protocol = SequenceProtocol(redis)
 
-    async def admit(self, model: ModelInfo, tenant: str, step: Step, items: int) -> str:
-        """Admit ``step`` of the tenant's sequence, ``items`` its batch size; returns
-        its member (for the enqueue). Raises InvalidArgument (not live, or more than
-        one item), ResourceExhausted (a cap) or Unavailable."""
+    async def admit(self, model: ModelInfo, tenant: str, step: Step, items: int, tier: int) -> tuple[str, int]:
+        """Admit ``step`` of the tenant's sequence, ``items`` its batch size, asking queue
+        tier ``tier``; returns its member and the tier it queues at (the start step's).
+        Raises InvalidArgument (not live, or more than one item), ResourceExhausted (a
+        cap) or Unavailable."""
         config = model.sequence
         assert config is not None
         if items != 1:
@@ -90,6 +93,7 @@ class Sequences:
                 idle_timeout_ms=config.idle_timeout_ms,
                 max_sequences=config.max_sequences,
                 max_sequences_per_tenant=config.max_sequences_per_tenant,
+                tier=tier,
             )
         except RedisError as exc:
             raise Unavailable(f"sequence store unavailable: {exc}") from exc
@@ -107,7 +111,7 @@ class Sequences:
                 " (sequence.max_sequences_per_tenant)",
                 reason="max_sequences_per_tenant",
             )
-        return member
+        return member, admitted.tier
 
 
 def _set(param: pb.InferParameter) -> bool:

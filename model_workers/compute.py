@@ -9,11 +9,18 @@ more than the run), unless its inputs pass ``OFF_LOOP_BYTES``, stopped after
 on a task and thread of its own). Every run on a thread is stopped (ONNX Runtime's
 ``RunOptions.terminate``) at the model's execution timeout, or when every request of
 its batch has passed its deadline.
+
+A decoupled Python model's stream (``run_batch``'s ``run``) takes no pool slot: it
+may last minutes, its work is done in the model's own process, and its thread only
+waits on a pipe and on Redis; it runs on a thread of the stream pool instead, bounded
+by the model's instances. Holding a slot for a stream would starve every other model
+of the worker while it lasts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -29,6 +36,11 @@ EXECUTION_TIMEOUT = "execution timeout"
 DEADLINE = "deadline"
 INLINE_LIMIT = "inline limit"
 CANARY_TIMEOUT = "canary timeout"
+
+
+STREAM_THREADS = 64
+"""Streams at once on a worker (each waits on its Python process; the models'
+``instances`` bound them first)."""
 
 
 class TurnedSlow(Exception):
@@ -49,6 +61,7 @@ class Compute:
         slots = slots or default_slots()
         self._slots = asyncio.Semaphore(slots)
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="ort")
+        self._streams = ThreadPoolExecutor(max_workers=STREAM_THREADS, thread_name_prefix="stream")
         self._watchdog = Watchdog()
 
     async def run_batch(
@@ -57,7 +70,8 @@ class Compute:
         feed: dict[str, Any],
         keep_leases: Callable[[], Coroutine[Any, Any, None]],
         deadline_ms: int,
-    ) -> tuple[list[Any], int]:
+        run: Callable[[dict[str, Any], Any, Callable[[], None]], Any] | None = None,
+    ) -> tuple[Any, int]:
         """Run one batch whose last request is due at ``deadline_ms`` (Unix ms).
 
         Inline if the model is quick (TurnedSlow if stopped there), else on an ONNX Runtime thread with
@@ -65,10 +79,13 @@ class Compute:
         outputs and the run's time in µs, timed once the model's instance and a pool
         slot are held (a canary in progress finishes first; its time is not the batch's).
         Raises DeadlineExceeded when every request's deadline passed mid-run, and
-        Unavailable when the run outlasted the model's execution timeout."""
+        Unavailable when the run outlasted the model's execution timeout. ``run``: what
+        runs in place of ``served.model.run`` (a decoupled Python model's stream, never
+        inline), given a third argument to call at each response: the execution
+        timeout bounds the time to the first response and between two, not the stream."""
         async with served.instances:
             # a large batch never runs on the loop, however quick its model (OFF_LOOP_BYTES)
-            if served.runs_inline() and sum(array.nbytes for array in feed.values()) <= OFF_LOOP_BYTES:
+            if run is None and served.runs_inline() and sum(array.nbytes for array in feed.values()) <= OFF_LOOP_BYTES:
                 started_ns = time.time_ns()
                 stop = Stop()
                 self._watchdog.arm(stop, time.monotonic() + INLINE_LIMIT_MS / 1000, INLINE_LIMIT)
@@ -83,26 +100,43 @@ class Compute:
                     ) from exc
                 finally:
                     self._watchdog.disarm(stop)
-            async with self._slots:
+            async with self._slots if run is None else contextlib.nullcontext():
                 started_ns = time.time_ns()
                 heartbeat = asyncio.create_task(keep_leases())
                 try:
-                    outputs = await self._run_limited(served, feed, deadline_ms)
+                    if run is None:
+                        outputs = await self._run_limited(served, feed, deadline_ms, served.model.run, self._executor)
+                    else:
+                        outputs = await self._run_limited(served, feed, deadline_ms, run, self._streams, streams=True)
                 finally:
                     heartbeat.cancel()
                 return outputs, (time.time_ns() - started_ns) // 1000
 
-    async def _run_limited(self, served: Served, feed: dict[str, Any], deadline_ms: int) -> list[Any]:
+    async def _run_limited(
+        self,
+        served: Served,
+        feed: dict[str, Any],
+        deadline_ms: int,
+        run: Callable[..., Any],
+        executor: ThreadPoolExecutor,
+        *,
+        streams: bool = False,
+    ) -> Any:
         """One run on a thread, stopped at the execution timeout or ``deadline_ms``."""
         stop = Stop()
         now_s = time.monotonic()
         limit_ms = served.execution_timeout_ms()
         self._watchdog.arm(stop, now_s + limit_ms / 1000, EXECUTION_TIMEOUT)
         self._watchdog.arm(stop, now_s + (deadline_ms - time.time() * 1000) / 1000, DEADLINE)
+        arguments: tuple[Any, ...] = (feed, stop.options)
+        if streams:  # each response gives the stream its execution timeout again
+
+            def responded() -> None:
+                self._watchdog.postpone(stop, time.monotonic() + limit_ms / 1000, EXECUTION_TIMEOUT)
+
+            arguments = (*arguments, responded)
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, served.model.run, feed, stop.options
-            )
+            return await asyncio.get_running_loop().run_in_executor(executor, run, *arguments)
         except Exception as exc:
             name = served.model.info.name
             if stop.reason == EXECUTION_TIMEOUT:
@@ -142,4 +176,5 @@ class Compute:
     def close(self) -> None:
         """Wait for the runs in progress, then end the threads."""
         self._executor.shutdown(wait=True)
+        self._streams.shutdown(wait=True)
         self._watchdog.close()

@@ -13,6 +13,14 @@ to worker: ``("ready",)`` or ``("failed", type, message)`` after initialize;
 worker answers with ``("area", path)``) or ``("error", type, message)`` after a run.
 A spec is ``(name, numpy dtype str, shape, offset)``.
 
+A decoupled model (``config["decoupled"]``) streams: ``execute`` returns an iterator
+(a generator) of output dicts. Each one is laid into the output area and announced
+with ``("part", specs)``; the worker copies it out and answers ``("next",)`` to go on
+or ``("close",)`` to stop (every caller went away): the iterator's ``close`` runs and
+the run ends ``("ok", None)``. When the iterator ends, ``("ok", specs)`` carries the
+generator's ``return`` value when it returned a dict (the last response, flagged
+final), else ``("ok", None)`` (the final flag comes alone).
+
 Imports nothing of meshserve beyond the standard library and numpy: the process
 starts faster, and model.py sees a plain interpreter.
 """
@@ -110,7 +118,7 @@ def main(conn: Connection, model_path: str, config: dict[str, Any]) -> None:
                 if role in areas:
                     areas[role].close()
                 areas[role] = SharedArea(path)
-        conn.send(_run(model, conn, areas, specs))
+        conn.send(_run(model, conn, areas, specs, bool(config.get("decoupled"))))
 
 
 def _load(path: Path, config: dict[str, Any]) -> Any:
@@ -132,7 +140,9 @@ def _load(path: Path, config: dict[str, Any]) -> Any:
     return model
 
 
-def _run(model: Any, conn: Connection, areas: dict[str, SharedArea], specs: list[Spec]) -> tuple[Any, ...]:
+def _run(
+    model: Any, conn: Connection, areas: dict[str, SharedArea], specs: list[Spec], decoupled: bool
+) -> tuple[Any, ...]:
     """One batch: model.execute on in-place inputs, outputs laid into the output area."""
     inputs: dict[str, np.ndarray[Any, Any]] = {}
     for spec in specs:
@@ -141,15 +151,53 @@ def _run(model: Any, conn: Connection, areas: dict[str, SharedArea], specs: list
         inputs[spec[0]] = array
     try:
         result = model.execute(inputs)
+        if decoupled and not isinstance(result, dict):
+            return _stream(iter(result), conn, areas)
         if not isinstance(result, dict):
-            raise TypeError(f"execute returned {type(result).__name__}, not a dict of output name to array")
-        outputs = [(str(name), np.ascontiguousarray(value)) for name, value in result.items()]
-        for name, array in outputs:
-            if array.dtype.hasobject:
-                raise TypeError(f"output '{name}' is an object array; Python models answer fixed-size tensors")
+            hint = " (a model that yields many responses needs 'decoupled: true')" if hasattr(result, "send") else ""
+            raise TypeError(f"execute returned {type(result).__name__}, not a dict of output name to array{hint}")
+        outputs = _arrays(result)
     except BaseException as exc:
         traceback.print_exc()  # the worker's log has the traceback; the client gets type and message
         return ("error", type(exc).__name__, _first_line(exc))
+    return ("ok", _lay_out(outputs, conn, areas))
+
+
+def _stream(responses: Any, conn: Connection, areas: dict[str, SharedArea]) -> tuple[Any, ...]:
+    """A decoupled model's responses, one ``part`` each, the worker's answer awaited between."""
+    try:
+        while True:
+            try:
+                result = next(responses)
+            except StopIteration as end:
+                last = end.value
+                return ("ok", None if last is None else _lay_out(_arrays(last), conn, areas))
+            conn.send(("part", _lay_out(_arrays(result), conn, areas)))
+            if conn.recv()[0] == "close":
+                close = getattr(responses, "close", None)
+                if close is not None:
+                    close()
+                return ("ok", None)
+    except BaseException as exc:
+        traceback.print_exc()
+        return ("error", type(exc).__name__, _first_line(exc))
+
+
+def _arrays(result: Any) -> list[tuple[str, np.ndarray[Any, Any]]]:
+    """An answer's outputs as contiguous arrays; TypeError when it is not a dict of fixed-size arrays."""
+    if not isinstance(result, dict):
+        raise TypeError(f"a response is {type(result).__name__}, not a dict of output name to array")
+    outputs = [(str(name), np.ascontiguousarray(value)) for name, value in result.items()]
+    for name, array in outputs:
+        if array.dtype.hasobject:
+            raise TypeError(f"output '{name}' is an object array; Python models answer fixed-size tensors")
+    return outputs
+
+
+def _lay_out(
+    outputs: list[tuple[str, np.ndarray[Any, Any]]], conn: Connection, areas: dict[str, SharedArea]
+) -> list[Spec]:
+    """``outputs`` written into the output area (a larger one asked for when they do not fit)."""
     written = areas["out"].write(outputs)
     if written is None:
         conn.send(("grow", needed_bytes(arr for _, arr in outputs)))
@@ -158,7 +206,7 @@ def _run(model: Any, conn: Connection, areas: dict[str, SharedArea], specs: list
         areas["out"] = SharedArea(message[1])
         written = areas["out"].write(outputs)
         assert written is not None
-    return ("ok", written)
+    return written
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,6 +7,10 @@ input area, a small control message crosses the pipe, the child runs
 ``Model.execute`` on arrays read in place and lays its outputs into the shared output
 area, and the worker copies them out (one copy in, one copy out; no pickled arrays).
 
+A decoupled model (``decoupled: true``) streams: ``stream`` hands each response the
+child yields to a callback as it comes (``model_workers/python_stream.py`` writes
+them as partial replies), the output area reused response after response.
+
 Failures stay with the batch that met them:
 
 - an exception in ``execute`` answers that batch INTERNAL, naming the model and the
@@ -37,6 +41,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 from multiprocessing.connection import Connection
@@ -78,6 +83,11 @@ class PythonModelError(RuntimeError):
     """model.py raised, or answered something other than its declared outputs.
 
     The message is ``<ExceptionType>: <first line>``; the runner answers it INTERNAL."""
+
+
+Respond = Callable[[list[np.ndarray[Any, Any]]], bool]
+"""A decoupled model's response (every declared output, for the whole batch) as it
+comes; False stops the model (every caller went away). Called on the compute thread."""
 
 
 class _Stopped(RuntimeError):
@@ -126,12 +136,14 @@ class PythonModel:
         self._all = [_Instance(index) for index in range(info.instances)]
         self._warmup: warmup.WarmupInputs | None = None
         self._closed = False  # set by close: nothing restarts after
+        self._restarts: list[threading.Thread] = []  # fresh processes being started (close waits for them)
         self._config: dict[str, Any] = {
             "model_name": info.name,
             "model_version": info.version,
             "model_repository": str(info.path.parent.parent),
             "version_dir": str(info.path.parent),
             "max_batch_size": info.max_batch_size,
+            "decoupled": info.decoupled,
             "input": [{"name": t.name, "datatype": t.datatype, "dims": list(t.shape)} for t in info.inputs],
             "output": [{"name": t.name, "datatype": t.datatype, "dims": list(t.shape)} for t in info.outputs],
         }
@@ -171,15 +183,39 @@ class PythonModel:
     def run(self, inputs: dict[str, np.ndarray[Any, Any]], options: Any = None) -> list[np.ndarray[Any, Any]]:
         """One batch on a free instance; outputs in the declared order. Blocking: call it
         on a compute thread. ``options``: the run's ``RunOptions``, whose ``terminate``
-        (set by the watchdog) kills the process."""
+        (set by the watchdog) kills the process. A decoupled model answers its first
+        response (then is stopped) or its final one (warm-up and the canary)."""
+        if not self.info.decoupled:
+            outputs = self.stream(inputs, options, None)
+            assert outputs is not None
+            return outputs
+        first: list[list[np.ndarray[Any, Any]]] = []
+
+        def keep_first(outputs: list[np.ndarray[Any, Any]]) -> bool:
+            first.append(outputs)
+            return False  # the first response is enough: the model's iterator is closed
+
+        final = self.stream(inputs, options, keep_first)
+        if first or final is not None:
+            return first[0] if first else final  # type: ignore[return-value]
+        raise PythonModelError(f"ValueError: model '{self.info.name}' answered no response")
+
+    def stream(
+        self, inputs: dict[str, np.ndarray[Any, Any]], options: Any, respond: Respond | None
+    ) -> list[np.ndarray[Any, Any]] | None:
+        """One batch on a free instance, as ``run``; a decoupled model's responses go to
+        ``respond`` as they come, and its final outputs are returned (None: the final
+        flag comes alone). Blocking: call it on a compute thread."""
         instance = self._free.get()  # the worker's semaphore (info.instances) means one is free or soon
         try:
             if instance.conn is None:  # its restart failed: try once more, in this run
                 self._start(instance)
-            return self._run_on(instance, inputs, options)
+            return self._run_on(instance, inputs, options, respond)
         finally:
             if instance.conn is None and not self._closed:  # killed or crashed in this run
-                threading.Thread(target=self._restart, args=(instance,), name="python-model-restart").start()
+                restart = threading.Thread(target=self._restart, args=(instance,), name="python-model-restart")
+                self._restarts = [t for t in self._restarts if t.is_alive()] + [restart]
+                restart.start()
             else:
                 self._free.put(instance)
 
@@ -205,6 +241,8 @@ class PythonModel:
     def close(self) -> None:
         """Ask every process to finalize and exit; kill those still running after ``STOP_GRACE_S``."""
         self._closed = True
+        for restart in self._restarts:  # a process starting now is killed by its thread, not raced here
+            restart.join(STOP_GRACE_S)
         for instance in self._all:
             if instance.conn is not None:
                 with contextlib.suppress(OSError):
@@ -244,8 +282,8 @@ class PythonModel:
         log.info("%s started (pid %d)", name, process.pid)
 
     def _run_on(
-        self, instance: _Instance, inputs: dict[str, np.ndarray[Any, Any]], options: Any
-    ) -> list[np.ndarray[Any, Any]]:
+        self, instance: _Instance, inputs: dict[str, np.ndarray[Any, Any]], options: Any, respond: Respond | None
+    ) -> list[np.ndarray[Any, Any]] | None:
         assert instance.conn is not None
         arrays = list(inputs.items())
         self._ensure_area(instance, "in", python_child.needed_bytes(a for _, a in arrays))
@@ -257,11 +295,12 @@ class PythonModel:
         }
         try:
             instance.conn.send(("run", paths["in"], paths["out"], specs))
-            answer = self._wait(instance, options)
-            if answer[0] == "grow":
-                self._ensure_area(instance, "out", int(answer[1]))
-                instance.conn.send(("area", instance.areas["out"].path))
-                answer = self._wait(instance, options)
+            while (answer := self._wait(instance, options))[0] in ("grow", "part"):
+                if answer[0] == "grow":
+                    self._ensure_area(instance, "out", int(answer[1]))
+                    instance.conn.send(("area", instance.areas["out"].path))
+                    continue
+                self._respond(instance, answer[1], inputs, respond)
         except (EOFError, OSError) as exc:
             process = instance.process
             self._kill(instance)  # joins it: its exit code is known after
@@ -273,7 +312,23 @@ class PythonModel:
         self._forget_fresh(instance)
         if answer[0] == "error":
             raise PythonModelError(f"{answer[1]}: {answer[2]}")
-        return self._outputs(instance, answer[1], inputs)
+        return None if answer[1] is None else self._outputs(instance, answer[1], inputs)
+
+    def _respond(
+        self, instance: _Instance, specs: list[Spec], inputs: dict[str, np.ndarray[Any, Any]], respond: Respond | None
+    ) -> None:
+        """One streamed response: checked, handed to ``respond``, and the child told to go on or stop.
+
+        Anything ``respond`` raises kills the process (it waits mid-stream) and goes up."""
+        assert instance.conn is not None
+        try:
+            if respond is None:
+                raise PythonModelError("TypeError: execute streamed responses but the model is not decoupled")
+            more = respond(self._outputs(instance, specs, inputs))
+        except BaseException:
+            self._kill(instance)
+            raise
+        instance.conn.send(("next",) if more else ("close",))
 
     def _wait(self, instance: _Instance, options: Any) -> tuple[Any, ...]:
         """The child's next message; kills it and raises ``_Stopped`` once ``options.terminate`` is set."""
@@ -338,7 +393,7 @@ class PythonModel:
         if instance.conn is not None:
             instance.conn.close()
             instance.conn = None
-        for area in instance.areas.values():
+        for area in list(instance.areas.values()):
             area.close()
         instance.areas.clear()
         self._forget_fresh(instance)

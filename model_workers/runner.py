@@ -37,6 +37,7 @@ from model_workers.compute import Compute, TurnedSlow
 from model_workers.generate import Generator
 from model_workers.health import ModelHealth
 from model_workers.leases import Leases
+from model_workers.python_stream import Stream, refuse_restarts, streams
 from model_workers.sequences import keep_states, refuse_not_live, step_feeds
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
@@ -244,6 +245,11 @@ class BatchRunner:
         loops = [g.task for g in self._generators.values() if g.task is not None]
         await asyncio.gather(*loops, return_exceptions=True)
 
+    def detached(self) -> list[asyncio.Task[None]]:
+        """The batches computing on tasks of their own now (a decoupled Python model's
+        stream among them)."""
+        return list(self._detached)
+
     def generators(self) -> dict[str, Generator]:
         """The generation loops made so far, by the model's ready key."""
         return dict(self._generators)
@@ -352,6 +358,12 @@ class BatchRunner:
                 _count_failed(served, [job for job, _ in refused], claimed_ns)
                 self._reply(served, refused, traced)
                 jobs[:] = live
+        if live and streams(served.model.info):  # requests that streamed under a worker now lost
+            live, refused = await refuse_restarts(self._queue.redis, served, live)
+            if refused:
+                _count_failed(served, [job for job, _ in refused], claimed_ns)
+                self._reply(served, refused, traced)
+                jobs[:] = live
         if live:
             self._reply(served, await self._compute_batch(served, live, claimed_ns, traced), traced)
 
@@ -375,11 +387,26 @@ class BatchRunner:
             if info.sequence is not None:  # each step's state, from Redis with its claim
                 feed.update(step_feeds(info.sequence, jobs, info.max_batch_size > 0))
             stacked_ns = time.time_ns()
+            stream = (
+                Stream(
+                    served,
+                    jobs,
+                    self._queue.redis,
+                    self._worker_id,
+                    claimed_ns,
+                    self._stopping,
+                    self._settings.max_message_bytes,
+                )
+                if streams(info)
+                else None
+            )
             try:
                 with self._compute_spans(info.name, jobs, total, traced) if traced else UNTRACED:
                     keep_leases = partial(self._leases.extend_while_computing, served, jobs)
                     last_deadline_ms = max(job.request.deadline_ms for job in jobs)
-                    outputs, compute_us = await self._compute.run_batch(served, feed, keep_leases, last_deadline_ms)
+                    outputs, compute_us = await self._compute.run_batch(
+                        served, feed, keep_leases, last_deadline_ms, stream.run if stream is not None else None
+                    )
             except TurnedSlow:
                 raise
             except (DeadlineExceeded, Unavailable) as exc:  # stopped at a time limit: not the model's failure
@@ -401,8 +428,11 @@ class BatchRunner:
             keep_states(info.sequence, info, jobs, outputs)
         queue_ns = self._account(served, jobs, total, compute_us, claimed_ns)
         cutting_ns = time.time_ns()
-        cut = partial(split, served, jobs, outputs, compute_us, claimed_ns, self._worker_id)
-        replies = await asyncio.to_thread(cut) if sum(out.nbytes for out in outputs) > OFF_LOOP_BYTES else cut()
+        if stream is not None:
+            cut = partial(stream.finals, outputs)
+        else:
+            cut = partial(split, served, jobs, outputs, compute_us, claimed_ns, self._worker_id)
+        replies = await asyncio.to_thread(cut) if sum(out.nbytes for out in outputs or ()) > OFF_LOOP_BYTES else cut()
         answered = [self._within_limit(info, job, reply) for job, reply in replies]
         ended_ns = time.time_ns()
         over_limit = [job for job, reply in answered if reply.code != mpb.OK]  # rare: answered with an error

@@ -33,6 +33,7 @@ class Stop:
     options: ort.RunOptions = field(default_factory=_quiet_options)
     reason: str = ""
     armed: bool = False
+    later: dict[str, float] = field(default_factory=dict)  # reason -> when it is due now (``postpone``)
 
 
 class Watchdog:
@@ -53,6 +54,12 @@ class Watchdog:
             heapq.heappush(self._due, (at_s, next(self._order), stop, reason))
             if self._due[0][2] is stop:
                 self._changed.notify()
+
+    def postpone(self, stop: Stop, at_s: float, reason: str) -> None:
+        """Move ``stop``'s limit for ``reason`` to monotonic ``at_s`` (later only: a
+        stream's time limit runs again from each response)."""
+        with self._changed:
+            stop.later[reason] = at_s
 
     def disarm(self, stop: Stop) -> None:
         """The run ended: none of its limits fire now (entries left in the heap are skipped)."""
@@ -79,6 +86,9 @@ class Watchdog:
                     self._changed.wait(wait_s)
                     continue
                 heapq.heappop(self._due)
+                if stop.later.get(reason, at_s) > at_s:  # postponed: due again later
+                    heapq.heappush(self._due, (stop.later[reason], next(self._order), stop, reason))
+                    continue
                 stop.reason = reason
                 stop.armed = False
                 stop.options.terminate = True

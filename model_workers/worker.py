@@ -181,7 +181,9 @@ class Worker:
         await self.leases.flushed()
         await self.reporter.flushed()
         await self.serve_loop.close()
-        self.compute.close()
+        # off the loop: a stream's thread still running (its task was cancelled) writes
+        # its next response through the loop before it sees the stop and ends
+        await asyncio.to_thread(self.compute.close)
         for served in self.held.served.values():  # after the last run: a Python model's processes end
             await asyncio.to_thread(served.model.close)
 

@@ -53,3 +53,68 @@ def write_doubler(repository: Path, *, delay_ms: float = 0.5, timeout_ms: int = 
     version_dir.mkdir(parents=True)
     (repository / "doubler" / "config.yaml").write_text(DOUBLER_CONFIG.format(delay_ms=delay_ms, timeout_ms=timeout_ms))
     (version_dir / "model.py").write_text(DOUBLER_PY)
+
+
+STREAMER_CONFIG = """\
+backend: python
+decoupled: true
+max_batch_size: 8
+execution_timeout_ms: {timeout_ms}
+input:
+  - {name: n, datatype: INT32, dims: [1]}
+output:
+  - {name: i, datatype: INT32, dims: [1]}
+"""
+
+STREAMER_PY = '''\
+"""A decoupled Python model: for a batch whose largest n is N, responses i = 0 .. N-1, the
+last returned (flagged final). n = -1 raises after two responses, -2 exits after two,
+-3 answers 7 responses 100 ms apart, -4 hangs after one; n >= 1000 sleeps 10 ms between
+responses. A long stream (n >= 1000) closed early appends to <version dir>/closed."""
+import os
+import time
+
+import numpy as np
+
+
+class Model:
+    def initialize(self, config):
+        self.version_dir = config["version_dir"]
+
+    def execute(self, inputs):
+        n = inputs["n"]
+        rows = n.shape[0]
+        count = int(n.max())
+        if (n == -3).any() or (n == -4).any():
+            for i in range(7):
+                if i:
+                    time.sleep(100 if (n == -4).any() else 0.1)
+                yield {"i": np.full((rows, 1), i, np.int32)}
+            return None
+        if (n == -1).any() or (n == -2).any():
+            for i in range(2):
+                yield {"i": np.full((rows, 1), i, np.int32)}
+            if (n == -1).any():
+                raise ValueError("n is -1")
+            os._exit(3)
+        try:
+            for i in range(count - 1):
+                if count >= 1000:
+                    time.sleep(0.01)
+                yield {"i": np.full((rows, 1), i, np.int32)}
+        except GeneratorExit:
+            if count < 1000:  # warm-up and the canary take one response and close: not counted
+                raise
+            with open(os.path.join(self.version_dir, "closed"), "a") as marker:
+                marker.write(f"{os.getpid()}\\n")
+            raise
+        return {"i": np.full((rows, 1), count - 1, np.int32)}
+'''
+
+
+def write_streamer(repository: Path, *, timeout_ms: int = 20_000) -> None:
+    """``streamer``: a decoupled Python model (a generator ``execute``) that can raise, exit or run long."""
+    version_dir = repository / "streamer" / "1"
+    version_dir.mkdir(parents=True)
+    (repository / "streamer" / "config.yaml").write_text(STREAMER_CONFIG.replace("{timeout_ms}", str(timeout_ms)))
+    (version_dir / "model.py").write_text(STREAMER_PY)

@@ -17,11 +17,15 @@ import pytest
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 
+from gateway.routing import RoutingView
+from meshserve.devkit.accumulator import write_accumulator
+from meshserve.devkit.examples import write_example_repository
 from meshserve.devkit.redis_cluster import RedisCluster
 from meshserve.devkit.redis_server import RedisServer, RedisServerError, suite_binary_from_env
 from meshserve.queue import TIER_NAMES, ModelKeys, reply_key
 from meshserve.store.clients import blocking_link, command_link
 from meshserve.store.cluster import command_keys, seed_urls, slot_of
+from protos import grpc_service_pb2 as pb
 from tests.failover import CALL_TIMEOUT_S, calls_through_a_fault
 from tests.support import infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
 
@@ -379,3 +383,34 @@ async def test_the_mesh_keeps_answering_when_a_master_is_killed_and_its_replica_
             await calls_through_a_fault(mesh, kill_the_queues_master, "cluster failover (the master of mlp's slot)")
         finally:
             await stop_mesh(mesh)
+
+
+async def test_a_sequence_model_on_a_cluster_is_unready_with_the_reason_and_its_steps_are_refused(
+    clean: RedisCluster, tmp_path: Path
+) -> None:
+    """A step's state, reply and ack are one script over two slots, which a cluster
+    refuses: the worker says so at load, the model is unready with that reason, and a
+    sequence step gets a gRPC error naming it at once (not a hang to its deadline)."""
+    repository = write_example_repository(tmp_path / "repo", ["mlp"])
+    write_accumulator(repository)
+    mesh = await start_mesh(clean.url, repository, until=RoutingView.settled)
+    try:
+        view = mesh.gateway.routing.view
+        assert ("accumulator", 1) not in view.ready
+        assert "Redis Cluster is not supported for sequences" in view.failed[("accumulator", 1)]
+        async with grpc.aio.insecure_channel(mesh.gateway.address) as channel:
+            stub = infer_stub(channel)
+            ready = await stub.ModelReady(pb.ModelReadyRequest(name="accumulator"), timeout=5)
+            assert ready.ready is False
+            request = infer_request("accumulator", {"x": np.array([[3]], np.int64)})
+            request.parameters["sequence_id"].int64_param = 7
+            request.parameters["sequence_start"].bool_param = True
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "Redis Cluster is not supported for sequences" in (refused.value.details() or "")
+            features = np.ones((1, 64), np.float32)
+            response = await stub.ModelInfer(infer_request("mlp", {"features": features}), timeout=CALL_TIMEOUT_S)
+            assert output_arrays(response)["logits"].shape == (1, 10)  # the rest of the mesh serves
+    finally:
+        await stop_mesh(mesh)

@@ -159,6 +159,30 @@ async def test_steps_sent_at_once_run_one_at_a_time_in_order(stub: pb_grpc.GRPCI
     assert sorted(sums) == list(np.cumsum(range(1, 21)))
 
 
+async def test_a_later_step_sent_at_a_higher_priority_does_not_overtake_an_earlier_one(
+    mesh: Mesh, stub: pb_grpc.GRPCInferenceServiceStub, redis: Redis
+) -> None:
+    """A sequence started at the lowest tier: its next step, also low, and the one after
+    it at the tenant's standard tier (which a stateless call would take first) queue
+    together; each runs on the state of the step before it, in arrival order, because
+    every step takes its start step's tier (kept with the sequence's state)."""
+    first = step(1, 88, start=True)
+    first.parameters["priority"].int64_param = 3  # the lowest tier
+    assert await total(stub, first, metadata=ACME) == 1
+    for worker in mesh.workers:
+        await hold_serving(worker)
+    low = step(10, 88)
+    low.parameters["priority"].int64_param = 3
+    second = asyncio.ensure_future(total(stub, low, metadata=ACME))
+    await wait_queued(redis, "accumulator", 1)
+    third = asyncio.ensure_future(total(stub, step(100, 88), metadata=ACME))  # no priority: standard
+    await wait_queued(redis, "accumulator", 2)
+    for worker in mesh.workers:
+        release_serving(worker)
+    assert await second == 11
+    assert await third == 111
+
+
 async def test_a_step_whose_worker_dies_mid_step_is_redelivered_against_the_state_before_it(
     mesh: Mesh, stub: pb_grpc.GRPCInferenceServiceStub, redis: Redis, redis_url: str
 ) -> None:

@@ -40,9 +40,12 @@ NO_SEQUENCE = "-"
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """SEQ_ADMIT's answer: ``code`` 1 admitted, -1 the sequence is not live, -2 the
-    model's cap of live sequences is reached, -3 the tenant's."""
+    model's cap of live sequences is reached, -3 the tenant's; ``tier``: the queue tier
+    an admitted step takes (its sequence's start step's, so that steps never overtake
+    each other by priority)."""
 
     code: int
+    tier: int = 0
 
     ADMITTED = 1
     NOT_LIVE = -1
@@ -108,13 +111,22 @@ class SequenceProtocol:
         idle_timeout_ms: int,
         max_sequences: int,
         max_sequences_per_tenant: int,
+        tier: int = 0,
     ) -> Admitted:
-        """Admit a step of ``member`` (see :class:`Admitted`); renews the idle timeout."""
-        args: list[Arg] = [member, "1" if start else "0", idle_timeout_ms, max_sequences, max_sequences_per_tenant]
-        code = await self.redis.script(
+        """Admit a step of ``member`` asking queue tier ``tier`` (see :class:`Admitted`);
+        renews the idle timeout. A start records its tier for the sequence's later steps."""
+        args: list[Arg] = [
+            member,
+            "1" if start else "0",
+            idle_timeout_ms,
+            max_sequences,
+            max_sequences_per_tenant,
+            tier,
+        ]
+        answer = await self.redis.script(
             SEQ_ADMIT, keys=[keys.state(member), keys.live, keys.tenant_live(tenant)], args=args
         )
-        return Admitted(int(code))
+        return Admitted(int(answer[0]), int(answer[1]) if len(answer) > 1 else tier)
 
 
 def seq_reply_ack_command(
