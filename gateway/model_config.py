@@ -64,6 +64,7 @@ def model_config(model: ModelInfo) -> mc.ModelConfig:
         ],
     )
     _set_version_policy(config.version_policy, model)
+    config.model_transaction_policy.decoupled = model.decoupled
     if model.sequence is not None:
         _set_sequence_batching(config.sequence_batching, model.sequence)
     if model.max_batch_size:

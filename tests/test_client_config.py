@@ -69,6 +69,7 @@ def test_defaults_without_config(tmp_path: Path) -> None:
     assert config.output[0].label_filename == ""
     assert config.version_policy.WhichOneof("policy_choice") == "all"
     assert (config.instance_group[0].count, config.instance_group[0].kind) == (1, mc.ModelInstanceGroup.KIND_AUTO)
+    assert not config.model_transaction_policy.decoupled
 
 
 def test_specific_policy_and_nhwc(tmp_path: Path) -> None:

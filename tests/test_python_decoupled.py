@@ -107,6 +107,13 @@ async def test_model_infer_on_a_decoupled_python_model_is_refused(mesh: Mesh) ->
     assert "decoupled" in (refused.value.details() or "")
 
 
+async def test_model_config_says_the_model_is_decoupled(mesh: Mesh) -> None:
+    """As Triton's: clients read model_transaction_policy to choose the stream."""
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        config = (await infer_stub(channel).ModelConfig(pb.ModelConfigRequest(name="streamer"), timeout=5)).config
+    assert config.model_transaction_policy.decoupled
+
+
 async def test_an_exception_mid_stream_names_the_model_and_type_after_the_responses_sent(mesh: Mesh) -> None:
     async with grpc.aio.insecure_channel(mesh.address) as channel:
         call = infer_stub(channel).ModelStreamInfer(timeout=RPC_TIMEOUT_S)

@@ -88,6 +88,12 @@ def test_sync_stop_stream_with_cancel_closes_the_models_generator(mesh: RunningM
         time.sleep(0.05)
 
 
+def test_model_config_tells_the_client_to_stream(mesh: RunningMesh) -> None:
+    client = tc.InferenceServerClient(mesh.address)
+    config = client.get_model_config("streamer").config
+    assert config.model_transaction_policy.decoupled
+
+
 async def test_asyncio_stream_infer_gets_n_responses_then_a_cancel_closes_the_generator(mesh: RunningMesh) -> None:
     async def requests() -> AsyncIterator[dict[str, object]]:
         yield {"model_name": "streamer", "inputs": [count_input(tc_aio, 6)], "request_id": "six"}
