@@ -99,6 +99,17 @@ def test_authenticate_right_wrong_and_missing_keys(tmp_path: Path) -> None:
     assert registry.authenticate("\udcff") is None  # a lone surrogate is just a wrong key
 
 
+def test_each_of_two_thousand_keys_finds_its_own_tenant(tmp_path: Path) -> None:
+    """The tenants file of a large SaaS: every key finds its tenant, no other one."""
+    lines = ["tenants:"]
+    for i in range(2_000):
+        lines += [f"  - name: t{i}", f'    api_keys: ["{hash_key(f"key-{i}")}"]', '    models: ["*"]']
+    registry = load_tenants(write(tmp_path, "\n".join(lines) + "\n"))
+    found = [registry.authenticate(f"key-{i}") for i in range(2_000)]
+    assert [tenant.name if tenant else None for tenant in found] == [f"t{i}" for i in range(2_000)]
+    assert registry.authenticate("key-2000") is None
+
+
 def test_bearer_key_reads_the_authorization_value() -> None:
     assert bearer_key("Bearer abc") == "abc"
     assert bearer_key("bearer   abc  ") == "abc"
