@@ -273,6 +273,31 @@ class LoadPoint:
         return self.calls.ok + sum(self.calls.errors.values())
 
 
+def finished_point(
+    tally: Tally,
+    usage: asyncio.Task[tuple[float, float | None]],
+    window: Window,
+    rate_per_s: float,
+    concurrency: int,
+    channels: int,
+    lags_ns: list[int] | None,
+    redis_usage: asyncio.Task[RedisUsage] | None,
+) -> LoadPoint:
+    """The point a closed loop (``rate_per_s`` 0) or an open loop measured, once its window ended."""
+    calls, (own_cpu_s, busy_s) = tally.figures(), usage.result()
+    return LoadPoint(
+        offered=rate_per_s or concurrency,
+        channels=channels,
+        duration_s=window.duration_s(),
+        calls=calls,
+        sent=len(lags_ns) if lags_ns is not None else calls.ok + sum(calls.errors.values()),
+        send_lag_p99_ms=None if lags_ns is None else percentile_ms(lags_ns, 99),
+        client_cpu_s=own_cpu_s,
+        machine_busy_s=busy_s,
+        redis=None if redis_usage is None else redis_usage.result(),
+    )
+
+
 async def measure_point(
     target: str,
     request: pb.ModelInferRequest,
@@ -311,15 +336,4 @@ async def measure_point(
 
             for _ in range(concurrency):
                 group.create_task(client(next(turns)))
-    calls, (own_cpu_s, busy_s) = tally.figures(), usage.result()
-    return LoadPoint(
-        offered=rate_per_s or concurrency,
-        channels=channels,
-        duration_s=window.duration_s(),
-        calls=calls,
-        sent=len(lags_ns) if lags_ns is not None else calls.ok + sum(calls.errors.values()),
-        send_lag_p99_ms=None if lags_ns is None else percentile_ms(lags_ns, 99),
-        client_cpu_s=own_cpu_s,
-        machine_busy_s=busy_s,
-        redis=None if redis_usage is None else redis_usage.result(),
-    )
+    return finished_point(tally, usage, window, rate_per_s, concurrency, channels, lags_ns, redis_usage)

@@ -70,8 +70,8 @@ from meshserve_bench.load import (
     Metadata,
     Tally,
     Window,
+    finished_point,
     open_loop,
-    percentile_ms,
     random_inputs,
     redis_usage_during,
     usage_during,
@@ -176,18 +176,7 @@ async def measure_jobs(
                         group.create_task(client(infers[i % channels]))
     finally:
         await asyncio.gather(*(channel.close() for channel in opened))
-    calls, (own_cpu_s, busy_s) = tally.figures(), usage.result()
-    return LoadPoint(
-        offered=rate_per_s or concurrency,
-        channels=channels,
-        duration_s=window.duration_s(),
-        calls=calls,
-        sent=len(lags_ns) if lags_ns is not None else calls.ok + sum(calls.errors.values()),
-        send_lag_p99_ms=None if lags_ns is None else percentile_ms(lags_ns, 99),
-        client_cpu_s=own_cpu_s,
-        machine_busy_s=busy_s,
-        redis=None if redis_usage is None else redis_usage.result(),
-    )
+    return finished_point(tally, usage, window, rate_per_s, concurrency, channels, lags_ns, redis_usage)
 
 
 async def send_each_once(target: str, jobs: Sequence[Job], concurrency: int = BASE_CONCURRENCY) -> dict[str, int]:
