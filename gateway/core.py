@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 from opentelemetry import trace
 from redis.exceptions import RedisError
@@ -60,7 +61,7 @@ from meshserve.tenancy.admission import Admission
 from meshserve.tenancy.tenants import Tenant, TenantRegistry, dev_registry
 from meshserve.tenancy.throttle import RateRefusals
 from meshserve.wire.codec import PackedInputs, check_requested_outputs, declared_bytes, pack_inputs
-from meshserve.wire.envelope import OFF_LOOP_BYTES, Unframed, failed_reply, frame, reply_error, unframe
+from meshserve.wire.envelope import OFF_LOOP_BYTES, ReplyAs, Unframed, failed_reply, frame, reply_error, unframe
 from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
@@ -247,12 +248,15 @@ class Gateway:
         deadline_ms: float,
         tenant: Tenant,
         on_partial: Callable[[Unframed], None] | None = None,
+        reply_as: ReplyAs | None = None,
     ) -> Unframed:
         """Authorize, validate, admit, enqueue and await one request; raises a
         MeshError on failure. The answer is the worker's reply (an ``InferReply``)
         and its outputs' bytes. A decoupled model's replies before the last go to
         ``on_partial`` (gateway/decoupled.py), in order; without it (ModelInfer),
-        a decoupled model is refused INVALID_ARGUMENT.
+        a decoupled model is refused INVALID_ARGUMENT. ``reply_as``: the reply asked
+        for laid out as the response (meshserve/wire/envelope.py); a worker that
+        does not know layouts answers framed all the same.
 
         ``deadline_ms`` is absolute (epoch ms), already the earlier of the gRPC
         deadline and the gateway's default; the call's ``timeout_ms`` may
@@ -314,6 +318,7 @@ class Gateway:
                 tier,
                 step=queued_step,
                 on_partial=partial,
+                reply_as=reply_as,
             )
             shadow = (
                 None
@@ -414,6 +419,7 @@ class Gateway:
         *,
         step: tuple[str, str] | None = None,
         on_partial: Callable[[Unframed], None] | None = None,
+        reply_as: ReplyAs | None = None,
     ) -> Unframed:
         envelope = mpb.QueuedRequest(
             id=job_id,
@@ -430,6 +436,8 @@ class Gateway:
             items=packed.batch_size,
             shape_signature=packed.signature,
         )
+        if reply_as is not None:
+            envelope.reply_layout, envelope.response_head = reply_as.layout, reply_as.head  # type: ignore[assignment]
         if on_partial is not None:
             envelope.parameters.update(worker_parameters(call.message))
             self.partials[job_id] = on_partial
@@ -626,9 +634,10 @@ class Gateway:
                 continue
             if blobs:
                 self._deliver(blobs)
+                blobs.clear()  # not held while the next read waits: a large reply's buffer is the response
 
-    def _deliver(self, blobs: list[bytes]) -> None:
-        for blob in blobs:
+    def _deliver(self, blobs: list[Any]) -> None:
+        for blob in blobs:  # bytes, a large one's buffer, or a laid-out one's head and response
             answer = unframe(blob, mpb.InferReply)  # views of the blob: no copy
             if answer.message.more:  # a decoupled call's response before its last
                 if (partial := self.partials.get(answer.message.id)) is not None:

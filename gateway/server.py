@@ -44,7 +44,8 @@ class GatewayServer:
         self.settings = settings
         check = policy_check(allow_eviction=settings.allow_eviction, service="gateway")
         self.redis = command_link(settings.redis_url, name="meshserve-gateway", check=check)
-        self.blocking = blocking_link(settings.redis_url, name="meshserve-gateway-wait", check=check)
+        # replies laid out as the client's response are read into the bytes gRPC sends (wire/envelope.py)
+        self.blocking = blocking_link(settings.redis_url, name="meshserve-gateway-wait", check=check, headed=True)
         self.router_channel = channel(settings.router_address, settings.tls, ROUTER_CHANNEL_OPTIONS)
         self.health = health.aio.HealthServicer()
         self.routing = RoutingWatch(

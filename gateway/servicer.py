@@ -36,11 +36,12 @@ from meshserve.models.repository import ModelInfo
 from meshserve.observe.metrics import CacheMetrics, GatewayMetrics, LabelMemo
 from meshserve.observe.tracing import UNTRACED, extract, records, tenant_attribute
 from meshserve.tenancy.tenants import Tenant, bearer_key
-from meshserve.wire.codec import encode_infer_response, encode_stream_response, stream_response
-from meshserve.wire.envelope import OFF_LOOP_BYTES, Unframed
+from meshserve.wire.codec import encode_infer_response, encode_stream_response, response_head, stream_response
+from meshserve.wire.envelope import OFF_LOOP_BYTES, ReplyAs, Unframed
 from meshserve.wire.rawfields import ReceivedRequest, parse_infer_request
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from protos import meshserve_pb2 as mpb
 
 log = logging.getLogger(__name__)
 
@@ -365,8 +366,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         partial: Callable[[bytes], None] | None = None,
     ) -> bytes:
         """The call without error mapping: a MeshError propagates to ModelInfer. The
-        response comes encoded (see :func:`serialize_infer_response`), a large one
-        encoded on a thread."""
+        response comes encoded (see :func:`serialize_infer_response`): laid out by the
+        worker when it can be (:func:`_reply_as`), else encoded here, a large one on a
+        thread."""
         request = received.message
         started_s = time.perf_counter()
         deadline_ms = self._deadline_ms(context)
@@ -386,7 +388,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     code = grpc.StatusCode.OK
                     return stream_response(hit) if streamed else hit
                 responses = None if partial is None else Responses(partial, request.model_name, request.id)
-                answer = await self._run(call, deadline_ms, tenant, responses)
+                reply_as = _reply_as(request, shared, probe, streamed)
+                answer = await self._run(call, deadline_ms, tenant, responses, reply_as)
                 code = grpc.StatusCode.OK
                 version = answer.message.version
                 self._labelled(self.metrics.version_requests, request.model_name, str(version)).inc()
@@ -407,6 +410,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if not answer.message.outputs and not wants_empty_final(request):
                 return b""  # Triton's way: no empty final response unless the client asks for one
             return decoupled_response(answer, request.model_name, request.id, final=True)
+        if answer.response is not None and reply_as is not None and answer.message.layout == reply_as.layout:
+            return await self._laid_out(answer, request, probe, streamed)
         return await self._encode(answer, request, probe, shared, streamed)
 
     def _deadline_ms(self, context: Context) -> float:
@@ -434,11 +439,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         span.set_attribute("meshserve.cache", "miss" if hit is None else "hit")
         return probe, hit
 
-    async def _run(self, call: InferCall, deadline_ms: float, tenant: Tenant, responses: Responses | None) -> Unframed:
+    async def _run(
+        self, call: InferCall, deadline_ms: float, tenant: Tenant, responses: Responses | None, reply_as: ReplyAs | None
+    ) -> Unframed:
         """The model's one call, or an ensemble's steps (gateway/ensemble.py), each step
-        traced and counted under its own model."""
+        traced and counted under its own model (their replies framed: the steps read them)."""
         if not is_ensemble(self.gateway, call.model_name):
-            return await self._answer_of(call, deadline_ms, tenant, responses)
+            return await self._answer_of(call, deadline_ms, tenant, responses, reply_as)
         tracer = self.tracer if self.tracing else None
         return await infer_ensemble(
             self.gateway, call, deadline_ms=deadline_ms, tenant=tenant, tracer=tracer, count=self._count_step
@@ -448,16 +455,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._labelled(self.metrics.requests, model, code).inc()
 
     async def _answer_of(
-        self, call: InferCall, deadline_ms: float, tenant: Tenant, responses: Responses | None
+        self, call: InferCall, deadline_ms: float, tenant: Tenant, responses: Responses | None, reply_as: ReplyAs | None
     ) -> Unframed:
         """The core's answer; a decoupled request's failure after some responses says
         how many the client got (gateway/decoupled.py)."""
         try:
-            return await self.gateway.infer(call, deadline_ms=deadline_ms, tenant=tenant, on_partial=responses)
+            return await self.gateway.infer(
+                call, deadline_ms=deadline_ms, tenant=tenant, on_partial=responses, reply_as=reply_as
+            )
         except MeshError as error:
             if responses is None or not responses.sent:
                 raise
             raise responses.failed(error) from error
+
+    async def _laid_out(
+        self, answer: Unframed, request: pb.ModelInferRequest, probe: Probe | None, streamed: bool
+    ) -> bytes:
+        """A response the worker laid out as asked (:func:`_reply_as`), received into the
+        ``bytes`` gRPC sends (meshserve/store/resp.py), answered as it is; or, laid out
+        for the cache (without the id), stored, and answered with the id (and a
+        stream's framing) added in one copy. A response that came as a view (a small
+        reply, or a link that reads replies whole) is copied into ``bytes``. Copies of a
+        large response run on a thread."""
+        response = answer.response
+        assert response is not None
+        large = len(response) > OFF_LOOP_BYTES
+        if probe is None and isinstance(response, bytes):
+            return response
+        if probe is None:
+            return await asyncio.to_thread(bytes, response) if large else bytes(response)
+        if not isinstance(response, bytes):
+            response = await asyncio.to_thread(bytes, response) if large else bytes(response)
+        if answer.message.version == probe.model.version:  # a split may draw another: never stored under it
+            self.cache.remember(probe, response)
+        head = with_id(b"", request.id)
+        if not head and not streamed:
+            return response
+        if large:
+            return await asyncio.to_thread(_with_head, head, response, streamed)
+        return _with_head(head, response, streamed)
 
     async def _encode(
         self,
@@ -636,6 +672,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return self.gateway.resolve(name, version)
         except MeshError as error:
             await _abort(context, error)
+
+
+def _reply_as(
+    request: pb.ModelInferRequest, shared: SharedMemoryCall | None, probe: Probe | None, streamed: bool
+) -> ReplyAs | None:
+    """How to ask the worker for its reply: laid out as the response this call answers
+    with (a stream's as a ModelStreamInferResponse), or, for a cacheable one, as the
+    response the cache stores (without the id); None (framed) when outputs go to
+    shared memory, whose answer leaves their bytes out."""
+    if shared is not None:
+        return None
+    if probe is not None:
+        return ReplyAs(mpb.REPLY_INFER_RESPONSE, response_head(request.model_name, ""))
+    layout = mpb.REPLY_STREAM_RESPONSE if streamed else mpb.REPLY_INFER_RESPONSE
+    return ReplyAs(layout, response_head(request.model_name, request.id))
+
+
+def _with_head(head: bytes, response: bytes, streamed: bool) -> bytes:
+    """``head`` (encoded fields) and ``response`` as one response, a stream's when ``streamed``."""
+    return stream_response(head, response) if streamed else head + response
 
 
 async def _unimplemented(context: Context, what: str) -> NoReturn:

@@ -19,7 +19,7 @@ from meshserve.models.repository import ModelInfo
 from meshserve.queue import ClaimedBatch, ClaimedStep, ModelKeys
 from meshserve.store.link import Chunks
 from meshserve.wire.codec import from_array, to_array, to_plain_tensor
-from meshserve.wire.envelope import envelope_items, frame, unframe
+from meshserve.wire.envelope import envelope_items, frame, laid_out, lay_out, unframe
 from model_workers.served import Served
 from protos import meshserve_pb2 as mpb
 
@@ -62,8 +62,11 @@ def decode(claim: ClaimedBatch, model: ModelInfo, keys: ModelKeys | None = None)
 
 
 def serialize_reply(job: Job, reply: mpb.InferReply) -> bytes | Chunks:
-    """A reply as the job's gateway reads it: framed with its outputs' buffers, or
-    plain for a gateway that sent a plain envelope."""
+    """A reply as the job's gateway reads it: laid out as the client's response when
+    the gateway asks for that (:func:`meshserve.wire.envelope.lay_out`), else framed
+    with its outputs' buffers, or plain for a gateway that sent a plain envelope."""
+    if job.framed and reply.code == mpb.OK and laid_out(job.request):
+        return lay_out(reply, job.reply_data, job.request)
     if job.framed and reply.outputs:
         return frame(reply, job.reply_data)
     return reply.SerializeToString()

@@ -8,6 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReplyLayout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPLY_FRAMED: _ClassVar[ReplyLayout]
+    REPLY_INFER_RESPONSE: _ClassVar[ReplyLayout]
+    REPLY_STREAM_RESPONSE: _ClassVar[ReplyLayout]
+
 class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OK: _ClassVar[Code]
@@ -27,6 +33,9 @@ class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNAVAILABLE: _ClassVar[Code]
     DATA_LOSS: _ClassVar[Code]
     UNAUTHENTICATED: _ClassVar[Code]
+REPLY_FRAMED: ReplyLayout
+REPLY_INFER_RESPONSE: ReplyLayout
+REPLY_STREAM_RESPONSE: ReplyLayout
 OK: Code
 CANCELLED: Code
 UNKNOWN: Code
@@ -60,7 +69,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., data_bytes: _Optional[int] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
-    __slots__ = ("id", "model", "version", "tenant", "deadline_ms", "reply_to", "client_request_id", "inputs", "outputs", "trace_context", "enqueued_ms", "priority", "items", "shape_signature", "parameters")
+    __slots__ = ("id", "model", "version", "tenant", "deadline_ms", "reply_to", "client_request_id", "inputs", "outputs", "trace_context", "enqueued_ms", "priority", "items", "shape_signature", "reply_layout", "response_head", "parameters")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +98,8 @@ class QueuedRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SHAPE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_HEAD_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
@@ -104,11 +115,13 @@ class QueuedRequest(_message.Message):
     priority: int
     items: int
     shape_signature: str
+    reply_layout: ReplyLayout
+    response_head: bytes
     parameters: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tenant: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., client_request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., enqueued_ms: _Optional[int] = ..., priority: _Optional[int] = ..., items: _Optional[int] = ..., shape_signature: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tenant: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., client_request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., enqueued_ms: _Optional[int] = ..., priority: _Optional[int] = ..., items: _Optional[int] = ..., shape_signature: _Optional[str] = ..., reply_layout: _Optional[_Union[ReplyLayout, str]] = ..., response_head: _Optional[bytes] = ..., parameters: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("id", "code", "message", "outputs", "model", "version", "queue_wait_us", "compute_us", "worker_id", "replied_unix_ns", "more", "index")
+    __slots__ = ("id", "code", "message", "outputs", "model", "version", "queue_wait_us", "compute_us", "worker_id", "replied_unix_ns", "layout", "more", "index")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +132,7 @@ class InferReply(_message.Message):
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     REPLIED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     id: str
@@ -131,9 +145,10 @@ class InferReply(_message.Message):
     compute_us: int
     worker_id: str
     replied_unix_ns: int
+    layout: ReplyLayout
     more: bool
     index: int
-    def __init__(self, id: _Optional[str] = ..., code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., queue_wait_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., worker_id: _Optional[str] = ..., replied_unix_ns: _Optional[int] = ..., more: _Optional[bool] = ..., index: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., queue_wait_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., worker_id: _Optional[str] = ..., replied_unix_ns: _Optional[int] = ..., layout: _Optional[_Union[ReplyLayout, str]] = ..., more: _Optional[bool] = ..., index: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "datatype", "shape")

@@ -187,10 +187,12 @@ async def test_a_request_over_max_message_bytes_is_refused_naming_the_flag(
 async def test_payload_sized_work_runs_off_the_event_loop_and_small_requests_stay_inline(
     redis: Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Decoding at the gateway, stacking and splitting at the worker and encoding the
-    response: for a request over OFF_LOOP_BYTES each runs on another thread than the
-    event loop's (which keeps serving reports, leases and other calls meanwhile), for
-    a small one on the loop's own thread (a hop would cost more than the work)."""
+    """Decoding at the gateway, stacking and splitting at the worker: for a request
+    over OFF_LOOP_BYTES each runs on another thread than the event loop's (which keeps
+    serving reports, leases and other calls meanwhile), for a small one on the loop's
+    own thread (a hop would cost more than the work). The gateway encodes no response:
+    the worker lays it out (meshserve/wire/envelope.py) and the reply is received into
+    the bytes gRPC sends."""
     threads: dict[str, list[int]] = {}
 
     def recorded(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -223,9 +225,9 @@ async def test_payload_sized_work_runs_off_the_event_loop_and_small_requests_sta
         await stop_mesh(mesh)
     assert np.array_equal(output_arrays(small)["scaled"], image(8) * 2 + 1)
     assert np.array_equal(output_arrays(large)["scaled"], image(large_side) * 2 + 1)
-    stages = ["pack", "stack", "split", "encode"]
-    assert {name: set(small_threads.get(name, [])) for name in stages} == {name: {loop_thread} for name in stages}
-    assert sorted(threads) == sorted(stages)
+    stages = ["pack", "stack", "split"]
+    assert sorted(small_threads) == sorted(threads) == sorted(stages)  # no "encode": laid out by the worker
+    assert {name: set(small_threads[name]) for name in stages} == {name: {loop_thread} for name in stages}
     on_loop = [name for name in stages if loop_thread in threads[name]]
     assert on_loop == [], f"ran on the event loop's thread for a large request: {on_loop}"
     assert await queue_leftovers(redis) == []

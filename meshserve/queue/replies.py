@@ -27,14 +27,17 @@ def push_commands(replies: Mapping[str, Sequence[bytes | Chunks]]) -> list[Comma
     return commands
 
 
-async def pop_replies(blocking: RedisLink, reply_to: str, *, wait_s: float, max_count: int) -> list[bytes]:
+async def pop_replies(blocking: RedisLink, reply_to: str, *, wait_s: float, max_count: int) -> list[Any]:
     """Up to ``max_count`` replies, oldest first, waiting up to ``wait_s`` for the
-    first; empty after the wait. ``blocking`` must be a link of its own (BLMPOP)."""
+    first; empty after the wait. ``blocking`` must be a link of its own (BLMPOP).
+    A reply is ``bytes``, a large one a memoryview of its buffer, a laid-out one read
+    by a headed link a :class:`~meshserve.store.resp.HeadedBulk`."""
     popped: Any = await blocking.execute("BLMPOP", wait_s, 1, reply_to, "LEFT", "COUNT", max_count)
     return popped[1] if popped else []
 
 
-async def pop_replies_now(link: RedisLink, reply_to: str, *, max_count: int) -> list[bytes]:
-    """Up to ``max_count`` replies already in the list, without waiting (LMPOP)."""
+async def pop_replies_now(link: RedisLink, reply_to: str, *, max_count: int) -> list[Any]:
+    """Up to ``max_count`` replies already in the list, without waiting (LMPOP), as
+    :func:`pop_replies` gives them."""
     popped: Any = await link.execute("LMPOP", 1, reply_to, "LEFT", "COUNT", max_count)
     return popped[1] if popped else []

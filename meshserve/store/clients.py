@@ -28,8 +28,10 @@ def command_link(url: str, name: str = "", check: ConnectCheck | None = None) ->
     return kind(url, connect_timeout_s=CONNECT_TIMEOUT_S, command_timeout_s=COMMAND_TIMEOUT_S, name=name, check=check)
 
 
-def blocking_link(url: str, name: str = "", check: ConnectCheck | None = None) -> RedisLink:
+def blocking_link(url: str, name: str = "", check: ConnectCheck | None = None, *, headed: bool = False) -> RedisLink:
     """For one task's blocking reads: no read timeout (the command's own applies).
-    ``check`` (both kinds): run on every connection opened, e.g. the eviction policy's."""
+    ``check`` (both kinds): run on every connection opened, e.g. the eviction policy's.
+    ``headed``: large replies laid out with a head are read as head and body
+    (:class:`~meshserve.store.resp.HeadedBulk`; a gateway's reply reader)."""
     kind = ClusterLink if is_cluster_url(url) else RedisLink
-    return kind(url, connect_timeout_s=CONNECT_TIMEOUT_S, command_timeout_s=None, name=name, check=check)
+    return kind(url, connect_timeout_s=CONNECT_TIMEOUT_S, command_timeout_s=None, name=name, check=check, headed=headed)

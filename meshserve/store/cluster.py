@@ -185,6 +185,7 @@ class ClusterLink(RedisLink):
         command_timeout_s: float | None = 5.0,
         name: str = "",
         check: ConnectCheck | None = None,
+        headed: bool = False,
     ) -> None:
         self._seeds = seed_urls(url)
         if not self._seeds:
@@ -195,6 +196,7 @@ class ClusterLink(RedisLink):
             command_timeout_s=command_timeout_s,
             name=name,
             check=check,
+            headed=headed,
         )
         self.url = url
         seed = urlsplit(self._seeds[0])
@@ -404,6 +406,7 @@ class ClusterLink(RedisLink):
             command_timeout_s=self.command_timeout_s,
             name=self.name,
             check=self._check,
+            headed=self._headed,
         )
 
     # ------------------------------------------------------------ the slot map

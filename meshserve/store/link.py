@@ -130,11 +130,11 @@ class _Protocol(asyncio.BufferedProtocol):
     receives into its buffers, a large bulk string (a payload) straight into the one
     that becomes the reply, with no copy by a parser."""
 
-    def __init__(self) -> None:
+    def __init__(self, headed: bool = False) -> None:
         self.transport: asyncio.Transport | None = None
         # Python 3.11's get_running_loop makes a getpid system call each time: once here, not per command
         self.loop = asyncio.get_running_loop()
-        self.reader = RespReader()
+        self.reader = RespReader(headed=headed)
         self.pending: collections.deque[_Pending] = collections.deque()
         self.closed = False
         self.lost = asyncio.Event()  # set once the transport has closed its socket
@@ -204,11 +204,15 @@ class RedisLink:
         name: str = "",
         check: ConnectCheck | None = None,
         resolver: Resolver | None = None,
+        headed: bool = False,
     ) -> None:
         """``resolver``: asked for the address on every connect (the URL's host and
-        port are then unused); a ``redis+sentinel://`` URL brings its own."""
+        port are then unused); a ``redis+sentinel://`` URL brings its own. ``headed``:
+        large bulk strings that start with a head are returned as
+        :class:`~meshserve.store.resp.HeadedBulk` (the gateway's reply link)."""
         self.url = url
         self._check = check
+        self._headed = headed
         if is_sentinel_url(url):
             target = SentinelTarget.parse(url)
             self._options: dict[str, Any] = target.options
@@ -381,15 +385,20 @@ class RedisLink:
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         options = self._options
+        headed = self._headed
+
+        def made() -> _Protocol:
+            return _Protocol(headed)
+
         if self._resolver is not None:
             self._address = host, port = await self._resolver()
-            _, protocol = await loop.create_connection(_Protocol, host, port)
+            _, protocol = await loop.create_connection(made, host, port)
         elif "path" in options:
-            _, protocol = await loop.create_unix_connection(_Protocol, options["path"])
+            _, protocol = await loop.create_unix_connection(made, options["path"])
         else:
             context = _ssl_context(options) if self.url.startswith("rediss://") else None
             _, protocol = await loop.create_connection(
-                _Protocol, options.get("host", "localhost"), int(options.get("port", 6379)), ssl=context
+                made, options.get("host", "localhost"), int(options.get("port", 6379)), ssl=context
             )
         return protocol
 

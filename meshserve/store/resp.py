@@ -20,11 +20,26 @@ int, None for a nil bulk or array, lists for arrays, ``hiredis.ReplyError`` for
 errors, at any depth; a large bulk string is a writable ``memoryview`` (format ``B``)
 instead of bytes: ``len``, slicing, ``bytes()``, comparison with bytes,
 ``np.frombuffer`` and protobuf's parsing take it as they take bytes; hashing does not.
+
+Headed bulk strings (``RespReader(headed=True)``, the gateway's reply link): a large
+bulk string that starts with byte ``HEADED_MARKER`` and a 4-byte little-endian length
+``n`` (at most ``MAX_HEAD_BYTES``) is returned as a :class:`HeadedBulk`: its ``n`` bytes of head, and the rest
+received straight into a ``bytes`` object of its own. A worker lays a reply out so
+that this rest is the client's serialized response (meshserve/wire/envelope.py),
+which the gateway hands to gRPC as it is: grpc-python sends only ``bytes``, and a
+``bytes`` object cannot otherwise be written into without a copy. The object is
+created uninitialized (``PyBytes_FromStringAndSize(NULL, n)``, through ctypes: malloc,
+its pages untouched, as numpy's ``empty``) and its memory filled through a ctypes
+view before anything else sees it, as C code builds a ``bytes``; it is never
+changed after the reply is returned. A bulk that starts otherwise, or whose head
+length does not fit in it, is read as any other.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import ctypes
+import struct
+from typing import Any, NamedTuple
 
 import hiredis
 import numpy as np
@@ -36,8 +51,52 @@ RECEIVE_BYTES = 256 * 1024
 """The receive buffer for everything else (framing, small replies)."""
 
 
+HEADED_MARKER = 0x01
+"""The first byte of a headed bulk string (no protobuf message starts with it: field 0
+does not exist)."""
+
+HEAD_PREFIX = struct.Struct("<BI")
+"""A headed bulk string's first bytes: ``HEADED_MARKER``, the head's length in bytes."""
+
+
+MAX_HEAD_BYTES = RECEIVE_BYTES
+"""A head longer than this is not taken for one (heads are a few hundred bytes): the
+bulk string is read whole."""
+
+
 class ProtocolError(Exception):
     """The stream is not RESP: the connection can no longer be trusted."""
+
+
+class HeadedBulk(NamedTuple):
+    """A headed bulk string, as a reader with ``headed=True`` returns it (see the
+    module docstring): the bytes after the prefix, cut at the head's length."""
+
+    head: bytes
+    body: bytes
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+_new_bytes.restype = ctypes.py_object
+
+
+def empty_bytes(size: int) -> tuple[bytes, memoryview]:
+    """A new ``bytes`` object of ``size`` (> 1) bytes, uninitialized, and a writable view
+    of its memory. The caller fills it through the view before anyone else sees the
+    object, and never writes to it after (see the module docstring)."""
+    if size < 2:  # CPython shares its objects of length 0 and 1
+        raise ValueError(f"empty_bytes needs at least 2 bytes, not {size}")
+    value = _new_bytes(None, size)
+    address = ctypes.cast(ctypes.c_char_p(value), ctypes.c_void_p).value
+    return value, memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")  # type: ignore[arg-type]
+
+
+_NEVER = 1 << 62  # a length no bulk string has
+
+_WHOLE, _PREFIX, _HEAD, _BODY = range(4)
+"""What a large bulk's current buffer receives: the whole bulk (a plain one), or the
+prefix, the head or the body of a headed one."""
 
 
 class RespReader:
@@ -48,27 +107,37 @@ class RespReader:
     """
 
     __slots__ = (
+        "_body",
         "_bulk",
         "_crlf",
         "_fast",
         "_filled",
+        "_head",
+        "_length",
         "_need",
         "_pieces",
         "_pieces_len",
         "_receive",
         "_stack",
+        "_stage",
+        "headed",
         "large_bytes",
     )
 
-    def __init__(self, large_bytes: int = LARGE_BULK_BYTES) -> None:
+    def __init__(self, large_bytes: int = LARGE_BULK_BYTES, *, headed: bool = False) -> None:
         self.large_bytes = large_bytes
+        self.headed = headed
         self._receive = bytearray(RECEIVE_BYTES)
         self._pieces: list[bytes] = []  # unparsed bytes, in order
         self._pieces_len = 0
         self._need = 1  # bytes the parse needs before it can go on
         self._stack: list[list[Any]] = []  # arrays under way: [items, remaining]
-        self._bulk: memoryview | None = None  # a large bulk string being received
+        self._bulk: memoryview | None = None  # the buffer a large bulk string is being received into
         self._filled = 0
+        self._stage = _WHOLE  # what ``_bulk`` receives
+        self._length = 0  # the large bulk's length
+        self._head = b""  # a headed bulk's head, once read
+        self._body = b""  # and the bytes object its body is received into
         self._crlf = 0  # the bulk's trailing CRLF bytes still to skip
         self._fast = hiredis.Reader()  # for reads of whole small replies
 
@@ -131,11 +200,50 @@ class RespReader:
     def _bulk_received(self, nbytes: int) -> list[Any]:
         assert self._bulk is not None
         self._filled += nbytes
-        if self._filled < len(self._bulk):
+        if self._filled < len(self._bulk) or not self._next_buffer():
             return []
         replies: list[Any] = []
         self._finish_bulk(replies)
         return replies + self._parse()
+
+    def _next_buffer(self) -> bool:
+        """The current buffer of a large bulk is full: True when the bulk is complete,
+        else the next buffer is set (a headed bulk's head, then its body)."""
+        stage = self._stage
+        if stage == _WHOLE:
+            return True
+        if stage == _PREFIX:
+            assert self._bulk is not None
+            marker, head_bytes = HEAD_PREFIX.unpack(self._bulk)
+            rest = self._length - HEAD_PREFIX.size
+            if marker != HEADED_MARKER or head_bytes > min(rest, MAX_HEAD_BYTES):  # not headed: read whole
+                whole = np.empty(self._length, dtype=np.uint8).data
+                whole[: HEAD_PREFIX.size] = self._bulk
+                self._set_buffer(whole, _WHOLE, HEAD_PREFIX.size)
+                return self._length == HEAD_PREFIX.size
+            self._set_buffer(memoryview(bytearray(head_bytes)), _HEAD)
+            if head_bytes:
+                return False
+            stage = _HEAD
+        if stage == _HEAD:
+            assert self._bulk is not None
+            self._head = bytes(self._bulk)
+            body_bytes = self._length - HEAD_PREFIX.size - len(self._head)
+            if body_bytes >= 2:
+                self._body, view = empty_bytes(body_bytes)
+                self._set_buffer(view, _BODY)
+                return False
+            self._body = b""  # too short for a bytes object of its own (empty_bytes): read below
+            self._set_buffer(memoryview(bytearray(body_bytes)), _BODY)
+            if body_bytes:
+                return False
+        assert self._bulk is not None
+        if len(self._body) != len(self._bulk):  # a body of one byte, received into a bytearray
+            self._body = bytes(self._bulk)
+        return True
+
+    def _set_buffer(self, buffer: memoryview, stage: int, filled: int = 0) -> None:
+        self._bulk, self._stage, self._filled = buffer, stage, filled
 
     def _take(self, data: bytes) -> list[Any]:
         self._pieces.append(data)
@@ -147,7 +255,11 @@ class RespReader:
     # ------------------------------------------------------------ parsing
 
     def _finish_bulk(self, replies: list[Any]) -> None:
-        value, self._bulk, self._filled = self._bulk, None, 0
+        value: Any = self._bulk
+        if self._stage == _BODY:
+            value = HeadedBulk(self._head, self._body)
+            self._head = self._body = b""
+        self._bulk, self._filled, self._stage = None, 0, _WHOLE
         self._crlf = 2
         self._need = 1
         self._complete(value, replies)
@@ -179,6 +291,7 @@ class RespReader:
             pos = self._skip_crlf(buf)
         stack = self._stack
         large = self.large_bytes
+        headed_from = large if self.headed else _NEVER  # a large bulk that came whole in one read
         value: Any
         while pos < end:
             eol = buf.find(b"\r\n", pos)
@@ -195,7 +308,7 @@ class RespReader:
                     else:
                         self._keep(buf, pos, start - pos + length + 2)
                     return replies
-                value, pos = _bulk_value(buf, start, length)
+                value, pos = _bulk_value(buf, start, length, headed=length >= headed_from)
             elif kind == 42:  # * array
                 count = int(buf[pos + 1 : eol])
                 pos = eol + 2
@@ -230,17 +343,24 @@ class RespReader:
 
     def _start_bulk(self, buf: bytes, start: int, length: int, replies: list[Any]) -> None:
         """A large bulk string starts at ``buf[start]`` and is not all in ``buf``: its
-        buffer, with what ``buf`` holds of it; the rest is received into that buffer."""
-        bulk = np.empty(length, dtype=np.uint8).data
-        have = min(len(buf) - start, length)
-        bulk[:have] = memoryview(buf)[start : start + have]
+        buffer (a headed one's: first that of its prefix), with what ``buf`` holds of
+        it; the rest is received into that buffer and the ones that follow it."""
         self._need = 1
-        if have < length:
-            self._bulk, self._filled = bulk, have
-            return
-        self._crlf = 2  # the body is all here, its CRLF not (or only its CR)
-        self._complete(bulk, replies)
-        if start + have < len(buf):
+        self._length = length
+        if self.headed and length >= HEAD_PREFIX.size:
+            self._set_buffer(memoryview(bytearray(HEAD_PREFIX.size)), _PREFIX)
+        else:
+            self._set_buffer(np.empty(length, dtype=np.uint8).data, _WHOLE)
+        have = min(len(buf) - start, length)
+        view = memoryview(buf)[start : start + have]
+        while self._bulk is not None and len(view):  # the bulk's part in ``buf``, buffer by buffer
+            take = min(len(view), len(self._bulk) - self._filled)
+            self._bulk[self._filled : self._filled + take] = view[:take]
+            view = view[take:]
+            self._filled += take
+            if self._filled == len(self._bulk) and self._next_buffer():
+                self._finish_bulk(replies)  # the body is all here, its CRLF not (or only its CR)
+        if self._bulk is None and start + have < len(buf):
             self._skip_crlf(buf[start + have :])
 
     def _keep(self, buf: bytes, pos: int, need: int) -> None:
@@ -251,14 +371,27 @@ class RespReader:
         self._need = need
 
 
-def _bulk_value(buf: bytes, start: int, length: int) -> tuple[bytes | None, int]:
-    """A bulk string whose body (and CRLF) ``buf`` holds: its value, and where the next reply element starts."""
+def _bulk_value(buf: bytes, start: int, length: int, *, headed: bool = False) -> tuple[Any, int]:
+    """A bulk string whose body (and CRLF) ``buf`` holds: its value (``headed``: as a
+    :class:`HeadedBulk` when it is one), and where the next reply element starts."""
     if length < 0:
         return None, start
     stop = start + length
     if buf[stop : stop + 2] != b"\r\n":
         raise ProtocolError("bulk string not followed by CRLF")
-    return buf[start:stop], stop + 2
+    value = buf[start:stop]
+    return (_headed_value(value) if headed else value), stop + 2
+
+
+def _headed_value(value: Any) -> Any:
+    """A whole bulk string's value, as a :class:`HeadedBulk` when it is one."""
+    if len(value) < HEAD_PREFIX.size:
+        return value
+    marker, head_bytes = HEAD_PREFIX.unpack_from(value)
+    if marker != HEADED_MARKER or head_bytes > min(len(value) - HEAD_PREFIX.size, MAX_HEAD_BYTES):
+        return value
+    end = HEAD_PREFIX.size + head_bytes
+    return HeadedBulk(value[HEAD_PREFIX.size : end], value[end:])
 
 
 def _line_value(kind: int, line: bytes) -> Any:

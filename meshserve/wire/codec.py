@@ -20,7 +20,7 @@ object into ``"b'...'"``), and string outputs go back as their UTF-8 bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -402,9 +402,63 @@ def encode_stream_response(
     return b"".join([_STREAM_INFER_RESPONSE_TAG, _varint(inner_bytes), *parts])
 
 
-def stream_response(infer_response: bytes) -> bytes:
-    """A serialized ModelInferResponse as a ModelStreamInferResponse's ``infer_response``."""
-    return b"".join((_STREAM_INFER_RESPONSE_TAG, _varint(len(infer_response)), infer_response))
+def stream_response(*infer_response: bytes | memoryview) -> bytes:
+    """A serialized ModelInferResponse (given in one or more parts, joined in order) as
+    a ModelStreamInferResponse's ``infer_response``, in one copy."""
+    nbytes = sum(len(part) for part in infer_response)
+    return b"".join((_STREAM_INFER_RESPONSE_TAG, _varint(nbytes), *infer_response))
+
+
+def response_head(model_name: str, request_id: str, parameters: Mapping[str, pb.InferParameter] | None = None) -> bytes:
+    """The fields of a ModelInferResponse that the gateway chooses (the model's name as
+    the client asked for it, the request's id, response parameters), serialized: the
+    first bytes of a response laid out by :func:`response_parts`."""
+    response = pb.ModelInferResponse(model_name=model_name, id=request_id)
+    for name, parameter in (parameters or {}).items():
+        response.parameters[name].CopyFrom(parameter)
+    return response.SerializeToString()
+
+
+def response_parts(
+    reply: mpb.InferReply, data: Sequence[Any], head: bytes, *, streamed: bool = False
+) -> list[bytes | memoryview]:
+    """A successful reply's response, serialized, in parts to be written as they are
+    (the outputs' buffers are not copied): ``head`` (:func:`response_head`), then the
+    version and the outputs' names, datatypes and shapes, then each output's raw
+    contents (``data``, in output order: a tag, a length, the buffer). Protobuf reads
+    concatenated encodings as one message, so this is the ModelInferResponse that
+    :func:`encode_infer_response` builds. ``streamed``: the same, as a
+    ModelStreamInferResponse's ``infer_response``. Each output's raw contents end the
+    response in order, which :func:`output_views` relies on."""
+    small = pb.ModelInferResponse(model_version=str(reply.version))
+    for tensor in reply.outputs:
+        small.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+    parts: list[bytes | memoryview] = [head, small.SerializeToString()]
+    for raw in data:
+        view = memoryview(raw).cast("B")
+        parts.append(_RAW_OUTPUT_CONTENTS_TAG + _varint(len(view)))
+        parts.append(view)
+    if streamed:
+        parts.insert(0, _STREAM_INFER_RESPONSE_TAG + _varint(sum(len(part) for part in parts)))
+    return parts
+
+
+def output_views(response: bytes | memoryview, outputs: Sequence[mpb.Tensor]) -> list[memoryview]:
+    """The raw contents of ``outputs`` (their ``data_bytes`` set) as views of a response
+    :func:`response_parts` laid out, found from its end. Raises ValueError when the
+    response does not end with them."""
+    view = memoryview(response)
+    views: list[memoryview] = []
+    end = len(view)
+    for tensor in reversed(outputs):
+        start = end - tensor.data_bytes
+        field = _RAW_OUTPUT_CONTENTS_TAG + _varint(tensor.data_bytes)
+        if start - len(field) < 0 or view[start - len(field) : start] != field:
+            raise ValueError(f"laid-out response does not end with the raw contents of output '{tensor.name}'")
+        views.append(view[start:end])
+        end = start - len(field)
+    views.reverse()
+    return views
 
 
 def _response_parts(
