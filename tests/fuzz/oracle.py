@@ -157,7 +157,7 @@ def class_counts(request: Request) -> dict[str, int]:
     counts = {}
     for out in request.outputs:
         for key in CLASS_COUNT_KEYS:
-            param = out.parameters[key] if key in out.parameters else None
+            param = out.parameters.get(key)
             if param is not None and param.WhichOneof("parameter_choice") == "int64_param" and param.int64_param > 0:
                 counts[out.name] = param.int64_param
     return counts
