@@ -8,6 +8,7 @@ full numpy sort on large and odd outputs."""
 
 from __future__ import annotations
 
+import shutil
 import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -66,6 +67,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = write_example_repository(tmp_path_factory.mktemp("classes"), ["mlp", "cnn"])
     (root / "cnn" / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS))
     (root / "cnn" / "config.yaml").write_text(CNN_CONFIG)
+    shutil.copytree(root / "mlp", root / "mlp_cached")
+    (root / "mlp_cached" / "config.yaml").write_text("response_cache: true\n")
     return root
 
 
@@ -171,6 +174,37 @@ async def test_plain_request_still_answers_the_scores(stub: pb_grpc.GRPCInferenc
     response = await stub.ModelInfer(infer_request("mlp", {"features": features}), timeout=RPC_TIMEOUT_S)
     got = output_arrays(response)
     np.testing.assert_allclose(got["logits"], reference(repository, "mlp", {"features": features})["logits"], rtol=1e-5)
+
+
+async def test_the_response_cache_keeps_classes_and_scores_apart(
+    mesh: Mesh, stub: pb_grpc.GRPCInferenceServiceStub, repository: Path
+) -> None:
+    """The cache key holds the requested outputs' parameters: a cached top-2 answers
+    only a top-2 request, never a request for the scores or for a top-3."""
+    features = np.random.default_rng(6).standard_normal((1, 64)).astype(np.float32)
+    want = reference(repository, "mlp_cached", {"features": features})["logits"]
+
+    async def ask(k: int) -> pb.ModelInferResponse:
+        request = infer_request("mlp_cached", {"features": features}, outputs=[] if k else ["logits"])
+        if k:
+            classified(request, "logits", k)
+        response = await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+        await mesh.gateway.cache.settle()
+        return response
+
+    def was_cached(response: pb.ModelInferResponse) -> bool:
+        return "cached" in response.parameters and response.parameters["cached"].bool_param
+
+    first, again = await ask(2), await ask(2)
+    assert not was_cached(first)
+    assert was_cached(again)
+    assert strings(again, "logits") == ([1, 2], expected(want, 2)[0])
+    scores = await ask(0)
+    assert not was_cached(scores)
+    np.testing.assert_allclose(output_arrays(scores)["logits"], want, rtol=1e-5, atol=1e-6)
+    three = await ask(3)
+    assert not was_cached(three)
+    assert strings(three, "logits") == ([1, 3], expected(want, 3)[0])
 
 
 # ------------------------------------------------------------ refusals decided by the codec
