@@ -64,7 +64,7 @@ def strings(response: pb.ModelInferResponse, name: str) -> tuple[list[int], list
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = write_example_repository(tmp_path_factory.mktemp("classes"), ["mlp", "cnn"])
+    root = write_example_repository(tmp_path_factory.mktemp("classes"), ["mlp", "cnn", "scale_any"])
     (root / "cnn" / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS))
     (root / "cnn" / "config.yaml").write_text(CNN_CONFIG)
     shutil.copytree(root / "mlp", root / "mlp_cached")
@@ -205,6 +205,26 @@ async def test_the_response_cache_keeps_classes_and_scores_apart(
     three = await ask(3)
     assert not was_cached(three)
     assert strings(three, "logits") == ([1, 3], expected(want, 3)[0])
+
+
+async def test_a_grid_known_only_at_run_time_is_refused_by_the_worker(
+    stub: pb_grpc.GRPCInferenceServiceStub, repository: Path
+) -> None:
+    """scale_any's output has free dims: [batch, 1, 1, 5] is a row of 5 classes, while
+    [batch, 1, 2, 3] has two dims over 1 and is refused by the worker, naming it."""
+    row = np.random.default_rng(7).standard_normal((2, 1, 1, 5)).astype(np.float32)
+    request = infer_request("scale_any", {"image": row})
+    classified(request, "scaled", 2)
+    shape, items = strings(await stub.ModelInfer(request, timeout=RPC_TIMEOUT_S), "scaled")
+    assert shape == [2, 2]
+    assert [items[:2], items[2:]] == expected(reference(repository, "scale_any", {"image": row})["scaled"], 2)
+    grid = infer_request("scale_any", {"image": np.zeros((1, 1, 2, 3), np.float32)})
+    classified(grid, "scaled", 2)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ModelInfer(grid, timeout=RPC_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "requested output 'scaled'" in (caught.value.details() or "")
+    assert "got shape [1, 1, 2, 3]" in (caught.value.details() or "")
 
 
 # ------------------------------------------------------------ refusals decided by the codec
