@@ -100,12 +100,11 @@ def top_classes(
     rows = array.reshape(shape[0] if batching and shape else 1, -1)
     classes = rows.shape[1]
     kept = min(k, classes)
-    key = -rows.astype(np.float64)  # ascending key: highest value first, for every numeric type
-    if kept < classes:
-        index = np.argpartition(key, kept - 1, axis=1)[:, :kept]
+    if kept < classes:  # the k highest, unordered, in place of a sort of every class
+        index = np.argpartition(rows, classes - kept, axis=1)[:, classes - kept :]
     else:
         index = np.broadcast_to(np.arange(classes), rows.shape)
-    picked = np.take_along_axis(key, index, axis=1)
+    picked = -np.take_along_axis(rows, index, axis=1).astype(np.float64)  # ascending: highest first, any type
     order = np.lexsort((index, picked), axis=-1)
     index = np.take_along_axis(index, order, axis=1)
     values = np.take_along_axis(rows, index, axis=1)
