@@ -60,7 +60,7 @@ from meshserve.store.refusals import RefusalLog, store_refusal_message
 from meshserve.tenancy.admission import Admission
 from meshserve.tenancy.tenants import Tenant, TenantRegistry, dev_registry
 from meshserve.tenancy.throttle import RateRefusals
-from meshserve.wire.codec import PackedInputs, check_requested_outputs, declared_bytes, pack_inputs
+from meshserve.wire.codec import PackedInputs, check_requested_outputs, declared_bytes, pack_inputs, requested_classes
 from meshserve.wire.envelope import OFF_LOOP_BYTES, ReplyAs, Unframed, failed_reply, frame, reply_error, unframe
 from protos import meshserve_pb2 as mpb
 
@@ -438,6 +438,8 @@ class Gateway:
         )
         if reply_as is not None:
             envelope.reply_layout, envelope.response_head = reply_as.layout, reply_as.head  # type: ignore[assignment]
+        if call.message.outputs:  # Triton's classification extension: the worker ranks them
+            envelope.class_counts.update(requested_classes(call.message, model))
         if on_partial is not None:
             envelope.parameters.update(worker_parameters(call.message))
             self.partials[job_id] = on_partial

@@ -26,6 +26,7 @@ from opentelemetry import trace
 from gateway.core import Gateway
 from gateway.request import InferCall
 from meshserve.errors import DeadlineExceeded, InvalidArgument, MeshError, Unavailable
+from meshserve.models.classification import class_count
 from meshserve.models.ensemble import Ensemble
 from meshserve.tenancy.tenants import Tenant
 from meshserve.wire.envelope import Unframed
@@ -98,6 +99,12 @@ async def infer_ensemble(
         raise Unavailable(f"ensemble '{model.name}' version {model.version} is not ready: {why}")
     if call.timeout_ms is not None:
         deadline_ms = min(deadline_ms, time.time() * 1000 + call.timeout_ms)
+    for output in call.message.outputs:  # refused before any step runs, never answered as the scores
+        if class_count(output.name, output.parameters):
+            raise InvalidArgument(
+                f"requested output '{output.name}': classification (class_count) is not available for "
+                f"ensemble '{model.name}'; ask a step's model for it, or rank the output on the client"
+            )
     inputs = ensemble_inputs(ensemble, call.message, call.raw)
     reply, data = await run_ensemble(
         gateway,

@@ -48,7 +48,14 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
 
-EXTENSIONS = ["model_configuration", "model_repository", "parameters", "statistics", "system_shared_memory"]
+EXTENSIONS = [
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "parameters",
+    "statistics",
+    "system_shared_memory",
+]
 
 UNAUTHENTICATED_LABEL = "<unauthenticated>"
 """The rejections metric's tenant label for a call with no valid credential."""

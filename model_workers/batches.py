@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from meshserve.errors import Internal, MeshError
+from meshserve.models.classification import read_labels, top_classes
 from meshserve.models.repository import ModelInfo
 from meshserve.queue import ClaimedBatch, ClaimedStep, ModelKeys
 from meshserve.store.link import Chunks
@@ -129,16 +131,40 @@ def split(
             worker_id=worker_id,
         )
         job.reply_data = []
-        for spec, out in zip(specs, outputs, strict=True):
-            if wanted and spec.name not in wanted:
-                continue
-            part = out[start:end] if info.max_batch_size else out
-            tensor, data = from_array(spec.name, spec.datatype, part)
-            if job.framed:
-                reply.outputs.append(tensor)
-                job.reply_data.append(data)
-            else:
-                reply.outputs.append(to_plain_tensor(tensor, data))
+        try:
+            for spec, out in zip(specs, outputs, strict=True):
+                if wanted and spec.name not in wanted:
+                    continue
+                part = out[start:end] if info.max_batch_size else out
+                k = job.request.class_counts.get(spec.name, 0)
+                if k:  # Triton's classification extension: the top k, before the reply is laid out
+                    tensor, data = from_array(spec.name, "BYTES", classify(info, spec.name, part, k))
+                else:
+                    tensor, data = from_array(spec.name, spec.datatype, part)
+                if job.framed:
+                    reply.outputs.append(tensor)
+                    job.reply_data.append(data)
+                else:
+                    reply.outputs.append(to_plain_tensor(tensor, data))
+        except MeshError as exc:  # this request's outputs cannot be ranked: its answer, not the batch's
+            del reply.outputs[:]
+            job.reply_data = []
+            reply.code = exc.code.value[0]
+            reply.message = str(exc)
         replies.append((job, reply))
         start = end
     return replies
+
+
+def classify(info: ModelInfo, name: str, part: np.ndarray[Any, Any], k: int) -> np.ndarray[Any, Any]:
+    """Output ``name``'s top ``k`` classes (meshserve/models/classification.py), labelled
+    from its ``label_filename`` in the model directory (``<model>/<version>/model.*``)."""
+    filename = info.tensors.labels_of(name)
+    labels: tuple[str, ...] = ()
+    if filename:
+        path = info.path.parent.parent / filename
+        try:
+            labels = read_labels(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Internal(f"output '{name}': its labels file {path} cannot be read: {exc}") from exc
+    return top_classes(name, part, k, info.max_batch_size > 0, labels)

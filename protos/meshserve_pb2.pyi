@@ -69,7 +69,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., data_bytes: _Optional[int] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
-    __slots__ = ("id", "model", "version", "tenant", "deadline_ms", "reply_to", "client_request_id", "inputs", "outputs", "trace_context", "enqueued_ms", "priority", "items", "shape_signature", "reply_layout", "response_head", "parameters")
+    __slots__ = ("id", "model", "version", "tenant", "deadline_ms", "reply_to", "client_request_id", "inputs", "outputs", "trace_context", "enqueued_ms", "priority", "items", "shape_signature", "reply_layout", "response_head", "parameters", "class_counts")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,13 @@ class QueuedRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ClassCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +108,7 @@ class QueuedRequest(_message.Message):
     REPLY_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_HEAD_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_COUNTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     version: int
@@ -118,7 +126,8 @@ class QueuedRequest(_message.Message):
     reply_layout: ReplyLayout
     response_head: bytes
     parameters: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tenant: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., client_request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., enqueued_ms: _Optional[int] = ..., priority: _Optional[int] = ..., items: _Optional[int] = ..., shape_signature: _Optional[str] = ..., reply_layout: _Optional[_Union[ReplyLayout, str]] = ..., response_head: _Optional[bytes] = ..., parameters: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    class_counts: _containers.ScalarMap[str, int]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tenant: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., client_request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., enqueued_ms: _Optional[int] = ..., priority: _Optional[int] = ..., items: _Optional[int] = ..., shape_signature: _Optional[str] = ..., reply_layout: _Optional[_Union[ReplyLayout, str]] = ..., response_head: _Optional[bytes] = ..., parameters: _Optional[_Mapping[str, str]] = ..., class_counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class InferReply(_message.Message):
     __slots__ = ("id", "code", "message", "outputs", "model", "version", "queue_wait_us", "compute_us", "worker_id", "replied_unix_ns", "layout", "more", "index")

@@ -230,20 +230,32 @@ async def test_bytes_that_are_not_utf8_are_refused_naming_the_input(
 
 
 @pytest.mark.parametrize("key", ["classification", "class_count"])  # tritonclient's name, and the hand-written one
-async def test_class_count_is_refused_naming_it(dtype_stub: pb_grpc.GRPCInferenceServiceStub, key: str) -> None:
-    request = request_for(identity_name("FP32"), "x", "FP32", np.zeros((1, 3), np.float32), [1, 3], typed=False)
+async def test_class_count_answers_the_top_classes(dtype_stub: pb_grpc.GRPCInferenceServiceStub, key: str) -> None:
+    """Triton's classification extension (tests/test_classification.py has the rest):
+    the output's top k as BYTES "value:index", and 0 is refused, not taken for "off"."""
+    values = np.array([[0.5, -2.0, 3.25]], np.float32)
+    request = request_for(identity_name("FP32"), "x", "FP32", values, [1, 3], typed=False)
     request.outputs.add(name="y").parameters[key].int64_param = 2
+    response = await dtype_stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+    assert output_of(response) == ("BYTES", [1, 2], encode_strings([b"3.250000:2", b"0.500000:0"]))
+    metadata = await dtype_stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=RPC_TIMEOUT_S)
+    assert "classification" in metadata.extensions
+    request.outputs[0].parameters[key].int64_param = 0
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await dtype_stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "class_count" in (caught.value.details() or "")
     assert f"'{key}'" in (caught.value.details() or "")
     assert "'y'" in (caught.value.details() or "")
-    metadata = await dtype_stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=RPC_TIMEOUT_S)
-    assert "classification" not in metadata.extensions
-    request.outputs[0].parameters[key].int64_param = 0  # Triton's "off"
-    response = await dtype_stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
-    assert output_of(response) == ("FP32", [1, 3], bytes(12))
+
+
+async def test_class_count_of_a_bytes_output_is_refused(dtype_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = request_for(LOWERCASE, "text", "BYTES", [b"ab"], [1], typed=False)
+    request.outputs.add(name="lower").parameters["classification"].int64_param = 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dtype_stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "requested output 'lower'" in (caught.value.details() or "")
+    assert "BYTES output" in (caught.value.details() or "")
 
 
 # ------------------------------------------------------------ the codec alone

@@ -319,6 +319,19 @@ async def test_requested_outputs_are_the_ensembles_own(pipe_mesh: Mesh) -> None:
     assert "requested output 'FEATURES': not an output of ensemble 'pipe'" in (refused.value.details() or "")
 
 
+async def test_class_count_on_an_ensemble_output_is_refused_not_ignored(pipe_mesh: Mesh) -> None:
+    """Triton's classification extension is the step's model's: on an ensemble's output
+    it is refused naming the output, never answered with the scores."""
+    request = infer_request("pipe", {"RAW": np.ones((1, 64), np.float32)})
+    request.outputs.add(name="PROBS").parameters["classification"].int64_param = 3
+    async with grpc.aio.insecure_channel(pipe_mesh.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await infer_stub(channel).ModelInfer(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "requested output 'PROBS': classification (class_count)" in (refused.value.details() or "")
+    assert "ensemble 'pipe'" in (refused.value.details() or "")
+
+
 def explicit_ready(view: RoutingView) -> bool:
     return ("pipe", 1) in view.ready
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from meshserve.errors import InvalidArgument
+from meshserve.models.classification import check_classifiable, class_count
 from meshserve.models.repository import ModelInfo, TensorInfo
 from meshserve.wire.dtypes import NUMPY_BY_KSERVE, itemsize
 from protos import grpc_service_pb2 as pb
@@ -127,36 +128,40 @@ def declared_bytes(request: pb.ModelInferRequest) -> int:
     return total
 
 
-CLASSIFICATION_PARAMETERS = ("classification", "class_count")
-"""The output parameters that ask for Triton's classification extension (refused)."""
-
-
 def check_requested_outputs(request: pb.ModelInferRequest, model: ModelInfo) -> list[str]:
-    """Names of the requested outputs (empty: all), each checked to exist.
-
-    Refuses Triton's classification extension rather than ignoring it: a client
-    asking for top-k labels must not get logits. tritonclient sends it as the
-    output parameter ``classification`` (its ``class_count`` argument); the name
-    ``class_count`` is refused too, as clients writing the request by hand use it.
-    """
+    """Names of the requested outputs (empty: all), each checked to exist, and each
+    one's classification (Triton's extension, ``class_count``) checked to be one the
+    worker can answer (:func:`requested_classes`)."""
     known = {spec.name for spec in model.outputs}
     names = []
     for out in request.outputs:
         if out.name not in known:
             raise InvalidArgument(f"requested output '{out.name}' is not an output of model '{model.name}'")
-        for key in CLASSIFICATION_PARAMETERS:
-            if key in out.parameters and _parameter_value(out.parameters[key]):  # 0: off
-                raise InvalidArgument(
-                    f"requested output '{out.name}': parameter '{key}' (class_count, Triton's classification "
-                    "extension) is not supported; request the output and take the top classes on the client"
-                )
         names.append(out.name)
+    requested_classes(request, model)
     return names
 
 
-def _parameter_value(param: pb.InferParameter) -> object:
-    kind = param.WhichOneof("parameter_choice")
-    return None if kind is None else getattr(param, kind)
+def requested_classes(request: pb.ModelInferRequest, model: ModelInfo) -> dict[str, int]:
+    """Requested output -> k, for each output asked for as its top k classes
+    (meshserve/models/classification.py); refuses a bad k, an output that has no
+    classes to rank, and a decoupled model (its responses are the model's own)."""
+    specs = {spec.name: spec for spec in model.outputs}
+    counts: dict[str, int] = {}
+    for out in request.outputs:
+        k = class_count(out.name, out.parameters)
+        if not k:
+            continue
+        if model.decoupled:
+            raise InvalidArgument(
+                f"requested output '{out.name}': classification (class_count) is not available for "
+                f"decoupled model '{model.name}'"
+            )
+        spec = specs.get(out.name)
+        if spec is not None:
+            check_classifiable(out.name, spec.datatype, spec.shape, model.max_batch_size > 0)
+        counts[out.name] = k
+    return counts
 
 
 def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorInfo, model: ModelInfo) -> list[int]:

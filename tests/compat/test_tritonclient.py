@@ -161,12 +161,21 @@ def test_sync_infer_matches_onnxruntime(mesh: RunningMesh) -> None:
     np.testing.assert_allclose(
         result.as_numpy("logits"), reference(mesh.repository, "cnn", {"image": image})[0], rtol=1e-5, atol=1e-5
     )
-    # class_count (Triton's classification extension) is refused, never ignored: a
-    # client asking for top-k classes must not get logits back
-    with pytest.raises(InferenceServerException) as refused:
-        client.infer("cnn", [inp], outputs=[tc.InferRequestedOutput("logits", class_count=2)])
+    # class_count (Triton's classification extension): the top k per row as
+    # "value:index" (this cnn has no label file), ranked as numpy ranks ONNX Runtime's
+    logits = reference(mesh.repository, "cnn", {"image": image})[0]
+    ranked = client.infer("cnn", [inp], outputs=[tc.InferRequestedOutput("logits", class_count=2)])
+    got = ranked.as_numpy("logits")
+    assert got.shape == (3, 2)
+    assert got.dtype == np.object_
+    for row, texts in zip(logits, got, strict=True):
+        order = np.argsort(-row, kind="stable")[:2]
+        assert [t.decode() for t in texts] == [f"{float(row[i]):f}:{i}" for i in order]
+    with pytest.raises(InferenceServerException) as refused:  # k <= 0: refused, not "off"
+        client.infer("cnn", [inp], outputs=[tc.InferRequestedOutput("logits", class_count=-1)])
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "class_count" in refused.value.message()
+    assert "requested output 'logits'" in refused.value.message()
+    assert "classification" in client.get_server_metadata().extensions
 
 
 def test_fixed_batch_model_and_requested_outputs(mesh: RunningMesh) -> None:

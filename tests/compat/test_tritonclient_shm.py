@@ -104,6 +104,38 @@ def test_image_classification_client_reads_its_layout(mesh: RunningMesh) -> None
     inp.set_data_from_numpy(image)
     logits = client.infer("cnn", [inp], headers=ACME_HEADERS).as_numpy(output_name)
     assert logits.shape == (1, 10)
+    # image_client.py's request and postprocess: class_count=k, "value:index:label"
+    k = 3
+    output = tc.InferRequestedOutput(output_name, class_count=k)
+    results = client.infer("cnn", [inp], outputs=[output], headers=ACME_HEADERS).as_numpy(output_name)
+    assert results.shape == (1, k)
+    parsed = []
+    for row in results:
+        for result in row:
+            cls = "".join(chr(x) for x in result).split(":") if results.dtype.type == np.object_ else result.split(":")
+            parsed.append((float(cls[0]), int(cls[1]), cls[2]))
+    order = np.argsort(-logits[0], kind="stable")[:k]
+    assert [index for _, index, _ in parsed] == order.tolist()
+    assert [label for _, _, label in parsed] == [f"class{i}" for i in order]
+    np.testing.assert_allclose([value for value, _, _ in parsed], logits[0][order], atol=1e-6)
+
+
+async def test_asyncio_client_asks_for_the_top_classes(mesh: RunningMesh) -> None:
+    client = tc_aio.InferenceServerClient(mesh.address)
+    try:
+        assert "classification" in (await client.get_server_metadata(headers=ACME_HEADERS)).extensions
+        image = np.random.default_rng(1).random((2, 3, 32, 32), np.float32)
+        inp = tc.InferInput("image", list(image.shape), "FP32")
+        inp.set_data_from_numpy(image)
+        logits = (await client.infer("cnn", [inp], headers=ACME_HEADERS)).as_numpy("logits")
+        output = tc.InferRequestedOutput("logits", class_count=50)  # over the 10 classes: all of them
+        ranked = (await client.infer("cnn", [inp], outputs=[output], headers=ACME_HEADERS)).as_numpy("logits")
+        assert ranked.shape == (2, 10)
+        for row, texts in zip(logits, ranked, strict=True):
+            order = np.argsort(-row, kind="stable")
+            assert [t.decode() for t in texts] == [f"{float(row[i]):f}:{i}:class{i}" for i in order]
+    finally:
+        await client.close()
 
 
 def test_sync_shared_memory_inputs_and_outputs_per_tenant(mesh: RunningMesh) -> None:

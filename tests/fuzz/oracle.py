@@ -148,14 +148,37 @@ def raw_is_valid(datatype: str, raw: bytes, count: int) -> bool:
     return len(raw) == count * ITEMSIZE[datatype]
 
 
-def asks_class_count(request: Request) -> bool:
-    """Triton's classification extension is refused, never ignored; zero or unset means off."""
+CLASS_COUNT_KEYS = ("classification", "class_count")
+
+
+def class_counts(request: Request) -> dict[str, int]:
+    """Triton's classification extension: output -> k, for each output whose
+    parameters ask for it with a valid k (an int64 over 0)."""
+    counts = {}
     for out in request.outputs:
-        if "class_count" in out.parameters:
-            param = out.parameters["class_count"]
-            kind = param.WhichOneof("parameter_choice")
-            if kind is not None and getattr(param, kind):
-                return True
+        for key in CLASS_COUNT_KEYS:
+            param = out.parameters.get(key)
+            if param is not None and param.WhichOneof("parameter_choice") == "int64_param" and param.int64_param > 0:
+                counts[out.name] = param.int64_param
+    return counts
+
+
+def asks_bad_class_count(request: Request) -> bool:
+    """A classification the gateway refuses: a k that is not an int64 over 0 (unset
+    included), two keys that disagree, or an output with no classes to rank (text;
+    scale_any's image with more than one of its non-batch dims over 1)."""
+    for out in request.outputs:
+        asked = [out.parameters[key] for key in CLASS_COUNT_KEYS if key in out.parameters]
+        if not asked:
+            continue
+        if any(p.WhichOneof("parameter_choice") != "int64_param" or p.int64_param <= 0 for p in asked):
+            return True
+        if len({p.int64_param for p in asked}) > 1:
+            return True
+        if request.model_name == "lowercase":
+            return True
+        if request.model_name == "scale_any" and sum(1 for d in request.inputs[0].shape[1:] if d > 1) > 1:
+            return True
     return False
 
 
@@ -197,6 +220,6 @@ def expected_code(request: Request) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if not inputs_are_valid(request, model) or any(out.name not in model.outputs for out in request.outputs):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if asks_class_count(request):
+    if asks_bad_class_count(request):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.OK
