@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -477,8 +477,7 @@ class Gateway:
         reply = answer.message
         if self.tracing and reply.replied_unix_ns:  # set by the worker for a sampled request only
             self._reply_span(reply)
-        if (error := reply_error(reply)) is not None:
-            raise error
+        check_reply(reply, envelope.class_counts)
         return answer
 
     def _reply_span(self, reply: mpb.InferReply) -> None:
@@ -696,4 +695,21 @@ class Gateway:
             self.lost_jobs += lost
             log.warning(
                 "redis no longer holds %d waiting requests (restarted without them): answered UNAVAILABLE", lost
+            )
+
+
+def check_reply(reply: mpb.InferReply, class_counts: Mapping[str, int]) -> None:
+    """Raise the error a worker answered; and refuse the scores it answered where
+    classes were asked for: a worker older than ``QueuedRequest.class_counts`` ignores
+    the field (docs/reliability.md, rolling upgrades). Ranked classes are BYTES, and
+    no output that may be ranked is. A laid-out reply comes from a newer worker."""
+    if (error := reply_error(reply)) is not None:
+        raise error
+    if not class_counts or reply.layout:
+        return
+    for output in reply.outputs:
+        if output.name in class_counts and output.datatype != "BYTES":
+            raise Unavailable(
+                f"output '{output.name}': the worker that ran this request does not rank classes"
+                " (an older version); retry once the workers are upgraded"
             )

@@ -20,13 +20,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from gateway.core import check_reply
 from meshserve.devkit.examples import write_example_repository
-from meshserve.errors import InvalidArgument
+from meshserve.errors import InvalidArgument, Unavailable
 from meshserve.models.classification import top_classes
 from meshserve.models.repository import load_model
 from meshserve.wire.codec import requested_classes
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from protos import meshserve_pb2 as mpb
 from tests.support import Mesh, infer_request, infer_stub, output_arrays, start_mesh, stop_mesh
 
 RPC_TIMEOUT_S = 10
@@ -270,3 +272,16 @@ def test_a_column_output_and_a_grid_output() -> None:
     ]
     with pytest.raises(InvalidArgument, match="requested output 'g'"):
         top_classes("g", np.zeros((1, 2, 2), np.float32), 1, batching=True)
+
+
+def test_scores_from_a_worker_that_does_not_rank_are_refused_not_answered() -> None:
+    """A worker older than ``class_counts`` answers the logits: the gateway says so
+    instead of passing scores where classes were asked for."""
+    scores = mpb.InferReply(outputs=[mpb.Tensor(name="logits", datatype="FP32", shape=[1, 10])])
+    with pytest.raises(Unavailable, match=r"'logits'.*does not rank classes"):
+        check_reply(scores, {"logits": 3})
+    check_reply(scores, {})  # no classes asked for: the scores are the answer
+    ranked = mpb.InferReply(outputs=[mpb.Tensor(name="logits", datatype="BYTES", shape=[1, 3])])
+    check_reply(ranked, {"logits": 3})
+    laid_out = mpb.InferReply(layout=mpb.REPLY_INFER_RESPONSE)  # only a newer worker lays out
+    check_reply(laid_out, {"logits": 3})
