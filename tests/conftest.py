@@ -80,3 +80,14 @@ async def stub(mesh: Any) -> AsyncIterator[Any]:
 
     async with grpc.aio.insecure_channel(mesh.address) as channel:
         yield infer_stub(channel)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``chaos`` (the long chaos run, and a router kill under load) run
+    only when selected: ``make chaos`` (pytest -m chaos)."""
+    if "chaos" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="marked chaos: `make chaos` (pytest -m chaos)")
+    for item in items:
+        if item.get_closest_marker("chaos") is not None:
+            item.add_marker(skip)

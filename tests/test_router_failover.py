@@ -120,7 +120,12 @@ async def start_routers(redis_url: str, model_repository: Path, lease_ms: int) -
     return ports, routers
 
 
-@pytest.mark.slow
+# In `make chaos`, not `make test`: in one full-suite run of five (2026-12-04) the
+# pytest process died of a segmentation fault in a thread without Python frames
+# (gRPC's poller, or another C thread) during this test; forty runs of it alone, and
+# under a second load, did not crash. Until that is understood it runs with the
+# long chaos run, where a crash costs no one else's result.
+@pytest.mark.chaos
 async def test_no_call_is_lost_while_the_leader_router_is_killed_under_load(
     redis_url: str, model_repository: Path
 ) -> None:
