@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc.aio
 import pytest
 from redis.asyncio import Redis
 
@@ -19,6 +20,16 @@ from meshserve.devkit.redis_server import RedisServer, suite_binary_from_env
 from meshserve.store.clients import command_link
 from meshserve.store.cluster import async_cluster_client, is_cluster_url
 from meshserve.store.link import RedisLink
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One gRPC asyncio poller for the whole session. Without a reference held, gRPC
+    # shuts its global completion queue and poller thread down each time a test drops
+    # its last server or channel, and starts them again in the next test: hundreds of
+    # shutdowns a run, each racing the poller (grpc/grpc#43364), the likely cause of
+    # the segmentation fault once seen in a thread without Python frames. The services
+    # hold one too (meshserve/cli/main.py).
+    grpc.aio.init_grpc_aio()
 
 
 @pytest.fixture(scope="session")

@@ -124,7 +124,11 @@ async def start_routers(redis_url: str, model_repository: Path, lease_ms: int) -
 # pytest process died of a segmentation fault in a thread without Python frames
 # (gRPC's poller, or another C thread) during this test; forty runs of it alone, and
 # under a second load, did not crash. Until that is understood it runs with the
-# long chaos run, where a crash costs no one else's result.
+# long chaos run, where a crash costs no one else's result. Since then the suite and
+# the services hold one gRPC asyncio poller for their whole life (tests/conftest.py),
+# which takes away the poller shutdowns a known gRPC race lives in; 40 runs of this
+# test and 900 server and channel teardowns under load in one process did not crash
+# either before or after, so that is a likely cause, not a proven one.
 @pytest.mark.chaos
 async def test_no_call_is_lost_while_the_leader_router_is_killed_under_load(
     redis_url: str, model_repository: Path

@@ -57,6 +57,13 @@ async def serve_until_signal(start: Callable[[], Awaitable[None]], stop: Callabl
 
 
 def _run(coro: Awaitable[None]) -> None:
+    # gRPC's asyncio layer polls one global completion queue from a thread of its own,
+    # and shuts both down whenever the process holds no gRPC object (a gateway between
+    # closing one router channel and opening the next). That shutdown races the poller
+    # (grpc/grpc#43364); holding a reference for the process's life keeps one poller.
+    import grpc.aio
+
+    grpc.aio.init_grpc_aio()
     try:
         import uvloop
 
