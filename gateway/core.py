@@ -528,6 +528,7 @@ class Gateway:
                 span.set_attribute("meshserve.version", model.version)
                 inject(envelope.trace_context)
             payload = frame(envelope, packed.data)
+            payload_key = self.routing.view.payload_keys
             for keys in candidates:
                 try:
                     result = await self.queue.enqueue(
@@ -544,6 +545,7 @@ class Gateway:
                         weight=tenant.weight,
                         tenant_max_queued=share(tenant.max_queued, partitions),
                         step=step,
+                        payload_key=payload_key,
                     )
                 except RedisError as exc:
                     if self.refusals.note(exc):  # Redis is up but refuses writes: say what it said

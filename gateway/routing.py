@@ -41,6 +41,7 @@ class RoutingView:
     ensembles: dict[tuple[str, int], Ensemble] = field(default_factory=dict)  # the valid ones (gateway/ensemble.py)
     ensemble_names: frozenset[str] = frozenset()  # every ensemble's name, valid or not
     caching_names: frozenset[str] = frozenset()  # models with a version that caches (gateway/cache.py)
+    payload_keys: bool = False  # every live worker reads payload keys (QueueProtocol.enqueue)
 
     @classmethod
     def from_table(cls, table: mpb.RoutingTable) -> RoutingView:
@@ -57,7 +58,18 @@ class RoutingView:
         names = frozenset(s.name for s in table.models if s.platform == ENSEMBLE_PLATFORM)
         caching = frozenset(s.name for s in table.models if s.response_cache)
         return cls(
-            table.generation, models, ready, latest, failed, unloading, splits, evicted, ensembles, names, caching
+            table.generation,
+            models,
+            ready,
+            latest,
+            failed,
+            unloading,
+            splits,
+            evicted,
+            ensembles,
+            names,
+            caching,
+            table.payload_keys,
         )
 
     def all_ready(self) -> bool:

@@ -107,6 +107,7 @@ class Reporter:
             device_profile=self._description.profile,
             device_memory_bytes=self._description.memory_bytes,
             draining=self._stopping.is_set(),
+            payload_keys=True,  # QueueProtocol.fetch_bulk reads them
             models=[
                 mpb.ModelState(
                     name=name,

@@ -333,14 +333,16 @@ class TrafficSplit(_message.Message):
     def __init__(self, model: _Optional[str] = ..., weights: _Optional[_Mapping[int, int]] = ..., sticky_by: _Optional[str] = ..., shadow_version: _Optional[int] = ..., shadow_share: _Optional[float] = ...) -> None: ...
 
 class RoutingTable(_message.Message):
-    __slots__ = ("generation", "models", "splits")
+    __slots__ = ("generation", "models", "splits", "payload_keys")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SPLITS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_KEYS_FIELD_NUMBER: _ClassVar[int]
     generation: int
     models: _containers.RepeatedCompositeFieldContainer[ModelSpec]
     splits: _containers.RepeatedCompositeFieldContainer[TrafficSplit]
-    def __init__(self, generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ...) -> None: ...
+    payload_keys: bool
+    def __init__(self, generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ..., payload_keys: _Optional[bool] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("gateway_id",)
@@ -377,7 +379,7 @@ class ModelState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., items_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., device_seconds_total: _Optional[float] = ..., queue_wait_seconds_total: _Optional[float] = ..., weights_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., load_error: _Optional[str] = ..., statistics: _Optional[_Union[_grpc_service_pb2.ModelStatistics, _Mapping]] = ..., load_ms: _Optional[int] = ...) -> None: ...
 
 class WorkerReport(_message.Message):
-    __slots__ = ("worker_id", "device", "models", "draining", "device_kind", "device_profile", "device_memory_bytes")
+    __slots__ = ("worker_id", "device", "models", "draining", "device_kind", "device_profile", "device_memory_bytes", "payload_keys")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +387,7 @@ class WorkerReport(_message.Message):
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_PROFILE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_KEYS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     device: str
     models: _containers.RepeatedCompositeFieldContainer[ModelState]
@@ -392,7 +395,8 @@ class WorkerReport(_message.Message):
     device_kind: str
     device_profile: str
     device_memory_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelState, _Mapping]]] = ..., draining: _Optional[bool] = ..., device_kind: _Optional[str] = ..., device_profile: _Optional[str] = ..., device_memory_bytes: _Optional[int] = ...) -> None: ...
+    payload_keys: bool
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelState, _Mapping]]] = ..., draining: _Optional[bool] = ..., device_kind: _Optional[str] = ..., device_profile: _Optional[str] = ..., device_memory_bytes: _Optional[int] = ..., payload_keys: _Optional[bool] = ...) -> None: ...
 
 class WorkerAssignment(_message.Message):
     __slots__ = ("models", "report_interval_ms")

@@ -84,6 +84,7 @@ class WorkerRecord:
     slot: Slot | None = None  # None: not described yet (see slot_from_id)
     failed: dict[ModelKey, str] = field(default_factory=dict)  # its last load failed: why
     held: set[ModelKey] = field(default_factory=set)  # ready as reported, known to the table or not
+    payload_keys: bool = False  # reads payloads from their own keys (WorkerReport.payload_keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,7 @@ class TableSnapshot:
     load_ms: Mapping[ModelKey, int] = field(default_factory=dict)  # measured load and warm-up
     reasons: Mapping[ModelKey, str] = field(default_factory=dict)  # evicted, not loading: why
     ensembles: Mapping[ModelKey, Ensemble] = field(default_factory=dict)  # the valid ones, by version
+    payload_keys: bool = False  # every live worker reads payload keys (RoutingTable.payload_keys)
 
     def state(self, key: ModelKey) -> str:
         """Triton's name for a version's state: READY, UNLOADING, UNAVAILABLE (failed,
@@ -146,6 +148,7 @@ class RouterCore:
         self.workers: dict[str, WorkerRecord] = {}
         self._generation = 0
         self._ready: frozenset[ModelKey] = frozenset()
+        self._payload_keys = False  # every live worker reads payload keys, as last published
         self._failed: dict[ModelKey, str] = dict(self._unservable)  # not ready, and why: replaced whole
         self._logged_failures: dict[ModelKey, str] = {}  # the reasons logged, while they last
         self._changed = asyncio.Condition()
@@ -179,6 +182,7 @@ class RouterCore:
             dict(self.load_ms),
             reasons,
             self.ensembles,
+            self._payload_keys,
         )
 
     async def set_models(
@@ -255,13 +259,15 @@ class RouterCore:
         footprints: Mapping[ModelKey, Footprint] | None = None,
         failures: Mapping[ModelKey, str] | None = None,
         load_ms: Mapping[ModelKey, int] | None = None,
+        payload_keys: bool = False,
     ) -> list[ModelInfo]:
         """Record a worker's state; returns the models placed on its device.
 
         ``slot`` describes the device (default: guessed from ``device``, memory
         unknown); ``footprints`` are the worker's measurements per model version;
         ``failures`` the models whose last load there failed, and why; ``load_ms``
-        how long each model's last load there took (0: not measured).
+        how long each model's last load there took (0: not measured);
+        ``payload_keys`` whether it reads payloads from their own keys.
         """
         record = self.workers.get(worker_id)
         if record is None:
@@ -276,6 +282,7 @@ class RouterCore:
         record.held = set(ready)
         record.failed = {key: reason for key, reason in (failures or {}).items() if key in self.models}
         record.draining = draining
+        record.payload_keys = payload_keys
         record.last_seen_s = now_s = self._clock()
         for key, took_ms in (load_ms or {}).items():
             if key in self.models and took_ms > 0:
@@ -485,8 +492,12 @@ class RouterCore:
         # drop would end that too soon, and the model would read as plainly not ready.
         evicted = frozenset(self._on_demand - ready - failed.keys())
         loading = evicted & placed
+        # Gateways write payload keys only while no live worker would miss them: one
+        # older worker (a rolling upgrade, a rollback) turns them off for the mesh.
+        payload_keys = bool(self.workers) and all(record.payload_keys for record in self.workers.values())
         if (
             force
+            or payload_keys != self._payload_keys
             or ready != self._ready
             or failed != self._failed
             or (evicted, loading) != (self._evicted, self._loading)
@@ -494,6 +505,7 @@ class RouterCore:
             async with self._changed:
                 self._ready, self._failed = ready, failed
                 self._evicted, self._loading = evicted, loading
+                self._payload_keys = payload_keys
                 self._generation += 1
                 self._changed.notify_all()
 

@@ -53,7 +53,7 @@ class RouterServicer(mpb_grpc.RouterServicer):
         self.models = models
 
     def _table(self, snap: TableSnapshot) -> mpb.RoutingTable:
-        table = mpb.RoutingTable(generation=snap.generation)
+        table = mpb.RoutingTable(generation=snap.generation, payload_keys=snap.payload_keys)
         for m in snap.models:
             key = (m.name, m.version)
             spec = spec_from_info(
@@ -109,6 +109,7 @@ class RouterServicer(mpb_grpc.RouterServicer):
             footprints=footprints,
             failures=failures,
             load_ms=load_ms,
+            payload_keys=request.payload_keys,
         )
         snap = self.core.snapshot()
         interval_ms = self.report_interval_ms

@@ -24,7 +24,7 @@ from meshserve.queue import (
     wait_command,
     woken_key,
 )
-from meshserve.queue.protocol import LUA_PAYLOAD_BYTES
+from meshserve.queue.protocol import KEY_PAYLOAD_BYTES, LUA_PAYLOAD_BYTES
 from meshserve.store.link import Chunks, RedisLink
 from meshserve_bench.redis_cost import per_call, snapshot
 
@@ -245,3 +245,46 @@ def test_small_replies_keep_the_one_script_command() -> None:
     assert reply_ack_commands(KEYS, REPLIES, [b"r"], [(1, "a")]) == [
         reply_ack_command(KEYS, REPLIES, [b"r"], [(1, "a")])
     ]
+
+
+async def test_a_call_whose_payload_has_its_own_key_costs_three_commands_more(
+    queue: QueueProtocol, link: RedisLink, redis: Redis
+) -> None:
+    """A payload over KEY_PAYLOAD_BYTES, where every worker reads payload keys: one SET
+    beside ENQUEUE (in its round trip), the script's EXISTS of it, and the worker's
+    MGET after the claim (one round trip more); the payload never enters Lua."""
+    body = Chunks.of([b"\x00head", bytes(3 * KEY_PAYLOAD_BYTES)])
+
+    async def one_call(job_id: str) -> int:
+        enqueued = await queue.enqueue(
+            KEYS,
+            job_id,
+            tier=1,
+            payload=body,
+            deadline_ms=FAR_MS,
+            tenant="t",
+            reply_to=REPLIES,
+            signature="4",
+            max_queue_size=100,
+            payload_key=True,
+        )
+        assert enqueued.code == Enqueued.ENQUEUED
+        assert woken_key(await link.execute(*wait_command([KEYS.wake], 1))) == KEYS.wake
+        batch = await queue.fetch_bulk(
+            KEYS,
+            await queue.claim(KEYS, max_items=1, lease_ms=60_000, worker_id="w", ms_per_job=1.0, lower_share_every=4),
+        )
+        [(claimed, read)] = batch.jobs
+        assert len(read) == body.nbytes
+        [acked] = await link.pipeline([reply_ack_command(KEYS, REPLIES, [b"reply"], [(batch.token, claimed)])])
+        assert await pop_replies(link, REPLIES, wait_s=1, max_count=8) == [b"reply"]
+        return int(acked)
+
+    await queue.load_ack_script()
+    assert await one_call("warm-up") == 1
+    await queue.reap(KEYS, max_attempts=3)
+    before = await snapshot(redis)
+    assert await one_call("a") == 1
+    usage = (await snapshot(redis)).usage_since(before)
+    assert Counter(usage.by_command) == ONE_CALL + Counter({"set": 1, "exists": 1, "mget": 1})
+    assert await redis.keys("*:p") == []

@@ -8,6 +8,9 @@ Keys of one model version share the hash tag ``{m:<model>:<version>}`` (written
     ms:{m:<model>}:job:<id>   HASH  p=payload d=deadline_ms t=tenant r=reply_to
                                     s=shape signature n=batch items q=ready score a=attempts
                                     k=fencing token of the current lease w=worker
+    ms:{m:<model>}:job:<id>:p STR   the job's payload, when the gateway wrote it beside the
+                                    hash (QueueProtocol.enqueue): same time to live, deleted
+                                    with the hash
     ms:{m:<model>}:wake       LIST  at most one token: "there may be work" (workers block on it)
     ms:{m:<model>}:sched      HASH  c<tier> = virtual clock of a tier; f<tier>:<tenant> =
                                     the tenant's virtual finish in that tier; turn = claims
@@ -89,6 +92,10 @@ class ModelKeys:
 
     def job(self, job_id: str) -> str:
         return self.job_prefix + job_id
+
+    def payload(self, job_id: str) -> str:
+        """The job's payload key (the scripts name it ``<job key>:p``)."""
+        return self.job_prefix + job_id + ":p"
 
 
 def partition_tag(model: str, version: int, partition: int, partitions: int) -> str:

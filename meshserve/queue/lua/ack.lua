@@ -11,6 +11,7 @@ for i = 3, #ARGV do
   if redis.call('HGET', jk, 'k') == ARGV[2] then
     acked[#acked + 1] = ARGV[i]
     dead[#dead + 1] = jk
+    dead[#dead + 1] = jk .. ':p'  -- its payload key, if the gateway wrote one
   end
 end
 if #acked > 0 then

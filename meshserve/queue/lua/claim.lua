@@ -137,7 +137,7 @@ if probe ~= nil then
   if #taken == 0 then take(probe, probe_meta) else expire(probe, probe_meta) end
 end
 call_many('ZREM', KEYS[1], leaving)
-for _, jk in ipairs(dead) do redis.call('DEL', jk) end  -- rare (expired jobs): one by one
+for _, jk in ipairs(dead) do redis.call('DEL', jk, jk .. ':p') end  -- rare (expired jobs): one by one, with the payload key
 local out, steps = {}, {}
 local token = 0
 if #taken > 0 then

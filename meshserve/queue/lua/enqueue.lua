@@ -1,5 +1,6 @@
 -- ENQUEUE: one atomic call per accepted request.
 --   KEYS[1] ready  KEYS[2] job hash  KEYS[3] wake  KEYS[4] sched  KEYS[5] queued  KEYS[6] drain
+--   KEYS[7] the job's payload key (with ARGV[14] '2')
 --   ARGV[1] job id  ARGV[2] tier (0 = highest)  ARGV[3] payload (bytes)
 --   ARGV[4] deadline, epoch ms  ARGV[5] tenant  ARGV[6] reply_to  ARGV[7] shape signature
 --   ARGV[8] max_queue_size of the model, jobs (0 = unbounded)  ARGV[9] job TTL grace, ms
@@ -12,6 +13,10 @@
 --            of it; a refusal deletes that field's hash unless the job was queued. With
 --            no field 'b' (its write, pipelined ahead, was refused) nothing is queued:
 --            code -4.
+--            '2': the payload is already in its own key KEYS[7] (a plain SET with the
+--            job's expiry, pipelined ahead; ARGV[3] empty), read by the worker with MGET;
+--            a refusal deletes that key unless the job was queued; no key (its SET was
+--            refused): code -4.
 --   ARGV[15] a stateful model's step: its sequence's member (absent or '' = none)
 --   ARGV[16] the step's flags: 's' starts its sequence, 'e' ends it
 --   TIER_SPAN (score distance between tiers) comes from the loader's prelude.
@@ -21,9 +26,11 @@
 -- was near enough to count the jobs ahead of it (the whole queue would not fit). A refusal writes nothing (and removes ARGV[14]'s bulk).
 local function refuse(code, wait)
   if ARGV[14] == '1' and redis.call('HEXISTS', KEYS[2], 'd') == 0 then redis.call('DEL', KEYS[2]) end
+  if ARGV[14] == '2' and redis.call('HEXISTS', KEYS[2], 'd') == 0 then redis.call('DEL', KEYS[7]) end
   return {code, wait}
 end
 if ARGV[14] == '1' and redis.call('HEXISTS', KEYS[2], 'b') == 0 then return {-4, 0} end
+if ARGV[14] == '2' and redis.call('EXISTS', KEYS[7]) == 0 then return {-4, 0} end
 local queued = redis.call('ZCARD', KEYS[1])  -- also bounds what can be ahead: 0 skips the count below
 local max_queue = tonumber(ARGV[8])
 if max_queue > 0 and queued >= max_queue then return refuse(-1, 0) end

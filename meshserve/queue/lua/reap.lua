@@ -23,7 +23,7 @@ for _, id in ipairs(ids) do
   local meta = redis.call('HMGET', jk, 'a', 'q', 'r', 't')
   if meta[2] then
     if tonumber(meta[1]) >= tonumber(ARGV[2]) then
-      redis.call('DEL', jk)
+      redis.call('DEL', jk, jk .. ':p')
       dead[#dead + 1] = id
       dead[#dead + 1] = meta[3]
       dead[#dead + 1] = meta[1]

@@ -22,6 +22,7 @@ for i = 4 + n, #ARGV, 2 do
   if redis.call('HGET', jk, 'k') == ARGV[i] then
     acked[#acked + 1] = ARGV[i + 1]
     dead[#dead + 1] = jk
+    dead[#dead + 1] = jk .. ':p'  -- its payload key, if the gateway wrote one
   end
 end
 if #acked > 0 then

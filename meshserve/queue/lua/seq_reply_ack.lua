@@ -28,6 +28,7 @@ for i = 7 + n, #ARGV, 4 do
   if meta[1] == ARGV[i] then
     acked[#acked + 1] = ARGV[i + 1]
     dead[#dead + 1] = jk
+    dead[#dead + 1] = jk .. ':p'  -- its payload key, if the gateway wrote one
     local member, op = meta[2], ARGV[i + 2]
     if member and op ~= '-' then
       local sk = ARGV[3] .. member

@@ -5,7 +5,7 @@
 -- Returns 1 withdrawn, 0 already leased, finished or gone.
 if redis.call('HEXISTS', KEYS[2], 'k') == 1 then return 0 end
 local tenant = redis.call('HGET', KEYS[2], 't')
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[2] .. ':p')
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 if removed == 1 and tenant and redis.call('HINCRBY', KEYS[3], tenant, -1) <= 0 then
   redis.call('HDEL', KEYS[3], tenant)
