@@ -138,11 +138,14 @@ class Faults:
         return [request for worker, request in await self._jobs(redis, job_ids) if not worker or worker in live]
 
     async def _jobs(self, redis: Redis, job_ids: Sequence[str]) -> list[tuple[str, str]]:
-        """(worker id or "", client request id) of these jobs, read from their hashes."""
+        """(worker id or "", client request id) of these jobs, read from their hashes
+        and payloads (in the hash, or in a key of their own: QueueProtocol.enqueue)."""
         async with redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), ["w", "p"])
-            jobs = await pipe.execute()
+                pipe.hmget(self.keys.job(job_id), ["w", "p", "b"])
+                pipe.get(self.keys.payload(job_id))
+            read = await pipe.execute()
+        jobs = [(fields[0], fields[1] or fields[2] or own) for fields, own in zip(read[::2], read[1::2], strict=True)]
         return [
             (text(worker or b""), unframe(payload, mpb.QueuedRequest).message.client_request_id)
             for worker, payload in jobs
