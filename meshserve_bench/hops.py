@@ -3,11 +3,17 @@
 The processes are those below the bench (``meshserve up``'s children and the Redis the
 bench started), told apart by their command line. Each one's user + system CPU over a
 point's measured window (``/proc/<pid>/stat``, every thread) divided by the calls
-answered in it gives its CPU µs per request. The worker's model compute (ONNX Runtime's
-wall time per batch, the worker's own ``meshserve_worker_compute_seconds`` histogram)
-is read from its ``/metrics`` (the port its command line names), and reported beside the
-worker's CPU: what the worker spends beyond the model is the difference (an estimate:
-ONNX Runtime's threads may spend more or less CPU than its wall time).
+answered in it gives its CPU µs per request. The worker's model compute is read from
+its ``/metrics`` (the port its command line names) two ways:
+
+- CPU (``meshserve_worker_compute_cpu_seconds``): what the threads running the model
+  spent inside ONNX Runtime, its intra-op pool threads and their spinning included
+  (``model_workers/cpu_time.py``). The worker's CPU less this is what the worker
+  itself spends per request beyond the model: ``worker_beyond_compute_cpu_us_per_request``.
+- wall (``meshserve_worker_compute_seconds``, the histogram of each batch's wall
+  time): ``worker_beyond_compute_us_per_request`` is the worker's CPU less this, the
+  older estimate, kept for comparison. It counts a second intra-op thread's work and
+  its spinning as the worker's own, and a run slowed by a busy host as compute.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ ROLES = ("gateway", "worker", "router")
 """``meshserve`` subcommands whose processes are measured (several workers sum)."""
 
 COMPUTE_METRIC = "meshserve_worker_compute_seconds_sum"
+COMPUTE_CPU_METRIC = "meshserve_worker_compute_cpu_seconds_total"
 BATCH_ITEMS_METRIC = "meshserve_worker_batch_size_sum"
 BATCHES_METRIC = "meshserve_worker_batch_size_count"
 METRICS_TIMEOUT_S = 2.0
@@ -68,11 +75,11 @@ def metrics_url(argv: Sequence[str]) -> str | None:
 
 
 def worker_sums(urls: Sequence[str | None]) -> dict[str, float] | None:
-    """The workers' model compute seconds, batch items and batches, each summed over
-    every model and worker (``COMPUTE_METRIC``, ``BATCH_ITEMS_METRIC``,
-    ``BATCHES_METRIC`` -> total), from one read of each /metrics; None when one has
-    no URL or cannot be read."""
-    totals = dict.fromkeys((COMPUTE_METRIC, BATCH_ITEMS_METRIC, BATCHES_METRIC), 0.0)
+    """The workers' model compute seconds (wall and CPU), batch items and batches, each
+    summed over every model and worker (``COMPUTE_METRIC``, ``COMPUTE_CPU_METRIC``,
+    ``BATCH_ITEMS_METRIC``, ``BATCHES_METRIC`` -> total), from one read of each
+    /metrics; None when one has no URL or cannot be read."""
+    totals = dict.fromkeys((COMPUTE_METRIC, COMPUTE_CPU_METRIC, BATCH_ITEMS_METRIC, BATCHES_METRIC), 0.0)
     for url in urls:
         if url is None:
             return None
@@ -97,16 +104,18 @@ def compute_s(urls: Sequence[str | None]) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class HopUsage:
-    """CPU seconds each hop spent inside a window, and the worker's model compute seconds."""
+    """CPU seconds each hop spent inside a window, and the worker's model compute seconds
+    (wall time of its batches, and the CPU of the threads that computed them)."""
 
     cpu_s: Mapping[str, float]
     compute_s: float | None
     batch_items: float | None = None  # items the workers ran in batches; None: unread
     batches: float | None = None
+    compute_cpu_s: float | None = None  # None: unread, or a worker without the metric
 
     def per_request(self, calls: int) -> dict[str, Any]:
-        """µs per answered call: each hop's CPU, the model's compute and the worker's
-        CPU beyond it; {} without calls."""
+        """µs per answered call: each hop's CPU, the model's compute (wall and CPU) and
+        the worker's CPU beyond each; {} without calls."""
         if calls <= 0:
             return {}
         cpu_us = {role: seconds / calls * 1e6 for role, seconds in self.cpu_s.items()}
@@ -116,6 +125,11 @@ class HopUsage:
             figures["model_compute_us_per_request"] = compute_us
             if "worker" in cpu_us:
                 figures["worker_beyond_compute_us_per_request"] = cpu_us["worker"] - compute_us
+        if self.compute_cpu_s is not None:
+            compute_cpu_us = self.compute_cpu_s / calls * 1e6
+            figures["model_compute_cpu_us_per_request"] = compute_cpu_us
+            if "worker" in cpu_us:
+                figures["worker_beyond_compute_cpu_us_per_request"] = cpu_us["worker"] - compute_cpu_us
         if self.batches:
             figures["mean_batch"] = (self.batch_items or 0.0) / self.batches
         return figures
@@ -143,4 +157,11 @@ async def hop_usage_during(window: Window, pids: Sequence[int]) -> HopUsage:
     if sums_before is None or sums_after is None:
         return HopUsage(cpu, None)
     spent_sums = {name: sums_after[name] - sums_before[name] for name in sums_before}
-    return HopUsage(cpu, spent_sums[COMPUTE_METRIC], spent_sums[BATCH_ITEMS_METRIC], spent_sums[BATCHES_METRIC])
+    return HopUsage(
+        cpu,
+        spent_sums[COMPUTE_METRIC],
+        spent_sums[BATCH_ITEMS_METRIC],
+        spent_sums[BATCHES_METRIC],
+        # a worker older than the metric reads 0 before and after: unknown, not free
+        spent_sums[COMPUTE_CPU_METRIC] if sums_after[COMPUTE_CPU_METRIC] > 0 else None,
+    )

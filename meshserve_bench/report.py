@@ -111,7 +111,8 @@ def hops_lines(result: Figures) -> list[str]:
     points, reference = result.get("points") or [], (result.get("reference") or {}).get("points") or []
     if not any("cpu_us_per_request" in point for point in points) and not reference:
         return []
-    header = ["concurrency", *(f"{hop} µs" for hop in HOPS), "model compute µs", "worker beyond compute µs"]
+    header = ["concurrency", *(f"{hop} µs" for hop in HOPS), "model compute CPU µs", "worker beyond compute CPU µs"]
+    header += ["model compute wall µs", "worker CPU less compute wall µs"]
     header += ["redis round trips", "reference ok/s", "reference p50 ms", "reference cpu µs", "mesh / reference"]
     by_offered = {point["offered"]: point for point in reference}
     rows = []
@@ -119,6 +120,8 @@ def hops_lines(result: Figures) -> list[str]:
         cpu = point.get("cpu_us_per_request") or {}
         ref = by_offered.get(point["offered"]) or {}
         row = [f"{point['offered']:g}", *(num(cpu.get(hop), ".0f") for hop in HOPS)]
+        row += [num(point.get("model_compute_cpu_us_per_request"), ".0f")]
+        row += [num(point.get("worker_beyond_compute_cpu_us_per_request"), ".0f")]
         row += [num(point.get("model_compute_us_per_request"), ".0f")]
         row += [num(point.get("worker_beyond_compute_us_per_request"), ".0f")]
         row += [num(point.get("redis_round_trips_per_call"), ".1f")]

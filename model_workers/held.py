@@ -85,6 +85,7 @@ class HeldModels:
                 s.stats.failed,
                 s.stats.device_seconds,
                 s.weights_bytes,
+                s.model.compute_cpu_s(),
             )
             for (name, version), s in self.served.items()
         ]

@@ -175,6 +175,10 @@ class PythonModel:
         inputs = self._warmup or warmup.candidates(self.info)[0]
         return inputs.feed(batch, self.info.max_batch_size > 0)
 
+    def compute_cpu_s(self) -> float | None:
+        """None: the model computes in processes of its own, whose CPU is theirs."""
+        return None
+
     def canary(self, options: Any = None) -> None:
         """Run the warm-up input at batch 1 (nothing when it did not run at warm-up)."""
         if self._warmup is not None:

@@ -47,6 +47,11 @@ class ModelRunner(Protocol):
         watchdog sets to stop the run (``model_workers/stops.py``)."""
         ...
 
+    def compute_cpu_s(self) -> float | None:
+        """CPU seconds this process's threads spent computing the model so far (None:
+        not known here, e.g. a model computed in processes of its own)."""
+        ...
+
     def canary(self, options: Any = None) -> None:
         """Run the known sample input at batch 1 and check the answer. Blocking."""
         ...

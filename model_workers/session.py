@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from meshserve.models.repository import ModelInfo
 from model_workers import engines, warmup
+from model_workers.cpu_time import ComputeCpu
 from model_workers.sequences import with_hidden_defaults
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class LoadedModel:
         self.engine_source = "default"  # how ``engine`` was chosen: measured, config.yaml, flags, default
         self.engine_trials: tuple[engines.Trial, ...] = ()  # the timings it was chosen by
         self._options = _session_options(engine)
+        self._cpu = ComputeCpu()
         if available is None:
             available = ort.get_available_providers()
         self._chain = engines.provider_chain(info.execution, device, available, info)
@@ -116,9 +118,24 @@ class LoadedModel:
         canary's) gets their initial values."""
         if self.info.sequence is not None:
             inputs = with_hidden_defaults(self.info.sequence, inputs, self.info.max_batch_size > 0)
-        if self._bound is not None:
-            return self._run_bound(inputs, options)
-        return [np.asarray(out) for out in self.session.run(self.output_names, inputs, options)]
+        started_s = time.thread_time()
+        try:
+            if self._bound is not None:
+                return self._run_bound(inputs, options)
+            return [np.asarray(out) for out in self.session.run(self.output_names, inputs, options)]
+        finally:
+            self._cpu.ran(time.thread_time() - started_s)
+
+    def compute_cpu_s(self) -> float:
+        """CPU seconds spent computing so far (warm-up and trials included): the calling
+        threads' inside ``run`` and every one of the session's pool threads'
+        (``model_workers/cpu_time.py``)."""
+        return self._cpu.seconds()
+
+    @property
+    def pool_threads(self) -> frozenset[int]:
+        """The native thread ids of the session's intra-op pool (none with one thread)."""
+        return self._cpu.pool_threads
 
     @property
     def io_bound(self) -> bool:
@@ -158,14 +175,16 @@ class LoadedModel:
         best, best_options = self._chain[0]
         if best == engines.TENSORRT:
             Path(best_options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-        session = ort.InferenceSession(
-            str(self.info.path),
-            sess_options=self._options,
-            providers=[name for name, _ in self._chain],
-            provider_options=[opts for _, opts in self._chain],
-            # ONNX Runtime's Python layer has its own fallback, which drops our provider
-            # options (memory limit) and may switch providers mid-serving: ours only.
-            enable_fallback=0,
+        session = self._cpu.build(
+            lambda: ort.InferenceSession(
+                str(self.info.path),
+                sess_options=self._options,
+                providers=[name for name, _ in self._chain],
+                provider_options=[opts for _, opts in self._chain],
+                # ONNX Runtime's Python layer has its own fallback, which drops our provider
+                # options (memory limit) and may switch providers mid-serving: ours only.
+                enable_fallback=0,
+            )
         )
         session.disable_fallback()  # the keyword above is newer than some ONNX Runtimes we accept
         providers = tuple(session.get_providers())

@@ -59,6 +59,16 @@ def test_cpu_per_request_by_hop_and_the_worker_beyond_its_model() -> None:
     assert figures["model_compute_us_per_request"] == pytest.approx(1000.0)
     assert figures["worker_beyond_compute_us_per_request"] == pytest.approx(500.0)
     assert "model_compute_us_per_request" not in HopUsage({"worker": 1.0}, None).per_request(10)
+    assert "model_compute_cpu_us_per_request" not in figures  # a worker without the CPU metric
+
+
+def test_the_worker_beyond_its_model_by_the_compute_threads_cpu() -> None:
+    # wall 1.0 s of batches, but two intra-op threads (and their spinning) spent 1.3 s of CPU
+    usage = HopUsage({"worker": 1.5}, compute_s=1.0, compute_cpu_s=1.3)
+    figures = usage.per_request(1000)
+    assert figures["model_compute_cpu_us_per_request"] == pytest.approx(1300.0)
+    assert figures["worker_beyond_compute_cpu_us_per_request"] == pytest.approx(200.0)
+    assert figures["worker_beyond_compute_us_per_request"] == pytest.approx(500.0)  # the wall-based one, kept
     assert HopUsage({"worker": 1.0}, None).per_request(0) == {}
 
 
@@ -125,6 +135,8 @@ def test_the_report_tabulates_each_hop_and_states_the_ratio_to_the_reference() -
         "ok_per_s": 450.0,
         "calls": {"p50_ms": 60.0},
         "cpu_us_per_request": {"gateway": 600.0, "worker": 1500.0, "router": 1.0, "redis": 140.0},
+        "model_compute_cpu_us_per_request": 1350.0,
+        "worker_beyond_compute_cpu_us_per_request": 150.0,
         "model_compute_us_per_request": 1200.0,
         "worker_beyond_compute_us_per_request": 300.0,
         "redis_round_trips_per_call": 2.0,
@@ -136,7 +148,7 @@ def test_the_report_tabulates_each_hop_and_states_the_ratio_to_the_reference() -
     assert point["reference_ratio"] == pytest.approx(0.9)
     assert point["reference_added_p50_ms"] == pytest.approx(10.0)
     lines = "\n".join(report.hops_lines({"points": points, "reference": {"points": reference}}))
-    assert "| 32 | 600 | 1500 | 1 | 140 | 1200 | 300 | 2.0 | 500 | 50.00 | - | 0.90 |" in lines
+    assert "| 32 | 600 | 1500 | 1 | 140 | 1350 | 150 | 1200 | 300 | 2.0 | 500 | 50.00 | - | 0.90 |" in lines
     assert "the mesh does 0.90 of the one-process reference server's throughput" in lines
     assert "hset 5.00, evalsha 3.00" in lines
     assert "lpop" not in lines

@@ -89,6 +89,7 @@ async def test_gateway_and_worker_metrics_count_a_known_workload(
     assert worker_samples[("meshserve_worker_batch_size_count", mlp_v1)] == 4
     assert worker_samples[("meshserve_worker_batch_size_sum", mlp_v1)] == 8
     assert worker_samples[("meshserve_worker_compute_seconds_count", mlp_v1)] == 4
+    assert worker_samples[("meshserve_worker_compute_cpu_seconds_total", mlp_v1)] > 0  # warm-up ran it too
     assert worker_samples[("meshserve_worker_queue_wait_seconds_count", mlp_v1)] == 4
 
 

@@ -275,6 +275,7 @@ class ModelCounters:
     failed: int
     device_seconds: float
     weights_bytes: int
+    compute_cpu_seconds: float | None = None  # None: computed outside this process
 
 
 @dataclass(frozen=True)
@@ -358,15 +359,24 @@ class WorkerStatsCollector(Collector):
             "Device time per 1000 requests times --price-per-device-hour, since the worker started.",
             labels=["model", "version"],
         )
+        compute_cpu = CounterMetricFamily(
+            "meshserve_worker_compute_cpu_seconds",
+            "CPU time of the threads computing the model in this process: the calling thread inside"
+            " ONNX Runtime's run and the session's intra-op pool threads (spinning included).",
+            labels=["model", "version"],
+        )
         for counters in self.read():
             labels = [counters.model, str(counters.version)]
             for field, family in families.items():
                 family.add_metric(labels, getattr(counters, field))
+            if counters.compute_cpu_seconds is not None:
+                compute_cpu.add_metric(labels, counters.compute_cpu_seconds)
             device_seconds.add_metric([*labels, device], counters.device_seconds)
             weights.add_metric([*labels, device], counters.weights_bytes)
             if price > 0 and counters.requests:
                 cost.add_metric(labels, counters.device_seconds / counters.requests * 1000 * price / 3600)
         yield from families.values()
+        yield compute_cpu
         yield device_seconds
         yield weights
         if price > 0:
