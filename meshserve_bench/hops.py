@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from meshserve_bench.load import Window, process_cpu_s, sleep_until
 
 ROLES = ("gateway", "worker", "router")
@@ -33,6 +35,7 @@ ROLES = ("gateway", "worker", "router")
 
 COMPUTE_METRIC = "meshserve_worker_compute_seconds_sum"
 COMPUTE_CPU_METRIC = "meshserve_worker_compute_cpu_seconds_total"
+ENGINE_METRIC = "meshserve_engine_setting"
 BATCH_ITEMS_METRIC = "meshserve_worker_batch_size_sum"
 BATCHES_METRIC = "meshserve_worker_batch_size_count"
 METRICS_TIMEOUT_S = 2.0
@@ -81,18 +84,40 @@ def worker_sums(urls: Sequence[str | None]) -> dict[str, float] | None:
     /metrics; None when one has no URL or cannot be read."""
     totals = dict.fromkeys((COMPUTE_METRIC, COMPUTE_CPU_METRIC, BATCH_ITEMS_METRIC, BATCHES_METRIC), 0.0)
     for url in urls:
-        if url is None:
-            return None
-        try:
-            with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as reply:
-                text = reply.read().decode()
-        except OSError:
+        if (text := _metrics_text(url)) is None:
             return None
         for line in text.splitlines():
             name = line.split("{", 1)[0].split(" ", 1)[0]
             if name in totals:
                 totals[name] += float(line.rsplit(" ", 1)[1])
     return totals
+
+
+def _metrics_text(url: str | None) -> str | None:
+    if url is None:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as reply:
+            return str(reply.read().decode())
+    except OSError:
+        return None
+
+
+def engine_settings(text: str) -> list[str]:
+    """``model/version setting (source)`` for each model a worker's /metrics text says it
+    runs (``meshserve_engine_setting``): which ONNX Runtime threads a point's CPU came from."""
+    found = []
+    for family in text_string_to_metric_families(text):
+        if family.name == ENGINE_METRIC:
+            for sample in family.samples:
+                labels = sample.labels
+                found.append(f"{labels['model']}/{labels['version']} {labels['setting']} ({labels['source']})")
+    return sorted(found)
+
+
+def worker_engines(urls: Sequence[str | None]) -> list[str]:
+    """Every worker's engine settings (``engine_settings``); a worker unread is left out."""
+    return sorted(e for url in urls if (text := _metrics_text(url)) is not None for e in engine_settings(text))
 
 
 def compute_s(urls: Sequence[str | None]) -> float | None:
@@ -112,6 +137,7 @@ class HopUsage:
     batch_items: float | None = None  # items the workers ran in batches; None: unread
     batches: float | None = None
     compute_cpu_s: float | None = None  # None: unread, or a worker without the metric
+    engines: tuple[str, ...] = ()  # the workers' ONNX Runtime settings (``engine_settings``)
 
     def per_request(self, calls: int) -> dict[str, Any]:
         """µs per answered call: each hop's CPU, the model's compute (wall and CPU) and
@@ -132,6 +158,8 @@ class HopUsage:
                 figures["worker_beyond_compute_cpu_us_per_request"] = cpu_us["worker"] - compute_cpu_us
         if self.batches:
             figures["mean_batch"] = (self.batch_items or 0.0) / self.batches
+        if self.engines:
+            figures["worker_engines"] = list(self.engines)
         return figures
 
 
@@ -150,12 +178,13 @@ async def hop_usage_during(window: Window, pids: Sequence[int]) -> HopUsage:
     await sleep_until(window.end_ns)
     after = {pid: process_cpu_s(pid) for pid in before}
     sums_after = await asyncio.to_thread(worker_sums, worker_metrics_urls)
+    engines = tuple(await asyncio.to_thread(worker_engines, worker_metrics_urls))
     cpu: dict[str, float] = {}
     for role, group in by_role.items():
         spent = [(after[pid] or 0.0) - (before[pid] or 0.0) for pid in group if before[pid] is not None]
         cpu[role] = sum(spent)
     if sums_before is None or sums_after is None:
-        return HopUsage(cpu, None)
+        return HopUsage(cpu, None, engines=engines)
     spent_sums = {name: sums_after[name] - sums_before[name] for name in sums_before}
     return HopUsage(
         cpu,
@@ -164,4 +193,5 @@ async def hop_usage_during(window: Window, pids: Sequence[int]) -> HopUsage:
         spent_sums[BATCHES_METRIC],
         # a worker older than the metric reads 0 before and after: unknown, not free
         spent_sums[COMPUTE_CPU_METRIC] if sums_after[COMPUTE_CPU_METRIC] > 0 else None,
+        engines,
     )

@@ -129,6 +129,9 @@ def hops_lines(result: Figures) -> list[str]:
         row += [num((ref.get("cpu_us_per_request") or {}).get("reference"), ".0f")]
         rows.append([*row, num(point.get("reference_ratio"))])
     lines = ["", "CPU per request by process (/proc, the measured window's calls):", "", *table(header, rows)]
+    engines = sorted({engine for point in points for engine in point.get("worker_engines") or ()})
+    if engines:
+        lines += ["", f"- the mesh's workers ran ONNX Runtime as: {'; '.join(engines)}"]
     at = next((p for p in points if p["offered"] == REFERENCE_CONCURRENCY and "reference_ratio" in p), None)
     if at is not None:
         lines += [

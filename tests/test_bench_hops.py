@@ -11,12 +11,14 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from meshserve.devkit.examples import write_example_repository
 from meshserve.devkit.redis_server import free_port
 from meshserve.models.repository import load_model
+from meshserve.observe.metrics import EngineFigures, WorkerReads, WorkerStatsCollector
 from meshserve_bench import report, scenarios
-from meshserve_bench.hops import HopUsage, metrics_url, role_of
+from meshserve_bench.hops import HopUsage, engine_settings, metrics_url, role_of
 from meshserve_bench.load import build_request
 from meshserve_bench.redis_cost import RedisCounters, command_calls, per_call
 from meshserve_bench.reference import Batcher, serve
@@ -70,6 +72,22 @@ def test_the_worker_beyond_its_model_by_the_compute_threads_cpu() -> None:
     assert figures["worker_beyond_compute_cpu_us_per_request"] == pytest.approx(200.0)
     assert figures["worker_beyond_compute_us_per_request"] == pytest.approx(500.0)  # the wall-based one, kept
     assert HopUsage({"worker": 1.0}, None).per_request(0) == {}
+
+
+def test_a_workers_engine_setting_is_read_from_its_metrics() -> None:
+    registry = CollectorRegistry()
+    registry.register(
+        WorkerStatsCollector(
+            WorkerReads(
+                models=lambda: [],
+                engines=lambda: [EngineFigures("cnn", 1, "threads=auto,spin=bounded", "measured")],
+            )
+        )
+    )
+    assert engine_settings(generate_latest(registry).decode()) == ["cnn/1 threads=auto,spin=bounded (measured)"]
+    assert engine_settings("meshserve_worker_batches_total 3.0\n") == []
+    figures = HopUsage({"worker": 1.0}, None, engines=("cnn/1 threads=1,spin=off (config.yaml)",)).per_request(10)
+    assert figures["worker_engines"] == ["cnn/1 threads=1,spin=off (config.yaml)"]
 
 
 def test_redis_commands_by_name_and_round_trips_per_call() -> None:
@@ -140,6 +158,7 @@ def test_the_report_tabulates_each_hop_and_states_the_ratio_to_the_reference() -
         "model_compute_us_per_request": 1200.0,
         "worker_beyond_compute_us_per_request": 300.0,
         "redis_round_trips_per_call": 2.0,
+        "worker_engines": ["cnn/1 threads=1,spin=off (measured)"],
     }
     one = {**point, "offered": 1, "redis_commands_by_name_per_call": {"hset": 5.0, "evalsha": 3.0, "lpop": 0.01}}
     reference = [{"offered": 32, "ok_per_s": 500.0, "calls": {"p50_ms": 50.0}, "cpu_us_per_request": {}}]
@@ -150,6 +169,7 @@ def test_the_report_tabulates_each_hop_and_states_the_ratio_to_the_reference() -
     lines = "\n".join(report.hops_lines({"points": points, "reference": {"points": reference}}))
     assert "| 32 | 600 | 1500 | 1 | 140 | 1350 | 150 | 1200 | 300 | 2.0 | 500 | 50.00 | - | 0.90 |" in lines
     assert "the mesh does 0.90 of the one-process reference server's throughput" in lines
+    assert "the mesh's workers ran ONNX Runtime as: cnn/1 threads=1,spin=off (measured)" in lines
     assert "hset 5.00, evalsha 3.00" in lines
     assert "lpop" not in lines
     assert report.hops_lines({"points": [{"offered": 1}]}) == []
