@@ -114,6 +114,7 @@ def hops_lines(result: Figures) -> list[str]:
     header = ["concurrency", *(f"{hop} µs" for hop in HOPS), "model compute CPU µs", "worker beyond compute CPU µs"]
     header += ["model compute wall µs", "worker CPU less compute wall µs"]
     header += ["redis round trips", "reference ok/s", "reference p50 ms", "reference cpu µs", "mesh / reference"]
+    header += ["gRPC floor µs", "gateway over floor µs"]
     by_offered = {point["offered"]: point for point in reference}
     rows = []
     for point in points:
@@ -127,7 +128,9 @@ def hops_lines(result: Figures) -> list[str]:
         row += [num(point.get("redis_round_trips_per_call"), ".1f")]
         row += [num(ref.get("ok_per_s"), ".0f"), num((ref.get("calls") or {}).get("p50_ms"))]
         row += [num((ref.get("cpu_us_per_request") or {}).get("reference"), ".0f")]
-        rows.append([*row, num(point.get("reference_ratio"))])
+        row += [num(point.get("reference_ratio"))]
+        row += [num(point.get("grpc_floor_cpu_us_per_request"), ".0f")]
+        rows.append([*row, num(point.get("gateway_over_floor_us_per_request"), ".0f")])
     lines = ["", "CPU per request by process (/proc, the measured window's calls):", "", *table(header, rows)]
     engines = sorted({engine for point in points for engine in point.get("worker_engines") or ()})
     if engines:
@@ -138,6 +141,16 @@ def hops_lines(result: Figures) -> list[str]:
             "",
             f"- at concurrency {REFERENCE_CONCURRENCY}: the mesh does {num(at['reference_ratio'])} of the one-process"
             f" reference server's throughput (same model, batching and load generator)",
+        ]
+    over = next(
+        (p for p in points if p["offered"] == REFERENCE_CONCURRENCY and "gateway_over_floor_us_per_request" in p), None
+    )
+    if over is not None:
+        lines += [
+            f"- at concurrency {REFERENCE_CONCURRENCY}: the gateway spends"
+            f" {num(over['cpu_us_per_request']['gateway'], '.0f')} µs of CPU per request, a bare grpc.aio server"
+            f" answering at the same pace {num(over['grpc_floor_cpu_us_per_request'], '.0f')} µs per call"
+            f" (the gRPC floor): {num(over['gateway_over_floor_us_per_request'], '.0f')} µs are the gateway's own"
         ]
     alone = next((p for p in points if p["offered"] == 1 and "no_wait_added_p50_ms" in p), None)
     if alone is not None:

@@ -2,7 +2,9 @@
 
 ``sweep``: for each of ``--concurrency``, that many closed-loop clients over
 min(concurrency, 8) channels (or ``--channels``), set beside raw ONNX Runtime at its best
-batch. ``open-loop``: one point per ``--rates`` (calls/s, uniform spacing), each call with
+batch, beside the one-process reference server, and beside a bare grpc.aio server
+answering at each point's pace (the gRPC floor, meshserve_bench/floor.py: the
+gateway's CPU per request over it). ``open-loop``: one point per ``--rates`` (calls/s, uniform spacing), each call with
 ``--request-timeout-s``. ``overload``: a closed-loop probe at concurrency 32 finds the
 sustainable rate; the open loop then sends twice that: accepted calls must answer within
 the deadline, the excess must be shed (RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, nothing
@@ -31,6 +33,7 @@ from meshserve.models.repository import ModelInfo
 from meshserve.platform.heap import freeze_startup_heap
 from meshserve.store.sentinel import master_client
 from meshserve_bench.config import BenchConfig
+from meshserve_bench.floor import floor_server, pace_delay_ms
 from meshserve_bench.hops import HopUsage, hop_usage_during
 from meshserve_bench.load import (
     MAX_DEFAULT_CHANNELS,
@@ -251,6 +254,47 @@ async def load_reference(
     return points
 
 
+def load_floor(points: list[dict[str, Any]], model: ModelInfo, config: BenchConfig) -> list[dict[str, Any]]:
+    """Each mesh point's concurrency against a bare grpc.aio server (meshserve_bench/floor.py)
+    that answers at the point's pace, with the server's CPU per call."""
+    request, floor = build_request(model), []
+    for mesh_point in points:
+        concurrency = int(mesh_point["offered"])
+        delay_ms = pace_delay_ms(concurrency, mesh_point["ok_per_s"])
+        with floor_server(delay_ms) as (target, pid):
+            floor.append(asyncio.run(_floor_point(target, pid, request, concurrency, config)) | {"delay_ms": delay_ms})
+        cpu = floor[-1]["cpu_us_per_request"].get("grpc_floor")
+        shown = "-" if cpu is None else f"{cpu:.0f}"
+        progress(f"gRPC floor {concurrency}: {floor[-1]['ok_per_s']:.0f} ok/s, {shown} µs CPU per call")
+    return floor
+
+
+async def _floor_point(
+    target: str, pid: int, request: pb.ModelInferRequest, concurrency: int, config: BenchConfig
+) -> dict[str, Any]:
+    window = Window.after(config.warmup_s, config.duration_s)
+    channels = config.channels or min(concurrency, MAX_DEFAULT_CHANNELS)
+    cpu = asyncio.create_task(process_cpu_during(window, pid))
+    point = await measure_point(target, request, window, channels=channels, concurrency=concurrency)
+    cpu_s, answered = await cpu, point.answered()
+    figures = point_json(point, None)
+    figures["cpu_us_per_request"] = {"grpc_floor": cpu_s / answered * 1e6} if cpu_s and answered else {}
+    return figures
+
+
+def beside_floor(points: list[dict[str, Any]], floor: list[dict[str, Any]]) -> None:
+    """Each mesh point's gateway CPU per request over the gRPC floor's CPU per call at
+    the same concurrency and pace, in place (where both were measured)."""
+    for point, at in zip(points, floor, strict=True):
+        floor_us = at["cpu_us_per_request"].get("grpc_floor")
+        gateway_us = (point.get("cpu_us_per_request") or {}).get("gateway")
+        if floor_us is None:
+            continue
+        point["grpc_floor_cpu_us_per_request"] = floor_us
+        if gateway_us is not None:
+            point["gateway_over_floor_us_per_request"] = gateway_us - floor_us
+
+
 def beside_reference(points: list[dict[str, Any]], reference: list[dict[str, Any]]) -> None:
     """Each mesh point's throughput over the reference's at the same concurrency, and
     its p50 above the reference's, in place."""
@@ -295,6 +339,9 @@ def run_mesh_scenario(config: BenchConfig) -> dict[str, Any]:
             reference = asyncio.run(load_reference(reference_target, pid, model, config))
         beside_reference(figures["points"], reference)
         figures["reference"] = {"points": reference}
+        progress("bare gRPC server at each point's pace (the gRPC floor)")
+        figures["grpc_floor"] = {"points": load_floor(figures["points"], model, config)}
+        beside_floor(figures["points"], figures["grpc_floor"]["points"])
         if 1 in config.concurrencies:  # the c=1 target's denominator: a lone request never waits
             progress(f"one-process reference server without batching wait, model {model.name}")
             with reference_server(model, batching_wait=False) as (reference_target, pid):

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import hiredis
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from meshserve.devkit.redis_server import RedisServer, suite_binary_from_env
-from meshserve.store.link import RedisLink, Script
+from meshserve.store.link import Chunks, RedisLink, Script, pack_command
 
 COUNT = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 
@@ -20,6 +21,34 @@ async def test_concurrent_callers_each_get_their_own_reply(link: RedisLink) -> N
     await asyncio.gather(*(link.execute("SET", key, i) for i, key in enumerate(keys)))
     values = await asyncio.gather(*(link.execute("GET", key) for key in keys))
     assert values == [str(i).encode() for i in range(200)]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("EVALSHA", "sha", 2, "k1", "k2", "id", 0, "PAYLOAD", 1.5, "dev", -3),  # a queue script's shape
+        ("SET", "k", "PAYLOAD"),
+        ("PAYLOAD",),
+        ("HSET", "k", "a", "PAYLOAD", "b", "PAYLOAD", "tail"),
+        ("RPUSH", "k", "PAYLOAD", "PAYLOAD"),
+    ],
+)
+def test_a_command_with_chunks_is_packed_as_the_same_command_joined(command: tuple[object, ...]) -> None:
+    chunks = Chunks.of([b"\x00head", bytes(range(256)) * 40, memoryview(b"tail")])
+    joined = b"".join(bytes(buffer) for buffer in chunks.buffers)
+    packed = pack_command(tuple(chunks if arg == "PAYLOAD" else arg for arg in command))  # type: ignore[misc]
+    assert not isinstance(packed, bytes)  # the chunks' buffers pass through, never joined
+    assert any(buffer is chunk for buffer in packed for chunk in chunks.buffers)
+    assert b"".join(bytes(buffer) for buffer in packed) == hiredis.pack_command(
+        tuple(joined if arg == "PAYLOAD" else arg for arg in command)  # type: ignore[arg-type]
+    )
+
+
+async def test_chunks_reach_redis_as_one_value_between_plain_arguments(link: RedisLink) -> None:
+    chunks = Chunks.of([b"\x00head", bytes(range(256)) * 64])
+    assert await link.execute("HSET", "h", "a", chunks, "b", "plain", "c", chunks) == 3
+    joined = b"".join(bytes(buffer) for buffer in chunks.buffers)
+    assert await link.execute("HMGET", "h", "a", "b", "c") == [joined, b"plain", joined]
 
 
 async def test_a_pipeline_returns_errors_in_place_and_raises_nothing(link: RedisLink) -> None:

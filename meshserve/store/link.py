@@ -325,7 +325,7 @@ class RedisLink:
         future: asyncio.Future[list[Any]] = protocol.loop.create_future()
         protocol.pending.append(_Pending(future, len(commands)))
         if len(commands) == 1:
-            packed = _pack(commands[0])
+            packed = pack_command(commands[0])
             if isinstance(packed, bytes):
                 protocol.transport.write(packed)
             else:
@@ -462,7 +462,7 @@ class RedisLink:
         return options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
 
 
-def _pack(command: Command) -> bytes | list[Any]:
+def pack_command(command: Command) -> bytes | list[Any]:
     """The command in RESP: one bytes object (hiredis), or a list of buffers when an
     argument is :class:`Chunks` (hiredis refuses those, so plain commands pay nothing)."""
     try:
@@ -477,7 +477,7 @@ def _pack(command: Command) -> bytes | list[Any]:
 def _pack_all(commands: Sequence[Command]) -> list[Any]:
     buffers: list[Any] = []
     for command in commands:
-        packed = _pack(command)
+        packed = pack_command(command)
         if isinstance(packed, bytes):
             buffers.append(packed)
         else:
@@ -488,20 +488,33 @@ def _pack_all(commands: Sequence[Command]) -> list[Any]:
 def _pack_chunked(command: Command) -> list[Any]:
     """RESP for a command with :class:`Chunks` arguments: their buffers are passed
     through between the framing bytes (a transport's ``writelines`` sends them as
-    they are on uvloop; asyncio's own loop joins them once)."""
+    they are on uvloop; asyncio's own loop joins them once). The plain arguments
+    between them are packed by hiredis a run at a time, not one by one: a queue
+    script's twenty arguments cost one call instead of twenty (about 20 µs of a
+    large request's enqueue)."""
     buffers: list[Any] = []
     head = [b"*%d\r\n" % len(command)]
-    for arg in command:
-        if isinstance(arg, Chunks):
-            head.append(b"$%d\r\n" % arg.nbytes)
-            buffers.append(b"".join(head))
-            buffers.extend(arg.buffers)
-            head = [b"\r\n"]
+    start = 0
+    for index, arg in enumerate(command):
+        if not isinstance(arg, Chunks):
             continue
-        packed: bytes = hiredis.pack_command((arg,))
-        head.append(packed[packed.index(b"\n") + 1 :])  # drop its "*1" header
+        if index > start:
+            head.append(_pack_run(command[start:index]))
+        head.append(b"$%d\r\n" % arg.nbytes)
+        buffers.append(b"".join(head))
+        buffers.extend(arg.buffers)
+        head = [b"\r\n"]
+        start = index + 1
+    if start < len(command):
+        head.append(_pack_run(command[start:]))
     buffers.append(b"".join(head))
     return buffers
+
+
+def _pack_run(args: Sequence[Arg]) -> bytes:
+    """Plain arguments in RESP, without the array header hiredis puts before them."""
+    packed: bytes = hiredis.pack_command(tuple(args))  # type: ignore[arg-type]  # the stub wants a 1-tuple
+    return packed[packed.index(b"\n") + 1 :]
 
 
 def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
