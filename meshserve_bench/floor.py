@@ -20,17 +20,15 @@ import argparse
 import asyncio
 import contextlib
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
 
-from meshserve.devkit.redis_server import free_port
+from meshserve_bench.servers import server_process
 
 READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
 STOP_GRACE_S = 1.0
 MAX_MESSAGE_BYTES = 256 << 20
 
@@ -81,33 +79,11 @@ async def serve(port: int, delay_s: float) -> None:
 
 @contextlib.contextmanager
 def floor_server(delay_ms: float) -> Iterator[tuple[str, int]]:
-    """Run the floor server in a process of its own on a free loopback port; yields its
-    address and process id once it accepts calls, and stops it on exit."""
-    port = free_port()
-    command = [sys.executable, "-m", "meshserve_bench.floor", "--port", str(port), "--delay-ms", f"{delay_ms:g}"]
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
-    target = f"127.0.0.1:{port}"
-    try:
-        asyncio.run(_until_ready(target, proc))
-        yield target, proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-async def _until_ready(target: str, proc: subprocess.Popen[bytes]) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        try:
-            await asyncio.wait_for(channel.channel_ready(), READY_TIMEOUT_S)
-        except TimeoutError:
-            raise SystemExit(f"bench: the gRPC floor server was not up within {READY_TIMEOUT_S:g} s") from None
-    if proc.poll() is not None:
-        raise SystemExit(f"bench: the gRPC floor server exited (code {proc.returncode})")
+    """Run the floor server in a process of its own
+    (:func:`~meshserve_bench.servers.server_process`)."""
+    command = [sys.executable, "-m", "meshserve_bench.floor", "--delay-ms", f"{delay_ms:g}"]
+    with server_process(command, "gRPC floor server", READY_TIMEOUT_S) as server:
+        yield server
 
 
 def pace_delay_ms(concurrency: int, ok_per_s: float) -> float:

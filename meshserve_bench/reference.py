@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,16 +31,15 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from meshserve.devkit.redis_server import free_port
 from meshserve.models.repository import ModelInfo, load_model
 from meshserve.wire.dtypes import KSERVE_BY_NUMPY, NUMPY_BY_KSERVE
+from meshserve_bench.servers import server_process
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 STOP_GRACE_S = 1.0
 READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
 
 
 class Batcher:
@@ -151,37 +149,14 @@ async def serve(model: ModelInfo, port: int, *, batching_wait: bool = True) -> N
 
 @contextlib.contextmanager
 def reference_server(model: ModelInfo, *, batching_wait: bool = True) -> Iterator[tuple[str, int]]:
-    """Run the reference server for ``model`` in a process of its own on a free
-    loopback port; yields its address and process id once it accepts calls, and
-    stops it on exit (SIGTERM, SIGKILL after ``STOP_TIMEOUT_S``). Without
-    ``batching_wait``: the issue's "one-process server without batching wait"."""
-    port = free_port()
+    """Run the reference server for ``model`` in a process of its own
+    (:func:`~meshserve_bench.servers.server_process`). Without ``batching_wait``: the
+    issue's "one-process server without batching wait"."""
     command = [sys.executable, "-m", "meshserve_bench.reference", str(model.path.parent.parent), str(model.version)]
     if not batching_wait:
         command.append("--no-batching-wait")
-    proc = subprocess.Popen([*command, "--port", str(port)], stdin=subprocess.DEVNULL, start_new_session=True)
-    target = f"127.0.0.1:{port}"
-    try:
-        asyncio.run(_until_ready(target, proc))
-        yield target, proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-async def _until_ready(target: str, proc: subprocess.Popen[bytes]) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        try:
-            await asyncio.wait_for(channel.channel_ready(), READY_TIMEOUT_S)
-        except TimeoutError:
-            raise SystemExit(f"bench: the reference server was not up within {READY_TIMEOUT_S:g} s") from None
-    if proc.poll() is not None:
-        raise SystemExit(f"bench: the reference server exited (code {proc.returncode})")
+    with server_process(command, "reference server", READY_TIMEOUT_S) as server:
+        yield server
 
 
 def main(argv: Sequence[str] | None = None) -> int:
