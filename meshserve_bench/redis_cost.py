@@ -16,10 +16,13 @@ from typing import Any
 SNAPSHOT_COMMANDS = 3
 """The INFO commands of one snapshot: the next snapshot counts them."""
 
-CLIENT_COMMANDS = frozenset({"evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "exec", "blpop", "blmpop", "lmpop"})
+CLIENT_COMMANDS = frozenset(
+    {"evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "exec", "blpop", "blmpop", "lmpop", "mget"}
+)
 """Commands the mesh's request path sends itself, never from inside a script: each one
 (a transaction counted once, by its EXEC) is a round trip, or a command pipelined behind
-one (a claim behind a wake-up's BLPOP counts on its own: an upper bound)."""
+one (a claim behind a wake-up's BLPOP counts on its own: an upper bound). MGET is
+a worker's read of a batch's payload keys after its claim."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,14 @@
 ``python -m meshserve_bench.script_cost --sizes 100,12288,110592``: for each payload
 size, ``--jobs`` jobs are enqueued on a fresh Redis of its own, claimed in batches of
 ``--batch`` with their payloads read, then replied to and acked, through the same
-:class:`~meshserve.queue.QueueProtocol` calls a gateway and a worker make. Each step's
-cost is the sum of ``INFO commandstats`` microseconds over the step (a script's own
-commands inside its EVALSHA): Redis's time executing commands, without its socket
-reads and writes. Paths: ``lua`` (the payload is a script argument, up to 32 KiB),
-``hash`` (over 32 KiB, into the job hash's field ``b``: what a gateway writes while
-some worker does not read payload keys) and ``key`` (over 4 KiB, a key of its own).
+:class:`~meshserve.queue.QueueProtocol` calls a gateway and a worker make, one round
+trip at a time. Each step's cost is Redis's main-thread CPU over the step (``INFO
+cpu``): commands, scripts, and reading and writing the sockets. (``INFO
+commandstats`` would count a script's commands twice, inside its EVALSHA and under
+their own names, and leave the sockets out.) Paths: ``lua`` (the payload is a script
+argument, up to 32 KiB), ``hash`` (over 32 KiB, into the job hash's field ``b``: what a
+gateway writes while some worker does not read payload keys) and ``key`` (over 4 KiB,
+a key of its own).
 """
 
 from __future__ import annotations
@@ -26,18 +28,15 @@ from meshserve.store.link import RedisLink
 KEYS = ModelKeys.for_model("cost", 1)
 
 
-async def command_usec(link: RedisLink) -> int:
-    """Microseconds Redis has spent in commands since its last reset (INFO excluded)."""
-    info = (await link.execute("INFO", "commandstats")).decode()
-    total = 0
-    for line in info.splitlines():
-        if line.startswith("cmdstat_") and not line.startswith(("cmdstat_info", "cmdstat_config")):
-            total += int(line.split("usec=", 1)[1].split(",", 1)[0])
-    return total
+async def cpu_us(link: RedisLink) -> float:
+    """Redis's main-thread CPU so far, user and system, µs."""
+    info = (await link.execute("INFO", "cpu")).decode()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    return (float(fields["used_cpu_user_main_thread"]) + float(fields["used_cpu_sys_main_thread"])) * 1e6
 
 
 async def measure(url: str, size: int, path: str, jobs: int, batch: int) -> dict[str, float]:
-    """Redis µs per job of each step, for ``jobs`` jobs of ``size`` bytes through ``path``."""
+    """Redis main-thread CPU µs per job of each step, for ``jobs`` jobs of ``size`` bytes through ``path``."""
     link = RedisLink(url)
     queue = QueueProtocol(link)
     try:
@@ -46,7 +45,7 @@ async def measure(url: str, size: int, path: str, jobs: int, batch: int) -> dict
         payload = bytes(size)
         deadline_ms = int(time.time() * 1000) + 600_000
         steps: dict[str, float] = {}
-        await link.execute("CONFIG", "RESETSTAT")
+        start = await cpu_us(link)
         for n in range(jobs):
             await queue.enqueue(
                 KEYS,
@@ -60,8 +59,7 @@ async def measure(url: str, size: int, path: str, jobs: int, batch: int) -> dict
                 max_queue_size=0,
                 payload_key=path == "key",
             )
-        steps["enqueue"] = await command_usec(link) / jobs
-        await link.execute("CONFIG", "RESETSTAT")
+        steps["enqueue"] = ((now := await cpu_us(link)) - start) / jobs
         leases = []
         while claimed := await queue.fetch_bulk(
             KEYS, await queue.claim(KEYS, max_items=batch, lease_ms=600_000, worker_id="w")
@@ -69,13 +67,12 @@ async def measure(url: str, size: int, path: str, jobs: int, batch: int) -> dict
             if not claimed.jobs:
                 break
             leases.append((claimed.token, [job_id for job_id, _ in claimed.jobs]))
-        steps["claim and read"] = await command_usec(link) / jobs
-        await link.execute("CONFIG", "RESETSTAT")
+        steps["claim and read"] = ((start := await cpu_us(link)) - now) / jobs
         for token, ids in leases:
             await link.pipeline(
                 [reply_ack_command(KEYS, "replies", [b"r" * 200] * len(ids), [(token, i) for i in ids])]
             )
-        steps["reply and ack"] = await command_usec(link) / jobs
+        steps["reply and ack"] = (await cpu_us(link) - start) / jobs
         steps["total"] = sum(steps.values())
         return steps
     finally:

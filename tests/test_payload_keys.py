@@ -200,3 +200,27 @@ async def test_a_mesh_of_new_workers_sends_large_payloads_through_their_keys(
     assert np.array_equal(output_arrays(reply)["scaled"], image * 2 + 1)
     assert (await redis.info("commandstats"))["cmdstat_set"]["calls"] == before + 1
     assert await queue_leftovers(redis) == []
+
+
+async def test_a_duplicate_whose_original_finished_in_between_is_queued_afresh(
+    queue: QueueProtocol, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The duplicate's SET meets the original's payload (NX keeps it), the original is
+    acked before the duplicate's script runs: the script finds no payload, and the
+    enqueue writes it again and queues the job, instead of leaving its caller waiting."""
+    assert await enqueue(queue, "a", payload(1)) == Enqueued.ENQUEUED
+    batch = await claim(queue)
+    original_set = QueueProtocol._enqueue_beside
+    acked: list[int] = []
+
+    async def ack_in_between(self: QueueProtocol, writes: Any, script_keys: Any, args: Any) -> Enqueued:
+        if not acked:  # after the first SET, before its script: the original finishes
+            await self.redis.pipeline(list(writes))
+            acked.append(await queue.ack(KEYS, batch.token, ["a"]))
+            return await original_set(self, [], script_keys, args)
+        return await original_set(self, writes, script_keys, args)
+
+    monkeypatch.setattr(QueueProtocol, "_enqueue_beside", ack_in_between)
+    assert await enqueue(queue, "a", payload(2)) == Enqueued.ENQUEUED
+    assert acked == [1]
+    assert await redis.get(KEYS.payload("a")) == wire(payload(2))

@@ -213,10 +213,14 @@ class QueueProtocol:
             args.extend(step)
         if keyed:
             script_keys.append(keys.payload(job_id))
-            expiry = deadline_ms + JOB_TTL_GRACE_MS
-            return await self._enqueue_beside(
-                [("SET", script_keys[-1], payload, "NX", "PXAT", expiry)], script_keys, args
-            )
+            write = ("SET", script_keys[-1], payload, "NX", "PXAT", deadline_ms + JOB_TTL_GRACE_MS)
+            for _ in range(2):
+                enqueued = await self._enqueue_beside([write], script_keys, args)
+                if enqueued.code != Enqueued.NO_PAYLOAD:
+                    return enqueued
+                # NX kept the payload of a job with this id, and that job finished before
+                # the script ran: its key is gone now, so the write takes this time.
+            raise ResponseError(f"the payload of job {job_id} was not written")
         if not bulk:
             code, wait_ms = await self.redis.script(ENQUEUE, keys=script_keys, args=args)
             return Enqueued(int(code), int(wait_ms))
