@@ -72,7 +72,9 @@ copy each way too. Measured on Redis 7.0 (INFO commandstats, ``docs/performance.
 a 12 KB payload cost 58 µs at ENQUEUE and 39 µs per job at a batch-of-8 CLAIM
 (21 and 19 with 100 bytes), against 1 µs for the SET and 3 µs per job for the MGET;
 a 110 KB one 63 µs for HSET into the hash and 67 µs for HGET, against 2.4 and 8.
-Below a few KB the copies cost less than the worker's extra round trip."""
+Those are command times; Redis's whole CPU, its sockets included, falls by about
+5 to 10 % for such payloads (``python -m meshserve_bench.script_cost``). Below a few
+KB the copies cost less than the worker's extra round trip."""
 
 DRAIN_FRESH_MS = 5_000
 """A worker's drain figure counts for shedding this long after its last claim."""
